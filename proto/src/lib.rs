@@ -1,0 +1,441 @@
+//! Wire types shared by the agentbox runner, control plane and CLI.
+//!
+//! This crate does no I/O: it only describes the JSON bodies and Server-Sent Event payloads that
+//! cross the network, in camelCase as they appear on the wire.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// SSE event names used on `/v1/invoke`, `/v1/configure` and `/v1/invokes/{id}/events`.
+pub mod event {
+    /// The process started: [`super::StartEvent`].
+    pub const START: &str = "start";
+    /// One line (or partial fragment) of output: [`super::LogEvent`].
+    pub const LOG: &str = "log";
+    /// The process ended; always the last event of an invoke: [`super::ExitEvent`].
+    pub const EXIT: &str = "exit";
+    /// Something went wrong outside the process: [`super::ErrorEvent`].
+    pub const ERROR: &str = "error";
+    /// Output past the journal cap was counted, not stored: [`super::TruncatedEvent`].
+    pub const TRUNCATED: &str = "truncated";
+    /// The outcome of a configure; the last event of a configure stream: [`super::ConfigureResult`].
+    pub const RESULT: &str = "result";
+}
+
+/// The JSON error body every agentbox server answers with: `{"error": "<code>", "message": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    /// A stable, machine-readable code such as `invalid_path` or `concurrency_exceeded`.
+    pub error: String,
+    /// A human-readable explanation.
+    pub message: String,
+    /// For `concurrency_exceeded`: the configured cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// For `concurrency_exceeded`: how many invokes were running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inflight: Option<u64>,
+}
+
+/// Identifies one invoke (or exec) on a runner, e.g. `inv-0193c2a4f1b2-9f3e2a71c4d0b8e6`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct InvokeId(pub String);
+
+impl InvokeId {
+    /// Whether the text has the shape the runner gives ids (`inv-` and `[0-9a-f-]`), so that an
+    /// id taken from a URL is safe to use as a file name.
+    pub fn is_well_formed(text: &str) -> bool {
+        text.len() <= 64
+            && text.starts_with("inv-")
+            && text[4..].bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for InvokeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One file to place in the workspace during configure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileSpec {
+    /// Relative to the workspace, or absolute inside it (`/workspace/...` always names the workspace).
+    pub path: String,
+    /// UTF-8 content. Exactly one of `content` and `contentBase64` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Base64 (standard alphabet) content, for binary files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_base64: Option<String>,
+    /// Unix permission bits, as a number (`493`) or an octal string (`"0755"`). Default `0644`.
+    #[serde(
+        default,
+        deserialize_with = "de_mode",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mode: Option<u32>,
+}
+
+fn de_mode<'de, D: Deserializer<'de>>(de: D) -> Result<Option<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Mode {
+        Number(u32),
+        Text(String),
+    }
+    match Option::<Mode>::deserialize(de)? {
+        None => Ok(None),
+        Some(Mode::Number(n)) => Ok(Some(n)),
+        Some(Mode::Text(t)) => {
+            let digits = t.trim_start_matches("0o");
+            u32::from_str_radix(digits, 8)
+                .map(Some)
+                .map_err(|_| serde::de::Error::custom(format!("mode {t:?} is not an octal number")))
+        }
+    }
+}
+
+/// `POST /v1/configure` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigureRequest {
+    /// Files to write into the workspace before the install command runs.
+    #[serde(default)]
+    pub files: Vec<FileSpec>,
+    /// The install command as an argv array, run in the workspace once per distinct configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_command: Option<Vec<String>>,
+    /// The entrypoint argv; required unless one is already configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// Environment for the install command and every invoke; replaces the previous map when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+}
+
+/// The `result` event of a configure, or its whole JSON answer with `Accept: application/json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigureResult {
+    /// sha256 (hex) over the files and the install command of this request.
+    pub install_command_hash: String,
+    /// The install command's exit code (0 when skipped or when there is none).
+    pub install_exit_code: i32,
+    /// True when the hash equalled the last successful install: nothing was written or run.
+    pub skipped: bool,
+    /// The entrypoint now in force.
+    pub entrypoint: Vec<String>,
+    /// When the configuration in force was last set (RFC 3339).
+    pub last_configured_at: String,
+    /// How long this configure took.
+    pub duration_ms: u64,
+}
+
+/// `start` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StartEvent {
+    /// The invoke's id, for reattaching and canceling.
+    pub invoke_id: InvokeId,
+    /// Milliseconds since the Unix epoch.
+    pub started_at: u64,
+}
+
+/// Which output stream a `log` event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// The process's standard output.
+    Stdout,
+    /// The process's standard error.
+    Stderr,
+}
+
+impl Stream {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// `log` event: one line of output without its newline, or a fragment with `partial: true`.
+///
+/// The exact bytes are `data` (or the decoded `dataBase64` when the bytes are not UTF-8),
+/// followed by a newline unless `partial` is true.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogEvent {
+    /// `stdout` or `stderr`.
+    pub stream: Stream,
+    /// The line as text, when it is valid UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// The line as base64, when it is not valid UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+    /// True when no newline followed these bytes.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub partial: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Why an invoke ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitReason {
+    /// The process exited by itself.
+    Completed,
+    /// The invoke's timeout elapsed and the process tree was stopped.
+    Timeout,
+    /// A caller canceled the invoke (or the disconnect policy did).
+    Canceled,
+    /// The process could not be started or supervised.
+    Error,
+    /// The runner died while the invoke ran; found at the next start.
+    RunnerRestarted,
+}
+
+impl ExitReason {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitReason::Completed => "completed",
+            ExitReason::Timeout => "timeout",
+            ExitReason::Canceled => "canceled",
+            ExitReason::Error => "error",
+            ExitReason::RunnerRestarted => "runner_restarted",
+        }
+    }
+}
+
+/// `exit` event: always the last event of an invoke.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitEvent {
+    /// The invoke's id.
+    pub invoke_id: InvokeId,
+    /// The exit code; `128 + N` when killed by signal N; `-1` when unknown.
+    pub exit_code: i32,
+    /// The signal that killed the process, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Wall time from spawn to exit.
+    pub duration_ms: u64,
+    /// Why it ended.
+    pub reason: ExitReason,
+}
+
+/// `error` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorEvent {
+    /// Where it happened, e.g. `install` or `spawn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// What happened.
+    pub message: String,
+}
+
+/// `truncated` event: the journal cap was reached and output past it was counted, not stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TruncatedEvent {
+    /// Output bytes that were not stored.
+    pub dropped_bytes: u64,
+}
+
+/// `POST /v1/invoke` answer with `Accept: application/json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InvokeResponse {
+    /// The invoke's id.
+    pub invoke_id: InvokeId,
+    /// As in [`ExitEvent::exit_code`].
+    pub exit_code: i32,
+    /// As in [`ExitEvent::signal`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Wall time from spawn to exit.
+    pub duration_ms: u64,
+    /// Why it ended.
+    pub reason: ExitReason,
+    /// Standard output (invalid UTF-8 replaced by U+FFFD; use SSE for exact bytes).
+    pub stdout: String,
+    /// Standard error, likewise.
+    pub stderr: String,
+}
+
+/// `POST /v1/invoke/cancel` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelRequest {
+    /// The invoke to cancel.
+    pub invoke_id: InvokeId,
+}
+
+/// Answer to a cancel (202).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelResponse {
+    /// The invoke being canceled.
+    pub invoke_id: InvokeId,
+    /// Always `canceling`: the `exit` event follows on the stream.
+    pub status: String,
+}
+
+/// Whether an invoke is still running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InvokeState {
+    /// The process (tree) is running.
+    Running,
+    /// The `exit` event has been written.
+    Exited,
+}
+
+/// One entry of `GET /v1/invokes`, or the answer of `GET /v1/invokes/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InvokeSummary {
+    /// The invoke's id.
+    pub invoke_id: InvokeId,
+    /// Running or exited.
+    pub state: InvokeState,
+    /// Milliseconds since the Unix epoch.
+    pub started_at: u64,
+    /// Set once exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Set once exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<ExitReason>,
+    /// Set once exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Sequence number of the last event written so far.
+    pub last_event_id: u64,
+}
+
+/// `GET /v1/invokes` answer, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InvokeList {
+    /// Recent invokes, newest first.
+    pub invokes: Vec<InvokeSummary>,
+}
+
+/// `GET /healthz` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// The limits a runner enforces, reported by `/v1/info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// Invokes allowed to run at once; more get 429.
+    pub max_concurrent_invokes: u64,
+    /// Timeout of an invoke that asks for none.
+    pub default_timeout_ms: u64,
+    /// Upper bound on any requested timeout.
+    pub max_timeout_ms: u64,
+    /// Largest single file accepted by configure.
+    pub max_file_bytes: u64,
+    /// Largest sum of file sizes in one configure.
+    pub max_total_bytes: u64,
+    /// Most files in one configure.
+    pub max_files: u64,
+    /// Output bytes stored per invoke journal.
+    pub journal_max_bytes: u64,
+}
+
+/// `GET /v1/info` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Info {
+    /// The runner's version.
+    pub version: String,
+    /// `agent` or `code`.
+    pub mode: String,
+    /// Whether an entrypoint is configured.
+    pub configured: bool,
+    /// Hash of the last successful install.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_command_hash: Option<String>,
+    /// The entrypoint in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// When the configuration in force was set (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_configured_at: Option<String>,
+    /// Invokes running now.
+    pub inflight: u64,
+    /// The limits in force.
+    pub limits: Limits,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_accepts_numbers_and_octal_text() {
+        let f: FileSpec =
+            serde_json::from_str(r#"{"path":"a","content":"x","mode":"0755"}"#).expect("parse");
+        assert_eq!(f.mode, Some(0o755));
+        let f: FileSpec =
+            serde_json::from_str(r#"{"path":"a","content":"x","mode":420}"#).expect("parse");
+        assert_eq!(f.mode, Some(0o644));
+        assert!(serde_json::from_str::<FileSpec>(r#"{"path":"a","mode":"9x"}"#).is_err());
+    }
+
+    #[test]
+    fn log_event_omits_empty_fields() {
+        let e = LogEvent {
+            stream: Stream::Stdout,
+            data: Some("hi".into()),
+            data_base64: None,
+            partial: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).expect("encode"),
+            r#"{"stream":"stdout","data":"hi"}"#
+        );
+    }
+
+    #[test]
+    fn invoke_ids_are_checked_before_use_as_file_names() {
+        assert!(InvokeId::is_well_formed("inv-0193c2a4f1b2-9f3e2a71"));
+        assert!(!InvokeId::is_well_formed("inv-../../etc"));
+        assert!(!InvokeId::is_well_formed("abc"));
+    }
+
+    #[test]
+    fn exit_reason_wire_names() {
+        assert_eq!(
+            serde_json::to_string(&ExitReason::RunnerRestarted).expect("encode"),
+            r#""runner_restarted""#
+        );
+        assert_eq!(ExitReason::Canceled.as_str(), "canceled");
+    }
+}

@@ -1,0 +1,220 @@
+//! Command-line flags (with `AGENTBOX_*` environment fallbacks), parsed and validated once at
+//! start-up before any port is bound. Handlers only ever see the validated [`Config`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::duration::{parse_duration, parse_size};
+
+/// Environment variables that hold the runner's own secrets; they never reach a child process.
+pub const SECRET_ENV: &[&str] = &["AGENTBOX_RUNNER_TOKEN", "AGENTBOX_TOKEN_FILE"];
+
+/// The runner's flags.
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentbox-runner",
+    version,
+    about = "Runs an agent's entrypoint inside a sandbox and streams it over HTTP (SSE)."
+)]
+pub struct Args {
+    /// Address to listen on; port 0 picks a free port (the bound address is printed).
+    #[arg(long, env = "AGENTBOX_LISTEN", default_value = "0.0.0.0:8421")]
+    pub listen: SocketAddr,
+    /// The workspace: uploaded files, the install command's and every invoke's working directory.
+    #[arg(long, env = "AGENTBOX_WORKSPACE", default_value = "/workspace")]
+    pub workspace: PathBuf,
+    /// Where configuration and invoke journals are kept [default: <workspace>/.agentbox].
+    #[arg(long, env = "AGENTBOX_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Bearer token callers must present. Prefer --token-file or the environment: argv is
+    /// visible to every process in the sandbox.
+    #[arg(long, env = "AGENTBOX_RUNNER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the bearer token (surrounding whitespace is ignored).
+    #[arg(long, env = "AGENTBOX_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Serve without authentication. Only for local experiments.
+    #[arg(long, env = "AGENTBOX_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// `agent` (configure + invoke) or `code` (files + exec only).
+    #[arg(long, env = "AGENTBOX_MODE", value_enum, default_value_t = Mode::Agent)]
+    pub mode: Mode,
+    /// Invokes allowed to run at once; more get 429 with Retry-After.
+    #[arg(long, env = "AGENTBOX_MAX_CONCURRENT_INVOKES", default_value_t = 16)]
+    pub max_concurrent_invokes: u32,
+    /// Timeout of an invoke that asks for none (Go syntax: 90s, 5m, 1h30m).
+    #[arg(long, env = "AGENTBOX_DEFAULT_TIMEOUT", default_value = "30m", value_parser = parse_duration)]
+    pub default_timeout: Duration,
+    /// Upper bound for `?timeout=`; larger requests are capped to it.
+    #[arg(long, env = "AGENTBOX_MAX_TIMEOUT", default_value = "24h", value_parser = parse_duration)]
+    pub max_timeout: Duration,
+    /// Time limit of one install command.
+    #[arg(long, env = "AGENTBOX_INSTALL_TIMEOUT", default_value = "30m", value_parser = parse_duration)]
+    pub install_timeout: Duration,
+    /// Interval of `: keepalive` comments on idle streams.
+    #[arg(long, env = "AGENTBOX_KEEPALIVE", default_value = "15s", value_parser = parse_duration)]
+    pub keepalive: Duration,
+    /// Time between SIGTERM and SIGKILL when an invoke is canceled or times out.
+    #[arg(long, env = "AGENTBOX_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Largest single file accepted by configure.
+    #[arg(long, env = "AGENTBOX_MAX_FILE_BYTES", default_value = "64MiB", value_parser = parse_size)]
+    pub max_file_bytes: u64,
+    /// Largest sum of file sizes accepted by one configure.
+    #[arg(long, env = "AGENTBOX_MAX_TOTAL_BYTES", default_value = "256MiB", value_parser = parse_size)]
+    pub max_total_bytes: u64,
+    /// Most files accepted by one configure.
+    #[arg(long, env = "AGENTBOX_MAX_FILES", default_value_t = 10_000)]
+    pub max_files: u64,
+    /// Output bytes stored per invoke journal; past it output is counted, not stored.
+    #[arg(long, env = "AGENTBOX_JOURNAL_MAX_BYTES", default_value = "256MiB", value_parser = parse_size)]
+    pub journal_max_bytes: u64,
+    /// With `?onDisconnect=linger` (the default), how long an invoke runs with no client
+    /// attached before it is canceled.
+    #[arg(long, env = "AGENTBOX_LINGER", default_value = "30s", value_parser = parse_duration)]
+    pub linger: Duration,
+    /// Finished invokes whose journals are kept; older ones are pruned.
+    #[arg(long, env = "AGENTBOX_RETAIN_INVOKES", default_value_t = 100)]
+    pub retain_invokes: usize,
+    /// Total size of kept journals; the oldest finished ones are pruned past it.
+    #[arg(long, env = "AGENTBOX_RETAIN_BYTES", default_value = "1GiB", value_parser = parse_size)]
+    pub retain_bytes: u64,
+}
+
+/// The runner's mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// configure + invoke.
+    Agent,
+    /// files + exec only.
+    Code,
+}
+
+impl Mode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Agent => "agent",
+            Mode::Code => "code",
+        }
+    }
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Canonical workspace path.
+    pub workspace: PathBuf,
+    /// State directory (created).
+    pub state_dir: PathBuf,
+    /// The bearer token, or `None` with `--insecure-no-auth`.
+    pub token: Option<String>,
+    /// agent or code.
+    pub mode: Mode,
+    /// Concurrency cap.
+    pub max_concurrent_invokes: u32,
+    /// Default invoke timeout.
+    pub default_timeout: Duration,
+    /// Maximum invoke timeout.
+    pub max_timeout: Duration,
+    /// Install time limit.
+    pub install_timeout: Duration,
+    /// Keepalive interval.
+    pub keepalive: Duration,
+    /// SIGTERM → SIGKILL grace.
+    pub grace: Duration,
+    /// Per-file limit.
+    pub max_file_bytes: u64,
+    /// Per-configure total limit.
+    pub max_total_bytes: u64,
+    /// Per-configure file count limit.
+    pub max_files: u64,
+    /// Per-invoke journal cap.
+    pub journal_max_bytes: u64,
+    /// Linger period for detached invokes.
+    pub linger: Duration,
+    /// Finished invokes kept.
+    pub retain_invokes: usize,
+    /// Journal bytes kept.
+    pub retain_bytes: u64,
+    /// The environment children start from: the runner's own, minus [`SECRET_ENV`].
+    pub base_env: Vec<(String, String)>,
+}
+
+impl Args {
+    /// Validates the flags and prepares the directories. Any error here is reported before a
+    /// port is bound, and `main` exits 64.
+    pub fn into_config(self) -> Result<Config, String> {
+        let token = match (self.token, self.token_file) {
+            (Some(t), _) => Some(t),
+            (None, Some(path)) => Some(std::fs::read_to_string(&path).map_err(|e| {
+                format!("cannot read --token-file {}: {e}", path.display())
+            })?),
+            (None, None) => None,
+        }
+        .map(|t| t.trim().to_owned());
+        let token = match token {
+            Some(t) if t.is_empty() => return Err("the runner token is empty".into()),
+            Some(t) if self.insecure_no_auth => {
+                drop(t);
+                return Err("--insecure-no-auth and a token are mutually exclusive".into());
+            }
+            Some(t) => Some(t),
+            None if self.insecure_no_auth => None,
+            None => {
+                return Err("no runner token: pass --token-file FILE, set AGENTBOX_RUNNER_TOKEN, \
+                     or run with --insecure-no-auth for a local experiment"
+                    .into())
+            }
+        };
+        if self.max_concurrent_invokes == 0 {
+            return Err("--max-concurrent-invokes must be at least 1".into());
+        }
+        if self.default_timeout > self.max_timeout {
+            return Err("--default-timeout is larger than --max-timeout".into());
+        }
+        std::fs::create_dir_all(&self.workspace).map_err(|e| {
+            format!("cannot create workspace {}: {e}", self.workspace.display())
+        })?;
+        let workspace = std::fs::canonicalize(&self.workspace).map_err(|e| {
+            format!("cannot resolve workspace {}: {e}", self.workspace.display())
+        })?;
+        let state_dir = self
+            .state_dir
+            .unwrap_or_else(|| workspace.join(".agentbox"));
+        std::fs::create_dir_all(&state_dir)
+            .map_err(|e| format!("cannot create state dir {}: {e}", state_dir.display()))?;
+        let state_dir = std::fs::canonicalize(&state_dir)
+            .map_err(|e| format!("cannot resolve state dir {}: {e}", state_dir.display()))?;
+        let base_env = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| !SECRET_ENV.contains(&k.as_str()))
+            .collect();
+        Ok(Config {
+            listen: self.listen,
+            workspace,
+            state_dir,
+            token,
+            mode: self.mode,
+            max_concurrent_invokes: self.max_concurrent_invokes,
+            default_timeout: self.default_timeout,
+            max_timeout: self.max_timeout,
+            install_timeout: self.install_timeout,
+            keepalive: self.keepalive,
+            grace: self.grace,
+            max_file_bytes: self.max_file_bytes,
+            max_total_bytes: self.max_total_bytes,
+            max_files: self.max_files,
+            journal_max_bytes: self.journal_max_bytes,
+            linger: self.linger,
+            retain_invokes: self.retain_invokes,
+            retain_bytes: self.retain_bytes,
+            base_env,
+        })
+    }
+}

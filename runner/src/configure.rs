@@ -1,0 +1,381 @@
+//! `POST /v1/configure`: validate the files, write them atomically, run the install command
+//! once per distinct configuration, persist what is in force.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use agentbox_proto::{event, ConfigureRequest, ConfigureResult, ErrorEvent};
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::fsutil::{now_rfc3339, random_hex, write_atomic};
+use crate::journal::EventLog;
+use crate::state::Stored;
+use crate::supervisor::{self, Process, RunSpec};
+use crate::AppState;
+
+/// Finished install journals kept for inspection.
+const KEEP_INSTALL_LOGS: usize = 5;
+
+/// A validated configure request: nothing in it can escape the workspace.
+#[derive(Debug)]
+pub struct Plan {
+    files: Vec<PlannedFile>,
+    install: Option<Vec<String>>,
+    entrypoint: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
+    hash: String,
+}
+
+#[derive(Debug)]
+struct PlannedFile {
+    rel: String,
+    real: PathBuf,
+    bytes: Vec<u8>,
+    mode: u32,
+}
+
+/// Checks a request against the jail and the limits; decodes the files.
+pub fn plan(app: &AppState, req: ConfigureRequest) -> Result<Plan> {
+    let cfg = &app.cfg;
+    if req.files.len() as u64 > cfg.max_files {
+        return Err(Error::PayloadTooLarge(format!(
+            "{} files, the limit is {}",
+            req.files.len(),
+            cfg.max_files
+        )));
+    }
+    let mut files = Vec::with_capacity(req.files.len());
+    let mut seen = BTreeSet::new();
+    let mut total: u64 = 0;
+    for spec in req.files {
+        let rel = app.jail.relative(&spec.path)?;
+        let real = app.jail.resolve_file(&spec.path)?;
+        let rel = rel.to_string_lossy().into_owned();
+        if !seen.insert(rel.clone()) {
+            return Err(Error::InvalidRequest(format!(
+                "{:?} is given more than once",
+                spec.path
+            )));
+        }
+        let bytes = match (spec.content, spec.content_base64) {
+            (Some(text), None) => text.into_bytes(),
+            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| {
+                    Error::InvalidRequest(format!("{:?}: contentBase64 is not base64: {e}", spec.path))
+                })?,
+            (None, None) => Vec::new(),
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidRequest(format!(
+                    "{:?}: give content or contentBase64, not both",
+                    spec.path
+                )))
+            }
+        };
+        if bytes.len() as u64 > cfg.max_file_bytes {
+            return Err(Error::PayloadTooLarge(format!(
+                "{:?} is {} bytes, the limit is {}",
+                spec.path,
+                bytes.len(),
+                cfg.max_file_bytes
+            )));
+        }
+        total += bytes.len() as u64;
+        if total > cfg.max_total_bytes {
+            return Err(Error::PayloadTooLarge(format!(
+                "the files add up to more than {} bytes",
+                cfg.max_total_bytes
+            )));
+        }
+        let mode = spec.mode.unwrap_or(0o644);
+        if mode > 0o7777 {
+            return Err(Error::InvalidRequest(format!(
+                "{:?}: mode {mode:o} is not a permission mode",
+                spec.path
+            )));
+        }
+        files.push(PlannedFile {
+            rel,
+            real,
+            bytes,
+            mode,
+        });
+    }
+    for (name, argv) in [
+        ("installCommand", &req.install_command),
+        ("entrypoint", &req.entrypoint),
+    ] {
+        if let Some(argv) = argv {
+            if argv.is_empty() || argv[0].is_empty() {
+                return Err(Error::InvalidRequest(format!(
+                    "{name} must be a non-empty argv array"
+                )));
+            }
+            if argv.iter().any(|a| a.contains('\0')) {
+                return Err(Error::InvalidRequest(format!("{name} contains a NUL byte")));
+            }
+        }
+    }
+    if let Some(env) = &req.env {
+        if let Some(bad) = env
+            .iter()
+            .find(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+        {
+            return Err(Error::InvalidRequest(format!(
+                "env name {:?} is not a valid variable name",
+                bad.0
+            )));
+        }
+    }
+    files.sort_by(|a, b| a.rel.cmp(&b.rel));
+    let hash = install_hash(&files, req.install_command.as_deref());
+    Ok(Plan {
+        files,
+        install: req.install_command,
+        entrypoint: req.entrypoint,
+        env: req.env,
+        hash,
+    })
+}
+
+/// sha256 over a canonical, length-prefixed encoding of the files (sorted by path: path,
+/// mode, bytes) and the install command, so no two different configurations collide.
+fn install_hash(files: &[PlannedFile], install: Option<&[String]>) -> String {
+    let mut h = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(b"agentbox-configure-v1");
+    field(&(files.len() as u64).to_le_bytes());
+    for f in files {
+        field(f.rel.as_bytes());
+        field(&f.mode.to_le_bytes());
+        field(&f.bytes);
+    }
+    match install {
+        None => field(b"no-install"),
+        Some(argv) => {
+            field(&(argv.len() as u64).to_le_bytes());
+            for arg in argv {
+                field(arg.as_bytes());
+            }
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+/// Starts a configure in the background: it holds the configure lock, appends `log` events of
+/// the install and then `result` (or `error`) to the returned log, and also hands the outcome to
+/// the returned receiver. It goes on even if the client leaves.
+pub fn start(
+    app: &Arc<AppState>,
+    plan: Plan,
+) -> Result<(Arc<EventLog>, oneshot::Receiver<Result<ConfigureResult>>)> {
+    let dir = app.cfg.state_dir.join("installs");
+    std::fs::create_dir_all(&dir)?;
+    prune_install_logs(&dir);
+    let name = format!(
+        "{:013}-{}.events",
+        crate::fsutil::now_ms(),
+        random_hex(4)
+    );
+    let log = EventLog::create(&dir.join(name), app.cfg.journal_max_bytes)?;
+    let (tx, rx) = oneshot::channel();
+    let app = Arc::clone(app);
+    let task_log = Arc::clone(&log);
+    tokio::spawn(async move {
+        let outcome = run(&app, plan, &task_log).await;
+        task_log.append(|b| match &outcome {
+            Ok(result) => {
+                b.event(event::RESULT, result);
+            }
+            Err(e) => {
+                let phase = match e {
+                    Error::InstallFailed(_) => "install",
+                    _ => "configure",
+                };
+                b.event(
+                    event::ERROR,
+                    &ErrorEvent {
+                        phase: Some(phase.into()),
+                        message: e.to_string(),
+                    },
+                );
+            }
+        });
+        task_log.close();
+        let _ = tx.send(outcome);
+    });
+    Ok((log, rx))
+}
+
+async fn run(app: &Arc<AppState>, plan: Plan, log: &Arc<EventLog>) -> Result<ConfigureResult> {
+    let started = Instant::now();
+    let _serialized = app.store.lock.lock().await;
+    let stored = app.store.get();
+    let entrypoint = plan
+        .entrypoint
+        .clone()
+        .or_else(|| stored.entrypoint.clone())
+        .ok_or_else(|| {
+            Error::InvalidRequest("entrypoint is required on the first configure".into())
+        })?;
+    let env = plan.env.clone().unwrap_or_else(|| stored.env.clone());
+
+    if stored.install_command_hash.as_deref() == Some(plan.hash.as_str()) {
+        let changed = stored.entrypoint.as_ref() != Some(&entrypoint) || stored.env != env;
+        let in_force = if changed {
+            let next = Stored {
+                entrypoint: Some(entrypoint.clone()),
+                env,
+                last_configured_at: Some(now_rfc3339()),
+                ..stored
+            };
+            app.store.save(next.clone())?;
+            next
+        } else {
+            stored
+        };
+        tracing::info!(hash = %plan.hash, "configure skipped: same files and install command");
+        return Ok(ConfigureResult {
+            install_command_hash: plan.hash,
+            install_exit_code: 0,
+            skipped: true,
+            entrypoint,
+            last_configured_at: in_force.last_configured_at.unwrap_or_default(),
+            duration_ms: started.elapsed().as_millis() as u64,
+        });
+    }
+
+    let files = plan.files;
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        for f in &files {
+            if let Some(parent) = f.real.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            write_atomic(&f.real, &f.bytes, f.mode)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?
+    .map_err(|e| Error::Internal(format!("writing files: {e}")))?;
+
+    let exit_code = match &plan.install {
+        None => 0,
+        Some(argv) => install(app, argv, &env, log).await?,
+    };
+    if exit_code != 0 {
+        tracing::warn!(exit_code, "install failed; the previous configuration stays in force");
+        return Ok(ConfigureResult {
+            install_command_hash: plan.hash,
+            install_exit_code: exit_code,
+            skipped: false,
+            entrypoint: stored.entrypoint.unwrap_or_default(),
+            last_configured_at: stored.last_configured_at.unwrap_or_default(),
+            duration_ms: started.elapsed().as_millis() as u64,
+        });
+    }
+    let now = now_rfc3339();
+    app.store.save(Stored {
+        entrypoint: Some(entrypoint.clone()),
+        env,
+        install_command: plan.install,
+        install_command_hash: Some(plan.hash.clone()),
+        last_configured_at: Some(now.clone()),
+    })?;
+    tracing::info!(hash = %plan.hash, "configured");
+    Ok(ConfigureResult {
+        install_command_hash: plan.hash,
+        install_exit_code: 0,
+        skipped: false,
+        entrypoint,
+        last_configured_at: now,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Runs the install command under supervision (its own process group, the install timeout),
+/// streaming its output into `log`; returns its exit code.
+async fn install(
+    app: &Arc<AppState>,
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+    log: &Arc<EventLog>,
+) -> Result<i32> {
+    let id = random_hex(8);
+    let mut full_env = app.cfg.base_env.clone();
+    full_env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    full_env.push(("AGENTBOX_INSTALL_ID".into(), id.clone()));
+    full_env.push((
+        "AGENTBOX_WORKSPACE".into(),
+        app.cfg.workspace.display().to_string(),
+    ));
+    let marker = format!("AGENTBOX_INSTALL_ID={id}");
+    let spec = RunSpec {
+        argv: app.jail.map_argv(argv),
+        env: full_env,
+        cwd: app.cfg.workspace.clone(),
+        marker: marker.clone(),
+        stdin: false,
+    };
+    let process = Process::new(marker);
+    let (tx, rx) = oneshot::channel();
+    {
+        let reaper = Arc::clone(&app.reaper);
+        let process = Arc::clone(&process);
+        let log = Arc::clone(log);
+        std::thread::Builder::new()
+            .name(format!("install-{id}"))
+            .spawn(move || {
+                let outcome = supervisor::run(&reaper, &spec, &process, &log, |_, _| {});
+                let _ = tx.send(outcome);
+            })
+            .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))?;
+    }
+    let timer = {
+        let process = Arc::clone(&process);
+        let (limit, grace) = (app.cfg.install_timeout, app.cfg.grace);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(limit) => {
+                    process.stop(agentbox_proto::ExitReason::Timeout, grace);
+                }
+                _ = process.wait_done() => {}
+            }
+        })
+    };
+    let outcome = rx
+        .await
+        .map_err(|_| Error::Internal("install thread died".into()));
+    timer.abort();
+    let outcome = outcome?;
+    if outcome.stop_reason.is_some() {
+        return Err(Error::InstallFailed(format!(
+            "the install command did not finish within {}",
+            humantime::format_duration(app.cfg.install_timeout)
+        )));
+    }
+    match outcome.status {
+        Ok(status) => Ok(status.code),
+        Err(message) => Err(Error::InstallFailed(message)),
+    }
+}
+
+fn prune_install_logs(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut names: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+    names.sort();
+    let excess = names.len().saturating_sub(KEEP_INSTALL_LOGS);
+    for path in names.into_iter().take(excess) {
+        let _ = std::fs::remove_file(path);
+    }
+}

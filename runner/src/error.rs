@@ -1,0 +1,186 @@
+//! The runner's one error type. Only this module knows HTTP status codes: domain code returns
+//! [`Error`], and the edge turns it into `{"error": "<code>", "message": "..."}`.
+
+use agentbox_proto::ErrorBody;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+/// Everything a runner request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No or wrong bearer token (401 `unauthorized`).
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// No such route (404 `not_found`).
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    /// The route exists but not for this method (405 `method_not_allowed`).
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// No such invoke, or it has already finished where a running one is needed (404 `invoke_not_found`).
+    #[error("{0}")]
+    InvokeNotFound(String),
+    /// The body or query is malformed (400 `invalid_request`).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// A path leaves the workspace, holds a NUL byte, or is otherwise unusable (400 `invalid_path`).
+    #[error("{0}")]
+    InvalidPath(String),
+    /// `?timeout=` is not a Go duration (400 `invalid_timeout`).
+    #[error("{0}")]
+    InvalidTimeout(String),
+    /// configure/invoke on a code-mode runner (400 `wrong_mode`).
+    #[error("{0}")]
+    WrongMode(String),
+    /// A size or count limit was exceeded (413 `payload_too_large`).
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// Invoke before a successful configure (424 `not_configured`).
+    #[error("no entrypoint is configured: POST /v1/configure first")]
+    NotConfigured,
+    /// Over the concurrency cap (429 `concurrency_exceeded`, `Retry-After: 5`).
+    #[error("{inflight} invokes are running, the limit is {limit}; retry later")]
+    ConcurrencyExceeded {
+        /// The cap.
+        limit: u64,
+        /// Running invokes.
+        inflight: u64,
+    },
+    /// The install command could not be started (422 `install_failed`).
+    #[error("{0}")]
+    InstallFailed(String),
+    /// An I/O failure on the runner's side (500 `internal`).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::RouteNotFound(_) | Error::InvokeNotFound(_) => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::InvalidRequest(_)
+            | Error::InvalidPath(_)
+            | Error::InvalidTimeout(_)
+            | Error::WrongMode(_) => StatusCode::BAD_REQUEST,
+            Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::NotConfigured => StatusCode::FAILED_DEPENDENCY,
+            Error::ConcurrencyExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::InstallFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code for this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Unauthorized => "unauthorized",
+            Error::RouteNotFound(_) => "not_found",
+            Error::MethodNotAllowed => "method_not_allowed",
+            Error::InvokeNotFound(_) => "invoke_not_found",
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::InvalidPath(_) => "invalid_path",
+            Error::InvalidTimeout(_) => "invalid_timeout",
+            Error::WrongMode(_) => "wrong_mode",
+            Error::PayloadTooLarge(_) => "payload_too_large",
+            Error::NotConfigured => "not_configured",
+            Error::ConcurrencyExceeded { .. } => "concurrency_exceeded",
+            Error::InstallFailed(_) => "install_failed",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    /// The JSON body for this error.
+    pub fn body(&self) -> ErrorBody {
+        let (limit, inflight) = match self {
+            Error::ConcurrencyExceeded { limit, inflight } => (Some(*limit), Some(*inflight)),
+            _ => (None, None),
+        };
+        ErrorBody {
+            error: self.code().to_owned(),
+            message: self.to_string(),
+            limit,
+            inflight,
+        }
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Internal(e.to_string())
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        if let Error::Internal(message) = &self {
+            tracing::error!(%message, "internal error");
+        }
+        let mut response = (self.status(), Json(self.body())).into_response();
+        match self {
+            Error::ConcurrencyExceeded { .. } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            Error::Unauthorized => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// Result alias for runner operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_a_status_and_code() {
+        let cases = [
+            (Error::Unauthorized, 401, "unauthorized"),
+            (Error::RouteNotFound("/x".into()), 404, "not_found"),
+            (Error::InvokeNotFound("x".into()), 404, "invoke_not_found"),
+            (Error::MethodNotAllowed, 405, "method_not_allowed"),
+            (Error::InvalidPath("p".into()), 400, "invalid_path"),
+            (Error::WrongMode("m".into()), 400, "wrong_mode"),
+            (Error::PayloadTooLarge("p".into()), 413, "payload_too_large"),
+            (Error::NotConfigured, 424, "not_configured"),
+            (
+                Error::ConcurrencyExceeded {
+                    limit: 2,
+                    inflight: 2,
+                },
+                429,
+                "concurrency_exceeded",
+            ),
+            (Error::Internal("x".into()), 500, "internal"),
+        ];
+        for (err, status, code) in cases {
+            assert_eq!(err.status().as_u16(), status, "{err:?}");
+            assert_eq!(err.code(), code);
+        }
+    }
+
+    #[test]
+    fn concurrency_body_carries_limit_and_inflight() {
+        let body = Error::ConcurrencyExceeded {
+            limit: 3,
+            inflight: 3,
+        }
+        .body();
+        let json = serde_json::to_value(&body).expect("encode");
+        assert_eq!(json["error"], "concurrency_exceeded");
+        assert_eq!(json["limit"], 3);
+        assert_eq!(json["inflight"], 3);
+    }
+}

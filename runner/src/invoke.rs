@@ -1,0 +1,586 @@
+//! Invokes: the registry of running and recent invokes, starting one (spawn thread, stdin
+//! copier, timeout), cancel, the disconnect policy, restart recovery and journal retention.
+//! HTTP handlers for these live in [`crate::server`]; this module never sees a request.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use agentbox_proto::{
+    event, ErrorEvent, ExitEvent, ExitReason, InvokeId, InvokeState, InvokeSummary, StartEvent,
+    TruncatedEvent,
+};
+use axum::body::Body;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::fsutil::{now_ms, random_hex, write_atomic};
+use crate::journal::{EventLog, Subscription};
+use crate::proctree;
+use crate::supervisor::{self, Outcome, Process, Reaper, RunSpec};
+
+/// What happens when the last client watching an invoke goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDisconnect {
+    /// Cancel when no client has been attached for `--linger`.
+    #[default]
+    Linger,
+    /// Cancel at once.
+    Cancel,
+    /// Run to completion.
+    Continue,
+}
+
+/// What to start.
+#[derive(Debug)]
+pub struct StartRequest {
+    /// argv.
+    pub argv: Vec<String>,
+    /// Environment added on top of the runner's base environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub cwd: PathBuf,
+    /// The time limit.
+    pub timeout: Duration,
+    /// The request body, copied to stdin.
+    pub stdin: Body,
+    /// Written to stdin when the body turns out empty.
+    pub stdin_fallback: Option<String>,
+    /// The disconnect policy.
+    pub on_disconnect: OnDisconnect,
+}
+
+/// Persisted summary of an invoke (`meta.json` next to its journal).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Meta {
+    invoke_id: InvokeId,
+    started_at: u64,
+    state: InvokeState,
+    #[serde(default)]
+    pid: Option<i32>,
+    #[serde(default)]
+    exit_code: Option<i32>,
+    #[serde(default)]
+    reason: Option<ExitReason>,
+    #[serde(default)]
+    duration_ms: Option<u64>,
+}
+
+/// One invoke, running or finished.
+#[derive(Debug)]
+pub struct Invoke {
+    id: InvokeId,
+    dir: PathBuf,
+    meta: Mutex<Meta>,
+    log: OnceLock<Arc<EventLog>>,
+    process: Option<Arc<Process>>,
+    policy: OnDisconnect,
+    attached: AtomicUsize,
+    detach_generation: AtomicU64,
+}
+
+impl Invoke {
+    /// The id.
+    pub fn id(&self) -> &InvokeId {
+        &self.id
+    }
+
+    fn meta(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the exit event has not been written yet.
+    pub fn is_running(&self) -> bool {
+        self.meta().state == InvokeState::Running
+    }
+
+    /// The wire summary.
+    pub fn summary(&self) -> InvokeSummary {
+        let meta = self.meta().clone();
+        let last_event_id = self.log.get().map_or(0, |l| l.progress().last_seq);
+        InvokeSummary {
+            invoke_id: meta.invoke_id,
+            state: meta.state,
+            started_at: meta.started_at,
+            exit_code: meta.exit_code,
+            reason: meta.reason,
+            duration_ms: meta.duration_ms,
+            last_event_id,
+        }
+    }
+
+    /// The event log, opening the journal of an invoke found on disk at start-up.
+    pub fn log(&self) -> io::Result<Arc<EventLog>> {
+        if let Some(log) = self.log.get() {
+            return Ok(Arc::clone(log));
+        }
+        let (log, _) = EventLog::open_existing(&self.dir.join("events"))?;
+        log.close();
+        Ok(Arc::clone(self.log.get_or_init(|| log)))
+    }
+
+    /// Registers a watching client; dropping the guard applies the disconnect policy.
+    pub fn attach(self: &Arc<Self>, invokes: &Arc<Invokes>) -> Attachment {
+        self.attached.fetch_add(1, Ordering::SeqCst);
+        Attachment {
+            invoke: Arc::clone(self),
+            invokes: Arc::clone(invokes),
+        }
+    }
+
+    fn journal_bytes(&self) -> u64 {
+        std::fs::metadata(self.dir.join("events")).map_or(0, |m| m.len())
+    }
+
+    fn save_meta(&self) {
+        let meta = self.meta().clone();
+        match serde_json::to_vec(&meta) {
+            Ok(bytes) => {
+                if let Err(e) = write_atomic(&self.dir.join("meta.json"), &bytes, 0o600) {
+                    tracing::error!(invoke = %self.id, error = %e, "cannot persist invoke state");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode invoke state"),
+        }
+    }
+}
+
+/// A client watching an invoke. Dropping it applies the invoke's [`OnDisconnect`] policy when
+/// it was the last one.
+#[derive(Debug)]
+pub struct Attachment {
+    invoke: Arc<Invoke>,
+    invokes: Arc<Invokes>,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let invoke = &self.invoke;
+        if invoke.attached.fetch_sub(1, Ordering::SeqCst) != 1 || !invoke.is_running() {
+            return;
+        }
+        let Some(process) = invoke.process.clone() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let grace = self.invokes.cfg.grace;
+        match invoke.policy {
+            OnDisconnect::Continue => {}
+            OnDisconnect::Cancel => {
+                tracing::info!(invoke = %invoke.id, "client went away: canceling");
+                let _guard = runtime.enter();
+                process.stop(ExitReason::Canceled, grace);
+            }
+            OnDisconnect::Linger => {
+                let generation = invoke.detach_generation.fetch_add(1, Ordering::SeqCst) + 1;
+                let invoke = Arc::clone(invoke);
+                let linger = self.invokes.cfg.linger;
+                runtime.spawn(async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(linger) => {}
+                        _ = process.wait_done() => return,
+                    }
+                    if invoke.attached.load(Ordering::SeqCst) == 0
+                        && invoke.detach_generation.load(Ordering::SeqCst) == generation
+                    {
+                        tracing::info!(invoke = %invoke.id, "no client for the linger period: canceling");
+                        process.stop(ExitReason::Canceled, grace);
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The registry of invokes.
+#[derive(Debug)]
+pub struct Invokes {
+    cfg: Arc<Config>,
+    reaper: Arc<Reaper>,
+    permits: Arc<Semaphore>,
+    map: Mutex<BTreeMap<InvokeId, Arc<Invoke>>>,
+    dir: PathBuf,
+}
+
+impl Invokes {
+    /// The registry, with invokes left by an earlier runner recovered: those that were running
+    /// when it died get an `exit` event with reason `runner_restarted`.
+    pub fn recover(cfg: Arc<Config>, reaper: Arc<Reaper>) -> io::Result<Arc<Self>> {
+        let dir = cfg.state_dir.join("invokes");
+        std::fs::create_dir_all(&dir)?;
+        let mut map = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if !InvokeId::is_well_formed(name) {
+                continue;
+            }
+            let meta: Meta = match std::fs::read(path.join("meta.json"))
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(meta) => meta,
+                Err(e) => {
+                    tracing::warn!(dir = %path.display(), error = %e, "skipping an unreadable invoke");
+                    continue;
+                }
+            };
+            let invoke = Arc::new(Invoke {
+                id: meta.invoke_id.clone(),
+                dir: path.clone(),
+                meta: Mutex::new(meta),
+                log: OnceLock::new(),
+                process: None,
+                policy: OnDisconnect::Continue,
+                attached: AtomicUsize::new(0),
+                detach_generation: AtomicU64::new(0),
+            });
+            if invoke.is_running() {
+                mark_restarted(&invoke)?;
+            }
+            map.insert(invoke.id.clone(), invoke);
+        }
+        Ok(Arc::new(Self {
+            permits: Arc::new(Semaphore::new(cfg.max_concurrent_invokes as usize)),
+            cfg,
+            reaper,
+            map: Mutex::new(map),
+            dir,
+        }))
+    }
+
+    fn map(&self) -> MutexGuard<'_, BTreeMap<InvokeId, Arc<Invoke>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Invokes running now.
+    pub fn inflight(&self) -> u64 {
+        (self.cfg.max_concurrent_invokes as usize - self.permits.available_permits()) as u64
+    }
+
+    /// Looks an invoke up by the id from a URL.
+    pub fn get(&self, id: &str) -> Result<Arc<Invoke>> {
+        self.map()
+            .get(&InvokeId(id.to_owned()))
+            .cloned()
+            .ok_or_else(|| Error::InvokeNotFound(format!("no invoke {id:?}")))
+    }
+
+    /// Recent invokes, newest first.
+    pub fn list(&self) -> Vec<InvokeSummary> {
+        self.map().values().rev().map(|i| i.summary()).collect()
+    }
+
+    /// Cancels a running invoke.
+    pub fn cancel(&self, id: &str) -> Result<Arc<Invoke>> {
+        let invoke = self.get(id)?;
+        match &invoke.process {
+            Some(process) if invoke.is_running() => {
+                process.stop(ExitReason::Canceled, self.cfg.grace);
+                Ok(invoke)
+            }
+            _ => Err(Error::InvokeNotFound(format!(
+                "invoke {id:?} has already finished"
+            ))),
+        }
+    }
+
+    /// Stops every running invoke (runner shutdown) and waits for them, up to `limit`.
+    pub async fn cancel_all(&self, limit: Duration) {
+        let running: Vec<Arc<Process>> = self
+            .map()
+            .values()
+            .filter(|i| i.is_running())
+            .filter_map(|i| i.process.clone())
+            .collect();
+        for process in &running {
+            process.stop(ExitReason::Canceled, self.cfg.grace);
+        }
+        let _ = tokio::time::timeout(limit, async {
+            for process in &running {
+                process.wait_done().await;
+            }
+        })
+        .await;
+    }
+
+    /// Starts an invoke. The returned invoke's log already exists; its `start` event follows
+    /// as soon as the process is spawned.
+    pub fn start(self: &Arc<Self>, req: StartRequest) -> Result<Arc<Invoke>> {
+        let permit = Arc::clone(&self.permits)
+            .try_acquire_owned()
+            .map_err(|_| Error::ConcurrencyExceeded {
+                limit: u64::from(self.cfg.max_concurrent_invokes),
+                inflight: self.inflight(),
+            })?;
+        let started_at = now_ms();
+        let id = InvokeId(format!("inv-{started_at:012x}-{}", random_hex(8)));
+        let dir = self.dir.join(id.as_str());
+        std::fs::create_dir_all(&dir)?;
+        let log = EventLog::create(&dir.join("events"), self.cfg.journal_max_bytes)?;
+        let marker = format!("AGENTBOX_INVOKE_ID={id}");
+        let process = Process::new(marker);
+        let invoke = Arc::new(Invoke {
+            id: id.clone(),
+            dir,
+            meta: Mutex::new(Meta {
+                invoke_id: id.clone(),
+                started_at,
+                state: InvokeState::Running,
+                pid: None,
+                exit_code: None,
+                reason: None,
+                duration_ms: None,
+            }),
+            log: OnceLock::from(Arc::clone(&log)),
+            process: Some(Arc::clone(&process)),
+            policy: req.on_disconnect,
+            attached: AtomicUsize::new(0),
+            detach_generation: AtomicU64::new(0),
+        });
+        invoke.save_meta();
+        self.map().insert(id.clone(), Arc::clone(&invoke));
+
+        let mut env = self.cfg.base_env.clone();
+        env.extend(req.env);
+        env.push(("AGENTBOX_INVOKE_ID".into(), id.to_string()));
+        env.push((
+            "AGENTBOX_WORKSPACE".into(),
+            self.cfg.workspace.display().to_string(),
+        ));
+        let spec = RunSpec {
+            argv: req.argv,
+            env,
+            cwd: req.cwd,
+            marker: format!("AGENTBOX_INVOKE_ID={id}"),
+            stdin: true,
+        };
+        let (stdin_tx, stdin_rx) = oneshot::channel();
+        let thread = {
+            let invokes = Arc::clone(self);
+            let invoke = Arc::clone(&invoke);
+            let process = Arc::clone(&process);
+            let reaper = Arc::clone(&self.reaper);
+            std::thread::Builder::new()
+                .name(format!("invoke-{}", &id.as_str()[4..]))
+                .spawn(move || {
+                    let outcome = supervisor::run(&reaper, &spec, &process, &log, |pid, stdin| {
+                        invoke.meta().pid = Some(pid);
+                        log.append(|b| {
+                            b.event(
+                                event::START,
+                                &StartEvent {
+                                    invoke_id: invoke.id.clone(),
+                                    started_at,
+                                },
+                            )
+                        });
+                        if let Some(stdin) = stdin {
+                            let _ = stdin_tx.send(stdin);
+                        }
+                    });
+                    invokes.finish(&invoke, &log, &outcome, permit);
+                })
+        };
+        if let Err(e) = thread {
+            self.map().remove(&id);
+            return Err(Error::Internal(format!("cannot start a thread: {e}")));
+        }
+        tracing::info!(invoke = %id, "invoke started");
+        tokio::spawn(copy_stdin(stdin_rx, req.stdin, req.stdin_fallback));
+        let grace = self.cfg.grace;
+        let timeout = req.timeout;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => {
+                    process.stop(ExitReason::Timeout, grace);
+                }
+                _ = process.wait_done() => {}
+            }
+        });
+        Ok(invoke)
+    }
+
+    /// Writes the closing events, persists the summary, releases the slot, prunes journals.
+    fn finish(&self, invoke: &Invoke, log: &EventLog, outcome: &Outcome, permit: OwnedSemaphorePermit) {
+        let reason = outcome.reason();
+        let (exit_code, signal) = match &outcome.status {
+            Ok(status) => (status.code, status.signal),
+            Err(_) => (127, None),
+        };
+        let duration_ms = outcome.duration.as_millis() as u64;
+        let dropped = log.dropped_bytes();
+        log.append(|b| {
+            if let Err(message) = &outcome.status {
+                // The process never started, so no `start` was written: every invoke stream
+                // still opens with `start` and closes with `exit`.
+                b.event(
+                    event::START,
+                    &StartEvent {
+                        invoke_id: invoke.id.clone(),
+                        started_at: invoke.meta().started_at,
+                    },
+                );
+                b.event(
+                    event::ERROR,
+                    &ErrorEvent {
+                        phase: Some("spawn".into()),
+                        message: message.clone(),
+                    },
+                );
+            }
+            if dropped > 0 {
+                b.event(
+                    event::TRUNCATED,
+                    &TruncatedEvent {
+                        dropped_bytes: dropped,
+                    },
+                );
+            }
+            b.event(
+                event::EXIT,
+                &ExitEvent {
+                    invoke_id: invoke.id.clone(),
+                    exit_code,
+                    signal,
+                    duration_ms,
+                    reason,
+                },
+            );
+        });
+        log.close();
+        {
+            let mut meta = invoke.meta();
+            meta.state = InvokeState::Exited;
+            meta.exit_code = Some(exit_code);
+            meta.reason = Some(reason);
+            meta.duration_ms = Some(duration_ms);
+        }
+        invoke.save_meta();
+        drop(permit);
+        tracing::info!(invoke = %invoke.id, exit_code, reason = reason.as_str(), duration_ms, "invoke exited");
+        self.prune();
+    }
+
+    /// Deletes the oldest finished invokes beyond `--retain-invokes` or `--retain-bytes`.
+    fn prune(&self) {
+        let finished: Vec<Arc<Invoke>> = self
+            .map()
+            .values()
+            .rev()
+            .filter(|i| !i.is_running())
+            .cloned()
+            .collect();
+        let mut kept_bytes = 0u64;
+        for (n, invoke) in finished.iter().enumerate() {
+            kept_bytes += invoke.journal_bytes();
+            if n < self.cfg.retain_invokes && kept_bytes <= self.cfg.retain_bytes {
+                continue;
+            }
+            self.map().remove(&invoke.id);
+            if let Err(e) = std::fs::remove_dir_all(&invoke.dir) {
+                tracing::warn!(invoke = %invoke.id, error = %e, "cannot prune journal");
+            }
+        }
+    }
+
+    /// Follows an invoke's events after `after`, attached for the disconnect policy.
+    pub async fn follow(
+        self: &Arc<Self>,
+        invoke: &Arc<Invoke>,
+        after: u64,
+    ) -> Result<(Subscription, Attachment)> {
+        let attachment = invoke.attach(self);
+        let invoke = Arc::clone(invoke);
+        let sub = tokio::task::spawn_blocking(move || invoke.log()?.subscribe(after))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        Ok((sub, attachment))
+    }
+}
+
+/// Appends `exit {reason: runner_restarted}` to an invoke the previous runner left running,
+/// after stopping whatever is left of its process tree.
+fn mark_restarted(invoke: &Invoke) -> io::Result<()> {
+    let pid = invoke.meta().pid.unwrap_or(0);
+    let marker = format!("AGENTBOX_INVOKE_ID={}", invoke.id);
+    for _ in 0..50 {
+        if proctree::signal(pid, &marker, nix::sys::signal::Signal::SIGKILL) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (log, _) = EventLog::open_existing(&invoke.dir.join("events"))?;
+    let started_at = invoke.meta().started_at;
+    let duration_ms = now_ms().saturating_sub(started_at);
+    log.append(|b| {
+        b.event(
+            event::EXIT,
+            &ExitEvent {
+                invoke_id: invoke.id.clone(),
+                exit_code: -1,
+                signal: None,
+                duration_ms,
+                reason: ExitReason::RunnerRestarted,
+            },
+        )
+    });
+    log.close();
+    {
+        let mut meta = invoke.meta();
+        meta.state = InvokeState::Exited;
+        meta.exit_code = Some(-1);
+        meta.reason = Some(ExitReason::RunnerRestarted);
+        meta.duration_ms = Some(duration_ms);
+    }
+    invoke.save_meta();
+    let _ = invoke.log.set(log);
+    tracing::info!(invoke = %invoke.id, "marked runner_restarted");
+    Ok(())
+}
+
+/// Streams the request body into the child's stdin, then closes it. When the body was empty
+/// and a fallback is given (the `?prompt=`), the fallback is written instead.
+async fn copy_stdin(
+    stdin_rx: oneshot::Receiver<std::process::ChildStdin>,
+    mut body: Body,
+    fallback: Option<String>,
+) {
+    let Ok(stdin) = stdin_rx.await else {
+        return;
+    };
+    let Ok(mut pipe) = tokio::net::unix::pipe::Sender::from_owned_fd(stdin.into()) else {
+        return;
+    };
+    let mut written = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return;
+        };
+        if let Ok(data) = frame.into_data() {
+            written += data.len();
+            if pipe.write_all(&data).await.is_err() {
+                return;
+            }
+        }
+    }
+    if written == 0 {
+        if let Some(text) = fallback {
+            let _ = pipe.write_all(Bytes::from(text).as_ref()).await;
+        }
+    }
+}

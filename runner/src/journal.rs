@@ -1,0 +1,473 @@
+//! The per-invoke event log: a sequence-numbered journal on disk, an in-memory tail of recent
+//! bytes, and a watch channel that wakes subscribers.
+//!
+//! Every event is encoded once as SSE wire bytes ([`crate::sse`]) and appended under one lock,
+//! which also assigns its sequence number, writes it to the journal file and publishes the new
+//! end offset. A subscriber is nothing but a byte offset into that one ordered log: it reads
+//! from the tail while it keeps up and from the file when it falls behind, so replay and live
+//! following are the same code path and no event can be skipped or repeated between them.
+//! Writers never wait for readers.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use agentbox_proto::Stream;
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::sse;
+
+/// How much recent output is kept in memory for subscribers that keep up.
+const TAIL_MAX_BYTES: usize = 2 << 20;
+/// After close, the tail shrinks to this much.
+const TAIL_CLOSED_BYTES: usize = 64 << 10;
+/// Distance between entries of the sparse sequence → offset index.
+const INDEX_STRIDE: u64 = 16 << 10;
+/// Largest single read from the journal file.
+const READ_CHUNK: u64 = 1 << 20;
+
+/// What has been published so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes in the log.
+    pub end: u64,
+    /// Sequence number of the last event (0 when empty).
+    pub last_seq: u64,
+    /// No event will follow.
+    pub closed: bool,
+}
+
+/// One invoke's (or install's) event log.
+#[derive(Debug)]
+pub struct EventLog {
+    inner: Mutex<Inner>,
+    progress: watch::Sender<Progress>,
+    reader: Arc<File>,
+    path: PathBuf,
+    cap: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    writer: File,
+    next_seq: u64,
+    end: u64,
+    index: Vec<(u64, u64)>,
+    last_indexed: Option<u64>,
+    tail: VecDeque<(u64, Bytes)>,
+    tail_bytes: usize,
+    stored: u64,
+    dropped: u64,
+    closed: bool,
+    write_failed: bool,
+}
+
+/// Events being appended together, under the log's lock.
+pub struct Batch<'a> {
+    inner: &'a mut Inner,
+    buf: &'a mut Vec<u8>,
+    cap: u64,
+}
+
+impl Batch<'_> {
+    /// Appends an event with a JSON payload; returns its sequence number.
+    pub fn event<T: Serialize>(&mut self, name: &str, data: &T) -> u64 {
+        let seq = self.inner.next_seq;
+        self.inner.next_seq += 1;
+        sse::push_frame(self.buf, seq, name, data);
+        seq
+    }
+
+    /// Appends a `log` event, unless the journal cap is reached: then the bytes are counted in
+    /// [`EventLog::dropped_bytes`] instead.
+    pub fn log(&mut self, stream: Stream, bytes: &[u8], partial: bool) {
+        let len = bytes.len() as u64 + u64::from(!partial);
+        // Once the cap is hit everything after is dropped, so what is stored is a prefix.
+        if self.inner.dropped > 0 || self.inner.stored + len > self.cap {
+            self.inner.dropped += len;
+            return;
+        }
+        self.inner.stored += len;
+        let seq = self.inner.next_seq;
+        self.inner.next_seq += 1;
+        sse::push_log_frame(self.buf, seq, stream, bytes, partial);
+    }
+}
+
+impl EventLog {
+    /// Creates an empty log journaled at `path` (which must not exist), storing at most `cap`
+    /// bytes of output.
+    pub fn create(path: &Path, cap: u64) -> io::Result<Arc<Self>> {
+        let writer = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(path)?;
+        let reader = File::open(path)?;
+        Ok(Self::from_parts(writer, reader, path, cap, 1, 0, Vec::new()))
+    }
+
+    /// Opens an existing journal (after a restart), repairing a torn last frame. The log is
+    /// open for appending; call [`EventLog::close`] when nothing more will be added.
+    pub fn open_existing(path: &Path) -> io::Result<(Arc<Self>, Option<String>)> {
+        let mut file = OpenOptions::new().read(true).append(true).open(path)?;
+        let mut index = Vec::new();
+        let mut last_seq = 0;
+        let mut last_event = None;
+        let mut offset: u64 = 0;
+        let mut last_indexed: Option<u64> = None;
+        let mut pending: Vec<u8> = Vec::new();
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            pending.extend_from_slice(&chunk[..n]);
+            let mut pos = 0;
+            while let Some(end) = memchr::memmem::find(&pending[pos..], b"\n\n") {
+                let frame = &pending[pos..pos + end + 2];
+                let (frames, _) = sse::parse_frames(frame);
+                if let Some(f) = frames.first() {
+                    if last_indexed.is_none_or(|at| offset - at >= INDEX_STRIDE) {
+                        index.push((f.id, offset));
+                        last_indexed = Some(offset);
+                    }
+                    last_seq = f.id;
+                    last_event = Some(f.event.to_owned());
+                }
+                offset += frame.len() as u64;
+                pos += end + 2;
+            }
+            pending.drain(..pos);
+        }
+        if !pending.is_empty() {
+            file.set_len(offset)?;
+        }
+        let reader = File::open(path)?;
+        let log = Self::from_parts(file, reader, path, u64::MAX, last_seq + 1, offset, index);
+        if let Ok(mut inner) = log.inner.lock() {
+            inner.last_indexed = last_indexed;
+        }
+        Ok((log, last_event))
+    }
+
+    fn from_parts(
+        writer: File,
+        reader: File,
+        path: &Path,
+        cap: u64,
+        next_seq: u64,
+        end: u64,
+        index: Vec<(u64, u64)>,
+    ) -> Arc<Self> {
+        let (progress, _) = watch::channel(Progress {
+            end,
+            last_seq: next_seq - 1,
+            closed: false,
+        });
+        Arc::new(Self {
+            inner: Mutex::new(Inner {
+                writer,
+                next_seq,
+                end,
+                index,
+                last_indexed: None,
+                tail: VecDeque::new(),
+                tail_bytes: 0,
+                stored: 0,
+                dropped: 0,
+                closed: false,
+                write_failed: false,
+            }),
+            progress,
+            reader: Arc::new(reader),
+            path: path.to_owned(),
+            cap,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock would be a bug in this module; the data it guards
+        // stays consistent (every field is updated after the write), so keep serving.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The journal file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends the events `f` adds, as one write, and wakes subscribers.
+    /// Appends to a closed log are ignored.
+    pub fn append<R>(&self, f: impl FnOnce(&mut Batch<'_>) -> R) -> Option<R> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return None;
+        }
+        let mut buf = Vec::new();
+        let first_seq = inner.next_seq;
+        let result = f(&mut Batch {
+            inner: &mut inner,
+            buf: &mut buf,
+            cap: self.cap,
+        });
+        if buf.is_empty() {
+            return Some(result);
+        }
+        if let Err(e) = inner.writer.write_all(&buf) {
+            if !inner.write_failed {
+                tracing::error!(path = %self.path.display(), error = %e, "journal write failed; later replays will miss events");
+            }
+            inner.write_failed = true;
+        }
+        let offset = inner.end;
+        if inner
+            .last_indexed
+            .is_none_or(|at| offset - at >= INDEX_STRIDE)
+        {
+            inner.index.push((first_seq, offset));
+            inner.last_indexed = Some(offset);
+        }
+        let len = buf.len();
+        inner.end += len as u64;
+        inner.tail.push_back((offset, Bytes::from(buf)));
+        inner.tail_bytes += len;
+        trim_tail(&mut inner, TAIL_MAX_BYTES);
+        self.publish(&inner);
+        Some(result)
+    }
+
+    /// Marks the log complete: subscribers end after the last event.
+    pub fn close(&self) {
+        let mut inner = self.lock();
+        inner.closed = true;
+        trim_tail(&mut inner, TAIL_CLOSED_BYTES);
+        let _ = inner.writer.sync_data();
+        self.publish(&inner);
+    }
+
+    fn publish(&self, inner: &Inner) {
+        self.progress.send_replace(Progress {
+            end: inner.end,
+            last_seq: inner.next_seq - 1,
+            closed: inner.closed,
+        });
+    }
+
+    /// What has been published.
+    pub fn progress(&self) -> Progress {
+        *self.progress.borrow()
+    }
+
+    /// Output bytes counted but not stored because of the cap.
+    pub fn dropped_bytes(&self) -> u64 {
+        self.lock().dropped
+    }
+
+    /// Follows the log from the event after `after` (0: from the start). May read the journal
+    /// file to find the position, so call it off the async runtime when `after > 0`.
+    pub fn subscribe(self: &Arc<Self>, after: u64) -> io::Result<Subscription> {
+        let offset = if after == 0 {
+            0
+        } else {
+            self.offset_after(after)?
+        };
+        Ok(Subscription {
+            log: Arc::clone(self),
+            offset,
+            rx: self.progress.subscribe(),
+        })
+    }
+
+    fn offset_after(&self, after: u64) -> io::Result<u64> {
+        let (start, stop) = {
+            let inner = self.lock();
+            if after >= inner.next_seq - 1 {
+                return Ok(inner.end);
+            }
+            let i = inner
+                .index
+                .partition_point(|(seq, _)| *seq <= after + 1)
+                .saturating_sub(1);
+            let start = inner.index.get(i).map_or(0, |(_, off)| *off);
+            let stop = inner.index.get(i + 1).map_or(inner.end, |(_, off)| *off);
+            (start, stop)
+        };
+        let mut buf = vec![0u8; (stop - start) as usize];
+        self.reader.read_exact_at(&mut buf, start)?;
+        let mut pos = 0;
+        while let Some(end) = memchr::memmem::find(&buf[pos..], b"\n\n") {
+            let (frames, _) = sse::parse_frames(&buf[pos..pos + end + 2]);
+            if frames.first().is_some_and(|f| f.id > after) {
+                break;
+            }
+            pos += end + 2;
+        }
+        Ok(start + pos as u64)
+    }
+
+    fn slice_from_tail(&self, offset: u64, end: u64) -> Option<Bytes> {
+        let inner = self.lock();
+        let (first, _) = inner.tail.front()?;
+        if offset < *first {
+            return None;
+        }
+        let i = inner
+            .tail
+            .partition_point(|(off, _)| *off <= offset)
+            .checked_sub(1)?;
+        let (chunk_off, bytes) = &inner.tail[i];
+        let from = (offset - chunk_off) as usize;
+        let to = bytes.len().min((end - chunk_off) as usize);
+        (from < to).then(|| bytes.slice(from..to))
+    }
+}
+
+fn trim_tail(inner: &mut Inner, max: usize) {
+    while inner.tail_bytes > max && inner.tail.len() > 1 {
+        if let Some((_, b)) = inner.tail.pop_front() {
+            inner.tail_bytes -= b.len();
+        }
+    }
+}
+
+/// A reader of an [`EventLog`]: yields the wire bytes of every event after its start point, in
+/// order, then ends once the log is closed.
+#[derive(Debug)]
+pub struct Subscription {
+    log: Arc<EventLog>,
+    offset: u64,
+    rx: watch::Receiver<Progress>,
+}
+
+impl Subscription {
+    /// The next bytes, waiting for new events; `None` once the log is closed and all was read.
+    pub async fn next(&mut self) -> Option<io::Result<Bytes>> {
+        loop {
+            let progress = *self.rx.borrow_and_update();
+            if self.offset < progress.end {
+                return Some(self.read(progress.end).await);
+            }
+            if progress.closed {
+                return None;
+            }
+            if self.rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    async fn read(&mut self, end: u64) -> io::Result<Bytes> {
+        if let Some(bytes) = self.log.slice_from_tail(self.offset, end) {
+            self.offset += bytes.len() as u64;
+            return Ok(bytes);
+        }
+        let len = (end - self.offset).min(READ_CHUNK) as usize;
+        let offset = self.offset;
+        let file = Arc::clone(&self.log.reader);
+        let bytes = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len];
+            file.read_exact_at(&mut buf, offset).map(|()| buf)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.offset += len as u64;
+        Ok(Bytes::from(bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn collect(mut sub: Subscription) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(chunk) = sub.next().await {
+            out.extend_from_slice(&chunk.expect("read"));
+        }
+        out
+    }
+
+    fn ids(bytes: &[u8]) -> Vec<u64> {
+        sse::parse_frames(bytes).0.iter().map(|f| f.id).collect()
+    }
+
+    #[tokio::test]
+    async fn replay_from_any_point_has_no_gap_and_no_duplicate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = EventLog::create(&dir.path().join("j"), u64::MAX).expect("create");
+        let line = vec![b'x'; 3000];
+        for _ in 0..200 {
+            log.append(|b| {
+                b.log(Stream::Stdout, &line, false);
+                b.log(Stream::Stderr, b"e", true);
+            });
+        }
+        log.close();
+        for after in [0u64, 1, 2, 7, 150, 399, 400, 401] {
+            let got = ids(&collect(log.subscribe(after).expect("subscribe")).await);
+            let want: Vec<u64> = (after + 1..=400).collect();
+            assert_eq!(got, want, "after {after}");
+        }
+    }
+
+    #[tokio::test]
+    async fn live_subscriber_sees_appends_made_after_it_started() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = EventLog::create(&dir.path().join("j"), u64::MAX).expect("create");
+        log.append(|b| b.event("start", &1));
+        let sub = log.subscribe(0).expect("subscribe");
+        let reader = tokio::spawn(collect(sub));
+        for _ in 0..1000 {
+            log.append(|b| b.log(Stream::Stdout, b"hello", false));
+            tokio::task::yield_now().await;
+        }
+        log.append(|b| b.event("exit", &0));
+        log.close();
+        let got = ids(&reader.await.expect("join"));
+        assert_eq!(got, (1..=1002).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn cap_counts_instead_of_storing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = EventLog::create(&dir.path().join("j"), 10).expect("create");
+        log.append(|b| {
+            b.log(Stream::Stdout, b"12345", false);
+            b.log(Stream::Stdout, b"67890", false);
+            b.log(Stream::Stdout, b"abc", true);
+        });
+        assert_eq!(log.dropped_bytes(), 9);
+        log.close();
+        assert_eq!(ids(&collect(log.subscribe(0).expect("sub")).await), vec![1]);
+    }
+
+    #[tokio::test]
+    async fn reopen_repairs_a_torn_frame_and_continues_numbering() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("j");
+        {
+            let log = EventLog::create(&path, u64::MAX).expect("create");
+            for _ in 0..5000 {
+                log.append(|b| b.log(Stream::Stdout, b"some output line", false));
+            }
+        }
+        let mut f = OpenOptions::new().append(true).open(&path).expect("open");
+        f.write_all(b"id: 5001\nevent: log\ndata: {\"str").expect("torn");
+        drop(f);
+        let (log, last) = EventLog::open_existing(&path).expect("reopen");
+        assert_eq!(last.as_deref(), Some("log"));
+        assert_eq!(log.progress().last_seq, 5000);
+        log.append(|b| b.event("exit", &0));
+        log.close();
+        let got = ids(&collect(log.subscribe(4990).expect("sub")).await);
+        assert_eq!(got, (4991..=5001).collect::<Vec<_>>());
+        let all = ids(&collect(log.subscribe(0).expect("sub")).await);
+        assert_eq!(all.len(), 5001);
+    }
+}

@@ -1,0 +1,68 @@
+//! The agentbox runner: one static binary inside a sandbox that takes files, runs an install
+//! command once per distinct configuration, spawns the entrypoint for each invoke and streams
+//! its output as Server-Sent Events, journaled so clients can reattach.
+//!
+//! Map: [`config`] (flags) → [`server`] (HTTP edge) → [`configure`] / [`invoke`] (domain) →
+//! [`supervisor`] (spawn, reap, pump, stop) → [`journal`] (event log) ← [`sse`] (framing).
+//! [`jail`] resolves every caller-supplied path.
+
+pub mod config;
+pub mod configure;
+pub mod duration;
+pub mod error;
+pub mod fsutil;
+pub mod invoke;
+pub mod jail;
+pub mod journal;
+pub mod proctree;
+pub mod server;
+pub mod sse;
+pub mod state;
+pub mod supervisor;
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::invoke::Invokes;
+use crate::jail::Jail;
+use crate::state::ConfigStore;
+use crate::supervisor::Reaper;
+
+/// Everything a request handler can reach.
+#[derive(Debug)]
+pub struct AppState {
+    /// Validated configuration.
+    pub cfg: Arc<Config>,
+    /// The path jail.
+    pub jail: Jail,
+    /// The configuration in force.
+    pub store: ConfigStore,
+    /// Running and recent invokes.
+    pub invokes: Arc<Invokes>,
+    /// The one owner of `waitpid`.
+    pub reaper: Arc<Reaper>,
+    /// Digest of the bearer token; `None` with `--insecure-no-auth`.
+    pub token_digest: Option<[u8; 32]>,
+}
+
+impl AppState {
+    /// Loads persisted state, recovers invokes left by an earlier runner and starts the reaper.
+    /// Must run inside the Tokio runtime.
+    pub fn start(cfg: Config) -> std::io::Result<Arc<Self>> {
+        let cfg = Arc::new(cfg);
+        let reaper = Reaper::new();
+        reaper.start()?;
+        let store = ConfigStore::load(cfg.state_dir.join("config.json"))?;
+        let invokes = Invokes::recover(Arc::clone(&cfg), Arc::clone(&reaper))?;
+        let jail = Jail::new(cfg.workspace.clone(), vec![cfg.state_dir.clone()]);
+        let token_digest = cfg.token.as_deref().map(server::token_digest);
+        Ok(Arc::new(Self {
+            cfg,
+            jail,
+            store,
+            invokes,
+            reaper,
+            token_digest,
+        }))
+    }
+}

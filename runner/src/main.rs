@@ -1,0 +1,107 @@
+//! `agentbox-runner`: parse and validate flags (exit 64 on bad configuration, before any port
+//! is bound), bind, print `listening on ADDR`, serve until SIGTERM or SIGINT.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agentbox_runner::config::Args;
+use agentbox_runner::{server, AppState};
+use anyhow::Context;
+use clap::Parser;
+
+/// sysexits' EX_USAGE.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let config = match args.into_config() {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("agentbox-runner: {message}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGENTBOX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // Processes in the sandbox run as the same user: keep them from reading the runner's
+    // memory and environment (where the token lives) through /proc.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "cannot clear the dumpable flag");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentbox-runner: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agentbox-runner: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: agentbox_runner::config::Config) -> anyhow::Result<()> {
+    let listen = config.listen;
+    if config.token.is_none() {
+        tracing::warn!("authentication is off (--insecure-no-auth)");
+    }
+    let app = AppState::start(config).context("cannot load the runner's state")?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    println!("listening on {addr}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, workspace = %app.cfg.workspace.display(), mode = app.cfg.mode.as_str(), "runner ready");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::serve(listener, std::sync::Arc::clone(&app), async {
+        let _ = stop_rx.await;
+    }));
+    shutdown_signal().await;
+    tracing::info!("shutting down: canceling running invokes");
+    app.invokes
+        .cancel_all(app.cfg.grace + Duration::from_secs(2))
+        .await;
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,404 @@
+//! The HTTP edge: routes, authentication, request parsing and response shapes. Handlers turn
+//! requests into calls on [`crate::configure`] and [`crate::invoke`] and errors into
+//! responses; nothing below this module sees HTTP.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentbox_proto::{
+    event, CancelRequest, CancelResponse, ConfigureRequest, ExitEvent, Health, Info, InvokeList,
+    InvokeResponse, InvokeSummary, Limits, LogEvent, Stream,
+};
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use bytes::Bytes;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+
+use crate::config::Mode;
+use crate::duration::parse_duration;
+use crate::error::{Error, Result};
+use crate::invoke::{Attachment, OnDisconnect, StartRequest};
+use crate::journal::Subscription;
+use crate::{configure, sse, AppState};
+
+/// Routes of the runner.
+pub fn router(app: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/info", get(info))
+        .route("/v1/configure", post(configure_sandbox))
+        .route("/v1/invoke", post(invoke))
+        .route("/v1/invoke/cancel", post(cancel_invoke_by_body))
+        .route("/v1/invokes", get(list_invokes))
+        .route("/v1/invokes/{id}", get(get_invoke))
+        .route("/v1/invokes/{id}/events", get(stream_events))
+        .route("/v1/invokes/{id}/cancel", post(cancel_invoke))
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&app), authenticate));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .with_state(app)
+}
+
+/// Serves `router` on an already-bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        // Events are small writes that must leave at once.
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The SHA-256 of a bearer token; tokens are compared as digests, in constant time.
+pub fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+async fn authenticate(
+    State(app): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(expected) = &app.token_digest {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(|t| token_digest(t.trim()));
+        let ok = presented.is_some_and(|p| bool::from(p.ct_eq(expected)));
+        if !ok {
+            return Error::Unauthorized.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+async fn not_found(uri: Uri) -> Error {
+    Error::RouteNotFound(uri.path().to_owned())
+}
+
+async fn method_not_allowed() -> Error {
+    Error::MethodNotAllowed
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    Error::Internal("the request handler panicked".into()).into_response()
+}
+
+async fn info(State(app): State<Arc<AppState>>) -> Json<Info> {
+    let stored = app.store.get();
+    let cfg = &app.cfg;
+    Json(Info {
+        version: env!("CARGO_PKG_VERSION").into(),
+        mode: cfg.mode.as_str().into(),
+        configured: stored.entrypoint.is_some(),
+        install_command_hash: stored.install_command_hash,
+        entrypoint: stored.entrypoint,
+        last_configured_at: stored.last_configured_at,
+        inflight: app.invokes.inflight(),
+        limits: Limits {
+            max_concurrent_invokes: u64::from(cfg.max_concurrent_invokes),
+            default_timeout_ms: cfg.default_timeout.as_millis() as u64,
+            max_timeout_ms: cfg.max_timeout.as_millis() as u64,
+            max_file_bytes: cfg.max_file_bytes,
+            max_total_bytes: cfg.max_total_bytes,
+            max_files: cfg.max_files,
+            journal_max_bytes: cfg.journal_max_bytes,
+        },
+    })
+}
+
+fn require_agent_mode(app: &AppState, route: &str) -> Result<()> {
+    if app.cfg.mode == Mode::Code {
+        return Err(Error::WrongMode(format!(
+            "{route} only works in agent mode; this sandbox is in code mode: \
+             use /v1/exec to run commands and /v1/files to move files"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the client asked for one JSON answer instead of an event stream.
+fn wants_json(headers: &HeaderMap) -> bool {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    accept.contains("application/json") && !accept.contains("text/event-stream")
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> Result<T> {
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
+            Error::PayloadTooLarge(format!("the request body is larger than {limit} bytes"))
+        } else {
+            Error::InvalidRequest(format!("cannot read the request body: {e}"))
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::InvalidRequest(format!("the body is not valid JSON for this route: {e}")))
+}
+
+async fn configure_sandbox(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    require_agent_mode(&app, "/v1/configure")?;
+    // Base64 grows content by 4/3; allow for JSON around it.
+    let limit = (app.cfg.max_total_bytes.saturating_mul(4) / 3 + (8 << 20))
+        .min(usize::MAX as u64) as usize;
+    let req: ConfigureRequest = read_json(body, limit).await?;
+    if req.entrypoint.is_none() && app.store.get().entrypoint.is_none() {
+        return Err(Error::InvalidRequest(
+            "entrypoint is required on the first configure".into(),
+        ));
+    }
+    let plan = configure::plan(&app, req)?;
+    let (log, outcome) = configure::start(&app, plan)?;
+    if wants_json(&headers) {
+        let result = outcome
+            .await
+            .map_err(|_| Error::Internal("configure task died".into()))??;
+        return Ok(Json(result).into_response());
+    }
+    let sub = log.subscribe(0)?;
+    Ok(sse_response(sub, None, app.cfg.keepalive))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InvokeQuery {
+    prompt: Option<String>,
+    timeout: Option<String>,
+    on_disconnect: Option<OnDisconnect>,
+}
+
+fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T> {
+    Query::<T>::try_from_uri(uri)
+        .map(|q| q.0)
+        .map_err(|e| Error::InvalidRequest(format!("bad query string: {}", e.body_text())))
+}
+
+async fn invoke(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Body,
+) -> Result<Response> {
+    require_agent_mode(&app, "/v1/invoke")?;
+    let q: InvokeQuery = query(&uri)?;
+    let timeout = match &q.timeout {
+        None => app.cfg.default_timeout,
+        Some(text) => parse_duration(text)
+            .map_err(Error::InvalidTimeout)?
+            .min(app.cfg.max_timeout),
+    };
+    let stored = app.store.get();
+    let Some(entrypoint) = stored.entrypoint else {
+        return Err(Error::NotConfigured);
+    };
+    let mut argv = app.jail.map_argv(&entrypoint);
+    if let Some(prompt) = &q.prompt {
+        argv.push(format!("--prompt={prompt}"));
+    }
+    let invoke = app.invokes.start(StartRequest {
+        argv,
+        env: stored.env.into_iter().collect(),
+        cwd: app.cfg.workspace.clone(),
+        timeout,
+        stdin: body,
+        stdin_fallback: q.prompt,
+        on_disconnect: q.on_disconnect.unwrap_or_default(),
+    })?;
+    let (sub, attachment) = app.invokes.follow(&invoke, 0).await?;
+    if wants_json(&headers) {
+        return Ok(Json(collect(sub, attachment).await?).into_response());
+    }
+    Ok(sse_response(sub, Some(attachment), app.cfg.keepalive))
+}
+
+/// Reads an invoke's events to the end and folds them into one JSON answer.
+async fn collect(mut sub: Subscription, attachment: Attachment) -> Result<InvokeResponse> {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut out: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let mut exit: Option<ExitEvent> = None;
+    while let Some(chunk) = sub.next().await {
+        pending.extend_from_slice(&chunk?);
+        let (frames, used) = sse::parse_frames(&pending);
+        for frame in &frames {
+            match frame.event {
+                event::LOG => {
+                    let Ok(log) = serde_json::from_str::<LogEvent>(frame.data) else {
+                        continue;
+                    };
+                    let buf = &mut out[usize::from(log.stream == Stream::Stderr)];
+                    if let Some(text) = log.data {
+                        buf.extend_from_slice(text.as_bytes());
+                    } else if let Some(b64) = log.data_base64 {
+                        if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(b64) {
+                            buf.extend_from_slice(&bytes);
+                        }
+                    }
+                    if !log.partial {
+                        buf.push(b'\n');
+                    }
+                }
+                event::EXIT => exit = serde_json::from_str(frame.data).ok(),
+                _ => {}
+            }
+        }
+        pending.drain(..used);
+    }
+    drop(attachment);
+    let exit = exit.ok_or_else(|| Error::Internal("the invoke ended without an exit event".into()))?;
+    let [stdout, stderr] = out;
+    Ok(InvokeResponse {
+        invoke_id: exit.invoke_id,
+        exit_code: exit.exit_code,
+        signal: exit.signal,
+        duration_ms: exit.duration_ms,
+        reason: exit.reason,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    })
+}
+
+async fn cancel_invoke(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let invoke = app.invokes.cancel(&id)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(CancelResponse {
+            invoke_id: invoke.id().clone(),
+            status: "canceling".into(),
+        }),
+    )
+        .into_response())
+}
+
+async fn cancel_invoke_by_body(
+    State(app): State<Arc<AppState>>,
+    body: Body,
+) -> Result<Response> {
+    let req: CancelRequest = read_json(body, 64 << 10).await?;
+    cancel_invoke(State(app), Path(req.invoke_id.0)).await
+}
+
+async fn list_invokes(State(app): State<Arc<AppState>>) -> Json<InvokeList> {
+    Json(InvokeList {
+        invokes: app.invokes.list(),
+    })
+}
+
+async fn get_invoke(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<InvokeSummary>> {
+    Ok(Json(app.invokes.get(&id)?.summary()))
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    after: Option<u64>,
+}
+
+async fn stream_events(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response> {
+    let q: EventsQuery = query(&uri)?;
+    let after = match headers.get("last-event-id") {
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| Error::InvalidRequest("Last-Event-ID must be an event id".into()))?,
+        None => q.after.unwrap_or(0),
+    };
+    let invoke = app.invokes.get(&id)?;
+    let (sub, attachment) = app.invokes.follow(&invoke, after).await?;
+    Ok(sse_response(sub, Some(attachment), app.cfg.keepalive))
+}
+
+/// An SSE response that relays `sub` as it grows, with keepalive comments when idle.
+fn sse_response(sub: Subscription, attachment: Option<Attachment>, keepalive: Duration) -> Response {
+    struct StreamState {
+        sub: Subscription,
+        _attachment: Option<Attachment>,
+        failed: bool,
+    }
+    let state = StreamState {
+        sub,
+        _attachment: attachment,
+        failed: false,
+    };
+    let stream = futures_util::stream::unfold(state, move |mut st| async move {
+        if st.failed {
+            return None;
+        }
+        let item = match tokio::time::timeout(keepalive, st.sub.next()).await {
+            Err(_) => Bytes::from_static(sse::KEEPALIVE),
+            Ok(None) => return None,
+            Ok(Some(Ok(bytes))) => bytes,
+            Ok(Some(Err(e))) => {
+                tracing::error!(error = %e, "cannot read journal");
+                st.failed = true;
+                let mut frame = Vec::new();
+                sse::push_frame(
+                    &mut frame,
+                    0,
+                    event::ERROR,
+                    &agentbox_proto::ErrorEvent {
+                        phase: Some("stream".into()),
+                        message: format!("cannot read the journal: {e}"),
+                    },
+                );
+                Bytes::from(frame)
+            }
+        };
+        Some((Ok::<_, Infallible>(item), st))
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}

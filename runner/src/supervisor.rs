@@ -1,0 +1,653 @@
+//! Child supervision: spawning in a process group, reaping every child (the runner is a child
+//! subreaper, and PID 1 in most sandboxes), pumping output into the event log, and stopping a
+//! whole process tree with SIGTERM, a grace period, then SIGKILL.
+//!
+//! One [`Reaper`] owns every `waitpid`: children are spawned under its lock and registered
+//! before it can reap them, so exit statuses are never stolen and orphans never pile up.
+//! Each supervised process gets a dedicated thread ([`run`]) that spawns it (fork/exec is
+//! blocking), polls its stdout and stderr, frames lines and appends them to the journal.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use agentbox_proto::{ExitReason, Stream};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::sync::watch;
+
+use crate::journal::EventLog;
+use crate::proctree;
+
+/// Longest fragment sent without a newline.
+pub const MAX_FRAGMENT: usize = 64 << 10;
+/// A fragment without a newline is sent after this long without more output.
+const IDLE_FLUSH: Duration = Duration::from_millis(25);
+/// After the main process exits, how long descendants may keep its output pipes open.
+const DRAIN: Duration = Duration::from_millis(500);
+/// How long to keep reading after the leftover tree was killed.
+const DRAIN_AFTER_KILL: Duration = Duration::from_secs(2);
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code, or `128 + signal`.
+    pub code: i32,
+    /// The signal that ended it.
+    pub signal: Option<i32>,
+}
+
+/// Owns every `waitpid` of the runner.
+#[derive(Debug, Default)]
+pub struct Reaper {
+    waiting: Mutex<HashMap<i32, mpsc::Sender<ExitStatus>>>,
+}
+
+impl Reaper {
+    /// A reaper; call [`Reaper::start`] inside the runtime.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<i32, mpsc::Sender<ExitStatus>>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the runner a child subreaper and reaps on every SIGCHLD (and once a second, in
+    /// case signals were coalesced while a reap was running).
+    pub fn start(self: &Arc<Self>) -> std::io::Result<()> {
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            tracing::warn!(error = %e, "cannot become a child subreaper; escaped descendants will be reaped by init");
+        }
+        let mut sigchld =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
+        let reaper = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = sigchld.recv() => {}
+                    _ = tick.tick() => {}
+                }
+                reaper.reap();
+            }
+        });
+        Ok(())
+    }
+
+    /// Spawns `cmd` and registers it before any reap can see it.
+    fn spawn(
+        &self,
+        cmd: &mut Command,
+    ) -> std::io::Result<(std::process::Child, mpsc::Receiver<ExitStatus>)> {
+        let mut waiting = self.lock();
+        let child = cmd.spawn()?;
+        let (tx, rx) = mpsc::channel();
+        waiting.insert(child.id() as i32, tx);
+        Ok((child, rx))
+    }
+
+    /// Reaps every exited child: registered ones get their status, orphans are just reaped.
+    pub fn reap(&self) {
+        let mut waiting = self.lock();
+        loop {
+            let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus { code, signal: None }),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (
+                    pid,
+                    ExitStatus {
+                        code: 128 + sig as i32,
+                        signal: Some(sig as i32),
+                    },
+                ),
+                Ok(WaitStatus::StillAlive) => break,
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(_) => break,
+            };
+            match waiting.remove(&pid.as_raw()) {
+                Some(tx) => {
+                    let _ = tx.send(status);
+                }
+                None => tracing::debug!(pid = pid.as_raw(), "reaped an orphan"),
+            }
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// argv; `argv[0]` is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// The complete environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub cwd: PathBuf,
+    /// `NAME=value` present in the environment of the whole tree; see [`crate::proctree`].
+    pub marker: String,
+    /// Whether the child gets a stdin pipe (otherwise `/dev/null`).
+    pub stdin: bool,
+}
+
+/// Shared control of one supervised process tree.
+#[derive(Debug)]
+pub struct Process {
+    pid: OnceLock<i32>,
+    stop: Mutex<Option<ExitReason>>,
+    done: watch::Sender<bool>,
+    marker: String,
+}
+
+impl Process {
+    /// Control for a tree marked with `marker`.
+    pub fn new(marker: String) -> Arc<Self> {
+        Arc::new(Self {
+            pid: OnceLock::new(),
+            stop: Mutex::new(None),
+            done: watch::channel(false).0,
+            marker,
+        })
+    }
+
+    /// The root pid, once spawned.
+    pub fn pid(&self) -> Option<i32> {
+        self.pid.get().copied()
+    }
+
+    /// Why a stop was asked for, if one was.
+    pub fn stop_reason(&self) -> Option<ExitReason> {
+        *self.stop.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the process and its pump have finished.
+    pub fn is_done(&self) -> bool {
+        *self.done.borrow()
+    }
+
+    /// Waits until the process and its pump have finished.
+    pub async fn wait_done(&self) {
+        let mut rx = self.done.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
+    /// Stops the tree: SIGTERM to every member, then SIGKILL after `grace`. Returns false when
+    /// it already finished or a stop is already under way (the first reason wins).
+    pub fn stop(self: &Arc<Self>, reason: ExitReason, grace: Duration) -> bool {
+        {
+            let mut stop = self.stop.lock().unwrap_or_else(|p| p.into_inner());
+            if stop.is_some() || self.is_done() {
+                return false;
+            }
+            *stop = Some(reason);
+        }
+        let process = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Some(pid) = process.pid() {
+                let marker = process.marker.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    proctree::signal(pid, &marker, Signal::SIGTERM)
+                })
+                .await;
+            }
+            if tokio::time::timeout(grace, process.wait_done()).await.is_ok() {
+                return;
+            }
+            if let Some(pid) = process.pid() {
+                let marker = process.marker.clone();
+                let _ = tokio::task::spawn_blocking(move || kill_until_gone(pid, &marker)).await;
+            }
+        });
+        true
+    }
+}
+
+/// SIGKILLs the tree until no live member is left (bounded).
+fn kill_until_gone(root: i32, marker: &str) {
+    for _ in 0..100 {
+        if proctree::signal(root, marker, Signal::SIGKILL) == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    tracing::warn!(root, "process tree still alive after repeated SIGKILL");
+}
+
+/// How a supervised run ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The exit status, or why the process could not be started.
+    pub status: Result<ExitStatus, String>,
+    /// From spawn to exit.
+    pub duration: Duration,
+    /// Set when the tree was stopped by [`Process::stop`].
+    pub stop_reason: Option<ExitReason>,
+}
+
+impl Outcome {
+    /// The reason for the `exit` event.
+    pub fn reason(&self) -> ExitReason {
+        match (&self.status, self.stop_reason) {
+            (Err(_), _) => ExitReason::Error,
+            (Ok(_), Some(reason)) => reason,
+            (Ok(_), None) => ExitReason::Completed,
+        }
+    }
+}
+
+/// Runs `spec` to completion on the calling (dedicated, blocking) thread, appending its output
+/// to `log`. `on_spawn` gets the pid and the stdin pipe right after the spawn, before any
+/// output is read.
+pub fn run(
+    reaper: &Reaper,
+    spec: &RunSpec,
+    process: &Process,
+    log: &EventLog,
+    on_spawn: impl FnOnce(i32, Option<ChildStdin>),
+) -> Outcome {
+    let outcome = run_inner(reaper, spec, process, log, on_spawn);
+    process.done.send_replace(true);
+    outcome
+}
+
+fn run_inner(
+    reaper: &Reaper,
+    spec: &RunSpec,
+    process: &Process,
+    log: &EventLog,
+    on_spawn: impl FnOnce(i32, Option<ChildStdin>),
+) -> Outcome {
+    let started = Instant::now();
+    let Some((program, args)) = spec.argv.split_first() else {
+        return Outcome {
+            status: Err("empty argv".into()),
+            duration: started.elapsed(),
+            stop_reason: None,
+        };
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .stdin(if spec.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let (mut child, exit_rx) = match reaper.spawn(&mut cmd) {
+        Ok(spawned) => spawned,
+        Err(e) => {
+            return Outcome {
+                status: Err(format!("cannot start {program:?}: {e}")),
+                duration: started.elapsed(),
+                stop_reason: process.stop_reason(),
+            }
+        }
+    };
+    let pid = child.id() as i32;
+    let _ = process.pid.set(pid);
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    on_spawn(pid, child.stdin.take());
+    if process.stop_reason().is_some() {
+        // A stop raced with the spawn and found no pid to signal.
+        proctree::signal(pid, &process.marker, Signal::SIGKILL);
+    }
+
+    let mut pipes: [Option<Box<dyn ReadFd>>; 2] = [
+        stdout.map(|p| Box::new(p) as Box<dyn ReadFd>),
+        stderr.map(|p| Box::new(p) as Box<dyn ReadFd>),
+    ];
+    for pipe in pipes.iter().flatten() {
+        let _ = nix::fcntl::fcntl(pipe.as_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+    }
+    let mut framers = [
+        LineFramer::new(Stream::Stdout),
+        LineFramer::new(Stream::Stderr),
+    ];
+    let mut buf = vec![0u8; 256 << 10];
+    let mut exit: Option<(ExitStatus, Instant)> = None;
+    let mut killed_at: Option<Instant> = None;
+
+    while pipes.iter().any(Option::is_some) {
+        if exit.is_none() {
+            if let Ok(status) = exit_rx.try_recv() {
+                exit = Some((status, Instant::now()));
+            }
+        }
+        if let Some((_, exited_at)) = exit {
+            match killed_at {
+                None if exited_at.elapsed() >= DRAIN => {
+                    // Descendants still hold the output pipes after the main process exited.
+                    kill_until_gone(pid, &process.marker);
+                    killed_at = Some(Instant::now());
+                }
+                Some(at) if at.elapsed() >= DRAIN_AFTER_KILL => break,
+                _ => {}
+            }
+        }
+        let pending = framers.iter().any(|f| f.has_pending());
+        let timeout_ms: u16 = if pending { 10 } else if exit.is_some() { 50 } else { 100 };
+        let ready = {
+            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(2);
+            let mut which = Vec::with_capacity(2);
+            for (i, pipe) in pipes.iter().enumerate() {
+                if let Some(pipe) = pipe {
+                    fds.push(PollFd::new(pipe.as_fd(), PollFlags::POLLIN));
+                    which.push(i);
+                }
+            }
+            match poll(&mut fds, timeout_ms) {
+                Ok(0) | Err(Errno::EINTR) => Vec::new(),
+                Ok(_) => fds
+                    .iter()
+                    .zip(which)
+                    .filter(|(fd, _)| fd.revents().is_some_and(|r| !r.is_empty()))
+                    .map(|(_, i)| i)
+                    .collect(),
+                Err(e) => {
+                    tracing::error!(error = %e, "poll failed");
+                    break;
+                }
+            }
+        };
+        for i in ready {
+            let Some(pipe) = pipes[i].as_mut() else {
+                continue;
+            };
+            match pipe.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    pipes[i] = None;
+                    let framer = &mut framers[i];
+                    log.append(|batch| framer.flush(&mut |b, p| batch.log(framer_stream(i), b, p)));
+                }
+                Ok(n) => {
+                    let framer = &mut framers[i];
+                    let data = &buf[..n];
+                    log.append(|batch| {
+                        framer.feed(data, &mut |b, p| batch.log(framer_stream(i), b, p))
+                    });
+                }
+            }
+        }
+        for (i, framer) in framers.iter_mut().enumerate() {
+            if framer.idle_for() >= IDLE_FLUSH {
+                log.append(|batch| framer.flush(&mut |b, p| batch.log(framer_stream(i), b, p)));
+            }
+        }
+    }
+    for (i, framer) in framers.iter_mut().enumerate() {
+        log.append(|batch| framer.flush(&mut |b, p| batch.log(framer_stream(i), b, p)));
+    }
+    let status = match exit {
+        Some((status, _)) => Ok(status),
+        None => wait_exit(&exit_rx, pid, process),
+    };
+    let duration = started.elapsed();
+    let stop_reason = process.stop_reason();
+    // Nothing of the tree outlives the invoke's exit event: the group always, and on a stop
+    // (cancel, timeout) every marked descendant too.
+    if stop_reason.is_some() || killed_at.is_some() {
+        kill_until_gone(pid, &process.marker);
+        for _ in 0..100 {
+            reaper.reap();
+            if proctree::members(pid, &process.marker).zombies == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    } else if proctree::group_exists(pid) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    Outcome {
+        status,
+        duration,
+        stop_reason,
+    }
+}
+
+fn wait_exit(
+    exit_rx: &mpsc::Receiver<ExitStatus>,
+    pid: i32,
+    process: &Process,
+) -> Result<ExitStatus, String> {
+    loop {
+        match exit_rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(status) => return Ok(status),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err("lost track of the process".into())
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Output is closed but the process lives on: it closed its own stdout and
+                // stderr. Keep waiting; a stop or timeout still ends it.
+                tracing::debug!(pid, marker = %process.marker, "waiting for exit with output closed");
+            }
+        }
+    }
+}
+
+fn framer_stream(i: usize) -> Stream {
+    if i == 0 {
+        Stream::Stdout
+    } else {
+        Stream::Stderr
+    }
+}
+
+trait ReadFd: Read + AsFd + Send {}
+impl<T: Read + AsFd + Send> ReadFd for T {}
+
+/// Splits a byte stream into `log` events: one per line without its newline; a fragment with
+/// no newline yet goes out as `partial` when it reaches [`MAX_FRAGMENT`], when the output
+/// pauses, or at the end.
+#[derive(Debug)]
+pub struct LineFramer {
+    stream: Stream,
+    pending: Vec<u8>,
+    pending_since: Option<Instant>,
+}
+
+impl LineFramer {
+    /// A framer for `stream`.
+    pub fn new(stream: Stream) -> Self {
+        Self {
+            stream,
+            pending: Vec::new(),
+            pending_since: None,
+        }
+    }
+
+    /// The stream this framer handles.
+    pub fn stream(&self) -> Stream {
+        self.stream
+    }
+
+    /// Whether bytes without a newline are waiting.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// How long the oldest pending byte has waited.
+    pub fn idle_for(&self) -> Duration {
+        self.pending_since.map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    /// Feeds bytes; `emit(bytes, partial)` is called for every complete event.
+    pub fn feed(&mut self, mut data: &[u8], emit: &mut impl FnMut(&[u8], bool)) {
+        if !self.pending.is_empty() {
+            match memchr::memchr(b'\n', data) {
+                Some(nl) => {
+                    self.pending.extend_from_slice(&data[..nl]);
+                    let line = std::mem::take(&mut self.pending);
+                    emit_line(&line, emit);
+                    self.pending = line;
+                    self.pending.clear();
+                    self.pending_since = None;
+                    data = &data[nl + 1..];
+                }
+                None => {
+                    self.pending.extend_from_slice(data);
+                    let rest = emit_long_prefix(&self.pending, emit);
+                    self.pending.drain(..self.pending.len() - rest);
+                    return;
+                }
+            }
+        }
+        let mut start = 0;
+        for nl in memchr::memchr_iter(b'\n', data) {
+            emit_line(&data[start..nl], emit);
+            start = nl + 1;
+        }
+        let tail = &data[start..];
+        if !tail.is_empty() {
+            let rest = emit_long_prefix(tail, emit);
+            self.pending.extend_from_slice(&tail[tail.len() - rest..]);
+            self.pending_since = Some(Instant::now());
+        }
+    }
+
+    /// Emits the pending fragment, if any, as `partial`.
+    pub fn flush(&mut self, emit: &mut impl FnMut(&[u8], bool)) {
+        if !self.pending.is_empty() {
+            emit(&self.pending, true);
+            self.pending.clear();
+        }
+        self.pending_since = None;
+    }
+}
+
+/// Emits a complete line, in [`MAX_FRAGMENT`] pieces when it is longer.
+fn emit_line(line: &[u8], emit: &mut impl FnMut(&[u8], bool)) {
+    let rest = emit_long_prefix(line, emit);
+    emit(&line[line.len() - rest..], false);
+}
+
+/// Emits full-size partial pieces off the front of `bytes` while more than [`MAX_FRAGMENT`]
+/// remain... or exactly that much; returns how many bytes were left unemitted.
+fn emit_long_prefix(bytes: &[u8], emit: &mut impl FnMut(&[u8], bool)) -> usize {
+    let mut rest = bytes;
+    while rest.len() > MAX_FRAGMENT {
+        let cut = char_boundary(rest, MAX_FRAGMENT);
+        emit(&rest[..cut], true);
+        rest = &rest[cut..];
+    }
+    rest.len()
+}
+
+/// Moves `at` back (by at most 3 bytes) so a UTF-8 character is not split.
+fn char_boundary(bytes: &[u8], at: usize) -> usize {
+    let mut cut = at;
+    while cut > at - 3 && bytes.get(cut).is_some_and(|b| b & 0xc0 == 0x80) {
+        cut -= 1;
+    }
+    if cut == at - 3 && bytes.get(cut).is_some_and(|b| b & 0xc0 == 0x80) {
+        at
+    } else {
+        cut
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame_all(chunks: &[&[u8]]) -> Vec<(Vec<u8>, bool)> {
+        let mut framer = LineFramer::new(Stream::Stdout);
+        let mut out = Vec::new();
+        for chunk in chunks {
+            framer.feed(chunk, &mut |b, p| out.push((b.to_vec(), p)));
+        }
+        framer.flush(&mut |b, p| out.push((b.to_vec(), p)));
+        out
+    }
+
+    fn rebuild(events: &[(Vec<u8>, bool)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (bytes, partial) in events {
+            out.extend_from_slice(bytes);
+            if !partial {
+                out.push(b'\n');
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn lines_split_across_reads() {
+        let events = frame_all(&[b"hel", b"lo\nwor", b"ld\n", b"\n", b"tail"]);
+        assert_eq!(
+            events,
+            vec![
+                (b"hello".to_vec(), false),
+                (b"world".to_vec(), false),
+                (b"".to_vec(), false),
+                (b"tail".to_vec(), true),
+            ]
+        );
+    }
+
+    #[test]
+    fn long_lines_become_bounded_partials_and_rebuild_exactly() {
+        let mut data = vec![b'a'; MAX_FRAGMENT * 2 + 17];
+        data.push(b'\n');
+        data.extend_from_slice(&vec![b'b'; MAX_FRAGMENT * 3]);
+        for chunk_size in [1usize << 10, 4096, 65536, 1 << 20] {
+            let chunks: Vec<&[u8]> = data.chunks(chunk_size).collect();
+            let events = frame_all(&chunks);
+            assert!(events.iter().all(|(b, _)| b.len() <= MAX_FRAGMENT));
+            assert_eq!(rebuild(&events), data, "chunk size {chunk_size}");
+        }
+    }
+
+    #[test]
+    fn cuts_do_not_split_utf8_characters() {
+        let text = "é".repeat(MAX_FRAGMENT);
+        let events = frame_all(&[text.as_bytes()]);
+        for (bytes, _) in &events {
+            assert!(std::str::from_utf8(bytes).is_ok());
+        }
+        assert_eq!(rebuild(&events), text.as_bytes());
+    }
+
+    #[test]
+    fn random_chunkings_rebuild_exactly() {
+        let mut state: u64 = 42;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..50 {
+            let len = (next() % 300_000) as usize;
+            let data: Vec<u8> = (0..len)
+                .map(|_| match next() % 10 {
+                    0 => b'\n',
+                    1 => 0xff,
+                    _ => b'x',
+                })
+                .collect();
+            let mut chunks = Vec::new();
+            let mut pos = 0;
+            while pos < data.len() {
+                let n = 1 + (next() % 100_000) as usize;
+                let end = (pos + n).min(data.len());
+                chunks.push(&data[pos..end]);
+                pos = end;
+            }
+            assert_eq!(rebuild(&frame_all(&chunks)), data);
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Test harness: starts the real `agentbox-runner` binary on an ephemeral port with its own
+//! temporary workspace, reads the bound address from its first line, and talks HTTP to it.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{json, Value};
+
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// A running runner; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Runner {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    pub workspace: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub client: reqwest::Client,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_agentbox-runner")
+}
+
+impl Runner {
+    /// A runner in a fresh temporary directory.
+    pub fn start(extra: &[&str]) -> Runner {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut r = Runner::start_in(&dir, extra);
+        r._tmp = Some(tmp);
+        r
+    }
+
+    /// A runner using `dir` (workspace `dir/ws`, token file `dir/token`); used for restarts.
+    pub fn start_in(dir: &Path, extra: &[&str]) -> Runner {
+        let workspace = dir.join("ws");
+        std::fs::create_dir_all(&workspace).unwrap();
+        std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--workspace")
+            .arg(&workspace)
+            .arg("--token-file")
+            .arg(dir.join("token"))
+            .args(extra)
+            .env("AGENTBOX_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .trim()
+            .parse()
+            .unwrap();
+        Runner {
+            child,
+            addr,
+            dir: dir.to_path_buf(),
+            workspace: std::fs::canonicalize(workspace).unwrap(),
+            _tmp: None,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(self.url(path)).bearer_auth(TOKEN)
+    }
+
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(self.url(path)).bearer_auth(TOKEN)
+    }
+
+    /// Configure with `Accept: application/json`; returns (status, body).
+    pub async fn configure_json(&self, body: Value) -> (u16, Value) {
+        let resp = self
+            .post("/v1/configure")
+            .header("accept", "application/json")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap())
+    }
+
+    /// Configures `sh -c SCRIPT` as the entrypoint.
+    pub async fn configure_sh(&self, script: &str) {
+        let (status, body) = self
+            .configure_json(json!({"entrypoint": ["sh", "-c", script]}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    /// Invokes over SSE and reads the stream to its end.
+    pub async fn invoke_sse(&self, query: &str, stdin: impl Into<reqwest::Body>) -> Vec<Event> {
+        let resp = self
+            .post(&format!("/v1/invoke{query}"))
+            .body(stdin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        parse_sse(&resp.bytes().await.unwrap())
+    }
+
+    /// Stops the runner with SIGKILL (no cleanup), keeping the directory.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid()),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One SSE event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: u64,
+    pub event: String,
+    pub data: Value,
+}
+
+/// Parses a complete SSE body (comments skipped).
+pub fn parse_sse(bytes: &[u8]) -> Vec<Event> {
+    let (events, rest) = parse_sse_prefix(bytes);
+    assert!(
+        rest == bytes.len(),
+        "torn frame at the end: {:?}",
+        String::from_utf8_lossy(&bytes[rest..])
+    );
+    events
+}
+
+/// Parses the complete frames at the front of `bytes`; returns them and the bytes used.
+pub fn parse_sse_prefix(bytes: &[u8]) -> (Vec<Event>, usize) {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Some(end) = find(&bytes[pos..], b"\n\n") {
+        let text = std::str::from_utf8(&bytes[pos..pos + end]).unwrap();
+        pos += end + 2;
+        if text.starts_with(':') {
+            continue;
+        }
+        let mut ev = Event {
+            id: 0,
+            event: String::new(),
+            data: Value::Null,
+        };
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("id: ") {
+                ev.id = v.parse().unwrap();
+            } else if let Some(v) = line.strip_prefix("event: ") {
+                ev.event = v.to_owned();
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                ev.data = serde_json::from_str(v).unwrap();
+            }
+        }
+        out.push(ev);
+    }
+    (out, pos)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The exact bytes of `stream` ("stdout" or "stderr") rebuilt from `log` events.
+pub fn rebuild(events: &[Event], stream: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in events.iter().filter(|e| e.event == "log" && e.data["stream"] == stream) {
+        if let Some(text) = e.data["data"].as_str() {
+            out.extend_from_slice(text.as_bytes());
+        } else {
+            let b64 = e.data["dataBase64"].as_str().unwrap();
+            out.extend(base64::engine::general_purpose::STANDARD.decode(b64).unwrap());
+        }
+        if e.data["partial"] != Value::Bool(true) {
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
+pub fn exit_event(events: &[Event]) -> &Value {
+    let last = events.last().expect("no events");
+    assert_eq!(last.event, "exit", "last event is not exit: {events:?}");
+    &last.data
+}
+
+/// Whether a process exists at all (zombies included).
+pub fn pid_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Waits for a file to appear (written by a child process) and returns its trimmed content.
+pub async fn wait_for_file(path: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if text.ends_with('\n') {
+                return text.trim().to_owned();
+            }
+        }
+        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads an SSE response until an event matching `pred` arrives; returns everything so far.
+pub async fn read_until(
+    resp: &mut reqwest::Response,
+    buf: &mut Vec<u8>,
+    pred: impl Fn(&Event) -> bool,
+) -> Vec<Event> {
+    loop {
+        let (events, _) = parse_sse_prefix(buf);
+        if events.iter().any(&pred) {
+            return events;
+        }
+        match tokio::time::timeout(Duration::from_secs(30), resp.chunk()).await {
+            Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk),
+            other => panic!("stream ended before the awaited event: {other:?}"),
+        }
+    }
+}
