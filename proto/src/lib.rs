@@ -51,7 +51,9 @@ impl InvokeId {
     pub fn is_well_formed(text: &str) -> bool {
         text.len() <= 64
             && text.starts_with("inv-")
-            && text[4..].bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+            && text[4..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b'-')
     }
 
     /// The id as text.
@@ -306,7 +308,7 @@ pub struct CancelResponse {
 pub enum InvokeState {
     /// The process (tree) is running.
     Running,
-    /// The `exit` event has been written.
+    /// The process tree is gone; the `exit` event is written (or being written).
     Exited,
 }
 

@@ -152,9 +152,10 @@ impl Args {
     pub fn into_config(self) -> Result<Config, String> {
         let token = match (self.token, self.token_file) {
             (Some(t), _) => Some(t),
-            (None, Some(path)) => Some(std::fs::read_to_string(&path).map_err(|e| {
-                format!("cannot read --token-file {}: {e}", path.display())
-            })?),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("cannot read --token-file {}: {e}", path.display()))?,
+            ),
             (None, None) => None,
         }
         .map(|t| t.trim().to_owned());
@@ -167,9 +168,11 @@ impl Args {
             Some(t) => Some(t),
             None if self.insecure_no_auth => None,
             None => {
-                return Err("no runner token: pass --token-file FILE, set AGENTBOX_RUNNER_TOKEN, \
+                return Err(
+                    "no runner token: pass --token-file FILE, set AGENTBOX_RUNNER_TOKEN, \
                      or run with --insecure-no-auth for a local experiment"
-                    .into())
+                        .into(),
+                )
             }
         };
         if self.max_concurrent_invokes == 0 {
@@ -178,12 +181,10 @@ impl Args {
         if self.default_timeout > self.max_timeout {
             return Err("--default-timeout is larger than --max-timeout".into());
         }
-        std::fs::create_dir_all(&self.workspace).map_err(|e| {
-            format!("cannot create workspace {}: {e}", self.workspace.display())
-        })?;
-        let workspace = std::fs::canonicalize(&self.workspace).map_err(|e| {
-            format!("cannot resolve workspace {}: {e}", self.workspace.display())
-        })?;
+        std::fs::create_dir_all(&self.workspace)
+            .map_err(|e| format!("cannot create workspace {}: {e}", self.workspace.display()))?;
+        let workspace = std::fs::canonicalize(&self.workspace)
+            .map_err(|e| format!("cannot resolve workspace {}: {e}", self.workspace.display()))?;
         let state_dir = self
             .state_dir
             .unwrap_or_else(|| workspace.join(".agentbox"));

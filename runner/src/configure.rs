@@ -67,7 +67,10 @@ pub fn plan(app: &AppState, req: ConfigureRequest) -> Result<Plan> {
             (None, Some(b64)) => base64::engine::general_purpose::STANDARD
                 .decode(b64.as_bytes())
                 .map_err(|e| {
-                    Error::InvalidRequest(format!("{:?}: contentBase64 is not base64: {e}", spec.path))
+                    Error::InvalidRequest(format!(
+                        "{:?}: contentBase64 is not base64: {e}",
+                        spec.path
+                    ))
                 })?,
             (None, None) => Vec::new(),
             (Some(_), Some(_)) => {
@@ -180,11 +183,7 @@ pub fn start(
     let dir = app.cfg.state_dir.join("installs");
     std::fs::create_dir_all(&dir)?;
     prune_install_logs(&dir);
-    let name = format!(
-        "{:013}-{}.events",
-        crate::fsutil::now_ms(),
-        random_hex(4)
-    );
+    let name = format!("{:013}-{}.events", crate::fsutil::now_ms(), random_hex(4));
     let log = EventLog::create(&dir.join(name), app.cfg.journal_max_bytes)?;
     let (tx, rx) = oneshot::channel();
     let app = Arc::clone(app);
@@ -272,7 +271,10 @@ async fn run(app: &Arc<AppState>, plan: Plan, log: &Arc<EventLog>) -> Result<Con
         Some(argv) => install(app, argv, &env, log).await?,
     };
     if exit_code != 0 {
-        tracing::warn!(exit_code, "install failed; the previous configuration stays in force");
+        tracing::warn!(
+            exit_code,
+            "install failed; the previous configuration stays in force"
+        );
         return Ok(ConfigureResult {
             install_command_hash: plan.hash,
             install_exit_code: exit_code,

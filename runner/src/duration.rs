@@ -103,7 +103,16 @@ mod tests {
         for (text, want) in ok {
             assert_eq!(parse_duration(text), Ok(want), "{text}");
         }
-        for bad in ["", "30", "-5s", "5x", "s", "0s", "1..2s", "1e9h999999999999h"] {
+        for bad in [
+            "",
+            "30",
+            "-5s",
+            "5x",
+            "s",
+            "0s",
+            "1..2s",
+            "1e9h999999999999h",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad} should be refused");
         }
     }

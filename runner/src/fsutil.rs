@@ -10,6 +10,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// permission bits, rename over the target, fsync of the directory. Readers see the old
 /// content or the new, never a mix, and a crash leaves one of the two.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_replace(path, bytes, mode, true)
+}
+
+/// Like [`write_atomic`] without the fsyncs: still never half-written, and it survives the
+/// runner being killed (the page cache keeps it), not a power cut. For files rewritten soon.
+pub fn write_replace(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::other("path has no parent"))?;
@@ -29,9 +35,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        if durable {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

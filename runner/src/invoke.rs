@@ -22,7 +22,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::fsutil::{now_ms, random_hex, write_atomic};
+use crate::fsutil::{now_ms, random_hex, write_replace};
 use crate::journal::{EventLog, Subscription};
 use crate::proctree;
 use crate::supervisor::{self, Outcome, Process, Reaper, RunSpec};
@@ -68,6 +68,9 @@ struct Meta {
     state: InvokeState,
     #[serde(default)]
     pid: Option<i32>,
+    /// Start time of `pid`, to tell it from a later process that reuses the pid.
+    #[serde(default)]
+    pid_started: Option<u64>,
     #[serde(default)]
     exit_code: Option<i32>,
     #[serde(default)]
@@ -143,10 +146,18 @@ impl Invoke {
     }
 
     fn save_meta(&self) {
+        self.write_meta(true);
+    }
+
+    fn save_meta_fast(&self) {
+        self.write_meta(false);
+    }
+
+    fn write_meta(&self, durable: bool) {
         let meta = self.meta().clone();
         match serde_json::to_vec(&meta) {
             Ok(bytes) => {
-                if let Err(e) = write_atomic(&self.dir.join("meta.json"), &bytes, 0o600) {
+                if let Err(e) = write_replace(&self.dir.join("meta.json"), &bytes, 0o600, durable) {
                     tracing::error!(invoke = %self.id, error = %e, "cannot persist invoke state");
                 }
             }
@@ -254,13 +265,15 @@ impl Invokes {
             }
             map.insert(invoke.id.clone(), invoke);
         }
-        Ok(Arc::new(Self {
+        let invokes = Arc::new(Self {
             permits: Arc::new(Semaphore::new(cfg.max_concurrent_invokes as usize)),
             cfg,
             reaper,
             map: Mutex::new(map),
             dir,
-        }))
+        });
+        invokes.prune();
+        Ok(invokes)
     }
 
     fn map(&self) -> MutexGuard<'_, BTreeMap<InvokeId, Arc<Invoke>>> {
@@ -321,12 +334,12 @@ impl Invokes {
     /// Starts an invoke. The returned invoke's log already exists; its `start` event follows
     /// as soon as the process is spawned.
     pub fn start(self: &Arc<Self>, req: StartRequest) -> Result<Arc<Invoke>> {
-        let permit = Arc::clone(&self.permits)
-            .try_acquire_owned()
-            .map_err(|_| Error::ConcurrencyExceeded {
+        let permit = Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
+            Error::ConcurrencyExceeded {
                 limit: u64::from(self.cfg.max_concurrent_invokes),
                 inflight: self.inflight(),
-            })?;
+            }
+        })?;
         let started_at = now_ms();
         let id = InvokeId(format!("inv-{started_at:012x}-{}", random_hex(8)));
         let dir = self.dir.join(id.as_str());
@@ -342,6 +355,7 @@ impl Invokes {
                 started_at,
                 state: InvokeState::Running,
                 pid: None,
+                pid_started: None,
                 exit_code: None,
                 reason: None,
                 duration_ms: None,
@@ -352,7 +366,6 @@ impl Invokes {
             attached: AtomicUsize::new(0),
             detach_generation: AtomicU64::new(0),
         });
-        invoke.save_meta();
         self.map().insert(id.clone(), Arc::clone(&invoke));
 
         let mut env = self.cfg.base_env.clone();
@@ -379,7 +392,14 @@ impl Invokes {
                 .name(format!("invoke-{}", &id.as_str()[4..]))
                 .spawn(move || {
                     let outcome = supervisor::run(&reaper, &spec, &process, &log, |pid, stdin| {
-                        invoke.meta().pid = Some(pid);
+                        {
+                            let mut meta = invoke.meta();
+                            meta.pid = Some(pid);
+                            meta.pid_started = proctree::start_time(pid);
+                        }
+                        // Recorded before any output is read, so that a runner killed now
+                        // finds this tree at its next start.
+                        invoke.save_meta_fast();
                         log.append(|b| {
                             b.event(
                                 event::START,
@@ -416,7 +436,13 @@ impl Invokes {
     }
 
     /// Writes the closing events, persists the summary, releases the slot, prunes journals.
-    fn finish(&self, invoke: &Invoke, log: &EventLog, outcome: &Outcome, permit: OwnedSemaphorePermit) {
+    fn finish(
+        &self,
+        invoke: &Invoke,
+        log: &EventLog,
+        outcome: &Outcome,
+        permit: OwnedSemaphorePermit,
+    ) {
         let reason = outcome.reason();
         let (exit_code, signal) = match &outcome.status {
             Ok(status) => (status.code, status.signal),
@@ -424,6 +450,17 @@ impl Invokes {
         };
         let duration_ms = outcome.duration.as_millis() as u64;
         let dropped = log.dropped_bytes();
+        // In memory the invoke is exited before its `exit` event is published, so a client
+        // that has seen `exit` never finds it running (a cancel then gets 404).
+        {
+            let mut meta = invoke.meta();
+            meta.state = InvokeState::Exited;
+            meta.exit_code = Some(exit_code);
+            meta.reason = Some(reason);
+            meta.duration_ms = Some(duration_ms);
+        }
+        // The process tree is gone: its slot is free before anyone can see `exit`.
+        drop(permit);
         log.append(|b| {
             if let Err(message) = &outcome.status {
                 // The process never started, so no `start` was written: every invoke stream
@@ -463,15 +500,7 @@ impl Invokes {
             );
         });
         log.close();
-        {
-            let mut meta = invoke.meta();
-            meta.state = InvokeState::Exited;
-            meta.exit_code = Some(exit_code);
-            meta.reason = Some(reason);
-            meta.duration_ms = Some(duration_ms);
-        }
         invoke.save_meta();
-        drop(permit);
         tracing::info!(invoke = %invoke.id, exit_code, reason = reason.as_str(), duration_ms, "invoke exited");
         self.prune();
     }
@@ -488,7 +517,7 @@ impl Invokes {
         let mut kept_bytes = 0u64;
         for (n, invoke) in finished.iter().enumerate() {
             kept_bytes += invoke.journal_bytes();
-            if n < self.cfg.retain_invokes && kept_bytes <= self.cfg.retain_bytes {
+            if n == 0 || (n < self.cfg.retain_invokes && kept_bytes <= self.cfg.retain_bytes) {
                 continue;
             }
             self.map().remove(&invoke.id);
@@ -516,7 +545,11 @@ impl Invokes {
 /// Appends `exit {reason: runner_restarted}` to an invoke the previous runner left running,
 /// after stopping whatever is left of its process tree.
 fn mark_restarted(invoke: &Invoke) -> io::Result<()> {
-    let pid = invoke.meta().pid.unwrap_or(0);
+    let pid = {
+        let meta = invoke.meta();
+        meta.pid
+            .map_or(0, |pid| proctree::recorded_root(pid, meta.pid_started))
+    };
     let marker = format!("AGENTBOX_INVOKE_ID={}", invoke.id);
     for _ in 0..50 {
         if proctree::signal(pid, &marker, nix::sys::signal::Signal::SIGKILL) == 0 {
@@ -524,7 +557,24 @@ fn mark_restarted(invoke: &Invoke) -> io::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (log, _) = EventLog::open_existing(&invoke.dir.join("events"))?;
+    let (log, last) = EventLog::open_existing(&invoke.dir.join("events"))?;
+    if let Some(exit) = last
+        .filter(|(name, _)| name == event::EXIT)
+        .and_then(|(_, data)| serde_json::from_str::<ExitEvent>(&data).ok())
+    {
+        // The runner died after journaling `exit` but before saving the summary.
+        log.close();
+        {
+            let mut meta = invoke.meta();
+            meta.state = InvokeState::Exited;
+            meta.exit_code = Some(exit.exit_code);
+            meta.reason = Some(exit.reason);
+            meta.duration_ms = Some(exit.duration_ms);
+        }
+        invoke.save_meta();
+        let _ = invoke.log.set(log);
+        return Ok(());
+    }
     let started_at = invoke.meta().started_at;
     let duration_ms = now_ms().saturating_sub(started_at);
     log.append(|b| {

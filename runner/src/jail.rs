@@ -71,7 +71,9 @@ impl Jail {
                     }
                 }
                 Err(e) => {
-                    return Err(Error::InvalidPath(format!("{user:?} cannot be checked: {e}")))
+                    return Err(Error::InvalidPath(format!(
+                        "{user:?} cannot be checked: {e}"
+                    )))
                 }
             }
         }
@@ -228,7 +230,11 @@ mod tests {
             assert_eq!(jail.resolve(user).expect(user), want, "{user}");
         }
         assert_eq!(
-            jail.map_argv(&["python".into(), "/workspace/a.py".into(), "/workspacex".into()]),
+            jail.map_argv(&[
+                "python".into(),
+                "/workspace/a.py".into(),
+                "/workspacex".into()
+            ]),
             vec![
                 "python".to_string(),
                 format!("{}/a.py", root.display()),
@@ -247,8 +253,22 @@ mod tests {
     fn random_paths_never_escape() {
         let (_ws, _outside, jail) = jail();
         let pieces = [
-            "..", ".", "/", "a", "out", "in", "dir", "passwd", ".agentbox", "/workspace", "\0",
-            "//", "dangling", "file", "é", "%2e%2e",
+            "..",
+            ".",
+            "/",
+            "a",
+            "out",
+            "in",
+            "dir",
+            "passwd",
+            ".agentbox",
+            "/workspace",
+            "\0",
+            "//",
+            "dangling",
+            "file",
+            "é",
+            "%2e%2e",
         ];
         let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
         for _ in 0..20_000 {

@@ -31,6 +31,9 @@ const INDEX_STRIDE: u64 = 16 << 10;
 /// Largest single read from the journal file.
 const READ_CHUNK: u64 = 1 << 20;
 
+/// The name and JSON data of the last event of a journal.
+pub type LastEvent = (String, String);
+
 /// What has been published so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
@@ -108,12 +111,21 @@ impl EventLog {
             .append(true)
             .open(path)?;
         let reader = File::open(path)?;
-        Ok(Self::from_parts(writer, reader, path, cap, 1, 0, Vec::new()))
+        Ok(Self::from_parts(
+            writer,
+            reader,
+            path,
+            cap,
+            1,
+            0,
+            Vec::new(),
+        ))
     }
 
     /// Opens an existing journal (after a restart), repairing a torn last frame. The log is
     /// open for appending; call [`EventLog::close`] when nothing more will be added.
-    pub fn open_existing(path: &Path) -> io::Result<(Arc<Self>, Option<String>)> {
+    /// Also returns the last event's name and data.
+    pub fn open_existing(path: &Path) -> io::Result<(Arc<Self>, Option<LastEvent>)> {
         let mut file = OpenOptions::new().read(true).append(true).open(path)?;
         let mut index = Vec::new();
         let mut last_seq = 0;
@@ -138,7 +150,7 @@ impl EventLog {
                         last_indexed = Some(offset);
                     }
                     last_seq = f.id;
-                    last_event = Some(f.event.to_owned());
+                    last_event = Some((f.event.to_owned(), f.data.to_owned()));
                 }
                 offset += frame.len() as u64;
                 pos += end + 2;
@@ -194,7 +206,9 @@ impl EventLog {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock would be a bug in this module; the data it guards
         // stays consistent (every field is updated after the write), so keep serving.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The journal file.
@@ -247,8 +261,9 @@ impl EventLog {
         let mut inner = self.lock();
         inner.closed = true;
         trim_tail(&mut inner, TAIL_CLOSED_BYTES);
-        let _ = inner.writer.sync_data();
         self.publish(&inner);
+        // Readers need not wait for the disk: the page cache already serves them.
+        let _ = inner.writer.sync_data();
     }
 
     fn publish(&self, inner: &Inner) {
@@ -458,10 +473,11 @@ mod tests {
             }
         }
         let mut f = OpenOptions::new().append(true).open(&path).expect("open");
-        f.write_all(b"id: 5001\nevent: log\ndata: {\"str").expect("torn");
+        f.write_all(b"id: 5001\nevent: log\ndata: {\"str")
+            .expect("torn");
         drop(f);
         let (log, last) = EventLog::open_existing(&path).expect("reopen");
-        assert_eq!(last.as_deref(), Some("log"));
+        assert_eq!(last.map(|(event, _)| event).as_deref(), Some("log"));
         assert_eq!(log.progress().last_seq, 5000);
         log.append(|b| b.event("exit", &0));
         log.close();

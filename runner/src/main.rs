@@ -78,9 +78,13 @@ async fn run(config: agentbox_runner::config::Config) -> anyhow::Result<()> {
     tracing::info!(%addr, workspace = %app.cfg.workspace.display(), mode = app.cfg.mode.as_str(), "runner ready");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::serve(listener, std::sync::Arc::clone(&app), async {
-        let _ = stop_rx.await;
-    }));
+    let server = tokio::spawn(server::serve(
+        listener,
+        std::sync::Arc::clone(&app),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     shutdown_signal().await;
     tracing::info!("shutting down: canceling running invokes");
     app.invokes

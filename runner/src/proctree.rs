@@ -41,6 +41,29 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
     })
 }
 
+/// The start time of `pid` (clock ticks after boot), which tells a process from a later one
+/// that reused its pid.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let close = text.rfind(')')?;
+    text.get(close + 1..)?
+        .split_ascii_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// The root to use for a tree recorded as (`pid`, `started`) by an earlier runner: `pid` when
+/// it is still that process or no process at all (its group may live on, and a pid in use as a
+/// group id is never reused), 0 when the pid now belongs to someone else.
+pub fn recorded_root(pid: i32, started: Option<u64>) -> i32 {
+    match start_time(pid) {
+        None => pid,
+        Some(now) if Some(now) == started => pid,
+        Some(_) => 0,
+    }
+}
+
 fn read_all() -> Vec<ProcStat> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -146,6 +169,14 @@ mod tests {
             }
         );
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn start_time_identifies_a_process() {
+        let me = std::process::id() as i32;
+        let t = start_time(me).expect("own start time");
+        assert_eq!(recorded_root(me, Some(t)), me);
+        assert_eq!(recorded_root(me, Some(t + 1)), 0);
     }
 
     #[test]

@@ -43,13 +43,18 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/invokes/{id}", get(get_invoke))
         .route("/v1/invokes/{id}/events", get(stream_events))
         .route("/v1/invokes/{id}/cancel", post(cancel_invoke))
-        .route_layer(middleware::from_fn_with_state(Arc::clone(&app), authenticate));
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            authenticate,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
         .merge(v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
         .with_state(app)
 }
 
@@ -74,17 +79,16 @@ pub fn token_digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-async fn authenticate(
-    State(app): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
+async fn authenticate(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if let Some(expected) = &app.token_digest {
         let presented = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(|t| token_digest(t.trim()));
         let ok = presented.is_some_and(|p| bool::from(p.ct_eq(expected)));
         if !ok {
@@ -156,16 +160,16 @@ fn wants_json(headers: &HeaderMap) -> bool {
 
 async fn read_json<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> Result<T> {
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
         {
             Error::PayloadTooLarge(format!("the request body is larger than {limit} bytes"))
         } else {
             Error::InvalidRequest(format!("cannot read the request body: {e}"))
         }
     })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| Error::InvalidRequest(format!("the body is not valid JSON for this route: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Error::InvalidRequest(format!("the body is not valid JSON for this route: {e}"))
+    })
 }
 
 async fn configure_sandbox(
@@ -175,8 +179,8 @@ async fn configure_sandbox(
 ) -> Result<Response> {
     require_agent_mode(&app, "/v1/configure")?;
     // Base64 grows content by 4/3; allow for JSON around it.
-    let limit = (app.cfg.max_total_bytes.saturating_mul(4) / 3 + (8 << 20))
-        .min(usize::MAX as u64) as usize;
+    let limit =
+        (app.cfg.max_total_bytes.saturating_mul(4) / 3 + (8 << 20)).min(usize::MAX as u64) as usize;
     let req: ConfigureRequest = read_json(body, limit).await?;
     if req.entrypoint.is_none() && app.store.get().entrypoint.is_none() {
         return Err(Error::InvalidRequest(
@@ -280,7 +284,8 @@ async fn collect(mut sub: Subscription, attachment: Attachment) -> Result<Invoke
         pending.drain(..used);
     }
     drop(attachment);
-    let exit = exit.ok_or_else(|| Error::Internal("the invoke ended without an exit event".into()))?;
+    let exit =
+        exit.ok_or_else(|| Error::Internal("the invoke ended without an exit event".into()))?;
     let [stdout, stderr] = out;
     Ok(InvokeResponse {
         invoke_id: exit.invoke_id,
@@ -308,10 +313,7 @@ async fn cancel_invoke(
         .into_response())
 }
 
-async fn cancel_invoke_by_body(
-    State(app): State<Arc<AppState>>,
-    body: Body,
-) -> Result<Response> {
+async fn cancel_invoke_by_body(State(app): State<Arc<AppState>>, body: Body) -> Result<Response> {
     let req: CancelRequest = read_json(body, 64 << 10).await?;
     cancel_invoke(State(app), Path(req.invoke_id.0)).await
 }
@@ -355,7 +357,11 @@ async fn stream_events(
 }
 
 /// An SSE response that relays `sub` as it grows, with keepalive comments when idle.
-fn sse_response(sub: Subscription, attachment: Option<Attachment>, keepalive: Duration) -> Response {
+fn sse_response(
+    sub: Subscription,
+    attachment: Option<Attachment>,
+    keepalive: Duration,
+) -> Response {
     struct StreamState {
         sub: Subscription,
         _attachment: Option<Attachment>,

@@ -40,9 +40,8 @@ impl ConfigStore {
     /// Loads `path`, or starts empty when it does not exist.
     pub fn load(path: PathBuf) -> io::Result<Self> {
         let current = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                io::Error::other(format!("{} is not valid: {e}", path.display()))
-            })?,
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| io::Error::other(format!("{} is not valid: {e}", path.display())))?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Stored::default(),
             Err(e) => return Err(e),
         };

@@ -68,8 +68,7 @@ impl Reaper {
         if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
             tracing::warn!(error = %e, "cannot become a child subreaper; escaped descendants will be reaped by init");
         }
-        let mut sigchld =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
+        let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
         let reaper = Arc::clone(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -198,7 +197,10 @@ impl Process {
                 })
                 .await;
             }
-            if tokio::time::timeout(grace, process.wait_done()).await.is_ok() {
+            if tokio::time::timeout(grace, process.wait_done())
+                .await
+                .is_ok()
+            {
                 return;
             }
             if let Some(pid) = process.pid() {
@@ -339,7 +341,13 @@ fn run_inner(
             }
         }
         let pending = framers.iter().any(|f| f.has_pending());
-        let timeout_ms: u16 = if pending { 10 } else if exit.is_some() { 50 } else { 100 };
+        let timeout_ms: u16 = if pending {
+            10
+        } else if exit.is_some() {
+            50
+        } else {
+            100
+        };
         let ready = {
             let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(2);
             let mut which = Vec::with_capacity(2);

@@ -150,6 +150,16 @@ impl Drop for Runner {
     }
 }
 
+/// Kills a child process on drop, so a failing test leaves nothing running.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One SSE event.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -205,12 +215,19 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// The exact bytes of `stream` ("stdout" or "stderr") rebuilt from `log` events.
 pub fn rebuild(events: &[Event], stream: &str) -> Vec<u8> {
     let mut out = Vec::new();
-    for e in events.iter().filter(|e| e.event == "log" && e.data["stream"] == stream) {
+    for e in events
+        .iter()
+        .filter(|e| e.event == "log" && e.data["stream"] == stream)
+    {
         if let Some(text) = e.data["data"].as_str() {
             out.extend_from_slice(text.as_bytes());
         } else {
             let b64 = e.data["dataBase64"].as_str().unwrap();
-            out.extend(base64::engine::general_purpose::STANDARD.decode(b64).unwrap());
+            out.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap(),
+            );
         }
         if e.data["partial"] != Value::Bool(true) {
             out.push(b'\n');
@@ -239,7 +256,11 @@ pub async fn wait_for_file(path: &Path) -> String {
                 return text.trim().to_owned();
             }
         }
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
