@@ -1,13 +1,95 @@
-//! `agentbox-controlplane`: not built yet. The control plane (authentication, routing to each
-//! sandbox's runner, a streaming proxy that keeps no state) is tracked in its own issue; until it
-//! lands, talk to `agentbox-runner` directly (see README.md).
+//! `agentbox-controlplane`: validate flags (exit 64 before binding), bind, print
+//! `listening on ADDR`, serve until SIGTERM or SIGINT. Sandboxes outlive it.
 
+use std::io::Write;
 use std::process::ExitCode;
 
+use agentbox_controlplane::config::Args;
+use agentbox_controlplane::{api, AppState};
+use anyhow::Context;
+use clap::Parser;
+
+const EXIT_CONFIG: u8 = 64;
+
 fn main() -> ExitCode {
-    eprintln!(
-        "agentbox-controlplane: not available yet in this version; \
-         run agentbox-runner and talk to it directly (see README.md)"
-    );
-    ExitCode::from(2)
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let config = match args.into_config() {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("agentbox-controlplane: {message}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGENTBOX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentbox-controlplane: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agentbox-controlplane: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: agentbox_controlplane::config::Config) -> anyhow::Result<()> {
+    let listen = config.listen;
+    if config.dev {
+        tracing::warn!("dev mode: authentication is off (loopback only)");
+    }
+    let app = AppState::new(config).map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    println!("listening on {addr}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, backend = ?app.cfg.backend, isolation = if app.cfg.bwrap { "bwrap" } else { "none" }, "control plane ready");
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, api::router(app))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }

@@ -302,6 +302,51 @@ pub struct CancelResponse {
     pub status: String,
 }
 
+/// `POST /v1/exec` body: run an ad-hoc command (code mode's exec), journaled like an invoke.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecRequest {
+    /// The command as an argv array. Exactly one of `argv` and `command` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
+    /// A shell command, run by `/bin/sh -c`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Text given on stdin (then closed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Extra environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Working directory, inside the workspace (default: the workspace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Seconds as a number, or a Go duration string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<ExecTimeout>,
+}
+
+/// An exec timeout: seconds, or a Go duration string such as `90s`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ExecTimeout {
+    /// Seconds.
+    Seconds(f64),
+    /// A Go duration string.
+    Text(String),
+}
+
+/// What started a run: the configured entrypoint, or an ad-hoc exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InvokeKind {
+    /// `POST /v1/invoke`.
+    #[default]
+    Invoke,
+    /// `POST /v1/exec`.
+    Exec,
+}
+
 /// Whether an invoke is still running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -318,6 +363,9 @@ pub enum InvokeState {
 pub struct InvokeSummary {
     /// The invoke's id.
     pub invoke_id: InvokeId,
+    /// `invoke` or `exec`.
+    #[serde(default)]
+    pub kind: InvokeKind,
     /// Running or exited.
     pub state: InvokeState,
     /// Milliseconds since the Unix epoch.
@@ -394,6 +442,165 @@ pub struct Info {
     pub inflight: u64,
     /// The limits in force.
     pub limits: Limits,
+}
+
+/// Lifecycle phase of a sandbox, as the control plane reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SandboxStatus {
+    /// Being created; not reachable yet.
+    Creating,
+    /// Its runner answers.
+    Running,
+    /// Stopped; its workspace is kept and `resume` starts it again.
+    Stopped,
+    /// Should be running but is not; see `message`.
+    Error,
+    /// Being deleted.
+    Deleting,
+}
+
+impl SandboxStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxStatus::Creating => "Creating",
+            SandboxStatus::Running => "Running",
+            SandboxStatus::Stopped => "Stopped",
+            SandboxStatus::Error => "Error",
+            SandboxStatus::Deleting => "Deleting",
+        }
+    }
+}
+
+/// A reference to a template, as the seed's clients send it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateRef {
+    /// Template name.
+    pub name: String,
+    /// `ClusterSandboxTemplate` or `SandboxTemplate`; both name agentbox templates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+/// `POST /api/v1/sandboxes` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateSandboxRequest {
+    /// DNS label: lowercase letters, digits and `-`, at most 63 characters.
+    pub name: String,
+    /// Defaults to the caller's first namespace, or `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The template; `default` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_ref: Option<TemplateRef>,
+}
+
+/// Who created a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedBy {
+    /// The caller's email, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// The caller's display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+}
+
+/// A sandbox as the control plane shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxSummary {
+    /// The id used in URLs (the sandbox's name).
+    pub sandbox_id: String,
+    /// The name.
+    pub name: String,
+    /// The namespace.
+    pub namespace: String,
+    /// The phase.
+    pub status: SandboxStatus,
+    /// `agent` or `code`.
+    pub mode: String,
+    /// The template's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_ref: Option<String>,
+    /// The pod (Kubernetes) or process (local) behind it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    /// The volume holding `/workspace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc_name: Option<String>,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity_at: Option<String>,
+    /// Who created it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<CreatedBy>,
+    /// Why it is in its phase, when that needs saying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `GET /api/v1/sandboxes` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxList {
+    /// The sandboxes visible to the caller.
+    pub sandboxes: Vec<SandboxSummary>,
+}
+
+/// A sandbox template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateInfo {
+    /// Name.
+    pub name: String,
+    /// What it is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Container image (Docker and Kubernetes backends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Version of the template's definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
+    /// The template's settings (mode, env, limits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<serde_json::Value>,
+}
+
+/// `GET /api/v1/templates` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateList {
+    /// Every template.
+    pub templates: Vec<TemplateInfo>,
+}
+
+/// `GET /api/v1/user/me` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserInfo {
+    /// Subject: the API key's name or the token's `sub`.
+    pub sub: String,
+    /// Email, from OIDC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Groups, from OIDC.
+    pub groups: Vec<String>,
+    /// Namespaces the caller may use; absent means all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<Vec<String>>,
+    /// Whether the caller is an administrator.
+    pub is_admin: bool,
 }
 
 #[cfg(test)]

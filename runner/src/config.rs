@@ -69,6 +69,9 @@ pub struct Args {
     /// Most files accepted by one configure.
     #[arg(long, env = "AGENTBOX_MAX_FILES", default_value_t = 10_000)]
     pub max_files: u64,
+    /// Largest file accepted by `PUT /v1/files/{path}`.
+    #[arg(long, env = "AGENTBOX_MAX_UPLOAD_BYTES", default_value = "1GiB", value_parser = parse_size)]
+    pub max_upload_bytes: u64,
     /// Output bytes stored per invoke journal; past it output is counted, not stored.
     #[arg(long, env = "AGENTBOX_JOURNAL_MAX_BYTES", default_value = "256MiB", value_parser = parse_size)]
     pub journal_max_bytes: u64,
@@ -134,6 +137,8 @@ pub struct Config {
     pub max_total_bytes: u64,
     /// Per-configure file count limit.
     pub max_files: u64,
+    /// Upload limit.
+    pub max_upload_bytes: u64,
     /// Per-invoke journal cap.
     pub journal_max_bytes: u64,
     /// Linger period for detached invokes.
@@ -211,6 +216,7 @@ impl Args {
             max_file_bytes: self.max_file_bytes,
             max_total_bytes: self.max_total_bytes,
             max_files: self.max_files,
+            max_upload_bytes: self.max_upload_bytes,
             journal_max_bytes: self.journal_max_bytes,
             linger: self.linger,
             retain_invokes: self.retain_invokes,

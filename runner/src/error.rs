@@ -47,6 +47,21 @@ pub enum Error {
         /// Running invokes.
         inflight: u64,
     },
+    /// No such file or directory in the workspace (404 `file_not_found`).
+    #[error("{0} does not exist")]
+    FileNotFound(String),
+    /// A directory was expected (400 `not_a_directory`).
+    #[error("{0} is not a directory")]
+    NotADirectory(String),
+    /// A file was expected (400 `is_a_directory`).
+    #[error("{0} is a directory; list it with GET /v1/files?path=")]
+    IsADirectory(String),
+    /// Deleting a non-empty directory without `?recursive=true` (409 `directory_not_empty`).
+    #[error("{0} is not empty; pass ?recursive=true to delete it with its content")]
+    DirectoryNotEmpty(String),
+    /// The `Range` header asks for bytes past the end (416 `range_not_satisfiable`).
+    #[error("the requested range is not inside the file ({0} bytes)")]
+    RangeNotSatisfiable(u64),
     /// The install command could not be started (422 `install_failed`).
     #[error("{0}")]
     InstallFailed(String),
@@ -60,7 +75,12 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
-            Error::RouteNotFound(_) | Error::InvokeNotFound(_) => StatusCode::NOT_FOUND,
+            Error::RouteNotFound(_) | Error::InvokeNotFound(_) | Error::FileNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Error::NotADirectory(_) | Error::IsADirectory(_) => StatusCode::BAD_REQUEST,
+            Error::DirectoryNotEmpty(_) => StatusCode::CONFLICT,
+            Error::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::InvalidRequest(_)
             | Error::InvalidPath(_)
@@ -89,6 +109,11 @@ impl Error {
             Error::NotConfigured => "not_configured",
             Error::ConcurrencyExceeded { .. } => "concurrency_exceeded",
             Error::InstallFailed(_) => "install_failed",
+            Error::FileNotFound(_) => "file_not_found",
+            Error::NotADirectory(_) => "not_a_directory",
+            Error::IsADirectory(_) => "is_a_directory",
+            Error::DirectoryNotEmpty(_) => "directory_not_empty",
+            Error::RangeNotSatisfiable(_) => "range_not_satisfiable",
             Error::Internal(_) => "internal",
         }
     }
@@ -131,6 +156,11 @@ impl IntoResponse for Error {
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
+            Error::RangeNotSatisfiable(len) => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                    response.headers_mut().insert(header::CONTENT_RANGE, v);
+                }
+            }
             _ => {}
         }
         response
@@ -163,6 +193,13 @@ mod tests {
                 429,
                 "concurrency_exceeded",
             ),
+            (Error::FileNotFound("f".into()), 404, "file_not_found"),
+            (
+                Error::DirectoryNotEmpty("d".into()),
+                409,
+                "directory_not_empty",
+            ),
+            (Error::RangeNotSatisfiable(3), 416, "range_not_satisfiable"),
             (Error::Internal("x".into()), 500, "internal"),
         ];
         for (err, status, code) in cases {

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use agentbox_proto::{
-    event, ErrorEvent, ExitEvent, ExitReason, InvokeId, InvokeState, InvokeSummary, StartEvent,
-    TruncatedEvent,
+    event, ErrorEvent, ExitEvent, ExitReason, InvokeId, InvokeKind, InvokeState, InvokeSummary,
+    StartEvent, TruncatedEvent,
 };
 use axum::body::Body;
 use bytes::Bytes;
@@ -43,6 +43,8 @@ pub enum OnDisconnect {
 /// What to start.
 #[derive(Debug)]
 pub struct StartRequest {
+    /// invoke or exec.
+    pub kind: InvokeKind,
     /// argv.
     pub argv: Vec<String>,
     /// Environment added on top of the runner's base environment.
@@ -64,6 +66,8 @@ pub struct StartRequest {
 #[serde(rename_all = "camelCase")]
 struct Meta {
     invoke_id: InvokeId,
+    #[serde(default)]
+    kind: InvokeKind,
     started_at: u64,
     state: InvokeState,
     #[serde(default)]
@@ -113,6 +117,7 @@ impl Invoke {
         let last_event_id = self.log.get().map_or(0, |l| l.progress().last_seq);
         InvokeSummary {
             invoke_id: meta.invoke_id,
+            kind: meta.kind,
             state: meta.state,
             started_at: meta.started_at,
             exit_code: meta.exit_code,
@@ -352,6 +357,7 @@ impl Invokes {
             dir,
             meta: Mutex::new(Meta {
                 invoke_id: id.clone(),
+                kind: req.kind,
                 started_at,
                 state: InvokeState::Running,
                 pid: None,

@@ -86,6 +86,29 @@ impl Jail {
         Ok(real)
     }
 
+    /// Resolves the parent directory of `user` and keeps its last component as given, for
+    /// operations on the entry itself (delete a symlink, replace a file by rename), never on
+    /// what a final symlink points to.
+    pub fn resolve_entry(&self, user: &str) -> Result<PathBuf> {
+        let rel = self.relative(user)?;
+        let Some(name) = rel.file_name().map(|n| n.to_owned()) else {
+            return Ok(self.root.clone());
+        };
+        let parent = rel.parent().map(|p| p.to_string_lossy().into_owned());
+        let real_parent = match parent.as_deref() {
+            None | Some("") => self.root.clone(),
+            Some(p) => self.resolve(p)?,
+        };
+        let real = real_parent.join(name);
+        if let Some(reserved) = self.reserved.iter().find(|r| real.starts_with(r)) {
+            return Err(Error::InvalidPath(format!(
+                "{user:?} is inside the runner's state directory {}",
+                reserved.display()
+            )));
+        }
+        Ok(real)
+    }
+
     /// Rewrites arguments that name a path under `/workspace` to the real workspace, when the
     /// workspace lives elsewhere, so entrypoints written for the `/workspace` layout (such as
     /// `["python", "/workspace/agent.py"]`) run unchanged on any runner.
@@ -210,6 +233,20 @@ mod tests {
                 Err(Error::InvalidPath(_)) => {}
                 other => panic!("{path:?} gave {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn entries_keep_their_last_component() {
+        let (_ws, _outside, jail) = jail();
+        let root = jail.root().to_path_buf();
+        assert_eq!(jail.resolve_entry("out").expect("out"), root.join("out"));
+        assert_eq!(
+            jail.resolve_entry("in/x").expect("in/x"),
+            root.join("dir/x")
+        );
+        for bad in ["out/x", "../x", ".agentbox", "/etc/passwd", "file/x"] {
+            assert!(jail.resolve_entry(bad).is_err(), "{bad}");
         }
     }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod configure;
 pub mod duration;
 pub mod error;
+pub mod files;
 pub mod fsutil;
 pub mod invoke;
 pub mod jail;

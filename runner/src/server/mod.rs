@@ -1,6 +1,8 @@
 //! The HTTP edge: routes, authentication, request parsing and response shapes. Handlers turn
-//! requests into calls on [`crate::configure`] and [`crate::invoke`] and errors into
-//! responses; nothing below this module sees HTTP.
+//! requests into calls on [`crate::configure`], [`crate::invoke`] and [`crate::files`] and
+//! errors into responses; nothing below this module sees HTTP.
+
+mod files;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -8,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentbox_proto::{
-    event, CancelRequest, CancelResponse, ConfigureRequest, ExitEvent, Health, Info, InvokeList,
-    InvokeResponse, InvokeSummary, Limits, LogEvent, Stream,
+    event, CancelRequest, CancelResponse, ConfigureRequest, ExecRequest, ExecTimeout, ExitEvent,
+    Health, Info, InvokeKind, InvokeList, InvokeResponse, InvokeSummary, Limits, LogEvent, Stream,
 };
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
@@ -43,6 +45,16 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/invokes/{id}", get(get_invoke))
         .route("/v1/invokes/{id}/events", get(stream_events))
         .route("/v1/invokes/{id}/cancel", post(cancel_invoke))
+        .route("/v1/exec", post(exec))
+        .route("/v1/files", get(files::list_files))
+        .route("/v1/files/", get(files::list_files))
+        .route(
+            "/v1/files/{*path}",
+            get(files::read_file)
+                .put(files::write_file)
+                .delete(files::delete_file),
+        )
+        .route("/v1/archive", get(files::archive))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             authenticate,
@@ -207,7 +219,7 @@ struct InvokeQuery {
     on_disconnect: Option<OnDisconnect>,
 }
 
-fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T> {
+pub(crate) fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T> {
     Query::<T>::try_from_uri(uri)
         .map(|q| q.0)
         .map_err(|e| Error::InvalidRequest(format!("bad query string: {}", e.body_text())))
@@ -236,12 +248,84 @@ async fn invoke(
         argv.push(format!("--prompt={prompt}"));
     }
     let invoke = app.invokes.start(StartRequest {
+        kind: InvokeKind::Invoke,
         argv,
         env: stored.env.into_iter().collect(),
         cwd: app.cfg.workspace.clone(),
         timeout,
         stdin: body,
         stdin_fallback: q.prompt,
+        on_disconnect: q.on_disconnect.unwrap_or_default(),
+    })?;
+    let (sub, attachment) = app.invokes.follow(&invoke, 0).await?;
+    if wants_json(&headers) {
+        return Ok(Json(collect(sub, attachment).await?).into_response());
+    }
+    Ok(sse_response(sub, Some(attachment), app.cfg.keepalive))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ExecQuery {
+    on_disconnect: Option<OnDisconnect>,
+}
+
+async fn exec(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Body,
+) -> Result<Response> {
+    let q: ExecQuery = query(&uri)?;
+    let req: ExecRequest = read_json(body, 16 << 20).await?;
+    let argv = match (req.argv, req.command) {
+        (Some(argv), None) if !argv.is_empty() && !argv[0].is_empty() => app.jail.map_argv(&argv),
+        (None, Some(command)) => vec!["/bin/sh".into(), "-c".into(), command],
+        _ => {
+            return Err(Error::InvalidRequest(
+                "give either argv (a non-empty array) or command (a shell command)".into(),
+            ))
+        }
+    };
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err(Error::InvalidRequest("argv contains a NUL byte".into()));
+    }
+    let timeout = match req.timeout {
+        None => app.cfg.default_timeout,
+        Some(ExecTimeout::Seconds(s)) if s > 0.0 && s.is_finite() => {
+            Duration::from_secs_f64(s.min(1e9))
+        }
+        Some(ExecTimeout::Seconds(s)) => {
+            return Err(Error::InvalidTimeout(format!(
+                "timeout {s} must be positive"
+            )))
+        }
+        Some(ExecTimeout::Text(t)) => parse_duration(&t).map_err(Error::InvalidTimeout)?,
+    }
+    .min(app.cfg.max_timeout);
+    let cwd = app
+        .jail
+        .resolve(req.cwd.as_deref().unwrap_or(crate::jail::WORKSPACE_ALIAS))?;
+    if !cwd.is_dir() {
+        return Err(Error::NotADirectory(crate::files::sandbox_path(
+            app.jail.root(),
+            &cwd,
+        )));
+    }
+    let env = req.env.unwrap_or_default();
+    if env.keys().any(|k| k.is_empty() || k.contains(['=', '\0'])) {
+        return Err(Error::InvalidRequest(
+            "env names must be non-empty, without '='".into(),
+        ));
+    }
+    let invoke = app.invokes.start(StartRequest {
+        kind: InvokeKind::Exec,
+        argv,
+        env: env.into_iter().collect(),
+        cwd,
+        timeout,
+        stdin: Body::from(req.stdin.unwrap_or_default()),
+        stdin_fallback: None,
         on_disconnect: q.on_disconnect.unwrap_or_default(),
     })?;
     let (sub, attachment) = app.invokes.follow(&invoke, 0).await?;

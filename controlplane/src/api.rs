@@ -1,0 +1,490 @@
+//! The HTTP edge of the control plane: the seed's REST surface under `/api/v1`, and the
+//! per-sandbox routes passed through to the sandbox's runner. Checks run in this order: 401
+//! unauthenticated; 404 sandbox unknown or not visible; 400 configure/invoke on a code-mode
+//! sandbox; 409 not Running; then the runner answers.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use agentbox_proto::{
+    CreateSandboxRequest, CreatedBy, SandboxList, SandboxStatus, SandboxSummary, TemplateInfo,
+    TemplateList, UserInfo,
+};
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Extension, Json, Router};
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+use crate::auth::Identity;
+use crate::backend::{valid_name, CreateSpec};
+use crate::error::{Error, Result};
+use crate::metrics::{self, Kind};
+use crate::{audit, AppState};
+
+/// Routes of the control plane.
+pub fn router(app: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/api/v1/user/me", get(user_me))
+        .route("/api/v1/templates", get(list_templates))
+        .route("/api/v1/templates/{name}", get(get_template))
+        .route(
+            "/api/v1/sandboxes",
+            post(create_sandbox).get(list_sandboxes),
+        )
+        .route(
+            "/api/v1/sandboxes/{id}",
+            get(get_sandbox).delete(delete_sandbox),
+        )
+        .route("/api/v1/sandboxes/{id}/stop", post(stop_sandbox))
+        .route("/api/v1/sandboxes/{id}/resume", post(resume_sandbox))
+        .route("/api/v1/sandboxes/{id}/{*rest}", any(to_runner))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            authenticate,
+        ));
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route("/metrics", get(render_metrics))
+        .merge(api)
+        .fallback(|uri: Uri| async move { Error::RouteNotFound(uri.path().to_owned()) })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                Error::Internal("the request handler panicked".into()).into_response()
+            },
+        ))
+        .with_state(app)
+}
+
+async fn authenticate(
+    State(app): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match app.auth.authenticate(request.headers()).await {
+        Ok(identity) => {
+            request.extensions_mut().insert(identity);
+            next.run(request).await
+        }
+        Err(e) => {
+            app.audit.write(&audit::Record {
+                time: now(),
+                actor: "anonymous",
+                sandbox: None,
+                namespace: None,
+                action: "authenticate",
+                outcome: "denied",
+                status: e.status().as_u16(),
+            });
+            e.into_response()
+        }
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+async fn render_metrics(State(app): State<Arc<AppState>>) -> Response {
+    let mut response = app.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+async fn user_me(Extension(id): Extension<Identity>) -> Json<UserInfo> {
+    Json(UserInfo {
+        sub: id.sub,
+        email: id.email,
+        name: id.name,
+        groups: id.groups,
+        namespaces: id.namespaces,
+        is_admin: id.admin,
+    })
+}
+
+async fn list_templates(State(app): State<Arc<AppState>>) -> Json<TemplateList> {
+    Json(TemplateList {
+        templates: app.templates.all().iter().map(|t| t.info()).collect(),
+    })
+}
+
+async fn get_template(
+    State(app): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<TemplateInfo>> {
+    app.templates
+        .get(&name)
+        .map(|t| Json(t.info()))
+        .ok_or(Error::TemplateNotFound(name))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    namespace: Option<String>,
+    status: Option<String>,
+}
+
+async fn list_sandboxes(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    uri: Uri,
+) -> Result<Json<SandboxList>> {
+    let q: ListQuery = axum::extract::Query::try_from_uri(&uri)
+        .map(|q| q.0)
+        .map_err(|e| Error::InvalidRequest(e.body_text()))?;
+    let sandboxes = app
+        .backend
+        .list()
+        .await?
+        .into_iter()
+        .filter(|s| id.can_use(&s.namespace))
+        .filter(|s| q.namespace.as_ref().is_none_or(|n| *n == s.namespace))
+        .filter(|s| {
+            q.status
+                .as_ref()
+                .is_none_or(|st| st.eq_ignore_ascii_case(s.status.as_str()))
+        })
+        .collect();
+    Ok(Json(SandboxList { sandboxes }))
+}
+
+/// A sandbox the caller may see, or 404 (never 403: others' sandboxes do not exist for them).
+async fn visible(app: &AppState, id: &Identity, name: &str) -> Result<SandboxSummary> {
+    app.backend
+        .get(name)
+        .await?
+        .filter(|s| id.can_use(&s.namespace))
+        .ok_or_else(|| Error::SandboxNotFound(name.into()))
+}
+
+async fn get_sandbox(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    Path(name): Path<String>,
+) -> Result<Json<SandboxSummary>> {
+    Ok(Json(visible(&app, &id, &name).await?))
+}
+
+async fn create_sandbox(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    body: Body,
+) -> Result<Response> {
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .map_err(|e| Error::InvalidRequest(format!("cannot read the body: {e}")))?;
+    let req: CreateSandboxRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::InvalidRequest(format!("the body is not a sandbox request: {e}")))?;
+    if !valid_name(&req.name) {
+        return Err(Error::InvalidRequest(format!(
+            "name {:?} must be a DNS label: lowercase letters, digits and '-', at most 63",
+            req.name
+        )));
+    }
+    let namespace = req.namespace.unwrap_or_else(|| id.default_namespace());
+    if !valid_name(&namespace) {
+        return Err(Error::InvalidRequest(format!(
+            "namespace {namespace:?} is not a DNS label"
+        )));
+    }
+    if !id.can_use(&namespace) {
+        return Err(Error::Forbidden(format!(
+            "you may not create sandboxes in {namespace:?}"
+        )));
+    }
+    let template_name = req
+        .template_ref
+        .as_ref()
+        .map_or("default", |t| t.name.as_str());
+    if let Some(kind) = req.template_ref.as_ref().and_then(|t| t.kind.as_deref()) {
+        if kind != "ClusterSandboxTemplate" && kind != "SandboxTemplate" {
+            return Err(Error::InvalidRequest(format!(
+                "templateRef.kind {kind:?} must be ClusterSandboxTemplate or SandboxTemplate"
+            )));
+        }
+    }
+    let template = app
+        .templates
+        .get(template_name)
+        .cloned()
+        .ok_or_else(|| Error::TemplateNotFound(template_name.into()))?;
+    let result = app
+        .backend
+        .create(CreateSpec {
+            name: req.name.clone(),
+            namespace: namespace.clone(),
+            template,
+            created_by: CreatedBy {
+                email: id.email.clone(),
+                display_name: id.name.clone(),
+            },
+        })
+        .await;
+    audit_action(
+        &app,
+        &id,
+        Some(&req.name),
+        Some(&namespace),
+        "create",
+        &result,
+    );
+    Ok((StatusCode::CREATED, Json(result?)).into_response())
+}
+
+fn audit_action<T>(
+    app: &AppState,
+    id: &Identity,
+    sandbox: Option<&str>,
+    namespace: Option<&str>,
+    action: &str,
+    result: &Result<T>,
+) {
+    let (outcome, status) = match result {
+        Ok(_) => ("ok", 200),
+        Err(e) => ("error", e.status().as_u16()),
+    };
+    app.audit.write(&audit::Record {
+        time: now(),
+        actor: &id.sub,
+        sandbox,
+        namespace,
+        action,
+        outcome,
+        status,
+    });
+}
+
+async fn delete_sandbox(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    Path(name): Path<String>,
+) -> Result<Json<SandboxSummary>> {
+    let mut summary = visible(&app, &id, &name).await?;
+    let result = app.backend.delete(&name).await;
+    audit_action(
+        &app,
+        &id,
+        Some(&name),
+        Some(&summary.namespace),
+        "delete",
+        &result,
+    );
+    result?;
+    summary.status = SandboxStatus::Deleting;
+    Ok(Json(summary))
+}
+
+async fn stop_sandbox(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    Path(name): Path<String>,
+) -> Result<Json<SandboxSummary>> {
+    let summary = visible(&app, &id, &name).await?;
+    let result = app.backend.stop(&name).await;
+    audit_action(
+        &app,
+        &id,
+        Some(&name),
+        Some(&summary.namespace),
+        "stop",
+        &result,
+    );
+    Ok(Json(result?))
+}
+
+async fn resume_sandbox(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    Path(name): Path<String>,
+) -> Result<Json<SandboxSummary>> {
+    let summary = visible(&app, &id, &name).await?;
+    let result = app.backend.resume(&name).await;
+    audit_action(
+        &app,
+        &id,
+        Some(&name),
+        Some(&summary.namespace),
+        "resume",
+        &result,
+    );
+    Ok(Json(result?))
+}
+
+/// Maps the rest of a sandbox URL to the runner's path and an audit action name.
+fn runner_route(method: &Method, rest: &str) -> Option<(String, &'static str)> {
+    let (head, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let action = match (head, tail, method.as_str()) {
+        ("configure", "", "POST") => "configure",
+        ("invoke", "", "POST") => "invoke",
+        ("invoke", "cancel", "POST") => "invoke.cancel",
+        ("invokes", "", "GET") => "invokes.list",
+        ("invokes", t, "GET") if !t.contains('/') => "invokes.get",
+        ("invokes", t, "GET") if t.ends_with("/events") => "invokes.events",
+        ("invokes", t, "POST") if t.ends_with("/cancel") => "invokes.cancel",
+        ("exec", "", "POST") => "exec",
+        ("files", "", "GET") => "files.list",
+        ("files", _, "GET") => "files.get",
+        ("files", _, "PUT") => "files.put",
+        ("files", _, "DELETE") => "files.delete",
+        ("archive", "", "GET") => "archive",
+        _ => return None,
+    };
+    let path = if head == "files" && tail.is_empty() {
+        "/v1/files".to_owned()
+    } else {
+        format!("/v1/{rest}")
+    };
+    Some((path, action))
+}
+
+async fn to_runner(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    Path((name, _)): Path<(String, String)>,
+    request: Request,
+) -> Result<Response> {
+    // The raw (still percent-encoded) rest of the path goes to the runner as it came.
+    let raw = request.uri().path();
+    let prefix = format!("/api/v1/sandboxes/{name}/");
+    let rest = raw
+        .strip_prefix(&prefix)
+        .ok_or_else(|| Error::RouteNotFound(raw.to_owned()))?
+        .to_owned();
+    let (path, action) = runner_route(request.method(), &rest)
+        .ok_or_else(|| Error::RouteNotFound(raw.to_owned()))?;
+    let target = app
+        .backend
+        .resolve(&name)
+        .await?
+        .filter(|t| id.can_use(&t.namespace))
+        .ok_or_else(|| Error::SandboxNotFound(name.clone()))?;
+    let kind = match action {
+        "configure" => Some(Kind::Configure),
+        "invoke" => Some(Kind::Invoke),
+        _ => None,
+    };
+    let checked = if kind.is_some() && target.mode == "code" {
+        Err(Error::WrongMode(format!(
+            "sandbox {name:?} is in code mode: /configure and /invoke only work on agent-mode \
+             sandboxes; use /files and /exec"
+        )))
+    } else if target.status != SandboxStatus::Running {
+        Err(Error::NotRunning {
+            name: name.clone(),
+            status: target.status.as_str(),
+        })
+    } else {
+        Ok(())
+    };
+    let started = Instant::now();
+    let path_and_query = match request.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let result = match checked {
+        Ok(()) => app.proxy.forward(&target, &path_and_query, request).await,
+        Err(e) => Err(e),
+    };
+    let status = match &result {
+        Ok(r) => r.status().as_u16(),
+        Err(e) => e.status().as_u16(),
+    };
+    app.audit.write(&audit::Record {
+        time: now(),
+        actor: &id.sub,
+        sandbox: Some(&name),
+        namespace: Some(&target.namespace),
+        action,
+        outcome: metrics::outcome(status),
+        status,
+    });
+    let Some(kind) = kind else {
+        return result;
+    };
+    let response = match result {
+        Ok(r) => r,
+        Err(e) => {
+            app.metrics
+                .record(kind, &target.template, status, started.elapsed());
+            return Err(e);
+        }
+    };
+    // Record when the stream ends (or the client leaves), without touching its bytes.
+    let guard = Recorder {
+        app: Arc::clone(&app),
+        kind,
+        template: target.template,
+        status,
+        started,
+    };
+    let (parts, body) = response.into_parts();
+    let stream = body.into_data_stream().map(move |chunk| {
+        let _ = &guard;
+        chunk
+    });
+    Ok(Response::from_parts(parts, Body::from_stream(stream)))
+}
+
+struct Recorder {
+    app: Arc<AppState>,
+    kind: Kind,
+    template: String,
+    status: u16,
+    started: Instant,
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.app.metrics.record(
+            self.kind,
+            &self.template,
+            self.status,
+            self.started.elapsed(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runner_routes() {
+        let post = Method::POST;
+        let get = Method::GET;
+        assert_eq!(
+            runner_route(&post, "invoke"),
+            Some(("/v1/invoke".into(), "invoke"))
+        );
+        assert_eq!(
+            runner_route(&post, "invoke/cancel"),
+            Some(("/v1/invoke/cancel".into(), "invoke.cancel"))
+        );
+        assert_eq!(
+            runner_route(&get, "invokes/inv-1/events"),
+            Some(("/v1/invokes/inv-1/events".into(), "invokes.events"))
+        );
+        assert_eq!(
+            runner_route(&get, "files/"),
+            Some(("/v1/files".into(), "files.list"))
+        );
+        assert_eq!(
+            runner_route(&get, "files/workspace/a%20b.txt"),
+            Some(("/v1/files/workspace/a%20b.txt".into(), "files.get"))
+        );
+        assert_eq!(runner_route(&get, "info"), None);
+        assert_eq!(runner_route(&get, "invoke"), None);
+        assert_eq!(runner_route(&post, "../v1/info"), None);
+    }
+}

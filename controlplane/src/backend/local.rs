@@ -1,0 +1,438 @@
+//! The local backend, the embedded default: each sandbox is an `agentbox-runner` process on this
+//! machine with its own workspace under the state directory, a loopback port and its own token,
+//! under bubblewrap when it is installed (own user, pid, ipc and uts namespaces; a read-only view
+//! of the host; only its workspace writable; the control plane's state hidden).
+//!
+//! Everything about a sandbox is in `<state>/sandboxes/<name>/sandbox.json`, written atomically;
+//! the processes do not depend on the control plane, so sandboxes survive its restart and any
+//! number of control planes sharing the state directory serve the same sandboxes.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentbox_proto::{CreatedBy, SandboxStatus, SandboxSummary};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use super::{valid_name, Backend, CreateSpec, Target};
+use crate::error::{Error, Result};
+use crate::templates::Template;
+
+/// What is kept on disk for one sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Record {
+    name: String,
+    namespace: String,
+    template: Template,
+    created_at: String,
+    created_by: CreatedBy,
+    /// Whether it should be running.
+    running: bool,
+    /// The runner's address while running.
+    addr: Option<SocketAddr>,
+    /// The pid (process group) of the runner, or of bubblewrap around it.
+    pid: Option<i32>,
+    /// Its start time, to tell it from a later process with the same pid.
+    pid_started: Option<u64>,
+    token: String,
+    /// Why the last start failed.
+    message: Option<String>,
+}
+
+/// Runner processes on this machine.
+#[derive(Debug)]
+pub struct LocalBackend {
+    root: PathBuf,
+    runner_bin: PathBuf,
+    bwrap: bool,
+    start_timeout: Duration,
+    create_lock: tokio::sync::Mutex<()>,
+}
+
+fn start_time(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let close = text.rfind(')')?;
+    text.get(close + 1..)?
+        .split_ascii_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|t| {
+            t.rfind(')')
+                .and_then(|c| t.get(c + 2..c + 3).map(|s| s == "Z"))
+        })
+        .unwrap_or(false)
+}
+
+fn random_hex(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    getrandom::fill(&mut buf).expect("the kernel's random source is available");
+    hex::encode(buf)
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+impl Record {
+    fn alive(&self) -> bool {
+        match (self.pid, self.pid_started) {
+            (Some(pid), Some(started)) => start_time(pid) == Some(started) && !is_zombie(pid),
+            _ => false,
+        }
+    }
+
+    fn status(&self) -> (SandboxStatus, Option<String>) {
+        match (self.running, self.alive()) {
+            (true, true) => (SandboxStatus::Running, None),
+            (true, false) => {
+                (
+                    SandboxStatus::Error,
+                    Some(self.message.clone().unwrap_or_else(|| {
+                        "the runner process is gone; resume restarts it".into()
+                    })),
+                )
+            }
+            (false, _) => (SandboxStatus::Stopped, None),
+        }
+    }
+
+    fn summary(&self) -> SandboxSummary {
+        let (status, message) = self.status();
+        SandboxSummary {
+            sandbox_id: self.name.clone(),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            status,
+            mode: self.template.mode.clone(),
+            template_ref: Some(self.template.name.clone()),
+            pod_name: self
+                .pid
+                .filter(|_| status == SandboxStatus::Running)
+                .map(|p| format!("pid-{p}")),
+            pvc_name: None,
+            created_at: Some(self.created_at.clone()),
+            last_activity_at: None,
+            created_by: Some(self.created_by.clone()),
+            message,
+        }
+    }
+}
+
+impl LocalBackend {
+    /// A backend keeping sandboxes under `state_dir/sandboxes`.
+    pub fn new(
+        state_dir: &Path,
+        runner_bin: PathBuf,
+        bwrap: bool,
+        start_timeout: Duration,
+    ) -> std::io::Result<Self> {
+        let root = state_dir.join("sandboxes");
+        std::fs::create_dir_all(&root)?;
+        Ok(Self {
+            root,
+            runner_bin,
+            bwrap,
+            start_timeout,
+            create_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn dir(&self, name: &str) -> Option<PathBuf> {
+        valid_name(name).then(|| self.root.join(name))
+    }
+
+    fn read(&self, name: &str) -> Result<Option<Record>> {
+        let Some(dir) = self.dir(name) else {
+            return Ok(None);
+        };
+        match std::fs::read(dir.join("sandbox.json")) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Backend(format!("sandbox {name:?}: bad record: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn write(&self, record: &Record) -> Result<()> {
+        let dir = self.root.join(&record.name);
+        let bytes =
+            serde_json::to_vec_pretty(record).map_err(|e| Error::Internal(e.to_string()))?;
+        let tmp = dir.join(format!(".sandbox.json.{}", random_hex(4)));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join("sandbox.json"))?;
+        Ok(())
+    }
+
+    /// Starts the runner of `record` and waits for its `listening on` line.
+    fn start(&self, record: &mut Record) -> Result<()> {
+        let dir = self.root.join(&record.name);
+        let workspace = dir.join("workspace");
+        std::fs::create_dir_all(&workspace)?;
+        let out_path = dir.join("runner.out");
+        let stdout = std::fs::File::create(&out_path)?;
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("runner.log"))?;
+        let mut runner_args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
+        runner_args.extend(["--mode".into(), record.template.mode.clone()]);
+        if let Some(n) = record.template.max_concurrent_invokes {
+            runner_args.extend(["--max-concurrent-invokes".into(), n.to_string()]);
+        }
+        runner_args.extend(record.template.runner_args.iter().cloned());
+        let mut cmd = if self.bwrap {
+            let mut c = Command::new("bwrap");
+            c.args(bwrap_args(&self.root, &workspace, &self.runner_bin));
+            c.arg("--workspace").arg("/workspace");
+            c
+        } else {
+            let mut c = Command::new(&self.runner_bin);
+            c.arg("--workspace").arg(&workspace);
+            c
+        };
+        cmd.args(&runner_args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("AGENTBOX_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.envs(&record.template.env);
+        cmd.env("AGENTBOX_RUNNER_TOKEN", &record.token)
+            .env("AGENTBOX_SANDBOX", &record.name)
+            .env("AGENTBOX_LOG", "info");
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::Backend(format!("cannot start the runner: {e}")))?;
+        let pid = child.id() as i32;
+        // Reap it whenever it exits, so it never lingers as a zombie of the control plane.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        let deadline = Instant::now() + self.start_timeout;
+        let addr = loop {
+            let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("listening on "))
+                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+            {
+                break addr;
+            }
+            if start_time(pid).is_none() || is_zombie(pid) || Instant::now() > deadline {
+                let log = std::fs::read_to_string(dir.join("runner.log")).unwrap_or_default();
+                let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                record.message = Some(format!("the runner did not start: {tail}"));
+                return Err(Error::Backend(format!(
+                    "sandbox {:?}: the runner did not start: {tail}",
+                    record.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        record.addr = Some(addr);
+        record.pid = Some(pid);
+        record.pid_started = start_time(pid);
+        record.running = true;
+        record.message = None;
+        Ok(())
+    }
+
+    /// SIGTERM to the runner's process group (it cancels its invokes), SIGKILL if it lingers.
+    fn halt(record: &Record) {
+        if !record.alive() {
+            return;
+        }
+        let Some(pid) = record.pid else {
+            return;
+        };
+        let group = Pid::from_raw(pid);
+        let _ = killpg(group, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while record.alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = killpg(group, Signal::SIGKILL);
+    }
+}
+
+/// bubblewrap arguments: a read-only view of the host, fresh /dev, /proc and /tmp, the
+/// workspace at /workspace, the control plane's state hidden.
+fn bwrap_args(state_root: &Path, workspace: &Path, runner_bin: &Path) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--new-session",
+        "--tmpfs",
+        "/",
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Ok(entries) = std::fs::read_dir("/") {
+        let mut names: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        names.sort();
+        for path in names {
+            let name = path.to_string_lossy().into_owned();
+            if ["/proc", "/dev", "/tmp", "/workspace", "/run"].contains(&name.as_str()) {
+                continue;
+            }
+            match std::fs::read_link(&path) {
+                Ok(target) => args.extend([
+                    "--symlink".into(),
+                    target.to_string_lossy().into_owned(),
+                    name,
+                ]),
+                Err(_) => args.extend(["--ro-bind".into(), name.clone(), name]),
+            }
+        }
+    }
+    let hidden = state_root.to_string_lossy().into_owned();
+    args.extend(
+        [
+            "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs",
+        ]
+        .map(String::from),
+    );
+    args.push(hidden);
+    args.extend(["--dir".into(), "/workspace".into(), "--bind".into()]);
+    args.push(workspace.to_string_lossy().into_owned());
+    args.push("/workspace".into());
+    args.extend([
+        "--ro-bind".into(),
+        runner_bin.to_string_lossy().into_owned(),
+    ]);
+    args.push("/run/agentbox-runner".into());
+    args.extend(["--".into(), "/run/agentbox-runner".into()]);
+    args
+}
+
+#[async_trait::async_trait]
+impl Backend for LocalBackend {
+    async fn list(&self) -> Result<Vec<SandboxSummary>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.root)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if let Some(record) = self.read(&name)? {
+                out.push(record.summary());
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<SandboxSummary>> {
+        Ok(self.read(name)?.map(|r| r.summary()))
+    }
+
+    async fn create(&self, spec: CreateSpec) -> Result<SandboxSummary> {
+        let dir = self
+            .dir(&spec.name)
+            .ok_or_else(|| Error::InvalidRequest(format!("{:?} is not a valid name", spec.name)))?;
+        let _one_at_a_time = self.create_lock.lock().await;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::AlreadyExists(spec.name))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let mut record = Record {
+            name: spec.name,
+            namespace: spec.namespace,
+            template: spec.template,
+            created_at: now_rfc3339(),
+            created_by: spec.created_by,
+            running: true,
+            addr: None,
+            pid: None,
+            pid_started: None,
+            token: random_hex(32),
+            message: None,
+        };
+        let started = tokio::task::block_in_place(|| self.start(&mut record));
+        self.write(&record)?;
+        started?;
+        tracing::info!(sandbox = %record.name, "sandbox created");
+        Ok(record.summary())
+    }
+
+    async fn delete(&self, name: &str) -> Result<()> {
+        let Some(mut record) = self.read(name)? else {
+            return Err(Error::SandboxNotFound(name.into()));
+        };
+        record.running = false;
+        self.write(&record)?;
+        tokio::task::block_in_place(|| Self::halt(&record));
+        let dir = self.root.join(name);
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        tracing::info!(sandbox = %name, "sandbox deleted");
+        Ok(())
+    }
+
+    async fn stop(&self, name: &str) -> Result<SandboxSummary> {
+        let Some(mut record) = self.read(name)? else {
+            return Err(Error::SandboxNotFound(name.into()));
+        };
+        tokio::task::block_in_place(|| Self::halt(&record));
+        record.running = false;
+        record.addr = None;
+        self.write(&record)?;
+        Ok(record.summary())
+    }
+
+    async fn resume(&self, name: &str) -> Result<SandboxSummary> {
+        let Some(mut record) = self.read(name)? else {
+            return Err(Error::SandboxNotFound(name.into()));
+        };
+        if record.running && record.alive() {
+            return Ok(record.summary());
+        }
+        let started = tokio::task::block_in_place(|| self.start(&mut record));
+        self.write(&record)?;
+        started?;
+        Ok(record.summary())
+    }
+
+    async fn resolve(&self, name: &str) -> Result<Option<Target>> {
+        let Some(record) = self.read(name)? else {
+            return Ok(None);
+        };
+        let (status, _) = record.status();
+        Ok(Some(Target {
+            addr: record
+                .addr
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            token: record.token,
+            status,
+            mode: record.template.mode,
+            namespace: record.namespace,
+            template: record.template.name,
+        }))
+    }
+}

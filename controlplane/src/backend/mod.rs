@@ -1,0 +1,98 @@
+//! Where sandboxes live. The control plane asks a [`Backend`] only for lifecycle operations and
+//! for [`Target`]s (where a sandbox's runner listens); it keeps no state of its own.
+
+use std::net::SocketAddr;
+
+use agentbox_proto::{CreatedBy, SandboxStatus, SandboxSummary};
+
+use crate::error::Result;
+use crate::templates::Template;
+
+pub mod local;
+
+/// Where one sandbox's runner is, and whether requests may go there.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The runner's address.
+    pub addr: SocketAddr,
+    /// The sandbox's own runner token.
+    pub token: String,
+    /// The phase.
+    pub status: SandboxStatus,
+    /// `agent` or `code`.
+    pub mode: String,
+    /// The namespace.
+    pub namespace: String,
+    /// The template's name (a metrics label).
+    pub template: String,
+}
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    /// Name (validated DNS label).
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Template.
+    pub template: Template,
+    /// The caller.
+    pub created_by: CreatedBy,
+}
+
+/// One small interface per place sandboxes can live.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Every sandbox.
+    async fn list(&self) -> Result<Vec<SandboxSummary>>;
+    /// One sandbox, or `None`.
+    async fn get(&self, name: &str) -> Result<Option<SandboxSummary>>;
+    /// Creates and starts a sandbox ([`crate::error::Error::AlreadyExists`] when taken).
+    async fn create(&self, spec: CreateSpec) -> Result<SandboxSummary>;
+    /// Deletes a sandbox and its workspace.
+    async fn delete(&self, name: &str) -> Result<()>;
+    /// Stops a sandbox; its workspace is kept.
+    async fn stop(&self, name: &str) -> Result<SandboxSummary>;
+    /// Starts a stopped sandbox again, with the same workspace.
+    async fn resume(&self, name: &str) -> Result<SandboxSummary>;
+    /// Where the runner is; `None` for an unknown sandbox. Must not be slow: it is on every
+    /// request's path.
+    async fn resolve(&self, name: &str) -> Result<Option<Target>>;
+}
+
+/// Whether `name` is a DNS label (lowercase letters, digits, `-`; 1–63; no leading or
+/// trailing `-`), so it is safe as a file name, a pod name and a label value.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "demo-agent", "x1", &"a".repeat(63)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a.b",
+            "../x",
+            &"a".repeat(64),
+            "a b",
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

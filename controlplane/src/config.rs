@@ -1,0 +1,231 @@
+//! Command-line flags (with `AGENTBOX_*` environment fallbacks), validated once at start-up,
+//! before any port is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// The control plane's flags.
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentbox-controlplane",
+    version,
+    about = "Authenticates callers and proxies them to each sandbox's agentbox-runner."
+)]
+pub struct Args {
+    /// Address to listen on; port 0 picks a free port (the bound address is printed).
+    #[arg(long, env = "AGENTBOX_LISTEN", default_value = "127.0.0.1:8420")]
+    pub listen: SocketAddr,
+    /// Where the local backend keeps sandboxes, and the default audit log.
+    #[arg(long, env = "AGENTBOX_STATE_DIR", default_value = ".agentbox")]
+    pub state_dir: PathBuf,
+    /// Where sandboxes live.
+    #[arg(long, env = "AGENTBOX_BACKEND", value_enum, default_value_t = BackendKind::Local)]
+    pub backend: BackendKind,
+    /// JSON file of API keys: {"keys": [{"name", "sha256", "namespaces": [..], "admin"}]}.
+    /// Re-read when it changes.
+    #[arg(long, env = "AGENTBOX_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Serve without authentication (every caller is an administrator). Only on loopback.
+    #[arg(long, env = "AGENTBOX_DEV")]
+    pub dev: bool,
+    /// OIDC issuer (`iss`) of accepted JWTs.
+    #[arg(long, env = "AGENTBOX_OIDC_ISSUER")]
+    pub oidc_issuer: Option<String>,
+    /// OIDC audience (`aud`) of accepted JWTs.
+    #[arg(long, env = "AGENTBOX_OIDC_AUDIENCE")]
+    pub oidc_audience: Option<String>,
+    /// URL of the issuer's JWKS.
+    #[arg(long, env = "AGENTBOX_OIDC_JWKS_URL")]
+    pub oidc_jwks_url: Option<String>,
+    /// JWT claim (a string or an array) naming the caller's namespaces.
+    #[arg(
+        long,
+        env = "AGENTBOX_OIDC_NAMESPACES_CLAIM",
+        default_value = "namespaces"
+    )]
+    pub oidc_namespaces_claim: String,
+    /// Members of this group (`groups` claim) are administrators.
+    #[arg(long, env = "AGENTBOX_OIDC_ADMIN_GROUP")]
+    pub oidc_admin_group: Option<String>,
+    /// JSON file of templates: {"templates": [{"name", "mode", "env", ...}]}.
+    #[arg(long, env = "AGENTBOX_TEMPLATES_FILE")]
+    pub templates_file: Option<PathBuf>,
+    /// The agentbox-runner binary for local sandboxes [default: next to this binary, else PATH].
+    #[arg(long, env = "AGENTBOX_RUNNER_BIN")]
+    pub runner_bin: Option<PathBuf>,
+    /// Isolation of local runners: bubblewrap when installed (auto), always, or never.
+    #[arg(long, env = "AGENTBOX_ISOLATION", value_enum, default_value_t = Isolation::Auto)]
+    pub isolation: Isolation,
+    /// Audit log of JSON lines; `-` for stderr [default: <state-dir>/audit.log].
+    #[arg(long, env = "AGENTBOX_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// Connect timeout towards runners (no total timeout: streams run as long as they run).
+    #[arg(long, env = "AGENTBOX_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// How long a local runner may take to start.
+    #[arg(long, env = "AGENTBOX_RUNNER_START_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub runner_start_timeout: Duration,
+}
+
+/// Which backend holds the sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// Runner processes on this machine.
+    Local,
+}
+
+/// Isolation of local runners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Isolation {
+    /// bubblewrap when it is installed.
+    Auto,
+    /// Always bubblewrap; fail when missing.
+    Bwrap,
+    /// Plain processes.
+    None,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// State directory (created, canonical).
+    pub state_dir: PathBuf,
+    /// The backend.
+    pub backend: BackendKind,
+    /// API keys file.
+    pub api_keys_file: Option<PathBuf>,
+    /// Dev mode (no auth).
+    pub dev: bool,
+    /// OIDC settings when all three are given.
+    pub oidc: Option<OidcConfig>,
+    /// Templates file.
+    pub templates_file: Option<PathBuf>,
+    /// The runner binary.
+    pub runner_bin: PathBuf,
+    /// Whether local runners run under bubblewrap.
+    pub bwrap: bool,
+    /// Audit log path; `None` means stderr.
+    pub audit_log: Option<PathBuf>,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Runner start timeout.
+    pub runner_start_timeout: Duration,
+}
+
+/// OIDC verification settings.
+#[derive(Debug, Clone)]
+pub struct OidcConfig {
+    /// Expected `iss`.
+    pub issuer: String,
+    /// Expected `aud`.
+    pub audience: String,
+    /// Where the keys are.
+    pub jwks_url: String,
+    /// Claim holding namespaces.
+    pub namespaces_claim: String,
+    /// Admin group.
+    pub admin_group: Option<String>,
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+impl Args {
+    /// Validates flags; errors are reported before any port is bound (exit 64).
+    pub fn into_config(self) -> Result<Config, String> {
+        let oidc = match (self.oidc_issuer, self.oidc_audience, self.oidc_jwks_url) {
+            (Some(issuer), Some(audience), Some(jwks_url)) => Some(OidcConfig {
+                issuer,
+                audience,
+                jwks_url,
+                namespaces_claim: self.oidc_namespaces_claim,
+                admin_group: self.oidc_admin_group,
+            }),
+            (None, None, None) => None,
+            _ => {
+                return Err(
+                    "OIDC needs all of --oidc-issuer, --oidc-audience and --oidc-jwks-url".into(),
+                )
+            }
+        };
+        if self.dev {
+            if !self.listen.ip().is_loopback() {
+                return Err(format!(
+                    "--dev turns authentication off, so it only listens on loopback, not {}",
+                    self.listen
+                ));
+            }
+        } else if self.api_keys_file.is_none() && oidc.is_none() {
+            return Err(
+                "no way to authenticate callers: pass --api-keys-file FILE and/or the \
+                 --oidc-* flags (or --dev, on loopback only, for a local experiment)"
+                    .into(),
+            );
+        }
+        if let Some(path) = &self.api_keys_file {
+            crate::auth::ApiKeys::load(path)
+                .map_err(|e| format!("--api-keys-file {}: {e}", path.display()))?;
+        }
+        if let Some(path) = &self.templates_file {
+            crate::templates::Templates::load(Some(path))
+                .map_err(|e| format!("--templates-file {}: {e}", path.display()))?;
+        }
+        std::fs::create_dir_all(&self.state_dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.state_dir.display()))?;
+        let state_dir = std::fs::canonicalize(&self.state_dir)
+            .map_err(|e| format!("cannot resolve {}: {e}", self.state_dir.display()))?;
+        let runner_bin = match self.runner_bin {
+            Some(p) => p,
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|d| d.join("agentbox-runner")))
+                .filter(|p| p.is_file())
+                .or_else(|| find_in_path("agentbox-runner"))
+                .ok_or(
+                    "cannot find agentbox-runner next to this binary or in PATH; pass --runner-bin",
+                )?,
+        };
+        if !runner_bin.is_file() {
+            return Err(format!(
+                "--runner-bin {} does not exist",
+                runner_bin.display()
+            ));
+        }
+        let bwrap_found = find_in_path("bwrap").is_some();
+        let bwrap = match self.isolation {
+            Isolation::None => false,
+            Isolation::Auto => bwrap_found,
+            Isolation::Bwrap if bwrap_found => true,
+            Isolation::Bwrap => return Err("--isolation bwrap but bwrap is not installed".into()),
+        };
+        let audit_log = match self.audit_log {
+            Some(p) if p.as_os_str() == "-" => None,
+            Some(p) => Some(p),
+            None => Some(state_dir.join("audit.log")),
+        };
+        Ok(Config {
+            listen: self.listen,
+            state_dir,
+            backend: self.backend,
+            api_keys_file: self.api_keys_file,
+            dev: self.dev,
+            oidc,
+            templates_file: self.templates_file,
+            runner_bin,
+            bwrap,
+            audit_log,
+            connect_timeout: self.connect_timeout,
+            runner_start_timeout: self.runner_start_timeout,
+        })
+    }
+}

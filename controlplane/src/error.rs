@@ -1,0 +1,159 @@
+//! The control plane's one error type; only this module knows HTTP status codes.
+
+use agentbox_proto::ErrorBody;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+/// Everything a control-plane request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No credential, or one that is not valid (401 `unauthorized`).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The caller may not do this (403 `forbidden`).
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such route (404 `not_found`).
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    /// Method not allowed (405 `method_not_allowed`).
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// No such sandbox, or not visible to the caller (404 `sandbox_not_found`).
+    #[error("sandbox {0:?} not found")]
+    SandboxNotFound(String),
+    /// No such template (404 `template_not_found`).
+    #[error("template {0:?} not found")]
+    TemplateNotFound(String),
+    /// Malformed request (400 `invalid_request`).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// configure/invoke on a code-mode sandbox (400 `wrong_mode`).
+    #[error("{0}")]
+    WrongMode(String),
+    /// The sandbox is not Running (409 `sandbox_not_running`).
+    #[error("sandbox {name:?} is {status}, not Running")]
+    NotRunning {
+        /// The sandbox.
+        name: String,
+        /// Its phase.
+        status: &'static str,
+    },
+    /// The name is taken (409 `already_exists`).
+    #[error("sandbox {0:?} already exists")]
+    AlreadyExists(String),
+    /// The runner cannot be reached (502 `runner_unreachable`).
+    #[error("the sandbox's runner cannot be reached: {0}")]
+    RunnerUnreachable(String),
+    /// Connecting to the runner timed out (504 `runner_timeout`).
+    #[error("connecting to the sandbox's runner timed out")]
+    RunnerTimeout,
+    /// The backend failed (500 `backend_error`).
+    #[error("{0}")]
+    Backend(String),
+    /// Anything else (500 `internal`).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::RouteNotFound(_) | Error::SandboxNotFound(_) | Error::TemplateNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::InvalidRequest(_) | Error::WrongMode(_) => StatusCode::BAD_REQUEST,
+            Error::NotRunning { .. } | Error::AlreadyExists(_) => StatusCode::CONFLICT,
+            Error::RunnerUnreachable(_) => StatusCode::BAD_GATEWAY,
+            Error::RunnerTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Error::Backend(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Unauthorized(_) => "unauthorized",
+            Error::Forbidden(_) => "forbidden",
+            Error::RouteNotFound(_) => "not_found",
+            Error::MethodNotAllowed => "method_not_allowed",
+            Error::SandboxNotFound(_) => "sandbox_not_found",
+            Error::TemplateNotFound(_) => "template_not_found",
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::WrongMode(_) => "wrong_mode",
+            Error::NotRunning { .. } => "sandbox_not_running",
+            Error::AlreadyExists(_) => "already_exists",
+            Error::RunnerUnreachable(_) => "runner_unreachable",
+            Error::RunnerTimeout => "runner_timeout",
+            Error::Backend(_) => "backend_error",
+            Error::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Internal(e.to_string())
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        if matches!(self, Error::Internal(_) | Error::Backend(_)) {
+            tracing::error!(error = %self, "request failed");
+        }
+        let body = ErrorBody {
+            error: self.code().to_owned(),
+            message: self.to_string(),
+            limit: None,
+            inflight: None,
+        };
+        let mut response = (self.status(), Json(body)).into_response();
+        if let Error::Unauthorized(_) = self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_codes() {
+        let cases = [
+            (Error::Unauthorized("x".into()), 401, "unauthorized"),
+            (Error::SandboxNotFound("s".into()), 404, "sandbox_not_found"),
+            (Error::WrongMode("m".into()), 400, "wrong_mode"),
+            (
+                Error::NotRunning {
+                    name: "s".into(),
+                    status: "Stopped",
+                },
+                409,
+                "sandbox_not_running",
+            ),
+            (
+                Error::RunnerUnreachable("x".into()),
+                502,
+                "runner_unreachable",
+            ),
+            (Error::RunnerTimeout, 504, "runner_timeout"),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!(e.status().as_u16(), status);
+            assert_eq!(e.code(), code);
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The agentbox control plane: thin and stateless. It authenticates callers, finds the
+//! sandbox's runner through a [`backend::Backend`], checks mode and phase, and proxies the
+//! stream without buffering. It keeps no invoke state, so any number of replicas serve any
+//! request, cancel included.
+
+pub mod api;
+pub mod audit;
+pub mod auth;
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod templates;
+
+use std::sync::Arc;
+
+use crate::auth::{ApiKeys, Authenticator};
+use crate::backend::local::LocalBackend;
+use crate::backend::Backend;
+use crate::config::{BackendKind, Config};
+use crate::templates::Templates;
+
+/// Everything a handler can reach.
+#[derive(Debug)]
+pub struct AppState {
+    /// Validated configuration.
+    pub cfg: Config,
+    /// Authentication.
+    pub auth: Authenticator,
+    /// Where sandboxes live.
+    pub backend: Arc<dyn Backend>,
+    /// Templates.
+    pub templates: Templates,
+    /// The proxy to runners.
+    pub proxy: proxy::Proxy,
+    /// Metrics.
+    pub metrics: metrics::Metrics,
+    /// The audit log.
+    pub audit: audit::Audit,
+}
+
+impl AppState {
+    /// Builds the state from a validated configuration.
+    pub fn new(cfg: Config) -> Result<Arc<Self>, String> {
+        let keys = match &cfg.api_keys_file {
+            Some(path) => Some(ApiKeys::load(path)?),
+            None => None,
+        };
+        let templates = Templates::load(cfg.templates_file.as_deref())?;
+        let backend: Arc<dyn Backend> = match cfg.backend {
+            BackendKind::Local => Arc::new(
+                LocalBackend::new(
+                    &cfg.state_dir,
+                    cfg.runner_bin.clone(),
+                    cfg.bwrap,
+                    cfg.runner_start_timeout,
+                )
+                .map_err(|e| e.to_string())?,
+            ),
+        };
+        let audit = audit::Audit::open(cfg.audit_log.as_deref()).map_err(|e| e.to_string())?;
+        Ok(Arc::new(Self {
+            auth: Authenticator {
+                keys,
+                oidc: None,
+                dev: cfg.dev,
+            },
+            backend,
+            templates,
+            proxy: proxy::Proxy::new(cfg.connect_timeout),
+            metrics: metrics::Metrics::default(),
+            audit,
+            cfg,
+        }))
+    }
+}
