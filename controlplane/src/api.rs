@@ -26,6 +26,21 @@ use crate::error::{Error, Result};
 use crate::metrics::{self, Kind};
 use crate::{audit, AppState};
 
+/// Serves the control plane on an already-bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 /// Routes of the control plane.
 pub fn router(app: Arc<AppState>) -> Router {
     let api = Router::new()
@@ -423,6 +438,7 @@ async fn to_runner(
     // Record when the stream ends (or the client leaves), without touching its bytes.
     let guard = Recorder {
         app: Arc::clone(&app),
+        sandbox: name.clone(),
         kind,
         template: target.template,
         status,
@@ -438,6 +454,7 @@ async fn to_runner(
 
 struct Recorder {
     app: Arc<AppState>,
+    sandbox: String,
     kind: Kind,
     template: String,
     status: u16,
@@ -452,6 +469,18 @@ impl Drop for Recorder {
             self.status,
             self.started.elapsed(),
         );
+        let (app, sandbox, status) = (Arc::clone(&self.app), self.sandbox.clone(), self.status);
+        let action = match self.kind {
+            Kind::Invoke => "invoke",
+            Kind::Configure => "configure",
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                app.backend
+                    .record(&sandbox, action, metrics::outcome(status), status)
+                    .await;
+            });
+        }
     }
 }
 

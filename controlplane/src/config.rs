@@ -68,6 +68,25 @@ pub struct Args {
     /// How long a local runner may take to start.
     #[arg(long, env = "AGENTBOX_RUNNER_START_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub runner_start_timeout: Duration,
+    /// Kubernetes backend: the namespace holding every sandbox's Secret, Pod, volume and
+    /// Events, and the template ConfigMaps. The cluster comes from KUBECONFIG (or
+    /// ~/.kube/config), else the in-cluster service account.
+    #[arg(long, env = "AGENTBOX_KUBE_NAMESPACE", default_value = "agentbox")]
+    pub kube_namespace: String,
+    /// Kubernetes backend: template T's pod (key `pod.json`) and workspace volume claim (key
+    /// `pvc.json`) are in the ConfigMap named PREFIX + T.
+    #[arg(
+        long,
+        env = "AGENTBOX_KUBE_TEMPLATE_CONFIGMAP_PREFIX",
+        default_value = "agentbox-template-"
+    )]
+    pub kube_template_configmap_prefix: String,
+    /// Kubernetes backend: the runner image for templates that name none.
+    #[arg(long, env = "AGENTBOX_KUBE_RUNNER_IMAGE")]
+    pub kube_runner_image: Option<String>,
+    /// Kubernetes backend: how long the first list of Pods and Secrets may take at start-up.
+    #[arg(long, env = "AGENTBOX_KUBE_SYNC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub kube_sync_timeout: Duration,
 }
 
 /// Which backend holds the sandboxes.
@@ -75,6 +94,8 @@ pub struct Args {
 pub enum BackendKind {
     /// Runner processes on this machine.
     Local,
+    /// A Secret and a Pod per sandbox in one Kubernetes namespace.
+    Kubernetes,
 }
 
 /// Isolation of local runners.
@@ -115,6 +136,21 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Runner start timeout.
     pub runner_start_timeout: Duration,
+    /// Kubernetes backend settings.
+    pub kube: KubeConfig,
+}
+
+/// Kubernetes backend settings.
+#[derive(Debug, Clone)]
+pub struct KubeConfig {
+    /// The namespace holding sandboxes and template ConfigMaps.
+    pub namespace: String,
+    /// Prefix of template ConfigMaps' names.
+    pub template_configmap_prefix: String,
+    /// The runner image for templates that name none.
+    pub runner_image: Option<String>,
+    /// Bound of the initial cache sync.
+    pub sync_timeout: Duration,
 }
 
 /// OIDC verification settings.
@@ -184,8 +220,30 @@ impl Args {
             .map_err(|e| format!("cannot create {}: {e}", self.state_dir.display()))?;
         let state_dir = std::fs::canonicalize(&self.state_dir)
             .map_err(|e| format!("cannot resolve {}: {e}", self.state_dir.display()))?;
+        if self.backend == BackendKind::Kubernetes {
+            if !crate::backend::valid_name(&self.kube_namespace) {
+                return Err(format!(
+                    "--kube-namespace {:?} is not a DNS label",
+                    self.kube_namespace
+                ));
+            }
+            let prefix = &self.kube_template_configmap_prefix;
+            if prefix.is_empty()
+                || prefix.len() > 200
+                || !prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            {
+                return Err(format!(
+                    "--kube-template-configmap-prefix {prefix:?} must be lowercase letters, \
+                     digits, '-' and '.'"
+                ));
+            }
+        }
+        // Runner processes only run on this machine with the local backend.
         let runner_bin = match self.runner_bin {
             Some(p) => p,
+            None if self.backend != BackendKind::Local => PathBuf::from("agentbox-runner"),
             None => std::env::current_exe()
                 .ok()
                 .and_then(|exe| exe.parent().map(|d| d.join("agentbox-runner")))
@@ -195,7 +253,7 @@ impl Args {
                     "cannot find agentbox-runner next to this binary or in PATH; pass --runner-bin",
                 )?,
         };
-        if !runner_bin.is_file() {
+        if self.backend == BackendKind::Local && !runner_bin.is_file() {
             return Err(format!(
                 "--runner-bin {} does not exist",
                 runner_bin.display()
@@ -226,6 +284,12 @@ impl Args {
             audit_log,
             connect_timeout: self.connect_timeout,
             runner_start_timeout: self.runner_start_timeout,
+            kube: KubeConfig {
+                namespace: self.kube_namespace,
+                template_configmap_prefix: self.kube_template_configmap_prefix,
+                runner_image: self.kube_runner_image,
+                sync_timeout: self.kube_sync_timeout,
+            },
         })
     }
 }

@@ -10,12 +10,13 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod oidc;
 pub mod proxy;
 pub mod templates;
 
 use std::sync::Arc;
 
-use crate::auth::{ApiKeys, Authenticator};
+use crate::auth::{ApiKeys, Authenticator, TokenVerifier};
 use crate::backend::local::LocalBackend;
 use crate::backend::Backend;
 use crate::config::{BackendKind, Config};
@@ -63,7 +64,10 @@ impl AppState {
         Ok(Arc::new(Self {
             auth: Authenticator {
                 keys,
-                oidc: None,
+                oidc: cfg
+                    .oidc
+                    .clone()
+                    .map(|c| Arc::new(oidc::Oidc::new(c)) as Arc<dyn TokenVerifier>),
                 dev: cfg.dev,
             },
             backend,

@@ -69,13 +69,7 @@ async fn run(config: agentbox_controlplane::config::Config) -> anyhow::Result<()
     println!("listening on {addr}");
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, backend = ?app.cfg.backend, isolation = if app.cfg.bwrap { "bwrap" } else { "none" }, "control plane ready");
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, api::router(app))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    api::serve(listener, app, shutdown_signal()).await?;
     Ok(())
 }
 

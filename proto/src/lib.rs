@@ -415,6 +415,8 @@ pub struct Limits {
     pub max_total_bytes: u64,
     /// Most files in one configure.
     pub max_files: u64,
+    /// Largest file accepted by `PUT /v1/files/{path}`.
+    pub max_upload_bytes: u64,
     /// Output bytes stored per invoke journal.
     pub journal_max_bytes: u64,
 }

@@ -162,22 +162,24 @@ pub struct ByteRange {
 }
 
 /// Parses a `Range` header against a file length. `Ok(None)`: serve the whole file (no header,
-/// or several ranges, which may be answered in full). `Err(())`: 416.
+/// a header that is not a single well-formed byte range — RFC 9110 says to ignore those — or
+/// several ranges, which may be answered in full). `Err(())`: 416, the range starts past the end.
 #[allow(clippy::result_unit_err)]
 pub fn parse_range(header: Option<&str>, len: u64) -> std::result::Result<Option<ByteRange>, ()> {
-    let Some(header) = header else {
-        return Ok(None);
-    };
-    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
         return Ok(None);
     };
     if spec.contains(',') {
         return Ok(None);
     }
-    let (a, b) = spec.split_once('-').ok_or(())?;
+    let Some((a, b)) = spec.split_once('-') else {
+        return Ok(None);
+    };
     let (a, b) = (a.trim(), b.trim());
     let range = if a.is_empty() {
-        let n: u64 = b.parse().map_err(|_| ())?;
+        let Ok(n) = b.parse::<u64>() else {
+            return Ok(None);
+        };
         if n == 0 {
             return Err(());
         }
@@ -186,13 +188,17 @@ pub fn parse_range(header: Option<&str>, len: u64) -> std::result::Result<Option
             end: len,
         }
     } else {
-        let start: u64 = a.parse().map_err(|_| ())?;
+        let Ok(start) = a.parse::<u64>() else {
+            return Ok(None);
+        };
         let end = if b.is_empty() {
             len
         } else {
-            let last: u64 = b.parse().map_err(|_| ())?;
+            let Ok(last) = b.parse::<u64>() else {
+                return Ok(None);
+            };
             if last < start {
-                return Err(());
+                return Ok(None);
             }
             (last + 1).min(len)
         };
@@ -213,9 +219,15 @@ pub async fn write_stream(
     limit: u64,
 ) -> Result<Written> {
     use futures_util::StreamExt;
-    if std::fs::metadata(target).is_ok_and(|m| m.is_dir()) {
+    // The entry itself, not what a symlink there points to: a PUT replaces a link.
+    let existing = std::fs::symlink_metadata(target).ok();
+    if existing.as_ref().is_some_and(|m| m.is_dir()) {
         return Err(Error::IsADirectory(sandbox_path(root, target)));
     }
+    let mode = existing
+        .as_ref()
+        .filter(|m| m.is_file())
+        .map_or(0o644, |m| m.permissions().mode() & 0o7777);
     let parent = target
         .parent()
         .ok_or_else(|| Error::InvalidPath("no parent directory".into()))?;
@@ -245,7 +257,6 @@ pub async fn write_stream(
             hasher.update(&chunk);
             file.write_all(&chunk).await?;
         }
-        let mode = std::fs::metadata(target).map_or(0o644, |m| m.permissions().mode() & 0o7777);
         file.set_permissions(std::fs::Permissions::from_mode(mode))
             .await?;
         file.sync_all().await?;
@@ -440,7 +451,12 @@ fn zip_time(secs: i64) -> Option<zip::DateTime> {
 fn write_tar(dir: &Path, hidden: &Path, writer: ChannelWriter) -> io::Result<()> {
     let mut tar = tar::Builder::new(writer);
     tar.follow_symlinks(false);
-    for (path, _) in walk(dir, hidden)? {
+    for (path, meta) in walk(dir, hidden)? {
+        let ft = meta.file_type();
+        // Like the zip: files, directories and symlinks; FIFOs, sockets and devices are skipped.
+        if !(ft.is_file() || ft.is_dir() || ft.is_symlink()) {
+            continue;
+        }
         if let Ok(rel) = path.strip_prefix(dir) {
             tar.append_path_with_name(&path, rel)?;
         }
@@ -482,14 +498,11 @@ mod tests {
         assert_eq!(r("bytes=0-1,5-6"), Ok(None));
         assert_eq!(r("items=0-1"), Ok(None));
         assert_eq!(parse_range(None, 100), Ok(None));
-        for bad in [
-            "bytes=100-",
-            "bytes=5-2",
-            "bytes=x-1",
-            "bytes=-0",
-            "bytes=7",
-        ] {
-            assert_eq!(r(bad), Err(()), "{bad}");
+        for ignored in ["bytes=5-2", "bytes=x-1", "bytes=7", "bytes=1-y"] {
+            assert_eq!(r(ignored), Ok(None), "{ignored}");
+        }
+        for unsatisfiable in ["bytes=100-", "bytes=-0", "bytes=500-600"] {
+            assert_eq!(r(unsatisfiable), Err(()), "{unsatisfiable}");
         }
     }
 

@@ -81,6 +81,9 @@ struct Meta {
     reason: Option<ExitReason>,
     #[serde(default)]
     duration_ms: Option<u64>,
+    /// Sequence number of the last event, once exited.
+    #[serde(default)]
+    last_event_id: u64,
 }
 
 /// One invoke, running or finished.
@@ -114,7 +117,10 @@ impl Invoke {
     /// The wire summary.
     pub fn summary(&self) -> InvokeSummary {
         let meta = self.meta().clone();
-        let last_event_id = self.log.get().map_or(0, |l| l.progress().last_seq);
+        let last_event_id = self
+            .log
+            .get()
+            .map_or(meta.last_event_id, |l| l.progress().last_seq);
         InvokeSummary {
             invoke_id: meta.invoke_id,
             kind: meta.kind,
@@ -365,6 +371,7 @@ impl Invokes {
                 exit_code: None,
                 reason: None,
                 duration_ms: None,
+                last_event_id: 0,
             }),
             log: OnceLock::from(Arc::clone(&log)),
             process: Some(Arc::clone(&process)),
@@ -506,6 +513,7 @@ impl Invokes {
             );
         });
         log.close();
+        invoke.meta().last_event_id = log.progress().last_seq;
         invoke.save_meta();
         tracing::info!(invoke = %invoke.id, exit_code, reason = reason.as_str(), duration_ms, "invoke exited");
         self.prune();
@@ -576,6 +584,7 @@ fn mark_restarted(invoke: &Invoke) -> io::Result<()> {
             meta.exit_code = Some(exit.exit_code);
             meta.reason = Some(exit.reason);
             meta.duration_ms = Some(exit.duration_ms);
+            meta.last_event_id = log.progress().last_seq;
         }
         invoke.save_meta();
         let _ = invoke.log.set(log);
@@ -602,6 +611,7 @@ fn mark_restarted(invoke: &Invoke) -> io::Result<()> {
         meta.exit_code = Some(-1);
         meta.reason = Some(ExitReason::RunnerRestarted);
         meta.duration_ms = Some(duration_ms);
+        meta.last_event_id = log.progress().last_seq;
     }
     invoke.save_meta();
     let _ = invoke.log.set(log);

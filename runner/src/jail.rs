@@ -99,6 +99,11 @@ impl Jail {
             None | Some("") => self.root.clone(),
             Some(p) => self.resolve(p)?,
         };
+        if std::fs::metadata(&real_parent).is_ok_and(|m| !m.is_dir()) {
+            return Err(Error::InvalidPath(format!(
+                "{user:?}: its parent is not a directory"
+            )));
+        }
         let real = real_parent.join(name);
         if let Some(reserved) = self.reserved.iter().find(|r| real.starts_with(r)) {
             return Err(Error::InvalidPath(format!(

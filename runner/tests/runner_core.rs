@@ -987,3 +987,49 @@ async fn static_binary_runs_with_an_empty_environment() {
         "only the binary and its workspace"
     );
 }
+
+#[tokio::test]
+async fn openapi_is_served_without_auth_and_names_every_route() {
+    let r = Runner::start(&[]);
+    let resp = r.client.get(r.url("/openapi.json")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let served: Value = resp.json().await.unwrap();
+    let committed: Value =
+        serde_json::from_str(include_str!("../openapi.json")).unwrap();
+    assert_eq!(served, committed);
+    assert!(served["openapi"].as_str().unwrap().starts_with("3."));
+    let routes = [
+        ("/healthz", "get"),
+        ("/openapi.json", "get"),
+        ("/v1/info", "get"),
+        ("/v1/configure", "post"),
+        ("/v1/invoke", "post"),
+        ("/v1/invoke/cancel", "post"),
+        ("/v1/invokes", "get"),
+        ("/v1/invokes/{id}", "get"),
+        ("/v1/invokes/{id}/events", "get"),
+        ("/v1/invokes/{id}/cancel", "post"),
+        ("/v1/exec", "post"),
+        ("/v1/files", "get"),
+        ("/v1/files/{path}", "get"),
+        ("/v1/files/{path}", "put"),
+        ("/v1/files/{path}", "delete"),
+        ("/v1/archive", "get"),
+    ];
+    for (path, method) in routes {
+        assert!(
+            served["paths"][path][method].is_object(),
+            "{method} {path} is not described"
+        );
+    }
+    // The limits the runner reports are the ones the description requires.
+    let info: Value = r.get("/v1/info").send().await.unwrap().json().await.unwrap();
+    for field in served["components"]["schemas"]["Limits"]["required"]
+        .as_array()
+        .unwrap()
+    {
+        let field = field.as_str().unwrap();
+        assert!(info["limits"][field].is_u64(), "limits.{field} missing");
+    }
+}

@@ -58,6 +58,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Where the runner is; `None` for an unknown sandbox. Must not be slow: it is on every
     /// request's path.
     async fn resolve(&self, name: &str) -> Result<Option<Target>>;
+    /// Records the outcome of a configure or invoke where the platform keeps such records
+    /// (Kubernetes Events on the Pod). Called after the response ended; never on the
+    /// request's path. `action` is `configure` or `invoke`, `outcome` a metrics outcome label.
+    async fn record(&self, _name: &str, _action: &str, _outcome: &str, _status: u16) {}
 }
 
 /// Whether `name` is a DNS label (lowercase letters, digits, `-`; 1–63; no leading or

@@ -46,6 +46,14 @@ pub(super) async fn read_file(
 ) -> Result<Response> {
     let real = app.jail.resolve_file(&format!("/{path}"))?;
     let shown = files::sandbox_path(app.jail.root(), &real);
+    // Check the type before opening: opening a FIFO would block until someone writes to it.
+    match tokio::fs::metadata(&real).await {
+        Ok(m) if m.is_dir() => return Err(Error::IsADirectory(shown)),
+        Ok(m) if !m.is_file() => {
+            return Err(Error::InvalidPath(format!("{shown} is not a regular file")))
+        }
+        _ => {}
+    }
     let mut file = tokio::fs::File::open(&real).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::FileNotFound(shown.clone())
@@ -150,10 +158,10 @@ pub(super) async fn archive(State(app): State<Arc<AppState>>, uri: Uri) -> Resul
         Err(_) => return Err(Error::FileNotFound(shown)),
     }
     let format = q.format.unwrap_or_default();
-    let name = dir.file_name().map_or_else(
-        || "workspace".to_owned(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let name = match dir.file_name() {
+        Some(n) if dir != app.jail.root() => n.to_string_lossy().into_owned(),
+        _ => "workspace".to_owned(),
+    };
     let rx = files::archive(dir, app.cfg.state_dir.clone(), format);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))

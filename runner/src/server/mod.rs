@@ -61,6 +61,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         ));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi))
         .merge(v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -116,6 +117,18 @@ async fn healthz() -> Json<Health> {
     })
 }
 
+/// The API description, committed next to the code as `runner/openapi.json`.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+async fn openapi() -> Response {
+    let mut response = OPENAPI.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
 async fn not_found(uri: Uri) -> Error {
     Error::RouteNotFound(uri.path().to_owned())
 }
@@ -146,6 +159,7 @@ async fn info(State(app): State<Arc<AppState>>) -> Json<Info> {
             max_file_bytes: cfg.max_file_bytes,
             max_total_bytes: cfg.max_total_bytes,
             max_files: cfg.max_files,
+            max_upload_bytes: cfg.max_upload_bytes,
             journal_max_bytes: cfg.journal_max_bytes,
         },
     })
@@ -313,7 +327,10 @@ async fn exec(
         )));
     }
     let env = req.env.unwrap_or_default();
-    if env.keys().any(|k| k.is_empty() || k.contains(['=', '\0'])) {
+    if env
+        .iter()
+        .any(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+    {
         return Err(Error::InvalidRequest(
             "env names must be non-empty, without '='".into(),
         ));

@@ -1,0 +1,409 @@
+//! The typed client. [`Client::control_plane`] talks to `/api/v1/sandboxes/{id}/...`,
+//! [`Client::runner`] straight to one runner's `/v1/...`; every sandbox method takes the sandbox
+//! name, which a runner client ignores.
+
+use std::fmt;
+
+use agentbox_proto::{
+    ConfigureRequest, CreateSandboxRequest, ErrorBody, ExecRequest, InvokeList, InvokeSummary,
+    SandboxList, SandboxSummary, TemplateList, UserInfo,
+};
+use serde::de::DeserializeOwned;
+
+use crate::sse::{Event, Parser};
+
+/// What went wrong talking to a server.
+#[derive(Debug)]
+pub enum ClientError {
+    /// The server could not be reached, or the connection broke.
+    Transport(String),
+    /// The server answered with an error.
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The error code (`sandbox_not_found`, ...).
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+    /// The server answered something unexpected.
+    Protocol(String),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Transport(m) => write!(f, "cannot reach the server: {m}"),
+            ClientError::Api {
+                status,
+                code,
+                message,
+            } => write!(f, "{message} ({code}, HTTP {status})"),
+            ClientError::Protocol(m) => write!(f, "unexpected answer: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<reqwest::Error> for ClientError {
+    fn from(e: reqwest::Error) -> Self {
+        if e.is_decode() {
+            ClientError::Protocol(e.to_string())
+        } else {
+            ClientError::Transport(e.to_string())
+        }
+    }
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+#[derive(Debug, Clone)]
+enum Base {
+    ControlPlane { url: String, key: String },
+    Runner { url: String, token: String },
+}
+
+/// Options of an invoke.
+#[derive(Debug, Clone, Default)]
+pub struct InvokeOptions {
+    /// `?prompt=`.
+    pub prompt: Option<String>,
+    /// `?timeout=` (Go duration).
+    pub timeout: Option<String>,
+    /// `?onDisconnect=`.
+    pub on_disconnect: Option<String>,
+}
+
+/// A client of one control plane or one runner.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Base,
+}
+
+/// Percent-encodes a sandbox path for a URL, keeping `/`.
+pub fn encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for b in path.trim_start_matches('/').bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn encode_query(value: &str) -> String {
+    let mut out = String::new();
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Client {
+    /// A client of a control plane at `url` (e.g. `http://127.0.0.1:8420`).
+    pub fn control_plane(url: &str, key: &str) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: Base::ControlPlane {
+                url: url.trim_end_matches('/').to_owned(),
+                key: key.to_owned(),
+            },
+        }
+    }
+
+    /// A client of one runner at `url`.
+    pub fn runner(url: &str, token: &str) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: Base::Runner {
+                url: url.trim_end_matches('/').to_owned(),
+                token: token.to_owned(),
+            },
+        }
+    }
+
+    /// Whether this client talks to a runner directly.
+    pub fn is_runner(&self) -> bool {
+        matches!(self.base, Base::Runner { .. })
+    }
+
+    fn url(&self, sandbox: &str, rest: &str) -> String {
+        match &self.base {
+            Base::ControlPlane { url, .. } => format!("{url}/api/v1/sandboxes/{sandbox}/{rest}"),
+            Base::Runner { url, .. } => format!("{url}/v1/{rest}"),
+        }
+    }
+
+    fn api(&self, rest: &str) -> Result<String> {
+        match &self.base {
+            Base::ControlPlane { url, .. } => Ok(format!("{url}/api/v1/{rest}")),
+            Base::Runner { .. } => Err(ClientError::Protocol(
+                "this command needs a control plane, not a runner (--runner)".into(),
+            )),
+        }
+    }
+
+    fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.base {
+            Base::ControlPlane { key, .. } => rb.header("x-api-key", key),
+            Base::Runner { token, .. } => rb.bearer_auth(token),
+        }
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let resp = self.auth(rb).send().await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(body) => ClientError::Api {
+                status,
+                code: body.error,
+                message: body.message,
+            },
+            Err(_) => ClientError::Api {
+                status,
+                code: "http_error".into(),
+                message: text.chars().take(200).collect(),
+            },
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> Result<T> {
+        Ok(self.send(rb).await?.json().await?)
+    }
+
+    /// `GET /api/v1/user/me`.
+    pub async fn whoami(&self) -> Result<UserInfo> {
+        self.json(self.http.get(self.api("user/me")?)).await
+    }
+
+    /// `GET /api/v1/templates`.
+    pub async fn templates(&self) -> Result<TemplateList> {
+        self.json(self.http.get(self.api("templates")?)).await
+    }
+
+    /// `POST /api/v1/sandboxes`.
+    pub async fn create_sandbox(&self, req: &CreateSandboxRequest) -> Result<SandboxSummary> {
+        self.json(self.http.post(self.api("sandboxes")?).json(req))
+            .await
+    }
+
+    /// `GET /api/v1/sandboxes`.
+    pub async fn list_sandboxes(&self) -> Result<Vec<SandboxSummary>> {
+        let list: SandboxList = self.json(self.http.get(self.api("sandboxes")?)).await?;
+        Ok(list.sandboxes)
+    }
+
+    /// `GET /api/v1/sandboxes/{name}`.
+    pub async fn get_sandbox(&self, name: &str) -> Result<SandboxSummary> {
+        self.json(self.http.get(self.api(&format!("sandboxes/{name}"))?))
+            .await
+    }
+
+    /// `DELETE /api/v1/sandboxes/{name}`.
+    pub async fn delete_sandbox(&self, name: &str) -> Result<SandboxSummary> {
+        self.json(self.http.delete(self.api(&format!("sandboxes/{name}"))?))
+            .await
+    }
+
+    /// `POST /api/v1/sandboxes/{name}/stop`.
+    pub async fn stop_sandbox(&self, name: &str) -> Result<SandboxSummary> {
+        self.json(self.http.post(self.api(&format!("sandboxes/{name}/stop"))?))
+            .await
+    }
+
+    /// `POST /api/v1/sandboxes/{name}/resume`.
+    pub async fn resume_sandbox(&self, name: &str) -> Result<SandboxSummary> {
+        self.json(
+            self.http
+                .post(self.api(&format!("sandboxes/{name}/resume"))?),
+        )
+        .await
+    }
+
+    /// Configure, streaming install output and the result.
+    pub async fn configure(&self, sandbox: &str, req: &ConfigureRequest) -> Result<EventStream> {
+        let rb = self
+            .http
+            .post(self.url(sandbox, "configure"))
+            .header("accept", "text/event-stream")
+            .json(req);
+        Ok(EventStream::new(self.send(rb).await?))
+    }
+
+    /// Invoke, streaming its events.
+    pub async fn invoke(
+        &self,
+        sandbox: &str,
+        stdin: impl Into<reqwest::Body>,
+        options: &InvokeOptions,
+    ) -> Result<EventStream> {
+        let mut query = Vec::new();
+        if let Some(p) = &options.prompt {
+            query.push(format!("prompt={}", encode_query(p)));
+        }
+        if let Some(t) = &options.timeout {
+            query.push(format!("timeout={}", encode_query(t)));
+        }
+        if let Some(d) = &options.on_disconnect {
+            query.push(format!("onDisconnect={}", encode_query(d)));
+        }
+        let mut url = self.url(sandbox, "invoke");
+        if !query.is_empty() {
+            url = format!("{url}?{}", query.join("&"));
+        }
+        let rb = self
+            .http
+            .post(url)
+            .header("accept", "text/event-stream")
+            .body(stdin);
+        Ok(EventStream::new(self.send(rb).await?))
+    }
+
+    /// Follows an invoke's events after event `after`.
+    pub async fn events(&self, sandbox: &str, invoke: &str, after: u64) -> Result<EventStream> {
+        let rb = self
+            .http
+            .get(self.url(sandbox, &format!("invokes/{invoke}/events")))
+            .header("last-event-id", after.to_string());
+        Ok(EventStream::new(self.send(rb).await?))
+    }
+
+    /// Cancels an invoke (202), or fails with 404 when it is not running.
+    pub async fn cancel(&self, sandbox: &str, invoke: &str) -> Result<()> {
+        self.send(
+            self.http
+                .post(self.url(sandbox, &format!("invokes/{invoke}/cancel"))),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// One invoke's summary.
+    pub async fn invoke_summary(&self, sandbox: &str, invoke: &str) -> Result<InvokeSummary> {
+        self.json(
+            self.http
+                .get(self.url(sandbox, &format!("invokes/{invoke}"))),
+        )
+        .await
+    }
+
+    /// Recent invokes.
+    pub async fn invokes(&self, sandbox: &str) -> Result<InvokeList> {
+        self.json(self.http.get(self.url(sandbox, "invokes"))).await
+    }
+
+    /// Exec, streaming its events.
+    pub async fn exec(&self, sandbox: &str, req: &ExecRequest) -> Result<EventStream> {
+        let rb = self
+            .http
+            .post(self.url(sandbox, "exec"))
+            .header("accept", "text/event-stream")
+            .json(req);
+        Ok(EventStream::new(self.send(rb).await?))
+    }
+
+    /// A directory listing (`{"entries": [...]}`).
+    pub async fn list_files(&self, sandbox: &str, path: &str) -> Result<serde_json::Value> {
+        let url = format!(
+            "{}?path={}",
+            self.url(sandbox, "files/"),
+            encode_query(path)
+        );
+        self.json(self.http.get(url)).await
+    }
+
+    /// Downloads a file (streaming response).
+    pub async fn get_file(&self, sandbox: &str, path: &str) -> Result<reqwest::Response> {
+        let url = self.url(sandbox, &format!("files/{}", encode_path(path)));
+        self.send(self.http.get(url)).await
+    }
+
+    /// Uploads a file.
+    pub async fn put_file(
+        &self,
+        sandbox: &str,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<serde_json::Value> {
+        let url = self.url(sandbox, &format!("files/{}", encode_path(path)));
+        self.json(self.http.put(url).body(body)).await
+    }
+
+    /// Deletes a file or (with `recursive`) a directory.
+    pub async fn delete_file(&self, sandbox: &str, path: &str, recursive: bool) -> Result<()> {
+        let mut url = self.url(sandbox, &format!("files/{}", encode_path(path)));
+        if recursive {
+            url.push_str("?recursive=true");
+        }
+        self.send(self.http.delete(url)).await?;
+        Ok(())
+    }
+}
+
+/// The events of a streaming response.
+#[derive(Debug)]
+pub struct EventStream {
+    resp: reqwest::Response,
+    parser: Parser,
+    done: bool,
+}
+
+impl EventStream {
+    fn new(resp: reqwest::Response) -> Self {
+        Self {
+            resp,
+            parser: Parser::default(),
+            done: false,
+        }
+    }
+
+    /// The next event; `Ok(None)` when the stream ended.
+    pub async fn next(&mut self) -> Result<Option<Event>> {
+        loop {
+            if let Some(event) = self.parser.next_event() {
+                return Ok(Some(event));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            match self.resp.chunk().await? {
+                Some(chunk) => self.parser.push(&chunk),
+                None => self.done = true,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_queries_are_encoded() {
+        assert_eq!(
+            encode_path("/workspace/a b/é.txt"),
+            "workspace/a%20b/%C3%A9.txt"
+        );
+        assert_eq!(encode_query("a b&c=d"), "a%20b%26c%3Dd");
+        let c = Client::runner("http://r:1/", "t");
+        assert_eq!(c.url("ignored", "invoke"), "http://r:1/v1/invoke");
+        let c = Client::control_plane("http://cp:2", "k");
+        assert_eq!(
+            c.url("demo", "invoke"),
+            "http://cp:2/api/v1/sandboxes/demo/invoke"
+        );
+    }
+}

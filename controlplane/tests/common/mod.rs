@@ -1,0 +1,593 @@
+//! Test harness: starts the real `agentbox-controlplane` binary (one or more replicas on one
+//! state directory) with an API keys file, real local `agentbox-runner` sandboxes behind it, and
+//! talks HTTP to it. Every process started for a test carries a unique `CP_TEST_TAG` in its
+//! environment (the control plane passes it on to runners, bubblewrap and invokes), so the end
+//! of a test can find and stop every one of them: no runner outlives the test run.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use reqwest::Method;
+use serde_json::{json, Value};
+use sha2::Digest;
+
+/// An administrator's key (all namespaces).
+pub const ADMIN_KEY: &str = "cpt-admin-key-7f3a9c21d84e55b0";
+/// A key limited to namespace `team-a`.
+pub const TEAM_A_KEY: &str = "cpt-team-a-key-52be0d6f91ac3377";
+/// A key that is in no keys file.
+pub const WRONG_KEY: &str = "cpt-wrong-key-0a1b2c3d4e5f6789";
+/// The environment variable that marks every process of one test.
+pub const TAG_VAR: &str = "CP_TEST_TAG";
+
+pub fn cp_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_agentbox-controlplane")
+}
+
+/// The runner binary, next to the test executable's target directory
+/// (`target/debug/deps/<test>-<hash>` → `target/debug/agentbox-runner`).
+pub fn runner_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test executable lives in target/<profile>/deps");
+    let bin = dir.join("agentbox-runner");
+    assert!(
+        bin.is_file(),
+        "{} does not exist: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+pub fn bwrap_available() -> bool {
+    Command::new("which")
+        .arg("bwrap")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+pub fn sha256_hex(secret: &str) -> String {
+    hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+}
+
+/// One entry of a keys file: (name, key, namespaces, admin).
+pub type KeySpec<'a> = (&'a str, &'a str, &'a [&'a str], bool);
+
+/// The keys every test starts with: `admin` (all namespaces) and `a` (team-a only).
+pub const DEFAULT_KEYS: &[KeySpec<'static>] = &[
+    ("admin", ADMIN_KEY, &[], true),
+    ("a", TEAM_A_KEY, &["team-a"], false),
+];
+
+/// A temporary directory with a state directory and a keys file. On drop, every process of the
+/// test still running (runners, bubblewrap, invokes, control planes) is stopped.
+pub struct Env {
+    pub root: PathBuf,
+    pub state: PathBuf,
+    pub keys_file: PathBuf,
+    pub tag: String,
+    _tmp: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let tmp = tempfile::Builder::new().prefix("cpt-").tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let tag = root.file_name().unwrap().to_string_lossy().into_owned();
+        let env = Env {
+            state: root.join("state"),
+            keys_file: root.join("keys.json"),
+            root,
+            tag,
+            _tmp: tmp,
+        };
+        env.write_keys(DEFAULT_KEYS);
+        env
+    }
+
+    /// Replaces the keys file (atomically, as an operator's tooling would).
+    pub fn write_keys(&self, keys: &[KeySpec<'_>]) {
+        let entries: Vec<Value> = keys
+            .iter()
+            .map(|(name, key, namespaces, admin)| {
+                json!({
+                    "name": name,
+                    "sha256": sha256_hex(key),
+                    "namespaces": namespaces,
+                    "admin": admin,
+                })
+            })
+            .collect();
+        let tmp = self.root.join(".keys.json.tmp");
+        std::fs::write(&tmp, json!({ "keys": entries }).to_string()).unwrap();
+        std::fs::rename(&tmp, &self.keys_file).unwrap();
+    }
+
+    /// The standard flags, with `isolation` (`none` or `bwrap`).
+    pub fn args(&self, isolation: &str) -> Vec<String> {
+        vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--state-dir".into(),
+            self.state.display().to_string(),
+            "--api-keys-file".into(),
+            self.keys_file.display().to_string(),
+            "--runner-bin".into(),
+            runner_bin().display().to_string(),
+            "--isolation".into(),
+            isolation.into(),
+        ]
+    }
+
+    /// A control plane with the standard flags and no isolation.
+    pub fn start(&self) -> Cp {
+        self.spawn(&self.args("none"))
+    }
+
+    /// A control plane with the standard flags plus `extra`.
+    pub fn start_with(&self, isolation: &str, extra: &[&str]) -> Cp {
+        let mut args = self.args(isolation);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn(&args)
+    }
+
+    /// The control-plane command with a clean environment (no `AGENTBOX_*` from the caller),
+    /// `AGENTBOX_LOG=warn` and this test's tag.
+    pub fn command(&self, args: &[String]) -> Command {
+        let mut cmd = Command::new(cp_bin());
+        cmd.args(args);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("AGENTBOX_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env("AGENTBOX_LOG", "warn")
+            .env(TAG_VAR, &self.tag)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Starts a control plane with exactly `args` and reads its `listening on ADDR` line.
+    pub fn spawn(&self, args: &[String]) -> Cp {
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let Some(addr) = line.strip_prefix("listening on ") else {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!("the control plane did not start: first line {line:?}, {status:?}");
+        };
+        let addr: SocketAddr = addr.trim().parse().unwrap();
+        Cp {
+            child,
+            addr,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+            _stdout: stdout,
+        }
+    }
+
+    pub fn sandbox_dir(&self, name: &str) -> PathBuf {
+        self.state.join("sandboxes").join(name)
+    }
+
+    pub fn workspace(&self, name: &str) -> PathBuf {
+        self.sandbox_dir(name).join("workspace")
+    }
+
+    /// The backend's record of a sandbox (`sandbox.json`).
+    pub fn record(&self, name: &str) -> Value {
+        let bytes = std::fs::read(self.sandbox_dir(name).join("sandbox.json")).unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    pub fn audit_log(&self) -> String {
+        std::fs::read_to_string(self.state.join("audit.log")).unwrap_or_default()
+    }
+
+    /// Live (non-zombie) processes carrying this test's tag, except `except`.
+    pub fn tagged_pids(&self, except: &[i32]) -> Vec<i32> {
+        let needle = format!("{TAG_VAR}={}", self.tag);
+        let me = std::process::id() as i32;
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if pid == me || except.contains(&pid) || !alive(pid) {
+                continue;
+            }
+            let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+                continue;
+            };
+            if environ
+                .split(|b| *b == 0)
+                .any(|var| var == needle.as_bytes())
+            {
+                out.push(pid);
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Waits (bounded) until no process of this test but `except` is alive; returns the rest.
+    pub fn wait_no_tagged(&self, except: &[i32], within: Duration) -> Vec<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = self.tagged_pids(except);
+            if left.is_empty() || Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops every process of this test: SIGTERM (runners cancel their invokes), then SIGKILL
+    /// whatever is left after a grace period. Returns the processes that had to be killed.
+    pub fn sweep(&self) -> Vec<i32> {
+        for pid in self.tagged_pids(&[]) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let left = self.wait_no_tagged(&[], Duration::from_secs(10));
+        for pid in &left {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        self.wait_no_tagged(&[], Duration::from_secs(5));
+        left
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.sweep();
+    }
+}
+
+/// The start time of a process (field 22 of `/proc/PID/stat`).
+pub fn start_time(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let close = text.rfind(')')?;
+    text.get(close + 1..)?
+        .split_ascii_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(text) => text
+            .rfind(')')
+            .and_then(|c| text.get(c + 2..c + 3))
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// A running control plane; killed on drop (it is stateless; sandboxes outlive it).
+pub struct Cp {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Cp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// A request with `key` in `X-API-Key` (none when `None`).
+    pub fn req(&self, method: Method, path: &str, key: Option<&str>) -> reqwest::RequestBuilder {
+        let rb = self.client.request(method, self.url(path));
+        match key {
+            Some(k) => rb.header("x-api-key", k),
+            None => rb,
+        }
+    }
+
+    /// A request as the administrator.
+    pub fn admin(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.req(method, path, Some(ADMIN_KEY))
+    }
+
+    /// `/api/v1/sandboxes/{name}{rest}` as the administrator.
+    pub fn sb(&self, method: Method, name: &str, rest: &str) -> reqwest::RequestBuilder {
+        self.admin(method, &format!("/api/v1/sandboxes/{name}{rest}"))
+    }
+
+    /// Creates a sandbox as the administrator; asserts 201 and returns the summary.
+    pub async fn create(&self, name: &str, template: &str) -> Value {
+        let (status, body) = send(self.admin(Method::POST, "/api/v1/sandboxes").json(&json!({
+            "name": name,
+            "templateRef": {"name": template, "kind": "ClusterSandboxTemplate"},
+        })))
+        .await;
+        assert_eq!(status, 201, "create {name}: {body}");
+        body
+    }
+
+    /// Configures over SSE; asserts 200 and a final `result` event, which it returns with
+    /// every event.
+    pub async fn configure(&self, name: &str, body: Value) -> (Value, Vec<Event>) {
+        let resp = self
+            .sb(Method::POST, name, "/configure")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        assert_eq!(
+            status,
+            200,
+            "configure {name}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+        let events = parse_sse(&bytes);
+        let last = events.last().expect("configure sent no events");
+        assert_eq!(
+            last.event, "result",
+            "configure did not succeed: {events:?}"
+        );
+        (last.data.clone(), events)
+    }
+
+    /// Configures `sh -c SCRIPT` as the entrypoint.
+    pub async fn configure_sh(&self, name: &str, script: &str) -> Value {
+        self.configure(name, json!({"entrypoint": ["sh", "-c", script]}))
+            .await
+            .0
+    }
+
+    /// Invokes over SSE as the administrator and reads the stream to its end.
+    pub async fn invoke(&self, name: &str, stdin: impl Into<reqwest::Body>) -> Vec<Event> {
+        let resp = self
+            .sb(Method::POST, name, "/invoke")
+            .body(stdin)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        assert_eq!(
+            status,
+            200,
+            "invoke {name}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+        parse_sse(&bytes)
+    }
+
+    /// Deletes a sandbox as the administrator; asserts 200.
+    pub async fn delete(&self, name: &str) {
+        let (status, body) = send(self.sb(Method::DELETE, name, "")).await;
+        assert_eq!(status, 200, "delete {name}: {body}");
+    }
+
+    /// GET /metrics (no credential).
+    pub async fn metrics(&self) -> String {
+        let resp = self.client.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap()
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Cp {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Sends a request; returns the status and the body as JSON (a JSON string of the raw text
+/// when it is not JSON, `null` when empty).
+pub async fn send(rb: reqwest::RequestBuilder) -> (u16, Value) {
+    let resp = rb.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.unwrap();
+    (status, to_json(&bytes))
+}
+
+pub fn to_json(bytes: &[u8]) -> Value {
+    if bytes.is_empty() {
+        return Value::Null;
+    }
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// Asserts a `{"error": code, "message": "..."}` body.
+#[track_caller]
+pub fn assert_error(body: &Value, code: &str) {
+    assert_eq!(body["error"], code, "unexpected body {body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "no message in {body}"
+    );
+}
+
+/// One SSE event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: u64,
+    pub event: String,
+    pub data: Value,
+}
+
+/// Parses a complete SSE body (comments skipped).
+pub fn parse_sse(bytes: &[u8]) -> Vec<Event> {
+    let (events, rest) = parse_sse_prefix(bytes);
+    assert!(
+        rest == bytes.len(),
+        "torn frame at the end: {:?}",
+        String::from_utf8_lossy(&bytes[rest..])
+    );
+    events
+}
+
+/// Parses the complete frames at the front of `bytes`; returns them and the bytes used.
+pub fn parse_sse_prefix(bytes: &[u8]) -> (Vec<Event>, usize) {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Some(end) = find(&bytes[pos..], b"\n\n") {
+        let text = std::str::from_utf8(&bytes[pos..pos + end]).unwrap();
+        pos += end + 2;
+        if text.starts_with(':') {
+            continue;
+        }
+        let mut ev = Event {
+            id: 0,
+            event: String::new(),
+            data: Value::Null,
+        };
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("id: ") {
+                ev.id = v.parse().unwrap();
+            } else if let Some(v) = line.strip_prefix("event: ") {
+                ev.event = v.to_owned();
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                ev.data = serde_json::from_str(v).unwrap();
+            }
+        }
+        out.push(ev);
+    }
+    (out, pos)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The exact bytes of `stream` ("stdout" or "stderr") rebuilt from `log` events.
+pub fn rebuild(events: &[Event], stream: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in events
+        .iter()
+        .filter(|e| e.event == "log" && e.data["stream"] == stream)
+    {
+        if let Some(text) = e.data["data"].as_str() {
+            out.extend_from_slice(text.as_bytes());
+        } else {
+            let b64 = e.data["dataBase64"].as_str().unwrap();
+            out.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap(),
+            );
+        }
+        if e.data["partial"] != Value::Bool(true) {
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
+/// The `exit` event, which must be the last one.
+#[track_caller]
+pub fn exit_event(events: &[Event]) -> &Value {
+    let last = events.last().expect("no events");
+    assert_eq!(last.event, "exit", "last event is not exit: {events:?}");
+    &last.data
+}
+
+/// The invoke id of the `start` event.
+#[track_caller]
+pub fn invoke_id(events: &[Event]) -> String {
+    events
+        .iter()
+        .find(|e| e.event == "start")
+        .and_then(|e| e.data["invokeId"].as_str())
+        .unwrap_or_else(|| panic!("no start event in {events:?}"))
+        .to_owned()
+}
+
+/// Reads an SSE response until an event matching `pred` arrives; returns everything so far.
+pub async fn read_until(
+    resp: &mut reqwest::Response,
+    buf: &mut Vec<u8>,
+    pred: impl Fn(&Event) -> bool,
+) -> Vec<Event> {
+    loop {
+        let (events, _) = parse_sse_prefix(buf);
+        if events.iter().any(&pred) {
+            return events;
+        }
+        match tokio::time::timeout(Duration::from_secs(20), resp.chunk()).await {
+            Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk),
+            other => panic!(
+                "stream ended before the awaited event: {other:?}; so far {:?}",
+                String::from_utf8_lossy(buf)
+            ),
+        }
+    }
+}
+
+/// Reads an SSE response to its end (bounded) and returns every event.
+pub async fn read_to_end(resp: &mut reqwest::Response, buf: &mut Vec<u8>) -> Vec<Event> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), resp.chunk()).await {
+            Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk),
+            Ok(Ok(None)) => return parse_sse(buf),
+            other => panic!(
+                "stream did not end: {other:?}; so far {:?}",
+                String::from_utf8_lossy(buf)
+            ),
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some` or `within` passes.
+pub async fn eventually<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
