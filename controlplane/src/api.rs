@@ -266,6 +266,7 @@ fn audit_action<T>(
     result: &Result<T>,
 ) {
     let (outcome, status) = match result {
+        Ok(_) if action == "create" => ("ok", 201),
         Ok(_) => ("ok", 200),
         Err(e) => ("error", e.status().as_u16()),
     };

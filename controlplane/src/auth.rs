@@ -195,7 +195,10 @@ fn looks_like_jwt(token: &str) -> bool {
 impl Authenticator {
     /// Authenticates `X-API-Key: <key>` or `Authorization: Bearer <key | JWT>`.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Identity> {
-        let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+        let api_key = headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .filter(|k| !k.trim().is_empty());
         let bearer = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())

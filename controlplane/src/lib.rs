@@ -17,6 +17,7 @@ pub mod templates;
 use std::sync::Arc;
 
 use crate::auth::{ApiKeys, Authenticator, TokenVerifier};
+use crate::backend::kubernetes::KubernetesBackend;
 use crate::backend::local::LocalBackend;
 use crate::backend::Backend;
 use crate::config::{BackendKind, Config};
@@ -42,15 +43,38 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Builds the state from a validated configuration.
+    /// Builds the state from a validated configuration. The Kubernetes backend connects
+    /// asynchronously: [`AppState::connect`] builds it.
     pub fn new(cfg: Config) -> Result<Arc<Self>, String> {
+        Self::with_backend(cfg, None)
+    }
+
+    /// Builds the state, first connecting to the backend's platform when it needs that (the
+    /// Kubernetes backend's caches are filled, bounded, before this returns).
+    pub async fn connect(cfg: Config) -> Result<Arc<Self>, String> {
+        let backend: Option<Arc<dyn Backend>> = match cfg.backend {
+            BackendKind::Kubernetes => Some(Arc::new(KubernetesBackend::connect(&cfg.kube).await?)),
+            BackendKind::Local => None,
+        };
+        Self::with_backend(cfg, backend)
+    }
+
+    /// Builds the state around `backend`, or around the configured one when `None`.
+    pub fn with_backend(
+        cfg: Config,
+        backend: Option<Arc<dyn Backend>>,
+    ) -> Result<Arc<Self>, String> {
         let keys = match &cfg.api_keys_file {
             Some(path) => Some(ApiKeys::load(path)?),
             None => None,
         };
         let templates = Templates::load(cfg.templates_file.as_deref())?;
-        let backend: Arc<dyn Backend> = match cfg.backend {
-            BackendKind::Local => Arc::new(
+        let backend: Arc<dyn Backend> = match (backend, cfg.backend) {
+            (Some(backend), _) => backend,
+            (None, BackendKind::Kubernetes) => {
+                return Err("the kubernetes backend is built by AppState::connect".into())
+            }
+            (None, BackendKind::Local) => Arc::new(
                 LocalBackend::new(
                     &cfg.state_dir,
                     cfg.runner_bin.clone(),

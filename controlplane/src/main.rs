@@ -61,7 +61,9 @@ async fn run(config: agentbox_controlplane::config::Config) -> anyhow::Result<()
     if config.dev {
         tracing::warn!("dev mode: authentication is off (loopback only)");
     }
-    let app = AppState::new(config).map_err(anyhow::Error::msg)?;
+    let app = AppState::connect(config)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

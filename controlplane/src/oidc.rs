@@ -235,7 +235,7 @@ impl Oidc {
         };
         match fetched {
             Ok(keys) => {
-                tracing::debug!(url = %self.cfg.jwks_url, keys = keys.len(), "OIDC JWKS fetched");
+                tracing::info!(url = %self.cfg.jwks_url, keys = keys.len(), "OIDC JWKS fetched");
                 if keys.is_empty() {
                     tracing::warn!(url = %self.cfg.jwks_url, "the OIDC JWKS has no usable signing key");
                 }

@@ -1346,9 +1346,6 @@ async fn bwrap_flow() {
 }
 
 #[tokio::test]
-#[ignore = "bug: under bwrap, stop/delete signal only the outer bwrap's process group; the \
-            runner (in the session bwrap --new-session made) keeps running \
-            (controlplane/src/backend/local.rs, LocalBackend::halt)"]
 async fn bwrap_stop_and_delete_end_the_runner() {
     if !bwrap_available() {
         eprintln!("bwrap is not installed: skipping");
@@ -1394,8 +1391,6 @@ async fn healthz_and_metrics_need_no_credential() {
 }
 
 #[tokio::test]
-#[ignore = "bug: the audit record of a create says status 200 while the answer is 201 \
-            (controlplane/src/api.rs, audit_action maps every Ok to 200)"]
 async fn audit_status_is_the_http_status() {
     let env = Env::new();
     let cp = env.start();

@@ -995,8 +995,7 @@ async fn openapi_is_served_without_auth_and_names_every_route() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/json");
     let served: Value = resp.json().await.unwrap();
-    let committed: Value =
-        serde_json::from_str(include_str!("../openapi.json")).unwrap();
+    let committed: Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
     assert_eq!(served, committed);
     assert!(served["openapi"].as_str().unwrap().starts_with("3."));
     let routes = [
@@ -1024,7 +1023,14 @@ async fn openapi_is_served_without_auth_and_names_every_route() {
         );
     }
     // The limits the runner reports are the ones the description requires.
-    let info: Value = r.get("/v1/info").send().await.unwrap().json().await.unwrap();
+    let info: Value = r
+        .get("/v1/info")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     for field in served["components"]["schemas"]["Limits"]["required"]
         .as_array()
         .unwrap()

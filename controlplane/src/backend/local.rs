@@ -260,7 +260,9 @@ impl LocalBackend {
         Ok(())
     }
 
-    /// SIGTERM to the runner's process group (it cancels its invokes), SIGKILL if it lingers.
+    /// SIGTERM to the runner (it cancels its invokes), SIGKILL to whatever lingers. Under
+    /// bubblewrap the runner sits in a session of its own below the recorded bwrap process, so
+    /// every process group of the recorded process's subtree is signaled, not just its own.
     fn halt(record: &Record) {
         if !record.alive() {
             return;
@@ -268,14 +270,70 @@ impl LocalBackend {
         let Some(pid) = record.pid else {
             return;
         };
-        let group = Pid::from_raw(pid);
-        let _ = killpg(group, Signal::SIGTERM);
+        let signal_tree = |signal: Signal| {
+            let mut groups = vec![pid];
+            for p in descendants(pid) {
+                if let Some(g) = process_group(p) {
+                    if !groups.contains(&g) && g != own_group() {
+                        groups.push(g);
+                    }
+                }
+            }
+            for g in groups {
+                let _ = killpg(Pid::from_raw(g), signal);
+            }
+        };
+        signal_tree(Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while record.alive() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = killpg(group, Signal::SIGKILL);
+        signal_tree(Signal::SIGKILL);
     }
+}
+
+fn own_group() -> i32 {
+    nix::unistd::getpgrp().as_raw()
+}
+
+/// `(pid, ppid, pgrp)` of every process, from `/proc`.
+fn process_table() -> Vec<(i32, i32, i32)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let mut rest = text.get(text.rfind(')')? + 1..)?.split_ascii_whitespace();
+        let _state = rest.next()?;
+        let ppid = rest.next()?.parse().ok()?;
+        let pgrp = rest.next()?.parse().ok()?;
+        Some((pid, ppid, pgrp))
+    })
+    .collect()
+}
+
+fn process_group(pid: i32) -> Option<i32> {
+    process_table()
+        .into_iter()
+        .find(|(p, _, _)| *p == pid)
+        .map(|(_, _, g)| g)
+}
+
+/// Every descendant of `root`, by parent pid.
+fn descendants(root: i32) -> Vec<i32> {
+    let table = process_table();
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for (pid, ppid, _) in &table {
+            if *ppid == parent && !out.contains(pid) {
+                out.push(*pid);
+                frontier.push(*pid);
+            }
+        }
+    }
+    out
 }
 
 /// bubblewrap arguments: a read-only view of the host, fresh /dev, /proc and /tmp, the
@@ -336,8 +394,13 @@ impl Backend for LocalBackend {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(&self.root)? {
             let name = entry?.file_name().to_string_lossy().into_owned();
-            if let Some(record) = self.read(&name)? {
-                out.push(record.summary());
+            // One damaged record must not hide every other sandbox.
+            match self.read(&name) {
+                Ok(Some(record)) => out.push(record.summary()),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(sandbox = %name, error = %e, "skipping an unreadable sandbox record")
+                }
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));

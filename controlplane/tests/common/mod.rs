@@ -252,6 +252,27 @@ impl Env {
     /// Stops every process of this test: SIGTERM (runners cancel their invokes), then SIGKILL
     /// whatever is left after a grace period. Returns the processes that had to be killed.
     pub fn sweep(&self) -> Vec<i32> {
+        // The process groups the backend recorded (in case /proc/PID/environ is unreadable),
+        // when the recorded start time shows it is still the same process.
+        let me = nix::unistd::getpgrp().as_raw();
+        let dirs = std::fs::read_dir(self.state.join("sandboxes"));
+        for dir in dirs.into_iter().flatten().flatten() {
+            let Ok(bytes) = std::fs::read(dir.path().join("sandbox.json")) else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_slice::<Value>(&bytes) else {
+                continue;
+            };
+            let (Some(pid), Some(started)) =
+                (record["pid"].as_i64(), record["pidStarted"].as_u64())
+            else {
+                continue;
+            };
+            let pid = pid as i32;
+            if pid > 1 && pid != me && start_time(pid) == Some(started) {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
         for pid in self.tagged_pids(&[]) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }

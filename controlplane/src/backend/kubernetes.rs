@@ -1,0 +1,1440 @@
+//! The Kubernetes backend: every sandbox is a Secret (its record) and a Pod (its runner) in one
+//! namespace (`--kube-namespace`, default `agentbox`), plus an optional PersistentVolumeClaim
+//! holding its workspace. The cluster comes from `KUBECONFIG` (or `~/.kube/config`), else from
+//! the in-cluster service account ([`kube::Config::infer`]).
+//!
+//! # Objects
+//!
+//! Every object carries the labels `app.kubernetes.io/managed-by=agentbox` and
+//! `agentbox.dev/sandbox=<name>` (and `agentbox.dev/namespace=<agentbox namespace>`).
+//!
+//! * **Secret `sandbox-<name>`**, the record. Annotations: `agentbox.dev/namespace` (the
+//!   agentbox namespace, i.e. the tenant; not the Kubernetes one), `agentbox.dev/template`,
+//!   `agentbox.dev/mode`, `agentbox.dev/created-at` (RFC 3339), `agentbox.dev/created-by` (JSON
+//!   `{"email", "displayName"}`), `agentbox.dev/pvc` (the claim's name, when there is one) and,
+//!   while stopped, `agentbox.dev/stopped` (when it was stopped). Data: `token`, the sandbox's
+//!   own random runner token, and `pod.json`, the Pod rendered at creation, so that resume
+//!   recreates exactly the same Pod even if the template changed since.
+//! * **Pod `sandbox-<name>`**, owned by the Secret (an `ownerReference`, so deleting the Secret
+//!   garbage-collects the rest). Its runner container gets `AGENTBOX_RUNNER_TOKEN` from the
+//!   Secret (`secretKeyRef`, never a literal), `AGENTBOX_MODE`, `AGENTBOX_SANDBOX` and the
+//!   template's `env`, `maxConcurrentInvokes` and `runnerArgs`. The runner listens on the
+//!   container port named `runner` (8421 when the template names none).
+//! * **PersistentVolumeClaim `sandbox-<name>-workspace`**, owned by the Secret, when the
+//!   template asks for one; mounted at `/workspace`. Without one, `/workspace` is an
+//!   `emptyDir`, which a stop loses.
+//!
+//! # Templates
+//!
+//! Template `T` (from `--templates-file` or the built-ins) may have a ConfigMap
+//! `<--kube-template-configmap-prefix>T` (default `agentbox-template-T`) in the same namespace:
+//!
+//! * key `pod.json`: a Pod (`{"metadata": {"labels", "annotations"}, "spec": {..}}`) or a bare
+//!   PodSpec. The runner container is the one named `runner`, else the one with a port named
+//!   `runner`, else the first. Its image, when empty, comes from the template's `image`, else
+//!   `--kube-runner-image`. Settings the template leaves out are filled in as for the built-in
+//!   pod: a `runner` port, a readiness probe on `/healthz`, the workspace volume, no service
+//!   account token (`automountServiceAccountToken: false` unless it says otherwise) and no
+//!   service links.
+//! * key `pvc.json`: a PersistentVolumeClaim (or its spec) for the workspace.
+//!
+//! Without the ConfigMap (or without `pod.json`), the built-in pod is one container `runner`
+//! running the template's `image` (else `--kube-runner-image`) with its entrypoint, which must
+//! be `agentbox-runner`; no privilege escalation, all capabilities dropped, the runtime's
+//! default seccomp profile.
+//!
+//! # Phases
+//!
+//! Read from two reflector caches (Pods and Secrets labelled
+//! `app.kubernetes.io/managed-by=agentbox`, filled before the control plane serves, bounded by
+//! `--kube-sync-timeout`), so [`Backend::resolve`], `list` and `get` make no API call:
+//!
+//! * Secret being deleted → `Deleting`; `agentbox.dev/stopped` → `Stopped`;
+//! * no Pod → `Creating` during the first minute of the Secret, then `Error` (the Pod was
+//!   deleted or evicted behind our back; resume creates it again);
+//! * Pod being deleted → `Deleting`; Pending, or Running but not Ready → `Creating`; Running
+//!   and Ready with a pod IP → `Running`; Failed, Succeeded, Unknown, or a container waiting
+//!   on an error (image pull, crash loop, bad config) → `Error`, with the reason as `message`.
+//!
+//! The caches can lag a write by the watch's latency, so every write here waits (bounded) until
+//! the caches show it before answering: a `get` after `create` finds the sandbox.
+//!
+//! # Lifecycle
+//!
+//! * create: read the template's ConfigMap, create the Secret (`409 already_exists` if it
+//!   exists), the claim, the Pod. Any failure after the Secret undoes what was created.
+//! * delete: delete the Pod, the claim, the Secret.
+//! * stop: annotate the Secret `agentbox.dev/stopped`, delete the Pod; the claim is kept.
+//! * resume: remove a Pod that cannot serve (Failed, Succeeded, Unknown) and wait (bounded) for
+//!   a terminating one to go, create the Pod from the Secret's `pod.json`, remove the
+//!   annotation.
+//!
+//! **Tokens.** A stop and resume keeps the token (the Pod reads it from the same Secret). To
+//! rotate it: stop, replace the Secret's `token` (e.g. `kubectl patch secret sandbox-NAME
+//! -p '{"stringData":{"token":"NEW"}}'`), resume. The control plane picks up the new token from
+//! its cache.
+//!
+//! **Events.** [`Backend::record`] creates a core/v1 Event on the Pod (on the Secret when the
+//! Pod is gone) for every configure and invoke: reason `Configured` or `Invoked`, type `Normal`
+//! when the outcome is `ok` else `Warning`, the message `invoke ok (HTTP 200)`; never argv,
+//! stdin or output. Best effort: a failure is logged and nothing else.
+//!
+//! # Permissions (least privilege)
+//!
+//! Everything is in the one namespace, so a namespaced Role bound to the control plane's
+//! service account is enough; the backend uses exactly these verbs:
+//!
+//! | API group | resource                 | verbs                                  |
+//! |-----------|--------------------------|----------------------------------------|
+//! | `""`      | `secrets`                | `list`, `watch`, `create`, `patch`, `delete` |
+//! | `""`      | `pods`                   | `list`, `watch`, `create`, `delete`    |
+//! | `""`      | `persistentvolumeclaims` | `create`, `delete`                     |
+//! | `""`      | `configmaps`             | `get`                                  |
+//! | `""`      | `events`                 | `create`                               |
+//!
+//! No `get` on secrets or pods (reads come from the caches), no `update`, no cluster-scoped
+//! resources. The sandbox Pods themselves get no service account token.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentbox_proto::{SandboxStatus, SandboxSummary};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    Event, EventSource, HTTPGetAction, ObjectReference, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
+    Probe, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::ByteString;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use super::{valid_name, Backend, CreateSpec, Target};
+use crate::config::KubeConfig;
+use crate::error::{Error, Result};
+use crate::templates::Template;
+
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+const MANAGER: &str = "agentbox";
+const SELECTOR: &str = "app.kubernetes.io/managed-by=agentbox";
+const SANDBOX: &str = "agentbox.dev/sandbox";
+const NAMESPACE: &str = "agentbox.dev/namespace";
+const TEMPLATE: &str = "agentbox.dev/template";
+const MODE: &str = "agentbox.dev/mode";
+const CREATED_AT: &str = "agentbox.dev/created-at";
+const CREATED_BY: &str = "agentbox.dev/created-by";
+const STOPPED: &str = "agentbox.dev/stopped";
+const PVC: &str = "agentbox.dev/pvc";
+/// The Secret's key holding the runner token.
+pub const TOKEN_KEY: &str = "token";
+/// The Secret's key holding the rendered Pod, and the ConfigMap's key holding a template's pod.
+pub const POD_KEY: &str = "pod.json";
+/// The ConfigMap's key holding a template's workspace claim.
+pub const PVC_KEY: &str = "pvc.json";
+/// The name of the runner's container port (and preferred name of its container).
+pub const RUNNER: &str = "runner";
+/// The runner's port when the template names none.
+pub const DEFAULT_RUNNER_PORT: u16 = 8421;
+const WORKSPACE_VOLUME: &str = "workspace";
+const WORKSPACE_PATH: &str = "/workspace";
+/// A Secret this young without a Pod is still being created, not broken.
+const CREATE_GRACE: Duration = Duration::from_secs(60);
+/// How long a write waits for the caches to show it.
+const SETTLE: Duration = Duration::from_secs(10);
+/// How long resume waits for a terminating Pod to go.
+const TERMINATE_WAIT: Duration = Duration::from_secs(45);
+/// Container waiting reasons that mean the Pod will not become Ready without a change.
+const STUCK: &[&str] = &[
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// The name of a sandbox's Secret and Pod.
+pub fn object_name(sandbox: &str) -> String {
+    format!("sandbox-{sandbox}")
+}
+
+/// The name of a sandbox's workspace claim.
+pub fn pvc_name(sandbox: &str) -> String {
+    format!("sandbox-{sandbox}-workspace")
+}
+
+/// Aborts a task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sandboxes as Secrets and Pods in one Kubernetes namespace.
+pub struct KubernetesBackend {
+    client: Client,
+    namespace: String,
+    template_prefix: String,
+    runner_image: Option<String>,
+    pods: Store<Pod>,
+    secrets: Store<Secret>,
+    instance: String,
+    _watchers: [AbortOnDrop; 2],
+}
+
+impl std::fmt::Debug for KubernetesBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubernetesBackend")
+            .field("namespace", &self.namespace)
+            .field("template_prefix", &self.template_prefix)
+            .field("runner_image", &self.runner_image)
+            .field("pods", &self.pods.len())
+            .field("secrets", &self.secrets.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts a reflector of `api`'s objects labelled [`SELECTOR`]; the last watch error, if any,
+/// goes to `last_error`.
+fn cache<K>(api: Api<K>, last_error: Arc<Mutex<Option<String>>>) -> (Store<K>, AbortOnDrop)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let kind = K::kind(&()).into_owned();
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default().labels(SELECTOR))
+        .default_backoff()
+        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .reflect(writer);
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut failing = false;
+        while let Some(item) = stream.next().await {
+            match item {
+                // A relist announces itself (Init) before it has succeeded; only its end or
+                // a watch event shows that the API answers again.
+                Ok(
+                    watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_),
+                ) if failing => {
+                    failing = false;
+                    tracing::info!(kind, "watching again");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(kind, error = %e, "watch failed; retrying");
+                    failing = true;
+                    if let Ok(mut last) = last_error.lock() {
+                        *last = Some(format!("{kind}: {e}"));
+                    }
+                }
+            }
+        }
+    });
+    (reader, AbortOnDrop(task))
+}
+
+fn random_hex(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    getrandom::fill(&mut buf).expect("the kernel's random source is available");
+    hex::encode(buf)
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Whether `e` is an API answer with HTTP status `code`.
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+/// A backend error naming what failed.
+fn api_error(what: impl std::fmt::Display, e: &kube::Error) -> Error {
+    match e {
+        kube::Error::Api(s) => Error::Backend(format!(
+            "Kubernetes: {what}: {} ({} {})",
+            s.message, s.code, s.reason
+        )),
+        other => Error::Backend(format!("Kubernetes: {what}: {other}")),
+    }
+}
+
+/// What a template contributes besides the control plane's [`Template`].
+#[derive(Debug, Default)]
+struct PodTemplate {
+    /// `pod.json`, when there is one.
+    pod: Option<Pod>,
+    /// `pvc.json`, when there is one.
+    pvc: Option<PersistentVolumeClaimSpec>,
+}
+
+/// Parses `text` as an object of type `Full` whose `spec` is a `Spec`, or as a bare `Spec`.
+fn full_or_spec<Full: DeserializeOwned, Spec: DeserializeOwned>(
+    text: &str,
+    wrap: impl FnOnce(Spec) -> Full,
+) -> std::result::Result<Full, serde_json::Error> {
+    let value: serde_json::Value = serde_json::from_str(text)?;
+    if value.get("spec").is_some() {
+        serde_json::from_value(value)
+    } else {
+        serde_json::from_value(value).map(wrap)
+    }
+}
+
+fn env_value(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+/// The built-in pod: one hardened `runner` container.
+fn builtin_pod() -> Pod {
+    Pod {
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: RUNNER.into(),
+                security_context: Some(SecurityContext {
+                    allow_privilege_escalation: Some(false),
+                    capabilities: Some(Capabilities {
+                        drop: Some(vec!["ALL".into()]),
+                        add: None,
+                    }),
+                    ..SecurityContext::default()
+                }),
+                ..Container::default()
+            }],
+            security_context: Some(PodSecurityContext {
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    localhost_profile: None,
+                }),
+                ..PodSecurityContext::default()
+            }),
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    }
+}
+
+/// Index of the runner container: named `runner`, else with a port named `runner`, else 0.
+fn runner_index(spec: &PodSpec) -> usize {
+    spec.containers
+        .iter()
+        .position(|c| c.name == RUNNER)
+        .or_else(|| {
+            spec.containers.iter().position(|c| {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .any(|p| p.name.as_deref() == Some(RUNNER))
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// The runner's port in a Pod: the container port named `runner`.
+fn runner_port(pod: &Pod) -> u16 {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(RUNNER))
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .unwrap_or(DEFAULT_RUNNER_PORT)
+}
+
+/// What the names in a sandbox's objects are.
+#[derive(Debug)]
+struct Names<'a> {
+    sandbox: &'a str,
+    namespace: &'a str,
+    object: String,
+}
+
+fn labels(names: &Names<'_>) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY.to_owned(), MANAGER.to_owned()),
+        (SANDBOX.to_owned(), names.sandbox.to_owned()),
+        (NAMESPACE.to_owned(), names.namespace.to_owned()),
+    ])
+}
+
+/// Renders the sandbox's Pod from the template (without owner references, which need the
+/// Secret's uid and are added when the Pod is created).
+fn render_pod(
+    names: &Names<'_>,
+    template: &Template,
+    base: Option<Pod>,
+    fallback_image: Option<&str>,
+    kube_namespace: &str,
+    pvc: Option<&str>,
+) -> Result<Pod> {
+    let mut pod = base.unwrap_or_else(builtin_pod);
+    let mut pod_labels = pod.metadata.labels.take().unwrap_or_default();
+    pod_labels.extend(labels(names));
+    let mut annotations = pod.metadata.annotations.take().unwrap_or_default();
+    annotations.insert(TEMPLATE.into(), template.name.clone());
+    pod.metadata = ObjectMeta {
+        name: Some(names.object.clone()),
+        namespace: Some(kube_namespace.into()),
+        labels: Some(pod_labels),
+        annotations: Some(annotations),
+        ..ObjectMeta::default()
+    };
+    pod.status = None;
+    let spec = pod.spec.get_or_insert_with(PodSpec::default);
+    if spec.containers.is_empty() {
+        spec.containers.push(Container {
+            name: RUNNER.into(),
+            ..Container::default()
+        });
+    }
+    spec.automount_service_account_token.get_or_insert(false);
+    spec.enable_service_links.get_or_insert(false);
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    if !volumes.iter().any(|v| v.name == WORKSPACE_VOLUME) {
+        volumes.push(Volume {
+            name: WORKSPACE_VOLUME.into(),
+            persistent_volume_claim: pvc.map(|claim| PersistentVolumeClaimVolumeSource {
+                claim_name: claim.into(),
+                read_only: None,
+            }),
+            empty_dir: pvc.is_none().then(EmptyDirVolumeSource::default),
+            ..Volume::default()
+        });
+    }
+    let index = runner_index(spec);
+    let c = &mut spec.containers[index];
+    if c.image.as_deref().is_none_or(str::is_empty) {
+        c.image = Some(
+            template
+                .image
+                .as_deref()
+                .or(fallback_image)
+                .ok_or_else(|| {
+                    Error::Backend(format!(
+                        "template {:?} names no image: give it an `image`, a pod.json with one, \
+                         or start the control plane with --kube-runner-image",
+                        template.name
+                    ))
+                })?
+                .to_owned(),
+        );
+    }
+    let ports = c.ports.get_or_insert_with(Vec::new);
+    let port = match ports.iter().find(|p| p.name.as_deref() == Some(RUNNER)) {
+        Some(p) => p.container_port,
+        None => {
+            ports.push(ContainerPort {
+                name: Some(RUNNER.into()),
+                container_port: i32::from(DEFAULT_RUNNER_PORT),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            });
+            i32::from(DEFAULT_RUNNER_PORT)
+        }
+    };
+    // The environment: the template pod's, then the template's, then ours (which win).
+    let mut forced = vec![
+        EnvVar {
+            name: "AGENTBOX_RUNNER_TOKEN".into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: names.object.clone(),
+                    key: TOKEN_KEY.into(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+        },
+        env_value("AGENTBOX_MODE", template.mode.clone()),
+        env_value("AGENTBOX_SANDBOX", names.sandbox),
+    ];
+    if let Some(n) = template.max_concurrent_invokes {
+        forced.push(env_value("AGENTBOX_MAX_CONCURRENT_INVOKES", n.to_string()));
+    }
+    let env = c.env.get_or_insert_with(Vec::new);
+    let mut defaults = vec![
+        env_value("AGENTBOX_LISTEN", format!("0.0.0.0:{port}")),
+        env_value("AGENTBOX_WORKSPACE", WORKSPACE_PATH),
+    ];
+    defaults.retain(|d| !env.iter().any(|e| e.name == d.name));
+    env.extend(defaults);
+    env.retain(|e| !template.env.contains_key(&e.name));
+    env.extend(
+        template
+            .env
+            .iter()
+            .map(|(name, value)| env_value(name, value.clone())),
+    );
+    env.retain(|e| !forced.iter().any(|f| f.name == e.name));
+    env.extend(forced);
+    c.args
+        .get_or_insert_with(Vec::new)
+        .extend(template.runner_args.iter().cloned());
+    let mounts = c.volume_mounts.get_or_insert_with(Vec::new);
+    if !mounts.iter().any(|m| m.mount_path == WORKSPACE_PATH) {
+        mounts.push(VolumeMount {
+            name: WORKSPACE_VOLUME.into(),
+            mount_path: WORKSPACE_PATH.into(),
+            ..VolumeMount::default()
+        });
+    }
+    if c.readiness_probe.is_none() {
+        c.readiness_probe = Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::String(RUNNER.into()),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(2),
+            ..Probe::default()
+        });
+    }
+    Ok(pod)
+}
+
+fn annotation<'a>(obj: &'a impl ResourceExt, key: &str) -> Option<&'a str> {
+    obj.annotations().get(key).map(String::as_str)
+}
+
+fn secret_data<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.as_slice())
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .iter()
+        .flat_map(|s| s.conditions.iter().flatten())
+        .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+fn pod_ip(pod: &Pod) -> Option<IpAddr> {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|ip| ip.parse().ok())
+}
+
+/// A container waiting on an error that will not go away by itself.
+fn stuck(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .find_map(|c| {
+            let waiting = c.state.as_ref()?.waiting.as_ref()?;
+            let reason = waiting.reason.as_deref()?;
+            STUCK.contains(&reason).then(|| {
+                format!(
+                    "container {:?}: {reason}{}",
+                    c.name,
+                    waiting
+                        .message
+                        .as_deref()
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default()
+                )
+            })
+        })
+}
+
+/// A Pod's contribution to the sandbox's phase.
+fn pod_phase(pod: &Pod) -> (SandboxStatus, Option<String>) {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return (
+            SandboxStatus::Deleting,
+            Some("its pod is being deleted".into()),
+        );
+    }
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    let why = || {
+        status
+            .map(|s| {
+                [s.reason.as_deref(), s.message.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(": ")
+            })
+            .filter(|s| !s.is_empty())
+    };
+    match phase {
+        "Pending" | "Running" => {
+            if let Some(message) = stuck(pod) {
+                (SandboxStatus::Error, Some(message))
+            } else if phase == "Running" && pod_ready(pod) && pod_ip(pod).is_some() {
+                (SandboxStatus::Running, None)
+            } else if phase == "Running" {
+                (
+                    SandboxStatus::Creating,
+                    Some("its pod is not Ready yet".into()),
+                )
+            } else {
+                (
+                    SandboxStatus::Creating,
+                    Some(why().unwrap_or_else(|| "its pod is Pending".into())),
+                )
+            }
+        }
+        "Succeeded" => (
+            SandboxStatus::Error,
+            Some("its pod has exited; resume starts it again".into()),
+        ),
+        "Failed" => (
+            SandboxStatus::Error,
+            Some(format!(
+                "its pod failed{}; resume starts it again",
+                why().map(|w| format!(" ({w})")).unwrap_or_default()
+            )),
+        ),
+        other => (
+            SandboxStatus::Error,
+            Some(format!(
+                "its pod's phase is {other} (is its node reachable?)"
+            )),
+        ),
+    }
+}
+
+/// The sandbox's phase from its Secret and Pod.
+fn phase(secret: &Secret, pod: Option<&Pod>) -> (SandboxStatus, Option<String>) {
+    if secret.metadata.deletion_timestamp.is_some() {
+        return (SandboxStatus::Deleting, None);
+    }
+    if annotation(secret, STOPPED).is_some() {
+        return (SandboxStatus::Stopped, None);
+    }
+    if secret_data(secret, TOKEN_KEY).is_none_or(<[u8]>::is_empty) {
+        return (
+            SandboxStatus::Error,
+            Some(format!("its Secret has no {TOKEN_KEY:?}")),
+        );
+    }
+    match pod {
+        Some(pod) => pod_phase(pod),
+        None => {
+            let young =
+                secret.metadata.creation_timestamp.as_ref().is_none_or(|t| {
+                    Timestamp::now().duration_since(t.0).unsigned_abs() < CREATE_GRACE
+                });
+            if young {
+                (SandboxStatus::Creating, Some("waiting for its pod".into()))
+            } else {
+                (
+                    SandboxStatus::Error,
+                    Some("its pod is gone (deleted or evicted); resume creates it again".into()),
+                )
+            }
+        }
+    }
+}
+
+/// Whether a Pod can never serve again and must be replaced on resume.
+fn pod_finished(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Failed" | "Succeeded" | "Unknown")
+    )
+}
+
+impl KubernetesBackend {
+    /// Connects to the cluster (`KUBECONFIG`, `~/.kube/config`, else in-cluster), starts the
+    /// caches and waits (bounded by `cfg.sync_timeout`) until they hold the first list.
+    pub async fn connect(cfg: &KubeConfig) -> Result<Self, String> {
+        let config = kube::Config::infer().await.map_err(|e| {
+            format!(
+                "cannot find a Kubernetes cluster (KUBECONFIG, ~/.kube/config, in-cluster): {e}"
+            )
+        })?;
+        let client = Client::try_from(config)
+            .map_err(|e| format!("cannot build the Kubernetes client: {e}"))?;
+        Self::with_client(client, cfg).await
+    }
+
+    /// Like [`KubernetesBackend::connect`], with a client built elsewhere.
+    pub async fn with_client(client: Client, cfg: &KubeConfig) -> Result<Self, String> {
+        let ns = cfg.namespace.clone();
+        let last_error = Arc::new(Mutex::new(None));
+        let (pods, pod_watch) = cache::<Pod>(
+            Api::namespaced(client.clone(), &ns),
+            Arc::clone(&last_error),
+        );
+        let (secrets, secret_watch) = cache::<Secret>(
+            Api::namespaced(client.clone(), &ns),
+            Arc::clone(&last_error),
+        );
+        let ready = async {
+            pods.wait_until_ready().await.is_ok() && secrets.wait_until_ready().await.is_ok()
+        };
+        if !matches!(
+            tokio::time::timeout(cfg.sync_timeout, ready).await,
+            Ok(true)
+        ) {
+            let why = last_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone())
+                .unwrap_or_else(|| "no answer".into());
+            return Err(format!(
+                "cannot list and watch Pods and Secrets in Kubernetes namespace {ns:?} within \
+                 {} (check the cluster's address and the control plane's RBAC): {why}",
+                humantime::format_duration(cfg.sync_timeout)
+            ));
+        }
+        tracing::info!(
+            namespace = %ns,
+            sandboxes = secrets.len(),
+            pods = pods.len(),
+            "Kubernetes caches ready"
+        );
+        let instance = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .unwrap_or_else(|| "agentbox-controlplane".into());
+        Ok(Self {
+            client,
+            namespace: ns,
+            template_prefix: cfg.template_configmap_prefix.clone(),
+            runner_image: cfg.runner_image.clone(),
+            pods,
+            secrets,
+            instance,
+            _watchers: [pod_watch, secret_watch],
+        })
+    }
+
+    fn api<K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>>(
+        &self,
+    ) -> Api<K> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// The cached Secret of sandbox `name`.
+    fn secret(&self, name: &str) -> Option<Arc<Secret>> {
+        if !valid_name(name) {
+            return None;
+        }
+        self.secrets
+            .get(&ObjectRef::new(&object_name(name)).within(&self.namespace))
+            .filter(|s| s.labels().get(SANDBOX).map(String::as_str) == Some(name))
+    }
+
+    /// The cached Pod of sandbox `name`.
+    fn pod(&self, name: &str) -> Option<Arc<Pod>> {
+        if !valid_name(name) {
+            return None;
+        }
+        self.pods
+            .get(&ObjectRef::new(&object_name(name)).within(&self.namespace))
+            .filter(|p| p.labels().get(SANDBOX).map(String::as_str) == Some(name))
+    }
+
+    fn summary(&self, secret: &Secret) -> Option<SandboxSummary> {
+        let name = secret.labels().get(SANDBOX)?.clone();
+        let pod = self.pod(&name);
+        let (status, message) = phase(secret, pod.as_deref());
+        Some(SandboxSummary {
+            sandbox_id: name.clone(),
+            namespace: annotation(secret, NAMESPACE)
+                .unwrap_or("default")
+                .to_owned(),
+            status,
+            mode: annotation(secret, MODE).unwrap_or("agent").to_owned(),
+            template_ref: annotation(secret, TEMPLATE).map(str::to_owned),
+            pod_name: pod.map(|p| p.name_any()),
+            pvc_name: annotation(secret, PVC).map(str::to_owned),
+            created_at: annotation(secret, CREATED_AT)
+                .map(str::to_owned)
+                .or_else(|| {
+                    secret
+                        .metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map(|t| t.0.to_string())
+                }),
+            last_activity_at: None,
+            created_by: annotation(secret, CREATED_BY).and_then(|j| serde_json::from_str(j).ok()),
+            message,
+            name,
+        })
+    }
+
+    /// The summary from the caches, which `name` must be in.
+    fn cached_summary(&self, name: &str) -> Result<SandboxSummary> {
+        self.secret(name)
+            .and_then(|s| self.summary(&s))
+            .ok_or_else(|| Error::SandboxNotFound(name.into()))
+    }
+
+    /// Waits (bounded by `within`) until `done` holds for the caches; returns whether it did.
+    async fn settle(&self, within: Duration, done: impl Fn(&Self) -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if done(self) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The template's ConfigMap parts, if it has a ConfigMap.
+    async fn pod_template(&self, template: &Template) -> Result<PodTemplate> {
+        let cm_name = format!("{}{}", self.template_prefix, template.name);
+        let is_object_name = cm_name.len() <= 253
+            && cm_name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !is_object_name {
+            return Ok(PodTemplate::default());
+        }
+        let cm = self
+            .api::<ConfigMap>()
+            .get_opt(&cm_name)
+            .await
+            .map_err(|e| api_error(format_args!("get ConfigMap {cm_name}"), &e))?;
+        let Some(data) = cm.and_then(|cm| cm.data) else {
+            return Ok(PodTemplate::default());
+        };
+        let bad = |key: &str, e: serde_json::Error| {
+            Error::Backend(format!(
+                "template {:?}: ConfigMap {cm_name}, key {key}: {e}",
+                template.name
+            ))
+        };
+        let pod = data
+            .get(POD_KEY)
+            .map(|text| {
+                full_or_spec::<Pod, PodSpec>(text, |spec| Pod {
+                    spec: Some(spec),
+                    ..Pod::default()
+                })
+            })
+            .transpose()
+            .map_err(|e| bad(POD_KEY, e))?;
+        let pvc = data
+            .get(PVC_KEY)
+            .map(|text| {
+                full_or_spec::<PersistentVolumeClaim, PersistentVolumeClaimSpec>(text, |spec| {
+                    PersistentVolumeClaim {
+                        spec: Some(spec),
+                        ..PersistentVolumeClaim::default()
+                    }
+                })
+            })
+            .transpose()
+            .map_err(|e| bad(PVC_KEY, e))?
+            .map(|claim| claim.spec.unwrap_or_default());
+        Ok(PodTemplate { pod, pvc })
+    }
+
+    fn owner(secret: &Secret) -> Result<OwnerReference> {
+        Ok(OwnerReference {
+            api_version: "v1".into(),
+            kind: "Secret".into(),
+            name: secret.name_any(),
+            uid: secret
+                .uid()
+                .ok_or_else(|| Error::Backend("the sandbox's Secret has no uid".into()))?,
+            ..OwnerReference::default()
+        })
+    }
+
+    /// Creates the Pod stored in `secret`, owned by it. `Ok(false)` when it already exists.
+    async fn create_pod(&self, secret: &Secret) -> Result<bool> {
+        let stored = secret_data(secret, POD_KEY).ok_or_else(|| {
+            Error::Backend(format!(
+                "Secret {} has no {POD_KEY:?} to start the pod from",
+                secret.name_any()
+            ))
+        })?;
+        let mut pod: Pod = serde_json::from_slice(stored).map_err(|e| {
+            Error::Backend(format!("Secret {}: bad {POD_KEY}: {e}", secret.name_any()))
+        })?;
+        pod.metadata.owner_references = Some(vec![Self::owner(secret)?]);
+        let pod_name = pod.name_any();
+        match self.api::<Pod>().create(&PostParams::default(), &pod).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_status(&e, 409) => Ok(false),
+            Err(e) => Err(api_error(format_args!("create Pod {pod_name}"), &e)),
+        }
+    }
+
+    /// Deletes `name` of kind `K`; `Ok(false)` when it did not exist.
+    async fn delete_object<K>(&self, name: &str) -> Result<bool>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + Debug,
+    {
+        match self
+            .api::<K>()
+            .delete(name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_status(&e, 404) => Ok(false),
+            Err(e) => Err(api_error(
+                format_args!("delete {} {name}", K::kind(&())),
+                &e,
+            )),
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) the stopped annotation.
+    async fn mark_stopped(&self, name: &str, value: Option<String>) -> Result<()> {
+        let patch = serde_json::json!({"metadata": {"annotations": {STOPPED: value}}});
+        self.api::<Secret>()
+            .patch(
+                &object_name(name),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(|e| {
+                if is_status(&e, 404) {
+                    Error::SandboxNotFound(name.into())
+                } else {
+                    api_error(format_args!("annotate Secret {}", object_name(name)), &e)
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Undoes a half-made create, best effort.
+    async fn roll_back(&self, name: &str, pvc: bool) {
+        let object = object_name(name);
+        if let Err(e) = self.delete_object::<Pod>(&object).await {
+            tracing::warn!(sandbox = %name, error = %e, "cannot undo the pod");
+        }
+        if pvc {
+            if let Err(e) = self
+                .delete_object::<PersistentVolumeClaim>(&pvc_name(name))
+                .await
+            {
+                tracing::warn!(sandbox = %name, error = %e, "cannot undo the volume claim");
+            }
+        }
+        if let Err(e) = self.delete_object::<Secret>(&object).await {
+            tracing::warn!(sandbox = %name, error = %e, "cannot undo the secret");
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for KubernetesBackend {
+    async fn list(&self) -> Result<Vec<SandboxSummary>> {
+        let mut out: Vec<SandboxSummary> = self
+            .secrets
+            .state()
+            .iter()
+            .filter(|s| {
+                s.labels()
+                    .get(SANDBOX)
+                    .is_some_and(|n| valid_name(n) && s.name_any() == object_name(n))
+            })
+            .filter_map(|s| self.summary(s))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<SandboxSummary>> {
+        Ok(self.secret(name).and_then(|s| self.summary(&s)))
+    }
+
+    async fn create(&self, spec: CreateSpec) -> Result<SandboxSummary> {
+        if !valid_name(&spec.name) || !valid_name(&spec.namespace) {
+            return Err(Error::InvalidRequest(format!(
+                "{:?} in {:?} is not a valid sandbox name",
+                spec.name, spec.namespace
+            )));
+        }
+        if self.secret(&spec.name).is_some() {
+            return Err(Error::AlreadyExists(spec.name));
+        }
+        let name = spec.name.as_str();
+        let names = Names {
+            sandbox: name,
+            namespace: &spec.namespace,
+            object: object_name(name),
+        };
+        let parts = self.pod_template(&spec.template).await?;
+        let claim = parts.pvc.is_some().then(|| pvc_name(name));
+        let pod = render_pod(
+            &names,
+            &spec.template,
+            parts.pod,
+            self.runner_image.as_deref(),
+            &self.namespace,
+            claim.as_deref(),
+        )?;
+        let pod_json = serde_json::to_vec(&pod).map_err(|e| Error::Internal(e.to_string()))?;
+        let created_by =
+            serde_json::to_string(&spec.created_by).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut annotations = BTreeMap::from([
+            (NAMESPACE.to_owned(), spec.namespace.clone()),
+            (TEMPLATE.to_owned(), spec.template.name.clone()),
+            (MODE.to_owned(), spec.template.mode.clone()),
+            (CREATED_AT.to_owned(), now_rfc3339()),
+            (CREATED_BY.to_owned(), created_by),
+        ]);
+        if let Some(claim) = &claim {
+            annotations.insert(PVC.to_owned(), claim.clone());
+        }
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(names.object.clone()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(labels(&names)),
+                annotations: Some(annotations),
+                ..ObjectMeta::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(BTreeMap::from([
+                (
+                    TOKEN_KEY.to_owned(),
+                    ByteString(random_hex(32).into_bytes()),
+                ),
+                (POD_KEY.to_owned(), ByteString(pod_json)),
+            ])),
+            ..Secret::default()
+        };
+        let secret = match self
+            .api::<Secret>()
+            .create(&PostParams::default(), &secret)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) if is_status(&e, 409) => return Err(Error::AlreadyExists(spec.name)),
+            Err(e) => {
+                return Err(api_error(
+                    format_args!("create Secret {}", names.object),
+                    &e,
+                ))
+            }
+        };
+        let rest = async {
+            if let (Some(claim), Some(claim_spec)) = (&claim, parts.pvc) {
+                let pvc = PersistentVolumeClaim {
+                    metadata: ObjectMeta {
+                        name: Some(claim.clone()),
+                        namespace: Some(self.namespace.clone()),
+                        labels: Some(labels(&names)),
+                        owner_references: Some(vec![Self::owner(&secret)?]),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(claim_spec),
+                    ..PersistentVolumeClaim::default()
+                };
+                match self
+                    .api::<PersistentVolumeClaim>()
+                    .create(&PostParams::default(), &pvc)
+                    .await
+                {
+                    Ok(_) => {}
+                    // Most likely the claim of a deleted sandbox of the same name, still going.
+                    Err(e) if is_status(&e, 409) => {
+                        return Err(Error::AlreadyExists(name.to_owned()))
+                    }
+                    Err(e) => {
+                        return Err(api_error(
+                            format_args!("create PersistentVolumeClaim {claim}"),
+                            &e,
+                        ))
+                    }
+                }
+            }
+            if !self.create_pod(&secret).await? {
+                // The pod of a deleted sandbox of the same name, still terminating.
+                return Err(Error::AlreadyExists(name.to_owned()));
+            }
+            Ok(())
+        };
+        if let Err(e) = rest.await {
+            self.roll_back(
+                name,
+                claim.is_some() && !matches!(e, Error::AlreadyExists(_)),
+            )
+            .await;
+            return Err(e);
+        }
+        if !self
+            .settle(SETTLE, |b| {
+                b.secret(name).is_some() && b.pod(name).is_some()
+            })
+            .await
+        {
+            tracing::warn!(sandbox = %name, "created, but the caches do not show it yet");
+        }
+        tracing::info!(sandbox = %name, namespace = %spec.namespace, "sandbox created");
+        self.secret(name)
+            .and_then(|s| self.summary(&s))
+            .or_else(|| self.summary(&secret))
+            .ok_or_else(|| Error::Internal("the new Secret has no sandbox label".into()))
+    }
+
+    async fn delete(&self, name: &str) -> Result<()> {
+        if !valid_name(name) {
+            return Err(Error::SandboxNotFound(name.into()));
+        }
+        let object = object_name(name);
+        let claim = match self.secret(name) {
+            Some(secret) => annotation(&*secret, PVC).map(str::to_owned),
+            // Not (yet) in the cache: clean up whatever is there.
+            None => Some(pvc_name(name)),
+        };
+        let pod = self.delete_object::<Pod>(&object).await?;
+        let pvc = match claim {
+            Some(claim) => self.delete_object::<PersistentVolumeClaim>(&claim).await?,
+            None => false,
+        };
+        let secret = self.delete_object::<Secret>(&object).await?;
+        if !(pod || pvc || secret) {
+            return Err(Error::SandboxNotFound(name.into()));
+        }
+        self.settle(SETTLE, |b| b.secret(name).is_none()).await;
+        tracing::info!(sandbox = %name, "sandbox deleted");
+        Ok(())
+    }
+
+    async fn stop(&self, name: &str) -> Result<SandboxSummary> {
+        if self.secret(name).is_none() {
+            return Err(Error::SandboxNotFound(name.into()));
+        }
+        self.mark_stopped(name, Some(now_rfc3339())).await?;
+        self.delete_object::<Pod>(&object_name(name)).await?;
+        self.settle(SETTLE, |b| {
+            b.secret(name)
+                .is_some_and(|s| annotation(&*s, STOPPED).is_some())
+                && b.pod(name)
+                    .is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+        })
+        .await;
+        tracing::info!(sandbox = %name, "sandbox stopped");
+        self.cached_summary(name)
+    }
+
+    async fn resume(&self, name: &str) -> Result<SandboxSummary> {
+        let Some(secret) = self.secret(name) else {
+            return Err(Error::SandboxNotFound(name.into()));
+        };
+        if secret.metadata.deletion_timestamp.is_some() {
+            return Err(Error::NotRunning {
+                name: name.into(),
+                status: SandboxStatus::Deleting.as_str(),
+            });
+        }
+        if let Some(pod) = self.pod(name) {
+            if pod.metadata.deletion_timestamp.is_none() && pod_finished(&pod) {
+                self.delete_object::<Pod>(&pod.name_any()).await?;
+            }
+            let replaced = pod_finished(&pod) || pod.metadata.deletion_timestamp.is_some();
+            if replaced {
+                let uid = pod.uid();
+                let gone = self
+                    .settle(TERMINATE_WAIT, |b| {
+                        b.pod(name).is_none_or(|p| p.uid() != uid)
+                    })
+                    .await;
+                if !gone {
+                    return Err(Error::Backend(format!(
+                        "the previous pod of sandbox {name:?} is still terminating; try again"
+                    )));
+                }
+            }
+        }
+        if self.pod(name).is_none() {
+            self.create_pod(&secret).await?;
+        }
+        if annotation(&*secret, STOPPED).is_some() {
+            self.mark_stopped(name, None).await?;
+        }
+        self.settle(SETTLE, |b| {
+            b.secret(name)
+                .is_some_and(|s| annotation(&*s, STOPPED).is_none())
+                && b.pod(name).is_some()
+        })
+        .await;
+        tracing::info!(sandbox = %name, "sandbox resumed");
+        self.cached_summary(name)
+    }
+
+    async fn resolve(&self, name: &str) -> Result<Option<Target>> {
+        let Some(secret) = self.secret(name) else {
+            return Ok(None);
+        };
+        let pod = self.pod(name);
+        let (status, _) = phase(&secret, pod.as_deref());
+        let addr = match (&pod, status) {
+            (Some(pod), SandboxStatus::Running) => pod_ip(pod)
+                .map(|ip| SocketAddr::new(ip, runner_port(pod)))
+                .unwrap_or_else(|| SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)),
+            _ => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        };
+        let token = secret_data(&secret, TOKEN_KEY)
+            .map(|t| String::from_utf8_lossy(t).trim().to_owned())
+            .unwrap_or_default();
+        Ok(Some(Target {
+            addr,
+            token,
+            status,
+            mode: annotation(&*secret, MODE).unwrap_or("agent").to_owned(),
+            namespace: annotation(&*secret, NAMESPACE)
+                .unwrap_or("default")
+                .to_owned(),
+            template: annotation(&*secret, TEMPLATE)
+                .unwrap_or("default")
+                .to_owned(),
+        }))
+    }
+
+    async fn record(&self, name: &str, action: &str, outcome: &str, status: u16) {
+        let Some(secret) = self.secret(name) else {
+            return;
+        };
+        let involved = match self.pod(name) {
+            Some(pod) => ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(pod.name_any()),
+                namespace: Some(self.namespace.clone()),
+                uid: pod.uid(),
+                ..ObjectReference::default()
+            },
+            None => ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Secret".into()),
+                name: Some(secret.name_any()),
+                namespace: Some(self.namespace.clone()),
+                uid: secret.uid(),
+                ..ObjectReference::default()
+            },
+        };
+        let now = Timestamp::now();
+        let reason = match action {
+            "configure" => "Configured",
+            _ => "Invoked",
+        };
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(format!(
+                    "{}.{:x}{}",
+                    involved.name.as_deref().unwrap_or_default(),
+                    now.as_nanosecond(),
+                    random_hex(2)
+                )),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(BTreeMap::from([
+                    (MANAGED_BY.to_owned(), MANAGER.to_owned()),
+                    (SANDBOX.to_owned(), name.to_owned()),
+                ])),
+                ..ObjectMeta::default()
+            },
+            involved_object: involved,
+            reason: Some(reason.into()),
+            message: Some(format!("{action} {outcome} (HTTP {status})")),
+            type_: Some(if outcome == "ok" { "Normal" } else { "Warning" }.into()),
+            count: Some(1),
+            first_timestamp: Some(Time(now)),
+            last_timestamp: Some(Time(now)),
+            action: Some(action.into()),
+            source: Some(EventSource {
+                component: Some("agentbox-controlplane".into()),
+                host: None,
+            }),
+            reporting_component: Some("agentbox.dev/controlplane".into()),
+            reporting_instance: Some(self.instance.clone()),
+            ..Event::default()
+        };
+        if let Err(e) = self
+            .api::<Event>()
+            .create(&PostParams::default(), &event)
+            .await
+        {
+            tracing::warn!(sandbox = %name, action, error = %e, "cannot record the event");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn template() -> Template {
+        Template {
+            name: "default".into(),
+            description: None,
+            mode: "agent".into(),
+            image: Some("example.invalid/runner:1".into()),
+            env: BTreeMap::from([("FOO".into(), "bar".into())]),
+            max_concurrent_invokes: Some(4),
+            runner_args: vec!["--default-timeout".into(), "5m".into()],
+        }
+    }
+
+    fn names() -> Names<'static> {
+        Names {
+            sandbox: "demo",
+            namespace: "team-a",
+            object: object_name("demo"),
+        }
+    }
+
+    fn env(c: &Container) -> BTreeMap<String, EnvVar> {
+        c.env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn builtin_pod_is_complete() {
+        let pod = render_pod(&names(), &template(), None, None, "agentbox", None).unwrap();
+        assert_eq!(pod.metadata.name.as_deref(), Some("sandbox-demo"));
+        assert_eq!(pod.labels()[SANDBOX], "demo");
+        assert_eq!(pod.labels()[MANAGED_BY], "agentbox");
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let c = &spec.containers[0];
+        assert_eq!(c.image.as_deref(), Some("example.invalid/runner:1"));
+        assert_eq!(runner_port(&pod), DEFAULT_RUNNER_PORT);
+        let env = env(c);
+        let token = env["AGENTBOX_RUNNER_TOKEN"].value_from.as_ref().unwrap();
+        let key = token.secret_key_ref.as_ref().unwrap();
+        assert_eq!(
+            (key.name.as_str(), key.key.as_str()),
+            ("sandbox-demo", "token")
+        );
+        assert!(env["AGENTBOX_RUNNER_TOKEN"].value.is_none());
+        assert_eq!(env["AGENTBOX_MODE"].value.as_deref(), Some("agent"));
+        assert_eq!(env["FOO"].value.as_deref(), Some("bar"));
+        assert_eq!(
+            env["AGENTBOX_MAX_CONCURRENT_INVOKES"].value.as_deref(),
+            Some("4")
+        );
+        assert_eq!(c.args.as_ref().unwrap(), &["--default-timeout", "5m"]);
+        let volume = &spec.volumes.as_ref().unwrap()[0];
+        assert!(volume.empty_dir.is_some());
+    }
+
+    #[test]
+    fn template_pod_keeps_its_settings_and_gets_ours() {
+        let base: Pod = full_or_spec::<Pod, PodSpec>(
+            r#"{"containers": [
+                {"name": "sidecar", "image": "busybox"},
+                {"name": "main", "ports": [{"name": "runner", "containerPort": 9000}],
+                 "env": [{"name": "AGENTBOX_RUNNER_TOKEN", "value": "leak"},
+                         {"name": "KEEP", "value": "1"}]}
+            ], "automountServiceAccountToken": true}"#,
+            |spec| Pod {
+                spec: Some(spec),
+                ..Pod::default()
+            },
+        )
+        .unwrap();
+        let pod = render_pod(
+            &names(),
+            &template(),
+            Some(base),
+            None,
+            "agentbox",
+            Some("sandbox-demo-workspace"),
+        )
+        .unwrap();
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(true));
+        assert_eq!(runner_port(&pod), 9000);
+        let main = &spec.containers[1];
+        assert_eq!(main.image.as_deref(), Some("example.invalid/runner:1"));
+        let env = env(main);
+        assert!(env["AGENTBOX_RUNNER_TOKEN"].value.is_none());
+        assert_eq!(env["KEEP"].value.as_deref(), Some("1"));
+        assert_eq!(
+            env["AGENTBOX_LISTEN"].value.as_deref(),
+            Some("0.0.0.0:9000")
+        );
+        assert!(spec.containers[0].env.is_none());
+        let volume = &spec.volumes.as_ref().unwrap()[0];
+        assert_eq!(
+            volume.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "sandbox-demo-workspace"
+        );
+    }
+
+    #[test]
+    fn no_image_is_an_error() {
+        let mut t = template();
+        t.image = None;
+        assert!(render_pod(&names(), &t, None, None, "agentbox", None).is_err());
+        let pod = render_pod(&names(), &t, None, Some("fallback:1"), "agentbox", None).unwrap();
+        assert_eq!(
+            pod.spec.unwrap().containers[0].image.as_deref(),
+            Some("fallback:1")
+        );
+    }
+
+    #[test]
+    fn phases() {
+        let pod = |phase: &str, ready: bool| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "sandbox-demo"},
+                "status": {
+                    "phase": phase,
+                    "podIP": "10.0.0.7",
+                    "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+                }
+            }))
+            .unwrap()
+        };
+        assert_eq!(pod_phase(&pod("Running", true)).0, SandboxStatus::Running);
+        assert_eq!(pod_phase(&pod("Running", false)).0, SandboxStatus::Creating);
+        assert_eq!(pod_phase(&pod("Pending", false)).0, SandboxStatus::Creating);
+        assert_eq!(pod_phase(&pod("Failed", false)).0, SandboxStatus::Error);
+        assert_eq!(pod_phase(&pod("Unknown", false)).0, SandboxStatus::Error);
+        let mut crashing = pod("Running", false);
+        crashing.status.as_mut().unwrap().container_statuses =
+            Some(vec![serde_json::from_value(serde_json::json!({
+                "name": "runner", "image": "x", "imageID": "", "ready": false, "restartCount": 3,
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}}
+            }))
+            .unwrap()]);
+        let (status, message) = pod_phase(&crashing);
+        assert_eq!(status, SandboxStatus::Error);
+        assert!(message.unwrap().contains("CrashLoopBackOff"));
+    }
+}

@@ -1,0 +1,855 @@
+//! The Kubernetes backend against real Kubernetes JSON (k8s-openapi types) served by a small
+//! in-test API server (`k8s_fixture`), with the real `agentbox-controlplane` binary pointed at
+//! it through a kubeconfig, and a real `agentbox-runner` standing in for a sandbox pod's
+//! container (its pod's IP is 127.0.0.1 and its `runner` port the runner's port).
+#![allow(clippy::unwrap_used)]
+
+mod k8s_fixture;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use k8s_fixture::Fixture;
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, Pod, PodCondition, PodSpec, PodStatus, Secret,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
+use reqwest::Method;
+use serde_json::{json, Value};
+use sha2::Digest;
+
+const NS: &str = "agentbox";
+const ADMIN_KEY: &str = "k8s-test-admin-key-4b1d9e77c0a2";
+const TOKEN: &str = "k8s-test-runner-token-0f9e8d7c6b5a4938";
+const RUNNER_IMAGE: &str = "registry.example.invalid/agentbox-runner:test";
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+/// A command with no `AGENTBOX_*` or `KUBE*` variables from the caller.
+fn clean_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("AGENTBOX_") || key.starts_with("KUBE") {
+            cmd.env_remove(&*key);
+        }
+    }
+    cmd.stdin(Stdio::null()).stderr(Stdio::inherit());
+    cmd
+}
+
+/// Starts `cmd` and reads its `listening on ADDR` line (without blocking the runtime, which
+/// serves the fixture the control plane syncs with before it prints that line).
+async fn spawn_listening(mut cmd: Command) -> (Proc, SocketAddr) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let proc = Proc(child);
+    let line = tokio::task::spawn_blocking(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        // Keep the pipe open (and drained) for the life of the process.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        line
+    })
+    .await
+    .unwrap();
+    let addr = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("did not start: first line {line:?}"))
+        .trim()
+        .parse()
+        .unwrap();
+    (proc, addr)
+}
+
+/// A real runner, as a sandbox pod's container would run it.
+async fn start_runner(dir: &Path) -> (Proc, SocketAddr) {
+    let workspace = dir.join("workspace");
+    std::fs::create_dir_all(&workspace).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let mut cmd = clean_command(bin_dir().join("agentbox-runner"));
+    cmd.args(["--listen", "127.0.0.1:0", "--workspace"])
+        .arg(&workspace)
+        .arg("--token-file")
+        .arg(&token_file)
+        .env("AGENTBOX_LOG", "warn");
+    spawn_listening(cmd).await
+}
+
+/// The control plane with `--backend kubernetes`, its kubeconfig pointing at `fixture`.
+struct Cp {
+    _proc: Proc,
+    addr: SocketAddr,
+    client: reqwest::Client,
+}
+
+/// The control-plane command with `--backend kubernetes`, its kubeconfig `kubeconfig`.
+fn cp_command(kubeconfig: &str, dir: &Path, extra: &[&str]) -> Command {
+    let kubeconfig_file = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig_file, kubeconfig).unwrap();
+    let keys = dir.join("keys.json");
+    let digest = hex::encode(sha2::Sha256::digest(ADMIN_KEY.as_bytes()));
+    std::fs::write(
+        &keys,
+        json!({"keys": [{"name": "admin", "sha256": digest, "admin": true}]}).to_string(),
+    )
+    .unwrap();
+    let mut cmd = clean_command(env!("CARGO_BIN_EXE_agentbox-controlplane"));
+    cmd.args(["--listen", "127.0.0.1:0", "--backend", "kubernetes"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--api-keys-file")
+        .arg(&keys)
+        .args(["--kube-namespace", NS])
+        .args(extra)
+        .env("KUBECONFIG", &kubeconfig_file)
+        .env("HOME", dir)
+        .env("AGENTBOX_LOG", "warn");
+    cmd
+}
+
+async fn start_cp(fixture: &Fixture, dir: &Path, extra: &[&str]) -> Cp {
+    let mut cmd = cp_command(&fixture.kubeconfig(NS), dir, extra);
+    cmd.args(["--kube-sync-timeout", "20s"]);
+    let (proc, addr) = spawn_listening(cmd).await;
+    Cp {
+        _proc: proc,
+        addr,
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap(),
+    }
+}
+
+impl Cp {
+    fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("http://{}{path}", self.addr))
+            .header("x-api-key", ADMIN_KEY)
+    }
+
+    fn sb(&self, method: Method, name: &str, rest: &str) -> reqwest::RequestBuilder {
+        self.req(method, &format!("/api/v1/sandboxes/{name}{rest}"))
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> (u16, Value) {
+        let resp = rb.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        (status, body)
+    }
+
+    async fn get(&self, name: &str) -> (u16, Value) {
+        self.send(self.sb(Method::GET, name, "")).await
+    }
+
+    async fn list(&self) -> Vec<Value> {
+        let (status, body) = self.send(self.req(Method::GET, "/api/v1/sandboxes")).await;
+        assert_eq!(status, 200, "{body}");
+        body["sandboxes"].as_array().unwrap().clone()
+    }
+
+    /// Polls `GET /api/v1/sandboxes/{name}` until its status is `want` (bounded).
+    async fn wait_status(&self, name: &str, want: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (code, body) = self.get(name).await;
+            if code == 200 && body["status"] == want {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} never became {want}: {code} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A streaming POST; returns the status and the whole body.
+    async fn post_stream(&self, name: &str, rest: &str, body: reqwest::Body) -> (u16, Vec<u8>) {
+        let resp = self
+            .sb(Method::POST, name, rest)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.bytes().await.unwrap().to_vec())
+    }
+}
+
+/// One SSE event: (event, data).
+fn parse_sse(bytes: &[u8]) -> Vec<(String, Value)> {
+    let text = std::str::from_utf8(bytes).unwrap();
+    text.split("\n\n")
+        .filter(|frame| !frame.is_empty() && !frame.starts_with(':'))
+        .map(|frame| {
+            let mut event = String::new();
+            let mut data = Value::Null;
+            for line in frame.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    event = v.to_owned();
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(v).unwrap();
+                }
+            }
+            (event, data)
+        })
+        .collect()
+}
+
+/// The exact bytes of stdout rebuilt from `log` events.
+fn stdout_of(events: &[(String, Value)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (_, data) in events
+        .iter()
+        .filter(|(e, d)| e == "log" && d["stream"] == "stdout")
+    {
+        match data["data"].as_str() {
+            Some(text) => out.extend_from_slice(text.as_bytes()),
+            None => out.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(data["dataBase64"].as_str().unwrap())
+                    .unwrap(),
+            ),
+        }
+        if data["partial"] != Value::Bool(true) {
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
+fn labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/managed-by".into(), "agentbox".into()),
+        ("agentbox.dev/sandbox".into(), name.into()),
+    ])
+}
+
+/// A sandbox's Secret as the backend writes it (created a while ago).
+fn sandbox_secret(name: &str, stopped: bool) -> Secret {
+    let mut annotations = BTreeMap::from([
+        ("agentbox.dev/namespace".to_owned(), "default".to_owned()),
+        ("agentbox.dev/template".to_owned(), "default".to_owned()),
+        ("agentbox.dev/mode".to_owned(), "agent".to_owned()),
+        (
+            "agentbox.dev/created-at".to_owned(),
+            "2026-01-02T03:04:05Z".to_owned(),
+        ),
+        (
+            "agentbox.dev/created-by".to_owned(),
+            r#"{"email":"ops@example.invalid"}"#.to_owned(),
+        ),
+    ]);
+    if stopped {
+        annotations.insert("agentbox.dev/stopped".into(), "2026-01-02T04:00:00Z".into());
+    }
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(format!("sandbox-{name}")),
+            namespace: Some(NS.into()),
+            labels: Some(labels(name)),
+            annotations: Some(annotations),
+            creation_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-01-02T03:04:05Z".parse().unwrap(),
+            )),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            "token".to_owned(),
+            ByteString(TOKEN.as_bytes().to_vec()),
+        )])),
+        ..Secret::default()
+    }
+}
+
+/// A sandbox's Pod as the kubelet reports it: `phase`, Ready or not, IP 127.0.0.1, the runner
+/// on `port`.
+fn sandbox_pod(name: &str, port: u16, phase: &str, ready: bool) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(format!("sandbox-{name}")),
+            namespace: Some(NS.into()),
+            labels: Some(labels(name)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "runner".into(),
+                image: Some(RUNNER_IMAGE.into()),
+                ports: Some(vec![ContainerPort {
+                    name: Some("runner".into()),
+                    container_port: i32::from(port),
+                    ..ContainerPort::default()
+                }]),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some(phase.into()),
+            pod_ip: Some("127.0.0.1".into()),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                ..PodCondition::default()
+            }]),
+            ..PodStatus::default()
+        }),
+    }
+}
+
+/// A fixture, a real runner behind sandbox `name`'s Running and Ready pod, a control plane
+/// that sees it Running.
+struct Running {
+    fixture: Fixture,
+    cp: Cp,
+    _runner: Proc,
+    _tmp: tempfile::TempDir,
+}
+
+async fn running(name: &str) -> Running {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let (runner, runner_addr) = start_runner(tmp.path()).await;
+    fixture.put("secrets", NS, sandbox_secret(name, false));
+    fixture.put(
+        "pods",
+        NS,
+        sandbox_pod(name, runner_addr.port(), "Running", true),
+    );
+    let cp = start_cp(&fixture, tmp.path(), &[]).await;
+    cp.wait_status(name, "Running").await;
+    Running {
+        fixture,
+        cp,
+        _runner: runner,
+        _tmp: tmp,
+    }
+}
+
+async fn configure(cp: &Cp, name: &str, script: &str) {
+    let body = json!({"entrypoint": ["sh", "-c", script]}).to_string();
+    let (status, bytes) = cp.post_stream(name, "/configure", body.into()).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+    let events = parse_sse(&bytes);
+    assert_eq!(
+        events.last().map(|e| e.0.as_str()),
+        Some("result"),
+        "{events:?}"
+    );
+}
+
+async fn invoke(cp: &Cp, name: &str, stdin: &str) -> Vec<u8> {
+    let (status, bytes) = cp
+        .post_stream(name, "/invoke", stdin.to_owned().into())
+        .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+    let events = parse_sse(&bytes);
+    let exit = events.last().unwrap();
+    assert_eq!(exit.0, "exit", "{events:?}");
+    assert_eq!(exit.1["exitCode"], 0, "{events:?}");
+    stdout_of(&events)
+}
+
+/// 1. A pod that appears (a watch ADDED event) makes its sandbox routable: listed Running,
+///    configure and invoke go end to end to the runner at the pod's IP and `runner` port with
+///    the Secret's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_appears_then_routable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let (_runner, runner_addr) = start_runner(tmp.path()).await;
+    // Known before the control plane starts (the initial list): one stopped sandbox and one
+    // whose pod does not exist yet.
+    fixture.put("secrets", NS, sandbox_secret("parked", true));
+    fixture.put("secrets", NS, sandbox_secret("alpha", false));
+    let cp = start_cp(&fixture, tmp.path(), &[]).await;
+    let listed = cp.list().await;
+    let status_of = |list: &[Value], name: &str| {
+        list.iter()
+            .find(|s| s["name"] == name)
+            .map(|s| s["status"].clone())
+    };
+    assert_eq!(status_of(&listed, "parked"), Some(json!("Stopped")));
+    assert_eq!(
+        status_of(&listed, "alpha"),
+        Some(json!("Error")),
+        "{listed:?}"
+    );
+    let (code, body) = cp.post_stream("alpha", "/invoke", "x".into()).await;
+    assert_eq!(code, 409, "{}", String::from_utf8_lossy(&body));
+
+    // The pod appears, Running and Ready.
+    fixture.put(
+        "pods",
+        NS,
+        sandbox_pod("alpha", runner_addr.port(), "Running", true),
+    );
+    let summary = cp.wait_status("alpha", "Running").await;
+    assert_eq!(summary["podName"], "sandbox-alpha");
+    assert_eq!(summary["namespace"], "default");
+    assert_eq!(summary["createdAt"], "2026-01-02T03:04:05Z");
+    assert_eq!(summary["createdBy"]["email"], "ops@example.invalid");
+    let listed = cp.list().await;
+    assert_eq!(status_of(&listed, "alpha"), Some(json!("Running")));
+    assert_eq!(listed.len(), 2);
+
+    configure(
+        &cp,
+        "alpha",
+        r#"printf 'hello, %s!\n' "$(cat)"; printf 'no newline'"#,
+    )
+    .await;
+    let out = invoke(&cp, "alpha", "kubernetes").await;
+    assert_eq!(out, b"hello, kubernetes!\nno newline");
+}
+
+/// 2. A pod deleted behind the control plane's back: the sandbox is no longer routable; once
+///    its Secret is gone too, it does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_deleted_then_gone() {
+    let r = running("beta").await;
+    r.fixture.remove("pods", NS, "sandbox-beta").unwrap();
+    let summary = r.cp.wait_status("beta", "Error").await;
+    assert!(
+        summary["message"].as_str().unwrap().contains("gone"),
+        "{summary}"
+    );
+    let (code, body) = r.cp.post_stream("beta", "/invoke", "x".into()).await;
+    assert_eq!(code, 409, "{}", String::from_utf8_lossy(&body));
+
+    r.fixture.remove("secrets", NS, "sandbox-beta").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while r.cp.get("beta").await.0 != 404 {
+        assert!(Instant::now() < deadline, "beta is still there");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, body) = r.cp.post_stream("beta", "/invoke", "x".into()).await;
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (404, Some("sandbox_not_found"))
+    );
+    assert!(r.cp.list().await.is_empty());
+}
+
+/// 3. Not Ready, Pending or Failed: 409 `sandbox_not_running`, with the phase the pod implies;
+///    Ready again: routable again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_is_not_running() {
+    let r = running("gamma").await;
+    let port = {
+        let pod = r.fixture.get("pods", NS, "sandbox-gamma").unwrap();
+        pod["spec"]["containers"][0]["ports"][0]["containerPort"]
+            .as_u64()
+            .unwrap() as u16
+    };
+    for (phase, ready, want) in [
+        ("Running", false, "Creating"),
+        ("Pending", false, "Creating"),
+        ("Failed", false, "Error"),
+    ] {
+        r.fixture
+            .put("pods", NS, sandbox_pod("gamma", port, phase, ready));
+        r.cp.wait_status("gamma", want).await;
+        for rest in ["/invoke", "/configure"] {
+            let (code, body) = r.cp.post_stream("gamma", rest, "{}".into()).await;
+            let body: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(code, 409, "{phase} {rest}: {body}");
+            assert_eq!(body["error"], "sandbox_not_running", "{body}");
+            assert!(body["message"].as_str().unwrap().contains(want), "{body}");
+        }
+    }
+    r.fixture
+        .put("pods", NS, sandbox_pod("gamma", port, "Running", true));
+    r.cp.wait_status("gamma", "Running").await;
+    configure(&r.cp, "gamma", "cat").await;
+    assert_eq!(invoke(&r.cp, "gamma", "again").await, b"again");
+}
+
+fn env_of(container: &Value) -> BTreeMap<String, Value> {
+    container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_owned(), e.clone()))
+        .collect()
+}
+
+fn secret_bytes(secret: &Value, key: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(secret["data"][key].as_str().unwrap())
+        .unwrap()
+}
+
+/// 4. Lifecycle through the API: create writes a Secret and a Pod (labels, token by
+///    secretKeyRef, image, port); stop deletes the Pod and annotates the Secret; resume
+///    recreates the Pod; delete removes everything. With a template ConfigMap, its pod and
+///    volume claim are used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_through_the_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let templates = tmp.path().join("templates.json");
+    std::fs::write(
+        &templates,
+        json!({"templates": [{
+            "name": "big", "mode": "code", "env": {"FOO": "bar"},
+            "maxConcurrentInvokes": 3, "runnerArgs": ["--default-timeout", "5m"],
+        }]})
+        .to_string(),
+    )
+    .unwrap();
+    fixture.put(
+        "configmaps",
+        NS,
+        json!({
+            "metadata": {"name": "agentbox-template-big"},
+            "data": {
+                "pod.json": json!({
+                    "metadata": {"labels": {"team": "blue"}},
+                    "spec": {
+                        "containers": [{
+                            "name": "runner",
+                            "image": "registry.example.invalid/big:2",
+                            "ports": [{"name": "runner", "containerPort": 9000}],
+                            "resources": {"limits": {"memory": "4Gi"}},
+                        }],
+                        "nodeSelector": {"pool": "sandboxes"},
+                    },
+                }).to_string(),
+                "pvc.json": json!({
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": {"requests": {"storage": "5Gi"}},
+                }).to_string(),
+            },
+        }),
+    );
+    let cp = start_cp(
+        &fixture,
+        tmp.path(),
+        &[
+            "--kube-runner-image",
+            RUNNER_IMAGE,
+            "--templates-file",
+            templates.to_str().unwrap(),
+        ],
+    )
+    .await;
+
+    // The built-in pod.
+    let (code, body) = cp
+        .send(
+            cp.req(Method::POST, "/api/v1/sandboxes")
+                .json(&json!({"name": "delta", "namespace": "team-a"})),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["status"], "Creating");
+    assert_eq!(body["namespace"], "team-a");
+    let secret = fixture.get("secrets", NS, "sandbox-delta").unwrap();
+    assert_eq!(
+        secret["metadata"]["labels"]["agentbox.dev/sandbox"],
+        "delta"
+    );
+    assert_eq!(
+        secret["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "agentbox"
+    );
+    let ann = &secret["metadata"]["annotations"];
+    assert_eq!(ann["agentbox.dev/namespace"], "team-a");
+    assert_eq!(ann["agentbox.dev/template"], "default");
+    assert_eq!(ann["agentbox.dev/mode"], "agent");
+    assert!(ann["agentbox.dev/created-at"].is_string());
+    let token = secret_bytes(&secret, "token");
+    assert_eq!(token.len(), 64, "32 random bytes, hex");
+    let pod = fixture.get("pods", NS, "sandbox-delta").unwrap();
+    assert_eq!(pod["metadata"]["labels"]["agentbox.dev/sandbox"], "delta");
+    assert_eq!(
+        pod["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "agentbox"
+    );
+    let owner = &pod["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (&owner["kind"], &owner["name"], &owner["uid"]),
+        (
+            &json!("Secret"),
+            &json!("sandbox-delta"),
+            &secret["metadata"]["uid"]
+        )
+    );
+    assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+    let c = &pod["spec"]["containers"][0];
+    assert_eq!(c["name"], "runner");
+    assert_eq!(c["image"], RUNNER_IMAGE);
+    assert_eq!(
+        c["ports"][0],
+        json!({"name": "runner", "containerPort": 8421, "protocol": "TCP"})
+    );
+    let env = env_of(c);
+    assert_eq!(
+        env["AGENTBOX_RUNNER_TOKEN"],
+        json!({"name": "AGENTBOX_RUNNER_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": "sandbox-delta", "key": "token", "optional": false}}})
+    );
+    assert_eq!(env["AGENTBOX_MODE"]["value"], "agent");
+    assert_eq!(env["AGENTBOX_SANDBOX"]["value"], "delta");
+    assert!(
+        !pod.to_string()
+            .contains(std::str::from_utf8(&token).unwrap()),
+        "the token is never in the pod"
+    );
+    assert_eq!(
+        c["volumeMounts"][0],
+        json!({"name": "workspace", "mountPath": "/workspace"})
+    );
+    assert_eq!(
+        pod["spec"]["volumes"][0],
+        json!({"name": "workspace", "emptyDir": {}})
+    );
+    assert!(fixture.list("persistentvolumeclaims", NS).is_empty());
+
+    // Taken.
+    let (code, body) = cp
+        .send(
+            cp.req(Method::POST, "/api/v1/sandboxes")
+                .json(&json!({"name": "delta"})),
+        )
+        .await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (409, Some("already_exists"))
+    );
+
+    // Stop: the pod goes, the Secret says stopped.
+    let (code, body) = cp.send(cp.sb(Method::POST, "delta", "/stop")).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "Stopped");
+    assert!(fixture.get("pods", NS, "sandbox-delta").is_none());
+    let secret = fixture.get("secrets", NS, "sandbox-delta").unwrap();
+    assert!(secret["metadata"]["annotations"]["agentbox.dev/stopped"].is_string());
+    let (code, body) = cp.post_stream("delta", "/invoke", "x".into()).await;
+    assert_eq!(code, 409, "{}", String::from_utf8_lossy(&body));
+
+    // Resume: the same pod again, the same token.
+    let (code, body) = cp.send(cp.sb(Method::POST, "delta", "/resume")).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "Creating");
+    let again = fixture.get("pods", NS, "sandbox-delta").unwrap();
+    assert_ne!(again["metadata"]["uid"], pod["metadata"]["uid"]);
+    assert_eq!(again["spec"], pod["spec"]);
+    let secret = fixture.get("secrets", NS, "sandbox-delta").unwrap();
+    assert!(secret["metadata"]["annotations"]
+        .get("agentbox.dev/stopped")
+        .is_none());
+    assert_eq!(secret_bytes(&secret, "token"), token);
+
+    // Delete: all gone.
+    let (code, body) = cp.send(cp.sb(Method::DELETE, "delta", "")).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(fixture.get("pods", NS, "sandbox-delta").is_none());
+    assert!(fixture.get("secrets", NS, "sandbox-delta").is_none());
+    assert_eq!(cp.get("delta").await.0, 404);
+
+    // A template with a ConfigMap: its pod, our additions, its volume claim.
+    let (code, body) = cp
+        .send(cp.req(Method::POST, "/api/v1/sandboxes").json(
+            &json!({"name": "epsilon", "templateRef": {"name": "big", "kind": "ClusterSandboxTemplate"}}),
+        ))
+        .await;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["mode"], "code");
+    assert_eq!(body["pvcName"], "sandbox-epsilon-workspace");
+    let pvc = fixture
+        .get("persistentvolumeclaims", NS, "sandbox-epsilon-workspace")
+        .unwrap();
+    assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "5Gi");
+    assert_eq!(pvc["metadata"]["labels"]["agentbox.dev/sandbox"], "epsilon");
+    assert_eq!(
+        pvc["metadata"]["ownerReferences"][0]["name"],
+        "sandbox-epsilon"
+    );
+    let pod = fixture.get("pods", NS, "sandbox-epsilon").unwrap();
+    assert_eq!(pod["metadata"]["labels"]["team"], "blue");
+    assert_eq!(pod["spec"]["nodeSelector"]["pool"], "sandboxes");
+    let c = &pod["spec"]["containers"][0];
+    assert_eq!(c["image"], "registry.example.invalid/big:2");
+    assert_eq!(c["resources"]["limits"]["memory"], "4Gi");
+    assert_eq!(c["args"], json!(["--default-timeout", "5m"]));
+    let env = env_of(c);
+    assert_eq!(env["AGENTBOX_MODE"]["value"], "code");
+    assert_eq!(env["FOO"]["value"], "bar");
+    assert_eq!(env["AGENTBOX_MAX_CONCURRENT_INVOKES"]["value"], "3");
+    assert_eq!(env["AGENTBOX_LISTEN"]["value"], "0.0.0.0:9000");
+    assert_eq!(
+        env["AGENTBOX_RUNNER_TOKEN"]["valueFrom"]["secretKeyRef"]["name"],
+        "sandbox-epsilon"
+    );
+    assert_eq!(
+        pod["spec"]["volumes"][0],
+        json!({"name": "workspace", "persistentVolumeClaim": {"claimName": "sandbox-epsilon-workspace"}})
+    );
+    // Stop keeps the claim; delete removes it.
+    let (code, _) = cp.send(cp.sb(Method::POST, "epsilon", "/stop")).await;
+    assert_eq!(code, 200);
+    assert!(fixture
+        .get("persistentvolumeclaims", NS, "sandbox-epsilon-workspace")
+        .is_some());
+    let (code, _) = cp.send(cp.sb(Method::DELETE, "epsilon", "")).await;
+    assert_eq!(code, 200);
+    assert!(fixture.list("persistentvolumeclaims", NS).is_empty());
+    assert!(fixture.list("pods", NS).is_empty());
+    assert!(fixture.list("secrets", NS).is_empty());
+    assert!(cp.list().await.is_empty());
+}
+
+/// Waits (bounded) until the fixture holds `n` Events.
+async fn events(fixture: &Fixture, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let events = fixture.list("events", NS);
+        if events.len() >= n {
+            return events;
+        }
+        assert!(Instant::now() < deadline, "only {events:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// 5. Configure and invoke outcomes become Events on the Pod; never with stdin or argv.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_are_events() {
+    let r = running("zeta").await;
+    // Before any configure the runner answers 424: a Warning.
+    let (code, _) = r.cp.post_stream("zeta", "/invoke", "early".into()).await;
+    assert_eq!(code, 424);
+    configure(&r.cp, "zeta", "cat; echo secret-argv-marker >/dev/null").await;
+    assert_eq!(invoke(&r.cp, "zeta", "stdin-marker").await, b"stdin-marker");
+    let events = events(&r.fixture, 3).await;
+    let pod_uid = r.fixture.get("pods", NS, "sandbox-zeta").unwrap()["metadata"]["uid"].clone();
+    let mut seen: Vec<(String, String, String)> = events
+        .iter()
+        .map(|e| {
+            assert_eq!(e["involvedObject"]["kind"], "Pod", "{e}");
+            assert_eq!(e["involvedObject"]["name"], "sandbox-zeta", "{e}");
+            assert_eq!(e["involvedObject"]["uid"], pod_uid, "{e}");
+            assert_eq!(e["source"]["component"], "agentbox-controlplane");
+            let text = e.to_string();
+            assert!(!text.contains("marker"), "argv or stdin leaked: {text}");
+            (
+                e["reason"].as_str().unwrap().to_owned(),
+                e["type"].as_str().unwrap().to_owned(),
+                e["message"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (
+                "Configured".to_owned(),
+                "Normal".to_owned(),
+                "configure ok (HTTP 200)".to_owned()
+            ),
+            (
+                "Invoked".to_owned(),
+                "Normal".to_owned(),
+                "invoke ok (HTTP 200)".to_owned()
+            ),
+            (
+                "Invoked".to_owned(),
+                "Warning".to_owned(),
+                "invoke not_configured (HTTP 424)".to_owned()
+            ),
+        ]
+    );
+}
+
+/// 6. The request path makes no API call: during 20 invokes the fixture sees nothing but the
+///    Events recorded after them (the watches stay open; no list, get or new watch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_path_makes_no_api_call() {
+    let r = running("eta").await;
+    configure(&r.cp, "eta", "cat").await;
+    events(&r.fixture, 1).await;
+    let before = r.fixture.requests();
+    let watches = before.iter().filter(|q| q.is_watch()).count();
+    assert_eq!(watches, 2, "one watch of Pods, one of Secrets: {before:?}");
+    for i in 0..20 {
+        let input = format!("call {i}");
+        assert_eq!(invoke(&r.cp, "eta", &input).await, input.into_bytes());
+    }
+    events(&r.fixture, 21).await;
+    let during = r.fixture.requests().split_off(before.len());
+    assert_eq!(during.len(), 20, "{during:?}");
+    for q in &during {
+        assert_eq!(
+            (q.method.as_str(), q.path.as_str()),
+            ("POST", "/api/v1/namespaces/agentbox/events"),
+            "{during:?}"
+        );
+    }
+}
+
+/// 7. A cluster that does not answer: the control plane never serves; it gives up after
+///    `--kube-sync-timeout` and says why.
+#[tokio::test]
+async fn unreachable_cluster_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let kubeconfig = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": format!("http://{closed}")}}],
+        "users": [{"name": "u", "user": {}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "c",
+    });
+    let started = Instant::now();
+    let out = cp_command(
+        &kubeconfig.to_string(),
+        tmp.path(),
+        &["--kube-sync-timeout", "1s"],
+    )
+    .stderr(Stdio::piped())
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty(), "it must not listen");
+    assert!(
+        stderr.contains("cannot list and watch Pods and Secrets"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
