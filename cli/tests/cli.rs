@@ -71,6 +71,16 @@ fn exit_codes_pass_through() {
         assert!(out.stdout.is_empty(), "{entrypoint}: {out:?}");
     }
 
+    // An entrypoint that cannot start: 127 and the runner's reason on stderr.
+    up.configure("codes", "no-such-program-here", &[]);
+    let out = up.run(&["invoke", "codes"]);
+    out.expect_code(127);
+    assert!(
+        out.stderr_text().starts_with("agentbox: ")
+            && out.stderr_text().contains("no-such-program-here"),
+        "{out:?}"
+    );
+
     // A time limit: 124, and the limit is kept.
     up.configure("codes", "sleep 30", &[]);
     let out = up.run(&["invoke", "codes", "--timeout", "1s"]);
@@ -588,6 +598,134 @@ fn up_demo_runs_from_an_empty_directory() {
     let status = up.stop();
     assert_eq!(status.code(), Some(0), "up's stderr: {stderr_before}");
     assert!(!alive(runner), "the demo's runner {runner} outlived up");
+}
+
+#[test]
+#[ignore = "bug: sandbox names go into URLs unencoded and unchecked (cli/src/client.rs \
+            Client::url/api): `invoke 'a?b'` fails with `method not allowed (HTTP 405)`, \
+            `get a/b` with `no route for /api/v1/sandboxes/a/b`, nothing naming the bad name"]
+fn malformed_sandbox_names_get_a_readable_error() {
+    let up = Up::start(&[]);
+    for (args, name) in [
+        (&["invoke", "a?b"][..], "a?b"),
+        (&["invoke", "a#b"][..], "a#b"),
+        (&["get", "a/b"][..], "a/b"),
+        (&["files", "ls", "x/../y"][..], "x/../y"),
+    ] {
+        let out = up.run(args);
+        // A usage error (64) if the CLI checks the name, or the server's 404 (1).
+        assert!(matches!(out.code(), Some(1 | 64)), "{args:?}: {out:?}");
+        let err = out.stderr_text();
+        assert!(
+            err.lines().count() == 1 && err.contains(name),
+            "{args:?}: the error does not name {name:?}: {out:?}"
+        );
+    }
+    assert!(up.stop().success());
+}
+
+#[test]
+#[ignore = "bug: Ctrl-C is lost while the CLI reconnects: follow_inner (cli/src/main.rs) \
+            creates a new tokio::signal::ctrl_c() per select and none during the retry \
+            sleep and the events() request, so SIGINTs in between are dropped; \
+            (also needs the resume fix of a_cut_connection_is_resumed...)"]
+fn ctrl_c_while_reconnecting_detaches() {
+    let up = Up::start(&[]);
+    up.create("gone");
+    up.configure("gone", "sh -c 'seq 1 10000; exec sleep 1000'", &[]);
+    // After the cut the server looks gone: the CLI keeps trying to resume.
+    let fwd = Forwarder::start_refusing(up.addr(), 30_000);
+    let url = format!("http://{}", fwd.addr);
+    let mut child = up
+        .cmd(&["--api-url", &url, "--api-key", &up.key, "invoke", "gone"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = lines_of(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fwd.did_cut() {
+        assert!(Instant::now() < deadline, "the forwarder never cut");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    // Ctrl-C: the cancel cannot reach the server; Ctrl-C again: detached, 130.
+    let pid = Pid::from_raw(child.id() as i32);
+    let _ = kill(pid, Signal::SIGINT);
+    let mut seen = String::new();
+    let acknowledged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_line(&stderr, &mut seen, Duration::from_secs(5), |l| {
+            l.contains("Ctrl-C again to detach")
+        });
+    }));
+    if acknowledged.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("Ctrl-C while reconnecting was not acknowledged within 5 s");
+    }
+    let _ = kill(pid, Signal::SIGINT);
+    let status = wait_bounded(&mut child, Duration::from_secs(5));
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let rest: String = stderr.iter().collect();
+    let stderr = seen + &rest;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(130),
+        "a second Ctrl-C while reconnecting did not detach; stderr: {stderr}"
+    );
+    assert!(stderr.contains("detached from inv-"), "stderr: {stderr}");
+    drop(fwd);
+    assert!(up.stop().success());
+}
+
+#[test]
+fn stop_resume_delete() {
+    let up = Up::start(&[]);
+    up.create("life");
+    up.configure("life", "sh -c 'cat marker'", &[]);
+    std::fs::write(up.workspace("life").join("marker"), b"kept\n").unwrap();
+    let first = up.runner_pid("life");
+    assert!(alive(first));
+
+    let out = up.run(&["stop", "life"]);
+    out.expect_code(0);
+    assert_eq!(out.stdout_text(), "life Stopped agent\n");
+    assert!(
+        wait_gone(first, Duration::from_secs(10)),
+        "runner {first} survived stop"
+    );
+    let out = up.run(&["invoke", "life"]);
+    assert_one_line_error(&out, 1, "Stopped");
+
+    let out = up.run(&["resume", "life"]);
+    out.expect_code(0);
+    assert_eq!(out.stdout_text(), "life Running agent\n");
+    let second = up.runner_pid("life");
+    assert_ne!(first, second);
+    // The workspace and the configuration survived.
+    let out = up.run(&["invoke", "life"]);
+    out.expect_code(0);
+    assert_eq!(out.stdout, b"kept\n");
+
+    let out = up.run(&["delete", "life"]);
+    out.expect_code(0);
+    assert!(
+        wait_gone(second, Duration::from_secs(10)),
+        "runner {second} survived delete"
+    );
+    assert!(!up.state_dir().join("sandboxes/life").exists());
+    assert_one_line_error(&up.run(&["get", "life"]), 1, "\"life\"");
+    let out = up.run(&["list"]);
+    out.expect_code(0);
+    assert_eq!(
+        out.stdout_text().lines().count(),
+        1,
+        "only the header: {out:?}"
+    );
+    assert!(up.stop().success());
 }
 
 #[test]

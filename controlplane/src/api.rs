@@ -24,7 +24,7 @@ use crate::auth::Identity;
 use crate::backend::{valid_name, CreateSpec};
 use crate::error::{Error, Result};
 use crate::metrics::{self, Kind};
-use crate::{audit, AppState};
+use crate::{audit, otel, AppState};
 
 /// Serves the control plane on an already-bound listener until `shutdown` resolves.
 pub async fn serve(
@@ -404,6 +404,20 @@ async fn to_runner(
         Ok(())
     };
     let started = Instant::now();
+    let started_at = std::time::SystemTime::now();
+    let mut request = request;
+    let span_ids = kind.map(|_| {
+        let ids = otel::SpanIds::new(
+            request
+                .headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok()),
+        );
+        if let Ok(v) = HeaderValue::from_str(&ids.traceparent()) {
+            request.headers_mut().insert("traceparent", v);
+        }
+        ids
+    });
     let path_and_query = match request.uri().query() {
         Some(q) => format!("{path}?{q}"),
         None => path,
@@ -437,17 +451,23 @@ async fn to_runner(
         }
     };
     // Record when the stream ends (or the client leaves), without touching its bytes.
-    let guard = Recorder {
+    let mut guard = Recorder {
         app: Arc::clone(&app),
         sandbox: name.clone(),
+        actor: id.sub.clone(),
         kind,
         template: target.template,
         status,
         started,
+        started_at,
+        span_ids,
+        stats: StreamStats::default(),
     };
     let (parts, body) = response.into_parts();
     let stream = body.into_data_stream().map(move |chunk| {
-        let _ = &guard;
+        if let Ok(bytes) = &chunk {
+            guard.stats.observe(bytes);
+        }
         chunk
     });
     Ok(Response::from_parts(parts, Body::from_stream(stream)))
@@ -456,10 +476,60 @@ async fn to_runner(
 struct Recorder {
     app: Arc<AppState>,
     sandbox: String,
+    actor: String,
     kind: Kind,
     template: String,
     status: u16,
     started: Instant,
+    started_at: std::time::SystemTime,
+    span_ids: Option<otel::SpanIds>,
+    stats: StreamStats,
+}
+
+/// What the proxy notices of a stream as it passes, without holding it: its size, and the exit
+/// code in an `exit` event.
+#[derive(Debug, Default)]
+struct StreamStats {
+    bytes: u64,
+    /// The end of the previous chunk, so a marker split across two chunks is still seen.
+    carry: Vec<u8>,
+    /// Bytes of an `exit` frame whose end has not arrived yet.
+    exit_frame: Option<Vec<u8>>,
+    exit_code: Option<i64>,
+}
+
+const EXIT_MARKER: &[u8] = b"event: exit\ndata: ";
+
+impl StreamStats {
+    fn observe(&mut self, chunk: &[u8]) {
+        self.bytes += chunk.len() as u64;
+        if let Some(frame) = &mut self.exit_frame {
+            frame.extend_from_slice(chunk);
+        } else {
+            let mut window = std::mem::take(&mut self.carry);
+            window.extend_from_slice(chunk);
+            if let Some(at) = find(&window, EXIT_MARKER) {
+                self.exit_frame = Some(window[at + EXIT_MARKER.len()..].to_vec());
+            } else {
+                let keep = window.len().min(EXIT_MARKER.len());
+                self.carry = window[window.len() - keep..].to_vec();
+            }
+        }
+        if let Some(frame) = &self.exit_frame {
+            if let Some(end) = frame.iter().position(|b| *b == b'\n') {
+                self.exit_code = serde_json::from_slice::<serde_json::Value>(&frame[..end])
+                    .ok()
+                    .and_then(|v| v["exitCode"].as_i64());
+                self.exit_frame = None;
+            } else if frame.len() > 4096 {
+                self.exit_frame = None;
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 impl Drop for Recorder {
@@ -475,6 +545,43 @@ impl Drop for Recorder {
             Kind::Invoke => "invoke",
             Kind::Configure => "configure",
         };
+        if let (Some(ids), true) = (self.span_ids, self.app.tracer.enabled()) {
+            let mut attributes = vec![
+                ("agentbox.template", otel::Attr::Str(self.template.clone())),
+                ("agentbox.sandbox", otel::Attr::Str(self.sandbox.clone())),
+                ("agentbox.actor", otel::Attr::Str(self.actor.clone())),
+                (
+                    "agentbox.outcome",
+                    otel::Attr::Str(metrics::outcome(self.status).to_owned()),
+                ),
+                (
+                    "http.response.status_code",
+                    otel::Attr::Int(i64::from(self.status)),
+                ),
+                (
+                    "agentbox.response_bytes",
+                    otel::Attr::Int(self.stats.bytes as i64),
+                ),
+                (
+                    "agentbox.duration_ms",
+                    otel::Attr::Int(self.started.elapsed().as_millis() as i64),
+                ),
+            ];
+            if let Some(code) = self.stats.exit_code {
+                attributes.push(("agentbox.exit_code", otel::Attr::Int(code)));
+            }
+            self.app.tracer.finish(otel::Span {
+                name: match self.kind {
+                    Kind::Invoke => "agentbox.invoke",
+                    Kind::Configure => "agentbox.configure",
+                },
+                ids,
+                start: self.started_at,
+                end: std::time::SystemTime::now(),
+                attributes,
+                error: self.status >= 400 || self.stats.exit_code.is_some_and(|c| c != 0),
+            });
+        }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 app.backend
@@ -488,6 +595,21 @@ impl Drop for Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_codes_are_seen_across_chunk_boundaries() {
+        let stream = b"id: 1\nevent: start\ndata: {}\n\nid: 2\nevent: exit\ndata: {\"exitCode\":7,\"reason\":\"completed\"}\n\n";
+        for cut in 0..stream.len() {
+            for cut2 in cut..stream.len() {
+                let mut stats = StreamStats::default();
+                stats.observe(&stream[..cut]);
+                stats.observe(&stream[cut..cut2]);
+                stats.observe(&stream[cut2..]);
+                assert_eq!(stats.exit_code, Some(7), "cuts {cut} {cut2}");
+                assert_eq!(stats.bytes, stream.len() as u64);
+            }
+        }
+    }
 
     #[test]
     fn runner_routes() {

@@ -65,6 +65,9 @@ pub struct Args {
     /// Connect timeout towards runners (no total timeout: streams run as long as they run).
     #[arg(long, env = "AGENTBOX_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+    /// OTLP/HTTP endpoint for spans (e.g. http://collector:4318); none: no spans.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// How long a local runner may take to start.
     #[arg(long, env = "AGENTBOX_RUNNER_START_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub runner_start_timeout: Duration,
@@ -136,6 +139,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Runner start timeout.
     pub runner_start_timeout: Duration,
+    /// OTLP endpoint.
+    pub otlp_endpoint: Option<String>,
     /// Kubernetes backend settings.
     pub kube: KubeConfig,
 }
@@ -284,6 +289,7 @@ impl Args {
             audit_log,
             connect_timeout: self.connect_timeout,
             runner_start_timeout: self.runner_start_timeout,
+            otlp_endpoint: self.otlp_endpoint,
             kube: KubeConfig {
                 namespace: self.kube_namespace,
                 template_configmap_prefix: self.kube_template_configmap_prefix,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod oidc;
+pub mod otel;
 pub mod proxy;
 pub mod templates;
 
@@ -40,6 +41,8 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// The audit log.
     pub audit: audit::Audit,
+    /// Span export.
+    pub tracer: otel::Tracer,
 }
 
 impl AppState {
@@ -99,6 +102,7 @@ impl AppState {
             proxy: proxy::Proxy::new(cfg.connect_timeout),
             metrics: metrics::Metrics::default(),
             audit,
+            tracer: otel::Tracer::new(cfg.otlp_endpoint.clone()),
             cfg,
         }))
     }

@@ -473,6 +473,16 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn start(upstream: SocketAddr, cut_after: u64) -> Forwarder {
+        Forwarder::start_with(upstream, cut_after, false)
+    }
+
+    /// Like [`Forwarder::start`], and after the cut every new connection is dropped at once
+    /// (the server looks gone).
+    pub fn start_refusing(upstream: SocketAddr, cut_after: u64) -> Forwarder {
+        Forwarder::start_with(upstream, cut_after, true)
+    }
+
+    fn start_with(upstream: SocketAddr, cut_after: u64, refuse_after_cut: bool) -> Forwarder {
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
@@ -496,6 +506,10 @@ impl Forwarder {
                             let Ok((client, _)) = listener.accept().await else {
                                 continue;
                             };
+                            if refuse_after_cut && cut.load(Ordering::SeqCst) {
+                                drop(client);
+                                continue;
+                            }
                             let cut_rx = cut_tx.subscribe();
                             tokio::spawn(pipe(
                                 client,
