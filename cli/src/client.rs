@@ -379,7 +379,14 @@ impl EventStream {
             if self.done {
                 return Ok(None);
             }
-            match self.resp.chunk().await? {
+            // A body that breaks off is a transport failure (resumable), whatever reqwest
+            // calls it.
+            let chunk = self
+                .resp
+                .chunk()
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?;
+            match chunk {
                 Some(chunk) => self.parser.push(&chunk),
                 None => self.done = true,
             }

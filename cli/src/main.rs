@@ -20,6 +20,7 @@ use agentbox_proto::{ConfigureRequest, CreateSandboxRequest, ExecRequest, FileSp
 use base64::Engine;
 use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
+use tokio::signal::unix::Signal;
 
 /// Documented exit codes.
 pub(crate) mod exit {
@@ -322,6 +323,13 @@ async fn run(cli: Cli) -> Outcome {
         return Ok(0);
     }
     let c = client(&cli)?;
+    if let Some(name) = command_sandbox(&cli.command) {
+        if !c.is_runner() && !valid_name(name) {
+            return Err(usage(format!(
+                "{name:?} is not a sandbox name: lowercase letters, digits and '-', at most 63"
+            )));
+        }
+    }
     match &cli.command {
         Command::Up(_) | Command::Completions { .. } => Ok(0),
         Command::Create {
@@ -428,11 +436,16 @@ async fn run(cli: Cli) -> Outcome {
                 timeout: timeout.clone(),
                 on_disconnect: detach.then(|| "continue".to_owned()),
             };
-            let stream = c.invoke(name, body, &options).await?;
+            let mut sigint = interrupts()?;
+            let stream = tokio::select! {
+                s = c.invoke(name, body, &options) => s?,
+                // The invoke may have started: the runner cancels it once nobody watches.
+                _ = sigint.recv() => return Ok(exit::CANCELED),
+            };
             if *detach {
                 return detach_after_start(&cli, stream).await;
             }
-            follow(&cli, &c, name, None, stream, true).await
+            follow(&cli, &c, name, stream, &mut sigint).await
         }
         Command::Logs {
             name,
@@ -444,8 +457,18 @@ async fn run(cli: Cli) -> Outcome {
             } else {
                 Some(c.invoke_summary(name, invoke_id).await?.last_event_id)
             };
+            let mut sigint = interrupts()?;
             let stream = c.events(name, invoke_id, 0).await?;
-            let code = follow_until(&cli, &c, name, invoke_id, stream, until).await?;
+            let code = follow_inner(
+                &cli,
+                &c,
+                name,
+                Some(invoke_id.clone()),
+                stream,
+                until,
+                &mut sigint,
+            )
+            .await?;
             Ok(if *keep { code } else { 0 })
         }
         Command::Cancel { name, invoke_id } => {
@@ -458,18 +481,66 @@ async fn run(cli: Cli) -> Outcome {
             Ok(0)
         }
         Command::Exec { name, command } => {
-            let stream = c
-                .exec(
-                    name,
-                    &ExecRequest {
-                        argv: Some(command.clone()),
-                        ..ExecRequest::default()
-                    },
-                )
-                .await?;
-            follow(&cli, &c, name, None, stream, true).await
+            let mut sigint = interrupts()?;
+            let request = ExecRequest {
+                argv: Some(command.clone()),
+                ..ExecRequest::default()
+            };
+            let stream = tokio::select! {
+                s = c.exec(name, &request) => s?,
+                _ = sigint.recv() => return Ok(exit::CANCELED),
+            };
+            follow(&cli, &c, name, stream, &mut sigint).await
         }
         Command::Files { command } => files(&cli, &c, command).await,
+    }
+}
+
+/// A cancel that gives up after a few seconds: Ctrl-C must never hang on a dead server.
+async fn cancel_bounded(c: &Client, name: &str, id: &str) -> Result<(), ClientError> {
+    tokio::time::timeout(Duration::from_secs(5), c.cancel(name, id))
+        .await
+        .unwrap_or_else(|_| Err(ClientError::Transport("the cancel timed out".into())))
+}
+
+/// SIGINT as a stream, installed before any request so that no Ctrl-C is lost.
+fn interrupts() -> std::result::Result<Signal, Failure> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(|e| Failure {
+        code: exit::ERROR,
+        message: format!("cannot handle Ctrl-C: {e}"),
+    })
+}
+
+/// Whether `name` is a sandbox name (a DNS label), so it is safe in a URL.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+fn command_sandbox(command: &Command) -> Option<&str> {
+    match command {
+        Command::Create { name, .. }
+        | Command::Get { name }
+        | Command::Delete { name }
+        | Command::Stop { name }
+        | Command::Resume { name }
+        | Command::Configure { name, .. }
+        | Command::Invoke { name, .. }
+        | Command::Logs { name, .. }
+        | Command::Cancel { name, .. }
+        | Command::Exec { name, .. } => Some(name),
+        Command::Files { command } => Some(match command {
+            FilesCommand::Ls { name, .. }
+            | FilesCommand::Get { name, .. }
+            | FilesCommand::Put { name, .. }
+            | FilesCommand::Rm { name, .. } => name,
+        }),
+        _ => None,
     }
 }
 
@@ -685,27 +756,16 @@ async fn detach_after_start(cli: &Cli, mut stream: EventStream) -> Outcome {
 
 /// Streams an invoke to the end, resuming from the last event id when the connection drops.
 /// Ctrl-C cancels the invoke and waits for its exit; a second Ctrl-C detaches.
+/// Streams an invoke to the end, resuming from the last event id when the connection drops.
+/// Ctrl-C cancels the invoke and waits for its exit; a second Ctrl-C detaches.
 async fn follow(
     cli: &Cli,
     c: &Client,
     name: &str,
-    invoke_id: Option<String>,
     stream: EventStream,
-    interactive: bool,
+    sigint: &mut Signal,
 ) -> Outcome {
-    let _ = interactive;
-    follow_inner(cli, c, name, invoke_id, stream, None).await
-}
-
-async fn follow_until(
-    cli: &Cli,
-    c: &Client,
-    name: &str,
-    invoke_id: &str,
-    stream: EventStream,
-    until: Option<u64>,
-) -> Outcome {
-    follow_inner(cli, c, name, Some(invoke_id.to_owned()), stream, until).await
+    follow_inner(cli, c, name, None, stream, None, sigint).await
 }
 
 async fn follow_inner(
@@ -715,6 +775,7 @@ async fn follow_inner(
     mut invoke_id: Option<String>,
     mut stream: EventStream,
     until: Option<u64>,
+    sigint: &mut Signal,
 ) -> Outcome {
     let mut last_id = 0u64;
     let mut interrupts = 0;
@@ -725,12 +786,12 @@ async fn follow_inner(
     loop {
         let next = tokio::select! {
             ev = stream.next() => ev,
-            _ = tokio::signal::ctrl_c() => {
+            _ = sigint.recv() => {
                 interrupts += 1;
                 match (&invoke_id, interrupts) {
                     (Some(id), 1) => {
                         eprintln!("\nagentbox: canceling {id} (Ctrl-C again to detach)");
-                        if let Err(e) = c.cancel(name, id).await {
+                        if let Err(e) = cancel_bounded(c, name, id).await {
                             eprintln!("agentbox: cancel failed: {e}");
                         }
                         continue;
@@ -785,8 +846,27 @@ async fn follow_inner(
                         message: format!("lost the stream of {id} and could not resume it"),
                     });
                 }
-                tokio::time::sleep(Duration::from_millis(100 * u64::from(retries.min(20)))).await;
-                match c.events(name, &id, last_id).await {
+                let pause = Duration::from_millis(100 * u64::from(retries.min(20)));
+                let resumed = tokio::select! {
+                    r = async {
+                        tokio::time::sleep(pause).await;
+                        c.events(name, &id, last_id).await
+                    } => r,
+                    // Ctrl-C while reconnecting: the same rule, cancel first, detach second.
+                    _ = sigint.recv() => {
+                        interrupts += 1;
+                        if interrupts == 1 {
+                            eprintln!("\nagentbox: canceling {id} (Ctrl-C again to detach)");
+                            if let Err(e) = cancel_bounded(c, name, &id).await {
+                                eprintln!("agentbox: cancel failed: {e}");
+                            }
+                            continue;
+                        }
+                        eprintln!("agentbox: detached from {id}; reattach with: agentbox logs {name} {id} --follow");
+                        return Ok(exit::CANCELED);
+                    }
+                };
+                match resumed {
                     Ok(s) => stream = s,
                     Err(ClientError::Transport(_)) => {}
                     Err(e) => return Err(e.into()),
@@ -821,7 +901,11 @@ async fn files(cli: &Cli, c: &Client, command: &FilesCommand) -> Outcome {
                 Some(p) if p.as_os_str() != "-" => Box::new(std::fs::File::create(p)?),
                 _ => Box::new(std::io::stdout().lock()),
             };
-            while let Some(chunk) = resp.chunk().await.map_err(ClientError::from)? {
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?
+            {
                 out.write_all(&chunk)?;
             }
             out.flush()?;

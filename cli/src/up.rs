@@ -61,6 +61,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Runs the embedded control plane until Ctrl-C, then stops its sandboxes.
 pub(crate) async fn run(args: &UpArgs, state_dir: &Path) -> Outcome {
+    // Installed first, so that no Ctrl-C is lost and sandboxes are always stopped on the way out.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     std::fs::create_dir_all(state_dir)?;
     let mut raw = [0u8; 24];
     getrandom::fill(&mut raw).map_err(|e| fail(format!("no randomness: {e}")))?;
@@ -146,11 +148,22 @@ pub(crate) async fn run(args: &UpArgs, state_dir: &Path) -> Outcome {
                     code = exit::ERROR;
                 }
             },
-            _ = tokio::signal::ctrl_c() => {}
+            _ = sigint.recv() => {
+                return Ok(shutdown(&app, stop_tx, server, code).await);
+            }
         }
         println!("demo done (exit code {code}); serving until Ctrl-C");
     }
-    let _ = tokio::signal::ctrl_c().await;
+    let _ = sigint.recv().await;
+    Ok(shutdown(&app, stop_tx, server, code).await)
+}
+
+async fn shutdown(
+    app: &Arc<AppState>,
+    stop_tx: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    code: u8,
+) -> u8 {
     println!("stopping sandboxes…");
     if let Ok(list) = app.backend.list().await {
         for s in list {
@@ -161,7 +174,7 @@ pub(crate) async fn run(args: &UpArgs, state_dir: &Path) -> Outcome {
     }
     let _ = stop_tx.send(());
     let _ = server.await;
-    Ok(code)
+    code
 }
 
 async fn demo(client: &Client) -> Result<u8, ClientError> {
