@@ -20,17 +20,17 @@
 //! otherwise idle: the load average is printed with the table.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use agentbox_benchkit::{command_line, env_or, loadavg, summarize, verdict, Http, READ_SIZE};
 use memchr::memmem;
 
 const TOKEN: &str = "bench-token-0123456789abcdef";
 const WARMUP: usize = 100;
 /// The runner's pipe size and read size, given to the bare reader too.
 const PIPE_SIZE: i32 = 1 << 20;
-const READ_SIZE: usize = 256 << 10;
 
 // ---------------------------------------------------------------------------------------------
 // The runner under test.
@@ -128,164 +128,7 @@ impl Drop for Runner {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A minimal HTTP/1.1 client: one keep-alive connection, Content-Length requests, chunked or
-// Content-Length responses handed to a sink without copies beyond the socket buffer.
-
-struct Http {
-    conn: BufReader<TcpStream>,
-    host: String,
-    line: Vec<u8>,
-}
-
-impl Http {
-    fn connect(addr: SocketAddr) -> Http {
-        let stream = TcpStream::connect(addr).expect("connect to the runner");
-        stream.set_nodelay(true).expect("TCP_NODELAY");
-        Http {
-            conn: BufReader::with_capacity(READ_SIZE, stream),
-            host: addr.to_string(),
-            line: Vec::with_capacity(256),
-        }
-    }
-
-    /// Writes one request in one write.
-    fn send(&mut self, method: &str, path: &str, headers: &str, body: &[u8]) {
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {TOKEN}\r\n\
-             Content-Length: {}\r\n{headers}\r\n",
-            self.host,
-            body.len()
-        )
-        .into_bytes();
-        req.extend_from_slice(body);
-        self.conn
-            .get_mut()
-            .write_all(&req)
-            .expect("write the request");
-    }
-
-    fn read_line(&mut self) -> &[u8] {
-        self.line.clear();
-        let n = self
-            .conn
-            .read_until(b'\n', &mut self.line)
-            .expect("read from the runner");
-        assert!(n > 0, "the runner closed the connection");
-        &self.line
-    }
-
-    /// Reads one response; the body goes to `sink` as it arrives. Returns the status.
-    fn read_response(&mut self, sink: &mut impl FnMut(&[u8])) -> u16 {
-        let status_line = String::from_utf8_lossy(self.read_line()).into_owned();
-        let status: u16 = status_line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-        let mut chunked = false;
-        let mut length: Option<u64> = None;
-        loop {
-            let line = self.read_line();
-            if line == b"\r\n" {
-                break;
-            }
-            let text = String::from_utf8_lossy(line).to_ascii_lowercase();
-            if let Some((name, value)) = text.split_once(':') {
-                match name.trim() {
-                    "transfer-encoding" => chunked = value.contains("chunked"),
-                    "content-length" => length = value.trim().parse().ok(),
-                    _ => {}
-                }
-            }
-        }
-        if chunked {
-            loop {
-                let line = self.read_line();
-                let hex = line
-                    .iter()
-                    .take_while(|b| b.is_ascii_hexdigit())
-                    .map(|&b| b as char)
-                    .collect::<String>();
-                let size = u64::from_str_radix(&hex, 16).expect("chunk size");
-                if size == 0 {
-                    while self.read_line() != b"\r\n" {}
-                    break;
-                }
-                self.copy_body(size, sink);
-                assert_eq!(self.read_line(), b"\r\n", "chunk not followed by CRLF");
-            }
-        } else if let Some(n) = length {
-            self.copy_body(n, sink);
-        } else {
-            panic!("response without a length: the bench needs keep-alive");
-        }
-        status
-    }
-
-    fn copy_body(&mut self, mut n: u64, sink: &mut impl FnMut(&[u8])) {
-        while n > 0 {
-            let buf = self.conn.fill_buf().expect("read the body");
-            assert!(!buf.is_empty(), "the connection closed mid-body");
-            let k = buf.len().min(n as usize);
-            sink(&buf[..k]);
-            self.conn.consume(k);
-            n -= k as u64;
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Statistics and output.
-
-struct Summary {
-    p50: f64,
-    p99: f64,
-    mean: f64,
-}
-
-/// Nearest-rank percentiles of `samples`, in microseconds.
-fn summarize(samples: &[Duration]) -> Summary {
-    let mut us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
-    us.sort_by(f64::total_cmp);
-    let rank = |p: f64| us[((p * us.len() as f64).ceil() as usize).clamp(1, us.len()) - 1];
-    Summary {
-        p50: rank(0.50),
-        p99: rank(0.99),
-        mean: us.iter().sum::<f64>() / us.len() as f64,
-    }
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok {
-        "PASS"
-    } else {
-        "MISS"
-    }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn command_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|| "?".into())
-}
-
-/// The 1-minute load average: other work on the machine skews every figure.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split(' ').next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
-}
 
 /// One row of the final table.
 struct Row {
@@ -372,7 +215,7 @@ fn bench_latency(rows: &mut Vec<Row>) {
     let cpu1 = cpu_seconds("self");
 
     let runner = Runner::start(&[]);
-    let mut http = Http::connect(runner.addr);
+    let mut http = Http::connect(runner.addr, &format!("Authorization: Bearer {TOKEN}"));
     runner.configure(&mut http, &["/bin/true"]);
     let mut body = Vec::with_capacity(4096);
     for _ in 0..WARMUP {
@@ -685,7 +528,7 @@ fn bench_throughput(rows: &mut Vec<Row>) {
     let total: u64 = env_or("BENCH_BYTES", 1u64 << 30);
     let repeat: usize = env_or("BENCH_REPEAT", 2).max(1);
     let runner = Runner::start(&["--journal-max-bytes", "2GiB", "--retain-bytes", "4GiB"]);
-    let mut http = Http::connect(runner.addr);
+    let mut http = Http::connect(runner.addr, &format!("Authorization: Bearer {TOKEN}"));
     let size = if total == 1 << 30 {
         "1 GiB".to_owned()
     } else {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use agentbox_proto::{
@@ -92,7 +92,11 @@ pub struct Invoke {
     id: InvokeId,
     dir: PathBuf,
     meta: Mutex<Meta>,
-    log: OnceLock<Arc<EventLog>>,
+    /// Held while running; afterwards only weakly, so a finished invoke that nobody watches
+    /// keeps no file descriptors (every spawn pays for open descriptors at exec).
+    log: Mutex<LogRef>,
+    /// The journal's size once finished (for retention without a stat).
+    journal_size: AtomicU64,
     process: Option<Arc<Process>>,
     policy: OnDisconnect,
     attached: AtomicUsize,
@@ -118,8 +122,7 @@ impl Invoke {
     pub fn summary(&self) -> InvokeSummary {
         let meta = self.meta().clone();
         let last_event_id = self
-            .log
-            .get()
+            .loaded()
             .map_or(meta.last_event_id, |l| l.progress().last_seq);
         InvokeSummary {
             invoke_id: meta.invoke_id,
@@ -135,12 +138,25 @@ impl Invoke {
 
     /// The event log, opening the journal of an invoke found on disk at start-up.
     pub fn log(&self) -> io::Result<Arc<EventLog>> {
-        if let Some(log) = self.log.get() {
-            return Ok(Arc::clone(log));
+        let mut slot = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(log) = slot.get() {
+            return Ok(log);
         }
         let (log, _) = EventLog::open_existing(&self.dir.join("events"))?;
         log.close();
-        Ok(Arc::clone(self.log.get_or_init(|| log)))
+        slot.weak = Arc::downgrade(&log);
+        Ok(log)
+    }
+
+    /// The event log if it is in memory.
+    fn loaded(&self) -> Option<Arc<EventLog>> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).get()
+    }
+
+    fn set_log(&self, log: &Arc<EventLog>, strong: bool) {
+        let mut slot = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        slot.weak = Arc::downgrade(log);
+        slot.strong = strong.then(|| Arc::clone(log));
     }
 
     /// Registers a watching client; dropping the guard applies the disconnect policy.
@@ -153,7 +169,13 @@ impl Invoke {
     }
 
     fn journal_bytes(&self) -> u64 {
-        std::fs::metadata(self.dir.join("events")).map_or(0, |m| m.len())
+        match self.journal_size.load(Ordering::Relaxed) {
+            0 => self.loaded().map_or_else(
+                || std::fs::metadata(self.dir.join("events")).map_or(0, |m| m.len()),
+                |log| log.progress().end,
+            ),
+            n => n,
+        }
     }
 
     fn save_meta(&self) {
@@ -174,6 +196,19 @@ impl Invoke {
             }
             Err(e) => tracing::error!(error = %e, "cannot encode invoke state"),
         }
+    }
+}
+
+/// How an invoke holds its event log.
+#[derive(Debug, Default)]
+struct LogRef {
+    strong: Option<Arc<EventLog>>,
+    weak: std::sync::Weak<EventLog>,
+}
+
+impl LogRef {
+    fn get(&self) -> Option<Arc<EventLog>> {
+        self.strong.clone().or_else(|| self.weak.upgrade())
     }
 }
 
@@ -234,6 +269,7 @@ pub struct Invokes {
     permits: Arc<Semaphore>,
     map: Mutex<BTreeMap<InvokeId, Arc<Invoke>>>,
     dir: PathBuf,
+    pruning: Mutex<()>,
 }
 
 impl Invokes {
@@ -265,7 +301,8 @@ impl Invokes {
                 id: meta.invoke_id.clone(),
                 dir: path.clone(),
                 meta: Mutex::new(meta),
-                log: OnceLock::new(),
+                log: Mutex::new(LogRef::default()),
+                journal_size: AtomicU64::new(0),
                 process: None,
                 policy: OnDisconnect::Continue,
                 attached: AtomicUsize::new(0),
@@ -282,6 +319,7 @@ impl Invokes {
             reaper,
             map: Mutex::new(map),
             dir,
+            pruning: Mutex::new(()),
         });
         invokes.prune();
         Ok(invokes)
@@ -373,7 +411,11 @@ impl Invokes {
                 duration_ms: None,
                 last_event_id: 0,
             }),
-            log: OnceLock::from(Arc::clone(&log)),
+            log: Mutex::new(LogRef {
+                strong: Some(Arc::clone(&log)),
+                weak: Arc::downgrade(&log),
+            }),
+            journal_size: AtomicU64::new(0),
             process: Some(Arc::clone(&process)),
             policy: req.on_disconnect,
             attached: AtomicUsize::new(0),
@@ -452,7 +494,7 @@ impl Invokes {
     fn finish(
         &self,
         invoke: &Invoke,
-        log: &EventLog,
+        log: &Arc<EventLog>,
         outcome: &Outcome,
         permit: OwnedSemaphorePermit,
     ) {
@@ -514,13 +556,23 @@ impl Invokes {
         });
         log.close();
         invoke.meta().last_event_id = log.progress().last_seq;
-        invoke.save_meta();
+        invoke
+            .journal_size
+            .store(log.progress().end, Ordering::Relaxed);
+        invoke.set_log(log, false);
+        // Not fsynced: the journal (synced by `close`) already holds the `exit` event, and
+        // recovery takes the outcome from there when this summary did not reach the disk.
+        invoke.save_meta_fast();
         tracing::info!(invoke = %invoke.id, exit_code, reason = reason.as_str(), duration_ms, "invoke exited");
         self.prune();
     }
 
     /// Deletes the oldest finished invokes beyond `--retain-invokes` or `--retain-bytes`.
     fn prune(&self) {
+        // One pruner at a time; a finish that finds it busy leaves the work to it.
+        let Ok(_pruning) = self.pruning.try_lock() else {
+            return;
+        };
         let finished: Vec<Arc<Invoke>> = self
             .map()
             .values()
@@ -534,7 +586,9 @@ impl Invokes {
             if n == 0 || (n < self.cfg.retain_invokes && kept_bytes <= self.cfg.retain_bytes) {
                 continue;
             }
-            self.map().remove(&invoke.id);
+            if self.map().remove(&invoke.id).is_none() {
+                continue;
+            }
             if let Err(e) = std::fs::remove_dir_all(&invoke.dir) {
                 tracing::warn!(invoke = %invoke.id, error = %e, "cannot prune journal");
             }
@@ -548,6 +602,12 @@ impl Invokes {
         after: u64,
     ) -> Result<(Subscription, Attachment)> {
         let attachment = invoke.attach(self);
+        if after == 0 {
+            if let Some(log) = invoke.loaded() {
+                // From the start of a log in memory: no file is read, no thread hop.
+                return Ok((log.subscribe(0)?, attachment));
+            }
+        }
         let invoke = Arc::clone(invoke);
         let sub = tokio::task::spawn_blocking(move || invoke.log()?.subscribe(after))
             .await
@@ -587,7 +647,7 @@ fn mark_restarted(invoke: &Invoke) -> io::Result<()> {
             meta.last_event_id = log.progress().last_seq;
         }
         invoke.save_meta();
-        let _ = invoke.log.set(log);
+        invoke.set_log(&log, false);
         return Ok(());
     }
     let started_at = invoke.meta().started_at;
@@ -614,7 +674,7 @@ fn mark_restarted(invoke: &Invoke) -> io::Result<()> {
         meta.last_event_id = log.progress().last_seq;
     }
     invoke.save_meta();
-    let _ = invoke.log.set(log);
+    invoke.set_log(&log, false);
     tracing::info!(invoke = %invoke.id, "marked runner_restarted");
     Ok(())
 }

@@ -57,7 +57,8 @@ pub struct EventLog {
 
 #[derive(Debug)]
 struct Inner {
-    writer: File,
+    /// Closed (None) once the log is: a finished invoke holds no write descriptor.
+    writer: Option<File>,
     next_seq: u64,
     end: u64,
     index: Vec<(u64, u64)>,
@@ -68,6 +69,8 @@ struct Inner {
     dropped: u64,
     closed: bool,
     write_failed: bool,
+    /// Size of the last batch, to allocate the next one once.
+    last_batch: usize,
 }
 
 /// Events being appended together, under the log's lock.
@@ -184,7 +187,7 @@ impl EventLog {
         });
         Arc::new(Self {
             inner: Mutex::new(Inner {
-                writer,
+                writer: Some(writer),
                 next_seq,
                 end,
                 index,
@@ -195,6 +198,7 @@ impl EventLog {
                 dropped: 0,
                 closed: false,
                 write_failed: false,
+                last_batch: 0,
             }),
             progress,
             reader: Arc::new(reader),
@@ -223,7 +227,7 @@ impl EventLog {
         if inner.closed {
             return None;
         }
-        let mut buf = Vec::new();
+        let mut buf = Vec::with_capacity(inner.last_batch.max(256));
         let first_seq = inner.next_seq;
         let result = f(&mut Batch {
             inner: &mut inner,
@@ -233,7 +237,11 @@ impl EventLog {
         if buf.is_empty() {
             return Some(result);
         }
-        if let Err(e) = inner.writer.write_all(&buf) {
+        let written = match inner.writer.as_mut() {
+            Some(writer) => writer.write_all(&buf),
+            None => Err(io::Error::other("the journal is closed")),
+        };
+        if let Err(e) = written {
             if !inner.write_failed {
                 tracing::error!(path = %self.path.display(), error = %e, "journal write failed; later replays will miss events");
             }
@@ -248,6 +256,7 @@ impl EventLog {
             inner.last_indexed = Some(offset);
         }
         let len = buf.len();
+        inner.last_batch = len.min(1 << 20) + len / 8;
         inner.end += len as u64;
         inner.tail.push_back((offset, Bytes::from(buf)));
         inner.tail_bytes += len;
@@ -258,12 +267,17 @@ impl EventLog {
 
     /// Marks the log complete: subscribers end after the last event.
     pub fn close(&self) {
-        let mut inner = self.lock();
-        inner.closed = true;
-        trim_tail(&mut inner, TAIL_CLOSED_BYTES);
-        self.publish(&inner);
-        // Readers need not wait for the disk: the page cache already serves them.
-        let _ = inner.writer.sync_data();
+        let writer = {
+            let mut inner = self.lock();
+            inner.closed = true;
+            trim_tail(&mut inner, TAIL_CLOSED_BYTES);
+            self.publish(&inner);
+            inner.writer.take()
+        };
+        // Outside the lock: readers need not wait for the disk, the page cache serves them.
+        if let Some(writer) = writer {
+            let _ = writer.sync_data();
+        }
     }
 
     fn publish(&self, inner: &Inner) {

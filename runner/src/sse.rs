@@ -41,6 +41,7 @@ fn push_head(buf: &mut Vec<u8>, id: u64, event: &str) {
 /// Appends one `log` frame for `bytes` of `stream`, without going through serde: this is the
 /// hot path of output streaming. Valid UTF-8 goes in `data`, anything else in `dataBase64`.
 pub fn push_log_frame(buf: &mut Vec<u8>, id: u64, stream: Stream, bytes: &[u8], partial: bool) {
+    buf.reserve(bytes.len() + 96);
     push_head(buf, id, "log");
     buf.extend_from_slice(b"{\"stream\":\"");
     buf.extend_from_slice(stream.as_str().as_bytes());
@@ -71,6 +72,13 @@ pub fn push_log_frame(buf: &mut Vec<u8>, id: u64, stream: Stream, bytes: &[u8], 
 fn push_json_str_body(buf: &mut Vec<u8>, text: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = text.as_bytes();
+    // Most output needs no escaping: one branch-free scan, then one copy.
+    if !bytes.iter().fold(false, |any, &b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\') | (b == 0x7f)
+    }) {
+        buf.extend_from_slice(bytes);
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escape: &[u8] = match b {

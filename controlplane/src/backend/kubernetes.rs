@@ -93,7 +93,10 @@
 //! | `""`      | `events`                 | `create`                               |
 //!
 //! No `get` on secrets or pods (reads come from the caches), no `update`, no cluster-scoped
-//! resources. The sandbox Pods themselves get no service account token.
+//! resources. The owner references on Pods and claims set no `blockOwnerDeletion`, so the
+//! `OwnerReferencesPermissionEnforcement` admission plugin asks for nothing more (it wants
+//! `delete` on the object carrying them, which the backend has). The sandbox Pods themselves
+//! get no service account token.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;

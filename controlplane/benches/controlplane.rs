@@ -1,0 +1,445 @@
+//! Benchmarks of the real `agentbox-controlplane` in front of a real local runner, each figure
+//! next to its limit measured in the same run:
+//!
+//! 1. invoke round trip of `/bin/true` through the control plane, beside the same invoke sent
+//!    straight to the runner, beside a bare spawn + wait; goal: p50 ≤ 1.6× the bare spawn.
+//! 2. 1 GiB of stdout through the proxy beside the same stream read straight from the runner;
+//!    goal: ≥ 0.8× direct.
+//! 3. 10,000 clients held open through one control plane, each following the events of one of
+//!    four long-running invokes: the control plane's memory per stream; goal: ≤ 32 KiB.
+//!
+//! Run: `cargo build --release --bins && cargo bench -p agentbox-controlplane --bench
+//! controlplane` (it uses target/release/agentbox-runner). Knobs: `BENCH_ONLY`
+//! (`latency|throughput|streams`), `BENCH_N` (2000), `BENCH_BYTES` (1 GiB), `BENCH_STREAMS`
+//! (10000).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentbox_benchkit::{env_or, loadavg, summarize, verdict, Http, Summary};
+use serde_json::Value;
+
+const KEY: &str = "bench-key-0123456789abcdef";
+const WARMUP: usize = 100;
+
+struct ControlPlane {
+    child: Child,
+    addr: SocketAddr,
+    state: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let mut http = Http::connect(self.addr, &format!("X-API-Key: {KEY}"));
+        http.send("DELETE", "/api/v1/sandboxes/bench", "", b"");
+        let _ = http.read_response(&mut |_| {});
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn runner_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let release = exe
+        .ancestors()
+        .find(|p| p.ends_with("release"))
+        .expect("benches run from target/release")
+        .to_path_buf();
+    let bin = release.join("agentbox-runner");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --release --bins` first",
+        bin.display()
+    );
+    bin
+}
+
+fn sha256_hex(text: &str) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(text.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn start() -> ControlPlane {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys.json");
+    std::fs::write(
+        &keys,
+        format!(
+            r#"{{"keys":[{{"name":"bench","sha256":"{}","admin":true}}]}}"#,
+            sha256_hex(KEY)
+        ),
+    )
+    .expect("keys");
+    let templates = dir.path().join("templates.json");
+    std::fs::write(
+        &templates,
+        r#"{"templates":[{"name":"bench","mode":"agent","maxConcurrentInvokes":64,
+            "runnerArgs":["--journal-max-bytes","2GiB","--retain-bytes","4GiB","--retain-invokes","8"]}]}"#,
+    )
+    .expect("templates");
+    let state = dir.path().join("state");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_agentbox-controlplane"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--isolation",
+            "none",
+            "--audit-log",
+            "/dev/null",
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--api-keys-file")
+        .arg(&keys)
+        .arg("--templates-file")
+        .arg(&templates)
+        .arg("--runner-bin")
+        .arg(runner_bin())
+        .env("AGENTBOX_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the control plane");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("first line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("listening line")
+        .parse()
+        .expect("address");
+    let cp = ControlPlane {
+        child,
+        addr,
+        state,
+        _dir: dir,
+    };
+    let mut http = cp.http();
+    let status = http_json(
+        &mut http,
+        "POST",
+        "/api/v1/sandboxes",
+        br#"{"name":"bench","templateRef":{"name":"bench"}}"#,
+    )
+    .0;
+    assert_eq!(status, 201, "create the sandbox");
+    cp
+}
+
+impl ControlPlane {
+    fn http(&self) -> Http {
+        Http::connect(self.addr, &format!("X-API-Key: {KEY}"))
+    }
+
+    /// The runner's address and token, from the local backend's record.
+    fn runner(&self) -> (SocketAddr, String) {
+        let record: Value = serde_json::from_slice(
+            &std::fs::read(self.state.join("sandboxes/bench/sandbox.json")).expect("record"),
+        )
+        .expect("json");
+        (
+            record["addr"]
+                .as_str()
+                .expect("addr")
+                .parse()
+                .expect("addr"),
+            record["token"].as_str().expect("token").to_owned(),
+        )
+    }
+
+    fn configure(&self, entrypoint: &[&str]) {
+        let body = serde_json::json!({ "entrypoint": entrypoint }).to_string();
+        let mut http = self.http();
+        let (status, _) = http_json(
+            &mut http,
+            "POST",
+            "/api/v1/sandboxes/bench/configure",
+            body.as_bytes(),
+        );
+        assert_eq!(status, 200, "configure");
+    }
+
+    fn rss_kib(&self) -> u64 {
+        rss_kib(self.child.id())
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn http_json(http: &mut Http, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    http.send(
+        method,
+        path,
+        "Content-Type: application/json\r\nAccept: application/json\r\n",
+        body,
+    );
+    let mut out = Vec::new();
+    let status = http.read_response(&mut |b| out.extend_from_slice(b));
+    (status, out)
+}
+
+fn bare_spawn() -> Duration {
+    let t0 = Instant::now();
+    let out = Command::new("/bin/true")
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn");
+    assert!(out.status.success());
+    t0.elapsed()
+}
+
+fn invoke_rounds(http: &mut Http, path: &str, n: usize) -> Vec<Duration> {
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..WARMUP + n {
+        let t0 = Instant::now();
+        http.send("POST", path, "Accept: text/event-stream\r\n", b"");
+        let mut seen_exit = false;
+        let status = http.read_response(&mut |b| {
+            seen_exit |= memchr::memmem::find(b, b"event: exit").is_some();
+        });
+        let elapsed = t0.elapsed();
+        assert_eq!(status, 200);
+        assert!(seen_exit, "no exit event");
+        if i >= WARMUP {
+            samples.push(elapsed);
+        }
+    }
+    samples
+}
+
+fn us(s: &Summary) -> String {
+    format!("p50 {:.0} µs, p99 {:.0} µs", s.p50, s.p99)
+}
+
+fn bench_latency(cp: &ControlPlane, rows: &mut Vec<[String; 5]>) {
+    let n = env_or("BENCH_N", 2000usize);
+    cp.configure(&["/bin/true"]);
+    let (runner, token) = cp.runner();
+    for _ in 0..WARMUP {
+        bare_spawn();
+    }
+    let bare: Vec<Duration> = (0..n).map(|_| bare_spawn()).collect();
+    let mut direct_http = Http::connect(runner, &format!("Authorization: Bearer {token}"));
+    let direct = invoke_rounds(&mut direct_http, "/v1/invoke", n);
+    let mut cp_http = cp.http();
+    let via = invoke_rounds(&mut cp_http, "/api/v1/sandboxes/bench/invoke", n);
+    let (bare, direct, via) = (summarize(&bare), summarize(&direct), summarize(&via));
+    let ratio = via.p50 / bare.p50;
+    rows.push([
+        "invoke /bin/true via control plane".into(),
+        us(&via),
+        format!("bare spawn {}; direct to runner {}", us(&bare), us(&direct)),
+        format!("{ratio:.2}× bare (goal ≤ 1.6×)"),
+        verdict(ratio <= 1.6).into(),
+    ]);
+}
+
+fn stream_once(http: &mut Http, path: &str) -> (u64, Duration) {
+    let t0 = Instant::now();
+    http.send("POST", path, "Accept: text/event-stream\r\n", b"");
+    let mut bytes = 0u64;
+    let status = http.read_response(&mut |b| bytes += b.len() as u64);
+    assert_eq!(status, 200);
+    (bytes, t0.elapsed())
+}
+
+fn bench_throughput(cp: &ControlPlane, rows: &mut Vec<[String; 5]>) {
+    let total: u64 = env_or("BENCH_BYTES", 1u64 << 30);
+    let line = "a".repeat(99);
+    let script = format!("yes {line} | head -c {total}");
+    cp.configure(&["sh", "-c", &script]);
+    let (runner, token) = cp.runner();
+    let mut best_direct = Duration::MAX;
+    let mut best_via = Duration::MAX;
+    let mut wire = 0;
+    for _ in 0..2 {
+        let mut direct = Http::connect(runner, &format!("Authorization: Bearer {token}"));
+        let (bytes_d, d) = stream_once(&mut direct, "/v1/invoke");
+        let mut via = cp.http();
+        let (bytes_v, v) = stream_once(&mut via, "/api/v1/sandboxes/bench/invoke");
+        assert!(bytes_d > total && bytes_v > total, "short stream");
+        wire = bytes_v;
+        best_direct = best_direct.min(d);
+        best_via = best_via.min(v);
+    }
+    let mbps = |d: Duration| total as f64 / d.as_secs_f64() / 1e6;
+    let ratio = mbps(best_via) / mbps(best_direct);
+    rows.push([
+        format!("{} MiB stdout (100-byte lines) via proxy", total >> 20),
+        format!("{:.0} MB/s", mbps(best_via)),
+        format!(
+            "direct to runner {:.0} MB/s ({:.2} GB on the wire)",
+            mbps(best_direct),
+            wire as f64 / 1e9
+        ),
+        format!("{ratio:.2}× direct (goal ≥ 0.8×)"),
+        verdict(ratio >= 0.8).into(),
+    ]);
+}
+
+fn raise_fd_limit(want: u64) -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    for target in [want, hard] {
+        if setrlimit(Resource::RLIMIT_NOFILE, target, target.max(hard)).is_ok() {
+            return target;
+        }
+    }
+    soft
+}
+
+async fn open_stream(addr: SocketAddr, path: String) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {KEY}\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("request");
+    let mut buf = vec![0u8; 4096];
+    let mut seen = Vec::new();
+    // Held until the replayed `start` event has arrived: the stream is established end to end.
+    while memchr::memmem::find(&seen, b"event: start").is_none() {
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(n > 0, "stream closed early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        seen.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    s
+}
+
+fn bench_streams(cp: &ControlPlane, rows: &mut Vec<[String; 5]>) {
+    let want: usize = env_or("BENCH_STREAMS", 10_000usize);
+    // This process holds `want` sockets, the control plane twice that (client and runner
+    // side), the runner `want`: the limit is raised for all of them (they inherit it).
+    let limit = raise_fd_limit(4 * want as u64 + 1024);
+    let n = want.min((limit as usize).saturating_sub(1024) / 2);
+    cp.configure(&["sh", "-c", "echo up; exec sleep 600"]);
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let mut http = cp.http();
+        http.send(
+            "POST",
+            "/api/v1/sandboxes/bench/invoke?onDisconnect=continue",
+            "Accept: text/event-stream\r\n",
+            b"",
+        );
+        // Read only the head of the stream: the invoke keeps running after we leave.
+        let mut head = Vec::new();
+        let stream = http_first_event(&mut http, &mut head);
+        ids.push(stream);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let addr = cp.addr;
+    let before = cp.rss_kib();
+    let t0 = Instant::now();
+    let held = runtime.block_on(async {
+        let mut held = Vec::with_capacity(n);
+        for batch in (0..n).collect::<Vec<_>>().chunks(250) {
+            let mut tasks = Vec::new();
+            for i in batch {
+                let path = format!(
+                    "/api/v1/sandboxes/bench/invokes/{}/events",
+                    ids[i % ids.len()]
+                );
+                tasks.push(tokio::spawn(open_stream(addr, path)));
+            }
+            for t in tasks {
+                held.push(t.await.expect("task"));
+            }
+        }
+        held
+    });
+    let opened = t0.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = cp.rss_kib();
+    let per_stream_kib = (after.saturating_sub(before)) as f64 / n as f64;
+    drop(held);
+    drop(runtime);
+    let mut http = cp.http();
+    for id in &ids {
+        http.send(
+            "POST",
+            &format!("/api/v1/sandboxes/bench/invokes/{id}/cancel"),
+            "",
+            b"",
+        );
+        let _ = http.read_response(&mut |_| {});
+    }
+    rows.push([
+        format!("{n} streams held open through one control plane"),
+        format!("{per_stream_kib:.1} KiB per stream"),
+        format!(
+            "control plane RSS {} MiB → {} MiB; all open in {:.1} s",
+            before / 1024,
+            after / 1024,
+            opened.as_secs_f64()
+        ),
+        "goal ≤ 32 KiB".into(),
+        verdict(per_stream_kib <= 32.0).into(),
+    ]);
+}
+
+/// Reads a streaming response until its `start` event and returns the invoke id; the
+/// connection is then dropped by the caller.
+fn http_first_event(http: &mut Http, head: &mut Vec<u8>) -> String {
+    http.read_raw_until(head, b"event: start\ndata: {");
+    http.read_raw_until(head, b"\n\n");
+    let text = String::from_utf8_lossy(head);
+    let at = text.find("\"invokeId\":\"").expect("invoke id") + 12;
+    text[at..at + text[at..].find('"').expect("end of id")].to_owned()
+}
+
+fn main() {
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let cp = start();
+    let mut rows = Vec::new();
+    if only.is_empty() || only == "latency" {
+        bench_latency(&cp, &mut rows);
+    }
+    if only.is_empty() || only == "throughput" {
+        bench_throughput(&cp, &mut rows);
+    }
+    if only.is_empty() || only == "streams" {
+        bench_streams(&cp, &mut rows);
+    }
+    println!("\n## Control plane (`cargo bench -p agentbox-controlplane --bench controlplane`)\n");
+    println!("load average at the end: {}\n", loadavg());
+    println!("| figure | measured | limit measured in the same run | ratio | result |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!("| {} | {} | {} | {} | {} |", r[0], r[1], r[2], r[3], r[4]);
+    }
+}
