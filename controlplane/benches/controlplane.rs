@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentbox_benchkit::{env_or, loadavg, summarize, verdict, Http, Summary};
+use agentbox_testkit::{env_or, loadavg, summarize, verdict, Http, Summary};
 use serde_json::Value;
 
 const KEY: &str = "bench-key-0123456789abcdef";

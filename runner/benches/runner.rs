@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentbox_benchkit::{command_line, env_or, loadavg, summarize, verdict, Http, READ_SIZE};
+use agentbox_testkit::{command_line, env_or, loadavg, summarize, verdict, Http, READ_SIZE};
 use memchr::memmem;
 
 const TOKEN: &str = "bench-token-0123456789abcdef";

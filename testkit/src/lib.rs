@@ -1,6 +1,9 @@
-//! Support for agentbox's benchmarks: a minimal HTTP/1.1 client over one keep-alive
-//! `TcpStream` (so figures are the servers', not an HTTP library's) and percentile summaries.
-#![allow(missing_docs)]
+//! Support for agentbox's tests and benchmarks: SSE parsing and exact output rebuilding
+//! ([`sse`]), a minimal HTTP/1.1 client over one keep-alive `TcpStream` (so figures are the
+//! servers', not an HTTP library's) and percentile summaries.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+pub mod sse;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
