@@ -22,7 +22,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::fsutil::{now_ms, random_hex, write_replace};
+use crate::fsutil::{now_ms, random_hex, write_in_place};
 use crate::journal::{EventLog, Subscription};
 use crate::proctree;
 use crate::supervisor::{self, Outcome, Process, Reaper, RunSpec};
@@ -61,7 +61,8 @@ pub struct StartRequest {
     pub on_disconnect: OnDisconnect,
 }
 
-/// Persisted summary of an invoke (`meta.json` next to its journal).
+/// Persisted summary of an invoke (`<id>.json` next to its journal `<id>.events`). A cache of
+/// what the journal says, plus the pid: when it is missing or damaged, the journal decides.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Meta {
@@ -90,7 +91,10 @@ struct Meta {
 #[derive(Debug)]
 pub struct Invoke {
     id: InvokeId,
-    dir: PathBuf,
+    /// `<state>/invokes/<id>`: the journal is `<id>.events`, the summary `<id>.json`. Two files
+    /// and no directory per invoke: creating and deleting inodes is a real share of an
+    /// invoke's cost.
+    base: PathBuf,
     meta: Mutex<Meta>,
     /// Held while running; afterwards only weakly, so a finished invoke that nobody watches
     /// keeps no file descriptors (every spawn pays for open descriptors at exec).
@@ -142,7 +146,7 @@ impl Invoke {
         if let Some(log) = slot.get() {
             return Ok(log);
         }
-        let (log, _) = EventLog::open_existing(&self.dir.join("events"))?;
+        let (log, _) = EventLog::open_existing(&self.journal_path())?;
         log.close();
         slot.weak = Arc::downgrade(&log);
         Ok(log)
@@ -171,7 +175,7 @@ impl Invoke {
     fn journal_bytes(&self) -> u64 {
         match self.journal_size.load(Ordering::Relaxed) {
             0 => self.loaded().map_or_else(
-                || std::fs::metadata(self.dir.join("events")).map_or(0, |m| m.len()),
+                || std::fs::metadata(self.journal_path()).map_or(0, |m| m.len()),
                 |log| log.progress().end,
             ),
             n => n,
@@ -186,11 +190,19 @@ impl Invoke {
         self.write_meta(false);
     }
 
+    fn journal_path(&self) -> PathBuf {
+        self.base.with_extension("events")
+    }
+
+    fn meta_path(&self) -> PathBuf {
+        self.base.with_extension("json")
+    }
+
     fn write_meta(&self, durable: bool) {
         let meta = self.meta().clone();
         match serde_json::to_vec(&meta) {
             Ok(bytes) => {
-                if let Err(e) = write_replace(&self.dir.join("meta.json"), &bytes, 0o600, durable) {
+                if let Err(e) = write_in_place(&self.meta_path(), &bytes, durable) {
                     tracing::error!(invoke = %self.id, error = %e, "cannot persist invoke state");
                 }
             }
@@ -281,25 +293,46 @@ impl Invokes {
         let mut map = BTreeMap::new();
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
-            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            if path.extension().is_none_or(|e| e != "events") {
+                continue;
+            }
+            let Some(name) = path.file_stem().and_then(|n| n.to_str()) else {
                 continue;
             };
             if !InvokeId::is_well_formed(name) {
                 continue;
             }
-            let meta: Meta = match std::fs::read(path.join("meta.json"))
+            let base = dir.join(name);
+            let meta: Meta = match std::fs::read(base.with_extension("json"))
                 .map_err(|e| e.to_string())
                 .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
             {
                 Ok(meta) => meta,
                 Err(e) => {
-                    tracing::warn!(dir = %path.display(), error = %e, "skipping an unreadable invoke");
-                    continue;
+                    // No summary, or a torn one: the journal decides (as running, so that
+                    // recovery reads its last event or marks it runner_restarted).
+                    tracing::warn!(invoke = name, error = %e, "rebuilding an invoke summary from its journal");
+                    Meta {
+                        invoke_id: InvokeId(name.to_owned()),
+                        kind: InvokeKind::Invoke,
+                        started_at: std::fs::metadata(&path)
+                            .and_then(|m| m.created().or_else(|_| m.modified()))
+                            .ok()
+                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map_or(0, |d| d.as_millis() as u64),
+                        state: InvokeState::Running,
+                        pid: None,
+                        pid_started: None,
+                        exit_code: None,
+                        reason: None,
+                        duration_ms: None,
+                        last_event_id: 0,
+                    }
                 }
             };
             let invoke = Arc::new(Invoke {
                 id: meta.invoke_id.clone(),
-                dir: path.clone(),
+                base,
                 meta: Mutex::new(meta),
                 log: Mutex::new(LogRef::default()),
                 journal_size: AtomicU64::new(0),
@@ -391,14 +424,13 @@ impl Invokes {
         })?;
         let started_at = now_ms();
         let id = InvokeId(format!("inv-{started_at:012x}-{}", random_hex(8)));
-        let dir = self.dir.join(id.as_str());
-        std::fs::create_dir_all(&dir)?;
-        let log = EventLog::create(&dir.join("events"), self.cfg.journal_max_bytes)?;
+        let base = self.dir.join(id.as_str());
+        let log = EventLog::create(&base.with_extension("events"), self.cfg.journal_max_bytes)?;
         let marker = format!("AGENTBOX_INVOKE_ID={id}");
         let process = Process::new(marker);
         let invoke = Arc::new(Invoke {
             id: id.clone(),
-            dir,
+            base,
             meta: Mutex::new(Meta {
                 invoke_id: id.clone(),
                 kind: req.kind,
@@ -589,8 +621,12 @@ impl Invokes {
             if self.map().remove(&invoke.id).is_none() {
                 continue;
             }
-            if let Err(e) = std::fs::remove_dir_all(&invoke.dir) {
-                tracing::warn!(invoke = %invoke.id, error = %e, "cannot prune journal");
+            for path in [invoke.journal_path(), invoke.meta_path()] {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        tracing::warn!(invoke = %invoke.id, error = %e, "cannot prune journal");
+                    }
+                }
             }
         }
     }
@@ -631,7 +667,7 @@ fn mark_restarted(invoke: &Invoke) -> io::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (log, last) = EventLog::open_existing(&invoke.dir.join("events"))?;
+    let (log, last) = EventLog::open_existing(&invoke.journal_path())?;
     if let Some(exit) = last
         .filter(|(name, _)| name == event::EXIT)
         .and_then(|(_, data)| serde_json::from_str::<ExitEvent>(&data).ok())

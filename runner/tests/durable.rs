@@ -1177,7 +1177,7 @@ async fn runner_restart_repairs_a_torn_journal_tail() {
     .await;
     let (id, pid, resp) = start_sleeper(&r1, &pid_file).await;
     let _guard = KillOnDrop(pid);
-    let journal = invokes_dir(&r1).join(&id).join("events");
+    let journal = invokes_dir(&r1).join(format!("{id}.events"));
     r1.kill9();
     drop(resp);
     let mut f = std::fs::OpenOptions::new()
@@ -1236,8 +1236,8 @@ async fn runner_restart_keeps_an_exit_already_journaled() {
     r1.configure_sh("echo ok").await;
     let events = r1.invoke_sse("", "").await;
     let id = invoke_id_of(&events);
-    let meta_path = invokes_dir(&r1).join(&id).join("meta.json");
-    // meta.json is rewritten right after the stream ends.
+    let meta_path = invokes_dir(&r1).join(format!("{id}.json"));
+    // the summary ({id}.json) is rewritten right after the stream ends.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut meta: Value = loop {
         let meta: Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
@@ -1246,12 +1246,12 @@ async fn runner_restart_keeps_an_exit_already_journaled() {
         }
         assert!(
             Instant::now() < deadline,
-            "meta.json never says exited: {meta}"
+            "the summary never says exited: {meta}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     r1.kill9();
-    // Put meta.json back the way start() wrote it: the crash came before finish() saved it.
+    // Put the summary back the way start() wrote it: the crash came before finish() saved it.
     meta["state"] = json!("running");
     for field in ["exitCode", "reason", "durationMs"] {
         meta[field] = Value::Null;
@@ -1314,10 +1314,12 @@ async fn listed_once_pruned(r: &Runner, n: usize) -> Vec<String> {
 }
 
 async fn assert_pruned(r: &Runner, id: &str) {
-    assert!(
-        !invokes_dir(r).join(id).exists(),
-        "the directory of pruned invoke {id} is still there"
-    );
+    for ext in ["events", "json"] {
+        assert!(
+            !invokes_dir(r).join(format!("{id}.{ext}")).exists(),
+            "the {ext} file of pruned invoke {id} is still there"
+        );
+    }
     let (status, body) = error_of(r.get(&format!("/v1/invokes/{id}")).send().await.unwrap()).await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"], "invoke_not_found", "{body}");
@@ -1344,7 +1346,7 @@ async fn retention_prunes_oldest() {
         assert_pruned(&r, id).await;
     }
     for id in &ids[2..] {
-        assert!(invokes_dir(&r).join(id).join("events").is_file());
+        assert!(invokes_dir(&r).join(format!("{id}.events")).is_file());
         let events = replay(&r, id, None).await;
         assert_eq!(rebuild(&events, "stdout"), b"run\n");
         let s = summary(&r, id).await.1;
@@ -1365,7 +1367,7 @@ async fn retention_by_bytes_prunes_oldest() {
     let kept: u64 = ids[2..]
         .iter()
         .map(|id| {
-            std::fs::metadata(invokes_dir(&r).join(id).join("events"))
+            std::fs::metadata(invokes_dir(&r).join(format!("{id}.events")))
                 .unwrap()
                 .len()
         })
@@ -1449,4 +1451,40 @@ async fn bad_last_event_id_is_400() {
     let tail = parse_sse(&resp.bytes().await.unwrap());
     assert_ids(&tail, 2, "?after=1");
     assert_eq!(tail.len() as u64, last - 1);
+}
+
+/// The summary next to a journal is only a cache: a runner killed while it was torn or before
+/// it was written recovers the invoke from the journal alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_restart_rebuilds_a_torn_summary_from_the_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pid_file = dir.join("pid");
+    let mut r1 = Runner::start_in(dir, &[]);
+    r1.configure_sh(&format!(
+        "echo hello; echo $$ > {}; exec sleep 1000",
+        pid_file.display()
+    ))
+    .await;
+    let (id, pid, resp) = start_sleeper(&r1, &pid_file).await;
+    let _guard = KillOnDrop(pid);
+    r1.kill9();
+    drop(resp);
+    std::fs::write(
+        invokes_dir(&r1).join(format!("{id}.json")),
+        b"{\"invokeId\":",
+    )
+    .unwrap();
+
+    let r2 = Runner::start_in(dir, &[]);
+    let (status, s) = summary(&r2, &id).await;
+    assert_eq!(status, 200, "{s}");
+    assert_eq!(s["state"], "exited", "{s}");
+    assert_eq!(s["reason"], "runner_restarted", "{s}");
+    let events = replay(&r2, &id, None).await;
+    assert_eq!(rebuild(&events, "stdout"), b"hello\n");
+    assert_eq!(events.last().unwrap().event, "exit");
+    assert_eq!(events.last().unwrap().data["reason"], "runner_restarted");
+    let ids: Vec<u64> = events.iter().map(|e| e.id).collect();
+    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>());
 }
