@@ -333,13 +333,11 @@ async fn install(
         let reaper = Arc::clone(&app.reaper);
         let process = Arc::clone(&process);
         let log = Arc::clone(log);
-        std::thread::Builder::new()
-            .name(format!("install-{id}"))
-            .spawn(move || {
-                let outcome = supervisor::run(&reaper, &spec, &process, &log, |_, _| {});
-                let _ = tx.send(outcome);
-            })
-            .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))?;
+        crate::pool::run(move || {
+            let outcome = supervisor::run(&reaper, &spec, &process, &log, |_, _| {});
+            let _ = tx.send(outcome);
+        })
+        .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))?;
     }
     let timer = {
         let process = Arc::clone(&process);

@@ -475,33 +475,31 @@ impl Invokes {
             let invoke = Arc::clone(&invoke);
             let process = Arc::clone(&process);
             let reaper = Arc::clone(&self.reaper);
-            std::thread::Builder::new()
-                .name(format!("invoke-{}", &id.as_str()[4..]))
-                .spawn(move || {
-                    let outcome = supervisor::run(&reaper, &spec, &process, &log, |pid, stdin| {
-                        {
-                            let mut meta = invoke.meta();
-                            meta.pid = Some(pid);
-                            meta.pid_started = proctree::start_time(pid);
-                        }
-                        // Recorded before any output is read, so that a runner killed now
-                        // finds this tree at its next start.
-                        invoke.save_meta_fast();
-                        log.append(|b| {
-                            b.event(
-                                event::START,
-                                &StartEvent {
-                                    invoke_id: invoke.id.clone(),
-                                    started_at,
-                                },
-                            )
-                        });
-                        if let Some(stdin) = stdin {
-                            let _ = stdin_tx.send(stdin);
-                        }
+            crate::pool::run(move || {
+                let outcome = supervisor::run(&reaper, &spec, &process, &log, |pid, stdin| {
+                    {
+                        let mut meta = invoke.meta();
+                        meta.pid = Some(pid);
+                        meta.pid_started = proctree::start_time(pid);
+                    }
+                    // Recorded before any output is read, so that a runner killed now
+                    // finds this tree at its next start.
+                    invoke.save_meta_fast();
+                    log.append(|b| {
+                        b.event(
+                            event::START,
+                            &StartEvent {
+                                invoke_id: invoke.id.clone(),
+                                started_at,
+                            },
+                        )
                     });
-                    invokes.finish(&invoke, &log, &outcome, permit);
-                })
+                    if let Some(stdin) = stdin {
+                        let _ = stdin_tx.send(stdin);
+                    }
+                });
+                invokes.finish(&invoke, &log, &outcome, permit);
+            })
         };
         if let Err(e) = thread {
             self.map().remove(&id);

@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod invoke;
 pub mod jail;
 pub mod journal;
+pub mod pool;
 pub mod proctree;
 pub mod server;
 pub mod sse;

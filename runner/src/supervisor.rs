@@ -401,7 +401,15 @@ fn run_inner(
     }
     let status = match exit {
         Some((status, _)) => Ok(status),
-        None => wait_exit(&exit_rx, pid, process),
+        None => {
+            // The output closed, so the process has most likely exited: reap it here rather
+            // than wait for SIGCHLD to travel through the runtime to the reaper task.
+            reaper.reap();
+            match exit_rx.try_recv() {
+                Ok(status) => Ok(status),
+                Err(_) => wait_exit(&exit_rx, pid, process),
+            }
+        }
     };
     let duration = started.elapsed();
     let stop_reason = process.stop_reason();
