@@ -68,6 +68,7 @@ pub fn router(app: Arc<AppState>) -> Router {
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
         .route("/metrics", get(render_metrics))
+        .route("/openapi.json", get(openapi))
         .merge(api)
         .fallback(|uri: Uri| async move { Error::RouteNotFound(uri.path().to_owned()) })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
@@ -106,6 +107,18 @@ async fn authenticate(
 
 fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// The API description, committed next to the code as `controlplane/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> Response {
+    let mut response = OPENAPI.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 async fn render_metrics(State(app): State<Arc<AppState>>) -> Response {
@@ -196,9 +209,14 @@ async fn create_sandbox(
     Extension(id): Extension<Identity>,
     body: Body,
 ) -> Result<Response> {
-    let bytes = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .map_err(|e| Error::InvalidRequest(format!("cannot read the body: {e}")))?;
+    let bytes = axum::body::to_bytes(body, 1 << 20).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
+            Error::PayloadTooLarge("a sandbox request is at most 1 MiB".into())
+        } else {
+            Error::InvalidRequest(format!("cannot read the body: {e}"))
+        }
+    })?;
     let req: CreateSandboxRequest = serde_json::from_slice(&bytes)
         .map_err(|e| Error::InvalidRequest(format!("the body is not a sandbox request: {e}")))?;
     if !valid_name(&req.name) {
@@ -346,8 +364,12 @@ fn runner_route(method: &Method, rest: &str) -> Option<(String, &'static str)> {
         ("invoke", "cancel", "POST") => "invoke.cancel",
         ("invokes", "", "GET") => "invokes.list",
         ("invokes", t, "GET") if !t.contains('/') => "invokes.get",
-        ("invokes", t, "GET") if t.ends_with("/events") => "invokes.events",
-        ("invokes", t, "POST") if t.ends_with("/cancel") => "invokes.cancel",
+        ("invokes", t, "GET") if t.ends_with("/events") && t.matches('/').count() == 1 => {
+            "invokes.events"
+        }
+        ("invokes", t, "POST") if t.ends_with("/cancel") && t.matches('/').count() == 1 => {
+            "invokes.cancel"
+        }
         ("exec", "", "POST") => "exec",
         ("files", "", "GET") => "files.list",
         ("files", _, "GET") => "files.get",
@@ -638,5 +660,7 @@ mod tests {
         assert_eq!(runner_route(&get, "info"), None);
         assert_eq!(runner_route(&get, "invoke"), None);
         assert_eq!(runner_route(&post, "../v1/info"), None);
+        assert_eq!(runner_route(&get, "invokes/a/b/events"), None);
+        assert_eq!(runner_route(&post, "invokes/x/y/cancel"), None);
     }
 }

@@ -29,6 +29,9 @@ pub enum Error {
     /// Malformed request (400 `invalid_request`).
     #[error("{0}")]
     InvalidRequest(String),
+    /// The request body is too large (413 `payload_too_large`).
+    #[error("{0}")]
+    PayloadTooLarge(String),
     /// configure/invoke on a code-mode sandbox (400 `wrong_mode`).
     #[error("{0}")]
     WrongMode(String),
@@ -68,6 +71,7 @@ impl Error {
             }
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::InvalidRequest(_) | Error::WrongMode(_) => StatusCode::BAD_REQUEST,
+            Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotRunning { .. } | Error::AlreadyExists(_) => StatusCode::CONFLICT,
             Error::RunnerUnreachable(_) => StatusCode::BAD_GATEWAY,
             Error::RunnerTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -86,6 +90,7 @@ impl Error {
             Error::TemplateNotFound(_) => "template_not_found",
             Error::InvalidRequest(_) => "invalid_request",
             Error::WrongMode(_) => "wrong_mode",
+            Error::PayloadTooLarge(_) => "payload_too_large",
             Error::NotRunning { .. } => "sandbox_not_running",
             Error::AlreadyExists(_) => "already_exists",
             Error::RunnerUnreachable(_) => "runner_unreachable",

@@ -38,13 +38,24 @@ fn agent() -> String {
 
 impl Template {
     /// The wire form.
+    /// The wire form. Env values are left out: any caller may list templates, and env is where
+    /// people put credentials.
     pub fn info(&self) -> TemplateInfo {
+        let mut spec = serde_json::to_value(self).ok();
+        if let Some(env) = spec.as_mut().and_then(|s| s.get_mut("env")) {
+            *env = serde_json::Value::Array(
+                self.env
+                    .keys()
+                    .map(|k| serde_json::Value::String(k.clone()))
+                    .collect(),
+            );
+        }
         TemplateInfo {
             name: self.name.clone(),
             description: self.description.clone(),
             image: self.image.clone(),
             resource_version: Some("1".into()),
-            spec: serde_json::to_value(self).ok(),
+            spec,
         }
     }
 }

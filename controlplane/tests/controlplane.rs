@@ -1469,3 +1469,58 @@ async fn a_dead_runner_reads_as_error_and_resume_restarts_it() {
     assert_eq!(stdout_text(&events), "back\n", "configuration kept");
     cp.delete("fragile").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_is_served_without_auth_and_names_every_route() {
+    let env = Env::new();
+    let cp = env.start();
+    let resp = cp
+        .req(Method::GET, "/openapi.json", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let served: Value = resp.json().await.unwrap();
+    let committed: Value = serde_json::from_str(include_str!("../openapi.json")).unwrap();
+    assert_eq!(served, committed);
+    let routes = [
+        ("/healthz", "get"),
+        ("/metrics", "get"),
+        ("/openapi.json", "get"),
+        ("/api/v1/user/me", "get"),
+        ("/api/v1/templates", "get"),
+        ("/api/v1/templates/{name}", "get"),
+        ("/api/v1/sandboxes", "get"),
+        ("/api/v1/sandboxes", "post"),
+        ("/api/v1/sandboxes/{id}", "get"),
+        ("/api/v1/sandboxes/{id}", "delete"),
+        ("/api/v1/sandboxes/{id}/stop", "post"),
+        ("/api/v1/sandboxes/{id}/resume", "post"),
+        ("/api/v1/sandboxes/{id}/configure", "post"),
+        ("/api/v1/sandboxes/{id}/invoke", "post"),
+        ("/api/v1/sandboxes/{id}/invoke/cancel", "post"),
+        ("/api/v1/sandboxes/{id}/invokes", "get"),
+        ("/api/v1/sandboxes/{id}/invokes/{iid}", "get"),
+        ("/api/v1/sandboxes/{id}/invokes/{iid}/events", "get"),
+        ("/api/v1/sandboxes/{id}/invokes/{iid}/cancel", "post"),
+        ("/api/v1/sandboxes/{id}/exec", "post"),
+        ("/api/v1/sandboxes/{id}/files/", "get"),
+        ("/api/v1/sandboxes/{id}/files/{path}", "get"),
+        ("/api/v1/sandboxes/{id}/files/{path}", "put"),
+        ("/api/v1/sandboxes/{id}/files/{path}", "delete"),
+        ("/api/v1/sandboxes/{id}/archive", "get"),
+    ];
+    for (path, method) in routes {
+        assert!(
+            served["paths"][path][method].is_object(),
+            "{method} {path} is not described"
+        );
+    }
+    // Templates show env names, never values.
+    let (status, templates) = send(cp.admin(Method::GET, "/api/v1/templates")).await;
+    assert_eq!(status, 200);
+    for t in templates["templates"].as_array().unwrap() {
+        assert!(t["spec"]["env"].is_array(), "{t}");
+    }
+}

@@ -242,7 +242,8 @@ impl LocalBackend {
             }
             if start_time(pid).is_none() || is_zombie(pid) || Instant::now() > deadline {
                 let log = std::fs::read_to_string(dir.join("runner.log")).unwrap_or_default();
-                let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
                 let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
                 record.message = Some(format!("the runner did not start: {tail}"));
                 return Err(Error::Backend(format!(
@@ -437,8 +438,12 @@ impl Backend for LocalBackend {
             message: None,
         };
         let started = tokio::task::block_in_place(|| self.start(&mut record));
+        if let Err(e) = started {
+            // A create that failed leaves nothing behind: the name can be used again.
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
         self.write(&record)?;
-        started?;
         tracing::info!(sandbox = %record.name, "sandbox created");
         Ok(record.summary())
     }
