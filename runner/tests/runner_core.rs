@@ -466,12 +466,10 @@ async fn invoke_before_configure_is_424() {
 async fn stdin_to_stdout_is_byte_exact_including_invalid_utf8() {
     let r = Runner::start(&[]);
     r.configure_sh("cat; printf 'to-err\\377' >&2").await;
-    let mut state: u64 = 0x1234_5678_9abc_def1;
+    let mut rng = agentbox_testkit::Rng::new(0x1234_5678_9abc_def1);
     let mut data: Vec<u8> = (0..300_000)
         .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
+            let state = rng.next();
             match state % 50 {
                 0 => b'\n',
                 1 => 0xff,
