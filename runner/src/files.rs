@@ -250,6 +250,7 @@ pub async fn write_stream(
                 .map_err(|e| Error::InvalidRequest(format!("the upload was interrupted: {e}")))?;
             size += chunk.len() as u64;
             if size > limit {
+                drain(&mut body).await;
                 return Err(Error::PayloadTooLarge(format!(
                     "uploads are limited to {limit} bytes"
                 )));
@@ -273,6 +274,26 @@ pub async fn write_stream(
         let _ = tokio::fs::remove_file(&tmp).await;
     }
     result
+}
+
+/// Reads and discards what is left of a refused request body (bounded in bytes and time), so
+/// that the error response reaches the client: closing a socket with unread data makes the
+/// kernel reset the connection, and the client may then never see the answer.
+pub async fn drain(
+    body: &mut (impl futures_util::Stream<Item = std::result::Result<Bytes, axum::Error>> + Unpin),
+) {
+    use futures_util::StreamExt;
+    const MAX_BYTES: u64 = 16 << 20;
+    let mut seen = 0u64;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while let Some(Ok(chunk)) = body.next().await {
+            seen += chunk.len() as u64;
+            if seen > MAX_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Deletes a file, a symlink (not its target) or, with `recursive`, a directory.

@@ -109,13 +109,14 @@ pub(super) async fn write_file(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut stream = body.into_data_stream();
     if declared.is_some_and(|n| n > limit) {
+        files::drain(&mut stream).await;
         return Err(Error::PayloadTooLarge(format!(
             "uploads are limited to {limit} bytes"
         )));
     }
-    let written =
-        files::write_stream(app.jail.root(), &target, body.into_data_stream(), limit).await?;
+    let written = files::write_stream(app.jail.root(), &target, stream, limit).await?;
     Ok((StatusCode::CREATED, Json(written)).into_response())
 }
 
