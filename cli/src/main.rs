@@ -324,7 +324,7 @@ async fn run(cli: Cli) -> Outcome {
     }
     let c = client(&cli)?;
     if let Some(name) = command_sandbox(&cli.command) {
-        if !c.is_runner() && !valid_name(name) {
+        if !c.is_runner() && !agentbox_proto::valid_sandbox_name(name) {
             return Err(usage(format!(
                 "{name:?} is not a sandbox name: lowercase letters, digits and '-', at most 63"
             )));
@@ -509,17 +509,6 @@ fn interrupts() -> std::result::Result<Signal, Failure> {
         code: exit::ERROR,
         message: format!("cannot handle Ctrl-C: {e}"),
     })
-}
-
-/// Whether `name` is a sandbox name (a DNS label), so it is safe in a URL.
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
 }
 
 fn command_sandbox(command: &Command) -> Option<&str> {

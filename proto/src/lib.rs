@@ -474,6 +474,19 @@ impl SandboxStatus {
     }
 }
 
+/// Whether `name` can name a sandbox (or a namespace): a DNS label — lowercase letters, digits
+/// and `-`, 1 to 63 characters, no `-` at either end — so it is safe as a file name, a URL path
+/// segment, a pod name and a label value.
+pub fn valid_sandbox_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
 /// A reference to a template, as the seed's clients send it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -87,6 +87,24 @@ struct Meta {
     last_event_id: u64,
 }
 
+impl Meta {
+    /// The summary of an invoke that has just started.
+    fn running(invoke_id: InvokeId, kind: InvokeKind, started_at: u64) -> Self {
+        Self {
+            invoke_id,
+            kind,
+            started_at,
+            state: InvokeState::Running,
+            pid: None,
+            pid_started: None,
+            exit_code: None,
+            reason: None,
+            duration_ms: None,
+            last_event_id: 0,
+        }
+    }
+}
+
 /// One invoke, running or finished.
 #[derive(Debug)]
 pub struct Invoke {
@@ -312,22 +330,15 @@ impl Invokes {
                     // No summary, or a torn one: the journal decides (as running, so that
                     // recovery reads its last event or marks it runner_restarted).
                     tracing::warn!(invoke = name, error = %e, "rebuilding an invoke summary from its journal");
-                    Meta {
-                        invoke_id: InvokeId(name.to_owned()),
-                        kind: InvokeKind::Invoke,
-                        started_at: std::fs::metadata(&path)
+                    Meta::running(
+                        InvokeId(name.to_owned()),
+                        InvokeKind::Invoke,
+                        std::fs::metadata(&path)
                             .and_then(|m| m.created().or_else(|_| m.modified()))
                             .ok()
                             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                             .map_or(0, |d| d.as_millis() as u64),
-                        state: InvokeState::Running,
-                        pid: None,
-                        pid_started: None,
-                        exit_code: None,
-                        reason: None,
-                        duration_ms: None,
-                        last_event_id: 0,
-                    }
+                    )
                 }
             };
             let invoke = Arc::new(Invoke {
@@ -431,18 +442,7 @@ impl Invokes {
         let invoke = Arc::new(Invoke {
             id: id.clone(),
             base,
-            meta: Mutex::new(Meta {
-                invoke_id: id.clone(),
-                kind: req.kind,
-                started_at,
-                state: InvokeState::Running,
-                pid: None,
-                pid_started: None,
-                exit_code: None,
-                reason: None,
-                duration_ms: None,
-                last_event_id: 0,
-            }),
+            meta: Mutex::new(Meta::running(id.clone(), req.kind, started_at)),
             log: Mutex::new(LogRef {
                 strong: Some(Arc::clone(&log)),
                 weak: Arc::downgrade(&log),

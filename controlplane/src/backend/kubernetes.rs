@@ -122,7 +122,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-use super::{valid_name, Backend, CreateSpec, Target};
+use super::{now_rfc3339, random_hex, valid_name, Backend, CreateSpec, Target};
 use crate::config::KubeConfig;
 use crate::error::{Error, Result};
 use crate::templates::Template;
@@ -248,16 +248,6 @@ where
         }
     });
     (reader, AbortOnDrop(task))
-}
-
-fn random_hex(n: usize) -> String {
-    let mut buf = vec![0u8; n];
-    getrandom::fill(&mut buf).expect("the kernel's random source is available");
-    hex::encode(buf)
-}
-
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 /// Whether `e` is an API answer with HTTP status `code`.

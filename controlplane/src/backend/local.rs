@@ -19,7 +19,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::{valid_name, Backend, CreateSpec, Target};
+use super::{now_rfc3339, random_hex, valid_name, Backend, CreateSpec, Target};
 use crate::error::{Error, Result};
 use crate::templates::Template;
 
@@ -73,16 +73,6 @@ fn is_zombie(pid: i32) -> bool {
                 .and_then(|c| t.get(c + 2..c + 3).map(|s| s == "Z"))
         })
         .unwrap_or(false)
-}
-
-fn random_hex(n: usize) -> String {
-    let mut buf = vec![0u8; n];
-    getrandom::fill(&mut buf).expect("the kernel's random source is available");
-    hex::encode(buf)
-}
-
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 impl Record {

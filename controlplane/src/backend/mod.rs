@@ -65,16 +65,22 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     async fn record(&self, _name: &str, _action: &str, _outcome: &str, _status: u16) {}
 }
 
-/// Whether `name` is a DNS label (lowercase letters, digits, `-`; 1–63; no leading or
-/// trailing `-`), so it is safe as a file name, a pod name and a label value.
+/// Whether `name` can name a sandbox: the rule is part of the wire contract, see
+/// [`agentbox_proto::valid_sandbox_name`].
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
+    agentbox_proto::valid_sandbox_name(name)
+}
+
+/// `n` random bytes as hex (tokens, temporary names).
+pub(crate) fn random_hex(n: usize) -> String {
+    let mut buf = vec![0u8; n];
+    getrandom::fill(&mut buf).expect("the kernel's random source is available");
+    hex::encode(buf)
+}
+
+/// Now, RFC 3339 to the second.
+pub(crate) fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 #[cfg(test)]
