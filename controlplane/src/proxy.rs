@@ -10,7 +10,7 @@ use axum::http::{header, HeaderName, HeaderValue, Uri};
 use axum::response::Response;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::backend::Target;
 use crate::error::{Error, Result};
@@ -33,7 +33,15 @@ const DROPPED: &[&str] = &[
     "cookie",
 ];
 
-/// A pooled HTTP/1 client towards runners.
+const H2_STREAM_WINDOW: u32 = 2 << 20;
+const H2_CONN_WINDOW: u32 = 8 << 20;
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client towards runners: HTTP/2 with prior knowledge, one connection per runner carrying
+/// all of its streams (a held stream costs an HTTP/2 stream, not a connection with its own
+/// buffers and task), kept alive with pings so a runner that vanished without a reset (a
+/// deleted pod, a killed container) fails its streams within seconds instead of hanging them.
 #[derive(Debug, Clone)]
 pub struct Proxy {
     client: Client<HttpConnector, Body>,
@@ -46,7 +54,15 @@ impl Proxy {
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
+            .http2_only(true)
+            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+            .http2_initial_connection_window_size(H2_CONN_WINDOW)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .http2_keep_alive_while_idle(true)
             .build(connector);
         Self { client }
     }

@@ -558,49 +558,45 @@ async fn runner_never_sees_the_callers_key() {
     let spy_addr = listener.local_addr().unwrap();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let seen_by_spy = std::sync::Arc::clone(&seen);
+    // The spy speaks HTTP/2 with prior knowledge, as runners do to the control plane.
     tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use http_body_util::BodyExt;
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
+            let Ok((sock, _)) = listener.accept().await else {
                 return;
             };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            let head_end = loop {
-                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break p + 4;
-                }
-                match sock.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break buf.len(),
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            };
-            let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-            let length = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
-            while buf.len() < head_end + length {
-                match sock.read(&mut chunk).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            seen_by_spy
-                .lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&buf).into_owned());
-            let _ = sock
-                .write_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                      content-length: 2\r\nconnection: close\r\n\r\n{}",
-                )
-                .await;
-            let _ = sock.shutdown().await;
+            let seen_by_spy = std::sync::Arc::clone(&seen_by_spy);
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let seen_by_spy = std::sync::Arc::clone(&seen_by_spy);
+                    async move {
+                        let mut text = format!("{} {} HTTP/2\r\n", req.method(), req.uri());
+                        for (name, value) in req.headers() {
+                            text.push_str(&format!(
+                                "{name}: {}\r\n",
+                                String::from_utf8_lossy(value.as_bytes())
+                            ));
+                        }
+                        text.push_str("\r\n");
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        text.push_str(&String::from_utf8_lossy(&body));
+                        seen_by_spy.lock().unwrap().push(text);
+                        let response = hyper::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(sock), service),
+            );
         }
     });
     // A process of our own stands in for the runner's pid (so the sandbox reads as Running).
@@ -656,12 +652,13 @@ async fn runner_never_sees_the_callers_key() {
         assert!(!lower.contains("cookie:"), "{request}");
     }
     assert!(
-        seen[0].starts_with("GET /v1/files/workspace/x.txt HTTP/1.1\r\n"),
+        seen[0].starts_with("GET http://")
+            && seen[0].contains("/v1/files/workspace/x.txt HTTP/2\r\n"),
         "{}",
         seen[0]
     );
     assert!(
-        seen[1].starts_with("POST /v1/exec HTTP/1.1\r\n"),
+        seen[1].starts_with("POST http://") && seen[1].contains("/v1/exec HTTP/2\r\n"),
         "{}",
         seen[1]
     );
@@ -1410,7 +1407,7 @@ async fn delete_ends_running_invokes() {
     let env = Env::new();
     let cp = env.start();
     cp.create("busy", "default").await;
-    cp.configure_sh("busy", "echo busy; sleep 1000 & sleep 1000; wait")
+    cp.configure_sh("busy", "sleep 1000 & sleep 1000 & echo busy; wait")
         .await;
     let mut resp = cp.sb(Method::POST, "busy", "/invoke").send().await.unwrap();
     assert_eq!(resp.status(), 200);

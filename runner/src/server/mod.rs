@@ -77,15 +77,51 @@ pub async fn serve(
     app: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    use hyper_util::service::TowerToHyperService;
+
+    // HTTP/1.1 for callers, and HTTP/2 with prior knowledge for the control plane, which
+    // carries every stream of one runner on one connection: a stream then costs a few hundred
+    // bytes there instead of a connection with its buffers.
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .initial_connection_window_size(H2_CONN_WINDOW)
+        .initial_stream_window_size(H2_STREAM_WINDOW);
+    let service = TowerToHyperService::new(router(app));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                // Out of descriptors or a connection reset before accept: keep serving.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
         // Events are small writes that must leave at once.
         let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown)
-        .await
+        let conn = builder.serve_connection(TokioIo::new(tcp), service.clone());
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
 }
+
+/// HTTP/2 limits: streams are cheap, and the control plane may hold thousands open.
+const H2_MAX_STREAMS: u32 = 65_536;
+const H2_CONN_WINDOW: u32 = 8 << 20;
+const H2_STREAM_WINDOW: u32 = 2 << 20;
 
 /// The SHA-256 of a bearer token; tokens are compared as digests, in constant time.
 pub fn token_digest(token: &str) -> [u8; 32] {
