@@ -326,6 +326,7 @@ async fn install(
         cwd: app.cfg.workspace.clone(),
         marker: marker.clone(),
         stdin: false,
+        pass_fds: Default::default(),
     };
     let process = Process::new(marker);
     let (tx, rx) = oneshot::channel();

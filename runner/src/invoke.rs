@@ -59,6 +59,8 @@ pub struct StartRequest {
     pub stdin_fallback: Option<String>,
     /// The disconnect policy.
     pub on_disconnect: OnDisconnect,
+    /// The agent channel (and session), for invokes of the entrypoint.
+    pub agent: Option<crate::channel::AgentSetup>,
 }
 
 /// Persisted summary of an invoke (`<id>.json` next to its journal `<id>.events`). A cache of
@@ -437,6 +439,13 @@ impl Invokes {
         let id = InvokeId(format!("inv-{started_at:012x}-{}", random_hex(8)));
         let base = self.dir.join(id.as_str());
         let log = EventLog::create(&base.with_extension("events"), self.cfg.journal_max_bytes)?;
+        let channel = match req.agent.map(|agent| agent.open(&id, &log)).transpose() {
+            Ok(channel) => channel,
+            Err(e) => {
+                let _ = std::fs::remove_file(base.with_extension("events"));
+                return Err(e);
+            }
+        };
         let marker = format!("AGENTBOX_INVOKE_ID={id}");
         let process = Process::new(marker);
         let invoke = Arc::new(Invoke {
@@ -458,6 +467,14 @@ impl Invokes {
         let mut env = self.cfg.base_env.clone();
         env.extend(req.env);
         env.push(("AGENTBOX_INVOKE_ID".into(), id.to_string()));
+        let (channel, pass_fds) = match channel {
+            Some(mut opened) => {
+                env.append(&mut opened.env);
+                let fds = std::mem::take(&mut opened.child_fds);
+                (Some(opened), fds)
+            }
+            None => (None, Vec::new()),
+        };
         env.push((
             "AGENTBOX_WORKSPACE".into(),
             self.cfg.workspace.display().to_string(),
@@ -468,7 +485,9 @@ impl Invokes {
             cwd: req.cwd,
             marker: format!("AGENTBOX_INVOKE_ID={id}"),
             stdin: true,
+            pass_fds: Arc::new(Mutex::new(pass_fds)),
         };
+        let drained = channel.map(|c| c.start(Arc::clone(&process)));
         let (stdin_tx, stdin_rx) = oneshot::channel();
         let thread = {
             let invokes = Arc::clone(self);
@@ -498,6 +517,10 @@ impl Invokes {
                         let _ = stdin_tx.send(stdin);
                     }
                 });
+                if let Some(drained) = drained {
+                    // Every line the agent wrote before it exited comes before `exit`.
+                    drained.wait(Duration::from_secs(2));
+                }
                 invokes.finish(&invoke, &log, &outcome, permit);
             })
         };

@@ -3,6 +3,7 @@
 //! errors into responses; nothing below this module sees HTTP.
 
 mod files;
+mod sessions;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -55,6 +56,7 @@ pub fn router(app: Arc<AppState>) -> Router {
                 .delete(files::delete_file),
         )
         .route("/v1/archive", get(files::archive))
+        .merge(sessions::routes())
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             authenticate,
@@ -231,6 +233,7 @@ struct InvokeQuery {
     prompt: Option<String>,
     timeout: Option<String>,
     on_disconnect: Option<OnDisconnect>,
+    session: Option<String>,
 }
 
 pub(crate) fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T> {
@@ -261,6 +264,7 @@ async fn invoke(
     if let Some(prompt) = &q.prompt {
         argv.push(format!("--prompt={prompt}"));
     }
+    let agent = sessions::agent_setup(&app, q.session.as_deref(), q.prompt.as_deref())?;
     let invoke = app.invokes.start(StartRequest {
         kind: InvokeKind::Invoke,
         argv,
@@ -270,6 +274,7 @@ async fn invoke(
         stdin: body,
         stdin_fallback: q.prompt,
         on_disconnect: q.on_disconnect.unwrap_or_default(),
+        agent: Some(agent),
     })?;
     let (sub, attachment) = app.invokes.follow(&invoke, 0).await?;
     if wants_json(&headers) {
@@ -344,6 +349,7 @@ async fn exec(
         stdin: Body::from(req.stdin.unwrap_or_default()),
         stdin_fallback: None,
         on_disconnect: q.on_disconnect.unwrap_or_default(),
+        agent: None,
     })?;
     let (sub, attachment) = app.invokes.follow(&invoke, 0).await?;
     if wants_json(&headers) {
