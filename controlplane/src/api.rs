@@ -382,6 +382,7 @@ fn runner_route(method: &Method, rest: &str) -> Option<(String, &'static str)> {
         ("sessions", t, "DELETE") if segments(t) == 1 => "sessions.delete",
         ("sessions", t, "GET") if segments(t) == 2 && t.ends_with("/events") => "sessions.events",
         ("sessions", t, "POST") if is_permission(t) => "sessions.permission",
+        ("sessions", t, "PUT") if segments(t) == 2 && t.ends_with("/config") => "sessions.config",
         ("invokes", t, "POST") if is_permission(t) => "invokes.permission",
         _ => return None,
     };
@@ -692,6 +693,7 @@ mod tests {
             (&delete, "sessions/s1", "sessions.delete"),
             (&get, "sessions/s1/events", "sessions.events"),
             (&post, "sessions/s1/permissions/p1", "sessions.permission"),
+            (&Method::PUT, "sessions/s1/config", "sessions.config"),
             (&post, "invokes/inv-1/permissions/p1", "invokes.permission"),
         ] {
             assert_eq!(

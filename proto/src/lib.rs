@@ -124,6 +124,22 @@ pub struct ConfigureRequest {
     /// Environment for the install command and every invoke; replaces the previous map when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<BTreeMap<String, String>>,
+    /// How the runner talks to the entrypoint: `plain` (stdin/stdout, the default) or `acp`
+    /// (an Agent Client Protocol agent, one process per session). Kept until the next configure
+    /// that gives an entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<AgentProtocol>,
+}
+
+/// How the runner talks to the entrypoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentProtocol {
+    /// One process per invoke: the prompt on stdin, output as `log` events.
+    #[default]
+    Plain,
+    /// An ACP agent (JSON-RPC over stdio), one process per session; each invoke is a prompt turn.
+    Acp,
 }
 
 /// The `result` event of a configure, or its whole JSON answer with `Accept: application/json`.
@@ -838,6 +854,21 @@ pub struct ProtocolErrorEvent {
 pub struct PromptEvent {
     /// The prompt text.
     pub text: String,
+}
+
+/// `PUT /v1/sessions/{id}/config` body (ACP agents): what to set, each optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SessionConfigRequest {
+    /// A mode id the agent advertised (`session/set_mode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// A model id the agent advertised (`session/set_model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Config option ids to values (`session/set_config_option`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<BTreeMap<String, serde_json::Value>>,
 }
 
 /// `POST /v1/sessions/{sid}/permissions/{pid}` (and the invoke variant) body.

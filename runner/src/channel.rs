@@ -188,6 +188,73 @@ impl Opened {
     }
 }
 
+impl AgentSetup {
+    /// A channel fed by the runner itself rather than by descriptors (an ACP agent's
+    /// permission requests): registered for replies, in the session when there is one. The
+    /// receiver yields the `permission_reply` lines that would go to `AGENTBOX_REPLIES_FD`.
+    pub fn open_external(
+        self,
+        invoke_id: &InvokeId,
+        log: &Arc<EventLog>,
+    ) -> (External, mpsc::UnboundedReceiver<String>) {
+        if let Some(claim) = &self.session {
+            claim.set_invoke(invoke_id);
+            log.set_mirror(claim.session().mirror_for(invoke_id.clone()));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let channel = Arc::new(Channel {
+            invoke_id: invoke_id.clone(),
+            log: Arc::clone(log),
+            replies: tx,
+            pending: Mutex::new(HashMap::new()),
+            always_local: Mutex::new(BTreeSet::new()),
+            timeout: self.permissions.timeout,
+            claim: Mutex::new(self.session),
+        });
+        self.permissions
+            .map()
+            .insert(invoke_id.clone(), Arc::clone(&channel));
+        (
+            External {
+                channel,
+                permissions: self.permissions,
+            },
+            rx,
+        )
+    }
+}
+
+/// A channel opened with [`AgentSetup::open_external`].
+#[derive(Debug)]
+pub struct External {
+    channel: Arc<Channel>,
+    permissions: Arc<Permissions>,
+}
+
+impl External {
+    /// Handles one message as if the agent had written it (`permission_request`, `event`).
+    pub fn inject(&self, message: &Value) {
+        self.channel.handle_line(message.to_string().as_bytes());
+    }
+
+    /// Records a `protocol_error`.
+    pub fn protocol_error(&self, message: String, line: &[u8]) {
+        self.channel.protocol_error(message, line);
+    }
+
+    /// Unregisters the channel and frees the session (before the invoke's `exit`).
+    pub fn close(&self) {
+        self.permissions.map().remove(&self.channel.invoke_id);
+        drop(
+            self.channel
+                .claim
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+    }
+}
+
 /// Signals that the agent's events are all journaled.
 #[derive(Debug)]
 pub struct Drained(std::sync::mpsc::Receiver<()>);

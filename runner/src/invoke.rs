@@ -61,6 +61,8 @@ pub struct StartRequest {
     pub on_disconnect: OnDisconnect,
     /// The agent channel (and session), for invokes of the entrypoint.
     pub agent: Option<crate::channel::AgentSetup>,
+    /// For an ACP agent: the prompt turn to run instead of a process.
+    pub acp: Option<crate::acp::Turn>,
 }
 
 /// Persisted summary of an invoke (`<id>.json` next to its journal `<id>.events`). A cache of
@@ -494,7 +496,23 @@ impl Invokes {
             let invoke = Arc::clone(&invoke);
             let process = Arc::clone(&process);
             let reaper = Arc::clone(&self.reaper);
+            let acp = req.acp;
             crate::pool::run(move || {
+                if let Some(turn) = acp {
+                    log.append(|b| {
+                        b.event(
+                            event::START,
+                            &StartEvent {
+                                invoke_id: invoke.id.clone(),
+                                started_at,
+                            },
+                        )
+                    });
+                    let outcome =
+                        supervisor::run_custom(&process, || turn.run(&invoke.id, &process, &log));
+                    invokes.finish(&invoke, &log, &outcome, permit);
+                    return;
+                }
                 let outcome = supervisor::run(&reaper, &spec, &process, &log, |pid, stdin| {
                     {
                         let mut meta = invoke.meta();

@@ -6,6 +6,7 @@
 //! [`supervisor`] (spawn, reap, pump, stop) → [`journal`] (event log) ← [`sse`] (framing).
 //! [`jail`] resolves every caller-supplied path.
 
+pub mod acp;
 pub mod channel;
 pub mod config;
 pub mod configure;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub sessions: Arc<Sessions>,
     /// Pending permission requests of running invokes.
     pub permissions: Arc<Permissions>,
+    /// ACP agents, one per session.
+    pub acp: Arc<acp::AcpAgents>,
 }
 
 impl AppState {
@@ -71,6 +74,7 @@ impl AppState {
         Ok(Arc::new(Self {
             sessions,
             permissions,
+            acp: acp::AcpAgents::new(),
             cfg,
             jail,
             store,

@@ -172,6 +172,11 @@ impl Process {
         })
     }
 
+    /// Records the root pid of a tree spawned with [`spawn_stdio`].
+    pub fn set_pid(&self, pid: i32) {
+        let _ = self.pid.set(pid);
+    }
+
     /// The root pid, once spawned.
     pub fn pid(&self) -> Option<i32> {
         self.pid.get().copied()
@@ -258,6 +263,35 @@ impl Outcome {
             (Ok(_), None) => ExitReason::Completed,
         }
     }
+}
+
+/// Runs `f` (which does the work of a run that is not a supervised process, such as an ACP
+/// prompt turn) and marks `process` done, as [`run`] does.
+pub fn run_custom(process: &Process, f: impl FnOnce() -> Outcome) -> Outcome {
+    let outcome = f();
+    process.done.send_replace(true);
+    outcome
+}
+
+/// Spawns `spec` in its own process group with piped stdin, stdout and stderr, registered with
+/// the reaper, for a long-lived process the caller talks to (an ACP agent).
+pub fn spawn_stdio(
+    reaper: &Reaper,
+    spec: &RunSpec,
+) -> std::io::Result<(std::process::Child, mpsc::Receiver<ExitStatus>)> {
+    let Some((program, args)) = spec.argv.split_first() else {
+        return Err(std::io::Error::other("empty argv"));
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    reaper.spawn(&mut cmd, &[])
 }
 
 /// Runs `spec` to completion on the calling (dedicated, blocking) thread, appending its output

@@ -265,6 +265,15 @@ async fn invoke(
         argv.push(format!("--prompt={prompt}"));
     }
     let agent = sessions::agent_setup(&app, q.session.as_deref(), q.prompt.as_deref())?;
+    let (agent, acp, body) = match stored.protocol {
+        Some(agentbox_proto::AgentProtocol::Acp) => {
+            let plain = &argv[..argv.len() - usize::from(q.prompt.is_some())];
+            let turn =
+                sessions::acp_turn(&app, &stored.env, plain, agent, q.prompt.clone(), body).await?;
+            (None, Some(turn), Body::empty())
+        }
+        _ => (Some(agent), None, body),
+    };
     let invoke = app.invokes.start(StartRequest {
         kind: InvokeKind::Invoke,
         argv,
@@ -274,7 +283,8 @@ async fn invoke(
         stdin: body,
         stdin_fallback: q.prompt,
         on_disconnect: q.on_disconnect.unwrap_or_default(),
-        agent: Some(agent),
+        agent,
+        acp,
     })?;
     let (sub, attachment) = app.invokes.follow(&invoke, 0).await?;
     if wants_json(&headers) {
@@ -350,6 +360,7 @@ async fn exec(
         stdin_fallback: None,
         on_disconnect: q.on_disconnect.unwrap_or_default(),
         agent: None,
+        acp: None,
     })?;
     let (sub, attachment) = app.invokes.follow(&invoke, 0).await?;
     if wants_json(&headers) {

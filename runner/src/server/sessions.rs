@@ -17,6 +17,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use super::{query, read_json, sse_response};
+use crate::acp::{Launch, Turn};
 use crate::channel::AgentSetup;
 use crate::error::{Error, Result};
 use crate::sse;
@@ -32,6 +33,7 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
         .route("/v1/sessions", post(create).get(list))
         .route("/v1/sessions/{id}", get(get_one).delete(delete))
         .route("/v1/sessions/{id}/events", get(events))
+        .route("/v1/sessions/{id}/config", axum::routing::put(set_config))
         .route(
             "/v1/sessions/{id}/permissions/{pid}",
             post(reply_in_session),
@@ -66,6 +68,90 @@ pub(super) fn agent_setup(
         permissions: Arc::clone(&app.permissions),
         session: claim,
     })
+}
+
+fn launch(
+    app: &AppState,
+    argv: &[String],
+    env: &std::collections::BTreeMap<String, String>,
+) -> Launch {
+    let mut full = app.cfg.base_env.clone();
+    full.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    full.push((
+        "AGENTBOX_WORKSPACE".into(),
+        app.cfg.workspace.display().to_string(),
+    ));
+    Launch {
+        argv: argv.to_vec(),
+        env: full,
+        cwd: app.cfg.workspace.clone(),
+    }
+}
+
+/// The prompt turn of an invoke of an ACP agent: `?prompt=`, or else the body, is the prompt.
+pub(super) async fn acp_turn(
+    app: &Arc<AppState>,
+    env: &std::collections::BTreeMap<String, String>,
+    argv: &[String],
+    agent: AgentSetup,
+    prompt: Option<String>,
+    body: Body,
+) -> Result<Turn> {
+    let Some(session) = agent.session.as_ref().map(|c| Arc::clone(c.session())) else {
+        return Err(Error::InvalidRequest(
+            "the entrypoint is an ACP agent, which runs in a session: \
+             pass ?session=ID (create one with POST /v1/sessions)"
+                .into(),
+        ));
+    };
+    let text = match prompt {
+        Some(text) => text,
+        None => {
+            let bytes = axum::body::to_bytes(body, 16 << 20)
+                .await
+                .map_err(|e| Error::InvalidRequest(format!("cannot read the prompt: {e}")))?;
+            let text = String::from_utf8(bytes.to_vec())
+                .map_err(|_| Error::InvalidRequest("an ACP prompt must be UTF-8 text".into()))?;
+            let data = serde_json::to_value(PromptEvent { text: text.clone() }).unwrap_or_default();
+            session.record(Sender::Client, None, session_event::PROMPT, data);
+            text
+        }
+    };
+    Ok(Turn {
+        agents: Arc::clone(&app.acp),
+        reaper: Arc::clone(&app.reaper),
+        session,
+        setup: agent,
+        launch: launch(app, argv, env),
+        prompt: text,
+        grace: app.cfg.grace,
+        runtime: tokio::runtime::Handle::current(),
+    })
+}
+
+/// `PUT /v1/sessions/{id}/config`: mode, model and config options of an ACP agent's session.
+async fn set_config(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<serde_json::Value>> {
+    let req: agentbox_proto::SessionConfigRequest = read_json(body, 1 << 20).await?;
+    let session = app.sessions.get(&id)?;
+    let stored = app.store.get();
+    let (Some(entrypoint), Some(agentbox_proto::AgentProtocol::Acp)) =
+        (stored.entrypoint, stored.protocol)
+    else {
+        return Err(Error::InvalidRequest(
+            "only an ACP agent (configure with \"protocol\": \"acp\") has session config".into(),
+        ));
+    };
+    let argv = app.jail.map_argv(&entrypoint);
+    let launch = launch(&app, &argv, &stored.env);
+    Ok(Json(
+        app.acp
+            .configure(&session, &launch, &app.reaper, req)
+            .await?,
+    ))
 }
 
 async fn create(State(app): State<Arc<AppState>>, body: Body) -> Result<Response> {
@@ -116,6 +202,7 @@ async fn get_one(
 
 async fn delete(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Result<StatusCode> {
     app.sessions.delete(&id)?;
+    app.acp.stop(&id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
