@@ -12,8 +12,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use agentbox_proto::{
     session_event, valid_session_id, InvokeId, ReplyOrigin, Sender, SessionEvent, SessionInfo,
@@ -38,12 +38,16 @@ struct Meta {
     always_allowed: BTreeSet<String>,
 }
 
-/// One session.
+/// One session. Its history is open only while something uses it (an invoke running in the
+/// session, a client following it): an idle session holds no file descriptor and no memory
+/// beyond its summary.
 #[derive(Debug)]
 pub struct Session {
     dir: PathBuf,
     meta: Mutex<Meta>,
-    log: Arc<EventLog>,
+    log: Mutex<Weak<EventLog>>,
+    /// Events in the history (the last `eventIndex`), known without opening it.
+    event_count: AtomicU64,
     busy: AtomicBool,
     running: Mutex<Option<InvokeId>>,
 }
@@ -58,9 +62,35 @@ impl Session {
         self.meta().id.clone()
     }
 
-    /// The session's history.
-    pub fn log(&self) -> &Arc<EventLog> {
-        &self.log
+    /// The session's history, opened if no one holds it open. Blocking (it may read the file).
+    pub fn log(&self) -> io::Result<Arc<EventLog>> {
+        let mut slot = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(log) = slot.upgrade() {
+            return Ok(log);
+        }
+        let path = self.dir.join("events");
+        let log = if path.exists() {
+            EventLog::open_existing(&path)?.0
+        } else {
+            EventLog::create(&path, u64::MAX)?
+        };
+        self.event_count
+            .store(log.progress().last_seq, Ordering::SeqCst);
+        *slot = Arc::downgrade(&log);
+        Ok(log)
+    }
+
+    fn append_events(&self, f: impl FnOnce(&mut crate::journal::Batch<'_>)) {
+        match self.log() {
+            Ok(log) => {
+                log.append(f);
+                self.event_count
+                    .store(log.progress().last_seq, Ordering::SeqCst);
+            }
+            Err(e) => {
+                tracing::error!(session = %self.id(), error = %e, "cannot open the session history");
+            }
+        }
     }
 
     /// The directory given to the agent as `AGENTBOX_SESSION_DIR`.
@@ -75,7 +105,7 @@ impl Session {
             id: meta.id,
             created_at: meta.created_at,
             metadata: meta.metadata,
-            event_count: self.log.progress().last_seq,
+            event_count: self.event_count.load(Ordering::SeqCst),
             running_invoke_id: self.running_invoke(),
             always_allowed: meta.always_allowed.into_iter().collect(),
         }
@@ -91,6 +121,7 @@ impl Session {
 
     /// Takes the session for one invoke; 409 `session_busy` when one is running.
     pub fn claim(self: &Arc<Self>) -> Result<Claim> {
+        let log = self.log()?;
         if self
             .busy
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
@@ -101,7 +132,7 @@ impl Session {
                 self.id()
             )));
         }
-        Ok(Claim(Arc::clone(self)))
+        Ok(Claim(Arc::clone(self), Some(log)))
     }
 
     /// Whether `kind` was answered `always` in this session.
@@ -126,7 +157,7 @@ impl Session {
     /// Appends one event to the history.
     pub fn record(&self, sender: Sender, invoke_id: Option<&InvokeId>, kind: &str, data: Value) {
         let created_at = now_ms();
-        self.log.append(|b| {
+        self.append_events(|b| {
             let event = SessionEvent {
                 event_index: b.next_seq(),
                 created_at,
@@ -148,7 +179,7 @@ impl Session {
                 return;
             }
             let created_at = now_ms();
-            session.log.append(|b| {
+            session.append_events(|b| {
                 for frame in &frames {
                     let data: Value = serde_json::from_str(frame.data).unwrap_or(Value::Null);
                     let event = SessionEvent {
@@ -183,9 +214,9 @@ fn sender_of(event: &str, data: &Value) -> Sender {
     }
 }
 
-/// A session taken by one invoke; released on drop.
+/// A session taken by one invoke, its history held open; released on drop.
 #[derive(Debug)]
-pub struct Claim(Arc<Session>);
+pub struct Claim(Arc<Session>, Option<Arc<EventLog>>);
 
 impl Claim {
     /// The session.
@@ -202,6 +233,7 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         *self.0.running.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.1 = None;
         self.0.busy.store(false, Ordering::SeqCst);
     }
 }
@@ -243,23 +275,18 @@ impl Sessions {
                     continue;
                 }
             };
-            let events = path.join("events");
-            let log = if events.exists() {
-                EventLog::open_existing(&events)?.0
-            } else {
-                EventLog::create(&events, u64::MAX)?
-            };
             std::fs::create_dir_all(path.join("files"))?;
-            map.insert(
-                name.to_owned(),
-                Arc::new(Session {
-                    dir: path.clone(),
-                    meta: Mutex::new(meta),
-                    log,
-                    busy: AtomicBool::new(false),
-                    running: Mutex::new(None),
-                }),
-            );
+            let session = Arc::new(Session {
+                dir: path.clone(),
+                meta: Mutex::new(meta),
+                log: Mutex::new(Weak::new()),
+                event_count: AtomicU64::new(0),
+                busy: AtomicBool::new(false),
+                running: Mutex::new(None),
+            });
+            // Opened once to count its events (and repair a torn tail), then closed.
+            drop(session.log()?);
+            map.insert(name.to_owned(), session);
         }
         Ok(Arc::new(Self {
             dir,
@@ -309,12 +336,12 @@ impl Sessions {
             metadata,
             always_allowed: BTreeSet::new(),
         };
-        let log = EventLog::create(&dir.join("events"), u64::MAX)?;
         save_meta(&dir, &meta)?;
         let session = Arc::new(Session {
             dir,
             meta: Mutex::new(meta),
-            log,
+            log: Mutex::new(Weak::new()),
+            event_count: AtomicU64::new(0),
             busy: AtomicBool::new(false),
             running: Mutex::new(None),
         });
@@ -346,7 +373,10 @@ impl Sessions {
         let session = self.get(id)?;
         let claim = session.claim()?;
         self.map().remove(id);
-        session.log.close();
+        // Followers of the history end.
+        if let Some(log) = claim.1.as_ref() {
+            log.close();
+        }
         drop(claim);
         std::fs::remove_dir_all(&session.dir)?;
         Ok(())

@@ -659,3 +659,38 @@ fn the_readme_shows_the_agent_the_tests_run() {
         "README.md must quote tests/agents/permission_agent.py verbatim"
     );
 }
+
+#[tokio::test]
+async fn idle_sessions_hold_no_descriptors() {
+    let r = Runner::start(&[]);
+    configure_agent(&r).await;
+    // Files and pipes (HTTP connections, which the client pools, are sockets).
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", r.pid()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| !target.to_string_lossy().starts_with("socket:"))
+            .count()
+    };
+    create_session(&r, "first").await;
+    let before = fds();
+    for n in 0..40 {
+        let id = format!("s{n}");
+        create_session(&r, &id).await;
+        assert!(history(&r, &id, 10).await.is_empty());
+    }
+    let (resp, buf, _) = start_until_permission(&r, "?session=s7", "x").await;
+    reply(&r, "/v1/sessions/s7/permissions/write-1", "reject").await;
+    rest_of(resp, buf).await;
+    assert_eq!(history(&r, "s7", 100).await.len(), 6);
+    // Give the finished invoke's pump a moment to let go of its own descriptors.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fds() > before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} descriptors open, {before} before 40 sessions",
+            fds()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -228,14 +228,18 @@ async fn events(
             .ok_or_else(|| Error::InvalidRequest("Last-Event-ID must be an event id".into()))?,
         _ => offset,
     };
-    let log = Arc::clone(session.log());
-    let mut sub = tokio::task::spawn_blocking(move || log.subscribe(after))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+    let opened = Arc::clone(&session);
+    let (log, mut sub) = tokio::task::spawn_blocking(move || {
+        let log = opened.log()?;
+        let sub = log.subscribe(after)?;
+        Ok::<_, std::io::Error>((log, sub))
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
     if wants_sse {
         return Ok(sse_response(sub, None, app.cfg.keepalive));
     }
-    let end = session.log().progress().end;
+    let end = log.progress().end;
     let mut items: Vec<SessionEvent> = Vec::new();
     let mut pending: Vec<u8> = Vec::new();
     while sub.position() < end && items.len() as u64 <= limit {
