@@ -281,3 +281,54 @@ async fn acp_agent_that_ignores_cancel_is_killed_after_the_grace() {
     assert!(texts[0].starts_with("echo hello turn 1 pid "), "{texts:?}");
     assert_ne!(pid_in(&texts[0]), first);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_dies_at_start_is_an_error_not_a_hang() {
+    let r = Runner::start(&[]);
+    let resp = r
+        .post("/v1/sessions")
+        .json(&json!({"id": "a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    // Session config needs an ACP agent.
+    r.configure_sh("echo plain").await;
+    let resp = r
+        .client
+        .put(r.url("/v1/sessions/a/config"))
+        .bearer_auth(common::TOKEN)
+        .json(&json!({"mode": "x"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(resp).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+
+    let (status, body) = r
+        .configure_json(
+            json!({"entrypoint": ["sh", "-c", "echo not an agent >&2; exit 3"], "protocol": "acp"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let started = std::time::Instant::now();
+    let events = r.invoke_sse("?session=a&prompt=hi", "").await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let error = events.iter().find(|e| e.event == "error").unwrap();
+    assert_eq!(error.data["phase"], "acp");
+    assert!(
+        error.data["message"]
+            .as_str()
+            .unwrap()
+            .contains("initialize"),
+        "{error:?}"
+    );
+    assert_eq!(exit_event(&events)["exitCode"], 1);
+    // The session is free again.
+    let (status, info) = json_of(r.get("/v1/sessions/a").send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(info.get("runningInvokeId").is_none(), "{info}");
+}
