@@ -304,6 +304,7 @@ pub struct Invokes {
     map: Mutex<BTreeMap<InvokeId, Arc<Invoke>>>,
     dir: PathBuf,
     pruning: Mutex<()>,
+    prune_wanted: std::sync::atomic::AtomicBool,
 }
 
 impl Invokes {
@@ -368,6 +369,7 @@ impl Invokes {
             map: Mutex::new(map),
             dir,
             pruning: Mutex::new(()),
+            prune_wanted: std::sync::atomic::AtomicBool::new(false),
         });
         invokes.prune();
         Ok(invokes)
@@ -640,10 +642,22 @@ impl Invokes {
 
     /// Deletes the oldest finished invokes beyond `--retain-invokes` or `--retain-bytes`.
     fn prune(&self) {
-        // One pruner at a time; a finish that finds it busy leaves the work to it.
-        let Ok(_pruning) = self.pruning.try_lock() else {
-            return;
-        };
+        // One pruner at a time; a finish that finds it busy leaves the work to it, and the
+        // pruner goes round again when such a request came in while it worked (otherwise the
+        // last finish of a burst could go unpruned until the next one).
+        self.prune_wanted.store(true, Ordering::SeqCst);
+        loop {
+            let Ok(_pruning) = self.pruning.try_lock() else {
+                return;
+            };
+            if !self.prune_wanted.swap(false, Ordering::SeqCst) {
+                return;
+            }
+            self.prune_once();
+        }
+    }
+
+    fn prune_once(&self) {
         let finished: Vec<Arc<Invoke>> = self
             .map()
             .values()
