@@ -50,13 +50,22 @@ pub struct Launch {
 /// The running ACP agents, one per session.
 #[derive(Debug, Default)]
 pub struct AcpAgents {
-    map: tokio::sync::Mutex<HashMap<String, Arc<Conn>>>,
+    /// Per session, a slot locked while its agent starts: a slow start holds up only its own
+    /// session.
+    map: Mutex<HashMap<String, Slot>>,
 }
+
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
 
 impl AcpAgents {
     /// No agents yet.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    fn slot(&self, session_id: &str) -> Slot {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(map.entry(session_id.to_owned()).or_default())
     }
 
     /// The session's agent, started (and initialized, with its ACP session open) if needed.
@@ -66,30 +75,51 @@ impl AcpAgents {
         launch: &Launch,
         reaper: &Reaper,
     ) -> Result<Arc<Conn>> {
-        let mut map = self.map.lock().await;
-        let id = session.id();
-        if let Some(conn) = map.get(&id) {
+        let slot = self.slot(&session.id());
+        let mut slot = slot.lock().await;
+        if let Some(conn) = slot.as_ref() {
             if !*conn.dead.borrow() && conn.launch == *launch {
                 return Ok(Arc::clone(conn));
             }
             conn.kill();
-            map.remove(&id);
+            *slot = None;
         }
         let conn = Conn::start(session, launch, reaper).await?;
-        map.insert(id, Arc::clone(&conn));
+        *slot = Some(Arc::clone(&conn));
         Ok(conn)
     }
 
-    /// Stops the session's agent, if one runs (session deleted).
+    /// Stops the session's agent, if one runs (session deleted, or a turn it did not end).
     pub async fn stop(&self, session_id: &str) {
-        if let Some(conn) = self.map.lock().await.remove(session_id) {
-            conn.kill();
+        let slot = self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session_id);
+        if let Some(slot) = slot {
+            if let Some(conn) = slot.lock().await.take() {
+                conn.kill();
+            }
         }
     }
 
     /// Stops every agent (runner shutdown) and waits for them, up to `limit`.
     pub async fn stop_all(&self, limit: Duration) {
-        let conns: Vec<Arc<Conn>> = self.map.lock().await.drain().map(|(_, c)| c).collect();
+        let slots: Vec<Slot> = self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, slot)| slot)
+            .collect();
+        let mut conns = Vec::new();
+        for slot in slots {
+            // A slot locked now is an agent still starting; it sees its stdin close when the
+            // runner exits.
+            if let Some(conn) = slot.try_lock().ok().and_then(|mut c| c.take()) {
+                conns.push(conn);
+            }
+        }
         for conn in &conns {
             conn.kill();
         }
