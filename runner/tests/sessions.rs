@@ -311,6 +311,18 @@ async fn each_reply_changes_what_the_agent_does() {
         (status, body["error"].as_str()),
         (409, Some("session_busy"))
     );
+    let refused = r
+        .client
+        .delete(r.url("/v1/sessions/s1"))
+        .bearer_auth(common::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(refused).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("session_busy"))
+    );
     let (status, _) = reply(&r, "/v1/sessions/s1/permissions/write-2", "reject").await;
     assert_eq!(status, 200);
     let events = rest_of(resp, buf).await;
