@@ -623,6 +623,7 @@ async fn configure(
         install_command: install.as_deref().map(split_words).transpose()?,
         entrypoint: entrypoint.as_deref().map(split_words).transpose()?,
         env: (!env.is_empty()).then_some(env_map),
+        protocol: None,
     };
     let mut stream = c.configure(name, &req).await?;
     let tty = std::io::stderr().is_terminal() && !cli.json;

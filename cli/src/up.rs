@@ -212,6 +212,7 @@ async fn demo(client: &Client) -> Result<u8, ClientError> {
                 install_command: Some(vec!["python3".into(), "--version".into()]),
                 entrypoint: Some(vec!["python3".into(), "/workspace/agent.py".into()]),
                 env: None,
+                protocol: None,
             },
         )
         .await?;

@@ -376,6 +376,14 @@ fn runner_route(method: &Method, rest: &str) -> Option<(String, &'static str)> {
         ("files", _, "PUT") => "files.put",
         ("files", _, "DELETE") => "files.delete",
         ("archive", "", "GET") => "archive",
+        ("sessions", "", "POST") => "sessions.create",
+        ("sessions", "", "GET") => "sessions.list",
+        ("sessions", t, "GET") if segments(t) == 1 => "sessions.get",
+        ("sessions", t, "DELETE") if segments(t) == 1 => "sessions.delete",
+        ("sessions", t, "GET") if segments(t) == 2 && t.ends_with("/events") => "sessions.events",
+        ("sessions", t, "POST") if is_permission(t) => "sessions.permission",
+        ("sessions", t, "PUT") if segments(t) == 2 && t.ends_with("/config") => "sessions.config",
+        ("invokes", t, "POST") if is_permission(t) => "invokes.permission",
         _ => return None,
     };
     let path = if head == "files" && tail.is_empty() {
@@ -384,6 +392,21 @@ fn runner_route(method: &Method, rest: &str) -> Option<(String, &'static str)> {
         format!("/v1/{rest}")
     };
     Some((path, action))
+}
+
+/// How many non-empty `/`-separated segments `tail` has (0 when any is empty).
+fn segments(tail: &str) -> usize {
+    let parts: Vec<&str> = tail.split('/').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        0
+    } else {
+        parts.len()
+    }
+}
+
+/// Whether `tail` is `{id}/permissions/{pid}`.
+fn is_permission(tail: &str) -> bool {
+    segments(tail) == 3 && tail.split('/').nth(1) == Some("permissions")
 }
 
 async fn to_runner(
@@ -662,5 +685,33 @@ mod tests {
         assert_eq!(runner_route(&post, "../v1/info"), None);
         assert_eq!(runner_route(&get, "invokes/a/b/events"), None);
         assert_eq!(runner_route(&post, "invokes/x/y/cancel"), None);
+        let delete = Method::DELETE;
+        for (method, rest, action) in [
+            (&post, "sessions", "sessions.create"),
+            (&get, "sessions", "sessions.list"),
+            (&get, "sessions/s1", "sessions.get"),
+            (&delete, "sessions/s1", "sessions.delete"),
+            (&get, "sessions/s1/events", "sessions.events"),
+            (&post, "sessions/s1/permissions/p1", "sessions.permission"),
+            (&Method::PUT, "sessions/s1/config", "sessions.config"),
+            (&post, "invokes/inv-1/permissions/p1", "invokes.permission"),
+        ] {
+            assert_eq!(
+                runner_route(method, rest),
+                Some((format!("/v1/{rest}"), action)),
+                "{method} {rest}"
+            );
+        }
+        for (method, rest) in [
+            (&delete, "sessions"),
+            (&get, "sessions//events"),
+            (&post, "sessions/s1/events"),
+            (&post, "sessions/s1/permissions"),
+            (&post, "sessions/s1/permissions/p1/x"),
+            (&post, "invokes/inv-1/other/p1"),
+            (&get, "invokes/inv-1/permissions/p1"),
+        ] {
+            assert_eq!(runner_route(method, rest), None, "{method} {rest}");
+        }
     }
 }

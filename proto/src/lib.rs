@@ -124,6 +124,22 @@ pub struct ConfigureRequest {
     /// Environment for the install command and every invoke; replaces the previous map when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<BTreeMap<String, String>>,
+    /// How the runner talks to the entrypoint: `plain` (stdin/stdout, the default) or `acp`
+    /// (an Agent Client Protocol agent, one process per session). Kept until the next configure
+    /// that gives an entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<AgentProtocol>,
+}
+
+/// How the runner talks to the entrypoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentProtocol {
+    /// One process per invoke: the prompt on stdin, output as `log` events.
+    #[default]
+    Plain,
+    /// An ACP agent (JSON-RPC over stdio), one process per session; each invoke is a prompt turn.
+    Acp,
 }
 
 /// The `result` event of a configure, or its whole JSON answer with `Accept: application/json`.
@@ -618,6 +634,263 @@ pub struct UserInfo {
     pub is_admin: bool,
 }
 
+// ---------------------------------------------------------------------------------------------
+// Sessions, the agent channel and permissions
+// ---------------------------------------------------------------------------------------------
+
+/// SSE event names added by sessions and the agent channel (on invoke streams and in session
+/// histories), next to those of [`event`].
+pub mod session_event {
+    /// A `{"type":"event"}` line from the agent: [`super::AgentEvent`].
+    pub const AGENT: &str = "agent";
+    /// The agent asks for permission: [`super::PermissionEvent`].
+    pub const PERMISSION: &str = "permission";
+    /// A permission request was answered: [`super::PermissionReplyEvent`].
+    pub const PERMISSION_REPLY: &str = "permission_reply";
+    /// The agent wrote a line the runner could not use: [`super::ProtocolErrorEvent`].
+    pub const PROTOCOL_ERROR: &str = "protocol_error";
+    /// The prompt a client sent with an invoke in a session: [`super::PromptEvent`].
+    pub const PROMPT: &str = "prompt";
+}
+
+/// Whether `id` can name a session: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.`
+/// or `-`, so it is safe as a file name and a URL path segment.
+pub fn valid_session_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with(['.', '-'])
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Whether `id` can name a permission request (same rule as [`valid_session_id`]).
+pub fn valid_permission_id(id: &str) -> bool {
+    valid_session_id(id)
+}
+
+/// `POST /v1/sessions` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateSessionRequest {
+    /// The id to use; the runner picks one (`ses-...`) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Free-form JSON kept with the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// A session, as `POST /v1/sessions`, `GET /v1/sessions` and `GET /v1/sessions/{id}` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionInfo {
+    /// The session's id.
+    pub id: String,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: u64,
+    /// As given at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+    /// Events in the history so far (the last `eventIndex`).
+    pub event_count: u64,
+    /// The invoke running in the session now, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_invoke_id: Option<InvokeId>,
+    /// Tool kinds answered `always`: later requests of these kinds are allowed by the runner.
+    #[serde(default)]
+    pub always_allowed: Vec<String>,
+}
+
+/// `GET /v1/sessions` answer, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionList {
+    /// One page of sessions.
+    pub items: Vec<SessionInfo>,
+    /// The `offset` of the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_offset: Option<u64>,
+}
+
+/// Who caused an event in a session's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sender {
+    /// The API caller (prompts, permission replies).
+    Client,
+    /// The agent process (output, agent events, permission requests).
+    Agent,
+    /// The runner (start, exit, errors, automatic permission replies).
+    Runner,
+}
+
+/// One event of a session's history (`GET /v1/sessions/{id}/events`); over SSE it is the
+/// `data` of a frame whose `id` is `eventIndex` and whose `event` is `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionEvent {
+    /// Position in the history, from 1.
+    pub event_index: u64,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: u64,
+    /// Who caused it.
+    pub sender: Sender,
+    /// The invoke it belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invoke_id: Option<InvokeId>,
+    /// The event name: `start`, `log`, `exit`, `agent`, `permission`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The event's payload, as on the invoke stream.
+    pub data: serde_json::Value,
+}
+
+/// `GET /v1/sessions/{id}/events` answer (JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionEventPage {
+    /// Events with `eventIndex` greater than the requested `offset`, in order.
+    pub items: Vec<SessionEvent>,
+    /// The `offset` to ask for next: the last `eventIndex` returned (or the requested offset
+    /// when there was nothing new).
+    pub next_offset: u64,
+    /// Whether more events follow already.
+    pub has_more: bool,
+}
+
+/// `agent` event: a `{"type":"event","name":...,"data":...}` line the agent wrote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentEvent {
+    /// The agent's name for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Its payload, any JSON.
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+/// How a caller answers a permission request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PermissionReply {
+    /// Allow this one call.
+    Once,
+    /// Allow, and allow every later request of the same tool kind in this session.
+    Always,
+    /// Refuse.
+    Reject,
+}
+
+impl PermissionReply {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PermissionReply::Once => "once",
+            PermissionReply::Always => "always",
+            PermissionReply::Reject => "reject",
+        }
+    }
+}
+
+/// `permission` event: the agent asks; answer with
+/// `POST /v1/sessions/{sid}/permissions/{permissionId}` or
+/// `POST /v1/invokes/{iid}/permissions/{permissionId}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PermissionEvent {
+    /// The agent's id for the request.
+    pub permission_id: String,
+    /// What the agent wants to do, for a human.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// The tool call, as the agent described it (`kind` decides what `always` covers).
+    #[serde(default)]
+    pub tool_call: serde_json::Value,
+    /// The tool kind this request counts as for `always` (`toolCall.kind`, or `other`).
+    pub tool_kind: String,
+    /// Always `["once", "always", "reject"]`.
+    pub available_replies: Vec<PermissionReply>,
+}
+
+/// Who answered a permission request, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplyOrigin {
+    /// A caller, through the API.
+    Client,
+    /// The runner: an earlier `always` covered it.
+    Always,
+    /// The runner: nobody answered within the permission timeout; the reply is `reject`.
+    Timeout,
+}
+
+/// `permission_reply` event: a request was answered (by a client or by the runner).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PermissionReplyEvent {
+    /// The request answered.
+    pub permission_id: String,
+    /// The answer written to the agent.
+    pub reply: PermissionReply,
+    /// Who answered.
+    pub by: ReplyOrigin,
+}
+
+/// `protocol_error` event: a line from the agent that was not valid; it was skipped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProtocolErrorEvent {
+    /// What was wrong.
+    pub message: String,
+    /// The start of the offending line (at most 1 KiB).
+    pub line: String,
+}
+
+/// `prompt` event (session histories only): the `?prompt=` of an invoke in the session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PromptEvent {
+    /// The prompt text.
+    pub text: String,
+}
+
+/// `PUT /v1/sessions/{id}/config` body (ACP agents): what to set, each optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SessionConfigRequest {
+    /// A mode id the agent advertised (`session/set_mode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// A model id the agent advertised (`session/set_model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Config option ids to values (`session/set_config_option`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+/// `POST /v1/sessions/{sid}/permissions/{pid}` (and the invoke variant) body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PermissionReplyRequest {
+    /// `once`, `always` or `reject`.
+    pub reply: PermissionReply,
+}
+
+/// Answer to a permission reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PermissionReplyResponse {
+    /// The request answered.
+    pub permission_id: String,
+    /// The invoke that asked.
+    pub invoke_id: InvokeId,
+    /// The answer written to the agent.
+    pub reply: PermissionReply,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,6 +925,14 @@ mod tests {
         assert!(InvokeId::is_well_formed("inv-0193c2a4f1b2-9f3e2a71"));
         assert!(!InvokeId::is_well_formed("inv-../../etc"));
         assert!(!InvokeId::is_well_formed("abc"));
+    }
+
+    #[test]
+    fn session_ids_are_safe_file_names() {
+        assert!(valid_session_id("ses-1.a_B"));
+        for bad in ["", ".", "..", "-x", "a/b", "a b", "é", &"x".repeat(129)] {
+            assert!(!valid_session_id(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub struct Args {
     /// Total size of kept journals; the oldest finished ones are pruned past it.
     #[arg(long, env = "AGENTBOX_RETAIN_BYTES", default_value = "1GiB", value_parser = parse_size)]
     pub retain_bytes: u64,
+    /// How long a permission request waits for an answer before the runner rejects it.
+    #[arg(long, env = "AGENTBOX_PERMISSION_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub permission_timeout: Duration,
 }
 
 /// The runner's mode.
@@ -147,6 +150,8 @@ pub struct Config {
     pub retain_invokes: usize,
     /// Journal bytes kept.
     pub retain_bytes: u64,
+    /// Unanswered permission requests are rejected after this long.
+    pub permission_timeout: Duration,
     /// The environment children start from: the runner's own, minus [`SECRET_ENV`].
     pub base_env: Vec<(String, String)>,
 }
@@ -221,6 +226,7 @@ impl Args {
             linger: self.linger,
             retain_invokes: self.retain_invokes,
             retain_bytes: self.retain_bytes,
+            permission_timeout: self.permission_timeout,
             base_env,
         })
     }

@@ -28,6 +28,7 @@ pub struct Plan {
     install: Option<Vec<String>>,
     entrypoint: Option<Vec<String>>,
     env: Option<BTreeMap<String, String>>,
+    protocol: Option<agentbox_proto::AgentProtocol>,
     hash: String,
 }
 
@@ -140,6 +141,11 @@ pub fn plan(app: &AppState, req: ConfigureRequest) -> Result<Plan> {
     Ok(Plan {
         files,
         install: req.install_command,
+        protocol: match (&req.entrypoint, req.protocol) {
+            (_, Some(p)) => Some(p),
+            (Some(_), None) => Some(agentbox_proto::AgentProtocol::Plain),
+            (None, None) => None,
+        },
         entrypoint: req.entrypoint,
         env: req.env,
         hash,
@@ -226,13 +232,20 @@ async fn run(app: &Arc<AppState>, plan: Plan, log: &Arc<EventLog>) -> Result<Con
             Error::InvalidRequest("entrypoint is required on the first configure".into())
         })?;
     let env = plan.env.clone().unwrap_or_else(|| stored.env.clone());
+    let protocol = plan
+        .protocol
+        .or(stored.protocol)
+        .filter(|p| *p == agentbox_proto::AgentProtocol::Acp);
 
     if stored.install_command_hash.as_deref() == Some(plan.hash.as_str()) {
-        let changed = stored.entrypoint.as_ref() != Some(&entrypoint) || stored.env != env;
+        let changed = stored.entrypoint.as_ref() != Some(&entrypoint)
+            || stored.env != env
+            || stored.protocol != protocol;
         let in_force = if changed {
             let next = Stored {
                 entrypoint: Some(entrypoint.clone()),
                 env,
+                protocol,
                 last_configured_at: Some(now_rfc3339()),
                 ..stored
             };
@@ -291,6 +304,7 @@ async fn run(app: &Arc<AppState>, plan: Plan, log: &Arc<EventLog>) -> Result<Con
         install_command: plan.install,
         install_command_hash: Some(plan.hash.clone()),
         last_configured_at: Some(now.clone()),
+        protocol,
     })?;
     tracing::info!(hash = %plan.hash, "configured");
     Ok(ConfigureResult {
@@ -326,6 +340,7 @@ async fn install(
         cwd: app.cfg.workspace.clone(),
         marker: marker.clone(),
         stdin: false,
+        pass_fds: Default::default(),
     };
     let process = Process::new(marker);
     let (tx, rx) = oneshot::channel();

@@ -65,6 +65,24 @@ pub enum Error {
     /// The install command could not be started (422 `install_failed`).
     #[error("{0}")]
     InstallFailed(String),
+    /// No such session (404 `session_not_found`).
+    #[error("{0}")]
+    SessionNotFound(String),
+    /// A session id that is not `[A-Za-z0-9._-]{{1,128}}` (400 `invalid_session_id`).
+    #[error("{0}")]
+    InvalidSessionId(String),
+    /// Creating a session whose id is taken (409 `session_exists`).
+    #[error("{0}")]
+    SessionExists(String),
+    /// The session already runs an invoke (409 `session_busy`).
+    #[error("{0}")]
+    SessionBusy(String),
+    /// No such pending permission request (404 `permission_not_found`).
+    #[error("{0}")]
+    PermissionNotFound(String),
+    /// The permission request was already answered (409 `permission_answered`).
+    #[error("{0}")]
+    PermissionAnswered(String),
     /// An I/O failure on the runner's side (500 `internal`).
     #[error("{0}")]
     Internal(String),
@@ -75,6 +93,11 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::SessionNotFound(_) | Error::PermissionNotFound(_) => StatusCode::NOT_FOUND,
+            Error::InvalidSessionId(_) => StatusCode::BAD_REQUEST,
+            Error::SessionExists(_) | Error::SessionBusy(_) | Error::PermissionAnswered(_) => {
+                StatusCode::CONFLICT
+            }
             Error::RouteNotFound(_) | Error::InvokeNotFound(_) | Error::FileNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -114,6 +137,12 @@ impl Error {
             Error::IsADirectory(_) => "is_a_directory",
             Error::DirectoryNotEmpty(_) => "directory_not_empty",
             Error::RangeNotSatisfiable(_) => "range_not_satisfiable",
+            Error::SessionNotFound(_) => "session_not_found",
+            Error::InvalidSessionId(_) => "invalid_session_id",
+            Error::SessionExists(_) => "session_exists",
+            Error::SessionBusy(_) => "session_busy",
+            Error::PermissionNotFound(_) => "permission_not_found",
+            Error::PermissionAnswered(_) => "permission_answered",
             Error::Internal(_) => "internal",
         }
     }
@@ -201,6 +230,24 @@ mod tests {
             ),
             (Error::RangeNotSatisfiable(3), 416, "range_not_satisfiable"),
             (Error::Internal("x".into()), 500, "internal"),
+            (Error::SessionNotFound("s".into()), 404, "session_not_found"),
+            (
+                Error::InvalidSessionId("s".into()),
+                400,
+                "invalid_session_id",
+            ),
+            (Error::SessionExists("s".into()), 409, "session_exists"),
+            (Error::SessionBusy("s".into()), 409, "session_busy"),
+            (
+                Error::PermissionNotFound("p".into()),
+                404,
+                "permission_not_found",
+            ),
+            (
+                Error::PermissionAnswered("p".into()),
+                409,
+                "permission_answered",
+            ),
         ];
         for (err, status, code) in cases {
             assert_eq!(err.status().as_u16(), status, "{err:?}");

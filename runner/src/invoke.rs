@@ -59,6 +59,10 @@ pub struct StartRequest {
     pub stdin_fallback: Option<String>,
     /// The disconnect policy.
     pub on_disconnect: OnDisconnect,
+    /// The agent channel (and session), for invokes of the entrypoint.
+    pub agent: Option<crate::channel::AgentSetup>,
+    /// For an ACP agent: the prompt turn to run instead of a process.
+    pub acp: Option<crate::acp::Turn>,
 }
 
 /// Persisted summary of an invoke (`<id>.json` next to its journal `<id>.events`). A cache of
@@ -300,6 +304,7 @@ pub struct Invokes {
     map: Mutex<BTreeMap<InvokeId, Arc<Invoke>>>,
     dir: PathBuf,
     pruning: Mutex<()>,
+    prune_wanted: std::sync::atomic::AtomicBool,
 }
 
 impl Invokes {
@@ -364,6 +369,7 @@ impl Invokes {
             map: Mutex::new(map),
             dir,
             pruning: Mutex::new(()),
+            prune_wanted: std::sync::atomic::AtomicBool::new(false),
         });
         invokes.prune();
         Ok(invokes)
@@ -437,6 +443,13 @@ impl Invokes {
         let id = InvokeId(format!("inv-{started_at:012x}-{}", random_hex(8)));
         let base = self.dir.join(id.as_str());
         let log = EventLog::create(&base.with_extension("events"), self.cfg.journal_max_bytes)?;
+        let channel = match req.agent.map(|agent| agent.open(&id, &log)).transpose() {
+            Ok(channel) => channel,
+            Err(e) => {
+                let _ = std::fs::remove_file(base.with_extension("events"));
+                return Err(e);
+            }
+        };
         let marker = format!("AGENTBOX_INVOKE_ID={id}");
         let process = Process::new(marker);
         let invoke = Arc::new(Invoke {
@@ -458,6 +471,14 @@ impl Invokes {
         let mut env = self.cfg.base_env.clone();
         env.extend(req.env);
         env.push(("AGENTBOX_INVOKE_ID".into(), id.to_string()));
+        let (channel, pass_fds) = match channel {
+            Some(mut opened) => {
+                env.append(&mut opened.env);
+                let fds = std::mem::take(&mut opened.child_fds);
+                (Some(opened), fds)
+            }
+            None => (None, Vec::new()),
+        };
         env.push((
             "AGENTBOX_WORKSPACE".into(),
             self.cfg.workspace.display().to_string(),
@@ -468,14 +489,32 @@ impl Invokes {
             cwd: req.cwd,
             marker: format!("AGENTBOX_INVOKE_ID={id}"),
             stdin: true,
+            pass_fds: Arc::new(Mutex::new(pass_fds)),
         };
+        let drained = channel.map(|c| c.start(Arc::clone(&process)));
         let (stdin_tx, stdin_rx) = oneshot::channel();
         let thread = {
             let invokes = Arc::clone(self);
             let invoke = Arc::clone(&invoke);
             let process = Arc::clone(&process);
             let reaper = Arc::clone(&self.reaper);
+            let acp = req.acp;
             crate::pool::run(move || {
+                if let Some(turn) = acp {
+                    log.append(|b| {
+                        b.event(
+                            event::START,
+                            &StartEvent {
+                                invoke_id: invoke.id.clone(),
+                                started_at,
+                            },
+                        )
+                    });
+                    let outcome =
+                        supervisor::run_custom(&process, || turn.run(&invoke.id, &process, &log));
+                    invokes.finish(&invoke, &log, &outcome, permit);
+                    return;
+                }
                 let outcome = supervisor::run(&reaper, &spec, &process, &log, |pid, stdin| {
                     {
                         let mut meta = invoke.meta();
@@ -498,6 +537,10 @@ impl Invokes {
                         let _ = stdin_tx.send(stdin);
                     }
                 });
+                if let Some(drained) = drained {
+                    // Every line the agent wrote before it exited comes before `exit`.
+                    drained.wait(Duration::from_secs(2));
+                }
                 invokes.finish(&invoke, &log, &outcome, permit);
             })
         };
@@ -599,10 +642,22 @@ impl Invokes {
 
     /// Deletes the oldest finished invokes beyond `--retain-invokes` or `--retain-bytes`.
     fn prune(&self) {
-        // One pruner at a time; a finish that finds it busy leaves the work to it.
-        let Ok(_pruning) = self.pruning.try_lock() else {
-            return;
-        };
+        // One pruner at a time; a finish that finds it busy leaves the work to it, and the
+        // pruner goes round again when such a request came in while it worked (otherwise the
+        // last finish of a burst could go unpruned until the next one).
+        self.prune_wanted.store(true, Ordering::SeqCst);
+        loop {
+            let Ok(_pruning) = self.pruning.try_lock() else {
+                return;
+            };
+            if !self.prune_wanted.swap(false, Ordering::SeqCst) {
+                return;
+            }
+            self.prune_once();
+        }
+    }
+
+    fn prune_once(&self) {
         let finished: Vec<Arc<Invoke>> = self
             .map()
             .values()

@@ -13,7 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use agentbox_proto::Stream;
 use bytes::Bytes;
@@ -45,7 +45,7 @@ pub struct Progress {
     pub closed: bool,
 }
 
-/// One invoke's (or install's) event log.
+/// One invoke's (or install's, or session's) event log.
 #[derive(Debug)]
 pub struct EventLog {
     inner: Mutex<Inner>,
@@ -53,6 +53,20 @@ pub struct EventLog {
     reader: Arc<File>,
     path: PathBuf,
     cap: u64,
+    mirror: OnceLock<Mirror>,
+}
+
+/// Called with the wire bytes of every batch, under the log's lock, before subscribers are
+/// woken: what a mirror copies elsewhere is there before anyone can see it here.
+pub struct Mirror(pub MirrorFn);
+
+/// The function of a [`Mirror`].
+pub type MirrorFn = Box<dyn Fn(&[u8]) + Send + Sync>;
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Mirror")
+    }
 }
 
 #[derive(Debug)]
@@ -81,6 +95,11 @@ pub struct Batch<'a> {
 }
 
 impl Batch<'_> {
+    /// The sequence number the next event will get.
+    pub fn next_seq(&self) -> u64 {
+        self.inner.next_seq
+    }
+
     /// Appends an event with a JSON payload; returns its sequence number.
     pub fn event<T: Serialize>(&mut self, name: &str, data: &T) -> u64 {
         let seq = self.inner.next_seq;
@@ -204,6 +223,7 @@ impl EventLog {
             reader: Arc::new(reader),
             path: path.to_owned(),
             cap,
+            mirror: OnceLock::new(),
         })
     }
 
@@ -218,6 +238,11 @@ impl EventLog {
     /// The journal file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Installs the mirror (once; later calls are ignored).
+    pub fn set_mirror(&self, mirror: Mirror) {
+        let _ = self.mirror.set(mirror);
     }
 
     /// Appends the events `f` adds, as one write, and wakes subscribers.
@@ -254,6 +279,9 @@ impl EventLog {
         {
             inner.index.push((first_seq, offset));
             inner.last_indexed = Some(offset);
+        }
+        if let Some(mirror) = self.mirror.get() {
+            (mirror.0)(&buf);
         }
         let len = buf.len();
         inner.last_batch = len.min(1 << 20) + len / 8;
@@ -374,6 +402,11 @@ pub struct Subscription {
 }
 
 impl Subscription {
+    /// The byte offset of the next read.
+    pub fn position(&self) -> u64 {
+        self.offset
+    }
+
     /// The next bytes, waiting for new events; `None` once the log is closed and all was read.
     pub async fn next(&mut self) -> Option<io::Result<Bytes>> {
         loop {

@@ -6,6 +6,8 @@
 //! [`supervisor`] (spawn, reap, pump, stop) → [`journal`] (event log) ← [`sse`] (framing).
 //! [`jail`] resolves every caller-supplied path.
 
+pub mod acp;
+pub mod channel;
 pub mod config;
 pub mod configure;
 pub mod duration;
@@ -18,15 +20,18 @@ pub mod journal;
 pub mod pool;
 pub mod proctree;
 pub mod server;
+pub mod session;
 pub mod sse;
 pub mod state;
 pub mod supervisor;
 
 use std::sync::Arc;
 
+use crate::channel::Permissions;
 use crate::config::Config;
 use crate::invoke::Invokes;
 use crate::jail::Jail;
+use crate::session::Sessions;
 use crate::state::ConfigStore;
 use crate::supervisor::Reaper;
 
@@ -45,6 +50,12 @@ pub struct AppState {
     pub reaper: Arc<Reaper>,
     /// Digest of the bearer token; `None` with `--insecure-no-auth`.
     pub token_digest: Option<[u8; 32]>,
+    /// Sessions and their histories.
+    pub sessions: Arc<Sessions>,
+    /// Pending permission requests of running invokes.
+    pub permissions: Arc<Permissions>,
+    /// ACP agents, one per session.
+    pub acp: Arc<acp::AcpAgents>,
 }
 
 impl AppState {
@@ -58,7 +69,12 @@ impl AppState {
         let invokes = Invokes::recover(Arc::clone(&cfg), Arc::clone(&reaper))?;
         let jail = Jail::new(cfg.workspace.clone(), vec![cfg.state_dir.clone()]);
         let token_digest = cfg.token.as_deref().map(server::token_digest);
+        let sessions = Sessions::load(&cfg.state_dir)?;
+        let permissions = Permissions::new(cfg.permission_timeout);
         Ok(Arc::new(Self {
+            sessions,
+            permissions,
+            acp: acp::AcpAgents::new(),
             cfg,
             jail,
             store,

@@ -93,6 +93,7 @@ async fn run(config: agentbox_runner::config::Config) -> anyhow::Result<()> {
     app.invokes
         .cancel_all(app.cfg.grace + Duration::from_secs(2))
         .await;
+    app.acp.stop_all(Duration::from_secs(2)).await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     Ok(())

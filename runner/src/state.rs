@@ -25,6 +25,9 @@ pub struct Stored {
     pub install_command_hash: Option<String>,
     /// When this configuration was set (RFC 3339).
     pub last_configured_at: Option<String>,
+    /// How the runner talks to the entrypoint (`None`: plain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<agentbox_proto::AgentProtocol>,
 }
 
 /// The persisted configuration and the lock that serializes configures.

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{ChildStdin, Command, Stdio};
@@ -83,13 +83,25 @@ impl Reaper {
         Ok(())
     }
 
-    /// Spawns `cmd` and registers it before any reap can see it.
+    /// Spawns `cmd` and registers it before any reap can see it. `pass` are descriptors the
+    /// child inherits under their own numbers: every descriptor of the runner is close-on-exec,
+    /// and these lose the flag only while this lock (which every spawn takes) is held, so no
+    /// other child can inherit them.
     fn spawn(
         &self,
         cmd: &mut Command,
+        pass: &[OwnedFd],
     ) -> std::io::Result<(std::process::Child, mpsc::Receiver<ExitStatus>)> {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
         let mut waiting = self.lock();
-        let child = cmd.spawn()?;
+        for fd in pass {
+            fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(std::io::Error::from)?;
+        }
+        let child = cmd.spawn();
+        for fd in pass {
+            let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+        }
+        let child = child?;
         let (tx, rx) = mpsc::channel();
         waiting.insert(child.id() as i32, tx);
         Ok((child, rx))
@@ -135,6 +147,9 @@ pub struct RunSpec {
     pub marker: String,
     /// Whether the child gets a stdin pipe (otherwise `/dev/null`).
     pub stdin: bool,
+    /// Descriptors the child inherits (the agent channel); taken, and closed in the runner,
+    /// right after the spawn.
+    pub pass_fds: Arc<Mutex<Vec<OwnedFd>>>,
 }
 
 /// Shared control of one supervised process tree.
@@ -155,6 +170,11 @@ impl Process {
             done: watch::channel(false).0,
             marker,
         })
+    }
+
+    /// Records the root pid of a tree spawned with [`spawn_stdio`].
+    pub fn set_pid(&self, pid: i32) {
+        let _ = self.pid.set(pid);
     }
 
     /// The root pid, once spawned.
@@ -245,6 +265,35 @@ impl Outcome {
     }
 }
 
+/// Runs `f` (which does the work of a run that is not a supervised process, such as an ACP
+/// prompt turn) and marks `process` done, as [`run`] does.
+pub fn run_custom(process: &Process, f: impl FnOnce() -> Outcome) -> Outcome {
+    let outcome = f();
+    process.done.send_replace(true);
+    outcome
+}
+
+/// Spawns `spec` in its own process group with piped stdin, stdout and stderr, registered with
+/// the reaper, for a long-lived process the caller talks to (an ACP agent).
+pub fn spawn_stdio(
+    reaper: &Reaper,
+    spec: &RunSpec,
+) -> std::io::Result<(std::process::Child, mpsc::Receiver<ExitStatus>)> {
+    let Some((program, args)) = spec.argv.split_first() else {
+        return Err(std::io::Error::other("empty argv"));
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    reaper.spawn(&mut cmd, &[])
+}
+
 /// Runs `spec` to completion on the calling (dedicated, blocking) thread, appending its output
 /// to `log`. `on_spawn` gets the pid and the stdin pipe right after the spawn, before any
 /// output is read.
@@ -288,7 +337,10 @@ fn run_inner(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
-    let (mut child, exit_rx) = match reaper.spawn(&mut cmd) {
+    let pass = std::mem::take(&mut *spec.pass_fds.lock().unwrap_or_else(|p| p.into_inner()));
+    let spawned = reaper.spawn(&mut cmd, &pass);
+    drop(pass);
+    let (mut child, exit_rx) = match spawned {
         Ok(spawned) => spawned,
         Err(e) => {
             return Outcome {

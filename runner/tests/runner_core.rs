@@ -1013,6 +1013,14 @@ async fn openapi_is_served_without_auth_and_names_every_route() {
         ("/v1/files/{path}", "put"),
         ("/v1/files/{path}", "delete"),
         ("/v1/archive", "get"),
+        ("/v1/sessions", "post"),
+        ("/v1/sessions", "get"),
+        ("/v1/sessions/{id}", "get"),
+        ("/v1/sessions/{id}", "delete"),
+        ("/v1/sessions/{id}/events", "get"),
+        ("/v1/sessions/{id}/permissions/{pid}", "post"),
+        ("/v1/invokes/{id}/permissions/{pid}", "post"),
+        ("/v1/sessions/{id}/config", "put"),
     ];
     for (path, method) in routes {
         assert!(

@@ -3,6 +3,7 @@
 //! errors into responses; nothing below this module sees HTTP.
 
 mod files;
+mod sessions;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -55,6 +56,7 @@ pub fn router(app: Arc<AppState>) -> Router {
                 .delete(files::delete_file),
         )
         .route("/v1/archive", get(files::archive))
+        .merge(sessions::routes())
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             authenticate,
@@ -267,6 +269,7 @@ struct InvokeQuery {
     prompt: Option<String>,
     timeout: Option<String>,
     on_disconnect: Option<OnDisconnect>,
+    session: Option<String>,
 }
 
 pub(crate) fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T> {
@@ -297,6 +300,16 @@ async fn invoke(
     if let Some(prompt) = &q.prompt {
         argv.push(format!("--prompt={prompt}"));
     }
+    let agent = sessions::agent_setup(&app, q.session.as_deref(), q.prompt.as_deref())?;
+    let (agent, acp, body) = match stored.protocol {
+        Some(agentbox_proto::AgentProtocol::Acp) => {
+            let plain = &argv[..argv.len() - usize::from(q.prompt.is_some())];
+            let turn =
+                sessions::acp_turn(&app, &stored.env, plain, agent, q.prompt.clone(), body).await?;
+            (None, Some(turn), Body::empty())
+        }
+        _ => (Some(agent), None, body),
+    };
     let invoke = app.invokes.start(StartRequest {
         kind: InvokeKind::Invoke,
         argv,
@@ -306,6 +319,8 @@ async fn invoke(
         stdin: body,
         stdin_fallback: q.prompt,
         on_disconnect: q.on_disconnect.unwrap_or_default(),
+        agent,
+        acp,
     })?;
     let (sub, attachment) = app.invokes.follow(&invoke, 0).await?;
     if wants_json(&headers) {
@@ -380,6 +395,8 @@ async fn exec(
         stdin: Body::from(req.stdin.unwrap_or_default()),
         stdin_fallback: None,
         on_disconnect: q.on_disconnect.unwrap_or_default(),
+        agent: None,
+        acp: None,
     })?;
     let (sub, attachment) = app.invokes.follow(&invoke, 0).await?;
     if wants_json(&headers) {

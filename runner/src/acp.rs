@@ -1,0 +1,738 @@
+//! ACP agents: with `configure {"protocol": "acp"}` the entrypoint is an Agent Client Protocol
+//! agent (JSON-RPC 2.0, one message per line, over stdio). The runner is the ACP client: it
+//! keeps one agent process per session ([`AcpAgents`]), started on the session's first invoke
+//! with `initialize` and `session/new` (cwd: the workspace), and runs each invoke as one prompt
+//! turn ([`Turn::run`]): `session/prompt` with the invoke's prompt, `session/update`
+//! notifications as `agent` events, `session/request_permission` as `permission` events
+//! answered through the same endpoints as the fd channel ([`crate::channel`]), and the prompt's
+//! response as the turn's end. Cancel (or timeout) sends `session/cancel` and kills the agent's
+//! process tree if the turn has not ended within `--grace`. The agent's stderr becomes `log`
+//! events of the running turn. Requests the runner does not offer (file system, terminals) are
+//! answered "method not found"; the runner advertises no such capability.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use agentbox_proto::{
+    event, session_event, AgentEvent, ErrorEvent, ExitReason, InvokeId, Sender, Stream,
+};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::channel::{AgentSetup, External};
+use crate::error::{Error, Result};
+use crate::fsutil::random_hex;
+use crate::journal::EventLog;
+use crate::session::Session;
+use crate::supervisor::{self, ExitStatus, Outcome, Process, Reaper, RunSpec};
+
+/// The ACP protocol version the runner speaks.
+const PROTOCOL_VERSION: u64 = 1;
+/// Longest wait for `initialize` and `session/new`.
+const STARTUP: Duration = Duration::from_secs(30);
+
+type Reply = std::result::Result<Value, Value>;
+
+/// What the agent is started with; a change (a new configure) restarts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    /// argv.
+    pub argv: Vec<String>,
+    /// The complete environment.
+    pub env: Vec<(String, String)>,
+    /// The workspace (cwd and the ACP session's cwd).
+    pub cwd: std::path::PathBuf,
+}
+
+/// The running ACP agents, one per session.
+#[derive(Debug, Default)]
+pub struct AcpAgents {
+    /// Per session, a slot locked while its agent starts: a slow start holds up only its own
+    /// session.
+    map: Mutex<HashMap<String, Slot>>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
+
+impl AcpAgents {
+    /// No agents yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn slot(&self, session_id: &str) -> Slot {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(map.entry(session_id.to_owned()).or_default())
+    }
+
+    /// The session's agent, started (and initialized, with its ACP session open) if needed.
+    async fn get_or_start(
+        &self,
+        session: &Arc<Session>,
+        launch: &Launch,
+        reaper: &Reaper,
+    ) -> Result<Arc<Conn>> {
+        let slot = self.slot(&session.id());
+        let mut slot = slot.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            if !*conn.dead.borrow() && conn.launch == *launch {
+                return Ok(Arc::clone(conn));
+            }
+            conn.kill();
+            *slot = None;
+        }
+        let conn = Conn::start(session, launch, reaper).await?;
+        *slot = Some(Arc::clone(&conn));
+        Ok(conn)
+    }
+
+    /// Stops the session's agent, if one runs (session deleted, or a turn it did not end).
+    pub async fn stop(&self, session_id: &str) {
+        let slot = self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session_id);
+        if let Some(slot) = slot {
+            if let Some(conn) = slot.lock().await.take() {
+                conn.kill();
+            }
+        }
+    }
+
+    /// Stops every agent (runner shutdown) and waits for them, up to `limit`.
+    pub async fn stop_all(&self, limit: Duration) {
+        let slots: Vec<Slot> = self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, slot)| slot)
+            .collect();
+        let mut conns = Vec::new();
+        for slot in slots {
+            // A slot locked now is an agent still starting; it sees its stdin close when the
+            // runner exits.
+            if let Some(conn) = slot.try_lock().ok().and_then(|mut c| c.take()) {
+                conns.push(conn);
+            }
+        }
+        for conn in &conns {
+            conn.kill();
+        }
+        let _ = tokio::time::timeout(limit, async {
+            for conn in &conns {
+                let mut dead = conn.dead.clone();
+                let _ = dead.wait_for(|d| *d).await;
+            }
+        })
+        .await;
+    }
+
+    /// Sets mode, model and config options of the session's ACP session; returns what the
+    /// agent answered to each.
+    pub async fn configure(
+        &self,
+        session: &Arc<Session>,
+        launch: &Launch,
+        reaper: &Reaper,
+        req: agentbox_proto::SessionConfigRequest,
+    ) -> Result<Value> {
+        let conn = self.get_or_start(session, launch, reaper).await?;
+        let sid = conn.acp_session.clone();
+        let mut calls: Vec<(&str, &str, Value)> = Vec::new();
+        if let Some(mode) = req.mode {
+            calls.push((
+                "mode",
+                "session/set_mode",
+                json!({"sessionId": sid, "modeId": mode}),
+            ));
+        }
+        if let Some(model) = req.model {
+            calls.push((
+                "model",
+                "session/set_model",
+                json!({"sessionId": sid, "modelId": model}),
+            ));
+        }
+        let mut out = serde_json::Map::new();
+        for (what, method, params) in calls {
+            let answer = conn.request(method, params).await;
+            out.insert(what.into(), answer_json(method, answer)?);
+        }
+        if let Some(options) = req.options {
+            let mut answers = serde_json::Map::new();
+            for (config_id, value) in options {
+                let params = json!({"sessionId": sid, "configId": config_id, "value": value});
+                let answer = conn.request("session/set_config_option", params).await;
+                answers.insert(config_id, answer_json("session/set_config_option", answer)?);
+            }
+            out.insert("options".into(), Value::Object(answers));
+        }
+        out.insert("session".into(), conn.new_session.clone());
+        Ok(Value::Object(out))
+    }
+}
+
+fn answer_json(method: &str, answer: Reply) -> Result<Value> {
+    match answer {
+        Ok(v) => Ok(v),
+        Err(e) if e.get("code").and_then(Value::as_i64) == Some(-32601) => Err(
+            Error::InvalidRequest(format!("the agent does not support {method}")),
+        ),
+        Err(e) => Err(Error::InvalidRequest(format!(
+            "the agent refused {method}: {e}"
+        ))),
+    }
+}
+
+/// One agent process and its ACP session.
+#[derive(Debug)]
+struct Conn {
+    launch: Launch,
+    out: mpsc::UnboundedSender<String>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    next_id: AtomicU64,
+    acp_session: String,
+    new_session: Value,
+    turn: Mutex<Option<Arc<TurnSink>>>,
+    session: Arc<Session>,
+    process: Arc<Process>,
+    dead: watch::Receiver<bool>,
+}
+
+/// Where the agent's messages go while a turn runs.
+#[derive(Debug)]
+struct TurnSink {
+    log: Arc<EventLog>,
+    external: External,
+    /// Permission id → (JSON-RPC id, the offered options).
+    asks: Mutex<HashMap<String, (Value, Vec<Value>)>>,
+    next_ask: AtomicU64,
+}
+
+impl TurnSink {
+    fn asks(&self) -> MutexGuard<'_, HashMap<String, (Value, Vec<Value>)>> {
+        self.asks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Conn {
+    async fn start(session: &Arc<Session>, launch: &Launch, reaper: &Reaper) -> Result<Arc<Self>> {
+        let marker_value = random_hex(8);
+        let marker = format!("AGENTBOX_ACP_ID={marker_value}");
+        let mut env = launch.env.clone();
+        env.push(("AGENTBOX_ACP_ID".into(), marker_value));
+        env.push(("AGENTBOX_SESSION_ID".into(), session.id()));
+        env.push((
+            "AGENTBOX_SESSION_DIR".into(),
+            session.files_dir().display().to_string(),
+        ));
+        let spec = RunSpec {
+            argv: launch.argv.clone(),
+            env,
+            cwd: launch.cwd.clone(),
+            marker: marker.clone(),
+            stdin: true,
+            pass_fds: Default::default(),
+        };
+        let (mut child, exit_rx) = supervisor::spawn_stdio(reaper, &spec).map_err(|e| {
+            Error::Internal(format!("cannot start the ACP agent {:?}: {e}", launch.argv))
+        })?;
+        let process = Process::new(marker);
+        process.set_pid(child.id() as i32);
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(Error::Internal("the ACP agent has no pipes".into()));
+        };
+        let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(stdin.into())?;
+        let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout.into())?;
+        let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr.into())?;
+        let (out, out_rx) = mpsc::unbounded_channel();
+        let (dead_tx, dead) = watch::channel(false);
+        tokio::spawn(write_out(stdin, out_rx));
+        // Until the connection exists, the reader answers only responses.
+        let early: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>> = Arc::default();
+        let conn_cell: Arc<Mutex<Option<Arc<Conn>>>> = Arc::default();
+        let boot = Boot {
+            out: out.clone(),
+            pending: Arc::clone(&early),
+            next_id: AtomicU64::new(1),
+        };
+        tokio::spawn(read_messages(
+            stdout,
+            Arc::clone(&conn_cell),
+            Arc::clone(&early),
+            out.clone(),
+        ));
+        tokio::spawn(read_stderr(stderr, Arc::clone(&conn_cell)));
+        {
+            let early = Arc::clone(&early);
+            tokio::task::spawn_blocking(move || {
+                let status: Option<ExitStatus> = exit_rx.recv().ok();
+                tracing::info!(?status, "ACP agent exited");
+                let _ = dead_tx.send(true);
+                for (_, tx) in early.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+                    let _ = tx.send(Err(json!({"code": -32000, "message": "the agent exited"})));
+                }
+            });
+        }
+        let init = boot
+            .request(
+                "initialize",
+                json!({
+                    "protocolVersion": PROTOCOL_VERSION,
+                    "clientCapabilities": {"fs": {"readTextFile": false, "writeTextFile": false}, "terminal": false},
+                    "clientInfo": {"name": "agentbox-runner", "version": env!("CARGO_PKG_VERSION")},
+                }),
+                &dead,
+            )
+            .await;
+        let fail = |what: &str, e: Value| {
+            process.stop(ExitReason::Error, Duration::ZERO);
+            Error::Internal(format!("the ACP agent failed {what}: {e}"))
+        };
+        let init = init.map_err(|e| fail("initialize", e))?;
+        tracing::debug!(%init, "ACP agent initialized");
+        let new_session = boot
+            .request(
+                "session/new",
+                json!({"cwd": launch.cwd.display().to_string(), "mcpServers": []}),
+                &dead,
+            )
+            .await
+            .map_err(|e| fail("session/new", e))?;
+        let Some(acp_session) = new_session
+            .get("sessionId")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
+            return Err(fail("session/new", json!("no sessionId")));
+        };
+        session.record(
+            Sender::Runner,
+            None,
+            session_event::AGENT,
+            serde_json::to_value(AgentEvent {
+                name: Some("acp_session".into()),
+                data: json!({"initialize": init, "session": new_session}),
+            })
+            .unwrap_or_default(),
+        );
+        let conn = Arc::new(Conn {
+            launch: launch.clone(),
+            out,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(boot.next_id.load(Ordering::SeqCst)),
+            acp_session,
+            new_session,
+            turn: Mutex::new(None),
+            session: Arc::clone(session),
+            process,
+            dead,
+        });
+        // From here on the connection's own table answers responses.
+        *conn_cell.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&conn));
+        Ok(conn)
+    }
+
+    fn kill(&self) {
+        self.process.stop(ExitReason::Canceled, Duration::ZERO);
+    }
+
+    fn turn(&self) -> Option<Arc<TurnSink>> {
+        self.turn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn send(&self, message: &Value) {
+        let mut line = message.to_string();
+        line.push('\n');
+        let _ = self.out.send(line);
+    }
+
+    async fn request(&self, method: &str, params: Value) -> Reply {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        self.send(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}));
+        let mut dead = self.dead.clone();
+        tokio::select! {
+            r = rx => r.unwrap_or_else(|_| Err(json!({"code": -32000, "message": "no answer"}))),
+            _ = dead.wait_for(|d| *d) => Err(json!({"code": -32000, "message": "the agent exited"})),
+        }
+    }
+
+    fn respond(&self, id: &Value, result: Value) {
+        self.send(&json!({"jsonrpc": "2.0", "id": id, "result": result}));
+    }
+
+    fn handle(&self, message: Value, raw: &str) {
+        let method = message.get("method").and_then(Value::as_str);
+        let id = message.get("id").cloned();
+        match (method, id) {
+            (Some("session/update"), None) => {
+                let update = message
+                    .get("params")
+                    .and_then(|p| p.get("update"))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                let event = AgentEvent {
+                    name: update
+                        .get("sessionUpdate")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
+                    data: update,
+                };
+                match self.turn() {
+                    Some(turn) => {
+                        turn.log.append(|b| b.event(session_event::AGENT, &event));
+                    }
+                    None => self.session.record(
+                        Sender::Agent,
+                        None,
+                        session_event::AGENT,
+                        serde_json::to_value(&event).unwrap_or_default(),
+                    ),
+                }
+            }
+            (Some("session/request_permission"), Some(id)) => match self.turn() {
+                Some(turn) => {
+                    let params = message.get("params").cloned().unwrap_or(Value::Null);
+                    let tool_call = params.get("toolCall").cloned().unwrap_or(Value::Null);
+                    let options = params
+                        .get("options")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default();
+                    let n = turn.next_ask.fetch_add(1, Ordering::SeqCst) + 1;
+                    let pid = format!("acp-{n}");
+                    turn.asks().insert(pid.clone(), (id, options));
+                    turn.external.inject(&json!({
+                        "type": "permission_request",
+                        "id": pid,
+                        "title": tool_call.get("title").cloned().unwrap_or(Value::Null),
+                        "toolCall": tool_call,
+                    }));
+                }
+                None => self.respond(&id, json!({"outcome": {"outcome": "cancelled"}})),
+            },
+            (Some(other), Some(id)) => {
+                self.send(&json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": format!("method not found: {other}")}}));
+            }
+            (Some(_), None) => {}
+            (None, Some(id)) => {
+                let Some(n) = id.as_u64() else {
+                    return self.protocol_error("a response with an unknown id", raw);
+                };
+                let tx = self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&n);
+                if let Some(tx) = tx {
+                    let reply = match message.get("error") {
+                        Some(e) => Err(e.clone()),
+                        None => Ok(message.get("result").cloned().unwrap_or(Value::Null)),
+                    };
+                    let _ = tx.send(reply);
+                }
+            }
+            (None, None) => self.protocol_error("neither a request nor a response", raw),
+        }
+    }
+
+    fn protocol_error(&self, message: &str, raw: &str) {
+        match self.turn() {
+            Some(turn) => turn
+                .external
+                .protocol_error(format!("ACP: {message}"), raw.as_bytes()),
+            None => tracing::debug!(%message, "ACP protocol error outside a turn"),
+        }
+    }
+
+    /// Answers a permission request of the turn with the option matching `reply`.
+    fn answer(&self, turn: &TurnSink, line: &str) {
+        let Ok(reply) = serde_json::from_str::<Value>(line) else {
+            return;
+        };
+        let (Some(pid), Some(reply)) = (
+            reply.get("id").and_then(Value::as_str),
+            reply.get("reply").and_then(Value::as_str),
+        ) else {
+            return;
+        };
+        let Some((id, options)) = turn.asks().remove(pid) else {
+            return;
+        };
+        let wanted: &[&str] = match reply {
+            "once" => &["allow_once", "allow_always"],
+            "always" => &["allow_always", "allow_once"],
+            _ => &["reject_once", "reject_always"],
+        };
+        let chosen = wanted.iter().find_map(|kind| {
+            options
+                .iter()
+                .find(|o| o.get("kind").and_then(Value::as_str) == Some(kind))
+                .and_then(|o| o.get("optionId").cloned())
+        });
+        let outcome = match chosen {
+            Some(option_id) => json!({"outcome": "selected", "optionId": option_id}),
+            None => json!({"outcome": "cancelled"}),
+        };
+        self.respond(&id, json!({ "outcome": outcome }));
+    }
+}
+
+/// Sends requests before the connection is complete (`initialize`, `session/new`).
+struct Boot {
+    out: mpsc::UnboundedSender<String>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
+    next_id: AtomicU64,
+}
+
+impl Boot {
+    async fn request(&self, method: &str, params: Value, dead: &watch::Receiver<bool>) -> Reply {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let mut line =
+            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+        line.push('\n');
+        let _ = self.out.send(line);
+        let mut dead = dead.clone();
+        tokio::select! {
+            r = rx => r.unwrap_or_else(|_| Err(json!("no answer"))),
+            _ = dead.wait_for(|d| *d) => Err(json!("the agent exited")),
+            _ = tokio::time::sleep(STARTUP) => Err(json!(format!("no answer within {STARTUP:?}"))),
+        }
+    }
+}
+
+async fn write_out(
+    mut pipe: tokio::net::unix::pipe::Sender,
+    mut rx: mpsc::UnboundedReceiver<String>,
+) {
+    while let Some(line) = rx.recv().await {
+        if pipe.write_all(line.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_messages(
+    stdout: tokio::net::unix::pipe::Receiver,
+    conn: Arc<Mutex<Option<Arc<Conn>>>>,
+    early: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
+    out: mpsc::UnboundedSender<String>,
+) {
+    let mut lines = BufReader::new(stdout).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let current = conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let message: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(c) = &current {
+                    c.protocol_error(&format!("not JSON: {e}"), &line);
+                }
+                continue;
+            }
+        };
+        // Responses to the start-up requests.
+        if message.get("method").is_none() {
+            if let Some(n) = message.get("id").and_then(Value::as_u64) {
+                let tx = early.lock().unwrap_or_else(|p| p.into_inner()).remove(&n);
+                if let Some(tx) = tx {
+                    let reply = match message.get("error") {
+                        Some(e) => Err(e.clone()),
+                        None => Ok(message.get("result").cloned().unwrap_or(Value::Null)),
+                    };
+                    let _ = tx.send(reply);
+                    continue;
+                }
+            }
+        }
+        match current {
+            Some(c) => c.handle(message, &line),
+            None => {
+                if let Some(id) = message
+                    .get("id")
+                    .filter(|_| message.get("method").is_some())
+                {
+                    let mut reply = json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32000, "message": "not ready"}}).to_string();
+                    reply.push('\n');
+                    let _ = out.send(reply);
+                }
+            }
+        }
+    }
+}
+
+async fn read_stderr(
+    stderr: tokio::net::unix::pipe::Receiver,
+    conn: Arc<Mutex<Option<Arc<Conn>>>>,
+) {
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let current = conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match current.and_then(|c| c.turn()) {
+            Some(turn) => {
+                turn.log
+                    .append(|b| b.log(Stream::Stderr, line.as_bytes(), false));
+            }
+            None => tracing::debug!(%line, "ACP agent stderr"),
+        }
+    }
+}
+
+/// One prompt turn: the work of an invoke of an ACP agent.
+#[derive(Debug)]
+pub struct Turn {
+    /// The registry.
+    pub agents: Arc<AcpAgents>,
+    /// The reaper (to start the agent).
+    pub reaper: Arc<Reaper>,
+    /// The session, already claimed in `setup`.
+    pub session: Arc<Session>,
+    /// The permission channel setup, holding the session's claim.
+    pub setup: AgentSetup,
+    /// How to start the agent.
+    pub launch: Launch,
+    /// The prompt text.
+    pub prompt: String,
+    /// Time between `session/cancel` and killing the agent.
+    pub grace: Duration,
+    /// The runtime (the turn runs on an invoke's own thread).
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl Turn {
+    /// Runs the turn to its end (blocking the invoke's thread), journaling into `log`.
+    pub fn run(self, invoke_id: &InvokeId, process: &Arc<Process>, log: &Arc<EventLog>) -> Outcome {
+        let started = Instant::now();
+        let runtime = self.runtime.clone();
+        let code = runtime.block_on(self.run_async(invoke_id, process, log));
+        Outcome {
+            status: Ok(ExitStatus { code, signal: None }),
+            duration: started.elapsed(),
+            stop_reason: process.stop_reason(),
+        }
+    }
+
+    async fn run_async(
+        self,
+        invoke_id: &InvokeId,
+        process: &Arc<Process>,
+        log: &Arc<EventLog>,
+    ) -> i32 {
+        let (external, mut replies) = self.setup.open_external(invoke_id, log);
+        let conn = match self
+            .agents
+            .get_or_start(&self.session, &self.launch, &self.reaper)
+            .await
+        {
+            Ok(conn) => conn,
+            Err(e) => {
+                log.append(|b| {
+                    b.event(
+                        event::ERROR,
+                        &ErrorEvent {
+                            phase: Some("acp".into()),
+                            message: e.to_string(),
+                        },
+                    )
+                });
+                external.close();
+                return 1;
+            }
+        };
+        let sink = Arc::new(TurnSink {
+            log: Arc::clone(log),
+            external,
+            asks: Mutex::new(HashMap::new()),
+            next_ask: AtomicU64::new(0),
+        });
+        *conn.turn.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&sink));
+        let prompt = json!({
+            "sessionId": conn.acp_session,
+            "prompt": [{"type": "text", "text": self.prompt}],
+        });
+        let request = conn.request("session/prompt", prompt);
+        tokio::pin!(request);
+        let mut cancel_at: Option<tokio::time::Instant> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let answer = loop {
+            tokio::select! {
+                answer = &mut request => break Some(answer),
+                Some(line) = replies.recv() => conn.answer(&sink, &line),
+                _ = tick.tick() => {
+                    match cancel_at {
+                        None if process.stop_reason().is_some() => {
+                            conn.send(&json!({"jsonrpc": "2.0", "method": "session/cancel", "params": {"sessionId": conn.acp_session}}));
+                            // A cancel answers every open permission request `cancelled`.
+                            let open: Vec<(Value, Vec<Value>)> = sink.asks().drain().map(|(_, v)| v).collect();
+                            for (id, _) in open {
+                                conn.respond(&id, json!({"outcome": {"outcome": "cancelled"}}));
+                            }
+                            cancel_at = Some(tokio::time::Instant::now() + self.grace);
+                        }
+                        Some(at) if tokio::time::Instant::now() >= at => break None,
+                        _ => {}
+                    }
+                }
+            }
+        };
+        *conn.turn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let open: Vec<(Value, Vec<Value>)> = sink.asks().drain().map(|(_, v)| v).collect();
+        for (id, _) in open {
+            conn.respond(&id, json!({"outcome": {"outcome": "cancelled"}}));
+        }
+        let code = match answer {
+            Some(Ok(result)) => {
+                log.append(|b| {
+                    b.event(
+                        session_event::AGENT,
+                        &AgentEvent {
+                            name: Some("prompt_response".into()),
+                            data: result,
+                        },
+                    )
+                });
+                0
+            }
+            Some(Err(e)) => {
+                log.append(|b| {
+                    b.event(
+                        event::ERROR,
+                        &ErrorEvent {
+                            phase: Some("acp".into()),
+                            message: format!("session/prompt failed: {e}"),
+                        },
+                    )
+                });
+                1
+            }
+            None => {
+                // The agent did not end the turn within the grace period: kill its tree.
+                self.agents.stop(&self.session.id()).await;
+                let mut dead = conn.dead.clone();
+                let _ = tokio::time::timeout(Duration::from_secs(5), dead.wait_for(|d| *d)).await;
+                137
+            }
+        };
+        sink.external.close();
+        code
+    }
+}

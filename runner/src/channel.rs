@@ -1,0 +1,524 @@
+//! The agent channel: two extra file descriptors every invoked entrypoint gets, named in its
+//! environment, carrying JSON lines.
+//!
+//! - `AGENTBOX_EVENTS_FD` (agent → runner): `{"type":"event","name":..,"data":..}` becomes an
+//!   `agent` event; `{"type":"permission_request","id":..,"title":..,"toolCall":{..}}` becomes a
+//!   `permission` event and a pending request. Anything else is recorded as `protocol_error`
+//!   and skipped.
+//! - `AGENTBOX_REPLIES_FD` (runner → agent): `{"type":"permission_reply","id":..,"reply":..}`.
+//!
+//! A request is answered by a client (`POST .../permissions/{id}`), by the runner when an
+//! earlier `always` covers its tool kind (`toolCall.kind`, or `other` without one; remembered
+//! per session, or per invoke outside a session), or by the runner with `reject` once
+//! `--permission-timeout` passes. Every answer is journaled as `permission_reply`.
+//!
+//! Both descriptors are pipes created close-on-exec; only the spawn of this invoke's entrypoint
+//! clears the flag (see [`crate::supervisor`]), and the runner's ends are read and written by
+//! Tokio tasks, never by the output pump.
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use agentbox_proto::{
+    session_event, valid_permission_id, AgentEvent, InvokeId, PermissionEvent, PermissionReply,
+    PermissionReplyEvent, PermissionReplyResponse, ProtocolErrorEvent, ReplyOrigin,
+};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result};
+use crate::journal::EventLog;
+use crate::session::{Claim, Session};
+use crate::supervisor::Process;
+
+/// Longest line accepted from the agent.
+const MAX_LINE: usize = 1 << 20;
+/// How much of a bad line a `protocol_error` event quotes.
+const QUOTE: usize = 1 << 10;
+/// After the process is gone, how long to wait for the events pipe to close.
+const DRAIN: Duration = Duration::from_millis(500);
+
+/// The open channels, by invoke.
+#[derive(Debug)]
+pub struct Permissions {
+    map: Mutex<HashMap<InvokeId, Arc<Channel>>>,
+    timeout: Duration,
+}
+
+impl Permissions {
+    /// A registry whose requests time out after `timeout`.
+    pub fn new(timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            map: Mutex::new(HashMap::new()),
+            timeout,
+        })
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<InvokeId, Arc<Channel>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers request `permission_id` of the running invoke `invoke_id`.
+    pub fn answer(
+        &self,
+        invoke_id: &str,
+        permission_id: &str,
+        reply: PermissionReply,
+    ) -> Result<PermissionReplyResponse> {
+        let channel = self
+            .map()
+            .get(&InvokeId(invoke_id.to_owned()))
+            .cloned()
+            .ok_or_else(|| {
+                Error::PermissionNotFound(format!(
+                    "no permission request {permission_id:?}: invoke {invoke_id:?} is not running"
+                ))
+            })?;
+        channel.answer(permission_id, reply, ReplyOrigin::Client)?;
+        Ok(PermissionReplyResponse {
+            permission_id: permission_id.to_owned(),
+            invoke_id: channel.invoke_id.clone(),
+            reply,
+        })
+    }
+}
+
+/// What an invoke needs to open its channel.
+#[derive(Debug)]
+pub struct AgentSetup {
+    /// The registry.
+    pub permissions: Arc<Permissions>,
+    /// The session the invoke runs in, taken for it.
+    pub session: Option<Claim>,
+}
+
+/// A channel opened for an invoke that is about to be spawned.
+#[derive(Debug)]
+pub struct Opened {
+    /// Environment for the child.
+    pub env: Vec<(String, String)>,
+    /// The child's ends, inherited by the entrypoint only.
+    pub child_fds: Vec<OwnedFd>,
+    events: OwnedFd,
+    replies: OwnedFd,
+    channel: Arc<Channel>,
+    replies_rx: mpsc::UnboundedReceiver<String>,
+    permissions: Arc<Permissions>,
+}
+
+impl AgentSetup {
+    /// Creates the pipes and, in a session, mirrors the invoke's journal into its history.
+    pub fn open(self, invoke_id: &InvokeId, log: &Arc<EventLog>) -> Result<Opened> {
+        let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+        let (events_r, events_w) = nix::unistd::pipe2(cloexec)
+            .map_err(|e| Error::Internal(format!("cannot create the events pipe: {e}")))?;
+        let (replies_r, replies_w) = nix::unistd::pipe2(cloexec)
+            .map_err(|e| Error::Internal(format!("cannot create the replies pipe: {e}")))?;
+        let mut env = vec![
+            (
+                "AGENTBOX_EVENTS_FD".to_owned(),
+                events_w.as_raw_fd().to_string(),
+            ),
+            (
+                "AGENTBOX_REPLIES_FD".to_owned(),
+                replies_r.as_raw_fd().to_string(),
+            ),
+        ];
+        if let Some(claim) = &self.session {
+            let session = claim.session();
+            claim.set_invoke(invoke_id);
+            env.push(("AGENTBOX_SESSION_ID".into(), session.id()));
+            env.push((
+                "AGENTBOX_SESSION_DIR".into(),
+                session.files_dir().display().to_string(),
+            ));
+            log.set_mirror(session.mirror_for(invoke_id.clone()));
+        }
+        let (tx, replies_rx) = mpsc::unbounded_channel();
+        let channel = Arc::new(Channel {
+            invoke_id: invoke_id.clone(),
+            log: Arc::clone(log),
+            replies: tx,
+            pending: Mutex::new(HashMap::new()),
+            always_local: Mutex::new(BTreeSet::new()),
+            timeout: self.permissions.timeout,
+            claim: Mutex::new(self.session),
+        });
+        Ok(Opened {
+            env,
+            child_fds: vec![events_w, replies_r],
+            events: events_r,
+            replies: replies_w,
+            channel,
+            replies_rx,
+            permissions: self.permissions,
+        })
+    }
+}
+
+impl Opened {
+    /// Starts serving the runner's ends (call inside the runtime, after taking
+    /// [`Opened::child_fds`]). The returned [`Drained`] tells when no agent line is left.
+    pub fn start(self, process: Arc<Process>) -> Drained {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        self.permissions
+            .map()
+            .insert(self.channel.invoke_id.clone(), Arc::clone(&self.channel));
+        tokio::spawn(write_replies(self.replies, self.replies_rx));
+        let channel = self.channel;
+        let permissions = self.permissions;
+        let events = self.events;
+        tokio::spawn(async move {
+            read_events(&channel, events, &process).await;
+            permissions.map().remove(&channel.invoke_id);
+            // The session is free before the invoke's `exit` is written.
+            drop(
+                channel
+                    .claim
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take(),
+            );
+            let _ = done_tx.send(());
+        });
+        Drained(done_rx)
+    }
+}
+
+impl AgentSetup {
+    /// A channel fed by the runner itself rather than by descriptors (an ACP agent's
+    /// permission requests): registered for replies, in the session when there is one. The
+    /// receiver yields the `permission_reply` lines that would go to `AGENTBOX_REPLIES_FD`.
+    pub fn open_external(
+        self,
+        invoke_id: &InvokeId,
+        log: &Arc<EventLog>,
+    ) -> (External, mpsc::UnboundedReceiver<String>) {
+        if let Some(claim) = &self.session {
+            claim.set_invoke(invoke_id);
+            log.set_mirror(claim.session().mirror_for(invoke_id.clone()));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let channel = Arc::new(Channel {
+            invoke_id: invoke_id.clone(),
+            log: Arc::clone(log),
+            replies: tx,
+            pending: Mutex::new(HashMap::new()),
+            always_local: Mutex::new(BTreeSet::new()),
+            timeout: self.permissions.timeout,
+            claim: Mutex::new(self.session),
+        });
+        self.permissions
+            .map()
+            .insert(invoke_id.clone(), Arc::clone(&channel));
+        (
+            External {
+                channel,
+                permissions: self.permissions,
+            },
+            rx,
+        )
+    }
+}
+
+/// A channel opened with [`AgentSetup::open_external`].
+#[derive(Debug)]
+pub struct External {
+    channel: Arc<Channel>,
+    permissions: Arc<Permissions>,
+}
+
+impl External {
+    /// Handles one message as if the agent had written it (`permission_request`, `event`).
+    pub fn inject(&self, message: &Value) {
+        self.channel.handle_line(message.to_string().as_bytes());
+    }
+
+    /// Records a `protocol_error`.
+    pub fn protocol_error(&self, message: String, line: &[u8]) {
+        self.channel.protocol_error(message, line);
+    }
+
+    /// Unregisters the channel and frees the session (before the invoke's `exit`).
+    pub fn close(&self) {
+        self.permissions.map().remove(&self.channel.invoke_id);
+        drop(
+            self.channel
+                .claim
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+    }
+}
+
+/// Signals that the agent's events are all journaled.
+#[derive(Debug)]
+pub struct Drained(std::sync::mpsc::Receiver<()>);
+
+impl Drained {
+    /// Blocks (on the invoke's own thread) until drained, at most `limit`.
+    pub fn wait(&self, limit: Duration) {
+        let _ = self.0.recv_timeout(limit);
+    }
+}
+
+#[derive(Debug)]
+enum Pending {
+    Waiting { kind: String },
+    Answered,
+}
+
+/// One invoke's channel.
+#[derive(Debug)]
+struct Channel {
+    invoke_id: InvokeId,
+    log: Arc<EventLog>,
+    replies: mpsc::UnboundedSender<String>,
+    pending: Mutex<HashMap<String, Pending>>,
+    always_local: Mutex<BTreeSet<String>>,
+    timeout: Duration,
+    claim: Mutex<Option<Claim>>,
+}
+
+impl Channel {
+    fn session(&self) -> Option<Arc<Session>> {
+        self.claim
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| Arc::clone(c.session()))
+    }
+
+    fn pending(&self) -> MutexGuard<'_, HashMap<String, Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn protocol_error(&self, message: String, line: &[u8]) {
+        let mut quoted = String::from_utf8_lossy(&line[..line.len().min(QUOTE)]).into_owned();
+        quoted.truncate(QUOTE);
+        tracing::debug!(invoke = %self.invoke_id, %message, "agent protocol error");
+        self.log.append(|b| {
+            b.event(
+                session_event::PROTOCOL_ERROR,
+                &ProtocolErrorEvent {
+                    message,
+                    line: quoted,
+                },
+            )
+        });
+    }
+
+    fn handle_line(self: &Arc<Self>, line: &[u8]) {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let value: Value = match serde_json::from_slice(line) {
+            Ok(v) => v,
+            Err(e) => return self.protocol_error(format!("not JSON: {e}"), line),
+        };
+        match value.get("type").and_then(Value::as_str) {
+            Some("event") => {
+                let event = AgentEvent {
+                    name: value.get("name").and_then(Value::as_str).map(str::to_owned),
+                    data: value.get("data").cloned().unwrap_or(Value::Null),
+                };
+                self.log.append(|b| b.event(session_event::AGENT, &event));
+            }
+            Some("permission_request") => self.request(&value, line),
+            Some(other) => {
+                self.protocol_error(format!("unknown message type {other:?}"), line);
+            }
+            None => self.protocol_error("a message needs a string \"type\"".into(), line),
+        }
+    }
+
+    fn request(self: &Arc<Self>, value: &Value, line: &[u8]) {
+        let Some(id) = value
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| valid_permission_id(id))
+        else {
+            return self.protocol_error(
+                "permission_request needs an \"id\" of 1 to 128 of A-Z a-z 0-9 . _ -".into(),
+                line,
+            );
+        };
+        let tool_call = value.get("toolCall").cloned().unwrap_or(Value::Null);
+        let kind = tool_call
+            .get("kind")
+            .and_then(Value::as_str)
+            .filter(|k| !k.is_empty() && k.len() <= 64)
+            .unwrap_or("other")
+            .to_owned();
+        {
+            let mut pending = self.pending();
+            if pending.contains_key(id) {
+                drop(pending);
+                return self.protocol_error(format!("permission id {id:?} was already used"), line);
+            }
+            pending.insert(id.to_owned(), Pending::Waiting { kind: kind.clone() });
+        }
+        let event = PermissionEvent {
+            permission_id: id.to_owned(),
+            title: value
+                .get("title")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            tool_call,
+            tool_kind: kind.clone(),
+            available_replies: vec![
+                PermissionReply::Once,
+                PermissionReply::Always,
+                PermissionReply::Reject,
+            ],
+        };
+        self.log
+            .append(|b| b.event(session_event::PERMISSION, &event));
+        let always = match self.session() {
+            Some(session) => session.allows_always(&kind),
+            None => self
+                .always_local
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&kind),
+        };
+        if always {
+            let _ = self.answer(id, PermissionReply::Always, ReplyOrigin::Always);
+            return;
+        }
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let id = id.to_owned();
+        let timeout = self.timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(channel) = weak.upgrade() {
+                let _ = channel.answer(&id, PermissionReply::Reject, ReplyOrigin::Timeout);
+            }
+        });
+    }
+
+    fn answer(&self, id: &str, reply: PermissionReply, by: ReplyOrigin) -> Result<()> {
+        let kind = {
+            let mut pending = self.pending();
+            let kind = match pending.get(id) {
+                None => {
+                    return Err(Error::PermissionNotFound(format!(
+                        "invoke {} has no permission request {id:?}",
+                        self.invoke_id
+                    )))
+                }
+                Some(Pending::Answered) => {
+                    return Err(Error::PermissionAnswered(format!(
+                        "permission request {id:?} was already answered"
+                    )))
+                }
+                Some(Pending::Waiting { kind }) => kind.clone(),
+            };
+            pending.insert(id.to_owned(), Pending::Answered);
+            kind
+        };
+        if reply == PermissionReply::Always {
+            match self.session() {
+                Some(session) => session.allow_always(&kind),
+                None => {
+                    self.always_local
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(kind);
+                }
+            }
+        }
+        self.log.append(|b| {
+            b.event(
+                session_event::PERMISSION_REPLY,
+                &PermissionReplyEvent {
+                    permission_id: id.to_owned(),
+                    reply,
+                    by,
+                },
+            )
+        });
+        let mut line = json!({"type": "permission_reply", "id": id, "reply": reply}).to_string();
+        line.push('\n');
+        let _ = self.replies.send(line);
+        Ok(())
+    }
+}
+
+async fn write_replies(fd: OwnedFd, mut rx: mpsc::UnboundedReceiver<String>) {
+    let Ok(mut pipe) = tokio::net::unix::pipe::Sender::from_owned_fd(fd) else {
+        return;
+    };
+    while let Some(line) = rx.recv().await {
+        // The agent closed its end or exited: the rest has nobody to go to.
+        if pipe.write_all(line.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads agent lines until the pipe closes, or shortly after the process is gone.
+async fn read_events(channel: &Arc<Channel>, fd: OwnedFd, process: &Process) {
+    let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+        return;
+    };
+    let mut line: Vec<u8> = Vec::new();
+    let mut skipping = false;
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let read = match deadline {
+            None => tokio::select! {
+                r = pipe.read(&mut chunk) => r,
+                _ = process.wait_done() => {
+                    deadline = Some(tokio::time::Instant::now() + DRAIN);
+                    continue;
+                }
+            },
+            Some(at) => match tokio::time::timeout_at(at, pipe.read(&mut chunk)).await {
+                Ok(r) => r,
+                Err(_) => break,
+            },
+        };
+        let n = match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut data = &chunk[..n];
+        while !data.is_empty() {
+            match memchr::memchr(b'\n', data) {
+                Some(nl) => {
+                    if skipping {
+                        skipping = false;
+                    } else {
+                        line.extend_from_slice(&data[..nl]);
+                        channel.handle_line(&line);
+                    }
+                    line.clear();
+                    data = &data[nl + 1..];
+                }
+                None => {
+                    if !skipping {
+                        line.extend_from_slice(data);
+                        if line.len() > MAX_LINE {
+                            channel.protocol_error(
+                                format!("a line is longer than {MAX_LINE} bytes; skipped"),
+                                &line,
+                            );
+                            line.clear();
+                            skipping = true;
+                        }
+                    }
+                    data = &[];
+                }
+            }
+        }
+    }
+    if !skipping && !line.is_empty() {
+        channel.handle_line(&line);
+    }
+}

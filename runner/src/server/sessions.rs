@@ -1,0 +1,298 @@
+//! Routes of sessions and permission replies: `/v1/sessions...` and
+//! `/v1/invokes/{id}/permissions/{pid}`. The domain is in [`crate::session`] and
+//! [`crate::channel`].
+
+use std::sync::Arc;
+
+use agentbox_proto::{
+    session_event, CreateSessionRequest, PermissionReplyRequest, PermissionReplyResponse,
+    PromptEvent, Sender, SessionEvent, SessionEventPage, SessionInfo, SessionList,
+};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::{query, read_json, sse_response};
+use crate::acp::{Launch, Turn};
+use crate::channel::AgentSetup;
+use crate::error::{Error, Result};
+use crate::sse;
+use crate::AppState;
+
+/// Default and largest page size.
+const PAGE: u64 = 100;
+const MAX_PAGE: u64 = 1000;
+
+/// The routes (authenticated by the caller's layer).
+pub(super) fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/sessions", post(create).get(list))
+        .route("/v1/sessions/{id}", get(get_one).delete(delete))
+        .route("/v1/sessions/{id}/events", get(events))
+        .route("/v1/sessions/{id}/config", axum::routing::put(set_config))
+        .route(
+            "/v1/sessions/{id}/permissions/{pid}",
+            post(reply_in_session),
+        )
+        .route("/v1/invokes/{id}/permissions/{pid}", post(reply_in_invoke))
+}
+
+/// The agent channel of an invoke, in session `session` when one is named: claims the session
+/// (409 while another invoke runs in it) and records the prompt in its history.
+pub(super) fn agent_setup(
+    app: &AppState,
+    session: Option<&str>,
+    prompt: Option<&str>,
+) -> Result<AgentSetup> {
+    let claim = match session {
+        None => None,
+        Some(id) => {
+            let claim = app.sessions.get(id)?.claim()?;
+            if let Some(text) = prompt {
+                let data = serde_json::to_value(PromptEvent {
+                    text: text.to_owned(),
+                })
+                .unwrap_or_default();
+                claim
+                    .session()
+                    .record(Sender::Client, None, session_event::PROMPT, data);
+            }
+            Some(claim)
+        }
+    };
+    Ok(AgentSetup {
+        permissions: Arc::clone(&app.permissions),
+        session: claim,
+    })
+}
+
+fn launch(
+    app: &AppState,
+    argv: &[String],
+    env: &std::collections::BTreeMap<String, String>,
+) -> Launch {
+    let mut full = app.cfg.base_env.clone();
+    full.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    full.push((
+        "AGENTBOX_WORKSPACE".into(),
+        app.cfg.workspace.display().to_string(),
+    ));
+    Launch {
+        argv: argv.to_vec(),
+        env: full,
+        cwd: app.cfg.workspace.clone(),
+    }
+}
+
+/// The prompt turn of an invoke of an ACP agent: `?prompt=`, or else the body, is the prompt.
+pub(super) async fn acp_turn(
+    app: &Arc<AppState>,
+    env: &std::collections::BTreeMap<String, String>,
+    argv: &[String],
+    agent: AgentSetup,
+    prompt: Option<String>,
+    body: Body,
+) -> Result<Turn> {
+    let Some(session) = agent.session.as_ref().map(|c| Arc::clone(c.session())) else {
+        return Err(Error::InvalidRequest(
+            "the entrypoint is an ACP agent, which runs in a session: \
+             pass ?session=ID (create one with POST /v1/sessions)"
+                .into(),
+        ));
+    };
+    let text = match prompt {
+        Some(text) => text,
+        None => {
+            let bytes = axum::body::to_bytes(body, 16 << 20)
+                .await
+                .map_err(|e| Error::InvalidRequest(format!("cannot read the prompt: {e}")))?;
+            let text = String::from_utf8(bytes.to_vec())
+                .map_err(|_| Error::InvalidRequest("an ACP prompt must be UTF-8 text".into()))?;
+            let data = serde_json::to_value(PromptEvent { text: text.clone() }).unwrap_or_default();
+            session.record(Sender::Client, None, session_event::PROMPT, data);
+            text
+        }
+    };
+    Ok(Turn {
+        agents: Arc::clone(&app.acp),
+        reaper: Arc::clone(&app.reaper),
+        session,
+        setup: agent,
+        launch: launch(app, argv, env),
+        prompt: text,
+        grace: app.cfg.grace,
+        runtime: tokio::runtime::Handle::current(),
+    })
+}
+
+/// `PUT /v1/sessions/{id}/config`: mode, model and config options of an ACP agent's session.
+async fn set_config(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<serde_json::Value>> {
+    let req: agentbox_proto::SessionConfigRequest = read_json(body, 1 << 20).await?;
+    let session = app.sessions.get(&id)?;
+    let stored = app.store.get();
+    let (Some(entrypoint), Some(agentbox_proto::AgentProtocol::Acp)) =
+        (stored.entrypoint, stored.protocol)
+    else {
+        return Err(Error::InvalidRequest(
+            "only an ACP agent (configure with \"protocol\": \"acp\") has session config".into(),
+        ));
+    };
+    let argv = app.jail.map_argv(&entrypoint);
+    let launch = launch(&app, &argv, &stored.env);
+    Ok(Json(
+        app.acp
+            .configure(&session, &launch, &app.reaper, req)
+            .await?,
+    ))
+}
+
+async fn create(State(app): State<Arc<AppState>>, body: Body) -> Result<Response> {
+    let req: CreateSessionRequest = read_json(body, 1 << 20).await?;
+    let session = app.sessions.create(req.id, req.metadata)?;
+    Ok((StatusCode::CREATED, Json(session.info())).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    offset: Option<u64>,
+    limit: Option<u64>,
+}
+
+fn page_of(uri: &Uri) -> Result<(u64, u64)> {
+    let q: PageQuery = query(uri)?;
+    let limit = q.limit.unwrap_or(PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(Error::InvalidRequest(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    Ok((q.offset.unwrap_or(0), limit))
+}
+
+async fn list(State(app): State<Arc<AppState>>, uri: Uri) -> Result<Json<SessionList>> {
+    let (offset, limit) = page_of(&uri)?;
+    let all = app.sessions.list();
+    let items: Vec<SessionInfo> = all
+        .iter()
+        .skip(offset.min(usize::MAX as u64) as usize)
+        .take(limit as usize)
+        .map(|s| s.info())
+        .collect();
+    let next = offset + items.len() as u64;
+    Ok(Json(SessionList {
+        items,
+        next_offset: ((next as usize) < all.len()).then_some(next),
+    }))
+}
+
+async fn get_one(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionInfo>> {
+    Ok(Json(app.sessions.get(&id)?.info()))
+}
+
+async fn delete(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Result<StatusCode> {
+    app.sessions.delete(&id)?;
+    app.acp.stop(&id).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The history: a JSON page by default, a live SSE stream with `Accept: text/event-stream`
+/// (from `Last-Event-ID`, or `?offset=`).
+async fn events(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response> {
+    let (offset, limit) = page_of(&uri)?;
+    let session = app.sessions.get(&id)?;
+    let wants_sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    let after = match headers.get("last-event-id") {
+        Some(v) if wants_sse => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| Error::InvalidRequest("Last-Event-ID must be an event id".into()))?,
+        _ => offset,
+    };
+    let opened = Arc::clone(&session);
+    let (log, mut sub) = tokio::task::spawn_blocking(move || {
+        let log = opened.log()?;
+        let sub = log.subscribe(after)?;
+        Ok::<_, std::io::Error>((log, sub))
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))??;
+    if wants_sse {
+        return Ok(sse_response(sub, None, app.cfg.keepalive));
+    }
+    let end = log.progress().end;
+    let mut items: Vec<SessionEvent> = Vec::new();
+    let mut pending: Vec<u8> = Vec::new();
+    while sub.position() < end && items.len() as u64 <= limit {
+        let Some(chunk) = sub.next().await else {
+            break;
+        };
+        pending.extend_from_slice(&chunk?);
+        let (frames, used) = sse::parse_frames(&pending);
+        for frame in frames {
+            match serde_json::from_str::<SessionEvent>(frame.data) {
+                Ok(event) => items.push(event),
+                Err(e) => {
+                    tracing::warn!(session = %id, error = %e, "skipping a damaged history event")
+                }
+            }
+        }
+        pending.drain(..used);
+    }
+    let has_more = items.len() as u64 > limit;
+    items.truncate(limit as usize);
+    let next_offset = items.last().map_or(after, |e| e.event_index);
+    Ok(Json(SessionEventPage {
+        items,
+        next_offset,
+        has_more,
+    })
+    .into_response())
+}
+
+async fn reply_in_session(
+    State(app): State<Arc<AppState>>,
+    Path((id, pid)): Path<(String, String)>,
+    body: Body,
+) -> Result<Json<PermissionReplyResponse>> {
+    let req: PermissionReplyRequest = read_json(body, 64 << 10).await?;
+    let session = app.sessions.get(&id)?;
+    let invoke = session.running_invoke().ok_or_else(|| {
+        Error::PermissionNotFound(format!(
+            "no permission request {pid:?}: nothing runs in session {id:?}"
+        ))
+    })?;
+    Ok(Json(app.permissions.answer(
+        invoke.as_str(),
+        &pid,
+        req.reply,
+    )?))
+}
+
+async fn reply_in_invoke(
+    State(app): State<Arc<AppState>>,
+    Path((id, pid)): Path<(String, String)>,
+    body: Body,
+) -> Result<Json<PermissionReplyResponse>> {
+    let req: PermissionReplyRequest = read_json(body, 64 << 10).await?;
+    Ok(Json(app.permissions.answer(&id, &pid, req.reply)?))
+}

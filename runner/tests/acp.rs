@@ -1,0 +1,334 @@
+//! ACP agents end to end: the real runner and a test agent built on the official Python SDK
+//! (`pip install agent-client-protocol`; `.ci/run` installs it), so framing, initialization
+//! and capability negotiation are the SDK's, not ours.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{exit_event, parse_sse, read_until, Event, Runner};
+use serde_json::{json, Value};
+
+const AGENT: &str = include_str!("agents/acp_agent.py");
+
+fn require_sdk() {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import acp"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "the ACP tests need the Python SDK: python3 -m pip install agent-client-protocol==0.12.1"
+    );
+}
+
+async fn setup(extra: &[&str]) -> Runner {
+    require_sdk();
+    let r = Runner::start(extra);
+    let (status, body) = r
+        .configure_json(json!({
+            "files": [{"path": "acp_agent.py", "content": AGENT}],
+            "entrypoint": ["python3", "acp_agent.py"],
+            "protocol": "acp",
+        }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let resp = r
+        .post("/v1/sessions")
+        .json(&json!({"id": "a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    r
+}
+
+async fn json_of(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// The text of the agent's message chunks.
+fn said(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.event == "agent" && e.data["name"] == "agent_message_chunk")
+        .map(|e| {
+            e.data["data"]["content"]["text"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+fn stop_reason(events: &[Event]) -> Value {
+    events
+        .iter()
+        .find(|e| e.event == "agent" && e.data["name"] == "prompt_response")
+        .map(|e| e.data["data"]["stopReason"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// "... pid N ..." → N.
+fn pid_in(text: &str) -> String {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let i = words.iter().position(|w| *w == "pid").unwrap();
+    words[i + 1].to_owned()
+}
+
+async fn rest_of(mut resp: reqwest::Response, mut buf: Vec<u8>) -> Vec<Event> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), resp.chunk()).await {
+            Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk),
+            Ok(Ok(None)) => break,
+            other => panic!("stream failed: {other:?}"),
+        }
+    }
+    parse_sse(&buf)
+}
+
+async fn turn_until(
+    r: &Runner,
+    prompt: &str,
+    event: &str,
+) -> (reqwest::Response, Vec<u8>, Vec<Event>) {
+    let mut resp = r
+        .post("/v1/invoke?session=a")
+        .body(prompt.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut buf = Vec::new();
+    let events = read_until(&mut resp, &mut buf, |e| e.event == event).await;
+    (resp, buf, events)
+}
+
+async fn answer(r: &Runner, reply: &str) {
+    let resp = r
+        .post("/v1/sessions/a/permissions/acp-1")
+        .json(&json!({"reply": reply}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acp_prompt_permission_config_and_cancel() {
+    let r = setup(&["--grace", "3s"]).await;
+
+    // Outside a session there is no ACP agent to talk to.
+    let (status, body) = json_of(r.post("/v1/invoke?prompt=x").send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+
+    // A prompt: start, the agent's updates, the prompt's answer, exit.
+    let events = r.invoke_sse("?session=a&prompt=hello", "").await;
+    let texts = said(&events);
+    assert_eq!(texts.len(), 1, "{events:?}");
+    assert!(texts[0].starts_with("echo hello turn 1 pid "), "{texts:?}");
+    let pid = pid_in(&texts[0]);
+    assert_eq!(stop_reason(&events), "end_turn");
+    assert_eq!(events[0].event, "start");
+    let exit = exit_event(&events);
+    assert_eq!(
+        (exit["exitCode"].as_i64(), exit["reason"].as_str()),
+        (Some(0), Some("completed"))
+    );
+
+    // A permission: asked, waited for, and each reply does something different.
+    let (resp, buf, events) = turn_until(&r, "write one", "permission").await;
+    let ask = &events.last().unwrap().data;
+    assert_eq!(ask["permissionId"], "acp-1");
+    assert_eq!(ask["toolKind"], "edit");
+    assert_eq!(ask["title"], "Write acp.txt");
+    assert!(!r.workspace.join("acp.txt").exists());
+    answer(&r, "once").await;
+    let events = rest_of(resp, buf).await;
+    assert_eq!(
+        said(&events),
+        vec![format!("wrote (allow-once) turn 2 pid {pid} mode ask")]
+    );
+    assert_eq!(
+        std::fs::read_to_string(r.workspace.join("acp.txt")).unwrap(),
+        "one\n"
+    );
+
+    let (resp, buf, _) = turn_until(&r, "write two", "permission").await;
+    answer(&r, "reject").await;
+    let events = rest_of(resp, buf).await;
+    assert_eq!(
+        said(&events),
+        vec![format!("refused turn 3 pid {pid} mode ask")]
+    );
+
+    let (resp, buf, _) = turn_until(&r, "write three", "permission").await;
+    answer(&r, "always").await;
+    rest_of(resp, buf).await;
+    // `always` for kind `edit` in this session: the runner answers the next one itself.
+    let events = r.invoke_sse("?session=a", "write four").await;
+    let replies: Vec<&Value> = events
+        .iter()
+        .filter(|e| e.event == "permission_reply")
+        .map(|e| &e.data)
+        .collect();
+    assert_eq!(
+        replies,
+        vec![&json!({"permissionId": "acp-1", "reply": "always", "by": "always"})]
+    );
+    assert_eq!(
+        said(&events),
+        vec![format!("wrote (allow-always) turn 5 pid {pid} mode ask")]
+    );
+    assert_eq!(
+        std::fs::read_to_string(r.workspace.join("acp.txt")).unwrap(),
+        "one\nthree\nfour\n"
+    );
+
+    // Session config: the mode the agent advertised.
+    let resp = r
+        .client
+        .put(r.url("/v1/sessions/a/config"))
+        .bearer_auth(common::TOKEN)
+        .json(&json!({"mode": "yolo"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(resp).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["session"]["modes"]["currentModeId"], "ask");
+    let events = r.invoke_sse("?session=a&prompt=hi", "").await;
+    assert_eq!(
+        said(&events),
+        vec![format!("echo hi turn 6 pid {pid} mode yolo")]
+    );
+
+    // Cancel: session/cancel, the agent ends the turn itself, the process stays.
+    let (resp, buf, events) = turn_until(&r, "wait", "agent").await;
+    let id = events[0].data["invokeId"].as_str().unwrap().to_owned();
+    let cancel = r
+        .post(&format!("/v1/invokes/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 202);
+    let started = std::time::Instant::now();
+    let events = rest_of(resp, buf).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the agent ended the turn"
+    );
+    assert_eq!(stop_reason(&events), "cancelled");
+    assert_eq!(exit_event(&events)["reason"], "canceled");
+    let events = r.invoke_sse("?session=a&prompt=again", "").await;
+    assert_eq!(
+        said(&events),
+        vec![format!("echo again turn 8 pid {pid} mode yolo")]
+    );
+
+    // Everything is in the session's history.
+    let (_, page) = json_of(
+        r.get("/v1/sessions/a/events?limit=1000")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let kinds: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "prompt").count(), 8);
+    assert_eq!(kinds.iter().filter(|k| **k == "exit").count(), 8);
+    assert_eq!(kinds.iter().filter(|k| **k == "permission").count(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acp_agent_that_ignores_cancel_is_killed_after_the_grace() {
+    let r = setup(&["--grace", "500ms"]).await;
+    let events = r.invoke_sse("?session=a&prompt=hello", "").await;
+    let first = pid_in(&said(&events)[0]);
+    let (resp, buf, events) = turn_until(&r, "stuck", "agent").await;
+    let id = events[0].data["invokeId"].as_str().unwrap().to_owned();
+    let cancel = r
+        .post(&format!("/v1/invokes/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 202);
+    let events = rest_of(resp, buf).await;
+    let exit = exit_event(&events);
+    assert_eq!(
+        (exit["exitCode"].as_i64(), exit["reason"].as_str()),
+        (Some(137), Some("canceled"))
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{first}/stat")).exists()
+            || std::fs::read_to_string(format!("/proc/{first}/stat"))
+                .unwrap()
+                .contains(") Z")
+    );
+    // The next turn starts a new agent process.
+    let events = r.invoke_sse("?session=a&prompt=hello", "").await;
+    let texts = said(&events);
+    assert!(texts[0].starts_with("echo hello turn 1 pid "), "{texts:?}");
+    assert_ne!(pid_in(&texts[0]), first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_dies_at_start_is_an_error_not_a_hang() {
+    let r = Runner::start(&[]);
+    let resp = r
+        .post("/v1/sessions")
+        .json(&json!({"id": "a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    // Session config needs an ACP agent.
+    r.configure_sh("echo plain").await;
+    let resp = r
+        .client
+        .put(r.url("/v1/sessions/a/config"))
+        .bearer_auth(common::TOKEN)
+        .json(&json!({"mode": "x"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(resp).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+
+    let (status, body) = r
+        .configure_json(
+            json!({"entrypoint": ["sh", "-c", "echo not an agent >&2; exit 3"], "protocol": "acp"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let started = std::time::Instant::now();
+    let events = r.invoke_sse("?session=a&prompt=hi", "").await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let error = events.iter().find(|e| e.event == "error").unwrap();
+    assert_eq!(error.data["phase"], "acp");
+    assert!(
+        error.data["message"]
+            .as_str()
+            .unwrap()
+            .contains("initialize"),
+        "{error:?}"
+    );
+    assert_eq!(exit_event(&events)["exitCode"], 1);
+    // The session is free again.
+    let (status, info) = json_of(r.get("/v1/sessions/a").send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(info.get("runningInvokeId").is_none(), "{info}");
+}
