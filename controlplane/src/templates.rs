@@ -205,3 +205,65 @@ impl Templates {
         self.list.iter().find(|t| t.name == name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(cpu: &str, memory: &str) -> Limits {
+        Limits {
+            cpu: Some(cpu.into()),
+            memory: Some(memory.into()),
+            pids: Some(64),
+        }
+    }
+
+    #[test]
+    fn limits_parse_kubernetes_quantities() {
+        let l = limits("500m", "256Mi");
+        assert_eq!(l.nano_cpus(), Ok(Some(500_000_000)));
+        assert_eq!(l.memory_bytes(), Ok(Some(256 << 20)));
+        let l = limits("1.5", "1G");
+        assert_eq!(l.nano_cpus(), Ok(Some(1_500_000_000)));
+        assert_eq!(l.memory_bytes(), Ok(Some(1_000_000_000)));
+        assert_eq!(limits("2", "7340032").memory_bytes(), Ok(Some(7_340_032)));
+        assert_eq!(Limits::default().nano_cpus(), Ok(None));
+        for (cpu, memory) in [
+            ("0", "256Mi"),
+            ("-1", "256Mi"),
+            ("NaN", "256Mi"),
+            ("1x", "256Mi"),
+            ("1", "1Ki"),
+            ("1", "lots"),
+            ("1", "-5Mi"),
+            ("1", "99999999999Ti"),
+        ] {
+            assert!(limits(cpu, memory).validate().is_err(), "{cpu} {memory}");
+        }
+    }
+
+    #[test]
+    fn a_templates_file_with_bad_limits_is_refused() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("t.json");
+        std::fs::write(
+            &path,
+            r#"{"templates": [{"name": "x", "limits": {"cpu": "lots"}}]}"#,
+        )
+        .expect("written");
+        let err = Templates::load(Some(&path)).expect_err("bad cpu");
+        assert!(err.contains("limits.cpu"), "{err}");
+        std::fs::write(
+            &path,
+            r#"{"templates": [{"name": "x", "limits": {"cpu": "1", "memory": "512Mi", "pids": 100}}]}"#,
+        )
+        .expect("written");
+        let t = Templates::load(Some(&path)).expect("good limits");
+        assert_eq!(
+            t.get("x")
+                .and_then(|t| t.limits.clone())
+                .and_then(|l| l.pids),
+            Some(100)
+        );
+    }
+}
