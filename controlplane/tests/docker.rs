@@ -227,7 +227,7 @@ async fn lifecycle_keeps_the_workspace_and_applies_limits() {
         "name": "limited", "mode": "agent", "image": PYTHON_AGENT,
         "env": {"GREETING": "hi"},
         "limits": {"cpu": "500m", "memory": "256Mi", "pids": 128}
-    }]));
+    }, {"name": "missing", "image": "agentbox-test/missing:none"}]));
     let cp = scope.start();
     let started = Instant::now();
     let created = cp.create("life", "limited").await;
@@ -328,6 +328,29 @@ async fn lifecycle_keeps_the_workspace_and_applies_limits() {
     assert_eq!(text.text().await.unwrap(), "installed\n");
     let events = cp.invoke("life", "").await;
     assert_eq!(stdout(&events), "hi from 1000\n", "{events:?}");
+
+    // A template whose image does not exist: a clear error, nothing left behind.
+    let (status, body) = send(cp.admin(Method::POST, "/api/v1/sandboxes").json(&json!({
+        "name": "noimage", "templateRef": {"name": "missing", "kind": "ClusterSandboxTemplate"},
+    })))
+    .await;
+    assert_eq!(status, 500, "{body}");
+    assert_error(&body, "backend_error");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("agentbox-test/missing"),
+        "{body}"
+    );
+    let (status, _) = send(cp.sb(Method::GET, "noimage", "")).await;
+    assert_eq!(status, 404);
+    let (status, body) = send(cp.admin(Method::POST, "/api/v1/sandboxes").json(&json!({
+        "name": "life", "templateRef": {"name": "limited", "kind": "ClusterSandboxTemplate"},
+    })))
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert_error(&body, "already_exists");
 
     // Delete: container and volume gone, the name is free.
     cp.delete("life").await;

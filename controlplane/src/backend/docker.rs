@@ -360,6 +360,9 @@ impl DockerBackend {
                     status_code: 404,
                     message,
                 } => Error::Backend(format!("sandbox {:?}: {message}", record.name)),
+                DockerError::DockerResponseServerError {
+                    status_code: 409, ..
+                } => Error::AlreadyExists(record.name.clone()),
                 e => engine(e),
             })?;
         self.docker
@@ -513,15 +516,36 @@ impl Backend for DockerBackend {
         );
         labels.insert(TOKEN.into(), record.token.clone());
         let volume = self.object_name(&record.name);
-        self.docker
+        let made = match self
+            .docker
             .create_volume(VolumeCreateRequest {
                 name: Some(volume.clone()),
                 labels: Some(labels),
                 ..Default::default()
             })
             .await
-            .map_err(engine)?;
+        {
+            Ok(made) => made,
+            Err(DockerError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => return Err(Error::AlreadyExists(record.name)),
+            Err(e) => return Err(engine(e)),
+        };
+        // Creating an existing volume returns it: another control plane won the race for the
+        // name, and nothing of its sandbox may be touched.
+        if made.labels.get(TOKEN) != Some(&record.token) {
+            return Err(Error::AlreadyExists(record.name));
+        }
         if let Err(e) = self.start(&record).await {
+            if matches!(e, Error::AlreadyExists(_)) {
+                // A container of that name is someone else's: leave it alone (the volume
+                // cannot be removed while it is mounted there).
+                let _ = self
+                    .docker
+                    .remove_volume(&volume, None::<RemoveVolumeOptions>)
+                    .await;
+                return Err(e);
+            }
             // A create that failed leaves nothing behind: the name can be used again.
             let _ = self.remove_container(&record.name, 0).await;
             let _ = self
