@@ -287,6 +287,17 @@ async fn lifecycle_keeps_the_workspace_and_applies_limits() {
     let events = cp.invoke("life", "").await;
     assert_eq!(stdout(&events), "hi from 1000\n", "{events:?}");
 
+    // The image's HEALTHCHECK (Python's urllib against /healthz, no curl) passes.
+    let healthy = common::eventually(Duration::from_secs(40), || async {
+        (scope.inspect(&container, "{{.State.Health.Status}}") == "healthy").then_some(())
+    })
+    .await;
+    assert!(
+        healthy.is_some(),
+        "python-agent's HEALTHCHECK: {}",
+        scope.inspect(&container, "{{json .State.Health}}")
+    );
+
     // Stop: the container goes, the volume stays; the API says Stopped and refuses invokes.
     let (status, stopped) = send(cp.sb(Method::POST, "life", "/stop")).await;
     assert_eq!(
