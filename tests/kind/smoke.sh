@@ -33,7 +33,7 @@ kind get clusters 2>/dev/null | grep -qx "$cluster" \
 
 echo "smoke: images"
 AGENTBOX_BASES=${AGENTBOX_BASES:-public} scripts/images.sh --controlplane
-for image in agentbox/controlplane:latest agentbox/python-agent:latest; do
+for image in agentbox/controlplane:latest agentbox/python-agent:latest agentbox/langgraph-agent:latest; do
   kind load docker-image --name "$cluster" "$image"
 done
 
