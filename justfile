@@ -25,3 +25,7 @@ lint:
 # Start a runner, configure and invoke the quickstart agent.
 demo:
     scripts/demo.sh
+
+# The images (runner layer, python-agent, langgraph-agent), bases from Debian packages.
+images:
+    scripts/images.sh

@@ -34,6 +34,7 @@ echo "== POST /v1/invoke (body: world)"
 curl -sS -N -H "$auth" "$url/v1/invoke" -d 'world'
 echo "== try it yourself (Ctrl-C stops the runner):"
 echo "   export AGENTBOX_URL=$url AGENTBOX_TOKEN=$token"
+# shellcheck disable=SC2016 # printed for the reader to copy, not expanded here
 echo '   curl -N -H "Authorization: Bearer $AGENTBOX_TOKEN" "$AGENTBOX_URL/v1/invoke" -d you'
 if [ "${1:-}" = "--no-wait" ]; then exit 0; fi
 wait "$runner"

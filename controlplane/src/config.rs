@@ -90,6 +90,22 @@ pub struct Args {
     /// Kubernetes backend: how long the first list of Pods and Secrets may take at start-up.
     #[arg(long, env = "AGENTBOX_KUBE_SYNC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub kube_sync_timeout: Duration,
+    /// Docker backend: the bridge network of every sandbox (created when missing, with
+    /// inter-container traffic disabled).
+    #[arg(long, env = "AGENTBOX_DOCKER_NETWORK", default_value = "agentbox")]
+    pub docker_network: String,
+    /// Docker backend: the image for templates that name none (its entrypoint must be
+    /// agentbox-runner).
+    #[arg(
+        long,
+        env = "AGENTBOX_DOCKER_IMAGE",
+        default_value = "agentbox/python-agent:latest"
+    )]
+    pub docker_image: String,
+    /// Docker backend: separates control planes sharing one engine; part of every container's
+    /// and volume's name and labels.
+    #[arg(long, env = "AGENTBOX_DOCKER_SCOPE", default_value = "default")]
+    pub docker_scope: String,
 }
 
 /// Which backend holds the sandboxes.
@@ -99,6 +115,8 @@ pub enum BackendKind {
     Local,
     /// A Secret and a Pod per sandbox in one Kubernetes namespace.
     Kubernetes,
+    /// A container and a volume per sandbox on the local Docker engine.
+    Docker,
 }
 
 /// Isolation of local runners.
@@ -143,6 +161,19 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// Kubernetes backend settings.
     pub kube: KubeConfig,
+    /// Docker backend settings.
+    pub docker: DockerConfig,
+}
+
+/// Docker backend settings.
+#[derive(Debug, Clone)]
+pub struct DockerConfig {
+    /// The sandboxes' network.
+    pub network: String,
+    /// The image for templates that name none.
+    pub image: String,
+    /// The label scope (and name prefix) of this control plane's objects.
+    pub scope: String,
 }
 
 /// Kubernetes backend settings.
@@ -245,6 +276,17 @@ impl Args {
                 ));
             }
         }
+        if self.backend == BackendKind::Docker {
+            let scope = &self.docker_scope;
+            if !crate::backend::valid_name(scope) || scope.len() > 30 {
+                return Err(format!(
+                    "--docker-scope {scope:?} must be a DNS label of at most 30 characters"
+                ));
+            }
+            if self.docker_network.is_empty() || self.docker_image.is_empty() {
+                return Err("--docker-network and --docker-image must not be empty".into());
+            }
+        }
         // Runner processes only run on this machine with the local backend.
         let runner_bin = match self.runner_bin {
             Some(p) => p,
@@ -295,6 +337,11 @@ impl Args {
                 template_configmap_prefix: self.kube_template_configmap_prefix,
                 runner_image: self.kube_runner_image,
                 sync_timeout: self.kube_sync_timeout,
+            },
+            docker: DockerConfig {
+                network: self.docker_network,
+                image: self.docker_image,
+                scope: self.docker_scope,
             },
         })
     }

@@ -18,6 +18,7 @@ pub mod templates;
 use std::sync::Arc;
 
 use crate::auth::{ApiKeys, Authenticator, TokenVerifier};
+use crate::backend::docker::DockerBackend;
 use crate::backend::kubernetes::KubernetesBackend;
 use crate::backend::local::LocalBackend;
 use crate::backend::Backend;
@@ -57,6 +58,9 @@ impl AppState {
     pub async fn connect(cfg: Config) -> Result<Arc<Self>, String> {
         let backend: Option<Arc<dyn Backend>> = match cfg.backend {
             BackendKind::Kubernetes => Some(Arc::new(KubernetesBackend::connect(&cfg.kube).await?)),
+            BackendKind::Docker => Some(Arc::new(
+                DockerBackend::connect(&cfg.docker, cfg.runner_start_timeout).await?,
+            )),
             BackendKind::Local => None,
         };
         Self::with_backend(cfg, backend)
@@ -74,8 +78,10 @@ impl AppState {
         let templates = Templates::load(cfg.templates_file.as_deref())?;
         let backend: Arc<dyn Backend> = match (backend, cfg.backend) {
             (Some(backend), _) => backend,
-            (None, BackendKind::Kubernetes) => {
-                return Err("the kubernetes backend is built by AppState::connect".into())
+            (None, BackendKind::Kubernetes | BackendKind::Docker) => {
+                return Err(
+                    "the kubernetes and docker backends are built by AppState::connect".into(),
+                )
             }
             (None, BackendKind::Local) => Arc::new(
                 LocalBackend::new(

@@ -30,6 +30,85 @@ pub struct Template {
     /// Extra runner flags, e.g. `["--default-timeout", "5m"]`.
     #[serde(default)]
     pub runner_args: Vec<String>,
+    /// Resource limits (applied by the Docker backend to the container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// A sandbox's resource limits, in Kubernetes quantity notation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    /// CPUs: `"2"`, `"1.5"` or `"500m"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Memory in bytes: `"536870912"`, `"512Mi"`, `"2Gi"`, `"500M"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// Most processes (and threads) at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+}
+
+impl Limits {
+    /// CPUs in billionths (Docker's `NanoCpus`).
+    pub fn nano_cpus(&self) -> Result<Option<i64>, String> {
+        let Some(text) = &self.cpu else {
+            return Ok(None);
+        };
+        let bad = || format!("limits.cpu {text:?}: expected e.g. \"2\", \"1.5\" or \"500m\"");
+        let nanos = if let Some(milli) = text.strip_suffix('m') {
+            milli.parse::<u64>().map_err(|_| bad())? as f64 * 1e6
+        } else {
+            let cpus: f64 = text.parse().map_err(|_| bad())?;
+            if !cpus.is_finite() {
+                return Err(bad());
+            }
+            cpus * 1e9
+        };
+        if !(1e6..=1e12).contains(&nanos) {
+            return Err(bad());
+        }
+        Ok(Some(nanos as i64))
+    }
+
+    /// Memory in bytes.
+    pub fn memory_bytes(&self) -> Result<Option<i64>, String> {
+        let Some(text) = &self.memory else {
+            return Ok(None);
+        };
+        let bad = || format!("limits.memory {text:?}: expected bytes or e.g. \"512Mi\", \"2Gi\"");
+        let units: [(&str, u64); 8] = [
+            ("Ki", 1 << 10),
+            ("Mi", 1 << 20),
+            ("Gi", 1 << 30),
+            ("Ti", 1 << 40),
+            ("k", 1_000),
+            ("M", 1_000_000),
+            ("G", 1_000_000_000),
+            ("T", 1_000_000_000_000),
+        ];
+        let (digits, unit) = units
+            .iter()
+            .find_map(|(suffix, n)| text.strip_suffix(suffix).map(|d| (d, *n)))
+            .unwrap_or((text.as_str(), 1));
+        let bytes = digits
+            .parse::<u64>()
+            .ok()
+            .and_then(|d| d.checked_mul(unit))
+            .filter(|b| *b >= 6 << 20 && *b <= i64::MAX as u64)
+            .ok_or_else(|| format!("{} (at least 6Mi)", bad()))?;
+        Ok(Some(bytes as i64))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.nano_cpus()?;
+        self.memory_bytes()?;
+        if self.pids == Some(0) {
+            return Err("limits.pids must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 fn agent() -> String {
@@ -83,6 +162,7 @@ impl Templates {
                 env: BTreeMap::new(),
                 max_concurrent_invokes: None,
                 runner_args: Vec::new(),
+                limits: None,
             },
             Template {
                 name: "code".into(),
@@ -92,6 +172,7 @@ impl Templates {
                 env: BTreeMap::new(),
                 max_concurrent_invokes: None,
                 runner_args: Vec::new(),
+                limits: None,
             },
         ];
         if let Some(path) = file {
@@ -101,6 +182,11 @@ impl Templates {
             for t in parsed.templates {
                 if t.mode != "agent" && t.mode != "code" {
                     return Err(format!("template {:?}: mode must be agent or code", t.name));
+                }
+                if let Some(limits) = &t.limits {
+                    limits
+                        .validate()
+                        .map_err(|e| format!("template {:?}: {e}", t.name))?;
                 }
                 list.retain(|old| old.name != t.name);
                 list.push(t);
@@ -117,5 +203,67 @@ impl Templates {
     /// One template.
     pub fn get(&self, name: &str) -> Option<&Template> {
         self.list.iter().find(|t| t.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(cpu: &str, memory: &str) -> Limits {
+        Limits {
+            cpu: Some(cpu.into()),
+            memory: Some(memory.into()),
+            pids: Some(64),
+        }
+    }
+
+    #[test]
+    fn limits_parse_kubernetes_quantities() {
+        let l = limits("500m", "256Mi");
+        assert_eq!(l.nano_cpus(), Ok(Some(500_000_000)));
+        assert_eq!(l.memory_bytes(), Ok(Some(256 << 20)));
+        let l = limits("1.5", "1G");
+        assert_eq!(l.nano_cpus(), Ok(Some(1_500_000_000)));
+        assert_eq!(l.memory_bytes(), Ok(Some(1_000_000_000)));
+        assert_eq!(limits("2", "7340032").memory_bytes(), Ok(Some(7_340_032)));
+        assert_eq!(Limits::default().nano_cpus(), Ok(None));
+        for (cpu, memory) in [
+            ("0", "256Mi"),
+            ("-1", "256Mi"),
+            ("NaN", "256Mi"),
+            ("1x", "256Mi"),
+            ("1", "1Ki"),
+            ("1", "lots"),
+            ("1", "-5Mi"),
+            ("1", "99999999999Ti"),
+        ] {
+            assert!(limits(cpu, memory).validate().is_err(), "{cpu} {memory}");
+        }
+    }
+
+    #[test]
+    fn a_templates_file_with_bad_limits_is_refused() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("t.json");
+        std::fs::write(
+            &path,
+            r#"{"templates": [{"name": "x", "limits": {"cpu": "lots"}}]}"#,
+        )
+        .expect("written");
+        let err = Templates::load(Some(&path)).expect_err("bad cpu");
+        assert!(err.contains("limits.cpu"), "{err}");
+        std::fs::write(
+            &path,
+            r#"{"templates": [{"name": "x", "limits": {"cpu": "1", "memory": "512Mi", "pids": 100}}]}"#,
+        )
+        .expect("written");
+        let t = Templates::load(Some(&path)).expect("good limits");
+        assert_eq!(
+            t.get("x")
+                .and_then(|t| t.limits.clone())
+                .and_then(|l| l.pids),
+            Some(100)
+        );
     }
 }

@@ -1296,6 +1296,7 @@ mod tests {
             env: BTreeMap::from([("FOO".into(), "bar".into())]),
             max_concurrent_invokes: Some(4),
             runner_args: vec!["--default-timeout".into(), "5m".into()],
+            limits: None,
         }
     }
 

@@ -8,6 +8,7 @@ use agentbox_proto::{CreatedBy, SandboxStatus, SandboxSummary};
 use crate::error::Result;
 use crate::templates::Template;
 
+pub mod docker;
 pub mod kubernetes;
 pub mod local;
 

@@ -1,0 +1,658 @@
+//! End-to-end tests of the Docker backend on the real engine: the real `agentbox-controlplane`
+//! binary with `--backend docker`, real containers from the images `scripts/images.sh` builds,
+//! real HTTP to their runners at container IPs.
+//!
+//! Needs a Docker engine and the images (`scripts/images.sh`; `scripts/test.sh` runs it). When
+//! either is missing every test here FAILS, so CI cannot pass without them; set
+//! `AGENTBOX_SKIP_DOCKER_TESTS=1` to skip them on a machine without Docker (they then print
+//! that they skipped).
+//!
+//! Every test uses its own scope (`--docker-scope`), network and image tags, so tests run in
+//! parallel and the end of each removes every container, volume, network and image it made.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    assert_error, exit_event, invoke_id, read_to_end, read_until, rebuild, send, Cp, Env,
+};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const PYTHON_AGENT: &str = "agentbox/python-agent:latest";
+const LANGGRAPH_AGENT: &str = "agentbox/langgraph-agent:latest";
+const RUNNER_IMAGE: &str = "agentbox/runner:latest";
+const DEBIAN: &str = "agentbox-base/debian:bookworm";
+const BUSYBOX: &str = "agentbox-base/busybox:latest";
+
+/// `docker ARGS`, asserting success; its stdout, trimmed.
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run docker {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// `docker ARGS`, ignoring failures.
+fn docker_quiet(args: &[&str]) -> String {
+    Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Whether the suite runs: false only with `AGENTBOX_SKIP_DOCKER_TESTS=1`. Otherwise the engine
+/// and every image must be there, or the test fails here.
+fn docker_ready() -> bool {
+    if std::env::var("AGENTBOX_SKIP_DOCKER_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED: AGENTBOX_SKIP_DOCKER_TESTS=1");
+        return false;
+    }
+    let engine = Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output();
+    assert!(
+        engine.as_ref().is_ok_and(|o| o.status.success()),
+        "no Docker engine ({engine:?}); the docker suite needs one (set \
+         AGENTBOX_SKIP_DOCKER_TESTS=1 to skip it on this machine)"
+    );
+    for image in [PYTHON_AGENT, LANGGRAPH_AGENT, RUNNER_IMAGE, DEBIAN, BUSYBOX] {
+        let found = Command::new("docker")
+            .args(["image", "inspect", image])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            found,
+            "image {image} is missing: run scripts/images.sh (or set AGENTBOX_SKIP_DOCKER_TESTS=1)"
+        );
+    }
+    true
+}
+
+/// One test's scope: its control planes, network, and on drop the removal of everything
+/// labelled with its scope.
+struct Scope {
+    env: Env,
+    scope: String,
+    network: String,
+    images: Vec<String>,
+}
+
+impl Scope {
+    fn new(templates: Value) -> Scope {
+        let env = Env::new();
+        // `cpt-XXXXXX` → a DNS label, unique per test run.
+        let scope = format!(
+            "t{}",
+            env.tag
+                .trim_start_matches("cpt-")
+                .to_ascii_lowercase()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "")
+        );
+        let network = format!("agentbox-test-{scope}");
+        std::fs::write(
+            env.root.join("templates.json"),
+            json!({ "templates": templates }).to_string(),
+        )
+        .unwrap();
+        Scope {
+            env,
+            scope,
+            network,
+            images: Vec::new(),
+        }
+    }
+
+    fn start(&self) -> Cp {
+        let templates = self.env.root.join("templates.json").display().to_string();
+        self.env.start_with(
+            "none",
+            &[
+                "--backend",
+                "docker",
+                "--docker-scope",
+                &self.scope,
+                "--docker-network",
+                &self.network,
+                "--docker-image",
+                PYTHON_AGENT,
+                "--templates-file",
+                &templates,
+                "--runner-start-timeout",
+                "30s",
+            ],
+        )
+    }
+
+    fn container(&self, sandbox: &str) -> String {
+        format!("agentbox-{}-{sandbox}", self.scope)
+    }
+
+    fn inspect(&self, object: &str, format: &str) -> String {
+        docker(&["inspect", "--format", format, object])
+    }
+
+    fn ip(&self, sandbox: &str) -> String {
+        self.inspect(
+            &self.container(sandbox),
+            &format!(
+                "{{{{(index .NetworkSettings.Networks \"{}\").IPAddress}}}}",
+                self.network
+            ),
+        )
+    }
+
+    /// Builds `dockerfile` (no context) as a tag of this scope; removed on drop.
+    fn build(&mut self, name: &str, dockerfile: &str) -> String {
+        let tag = format!("agentbox-test/{name}:{}", self.scope);
+        let mut child = Command::new("docker")
+            .args(["build", "-q", "-t", &tag, "-"])
+            .env("DOCKER_BUILDKIT", "0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(dockerfile.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "docker build {tag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.images.push(tag.clone());
+        tag
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        let filter = format!("label=agentbox.dev/scope={}", self.scope);
+        let containers = docker_quiet(&["ps", "-aq", "--filter", &filter]);
+        for id in containers.split_whitespace() {
+            docker_quiet(&["rm", "-f", "-v", id]);
+        }
+        let volumes = docker_quiet(&["volume", "ls", "-q", "--filter", &filter]);
+        for v in volumes.split_whitespace() {
+            docker_quiet(&["volume", "rm", "-f", v]);
+        }
+        docker_quiet(&["network", "rm", &self.network]);
+        for image in &self.images {
+            docker_quiet(&["rmi", "-f", image]);
+        }
+    }
+}
+
+/// A Python agent that prints stdin back, prefixed.
+fn echo_agent() -> Value {
+    json!({
+        "files": [{"path": "/workspace/agent.py",
+                   "content": "import sys\nprint('agent got', sys.stdin.read(), flush=True)\n"}],
+        "installCommand": ["sh", "-c", "echo installing; echo installed > /workspace/installed.txt"],
+        "entrypoint": ["python3", "/workspace/agent.py"],
+    })
+}
+
+fn stdout(events: &[common::Event]) -> String {
+    String::from_utf8(rebuild(events, "stdout")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lifecycle_keeps_the_workspace_and_applies_limits() {
+    if !docker_ready() {
+        return;
+    }
+    let scope = Scope::new(json!([{
+        "name": "limited", "mode": "agent", "image": PYTHON_AGENT,
+        "env": {"GREETING": "hi"},
+        "limits": {"cpu": "500m", "memory": "256Mi", "pids": 128}
+    }, {"name": "missing", "image": "agentbox-test/missing:none"}]));
+    let cp = scope.start();
+    let started = Instant::now();
+    let created = cp.create("life", "limited").await;
+    eprintln!("create took {:?}", started.elapsed());
+    assert_eq!(created["status"], "Running", "{created}");
+    assert_eq!(created["templateRef"], "limited");
+
+    // The container: the template's image, limits, an ICC-less network, a named volume.
+    let container = scope.container("life");
+    assert_eq!(
+        scope.inspect(
+            &container,
+            "{{.Config.Image}} {{.HostConfig.NanoCpus}} {{.HostConfig.Memory}} {{.HostConfig.PidsLimit}}"
+        ),
+        format!("{PYTHON_AGENT} 500000000 268435456 128")
+    );
+    assert_eq!(
+        scope.inspect(
+            &container,
+            "{{.HostConfig.CapDrop}} {{.HostConfig.SecurityOpt}}"
+        ),
+        "[ALL] [no-new-privileges]"
+    );
+    assert_eq!(
+        scope.inspect(
+            &scope.network,
+            "{{index .Options \"com.docker.network.bridge.enable_icc\"}}"
+        ),
+        "false"
+    );
+    assert_eq!(
+        scope.inspect(
+            &container,
+            "{{range .Mounts}}{{.Type}} {{.Name}} {{.Destination}}{{end}}"
+        ),
+        format!("volume {container} /workspace")
+    );
+
+    // Configure: files and an install command; invoke.
+    let (result, events) = cp.configure("life", echo_agent()).await;
+    assert_eq!(result["installExitCode"], 0, "{result}");
+    assert!(
+        events.iter().any(|e| e.data["data"] == "installing"),
+        "{events:?}"
+    );
+    let events = cp.invoke("life", "hello docker").await;
+    assert_eq!(stdout(&events), "agent got hello docker\n", "{events:?}");
+    assert_eq!(exit_event(&events)["exitCode"], 0);
+    // The template's env reaches the runner's processes.
+    let (_, events) = cp
+        .configure(
+            "life",
+            json!({"entrypoint": ["sh", "-c", "echo $GREETING from $(id -u)"]}),
+        )
+        .await;
+    assert_eq!(events.last().unwrap().event, "result");
+    let events = cp.invoke("life", "").await;
+    assert_eq!(stdout(&events), "hi from 1000\n", "{events:?}");
+
+    // The image's HEALTHCHECK (Python's urllib against /healthz, no curl) passes.
+    let healthy = common::eventually(Duration::from_secs(40), || async {
+        (scope.inspect(&container, "{{.State.Health.Status}}") == "healthy").then_some(())
+    })
+    .await;
+    assert!(
+        healthy.is_some(),
+        "python-agent's HEALTHCHECK: {}",
+        scope.inspect(&container, "{{json .State.Health}}")
+    );
+
+    // Stop: the container goes, the volume stays; the API says Stopped and refuses invokes.
+    let (status, stopped) = send(cp.sb(Method::POST, "life", "/stop")).await;
+    assert_eq!(
+        (status, &stopped["status"]),
+        (200, &json!("Stopped")),
+        "{stopped}"
+    );
+    assert_eq!(
+        docker_quiet(&["ps", "-aq", "--filter", &format!("name=^{container}$")]),
+        ""
+    );
+    assert_eq!(
+        docker(&[
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name=^{container}$")
+        ]),
+        container
+    );
+    let (status, body) = send(cp.sb(Method::POST, "life", "/invoke").body("x")).await;
+    assert_eq!(status, 409, "{body}");
+    assert_error(&body, "sandbox_not_running");
+
+    // Resume: the workspace (files, the install's output, the configuration) is still there.
+    let (status, resumed) = send(cp.sb(Method::POST, "life", "/resume")).await;
+    assert_eq!(
+        (status, &resumed["status"]),
+        (200, &json!("Running")),
+        "{resumed}"
+    );
+    let text = cp
+        .sb(Method::GET, "life", "/files/workspace/installed.txt")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(text.status(), 200);
+    assert_eq!(text.text().await.unwrap(), "installed\n");
+    let events = cp.invoke("life", "").await;
+    assert_eq!(stdout(&events), "hi from 1000\n", "{events:?}");
+
+    // A template whose image does not exist: a clear error, nothing left behind.
+    let (status, body) = send(cp.admin(Method::POST, "/api/v1/sandboxes").json(&json!({
+        "name": "noimage", "templateRef": {"name": "missing", "kind": "ClusterSandboxTemplate"},
+    })))
+    .await;
+    assert_eq!(status, 500, "{body}");
+    assert_error(&body, "backend_error");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("agentbox-test/missing"),
+        "{body}"
+    );
+    let (status, _) = send(cp.sb(Method::GET, "noimage", "")).await;
+    assert_eq!(status, 404);
+    let (status, body) = send(cp.admin(Method::POST, "/api/v1/sandboxes").json(&json!({
+        "name": "life", "templateRef": {"name": "limited", "kind": "ClusterSandboxTemplate"},
+    })))
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert_error(&body, "already_exists");
+
+    // Delete: container and volume gone, the name is free.
+    cp.delete("life").await;
+    assert_eq!(
+        docker_quiet(&[
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name=^{container}$")
+        ]),
+        ""
+    );
+    let (status, body) = send(cp.sb(Method::GET, "life", "")).await;
+    assert_eq!(status, 404, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_cannot_reach_another_sandboxs_runner() {
+    if !docker_ready() {
+        return;
+    }
+    let scope = Scope::new(json!([]));
+    let cp = scope.start();
+    cp.create("target", "default").await;
+    cp.create("prober", "default").await;
+    let target_ip = scope.ip("target");
+    assert!(!target_ip.is_empty());
+
+    // From inside `prober`: its own runner answers, the other one is unreachable.
+    let probe = "import socket, sys\n\
+        for host in sys.stdin.read().split():\n\
+        \x20   s = socket.socket(); s.settimeout(3)\n\
+        \x20   try:\n\
+        \x20       s.connect((host, 8421)); print(host, 'reached')\n\
+        \x20   except OSError as e:\n\
+        \x20       print(host, 'blocked', type(e).__name__)\n";
+    cp.configure(
+        "prober",
+        json!({"files": [{"path": "/workspace/probe.py", "content": probe}],
+               "entrypoint": ["python3", "/workspace/probe.py"]}),
+    )
+    .await;
+    let events = cp.invoke("prober", format!("127.0.0.1 {target_ip}")).await;
+    let out = stdout(&events);
+    assert!(out.starts_with("127.0.0.1 reached\n"), "{out}");
+    assert!(
+        out.contains(&format!("{target_ip} blocked")),
+        "the second sandbox reached the first one's runner: {out}"
+    );
+    // The control plane (on the host) reaches both.
+    let (status, _) = send(cp.sb(Method::GET, "target", "/files/")).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_killed_mid_invoke_ends_the_stream() {
+    if !docker_ready() {
+        return;
+    }
+    let scope = Scope::new(json!([]));
+    let cp = scope.start();
+    cp.create("doomed", "default").await;
+    cp.configure_sh("doomed", "echo started; exec sleep 600")
+        .await;
+    let mut resp = cp
+        .sb(Method::POST, "doomed", "/invoke")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut buf = Vec::new();
+    read_until(&mut resp, &mut buf, |e| e.data["data"] == "started").await;
+
+    docker(&["kill", &scope.container("doomed")]);
+    let killed = Instant::now();
+    // The stream ends (an error or the end of the body), bounded: never a hang.
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+                Ok(None) => return "end",
+                Err(_) => return "error",
+            }
+        }
+    })
+    .await
+    .expect("the stream did not end within 20s of the container's death");
+    eprintln!(
+        "stream ended ({ended}) {:?} after the kill",
+        killed.elapsed()
+    );
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        !text.contains("event: exit"),
+        "no exit was invented for a killed invoke: {text}"
+    );
+
+    // The sandbox says what happened; new requests get a clear error, at once.
+    let (status, got) = send(cp.sb(Method::GET, "doomed", "")).await;
+    assert_eq!((status, &got["status"]), (200, &json!("Error")), "{got}");
+    assert!(
+        got["message"]
+            .as_str()
+            .unwrap()
+            .contains("exited (code 137)"),
+        "{got}"
+    );
+    let (status, body) = send(cp.sb(Method::POST, "doomed", "/invoke").body("x")).await;
+    assert_eq!(status, 409, "{body}");
+    assert_error(&body, "sandbox_not_running");
+
+    // The CLI on a killed invoke: a non-zero exit and a message, within the bound.
+    let (status, resumed) = send(cp.sb(Method::POST, "doomed", "/resume")).await;
+    assert_eq!(
+        (status, &resumed["status"]),
+        (200, &json!("Running")),
+        "{resumed}"
+    );
+    let cli = common::runner_bin().with_file_name("agentbox");
+    let child = Command::new(&cli)
+        .args([
+            "--api-url",
+            &cp.url(""),
+            "invoke",
+            "doomed",
+            "--prompt",
+            "x",
+        ])
+        .env("AGENTBOX_API_KEY", common::ADMIN_KEY)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cli_pid = child.id() as i32;
+    let waited = tokio::task::spawn_blocking(move || child.wait_with_output());
+    // The invoke is under way once the runner lists it.
+    let running = common::eventually(Duration::from_secs(20), || async {
+        let (_, list) = send(cp.sb(Method::GET, "doomed", "/invokes")).await;
+        list.to_string().contains("running").then_some(())
+    })
+    .await;
+    assert!(running.is_some(), "the CLI's invoke never started");
+    docker(&["kill", &scope.container("doomed")]);
+    let out = match tokio::time::timeout(Duration::from_secs(30), waited).await {
+        Ok(out) => out.unwrap().unwrap(),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(cli_pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("the CLI hung after the container died");
+        }
+    };
+    let out = (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(!out.0.success(), "the CLI exited 0: {}", out.1);
+    assert!(!out.1.trim().is_empty(), "the CLI said nothing");
+    eprintln!("cli: {:?} {}", out.0, out.1.trim());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_control_plane_finds_its_sandboxes() {
+    if !docker_ready() {
+        return;
+    }
+    let scope = Scope::new(json!([]));
+    let mut first = scope.start();
+    first.create("kept", "default").await;
+    first.configure("kept", echo_agent()).await;
+    let events = first.invoke("kept", "one").await;
+    assert_eq!(stdout(&events), "agent got one\n");
+    first.kill9();
+
+    // A new process, nothing but the engine's labels to go on.
+    let second = scope.start();
+    let (status, list) = send(second.admin(Method::GET, "/api/v1/sandboxes")).await;
+    assert_eq!(status, 200, "{list}");
+    let found: Vec<&Value> = list["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == "kept")
+        .collect();
+    assert_eq!(found.len(), 1, "{list}");
+    assert_eq!(found[0]["status"], "Running", "{list}");
+    let events = second.invoke("kept", "two").await;
+    assert_eq!(stdout(&events), "agent got two\n", "{events:?}");
+    // Another scope on the same engine sees none of it.
+    let other = Scope::new(json!([]));
+    let stranger = other.start();
+    let (_, list) = send(stranger.admin(Method::GET, "/api/v1/sandboxes")).await;
+    assert_eq!(list["sandboxes"], json!([]), "{list}");
+    let (status, _) = send(stranger.sb(Method::GET, "kept", "")).await;
+    assert_eq!(status, 404);
+}
+
+/// Configure, invoke (output and exit code) and cancel against a sandbox of `template`.
+async fn drop_in_smoke(cp: &Cp, name: &str, template: &str, configure: Value, expect: &str) {
+    cp.create(name, template).await;
+    let (result, _) = cp.configure(name, configure).await;
+    assert_eq!(result["installExitCode"], 0, "{name}: {result}");
+    let events = cp.invoke(name, "drop in").await;
+    assert_eq!(stdout(&events), expect, "{name}: {events:?}");
+    assert_eq!(exit_event(&events)["exitCode"], 0, "{name}");
+
+    // Cancel a long invoke: the whole tree stops, the exit says so.
+    cp.configure_sh(name, "echo ready; sleep 600").await;
+    let mut resp = cp.sb(Method::POST, name, "/invoke").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut buf = Vec::new();
+    let events = read_until(&mut resp, &mut buf, |e| e.data["data"] == "ready").await;
+    let iid = invoke_id(&events);
+    let (status, body) = send(cp.sb(Method::POST, name, &format!("/invokes/{iid}/cancel"))).await;
+    assert_eq!(status, 202, "{name}: {body}");
+    let events = read_to_end(&mut resp, &mut buf).await;
+    assert_eq!(
+        exit_event(&events)["reason"],
+        "canceled",
+        "{name}: {events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_runner_drops_into_three_unlike_images() {
+    if !docker_ready() {
+        return;
+    }
+    let mut scope = Scope::new(json!([]));
+    // 1. An empty image plus Debian's static busybox: no libc, no package manager.
+    let busybox = scope.build(
+        "busybox",
+        &format!(
+            "FROM {RUNNER_IMAGE} AS runner\nFROM {BUSYBOX}\n\
+             COPY --from=runner /agentbox-runner /usr/local/bin/agentbox-runner\n\
+             ENTRYPOINT [\"/usr/local/bin/agentbox-runner\"]\n"
+        ),
+    );
+    // 2. Debian (glibc, dash, coreutils), as root.
+    let debian = scope.build(
+        "debian",
+        &format!(
+            "FROM {RUNNER_IMAGE} AS runner\nFROM {DEBIAN}\n\
+             COPY --from=runner /agentbox-runner /usr/local/bin/agentbox-runner\n\
+             ENTRYPOINT [\"/usr/local/bin/agentbox-runner\"]\n"
+        ),
+    );
+    // 3. An application image: LangGraph in a virtualenv, a non-root user, /workspace a
+    //    volume owned by that user; the runner is one layer among many (langgraph-agent).
+    std::fs::write(
+        scope.env.root.join("templates.json"),
+        json!({"templates": [
+            {"name": "busybox", "image": busybox},
+            {"name": "debian", "image": debian},
+            {"name": "langgraph", "image": LANGGRAPH_AGENT},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let cp = scope.start();
+    let shell_agent = |what: &str| {
+        json!({
+            "installCommand": ["sh", "-c", format!("echo {what} > /workspace/base.txt")],
+            "entrypoint": ["sh", "-c", "read line; echo \"$(cat /workspace/base.txt): $line\""],
+        })
+    };
+    drop_in_smoke(
+        &cp,
+        "bb",
+        "busybox",
+        shell_agent("busybox"),
+        "busybox: drop in\n",
+    )
+    .await;
+    drop_in_smoke(
+        &cp,
+        "deb",
+        "debian",
+        shell_agent("debian"),
+        "debian: drop in\n",
+    )
+    .await;
+    drop_in_smoke(
+        &cp,
+        "lg",
+        "langgraph",
+        json!({"entrypoint": ["python3", "/opt/agent/agent.py"]}),
+        "[plan] {'words': ['drop', 'in']}\n[answer] {'answer': '2 word(s): in drop'}\n2 word(s): in drop\n",
+    )
+    .await;
+}
