@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
 
 /// SSE event names used on `/v1/invoke`, `/v1/configure` and `/v1/invokes/{id}/events`.
 pub mod event {
@@ -25,7 +26,7 @@ pub mod event {
 }
 
 /// The JSON error body every agentbox server answers with: `{"error": "<code>", "message": "..."}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorBody {
     /// A stable, machine-readable code such as `invalid_path` or `concurrency_exceeded`.
@@ -41,7 +42,7 @@ pub struct ErrorBody {
 }
 
 /// Identifies one invoke (or exec) on a runner, e.g. `inv-0193c2a4f1b2-9f3e2a71c4d0b8e6`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(transparent)]
 pub struct InvokeId(pub String);
 
@@ -69,7 +70,7 @@ impl fmt::Display for InvokeId {
 }
 
 /// One file to place in the workspace during configure.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FileSpec {
     /// Relative to the workspace, or absolute inside it (`/workspace/...` always names the workspace).
@@ -86,7 +87,18 @@ pub struct FileSpec {
         deserialize_with = "de_mode",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(value_type = Option<FileMode>)]
     pub mode: Option<u32>,
+}
+
+/// How a file mode may be written (the schema of [`FileSpec::mode`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum FileMode {
+    /// Permission bits as a number, e.g. `493`.
+    Number(u32),
+    /// Octal text, e.g. `"0755"`.
+    Octal(String),
 }
 
 fn de_mode<'de, D: Deserializer<'de>>(de: D) -> Result<Option<u32>, D::Error> {
@@ -109,7 +121,7 @@ fn de_mode<'de, D: Deserializer<'de>>(de: D) -> Result<Option<u32>, D::Error> {
 }
 
 /// `POST /v1/configure` body.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigureRequest {
     /// Files to write into the workspace before the install command runs.
@@ -127,7 +139,7 @@ pub struct ConfigureRequest {
 }
 
 /// The `result` event of a configure, or its whole JSON answer with `Accept: application/json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigureResult {
     /// sha256 (hex) over the files and the install command of this request.
@@ -145,7 +157,7 @@ pub struct ConfigureResult {
 }
 
 /// `start` event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StartEvent {
     /// The invoke's id, for reattaching and canceling.
@@ -155,7 +167,7 @@ pub struct StartEvent {
 }
 
 /// Which output stream a `log` event came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Stream {
     /// The process's standard output.
@@ -178,7 +190,7 @@ impl Stream {
 ///
 /// The exact bytes are `data` (or the decoded `dataBase64` when the bytes are not UTF-8),
 /// followed by a newline unless `partial` is true.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LogEvent {
     /// `stdout` or `stderr`.
@@ -199,7 +211,7 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// Why an invoke ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ExitReason {
     /// The process exited by itself.
@@ -228,7 +240,7 @@ impl ExitReason {
 }
 
 /// `exit` event: always the last event of an invoke.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExitEvent {
     /// The invoke's id.
@@ -245,7 +257,7 @@ pub struct ExitEvent {
 }
 
 /// `error` event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorEvent {
     /// Where it happened, e.g. `install` or `spawn`.
@@ -256,7 +268,7 @@ pub struct ErrorEvent {
 }
 
 /// `truncated` event: the journal cap was reached and output past it was counted, not stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TruncatedEvent {
     /// Output bytes that were not stored.
@@ -264,7 +276,7 @@ pub struct TruncatedEvent {
 }
 
 /// `POST /v1/invoke` answer with `Accept: application/json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InvokeResponse {
     /// The invoke's id.
@@ -285,7 +297,7 @@ pub struct InvokeResponse {
 }
 
 /// `POST /v1/invoke/cancel` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CancelRequest {
     /// The invoke to cancel.
@@ -293,7 +305,7 @@ pub struct CancelRequest {
 }
 
 /// Answer to a cancel (202).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CancelResponse {
     /// The invoke being canceled.
@@ -303,7 +315,7 @@ pub struct CancelResponse {
 }
 
 /// `POST /v1/exec` body: run an ad-hoc command (code mode's exec), journaled like an invoke.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExecRequest {
     /// The command as an argv array. Exactly one of `argv` and `command` is given.
@@ -327,7 +339,7 @@ pub struct ExecRequest {
 }
 
 /// An exec timeout: seconds, or a Go duration string such as `90s`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum ExecTimeout {
     /// Seconds.
@@ -337,7 +349,7 @@ pub enum ExecTimeout {
 }
 
 /// What started a run: the configured entrypoint, or an ad-hoc exec.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InvokeKind {
     /// `POST /v1/invoke`.
@@ -348,7 +360,7 @@ pub enum InvokeKind {
 }
 
 /// Whether an invoke is still running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InvokeState {
     /// The process (tree) is running.
@@ -358,7 +370,7 @@ pub enum InvokeState {
 }
 
 /// One entry of `GET /v1/invokes`, or the answer of `GET /v1/invokes/{id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InvokeSummary {
     /// The invoke's id.
@@ -384,7 +396,7 @@ pub struct InvokeSummary {
 }
 
 /// `GET /v1/invokes` answer, newest first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InvokeList {
     /// Recent invokes, newest first.
@@ -392,7 +404,7 @@ pub struct InvokeList {
 }
 
 /// `GET /healthz` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Health {
     /// Always `ok`.
@@ -400,7 +412,7 @@ pub struct Health {
 }
 
 /// The limits a runner enforces, reported by `/v1/info`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Limits {
     /// Invokes allowed to run at once; more get 429.
@@ -422,7 +434,7 @@ pub struct Limits {
 }
 
 /// `GET /v1/info` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Info {
     /// The runner's version.
@@ -447,7 +459,7 @@ pub struct Info {
 }
 
 /// Lifecycle phase of a sandbox, as the control plane reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub enum SandboxStatus {
     /// Being created; not reachable yet.
     Creating,
@@ -488,7 +500,7 @@ pub fn valid_sandbox_name(name: &str) -> bool {
 }
 
 /// A reference to a template, as the seed's clients send it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TemplateRef {
     /// Template name.
@@ -499,7 +511,7 @@ pub struct TemplateRef {
 }
 
 /// `POST /api/v1/sandboxes` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateSandboxRequest {
     /// DNS label: lowercase letters, digits and `-`, at most 63 characters.
@@ -513,7 +525,7 @@ pub struct CreateSandboxRequest {
 }
 
 /// Who created a sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreatedBy {
     /// The caller's email, when known.
@@ -525,7 +537,7 @@ pub struct CreatedBy {
 }
 
 /// A sandbox as the control plane shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxSummary {
     /// The id used in URLs (the sandbox's name).
@@ -562,7 +574,7 @@ pub struct SandboxSummary {
 }
 
 /// `GET /api/v1/sandboxes` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxList {
     /// The sandboxes visible to the caller.
@@ -570,7 +582,7 @@ pub struct SandboxList {
 }
 
 /// A sandbox template.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TemplateInfo {
     /// Name.
@@ -586,11 +598,12 @@ pub struct TemplateInfo {
     pub resource_version: Option<String>,
     /// The template's settings (mode, env, limits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub spec: Option<serde_json::Value>,
 }
 
 /// `GET /api/v1/templates` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TemplateList {
     /// Every template.
@@ -598,7 +611,7 @@ pub struct TemplateList {
 }
 
 /// `GET /api/v1/user/me` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UserInfo {
     /// Subject: the API key's name or the token's `sub`.

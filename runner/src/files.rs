@@ -18,8 +18,9 @@ use crate::fsutil::random_hex;
 use crate::jail::WORKSPACE_ALIAS;
 
 /// One entry of a directory listing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = FileEntry)]
 pub struct Entry {
     /// File name.
     pub name: String,
@@ -27,6 +28,7 @@ pub struct Entry {
     pub path: String,
     /// `file`, `dir` or `symlink`.
     #[serde(rename = "type")]
+    #[schema(value_type = String)]
     pub kind: &'static str,
     /// True for directories.
     pub is_dir: bool,
@@ -41,16 +43,18 @@ pub struct Entry {
 }
 
 /// `GET /v1/files?path=` answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = FileListing)]
 pub struct Listing {
     /// The directory's entries, sorted by name.
     pub entries: Vec<Entry>,
 }
 
 /// `PUT /v1/files/{path}` answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = WrittenFile)]
 pub struct Written {
     /// Absolute path in the sandbox.
     pub path: String,
@@ -323,7 +327,7 @@ pub fn delete(root: &Path, target: &Path, recursive: bool) -> Result<()> {
 }
 
 /// Archive formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// zip (deflate), the default.

@@ -1,0 +1,112 @@
+//! The runner's OpenAPI description, generated from the code: schemas from the wire types
+//! (`ToSchema` derives in `agentbox-proto` and here), operations from the `#[utoipa::path]`
+//! annotations on the handlers, the overview from `runner/openapi-intro.md`. `GET /openapi.json`
+//! serves it; `runner/openapi.json` is a committed copy that a test keeps current (regenerate it
+//! with `UPDATE_OPENAPI=1 cargo test -p agentbox-runner --lib openapi`).
+
+use std::sync::OnceLock;
+
+use agentbox_proto::{
+    CancelRequest, CancelResponse, ConfigureRequest, ConfigureResult, ErrorBody, ErrorEvent,
+    ExecRequest, ExitEvent, Health, Info, InvokeList, InvokeResponse, InvokeSummary, LogEvent,
+    StartEvent, TruncatedEvent,
+};
+use serde_json::{json, Value};
+use utoipa::OpenApi;
+
+use crate::files::{Entry, Format, Listing, Written};
+use crate::invoke::OnDisconnect;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "agentbox runner API", description = include_str!("../../openapi-intro.md")),
+    paths(
+        super::healthz,
+        super::openapi,
+        super::info,
+        super::configure_sandbox,
+        super::invoke,
+        super::cancel_invoke_by_body,
+        super::list_invokes,
+        super::get_invoke,
+        super::stream_events,
+        super::cancel_invoke,
+        super::exec,
+        super::files::list_files,
+        super::files::read_file,
+        super::files::write_file,
+        super::files::delete_file,
+        super::files::archive,
+    ),
+    components(schemas(
+        ErrorBody, Health, Info, ConfigureRequest, ConfigureResult, StartEvent, LogEvent,
+        ExitEvent, ErrorEvent, TruncatedEvent, InvokeResponse, CancelRequest, CancelResponse,
+        InvokeSummary, InvokeList, ExecRequest, OnDisconnect, Format, Entry, Listing, Written,
+    )),
+    tags(
+        (name = "meta", description = "Health, runner information and this document."),
+        (name = "configure", description = "Files, install command, entrypoint and environment."),
+        (name = "invokes", description = "Running the entrypoint, following, reattaching and canceling."),
+        (name = "exec", description = "Ad-hoc commands, journaled like invokes; available in both modes."),
+        (name = "files", description = "Listing, downloading, uploading and deleting workspace files, and archives; available in both modes."),
+    )
+)]
+struct ApiDoc;
+
+/// The description as pretty-printed JSON (what `GET /openapi.json` answers).
+pub(super) fn document() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the description is JSON");
+        finish(&mut doc);
+        let mut text = serde_json::to_string_pretty(&doc).expect("the description is JSON");
+        text.push('\n');
+        text
+    })
+}
+
+/// What the derive does not express: version, license, server, the security scheme.
+fn finish(doc: &mut Value) {
+    doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
+    doc["info"]["summary"] = json!(
+        "Configure an agent inside a sandbox, invoke it, and stream its output as Server-Sent Events."
+    );
+    doc["info"]["license"] = json!({"name": "Apache-2.0", "identifier": "Apache-2.0"});
+    if let Some(info) = doc["info"].as_object_mut() {
+        info.remove("contact");
+    }
+    doc["servers"] = json!([{
+        "url": "http://{host}:{port}",
+        "description": "A runner; it listens on 0.0.0.0:8421 unless started with --listen.",
+        "variables": {"host": {"default": "127.0.0.1"}, "port": {"default": "8421"}},
+    }]);
+    doc["security"] = json!([{"bearerAuth": []}]);
+    doc["components"]["securitySchemes"] = json!({"bearerAuth": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "`Authorization: Bearer <token>` with the runner's token. The scheme must be \
+            spelled `Bearer` or `bearer`; whitespace around the token is ignored. Tokens are \
+            compared in constant time. A runner started with `--insecure-no-auth` does not check it.",
+    }});
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed `runner/openapi.json` is what the code generates; `UPDATE_OPENAPI=1`
+    /// rewrites it.
+    #[test]
+    fn openapi_json_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+        let generated = document();
+        if std::env::var_os("UPDATE_OPENAPI").is_some() {
+            std::fs::write(path, generated).expect("write openapi.json");
+        }
+        let committed = std::fs::read_to_string(path).expect("read openapi.json");
+        assert!(
+            committed == generated,
+            "runner/openapi.json is stale: run UPDATE_OPENAPI=1 cargo test -p agentbox-runner --lib openapi"
+        );
+    }
+}
