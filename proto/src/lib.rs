@@ -458,6 +458,73 @@ pub struct Info {
     pub limits: Limits,
 }
 
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileEntry {
+    /// File name.
+    pub name: String,
+    /// Absolute path in the sandbox (`/workspace/...`).
+    pub path: String,
+    /// `file`, `dir` or `symlink`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// True for directories.
+    pub is_dir: bool,
+    /// Size in bytes.
+    pub size: u64,
+    /// `ls -l` style, e.g. `-rw-r--r--`.
+    pub mode: String,
+    /// Permission bits as a number.
+    pub mode_bits: u32,
+    /// Seconds since the Unix epoch.
+    pub modified_at: u64,
+}
+
+/// `GET /v1/files?path=` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileListing {
+    /// The directory's entries, sorted by name.
+    pub entries: Vec<FileEntry>,
+}
+
+/// `PUT /v1/files/{path}` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WrittenFile {
+    /// Absolute path in the sandbox.
+    pub path: String,
+    /// Bytes written.
+    pub size: u64,
+    /// sha256 of the content, hex.
+    pub sha256: String,
+}
+
+/// What happens when the last client watching an invoke goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDisconnect {
+    /// Cancel when no client has been attached for `--linger`.
+    #[default]
+    Linger,
+    /// Cancel at once.
+    Cancel,
+    /// Run to completion.
+    Continue,
+}
+
+/// Archive formats of `GET /v1/archive?format=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchiveFormat {
+    /// zip (deflate), the default.
+    #[default]
+    Zip,
+    /// POSIX tar, uncompressed.
+    Tar,
+}
+
 /// Lifecycle phase of a sandbox, as the control plane reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub enum SandboxStatus {
