@@ -698,6 +698,91 @@ pub struct UserInfo {
     pub is_admin: bool,
 }
 
+/// OpenAPI schemas of one Server-Sent Events frame (`{id, event, data}`, `data` being the JSON
+/// text of the event's payload): `InvokeStreamEvent` (start, log, exit, error, truncated) and
+/// `ConfigureStreamEvent` (log, result, error). Event-stream responses use them as the schema of
+/// each event, which is how schemathesis validates streams.
+pub fn sse_frame_schemas() -> serde_json::Value {
+    fn frame(event: &str, payload: &str) -> serde_json::Value {
+        serde_json::json!({
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "event": {"const": event},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": format!("#/components/schemas/{payload}")},
+                },
+            },
+        })
+    }
+    serde_json::json!({
+        "InvokeStreamEvent": {
+            "description": "One event of an invoke or exec stream.",
+            "oneOf": [
+                frame(event::START, "StartEvent"),
+                frame(event::LOG, "LogEvent"),
+                frame(event::EXIT, "ExitEvent"),
+                frame(event::ERROR, "ErrorEvent"),
+                frame(event::TRUNCATED, "TruncatedEvent"),
+            ],
+        },
+        "ConfigureStreamEvent": {
+            "description": "One event of a configure stream: the install's `log` events, then `result` or `error`.",
+            "oneOf": [
+                frame(event::LOG, "LogEvent"),
+                frame(event::RESULT, "ConfigureResult"),
+                frame(event::ERROR, "ErrorEvent"),
+            ],
+        },
+    })
+}
+
+/// Points every `text/event-stream` response of an OpenAPI document at the frame schemas of
+/// [`sse_frame_schemas`] (configure operations at `ConfigureStreamEvent`), and adds them.
+pub fn describe_event_streams(doc: &mut serde_json::Value) {
+    if let Some(paths) = doc
+        .get_mut("paths")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        for (path, item) in paths.iter_mut() {
+            let frame = if path.ends_with("/configure") {
+                "ConfigureStreamEvent"
+            } else {
+                "InvokeStreamEvent"
+            };
+            let Some(ops) = item.as_object_mut() else {
+                continue;
+            };
+            for op in ops.values_mut() {
+                let Some(responses) = op
+                    .get_mut("responses")
+                    .and_then(serde_json::Value::as_object_mut)
+                else {
+                    continue;
+                };
+                for response in responses.values_mut() {
+                    if let Some(media) = response
+                        .get_mut("content")
+                        .and_then(|c| c.get_mut("text/event-stream"))
+                    {
+                        media["schema"] =
+                            serde_json::json!({"$ref": format!("#/components/schemas/{frame}")});
+                    }
+                }
+            }
+        }
+    }
+    if let (Some(schemas), serde_json::Value::Object(frames)) = (
+        doc["components"]["schemas"].as_object_mut(),
+        sse_frame_schemas(),
+    ) {
+        schemas.extend(frames);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -59,6 +59,7 @@ pub(super) fn document() -> &'static str {
     DOC.get_or_init(|| {
         let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the description is JSON");
         finish(&mut doc);
+        agentbox_proto::describe_event_streams(&mut doc);
         let mut text = serde_json::to_string_pretty(&doc).expect("the description is JSON");
         text.push('\n');
         text
@@ -93,6 +94,31 @@ fn finish(doc: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every event stream is described event by event (schemathesis found streams described as
+    /// one string; it validates each event against the media type's schema).
+    #[test]
+    fn event_streams_are_described_per_event() {
+        let doc: Value = serde_json::from_str(document()).expect("JSON");
+        let mut streams = 0;
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("path item") {
+                for (status, response) in op["responses"].as_object().expect("responses") {
+                    let Some(media) = response["content"].get("text/event-stream") else {
+                        continue;
+                    };
+                    streams += 1;
+                    let frame = media["schema"]["$ref"].as_str().unwrap_or_default();
+                    let name = frame.rsplit('/').next().unwrap_or_default();
+                    assert!(
+                        doc["components"]["schemas"][name]["oneOf"].is_array(),
+                        "{method} {path} {status}: {media}"
+                    );
+                }
+            }
+        }
+        assert!(streams >= 4, "{streams} event streams");
+    }
 
     /// The committed `runner/openapi.json` is what the code generates; `UPDATE_OPENAPI=1`
     /// rewrites it.
