@@ -23,24 +23,31 @@ for f in ("runner/openapi.json", "controlplane/openapi.json"):
 PY
 
 work=$(mktemp -d /tmp/agentbox-st.XXXXXX)
+# Every process started here carries this tag in its environment (the control plane passes it on
+# to the runners it starts in their own process groups; not AGENTBOX_*, which it filters), so
+# cleanup finds them all.
+tag="${work##*/}"
 pids=()
+tagged() {
+  grep -lsz "^ST_TAG=$tag\$" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 || true
+}
 cleanup() {
-  for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
-  sleep 0.5
-  for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}" $(tagged); do kill -TERM "$pid" 2>/dev/null || true; done
+  for _ in $(seq 1 50); do [ -z "$(tagged)" ] && break; sleep 0.1; done
+  for pid in $(tagged); do kill -KILL "$pid" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-# Runs "$@" in its own process group (under bwrap when available); sets ADDR from its first
-# stdout line and PID.
+# Runs "$@" in its own session (under bwrap when it works here); sets PID, and ADDR from the
+# first stdout line.
 start() {
   local name=$1; shift
-  local jail=()
-  if command -v bwrap >/dev/null && bwrap --ro-bind / / --dev /dev true 2>/dev/null; then
-    jail=(bwrap --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp --bind "$work" "$work" --die-with-parent --)
+  local jail=(bwrap --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp --bind "$work" "$work" --die-with-parent --)
+  if ! command -v bwrap >/dev/null || ! "${jail[@]}" true 2>/dev/null; then
+    jail=()
   fi
-  setsid "${jail[@]}" "$@" > "$work/$name.out" 2> "$work/$name.err" &
+  env "ST_TAG=$tag" setsid "${jail[@]}" "$@" > "$work/$name.out" 2> "$work/$name.err" &
   PID=$!
   pids+=("$PID")
   for _ in $(seq 1 200); do
