@@ -28,7 +28,7 @@ fn templates_file(env: &Env) -> String {
             "description": "The seed's reference agent template.",
             "mode": "agent",
             "maxConcurrentInvokes": 1,
-            "runnerArgs": ["--max-upload-bytes", "65536"],
+            "runnerArgs": ["--max-upload-bytes", "65536", "--max-file-bytes", "65536"],
         }]})
         .to_string(),
     )
@@ -592,8 +592,37 @@ async fn seed_quickstart_over_plain_http() {
     assert_eq!(status, 409, "{body}");
     check_error(&body, "sandbox_not_running");
 
+    // A configure over the runner's limits: 413.
+    let (status, body) = send(cp.sb(Method::POST, "ns-template", "/configure").json(
+        &json!({"files": [{"path": "big.txt", "content": "x".repeat(70_000)}], "entrypoint": ["true"]}),
+    ))
+    .await;
+    assert_eq!(status, 413, "{body}");
+    check_error(&body, "payload_too_large");
+    // Configure and invoke on a code-mode sandbox: 400 pointing at files and exec.
+    let (status, _) = send(
+        cp.admin(Method::POST, "/api/v1/sandboxes")
+            .json(&json!({"name": "coder", "templateRef": {"name": "code"}})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    for route in ["/configure", "/invoke"] {
+        let (status, body) = send(
+            cp.sb(Method::POST, "coder", route)
+                .json(&json!({"entrypoint": ["true"]})),
+        )
+        .await;
+        assert_eq!(status, 400, "{route}: {body}");
+        check_error(&body, "wrong_mode");
+        let message = string(&body, "message");
+        assert!(
+            message.contains("/files") && message.contains("/exec"),
+            "{message}"
+        );
+    }
+
     // Delete.
-    for name in ["demo-agent", "ns-template", "fresh"] {
+    for name in ["demo-agent", "ns-template", "fresh", "coder"] {
         let (status, body) = send(cp.sb(Method::DELETE, name, "")).await;
         assert!((200..300).contains(&status), "delete {name}: {body}");
         let (status, body) = send(cp.sb(Method::GET, name, "")).await;
