@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agentbox_proto::{
-    CreateSandboxRequest, CreatedBy, SandboxList, SandboxStatus, SandboxSummary, TemplateInfo,
-    TemplateList, UserInfo,
+    CreateSandboxRequest, CreatedBy, ErrorBody, Health, SandboxList, SandboxStatus, SandboxSummary,
+    TemplateInfo, TemplateList, UserInfo,
 };
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -63,10 +63,7 @@ pub fn router(app: Arc<AppState>) -> Router {
             authenticate,
         ));
     Router::new()
-        .route(
-            "/healthz",
-            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
-        )
+        .route("/healthz", get(healthz))
         .route("/metrics", get(render_metrics))
         .route("/openapi.json", get(openapi))
         .merge(api)
@@ -109,11 +106,23 @@ fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
-/// The API description, committed next to the code as `controlplane/openapi.json`.
-pub const OPENAPI: &str = include_str!("../openapi.json");
+/// Liveness
+#[utoipa::path(get, path = "/healthz", tag = "meta", security(()),
+    responses((status = 200, description = "The control plane is up.", body = Health)))]
+pub(crate) async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
 
-async fn openapi() -> Response {
-    let mut response = OPENAPI.into_response();
+/// This document
+///
+/// The control plane's OpenAPI description (generated from the code; committed as
+/// `controlplane/openapi.json`).
+#[utoipa::path(get, path = "/openapi.json", tag = "meta", security(()),
+    responses((status = 200, description = "The OpenAPI description.", content_type = "application/json", body = Object)))]
+pub(crate) async fn openapi() -> Response {
+    let mut response = crate::openapi::document().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -121,7 +130,10 @@ async fn openapi() -> Response {
     response
 }
 
-async fn render_metrics(State(app): State<Arc<AppState>>) -> Response {
+/// Prometheus metrics
+#[utoipa::path(get, path = "/metrics", tag = "meta", security(()),
+    responses((status = 200, description = "Prometheus text format.", content_type = "text/plain", body = String)))]
+pub(crate) async fn render_metrics(State(app): State<Arc<AppState>>) -> Response {
     let mut response = app.metrics.render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -130,7 +142,10 @@ async fn render_metrics(State(app): State<Arc<AppState>>) -> Response {
     response
 }
 
-async fn user_me(Extension(id): Extension<Identity>) -> Json<UserInfo> {
+/// The caller
+#[utoipa::path(get, path = "/api/v1/user/me", tag = "user",
+    responses((status = 200, description = "Who the credential names.", body = UserInfo), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody)))]
+pub(crate) async fn user_me(Extension(id): Extension<Identity>) -> Json<UserInfo> {
     Json(UserInfo {
         sub: id.sub,
         email: id.email,
@@ -141,13 +156,21 @@ async fn user_me(Extension(id): Extension<Identity>) -> Json<UserInfo> {
     })
 }
 
-async fn list_templates(State(app): State<Arc<AppState>>) -> Json<TemplateList> {
+/// Every template
+#[utoipa::path(get, path = "/api/v1/templates", tag = "templates",
+    responses((status = 200, description = "The templates (env names only, never values).", body = TemplateList), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody)))]
+pub(crate) async fn list_templates(State(app): State<Arc<AppState>>) -> Json<TemplateList> {
     Json(TemplateList {
         templates: app.templates.all().iter().map(|t| t.info()).collect(),
     })
 }
 
-async fn get_template(
+/// One template
+#[utoipa::path(get, path = "/api/v1/templates/{name}", tag = "templates",
+    params(("name" = String, Path, description = "The template's name.")),
+    responses((status = 200, description = "The template.", body = TemplateInfo), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
+        (status = 404, description = "`template_not_found`.", body = ErrorBody)))]
+pub(crate) async fn get_template(
     State(app): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Json<TemplateInfo>> {
@@ -163,7 +186,13 @@ struct ListQuery {
     status: Option<String>,
 }
 
-async fn list_sandboxes(
+/// The sandboxes the caller may see
+#[utoipa::path(get, path = "/api/v1/sandboxes", tag = "sandboxes",
+    params(("namespace" = Option<String>, Query, description = "Only this namespace."),
+        ("status" = Option<String>, Query, description = "Only this status (any case): Creating, Running, Stopped, Error, Deleting.")),
+    responses((status = 200, description = "`{\"sandboxes\": [...]}`.", body = SandboxList),
+        (status = 400, description = "`invalid_request`: a malformed query.", body = ErrorBody), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody)))]
+pub(crate) async fn list_sandboxes(
     State(app): State<Arc<AppState>>,
     Extension(id): Extension<Identity>,
     uri: Uri,
@@ -196,7 +225,12 @@ async fn visible(app: &AppState, id: &Identity, name: &str) -> Result<SandboxSum
         .ok_or_else(|| Error::SandboxNotFound(name.into()))
 }
 
-async fn get_sandbox(
+/// One sandbox
+///
+/// Clients poll this until `status` is `Running`.
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (its name).")),
+    responses((status = 200, description = "The sandbox.", body = SandboxSummary), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody), (status = 404, description = "`sandbox_not_found`: no such sandbox, or in a namespace the caller may not use.", body = ErrorBody)))]
+pub(crate) async fn get_sandbox(
     State(app): State<Arc<AppState>>,
     Extension(id): Extension<Identity>,
     Path(name): Path<String>,
@@ -204,19 +238,27 @@ async fn get_sandbox(
     Ok(Json(visible(&app, &id, &name).await?))
 }
 
-async fn create_sandbox(
+/// Create a sandbox
+///
+/// `templateRef.kind` may be `ClusterSandboxTemplate` or `SandboxTemplate`; both name agentbox
+/// templates. The namespace defaults to the caller's first one, or `default`.
+#[utoipa::path(post, path = "/api/v1/sandboxes", tag = "sandboxes",
+    request_body(content = CreateSandboxRequest, content_type = "application/json"),
+    responses((status = 201, description = "Created.", body = SandboxSummary),
+        (status = 400, description = "`invalid_request`: bad JSON, name, namespace or templateRef.kind.", body = ErrorBody), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the caller may not use the namespace.", body = ErrorBody),
+        (status = 404, description = "`template_not_found`.", body = ErrorBody),
+        (status = 409, description = "`already_exists`: the name is taken (in any namespace).", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody),
+        (status = 500, description = "`backend_error`: the sandbox could not be started.", body = ErrorBody)))]
+pub(crate) async fn create_sandbox(
     State(app): State<Arc<AppState>>,
     Extension(id): Extension<Identity>,
     body: Body,
 ) -> Result<Response> {
-    let bytes = axum::body::to_bytes(body, 1 << 20).await.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-        {
-            Error::PayloadTooLarge("a sandbox request is at most 1 MiB".into())
-        } else {
-            Error::InvalidRequest(format!("cannot read the body: {e}"))
-        }
-    })?;
+    let bytes = read_limited(body, 1 << 20)
+        .await?
+        .ok_or_else(|| Error::PayloadTooLarge("a sandbox request is at most 1 MiB".into()))?;
     let req: CreateSandboxRequest = serde_json::from_slice(&bytes)
         .map_err(|e| Error::InvalidRequest(format!("the body is not a sandbox request: {e}")))?;
     if !valid_name(&req.name) {
@@ -275,6 +317,33 @@ async fn create_sandbox(
     Ok((StatusCode::CREATED, Json(result?)).into_response())
 }
 
+/// Reads a body of at most `limit` bytes; `None` when it is larger. The rest of a larger body
+/// is read (up to 16 MiB, for 2 s) and dropped, so the client receives the 413 instead of a
+/// connection reset while it is still sending.
+async fn read_limited(body: Body, limit: usize) -> Result<Option<Vec<u8>>> {
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| Error::InvalidRequest(format!("cannot read the body: {e}")))?;
+        if bytes.len() + chunk.len() > limit {
+            let mut seen = 0usize;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                while let Some(Ok(chunk)) = stream.next().await {
+                    seen += chunk.len();
+                    if seen > 16 << 20 {
+                        break;
+                    }
+                }
+            })
+            .await;
+            return Ok(None);
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(Some(bytes))
+}
+
 fn audit_action<T>(
     app: &AppState,
     id: &Identity,
@@ -299,7 +368,11 @@ fn audit_action<T>(
     });
 }
 
-async fn delete_sandbox(
+/// Delete a sandbox and its workspace
+#[utoipa::path(delete, path = "/api/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (its name).")),
+    responses((status = 200, description = "The summary, with status `Deleting`.", body = SandboxSummary), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody), (status = 404, description = "`sandbox_not_found`: no such sandbox, or in a namespace the caller may not use.", body = ErrorBody),
+        (status = 500, description = "`backend_error`.", body = ErrorBody)))]
+pub(crate) async fn delete_sandbox(
     State(app): State<Arc<AppState>>,
     Extension(id): Extension<Identity>,
     Path(name): Path<String>,
@@ -319,7 +392,11 @@ async fn delete_sandbox(
     Ok(Json(summary))
 }
 
-async fn stop_sandbox(
+/// Stop a sandbox; its workspace is kept
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/stop", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (its name).")),
+    responses((status = 200, description = "The summary, status `Stopped`.", body = SandboxSummary), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody), (status = 404, description = "`sandbox_not_found`: no such sandbox, or in a namespace the caller may not use.", body = ErrorBody),
+        (status = 500, description = "`backend_error`.", body = ErrorBody)))]
+pub(crate) async fn stop_sandbox(
     State(app): State<Arc<AppState>>,
     Extension(id): Extension<Identity>,
     Path(name): Path<String>,
@@ -337,7 +414,11 @@ async fn stop_sandbox(
     Ok(Json(result?))
 }
 
-async fn resume_sandbox(
+/// Start a stopped sandbox again
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/resume", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (its name).")),
+    responses((status = 200, description = "The summary, status `Running`.", body = SandboxSummary), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody), (status = 404, description = "`sandbox_not_found`: no such sandbox, or in a namespace the caller may not use.", body = ErrorBody),
+        (status = 500, description = "`backend_error`.", body = ErrorBody)))]
+pub(crate) async fn resume_sandbox(
     State(app): State<Arc<AppState>>,
     Extension(id): Extension<Identity>,
     Path(name): Path<String>,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod oidc;
+pub mod openapi;
 pub mod otel;
 pub mod proxy;
 pub mod templates;

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
 
 /// SSE event names used on `/v1/invoke`, `/v1/configure` and `/v1/invokes/{id}/events`.
 pub mod event {
@@ -25,7 +26,7 @@ pub mod event {
 }
 
 /// The JSON error body every agentbox server answers with: `{"error": "<code>", "message": "..."}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorBody {
     /// A stable, machine-readable code such as `invalid_path` or `concurrency_exceeded`.
@@ -41,7 +42,7 @@ pub struct ErrorBody {
 }
 
 /// Identifies one invoke (or exec) on a runner, e.g. `inv-0193c2a4f1b2-9f3e2a71c4d0b8e6`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(transparent)]
 pub struct InvokeId(pub String);
 
@@ -69,7 +70,7 @@ impl fmt::Display for InvokeId {
 }
 
 /// One file to place in the workspace during configure.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FileSpec {
     /// Relative to the workspace, or absolute inside it (`/workspace/...` always names the workspace).
@@ -86,7 +87,18 @@ pub struct FileSpec {
         deserialize_with = "de_mode",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(value_type = Option<FileMode>)]
     pub mode: Option<u32>,
+}
+
+/// How a file mode may be written (the schema of [`FileSpec::mode`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum FileMode {
+    /// Permission bits as a number, e.g. `493`.
+    Number(u32),
+    /// Octal text, e.g. `"0755"`.
+    Octal(String),
 }
 
 fn de_mode<'de, D: Deserializer<'de>>(de: D) -> Result<Option<u32>, D::Error> {
@@ -109,7 +121,7 @@ fn de_mode<'de, D: Deserializer<'de>>(de: D) -> Result<Option<u32>, D::Error> {
 }
 
 /// `POST /v1/configure` body.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigureRequest {
     /// Files to write into the workspace before the install command runs.
@@ -132,7 +144,7 @@ pub struct ConfigureRequest {
 }
 
 /// How the runner talks to the entrypoint.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AgentProtocol {
     /// One process per invoke: the prompt on stdin, output as `log` events.
@@ -143,7 +155,7 @@ pub enum AgentProtocol {
 }
 
 /// The `result` event of a configure, or its whole JSON answer with `Accept: application/json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigureResult {
     /// sha256 (hex) over the files and the install command of this request.
@@ -161,7 +173,7 @@ pub struct ConfigureResult {
 }
 
 /// `start` event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StartEvent {
     /// The invoke's id, for reattaching and canceling.
@@ -171,7 +183,7 @@ pub struct StartEvent {
 }
 
 /// Which output stream a `log` event came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Stream {
     /// The process's standard output.
@@ -194,7 +206,7 @@ impl Stream {
 ///
 /// The exact bytes are `data` (or the decoded `dataBase64` when the bytes are not UTF-8),
 /// followed by a newline unless `partial` is true.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LogEvent {
     /// `stdout` or `stderr`.
@@ -215,7 +227,7 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// Why an invoke ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ExitReason {
     /// The process exited by itself.
@@ -244,7 +256,7 @@ impl ExitReason {
 }
 
 /// `exit` event: always the last event of an invoke.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExitEvent {
     /// The invoke's id.
@@ -261,7 +273,7 @@ pub struct ExitEvent {
 }
 
 /// `error` event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorEvent {
     /// Where it happened, e.g. `install` or `spawn`.
@@ -272,7 +284,7 @@ pub struct ErrorEvent {
 }
 
 /// `truncated` event: the journal cap was reached and output past it was counted, not stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TruncatedEvent {
     /// Output bytes that were not stored.
@@ -280,7 +292,7 @@ pub struct TruncatedEvent {
 }
 
 /// `POST /v1/invoke` answer with `Accept: application/json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InvokeResponse {
     /// The invoke's id.
@@ -301,7 +313,7 @@ pub struct InvokeResponse {
 }
 
 /// `POST /v1/invoke/cancel` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CancelRequest {
     /// The invoke to cancel.
@@ -309,7 +321,7 @@ pub struct CancelRequest {
 }
 
 /// Answer to a cancel (202).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CancelResponse {
     /// The invoke being canceled.
@@ -319,7 +331,7 @@ pub struct CancelResponse {
 }
 
 /// `POST /v1/exec` body: run an ad-hoc command (code mode's exec), journaled like an invoke.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExecRequest {
     /// The command as an argv array. Exactly one of `argv` and `command` is given.
@@ -343,7 +355,7 @@ pub struct ExecRequest {
 }
 
 /// An exec timeout: seconds, or a Go duration string such as `90s`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum ExecTimeout {
     /// Seconds.
@@ -353,7 +365,7 @@ pub enum ExecTimeout {
 }
 
 /// What started a run: the configured entrypoint, or an ad-hoc exec.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InvokeKind {
     /// `POST /v1/invoke`.
@@ -364,7 +376,7 @@ pub enum InvokeKind {
 }
 
 /// Whether an invoke is still running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InvokeState {
     /// The process (tree) is running.
@@ -374,7 +386,7 @@ pub enum InvokeState {
 }
 
 /// One entry of `GET /v1/invokes`, or the answer of `GET /v1/invokes/{id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InvokeSummary {
     /// The invoke's id.
@@ -400,7 +412,7 @@ pub struct InvokeSummary {
 }
 
 /// `GET /v1/invokes` answer, newest first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InvokeList {
     /// Recent invokes, newest first.
@@ -408,7 +420,7 @@ pub struct InvokeList {
 }
 
 /// `GET /healthz` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Health {
     /// Always `ok`.
@@ -416,7 +428,7 @@ pub struct Health {
 }
 
 /// The limits a runner enforces, reported by `/v1/info`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Limits {
     /// Invokes allowed to run at once; more get 429.
@@ -438,7 +450,7 @@ pub struct Limits {
 }
 
 /// `GET /v1/info` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Info {
     /// The runner's version.
@@ -462,8 +474,75 @@ pub struct Info {
     pub limits: Limits,
 }
 
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileEntry {
+    /// File name.
+    pub name: String,
+    /// Absolute path in the sandbox (`/workspace/...`).
+    pub path: String,
+    /// `file`, `dir` or `symlink`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// True for directories.
+    pub is_dir: bool,
+    /// Size in bytes.
+    pub size: u64,
+    /// `ls -l` style, e.g. `-rw-r--r--`.
+    pub mode: String,
+    /// Permission bits as a number.
+    pub mode_bits: u32,
+    /// Seconds since the Unix epoch.
+    pub modified_at: u64,
+}
+
+/// `GET /v1/files?path=` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileListing {
+    /// The directory's entries, sorted by name.
+    pub entries: Vec<FileEntry>,
+}
+
+/// `PUT /v1/files/{path}` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WrittenFile {
+    /// Absolute path in the sandbox.
+    pub path: String,
+    /// Bytes written.
+    pub size: u64,
+    /// sha256 of the content, hex.
+    pub sha256: String,
+}
+
+/// What happens when the last client watching an invoke goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDisconnect {
+    /// Cancel when no client has been attached for `--linger`.
+    #[default]
+    Linger,
+    /// Cancel at once.
+    Cancel,
+    /// Run to completion.
+    Continue,
+}
+
+/// Archive formats of `GET /v1/archive?format=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchiveFormat {
+    /// zip (deflate), the default.
+    #[default]
+    Zip,
+    /// POSIX tar, uncompressed.
+    Tar,
+}
+
 /// Lifecycle phase of a sandbox, as the control plane reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub enum SandboxStatus {
     /// Being created; not reachable yet.
     Creating,
@@ -504,7 +583,7 @@ pub fn valid_sandbox_name(name: &str) -> bool {
 }
 
 /// A reference to a template, as the seed's clients send it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TemplateRef {
     /// Template name.
@@ -515,7 +594,7 @@ pub struct TemplateRef {
 }
 
 /// `POST /api/v1/sandboxes` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateSandboxRequest {
     /// DNS label: lowercase letters, digits and `-`, at most 63 characters.
@@ -529,7 +608,7 @@ pub struct CreateSandboxRequest {
 }
 
 /// Who created a sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreatedBy {
     /// The caller's email, when known.
@@ -541,7 +620,7 @@ pub struct CreatedBy {
 }
 
 /// A sandbox as the control plane shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxSummary {
     /// The id used in URLs (the sandbox's name).
@@ -578,7 +657,7 @@ pub struct SandboxSummary {
 }
 
 /// `GET /api/v1/sandboxes` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxList {
     /// The sandboxes visible to the caller.
@@ -586,7 +665,7 @@ pub struct SandboxList {
 }
 
 /// A sandbox template.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TemplateInfo {
     /// Name.
@@ -602,11 +681,12 @@ pub struct TemplateInfo {
     pub resource_version: Option<String>,
     /// The template's settings (mode, env, limits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub spec: Option<serde_json::Value>,
 }
 
 /// `GET /api/v1/templates` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TemplateList {
     /// Every template.
@@ -614,7 +694,7 @@ pub struct TemplateList {
 }
 
 /// `GET /api/v1/user/me` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UserInfo {
     /// Subject: the API key's name or the token's `sub`.
@@ -670,7 +750,7 @@ pub fn valid_permission_id(id: &str) -> bool {
 }
 
 /// `POST /v1/sessions` body.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateSessionRequest {
     /// The id to use; the runner picks one (`ses-...`) when absent.
@@ -682,7 +762,7 @@ pub struct CreateSessionRequest {
 }
 
 /// A session, as `POST /v1/sessions`, `GET /v1/sessions` and `GET /v1/sessions/{id}` show it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionInfo {
     /// The session's id.
@@ -703,7 +783,7 @@ pub struct SessionInfo {
 }
 
 /// `GET /v1/sessions` answer, oldest first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionList {
     /// One page of sessions.
@@ -714,7 +794,7 @@ pub struct SessionList {
 }
 
 /// Who caused an event in a session's history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Sender {
     /// The API caller (prompts, permission replies).
@@ -727,7 +807,7 @@ pub enum Sender {
 
 /// One event of a session's history (`GET /v1/sessions/{id}/events`); over SSE it is the
 /// `data` of a frame whose `id` is `eventIndex` and whose `event` is `type`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionEvent {
     /// Position in the history, from 1.
@@ -747,7 +827,7 @@ pub struct SessionEvent {
 }
 
 /// `GET /v1/sessions/{id}/events` answer (JSON).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionEventPage {
     /// Events with `eventIndex` greater than the requested `offset`, in order.
@@ -760,7 +840,7 @@ pub struct SessionEventPage {
 }
 
 /// `agent` event: a `{"type":"event","name":...,"data":...}` line the agent wrote.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentEvent {
     /// The agent's name for it.
@@ -772,7 +852,7 @@ pub struct AgentEvent {
 }
 
 /// How a caller answers a permission request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PermissionReply {
     /// Allow this one call.
@@ -797,7 +877,7 @@ impl PermissionReply {
 /// `permission` event: the agent asks; answer with
 /// `POST /v1/sessions/{sid}/permissions/{permissionId}` or
 /// `POST /v1/invokes/{iid}/permissions/{permissionId}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PermissionEvent {
     /// The agent's id for the request.
@@ -815,7 +895,7 @@ pub struct PermissionEvent {
 }
 
 /// Who answered a permission request, and why.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ReplyOrigin {
     /// A caller, through the API.
@@ -827,7 +907,7 @@ pub enum ReplyOrigin {
 }
 
 /// `permission_reply` event: a request was answered (by a client or by the runner).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PermissionReplyEvent {
     /// The request answered.
@@ -839,7 +919,7 @@ pub struct PermissionReplyEvent {
 }
 
 /// `protocol_error` event: a line from the agent that was not valid; it was skipped.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProtocolErrorEvent {
     /// What was wrong.
@@ -849,7 +929,7 @@ pub struct ProtocolErrorEvent {
 }
 
 /// `prompt` event (session histories only): the `?prompt=` of an invoke in the session.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PromptEvent {
     /// The prompt text.
@@ -857,7 +937,7 @@ pub struct PromptEvent {
 }
 
 /// `PUT /v1/sessions/{id}/config` body (ACP agents): what to set, each optional.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SessionConfigRequest {
     /// A mode id the agent advertised (`session/set_mode`).
@@ -872,7 +952,7 @@ pub struct SessionConfigRequest {
 }
 
 /// `POST /v1/sessions/{sid}/permissions/{pid}` (and the invoke variant) body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PermissionReplyRequest {
     /// `once`, `always` or `reject`.
@@ -880,7 +960,7 @@ pub struct PermissionReplyRequest {
 }
 
 /// Answer to a permission reply.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PermissionReplyResponse {
     /// The request answered.
@@ -889,6 +969,114 @@ pub struct PermissionReplyResponse {
     pub invoke_id: InvokeId,
     /// The answer written to the agent.
     pub reply: PermissionReply,
+}
+
+/// OpenAPI schemas of one Server-Sent Events frame (`{id, event, data}`, `data` being the JSON
+/// text of the event's payload): `InvokeStreamEvent` (start, log, exit, error, truncated, and
+/// the agent channel's agent, permission, permission_reply, protocol_error),
+/// `ConfigureStreamEvent` (log, result, error) and `SessionStreamEvent` (history items). Event-stream responses use them as the schema of
+/// each event, which is how schemathesis validates streams.
+pub fn sse_frame_schemas() -> serde_json::Value {
+    fn frame(event: &str, payload: &str) -> serde_json::Value {
+        serde_json::json!({
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "event": {"const": event},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": format!("#/components/schemas/{payload}")},
+                },
+            },
+        })
+    }
+    serde_json::json!({
+        "InvokeStreamEvent": {
+            "description": "One event of an invoke or exec stream.",
+            "oneOf": [
+                frame(event::START, "StartEvent"),
+                frame(event::LOG, "LogEvent"),
+                frame(event::EXIT, "ExitEvent"),
+                frame(event::ERROR, "ErrorEvent"),
+                frame(event::TRUNCATED, "TruncatedEvent"),
+                frame(session_event::AGENT, "AgentEvent"),
+                frame(session_event::PERMISSION, "PermissionEvent"),
+                frame(session_event::PERMISSION_REPLY, "PermissionReplyEvent"),
+                frame(session_event::PROTOCOL_ERROR, "ProtocolErrorEvent"),
+            ],
+        },
+        "SessionStreamEvent": {
+            "description": "One event of a session's history followed live: `id` is its `eventIndex`, `event` its `type`, `data` the whole history item.",
+            "oneOf": [{
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "event": {"type": "string"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": "#/components/schemas/SessionEvent"},
+                },
+            },
+            }],
+        },
+        "ConfigureStreamEvent": {
+            "description": "One event of a configure stream: the install's `log` events, then `result` or `error`.",
+            "oneOf": [
+                frame(event::LOG, "LogEvent"),
+                frame(event::RESULT, "ConfigureResult"),
+                frame(event::ERROR, "ErrorEvent"),
+            ],
+        },
+    })
+}
+
+/// Points every `text/event-stream` response of an OpenAPI document at the frame schemas of
+/// [`sse_frame_schemas`] (configure operations at `ConfigureStreamEvent`), and adds them.
+pub fn describe_event_streams(doc: &mut serde_json::Value) {
+    if let Some(paths) = doc
+        .get_mut("paths")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        for (path, item) in paths.iter_mut() {
+            let frame = if path.ends_with("/configure") {
+                "ConfigureStreamEvent"
+            } else if path.contains("/sessions/") {
+                "SessionStreamEvent"
+            } else {
+                "InvokeStreamEvent"
+            };
+            let Some(ops) = item.as_object_mut() else {
+                continue;
+            };
+            for op in ops.values_mut() {
+                let Some(responses) = op
+                    .get_mut("responses")
+                    .and_then(serde_json::Value::as_object_mut)
+                else {
+                    continue;
+                };
+                for response in responses.values_mut() {
+                    if let Some(media) = response
+                        .get_mut("content")
+                        .and_then(|c| c.get_mut("text/event-stream"))
+                    {
+                        media["schema"] =
+                            serde_json::json!({"$ref": format!("#/components/schemas/{frame}")});
+                    }
+                }
+            }
+        }
+    }
+    if let (Some(schemas), serde_json::Value::Object(frames)) = (
+        doc["components"]["schemas"].as_object_mut(),
+        sse_frame_schemas(),
+    ) {
+        schemas.extend(frames);
+    }
 }
 
 #[cfg(test)]

@@ -293,7 +293,8 @@ async fn run(app: &Arc<AppState>, plan: Plan, log: &Arc<EventLog>) -> Result<Con
             install_exit_code: exit_code,
             skipped: false,
             entrypoint: stored.entrypoint.unwrap_or_default(),
-            last_configured_at: stored.last_configured_at.unwrap_or_default(),
+            // Always a timestamp on the wire: this attempt's when nothing was configured yet.
+            last_configured_at: stored.last_configured_at.unwrap_or_else(now_rfc3339),
             duration_ms: started.elapsed().as_millis() as u64,
         });
     }

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -17,48 +16,7 @@ use crate::error::{Error, Result};
 use crate::fsutil::random_hex;
 use crate::jail::WORKSPACE_ALIAS;
 
-/// One entry of a directory listing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Entry {
-    /// File name.
-    pub name: String,
-    /// Absolute path in the sandbox (`/workspace/...`).
-    pub path: String,
-    /// `file`, `dir` or `symlink`.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    /// True for directories.
-    pub is_dir: bool,
-    /// Size in bytes.
-    pub size: u64,
-    /// `ls -l` style, e.g. `-rw-r--r--`.
-    pub mode: String,
-    /// Permission bits as a number.
-    pub mode_bits: u32,
-    /// Seconds since the Unix epoch.
-    pub modified_at: u64,
-}
-
-/// `GET /v1/files?path=` answer.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Listing {
-    /// The directory's entries, sorted by name.
-    pub entries: Vec<Entry>,
-}
-
-/// `PUT /v1/files/{path}` answer.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Written {
-    /// Absolute path in the sandbox.
-    pub path: String,
-    /// Bytes written.
-    pub size: u64,
-    /// sha256 of the content, hex.
-    pub sha256: String,
-}
+pub use agentbox_proto::{FileEntry as Entry, FileListing as Listing, WrittenFile as Written};
 
 /// The sandbox path (`/workspace/...`) of a real path inside the workspace.
 pub fn sandbox_path(root: &Path, real: &Path) -> String {
@@ -110,7 +68,7 @@ fn entry(root: &Path, path: &Path, meta: &Metadata) -> Entry {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         path: sandbox_path(root, path),
-        kind,
+        kind: kind.into(),
         is_dir: ft.is_dir(),
         size: meta.len(),
         mode: mode_string(meta),
@@ -322,16 +280,7 @@ pub fn delete(root: &Path, target: &Path, recursive: bool) -> Result<()> {
     Ok(())
 }
 
-/// Archive formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// zip (deflate), the default.
-    #[default]
-    Zip,
-    /// POSIX tar, uncompressed.
-    Tar,
-}
+pub use agentbox_proto::ArchiveFormat as Format;
 
 /// A `Write` that hands fixed-size chunks to an async receiver; `write` blocks (on the archive
 /// thread) while the client is slow, so memory stays bounded.

@@ -27,18 +27,7 @@ use crate::journal::{EventLog, Subscription};
 use crate::proctree;
 use crate::supervisor::{self, Outcome, Process, Reaper, RunSpec};
 
-/// What happens when the last client watching an invoke goes away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnDisconnect {
-    /// Cancel when no client has been attached for `--linger`.
-    #[default]
-    Linger,
-    /// Cancel at once.
-    Cancel,
-    /// Run to completion.
-    Continue,
-}
+pub use agentbox_proto::OnDisconnect;
 
 /// What to start.
 #[derive(Debug)]

@@ -232,7 +232,13 @@ async fn exec_json(r: &Runner, body: Value) -> (u16, Value) {
 
 /// `POST /v1/exec` as SSE, read to its end.
 async fn exec_sse(r: &Runner, body: Value) -> Vec<Event> {
-    let resp = r.post("/v1/exec").json(&body).send().await.unwrap();
+    let resp = r
+        .post("/v1/exec")
+        .header("accept", "text/event-stream")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200, "{body}");
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let bytes = tokio::time::timeout(Duration::from_secs(60), resp.bytes())
@@ -1655,6 +1661,7 @@ async fn exec_cancel_and_reattach() {
     // Cancel: the stream ends with `exit {reason: canceled}` and the process is gone.
     let mut resp = r
         .post("/v1/exec")
+        .header("accept", "text/event-stream")
         .json(&json!({"command": format!(
             "echo $$ > {}; echo started; exec sleep 1000", pid_file.display())}))
         .send()
@@ -1699,6 +1706,7 @@ async fn exec_cancel_and_reattach() {
     // Reattach mid-run with Last-Event-ID.
     let mut resp = r
         .post("/v1/exec")
+        .header("accept", "text/event-stream")
         .json(&json!({"command":
             "echo one; echo two; while [ ! -e release ]; do sleep 0.02; done; echo three"}))
         .send()
@@ -1839,6 +1847,7 @@ async fn exec_counts_toward_the_concurrency_cap() {
     let r = Runner::start(&["--max-concurrent-invokes", "1"]);
     let mut resp = r
         .post("/v1/exec")
+        .header("accept", "text/event-stream")
         .json(&json!({"command": "echo up; exec sleep 1000"}))
         .send()
         .await

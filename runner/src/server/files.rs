@@ -12,9 +12,11 @@ use axum::Json;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+use agentbox_proto::ErrorBody;
+
 use super::query;
 use crate::error::{Error, Result};
-use crate::files::{self, Format, Listing};
+use crate::files::{self, Format, Listing, Written};
 use crate::jail::WORKSPACE_ALIAS;
 use crate::AppState;
 
@@ -23,6 +25,14 @@ struct PathQuery {
     path: Option<String>,
 }
 
+/// List a directory
+///
+/// `GET /v1/files?path=/workspace` (or `/v1/files/?path=`): the entries, sorted by name.
+#[utoipa::path(get, path = "/v1/files", tag = "files",
+    params(("path" = Option<String>, Query, description = "A sandbox path, default `/workspace`.")),
+    responses((status = 200, description = "The entries.", body = Listing),
+        (status = 400, description = "`invalid_path` (outside the workspace), `not_a_directory`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody), (status = 404, description = "`file_not_found`.", body = ErrorBody)))]
 pub(super) async fn list_files(
     State(app): State<Arc<AppState>>,
     uri: Uri,
@@ -39,6 +49,15 @@ pub(super) async fn list_files(
     Ok(Json(listing))
 }
 
+/// Download a file, optionally a byte range
+#[utoipa::path(get, path = "/v1/files/{path}", tag = "files",
+    params(("path" = String, Path, description = "The sandbox path without its leading slash: `workspace/notes.txt` is `/workspace/notes.txt`."), ("Range" = Option<String>, Header, description = "One byte range, e.g. `bytes=0-1023`.")),
+    responses(
+        (status = 200, description = "The file's bytes.", content_type = "application/octet-stream", body = String),
+        (status = 206, description = "The requested range.", content_type = "application/octet-stream", body = String),
+        (status = 400, description = "`invalid_path`, `is_a_directory`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody), (status = 404, description = "`file_not_found`.", body = ErrorBody),
+        (status = 416, description = "`range_not_satisfiable`.", body = ErrorBody)))]
 pub(super) async fn read_file(
     State(app): State<Arc<AppState>>,
     Path(path): Path<String>,
@@ -94,6 +113,16 @@ pub(super) async fn read_file(
     Ok(response)
 }
 
+/// Upload a file
+///
+/// The body is the file's content, streamed to a temporary file and renamed into place.
+#[utoipa::path(put, path = "/v1/files/{path}", tag = "files",
+    params(("path" = String, Path, description = "The sandbox path without its leading slash: `workspace/notes.txt` is `/workspace/notes.txt`.")),
+    request_body(content = String, content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "Written.", body = Written),
+        (status = 400, description = "`invalid_path`, `is_a_directory`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody), (status = 413, description = "`payload_too_large`: over `maxUploadBytes`.", body = ErrorBody)))]
 pub(super) async fn write_file(
     State(app): State<Arc<AppState>>,
     Path(path): Path<String>,
@@ -125,6 +154,14 @@ struct DeleteQuery {
     recursive: Option<bool>,
 }
 
+/// Delete a file or directory
+#[utoipa::path(delete, path = "/v1/files/{path}", tag = "files",
+    params(("path" = String, Path, description = "The sandbox path without its leading slash: `workspace/notes.txt` is `/workspace/notes.txt`."), ("recursive" = Option<bool>, Query, description = "Delete a directory with its content.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 400, description = "`invalid_path` (outside the workspace, or the workspace itself), `invalid_request`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody), (status = 404, description = "`file_not_found`.", body = ErrorBody),
+        (status = 409, description = "`directory_not_empty`: pass `?recursive=true`.", body = ErrorBody)))]
 pub(super) async fn delete_file(
     State(app): State<Arc<AppState>>,
     Path(path): Path<String>,
@@ -147,6 +184,15 @@ struct ArchiveQuery {
     format: Option<Format>,
 }
 
+/// Download a directory as a zip (or tar)
+#[utoipa::path(get, path = "/v1/archive", tag = "files",
+    params(("path" = Option<String>, Query, description = "A sandbox directory, default `/workspace`."),
+        ("format" = Option<Format>, Query, description = "`zip` (default) or `tar`.")),
+    responses(
+        (status = 200, description = "The archive, streamed as it is built.",
+            content((String = "application/zip"), (String = "application/x-tar"))),
+        (status = 400, description = "`invalid_path`, `not_a_directory`, `invalid_request`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody), (status = 404, description = "`file_not_found`.", body = ErrorBody)))]
 pub(super) async fn archive(State(app): State<Arc<AppState>>, uri: Uri) -> Result<Response> {
     let q: ArchiveQuery = query(&uri)?;
     let dir = app

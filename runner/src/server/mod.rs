@@ -3,6 +3,7 @@
 //! errors into responses; nothing below this module sees HTTP.
 
 mod files;
+mod openapi;
 mod sessions;
 
 use std::convert::Infallible;
@@ -11,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentbox_proto::{
-    event, CancelRequest, CancelResponse, ConfigureRequest, ExecRequest, ExecTimeout, ExitEvent,
-    Health, Info, InvokeKind, InvokeList, InvokeResponse, InvokeSummary, Limits, LogEvent, Stream,
+    event, CancelRequest, CancelResponse, ConfigureRequest, ConfigureResult, ErrorBody,
+    ExecRequest, ExecTimeout, ExitEvent, Health, Info, InvokeKind, InvokeList, InvokeResponse,
+    InvokeSummary, Limits, LogEvent, Stream,
 };
 use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
@@ -149,17 +151,24 @@ async fn authenticate(State(app): State<Arc<AppState>>, request: Request, next: 
     next.run(request).await
 }
 
+/// Liveness
+///
+/// Answers as soon as the runner serves HTTP; no token needed.
+#[utoipa::path(get, path = "/healthz", tag = "meta", security(()),
+    responses((status = 200, description = "The runner is up.", body = Health)))]
 async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".into(),
     })
 }
 
-/// The API description, committed next to the code as `runner/openapi.json`.
-pub const OPENAPI: &str = include_str!("../../openapi.json");
-
+/// This document
+///
+/// The runner's OpenAPI description (generated from the code; committed as `runner/openapi.json`).
+#[utoipa::path(get, path = "/openapi.json", tag = "meta", security(()),
+    responses((status = 200, description = "The OpenAPI description.", content_type = "application/json", body = Object)))]
 async fn openapi() -> Response {
-    let mut response = OPENAPI.into_response();
+    let mut response = openapi::document().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -179,6 +188,9 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     Error::Internal("the request handler panicked".into()).into_response()
 }
 
+/// Version, mode, configuration and limits
+#[utoipa::path(get, path = "/v1/info", tag = "meta",
+    responses((status = 200, description = "The runner's state.", body = Info), (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody)))]
 async fn info(State(app): State<Arc<AppState>>) -> Json<Info> {
     let stored = app.store.get();
     let cfg = &app.cfg;
@@ -223,19 +235,44 @@ fn wants_json(headers: &HeaderMap) -> bool {
 }
 
 async fn read_json<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> Result<T> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-        {
-            Error::PayloadTooLarge(format!("the request body is larger than {limit} bytes"))
-        } else {
-            Error::InvalidRequest(format!("cannot read the request body: {e}"))
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| Error::InvalidRequest(format!("cannot read the request body: {e}")))?;
+        if bytes.len() + chunk.len() > limit {
+            // Read (a bounded amount of) the rest, so the client gets the 413 rather than a
+            // connection reset while it is still sending.
+            crate::files::drain(&mut stream).await;
+            return Err(Error::PayloadTooLarge(format!(
+                "the request body is larger than {limit} bytes"
+            )));
         }
-    })?;
+        bytes.extend_from_slice(&chunk);
+    }
     serde_json::from_slice(&bytes).map_err(|e| {
         Error::InvalidRequest(format!("the body is not valid JSON for this route: {e}"))
     })
 }
 
+/// Configure: files, install command, entrypoint, env
+///
+/// Writes `files` into the workspace, runs `installCommand` once per distinct configuration
+/// (sha256 over files and install command; the same hash as the last successful install is
+/// `skipped: true`) and sets the entrypoint. Streams the install's `log` events and ends with
+/// one `result` event (ConfigureResult), or an `error` event (ErrorEvent) when the install cannot
+/// start. With `Accept: application/json`, answers the ConfigureResult once done. A failed
+/// install (`installExitCode` not 0) leaves the previous configuration in force.
+#[utoipa::path(post, path = "/v1/configure", tag = "configure",
+    request_body(content = ConfigureRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "`log`… then `result` (or `error`) as Server-Sent Events; or the ConfigureResult.",
+            content((String = "text/event-stream"), (ConfigureResult = "application/json"))),
+        (status = 400, description = "`invalid_request` (bad JSON, no entrypoint on the first configure), `invalid_path` (a file outside the workspace), `wrong_mode` (code mode).", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: a file, the total or the file count is over the runner's limits.", body = ErrorBody),
+        (status = 422, description = "`install_failed`: the install command could not be started (JSON answer only).", body = ErrorBody)))]
 async fn configure_sandbox(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -278,6 +315,25 @@ pub(crate) fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T> {
         .map_err(|e| Error::InvalidRequest(format!("bad query string: {}", e.body_text())))
 }
 
+/// Invoke the entrypoint
+///
+/// Spawns the configured entrypoint with the request body on stdin (a JSON body arrives as its
+/// JSON text) and `--prompt=<prompt>` appended when `?prompt=` is given (the prompt is stdin
+/// when the body is empty). Streams `start`, `log`… and `exit` as Server-Sent Events; with
+/// `Accept: application/json` answers one InvokeResponse when it exits.
+#[utoipa::path(post, path = "/v1/invoke", tag = "invokes",
+    params(
+        ("prompt" = Option<String>, Query, description = "Passed as `--prompt=<prompt>`; stdin when the body is empty."),
+        ("timeout" = Option<String>, Query, description = "A Go duration (`90s`, `5m`, `1h30m`); capped at `maxTimeoutMs`."),
+        ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves (default `linger`).")),
+    request_body(content = String, description = "stdin for the entrypoint, any bytes.", content_type = "application/octet-stream"),
+    responses(
+        (status = 200, description = "`start`, `log`…, `exit` as Server-Sent Events; or the InvokeResponse.",
+            content((String = "text/event-stream"), (InvokeResponse = "application/json"))),
+        (status = 400, description = "`invalid_request` (bad query), `invalid_timeout`, `wrong_mode` (code mode).", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 424, description = "`not_configured`: no entrypoint has been configured.", body = ErrorBody),
+        (status = 429, description = "`concurrency_exceeded` with `limit`, `inflight` and `Retry-After: 5`.", body = ErrorBody)))]
 async fn invoke(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -335,6 +391,21 @@ struct ExecQuery {
     on_disconnect: Option<OnDisconnect>,
 }
 
+/// Run a command (code mode's exec)
+///
+/// Runs `argv` or a shell `command` in `cwd` with `stdin`, journaled like an invoke. Answers one
+/// InvokeResponse (`stdout`, `stderr`, `exitCode`) when it exits, as the seed's exec does; with
+/// `Accept: text/event-stream`, streams `start`, `log`…, `exit` instead. Works in both modes.
+#[utoipa::path(post, path = "/v1/exec", tag = "exec",
+    params(("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves (default `linger`).")),
+    request_body(content = ExecRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The InvokeResponse; or the events as Server-Sent Events.",
+            content((InvokeResponse = "application/json"), (String = "text/event-stream"))),
+        (status = 400, description = "`invalid_request`, `invalid_timeout`, `invalid_path` (cwd outside the workspace), `not_a_directory`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 16 MiB.", body = ErrorBody),
+        (status = 429, description = "`concurrency_exceeded` with `Retry-After: 5`.", body = ErrorBody)))]
 async fn exec(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -399,10 +470,19 @@ async fn exec(
         acp: None,
     })?;
     let (sub, attachment) = app.invokes.follow(&invoke, 0).await?;
-    if wants_json(&headers) {
+    // The seed's exec answers one JSON document; events only for clients that ask for them.
+    if !wants_sse(&headers) {
         return Ok(Json(collect(sub, attachment).await?).into_response());
     }
     Ok(sse_response(sub, Some(attachment), app.cfg.keepalive))
+}
+
+/// Whether the client asked for an event stream (`Accept: text/event-stream`).
+fn wants_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"))
 }
 
 /// Reads an invoke's events to the end and folds them into one JSON answer.
@@ -452,6 +532,14 @@ async fn collect(mut sub: Subscription, attachment: Attachment) -> Result<Invoke
     })
 }
 
+/// Cancel an invoke or exec
+///
+/// SIGTERM to the whole process tree, SIGKILL after `--grace`. 404 once it has finished.
+#[utoipa::path(post, path = "/v1/invokes/{id}/cancel", tag = "invokes",
+    params(("id" = String, Path, description = "The invoke id (`inv-…`).")),
+    responses(
+        (status = 202, description = "Canceling: the stream ends with `exit` (reason `canceled`).", body = CancelResponse),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody), (status = 404, description = "`invoke_not_found`: no such invoke is running.", body = ErrorBody)))]
 async fn cancel_invoke(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -467,17 +555,36 @@ async fn cancel_invoke(
         .into_response())
 }
 
+/// Cancel an invoke named in the body
+///
+/// As `POST /v1/invokes/{id}/cancel`, with `{"invokeId": "..."}` as the body.
+#[utoipa::path(post, path = "/v1/invoke/cancel", tag = "invokes",
+    request_body(content = CancelRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Canceling: the invoke's stream ends with `exit` (reason `canceled`).", body = CancelResponse),
+        (status = 400, description = "`invalid_request`: the body is not `{invokeId}`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 404, description = "`invoke_not_found`: no such invoke is running.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 64 KiB.", body = ErrorBody)))]
 async fn cancel_invoke_by_body(State(app): State<Arc<AppState>>, body: Body) -> Result<Response> {
     let req: CancelRequest = read_json(body, 64 << 10).await?;
     cancel_invoke(State(app), Path(req.invoke_id.0)).await
 }
 
+/// Recent invokes and execs, newest first
+#[utoipa::path(get, path = "/v1/invokes", tag = "invokes",
+    responses((status = 200, description = "Running and retained finished runs.", body = InvokeList), (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody)))]
 async fn list_invokes(State(app): State<Arc<AppState>>) -> Json<InvokeList> {
     Json(InvokeList {
         invokes: app.invokes.list(),
     })
 }
 
+/// One invoke's summary
+#[utoipa::path(get, path = "/v1/invokes/{id}", tag = "invokes",
+    params(("id" = String, Path, description = "The invoke id (`inv-…`).")),
+    responses((status = 200, description = "The invoke.", body = InvokeSummary), (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 404, description = "`invoke_not_found`.", body = ErrorBody)))]
 async fn get_invoke(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -490,6 +597,18 @@ struct EventsQuery {
     after: Option<u64>,
 }
 
+/// Reattach: an invoke's events after an id
+///
+/// Replays the journaled events with ids greater than `Last-Event-ID` (or `?after=`), then
+/// follows live ones until `exit`. Always `text/event-stream`.
+#[utoipa::path(get, path = "/v1/invokes/{id}/events", tag = "invokes",
+    params(("id" = String, Path, description = "The invoke id (`inv-…`)."),
+        ("after" = Option<u64>, Query, description = "Replay events with ids greater than this."),
+        ("Last-Event-ID" = Option<String>, Header, description = "As `after`; wins over it.")),
+    responses(
+        (status = 200, description = "The events as Server-Sent Events.", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid_request`: `Last-Event-ID` or `after` is not an event id.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody), (status = 404, description = "`invoke_not_found`.", body = ErrorBody)))]
 async fn stream_events(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,

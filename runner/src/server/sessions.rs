@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use agentbox_proto::{
-    session_event, CreateSessionRequest, PermissionReplyRequest, PermissionReplyResponse,
-    PromptEvent, Sender, SessionEvent, SessionEventPage, SessionInfo, SessionList,
+    session_event, CreateSessionRequest, ErrorBody, PermissionReplyRequest,
+    PermissionReplyResponse, PromptEvent, Sender, SessionConfigRequest, SessionEvent,
+    SessionEventPage, SessionInfo, SessionList,
 };
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -129,8 +130,19 @@ pub(super) async fn acp_turn(
     })
 }
 
-/// `PUT /v1/sessions/{id}/config`: mode, model and config options of an ACP agent's session.
-async fn set_config(
+/// Set an ACP agent's session config
+///
+/// Mode, model and config options the agent advertised; starts the session's agent if needed.
+#[utoipa::path(put, path = "/v1/sessions/{id}/config", tag = "sessions",
+    params(("id" = String, Path, description = "The session id: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`.")),
+    request_body(content = SessionConfigRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "What the agent answered, per setting.", body = Object),
+        (status = 400, description = "`invalid_request`: not an ACP agent, or a bad body.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 404, description = "`session_not_found`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody)))]
+pub(super) async fn set_config(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
     body: Body,
@@ -154,7 +166,18 @@ async fn set_config(
     ))
 }
 
-async fn create(State(app): State<Arc<AppState>>, body: Body) -> Result<Response> {
+/// Create a session
+///
+/// The runner picks an id (`ses-…`) when none is given.
+#[utoipa::path(post, path = "/v1/sessions", tag = "sessions",
+    request_body(content = CreateSessionRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created.", body = SessionInfo),
+        (status = 400, description = "`invalid_session_id` or `invalid_request`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 409, description = "`session_exists`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody)))]
+pub(super) async fn create(State(app): State<Arc<AppState>>, body: Body) -> Result<Response> {
     let req: CreateSessionRequest = read_json(body, 1 << 20).await?;
     let session = app.sessions.create(req.id, req.metadata)?;
     Ok((StatusCode::CREATED, Json(session.info())).into_response())
@@ -177,7 +200,15 @@ fn page_of(uri: &Uri) -> Result<(u64, u64)> {
     Ok((q.offset.unwrap_or(0), limit))
 }
 
-async fn list(State(app): State<Arc<AppState>>, uri: Uri) -> Result<Json<SessionList>> {
+/// Sessions, oldest first, a page at a time
+#[utoipa::path(get, path = "/v1/sessions", tag = "sessions",
+    params(("offset" = Option<u64>, Query, description = "Sessions to skip."),
+        ("limit" = Option<u64>, Query, description = "Page size, 1 to 1000 (default 100).")),
+    responses(
+        (status = 200, description = "One page.", body = SessionList),
+        (status = 400, description = "`invalid_request`: a bad `offset` or `limit`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody)))]
+pub(super) async fn list(State(app): State<Arc<AppState>>, uri: Uri) -> Result<Json<SessionList>> {
     let (offset, limit) = page_of(&uri)?;
     let all = app.sessions.list();
     let items: Vec<SessionInfo> = all
@@ -193,22 +224,53 @@ async fn list(State(app): State<Arc<AppState>>, uri: Uri) -> Result<Json<Session
     }))
 }
 
-async fn get_one(
+/// One session
+#[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "The session id: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`.")),
+    responses(
+        (status = 200, description = "The session.", body = SessionInfo),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 404, description = "`session_not_found`.", body = ErrorBody)))]
+pub(super) async fn get_one(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<SessionInfo>> {
     Ok(Json(app.sessions.get(&id)?.info()))
 }
 
-async fn delete(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Result<StatusCode> {
+/// Delete a session, its history and its directory
+#[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "The session id: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 404, description = "`session_not_found`.", body = ErrorBody),
+        (status = 409, description = "`session_busy`: an invoke runs in it.", body = ErrorBody)))]
+pub(super) async fn delete(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
     app.sessions.delete(&id)?;
     app.acp.stop(&id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The history: a JSON page by default, a live SSE stream with `Accept: text/event-stream`
-/// (from `Last-Event-ID`, or `?offset=`).
-async fn events(
+/// A session's history
+///
+/// A JSON page of events after `offset` by default; with `Accept: text/event-stream`, the
+/// events after `Last-Event-ID` (or `offset`), then live ones, as Server-Sent Events.
+#[utoipa::path(get, path = "/v1/sessions/{id}/events", tag = "sessions",
+    params(("id" = String, Path, description = "The session id: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`."),
+        ("offset" = Option<u64>, Query, description = "Events with `eventIndex` greater than this."),
+        ("limit" = Option<u64>, Query, description = "Page size, 1 to 1000 (default 100)."),
+        ("Last-Event-ID" = Option<String>, Header, description = "For the event stream: resume after this `eventIndex`.")),
+    responses(
+        (status = 200, description = "A page of the history, or the history as Server-Sent Events.",
+            content((SessionEventPage = "application/json"), (String = "text/event-stream"))),
+        (status = 400, description = "`invalid_request`: a bad `offset`, `limit` or `Last-Event-ID`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 404, description = "`session_not_found`.", body = ErrorBody)))]
+pub(super) async fn events(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -269,7 +331,18 @@ async fn events(
     .into_response())
 }
 
-async fn reply_in_session(
+/// Answer a permission request in a session
+#[utoipa::path(post, path = "/v1/sessions/{id}/permissions/{pid}", tag = "sessions",
+    params(("id" = String, Path, description = "The session id: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`."), ("pid" = String, Path, description = "The `permissionId` of the `permission` event.")),
+    request_body(content = PermissionReplyRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The reply was written to the agent.", body = PermissionReplyResponse),
+        (status = 400, description = "`invalid_request`: the body is not `{reply}`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 404, description = "`session_not_found` or `permission_not_found`.", body = ErrorBody),
+        (status = 409, description = "`permission_answered`: already answered.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 64 KiB.", body = ErrorBody)))]
+pub(super) async fn reply_in_session(
     State(app): State<Arc<AppState>>,
     Path((id, pid)): Path<(String, String)>,
     body: Body,
@@ -288,7 +361,19 @@ async fn reply_in_session(
     )?))
 }
 
-async fn reply_in_invoke(
+/// Answer a permission request of an invoke
+#[utoipa::path(post, path = "/v1/invokes/{id}/permissions/{pid}", tag = "invokes",
+    params(("id" = String, Path, description = "The invoke id (`inv-…`)."),
+        ("pid" = String, Path, description = "The `permissionId` of the `permission` event.")),
+    request_body(content = PermissionReplyRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The reply was written to the agent.", body = PermissionReplyResponse),
+        (status = 400, description = "`invalid_request`: the body is not `{reply}`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 404, description = "`permission_not_found`.", body = ErrorBody),
+        (status = 409, description = "`permission_answered`: already answered.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 64 KiB.", body = ErrorBody)))]
+pub(super) async fn reply_in_invoke(
     State(app): State<Arc<AppState>>,
     Path((id, pid)): Path<(String, String)>,
     body: Body,

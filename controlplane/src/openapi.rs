@@ -1,0 +1,530 @@
+//! The control plane's OpenAPI description, generated from the code: schemas from the wire
+//! types (`ToSchema` derives in `agentbox-proto`), operations from the `#[utoipa::path]`
+//! annotations on the handlers in [`crate::api`] and, for the routes passed through to runners
+//! (one handler serves them all), on the stubs below; the overview is
+//! `controlplane/openapi-intro.md`. `GET /openapi.json` serves it; `controlplane/openapi.json` is
+//! a committed copy that a test keeps current (regenerate it with
+//! `UPDATE_OPENAPI=1 cargo test -p agentbox-controlplane --lib openapi`).
+
+use std::sync::OnceLock;
+
+use agentbox_proto::{
+    AgentEvent, ArchiveFormat, CancelRequest, CancelResponse, ConfigureRequest, ConfigureResult,
+    CreateSessionRequest, ErrorBody, ErrorEvent, ExecRequest, ExitEvent, FileListing, InvokeList,
+    InvokeResponse, InvokeSummary, LogEvent, OnDisconnect, PermissionEvent, PermissionReplyEvent,
+    PermissionReplyRequest, PermissionReplyResponse, ProtocolErrorEvent, SessionConfigRequest,
+    SessionEvent, SessionEventPage, SessionInfo, SessionList, StartEvent, TruncatedEvent,
+    WrittenFile,
+};
+use serde_json::{json, Value};
+use utoipa::OpenApi;
+
+use crate::api;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "agentbox control plane API", description = include_str!("../openapi-intro.md")),
+    paths(
+        api::healthz,
+        api::render_metrics,
+        api::openapi,
+        api::user_me,
+        api::list_templates,
+        api::get_template,
+        api::list_sandboxes,
+        api::create_sandbox,
+        api::get_sandbox,
+        api::delete_sandbox,
+        api::stop_sandbox,
+        api::resume_sandbox,
+        configure,
+        invoke,
+        invoke_cancel,
+        invokes_list,
+        invokes_get,
+        invokes_events,
+        invokes_cancel,
+        exec,
+        files_list,
+        files_get,
+        files_put,
+        files_delete,
+        archive,
+        sessions_create,
+        sessions_list,
+        sessions_get,
+        sessions_delete,
+        sessions_events,
+        sessions_config,
+        sessions_permission,
+        invokes_permission,
+    ),
+    components(schemas(
+        StartEvent, LogEvent, ExitEvent, ErrorEvent, TruncatedEvent, ConfigureResult, OnDisconnect,
+        ArchiveFormat, AgentEvent, PermissionEvent, PermissionReplyEvent, ProtocolErrorEvent,
+        SessionEvent,
+    )),
+    tags(
+        (name = "meta", description = "Health, metrics and this document; no credential needed."),
+        (name = "user", description = "The caller's identity and namespaces."),
+        (name = "templates", description = "What sandboxes can be created from."),
+        (name = "sandboxes", description = "Creating, listing, stopping, resuming and deleting sandboxes."),
+        (name = "configure", description = "Files, install command, entrypoint and environment of an agent-mode sandbox (passed to its runner)."),
+        (name = "invokes", description = "Running the entrypoint, following, reattaching and canceling (passed to the sandbox's runner)."),
+        (name = "exec", description = "Ad-hoc commands, journaled like invokes; both modes (passed to the sandbox's runner)."),
+        (name = "sessions", description = "Sessions, their histories, permission replies and ACP session config (passed to the sandbox's runner)."),
+        (name = "files", description = "Listing, downloading, uploading and deleting workspace files, and archives; both modes (passed to the sandbox's runner)."),
+    )
+)]
+struct ApiDoc;
+
+/// The description as pretty-printed JSON (what `GET /openapi.json` answers).
+pub fn document() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the description is JSON");
+        finish(&mut doc);
+        agentbox_proto::describe_event_streams(&mut doc);
+        let mut text = serde_json::to_string_pretty(&doc).expect("the description is JSON");
+        text.push('\n');
+        text
+    })
+}
+
+/// What the derive does not express: version, license, server, the security schemes.
+fn finish(doc: &mut Value) {
+    doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
+    doc["info"]["summary"] = json!(
+        "Create, stop, resume and delete sandboxes, and configure, invoke and stream agents in \
+         them through their runners."
+    );
+    doc["info"]["license"] = json!({"name": "Apache-2.0", "identifier": "Apache-2.0"});
+    if let Some(info) = doc["info"].as_object_mut() {
+        info.remove("contact");
+    }
+    doc["servers"] = json!([{
+        "url": "http://{host}:{port}",
+        "description": "A control plane; it listens on 127.0.0.1:8420 unless started with --listen.",
+        "variables": {"host": {"default": "127.0.0.1"}, "port": {"default": "8420"}},
+    }]);
+    doc["security"] = json!([{"apiKeyAuth": []}, {"bearerAuth": []}]);
+    doc["components"]["securitySchemes"] = json!({
+        "apiKeyAuth": {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-API-Key",
+            "description": "`X-API-Key: <key>` with an API key from `--api-keys-file` (stored as \
+                SHA-256 digests, compared in constant time). Sent together with \
+                `Authorization`, this header is the one used.",
+        },
+        "bearerAuth": {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "API key or OIDC JWT",
+            "description": "`Authorization: Bearer <credential>`: an API key, or a JWT from the \
+                configured OIDC issuer (signature, `exp`, `nbf`, `iss`, `aud`).",
+        },
+    });
+}
+
+// The routes passed through to the sandbox's runner. These functions are never called: they
+// carry the annotations for the one handler (`api::to_runner`) that serves them all.
+
+/// Configure: files, install command, entrypoint, env
+///
+/// Passed to the runner's `POST /v1/configure`. Streams the install's `log` events and ends
+/// with `result` (ConfigureResult: `lastConfiguredAt`, `installCommandHash`, `entrypoint`,
+/// `installExitCode`, `skipped`) or `error` (`{phase, message}`); with `Accept:
+/// application/json`, answers the ConfigureResult. The same files and install command as the
+/// last successful install are `skipped: true`.
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/configure", tag = "configure",
+    params(("id" = String, Path, description = "The sandbox id.")),
+    request_body(content = ConfigureRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "`log`… then `result` (or `error`) as Server-Sent Events; or the ConfigureResult.",
+            content((String = "text/event-stream"), (ConfigureResult = "application/json"))),
+        (status = 400, description = "`invalid_request`, `invalid_path`; `wrong_mode` on a code-mode sandbox.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`.", body = ErrorBody),
+        (status = 422, description = "`install_failed` (JSON answer only).", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn configure() {}
+
+/// Invoke the entrypoint
+///
+/// Passed to the runner's `POST /v1/invoke`. The body is the entrypoint's stdin (a JSON body
+/// arrives as its JSON text). Streams `start {invokeId, startedAt}`, `log {stream, data}`…,
+/// `exit {invokeId, exitCode, durationMs, reason}`; with `Accept: application/json`, one
+/// InvokeResponse.
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/invoke", tag = "invokes",
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("prompt" = Option<String>, Query, description = "Passed as `--prompt=<prompt>`; stdin when the body is empty."),
+        ("timeout" = Option<String>, Query, description = "A Go duration (`90s`, `5m`, `1h30m`)."),
+        ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves.")),
+    request_body(content = String, description = "stdin for the entrypoint, any bytes.", content_type = "application/octet-stream"),
+    responses(
+        (status = 200, description = "Server-Sent Events; or the InvokeResponse.",
+            content((String = "text/event-stream"), (InvokeResponse = "application/json"))),
+        (status = 400, description = "`invalid_request`, `invalid_timeout`; `wrong_mode` on a code-mode sandbox.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 424, description = "`not_configured`: configure first.", body = ErrorBody),
+        (status = 429, description = "`concurrency_exceeded` with `Retry-After: 5`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn invoke() {}
+
+/// Cancel an invoke named in the body
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/invoke/cancel", tag = "invokes",
+    params(("id" = String, Path, description = "The sandbox id.")),
+    request_body(content = CancelRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Canceling: the stream ends with `exit` (reason `canceled`).", body = CancelResponse),
+        (status = 400, description = "`invalid_request`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, or `invoke_not_found`: no such invoke runs.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn invoke_cancel() {}
+
+/// Recent invokes and execs, newest first
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/invokes", tag = "invokes",
+    params(("id" = String, Path, description = "The sandbox id.")),
+    responses((status = 200, description = "The runs.", body = InvokeList),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn invokes_list() {}
+
+/// One invoke's summary
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/invokes/{iid}", tag = "invokes",
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("iid" = String, Path, description = "The invoke id (`inv-…`).")),
+    responses((status = 200, description = "The invoke.", body = InvokeSummary),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, `invoke_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn invokes_get() {}
+
+/// Reattach: an invoke's events after an id
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/invokes/{iid}/events", tag = "invokes",
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("iid" = String, Path, description = "The invoke id (`inv-…`)."),
+        ("after" = Option<u64>, Query, description = "Replay events with ids greater than this."),
+        ("Last-Event-ID" = Option<String>, Header, description = "As `after`; wins over it.")),
+    responses(
+        (status = 200, description = "The events as Server-Sent Events.", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid_request`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, `invoke_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn invokes_events() {}
+
+/// Cancel an invoke or exec
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/invokes/{iid}/cancel", tag = "invokes",
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("iid" = String, Path, description = "The invoke id (`inv-…`).")),
+    responses(
+        (status = 202, description = "Canceling.", body = CancelResponse),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, `invoke_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn invokes_cancel() {}
+
+/// Run a command: `{command, timeout?}` → `{stdout, stderr, exitCode}`
+///
+/// Passed to the runner's `POST /v1/exec`. Answers one InvokeResponse when the command exits;
+/// with `Accept: text/event-stream`, streams its events instead. Works in both modes.
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/exec", tag = "exec",
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves.")),
+    request_body(content = ExecRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The InvokeResponse; or Server-Sent Events.",
+            content((InvokeResponse = "application/json"), (String = "text/event-stream"))),
+        (status = 400, description = "`invalid_request`, `invalid_timeout`, `invalid_path`, `not_a_directory`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`.", body = ErrorBody),
+        (status = 429, description = "`concurrency_exceeded`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn exec() {}
+
+/// List a directory: `files/?path=/workspace`
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/files/", tag = "files",
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("path" = Option<String>, Query, description = "A sandbox path, default `/workspace`.")),
+    responses((status = 200, description = "`{\"entries\": [{name, size, isDir, mode, modifiedAt, …}]}`.", body = FileListing),
+        (status = 400, description = "`invalid_path`, `not_a_directory`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, `file_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn files_list() {}
+
+/// Download a file: `files/workspace/notes.txt` is `/workspace/notes.txt`
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/files/{path}", tag = "files",
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("path" = String, Path, description = "The sandbox path without its leading slash."),
+        ("Range" = Option<String>, Header, description = "One byte range, e.g. `bytes=0-1023`.")),
+    responses(
+        (status = 200, description = "The file's bytes.", content_type = "application/octet-stream", body = String),
+        (status = 206, description = "The requested range.", content_type = "application/octet-stream", body = String),
+        (status = 400, description = "`invalid_path`, `is_a_directory`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, `file_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 416, description = "`range_not_satisfiable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn files_get() {}
+
+/// Upload a file
+#[utoipa::path(put, path = "/api/v1/sandboxes/{id}/files/{path}", tag = "files",
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("path" = String, Path, description = "The sandbox path without its leading slash.")),
+    request_body(content = String, content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "Written.", body = WrittenFile),
+        (status = 400, description = "`invalid_path`, `is_a_directory`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn files_put() {}
+
+/// Delete a file or directory
+#[utoipa::path(delete, path = "/api/v1/sandboxes/{id}/files/{path}", tag = "files",
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("path" = String, Path, description = "The sandbox path without its leading slash."),
+        ("recursive" = Option<bool>, Query, description = "Delete a directory with its content.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 400, description = "`invalid_path`, `invalid_request`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, `file_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`, `directory_not_empty`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn files_delete() {}
+
+/// Download a directory as a zip (or tar)
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/archive", tag = "files",
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("path" = Option<String>, Query, description = "A sandbox directory, default `/workspace`."),
+        ("format" = Option<ArchiveFormat>, Query, description = "`zip` (default) or `tar`.")),
+    responses(
+        (status = 200, description = "The archive, streamed as it is built.",
+            content((String = "application/zip"), (String = "application/x-tar"))),
+        (status = 400, description = "`invalid_path`, `not_a_directory`, `invalid_request`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, `file_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn archive() {}
+
+/// Create a session in the sandbox
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/sessions", tag = "sessions",
+    params(("id" = String, Path, description = "The sandbox id.")),
+    request_body(content = CreateSessionRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created.", body = SessionInfo),
+        (status = 400, description = "`invalid_session_id`, `invalid_request`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`, `session_exists`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn sessions_create() {}
+
+/// Sessions, oldest first, a page at a time
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/sessions", tag = "sessions",
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("offset" = Option<u64>, Query, description = "Sessions to skip."),
+        ("limit" = Option<u64>, Query, description = "Page size, 1 to 1000 (default 100).")),
+    responses(
+        (status = 200, description = "One page.", body = SessionList),
+        (status = 400, description = "`invalid_request`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn sessions_list() {}
+
+/// One session
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/sessions/{sid}", tag = "sessions",
+    params(("id" = String, Path, description = "The sandbox id."), ("sid" = String, Path, description = "The session id.")),
+    responses(
+        (status = 200, description = "The session.", body = SessionInfo),
+        (status = 404, description = "`sandbox_not_found`, `session_not_found`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn sessions_get() {}
+
+/// Delete a session, its history and its directory
+#[utoipa::path(delete, path = "/api/v1/sandboxes/{id}/sessions/{sid}", tag = "sessions",
+    params(("id" = String, Path, description = "The sandbox id."), ("sid" = String, Path, description = "The session id.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 404, description = "`sandbox_not_found`, `session_not_found`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`, `session_busy`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn sessions_delete() {}
+
+/// A session's history
+///
+/// A JSON page by default; with `Accept: text/event-stream`, followed live (resumable with
+/// `Last-Event-ID`).
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/sessions/{sid}/events", tag = "sessions",
+    params(("id" = String, Path, description = "The sandbox id."), ("sid" = String, Path, description = "The session id."),
+        ("offset" = Option<u64>, Query, description = "Events with `eventIndex` greater than this."),
+        ("limit" = Option<u64>, Query, description = "Page size, 1 to 1000 (default 100)."),
+        ("Last-Event-ID" = Option<String>, Header, description = "For the event stream: resume after this `eventIndex`.")),
+    responses(
+        (status = 200, description = "A page of the history, or the history as Server-Sent Events.",
+            content((SessionEventPage = "application/json"), (String = "text/event-stream"))),
+        (status = 400, description = "`invalid_request`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, `session_not_found`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn sessions_events() {}
+
+/// Set an ACP agent's session config (mode, model, options)
+#[utoipa::path(put, path = "/api/v1/sandboxes/{id}/sessions/{sid}/config", tag = "sessions",
+    params(("id" = String, Path, description = "The sandbox id."), ("sid" = String, Path, description = "The session id.")),
+    request_body(content = SessionConfigRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "What the agent answered, per setting.", body = Object),
+        (status = 400, description = "`invalid_request`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, `session_not_found`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn sessions_config() {}
+
+/// Answer a permission request in a session
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/sessions/{sid}/permissions/{pid}", tag = "sessions",
+    params(("id" = String, Path, description = "The sandbox id."), ("sid" = String, Path, description = "The session id."), ("pid" = String, Path, description = "The `permissionId` of the `permission` event.")),
+    request_body(content = PermissionReplyRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The reply was written to the agent.", body = PermissionReplyResponse),
+        (status = 400, description = "`invalid_request`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, `session_not_found`, `permission_not_found`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`, `permission_answered`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn sessions_permission() {}
+
+/// Answer a permission request of an invoke
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/invokes/{iid}/permissions/{pid}", tag = "invokes",
+    params(("id" = String, Path, description = "The sandbox id."), ("iid" = String, Path, description = "The invoke id (`inv-…`)."), ("pid" = String, Path, description = "The `permissionId` of the `permission` event.")),
+    request_body(content = PermissionReplyRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The reply was written to the agent.", body = PermissionReplyResponse),
+        (status = 400, description = "`invalid_request`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, `permission_not_found`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`, `permission_answered`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn invokes_permission() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every event stream is described event by event (schemathesis found streams described as
+    /// one string; it validates each event against the media type's schema).
+    #[test]
+    fn event_streams_are_described_per_event() {
+        let doc: Value = serde_json::from_str(document()).expect("JSON");
+        let mut streams = 0;
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("path item") {
+                for (status, response) in op["responses"].as_object().expect("responses") {
+                    let Some(media) = response["content"].get("text/event-stream") else {
+                        continue;
+                    };
+                    streams += 1;
+                    let frame = media["schema"]["$ref"].as_str().unwrap_or_default();
+                    let name = frame.rsplit('/').next().unwrap_or_default();
+                    assert!(
+                        doc["components"]["schemas"][name]["oneOf"].is_array(),
+                        "{method} {path} {status}: {media}"
+                    );
+                }
+            }
+        }
+        assert!(streams >= 4, "{streams} event streams");
+    }
+
+    /// The committed `controlplane/openapi.json` is what the code generates;
+    /// `UPDATE_OPENAPI=1` rewrites it.
+    #[test]
+    fn openapi_json_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+        let generated = document();
+        if std::env::var_os("UPDATE_OPENAPI").is_some() {
+            std::fs::write(path, generated).expect("write openapi.json");
+        }
+        let committed = std::fs::read_to_string(path).expect("read openapi.json");
+        assert!(
+            committed == generated,
+            "controlplane/openapi.json is stale: run UPDATE_OPENAPI=1 cargo test -p agentbox-controlplane --lib openapi"
+        );
+    }
+}

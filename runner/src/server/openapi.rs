@@ -1,0 +1,154 @@
+//! The runner's OpenAPI description, generated from the code: schemas from the wire types
+//! (`ToSchema` derives in `agentbox-proto` and here), operations from the `#[utoipa::path]`
+//! annotations on the handlers, the overview from `runner/openapi-intro.md`. `GET /openapi.json`
+//! serves it; `runner/openapi.json` is a committed copy that a test keeps current (regenerate it
+//! with `UPDATE_OPENAPI=1 cargo test -p agentbox-runner --lib openapi`).
+
+use std::sync::OnceLock;
+
+use agentbox_proto::{
+    AgentEvent, CancelRequest, CancelResponse, ConfigureRequest, ConfigureResult,
+    CreateSessionRequest, ErrorBody, ErrorEvent, ExecRequest, ExitEvent, Health, Info, InvokeList,
+    InvokeResponse, InvokeSummary, LogEvent, PermissionEvent, PermissionReply,
+    PermissionReplyEvent, PermissionReplyRequest, PermissionReplyResponse, PromptEvent,
+    ProtocolErrorEvent, ReplyOrigin, Sender, SessionConfigRequest, SessionEvent, SessionEventPage,
+    SessionInfo, SessionList, StartEvent, TruncatedEvent,
+};
+use serde_json::{json, Value};
+use utoipa::OpenApi;
+
+use crate::files::{Entry, Format, Listing, Written};
+use crate::invoke::OnDisconnect;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "agentbox runner API", description = include_str!("../../openapi-intro.md")),
+    paths(
+        super::healthz,
+        super::openapi,
+        super::info,
+        super::configure_sandbox,
+        super::invoke,
+        super::cancel_invoke_by_body,
+        super::list_invokes,
+        super::get_invoke,
+        super::stream_events,
+        super::cancel_invoke,
+        super::exec,
+        super::files::list_files,
+        super::files::read_file,
+        super::files::write_file,
+        super::files::delete_file,
+        super::files::archive,
+        super::sessions::create,
+        super::sessions::list,
+        super::sessions::get_one,
+        super::sessions::delete,
+        super::sessions::events,
+        super::sessions::set_config,
+        super::sessions::reply_in_session,
+        super::sessions::reply_in_invoke,
+    ),
+    components(schemas(
+        ErrorBody, Health, Info, ConfigureRequest, ConfigureResult, StartEvent, LogEvent,
+        ExitEvent, ErrorEvent, TruncatedEvent, InvokeResponse, CancelRequest, CancelResponse,
+        InvokeSummary, InvokeList, ExecRequest, OnDisconnect, Format, Entry, Listing, Written,
+        CreateSessionRequest, SessionInfo, SessionList, SessionEvent, SessionEventPage, Sender,
+        AgentEvent, PermissionEvent, PermissionReply, PermissionReplyEvent, ReplyOrigin,
+        ProtocolErrorEvent, PromptEvent, SessionConfigRequest, PermissionReplyRequest,
+        PermissionReplyResponse,
+    )),
+    tags(
+        (name = "meta", description = "Health, runner information and this document."),
+        (name = "configure", description = "Files, install command, entrypoint and environment."),
+        (name = "invokes", description = "Running the entrypoint, following, reattaching and canceling."),
+        (name = "exec", description = "Ad-hoc commands, journaled like invokes; available in both modes."),
+        (name = "sessions", description = "Sessions: a persistent history and directory across invokes, permission replies, ACP session config."),
+        (name = "files", description = "Listing, downloading, uploading and deleting workspace files, and archives; available in both modes."),
+    )
+)]
+struct ApiDoc;
+
+/// The description as pretty-printed JSON (what `GET /openapi.json` answers).
+pub(super) fn document() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the description is JSON");
+        finish(&mut doc);
+        agentbox_proto::describe_event_streams(&mut doc);
+        let mut text = serde_json::to_string_pretty(&doc).expect("the description is JSON");
+        text.push('\n');
+        text
+    })
+}
+
+/// What the derive does not express: version, license, server, the security scheme.
+fn finish(doc: &mut Value) {
+    doc["info"]["version"] = json!(env!("CARGO_PKG_VERSION"));
+    doc["info"]["summary"] = json!(
+        "Configure an agent inside a sandbox, invoke it, and stream its output as Server-Sent Events."
+    );
+    doc["info"]["license"] = json!({"name": "Apache-2.0", "identifier": "Apache-2.0"});
+    if let Some(info) = doc["info"].as_object_mut() {
+        info.remove("contact");
+    }
+    doc["servers"] = json!([{
+        "url": "http://{host}:{port}",
+        "description": "A runner; it listens on 0.0.0.0:8421 unless started with --listen.",
+        "variables": {"host": {"default": "127.0.0.1"}, "port": {"default": "8421"}},
+    }]);
+    doc["security"] = json!([{"bearerAuth": []}]);
+    doc["components"]["securitySchemes"] = json!({"bearerAuth": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "`Authorization: Bearer <token>` with the runner's token. The scheme must be \
+            spelled `Bearer` or `bearer`; whitespace around the token is ignored. Tokens are \
+            compared in constant time. A runner started with `--insecure-no-auth` does not check it.",
+    }});
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every event stream is described event by event (schemathesis found streams described as
+    /// one string; it validates each event against the media type's schema).
+    #[test]
+    fn event_streams_are_described_per_event() {
+        let doc: Value = serde_json::from_str(document()).expect("JSON");
+        let mut streams = 0;
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("path item") {
+                for (status, response) in op["responses"].as_object().expect("responses") {
+                    let Some(media) = response["content"].get("text/event-stream") else {
+                        continue;
+                    };
+                    streams += 1;
+                    let frame = media["schema"]["$ref"].as_str().unwrap_or_default();
+                    let name = frame.rsplit('/').next().unwrap_or_default();
+                    assert!(
+                        doc["components"]["schemas"][name]["oneOf"].is_array(),
+                        "{method} {path} {status}: {media}"
+                    );
+                }
+            }
+        }
+        assert!(streams >= 4, "{streams} event streams");
+    }
+
+    /// The committed `runner/openapi.json` is what the code generates; `UPDATE_OPENAPI=1`
+    /// rewrites it.
+    #[test]
+    fn openapi_json_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+        let generated = document();
+        if std::env::var_os("UPDATE_OPENAPI").is_some() {
+            std::fs::write(path, generated).expect("write openapi.json");
+        }
+        let committed = std::fs::read_to_string(path).expect("read openapi.json");
+        assert!(
+            committed == generated,
+            "runner/openapi.json is stale: run UPDATE_OPENAPI=1 cargo test -p agentbox-runner --lib openapi"
+        );
+    }
+}
