@@ -28,9 +28,11 @@ work=$(mktemp -d /tmp/agentbox-st.XXXXXX)
 # cleanup finds them all.
 tag="${work##*/}"
 pids=()
+# shellcheck disable=SC2317  # called from the EXIT trap
 tagged() {
   grep -lsz "^ST_TAG=$tag\$" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 || true
 }
+# shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
   for pid in "${pids[@]}" $(tagged); do kill -TERM "$pid" 2>/dev/null || true; done
   for _ in $(seq 1 50); do [ -z "$(tagged)" ] && break; sleep 0.1; done
@@ -63,7 +65,8 @@ start() {
 checks=not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance
 run() {
   local name=$1 url=$2 config=$3; shift 3
-  local t0=$(date +%s)
+  local t0
+  t0=$(date +%s)
   # In the scratch directory: schemathesis keeps its caches in the working directory.
   (cd "$work" && schemathesis --config-file "$config" run "$url/openapi.json" \
     --checks "$checks" --max-examples "$MAX_EXAMPLES" --max-time "$MAX_TIME" \
