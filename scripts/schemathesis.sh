@@ -45,7 +45,10 @@ trap cleanup EXIT
 # first stdout line.
 start() {
   local name=$1; shift
-  local jail=(bwrap --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp --bind "$work" "$work" --die-with-parent --)
+  # A private /tmp, with the binaries (which may live under /tmp, as in a CI checkout) bound
+  # back read-only and the scratch directory writable.
+  local jail=(bwrap --ro-bind / / --dev /dev --proc /proc --tmpfs /tmp --ro-bind "$BIN" "$BIN"
+    --bind "$work" "$work" --die-with-parent --)
   if ! command -v bwrap >/dev/null || ! "${jail[@]}" true 2>/dev/null; then
     jail=()
   fi
