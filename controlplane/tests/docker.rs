@@ -438,7 +438,8 @@ async fn a_container_killed_mid_invoke_ends_the_stream() {
 
     docker(&["kill", &scope.container("doomed")]);
     let killed = Instant::now();
-    // The stream ends (an error or the end of the body), bounded: never a hang.
+    // The stream ends cleanly with the proxy's `error` event, bounded: never a hang, never
+    // a reset.
     let ended = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             match resp.chunk().await {
@@ -458,6 +459,18 @@ async fn a_container_killed_mid_invoke_ends_the_stream() {
     assert!(
         !text.contains("event: exit"),
         "no exit was invented for a killed invoke: {text}"
+    );
+    assert_eq!(ended, "end", "the body was cut off, not ended: {text}");
+    let events = common::parse_sse(&buf);
+    let last = events.last().unwrap();
+    assert_eq!((last.id, last.event.as_str()), (0, "error"), "{text}");
+    assert_eq!(last.data["phase"], "proxy", "{text}");
+    assert!(
+        last.data["message"]
+            .as_str()
+            .unwrap()
+            .contains("runner went away"),
+        "{text}"
     );
 
     // The sandbox says what happened; new requests get a clear error, at once.
