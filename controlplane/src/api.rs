@@ -549,7 +549,14 @@ async fn to_runner(
         None => path,
     };
     let result = match checked {
-        Ok(()) => app.proxy.forward(&target, &path_and_query, request).await,
+        // Invoke, exec, configure and reattach streams end with an `error` event when the
+        // runner goes away; a session's history stream holds history items only.
+        Ok(()) => {
+            let guard = action != "sessions.events";
+            app.proxy
+                .forward(&target, &path_and_query, request, guard)
+                .await
+        }
         Err(e) => Err(e),
     };
     let status = match &result {

@@ -159,20 +159,25 @@ fn configure() {}
 /// Passed to the runner's `POST /v1/invoke`. The body is the entrypoint's stdin (a JSON body
 /// arrives as its JSON text). Streams `start {invokeId, startedAt}`, `log {stream, data}`…,
 /// `exit {invokeId, exitCode, durationMs, reason}`; with `Accept: application/json`, one
-/// InvokeResponse.
+/// InvokeResponse. With `session`, the invoke runs in that session (created with
+/// `POST /api/v1/sandboxes/{id}/sessions`): its events also go to the session's history and the
+/// agent may ask permissions, answered under `/sessions/{sid}/permissions/{pid}`. When the
+/// sandbox's runner goes away mid-stream, the stream ends with an `error` event (ErrorEvent,
+/// phase `proxy`, no `id:`) and a clean end of the body.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/invoke", tag = "invokes",
     params(("id" = String, Path, description = "The sandbox id."),
         ("prompt" = Option<String>, Query, description = "Passed as `--prompt=<prompt>`; stdin when the body is empty."),
         ("timeout" = Option<String>, Query, description = "A Go duration (`90s`, `5m`, `1h30m`)."),
-        ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves.")),
+        ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves."),
+        ("session" = Option<String>, Query, description = "Run in this session (1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`); one invoke at a time per session.")),
     request_body(content = String, description = "stdin for the entrypoint, any bytes.", content_type = "application/octet-stream"),
     responses(
-        (status = 200, description = "Server-Sent Events; or the InvokeResponse.",
+        (status = 200, description = "Server-Sent Events (ending with `exit`, or with an `error` event from the proxy when the runner went away); or the InvokeResponse.",
             content((String = "text/event-stream"), (InvokeResponse = "application/json"))),
-        (status = 400, description = "`invalid_request`, `invalid_timeout`; `wrong_mode` on a code-mode sandbox.", body = ErrorBody),
+        (status = 400, description = "`invalid_request`, `invalid_timeout`, `invalid_session_id` (a malformed `session`); `wrong_mode` on a code-mode sandbox.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
-        (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
-        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, or `session_not_found`: no such session.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`, or `session_busy`: the session already runs an invoke.", body = ErrorBody),
         (status = 424, description = "`not_configured`: configure first.", body = ErrorBody),
         (status = 429, description = "`concurrency_exceeded` with `Retry-After: 5`.", body = ErrorBody),
         (status = 502, description = "`runner_unreachable`.", body = ErrorBody),

@@ -1,13 +1,22 @@
 //! The streaming proxy to a sandbox's runner. Bodies pass through as they come, in both
 //! directions: the first SSE byte leaves as soon as the runner sends it. Hop-by-hop headers and
 //! the caller's credentials are dropped, the sandbox's runner token added.
+//!
+//! An event stream whose runner goes away mid-stream (its process killed, its container or pod
+//! gone) does not just break: the proxy ends it with one well-formed `error` event (no `id:`, so
+//! it never collides with the runner's event ids used for `Last-Event-ID`) and a clean end of
+//! the body. See [`guard_event_stream`]. A session's history stream is left as it is: its
+//! frames are all history items, and it has no final event.
 
+use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::body::Body;
+use agentbox_proto::{event, ErrorEvent};
+use axum::body::{Body, Bytes};
 use axum::extract::Request;
 use axum::http::{header, HeaderName, HeaderValue, Uri};
 use axum::response::Response;
+use futures_util::StreamExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -68,12 +77,15 @@ impl Proxy {
     }
 
     /// Sends `req` to `path_and_query` on the runner of `target` and returns its response,
-    /// streaming.
+    /// streaming. With `guard`, an event-stream answer whose runner goes away ends with an
+    /// `error` event ([`guard_event_stream`]); without it (a session's history, whose frames
+    /// are all history items), it passes as it comes.
     pub async fn forward(
         &self,
         target: &Target,
         path_and_query: &str,
         req: Request,
+        guard: bool,
     ) -> Result<Response> {
         let (mut parts, body) = req.into_parts();
         let uri: Uri = format!("http://{}{}", target.addr, path_and_query)
@@ -106,7 +118,158 @@ impl Proxy {
         ] {
             parts.headers.remove(name);
         }
-        Ok(Response::from_parts(parts, Body::new(body)))
+        let is_event_stream = guard
+            && parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+        let body = Body::new(body);
+        let body = if is_event_stream {
+            guard_event_stream(body)
+        } else {
+            body
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// Passes an event stream through chunk by chunk; when the runner's body fails, or ends while
+/// its last event is not a final one (`exit`, `result`, `error`), appends one `error` event
+/// (ErrorEvent, phase `proxy`, no `id:`) and ends the body cleanly instead of resetting it.
+/// A stream that ended after its final event passes unchanged.
+pub fn guard_event_stream(body: Body) -> Body {
+    struct State {
+        upstream: axum::body::BodyDataStream,
+        watch: SseWatch,
+        done: bool,
+    }
+    let state = State {
+        upstream: body.into_data_stream(),
+        watch: SseWatch::default(),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let message = match st.upstream.next().await {
+            Some(Ok(bytes)) => {
+                st.watch.observe(&bytes);
+                return Some((Ok::<_, Infallible>(bytes), st));
+            }
+            Some(Err(e)) => {
+                let mut text = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    let part = s.to_string();
+                    if !text.contains(&part) {
+                        text = format!("{text}: {part}");
+                    }
+                    source = s.source();
+                }
+                tracing::warn!(error = %text, "a runner's event stream broke off");
+                format!("the sandbox's runner went away mid-stream: {text}")
+            }
+            None => "the sandbox's runner ended the stream without a final event".to_owned(),
+        };
+        st.done = true;
+        if st.watch.finished() {
+            return None;
+        }
+        Some((Ok(st.watch.farewell(&message)), st))
+    });
+    Body::from_stream(stream)
+}
+
+/// The final events of a runner's streams: after one of these, an end is a clean end.
+const FINAL_EVENTS: &[&str] = &[event::EXIT, event::RESULT, event::ERROR];
+
+/// Follows SSE framing as chunks pass (lines split anywhere), remembering the name of the last
+/// complete event and whether a frame is half-sent. Holds at most a few bytes of one line.
+#[derive(Debug, Default)]
+struct SseWatch {
+    /// The first bytes of the current line (enough to read an `event:` line).
+    line: Vec<u8>,
+    /// The current line is longer than `line` keeps.
+    line_long: bool,
+    /// A frame has started (some non-empty line) and its blank line has not come yet.
+    in_frame: bool,
+    /// The `event:` name of the frame being received.
+    frame_event: Option<String>,
+    /// The name of the last complete event.
+    last_event: Option<String>,
+}
+
+const LINE_KEEP: usize = 64;
+
+impl SseWatch {
+    fn observe(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() {
+            let (part, ended) = match chunk.iter().position(|b| *b == b'\n') {
+                Some(at) => (&chunk[..at], Some(at + 1)),
+                None => (chunk, None),
+            };
+            let room = LINE_KEEP.saturating_sub(self.line.len());
+            self.line.extend_from_slice(&part[..part.len().min(room)]);
+            self.line_long |= part.len() > room;
+            let Some(used) = ended else {
+                return;
+            };
+            self.end_line();
+            chunk = &chunk[used..];
+        }
+    }
+
+    fn end_line(&mut self) {
+        let line = std::mem::take(&mut self.line);
+        let long = std::mem::take(&mut self.line_long);
+        let line = line.strip_suffix(b"\r").unwrap_or(&line);
+        if line.is_empty() && !long {
+            if self.in_frame {
+                if let Some(name) = self.frame_event.take() {
+                    self.last_event = Some(name);
+                }
+            }
+            self.in_frame = false;
+            return;
+        }
+        self.in_frame = true;
+        if !long {
+            if let Some(name) = line.strip_prefix(b"event:") {
+                let name = String::from_utf8_lossy(name);
+                self.frame_event = Some(name.strip_prefix(' ').unwrap_or(&name).to_owned());
+            }
+        }
+    }
+
+    /// Whether the stream already said its last word, with no frame half-sent.
+    fn finished(&self) -> bool {
+        !self.in_frame
+            && self.line.is_empty()
+            && !self.line_long
+            && self
+                .last_event
+                .as_deref()
+                .is_some_and(|e| FINAL_EVENTS.contains(&e))
+    }
+
+    /// The closing `error` event, after ending a half-sent line or frame if there is one.
+    fn farewell(&self, message: &str) -> Bytes {
+        let mut out = Vec::new();
+        if !self.line.is_empty() || self.line_long {
+            out.push(b'\n');
+        }
+        if self.in_frame || !self.line.is_empty() || self.line_long {
+            out.push(b'\n');
+        }
+        let data = serde_json::to_string(&ErrorEvent {
+            phase: Some("proxy".into()),
+            message: message.to_owned(),
+        })
+        .unwrap_or_else(|_| "{}".into());
+        out.extend_from_slice(format!("event: {}\ndata: {data}\n\n", event::ERROR).as_bytes());
+        Bytes::from(out)
     }
 }
 
@@ -120,5 +283,52 @@ fn strip_connection_listed(headers: &mut axum::http::HeaderMap) {
         .collect();
     for name in listed {
         headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(chunks: &[&[u8]]) -> SseWatch {
+        let mut w = SseWatch::default();
+        for c in chunks {
+            w.observe(c);
+        }
+        w
+    }
+
+    #[test]
+    fn final_events_are_seen_across_chunk_boundaries() {
+        let stream = b"id: 1\nevent: start\ndata: {}\n\n: keepalive\n\nid: 2\nevent: exit\ndata: {\"exitCode\":0}\n\n";
+        for cut in 0..stream.len() {
+            let w = watch(&[&stream[..cut], &stream[cut..]]);
+            assert!(w.finished(), "cut at {cut}");
+            let w = watch(&[&stream[..cut]]);
+            assert!(!w.finished(), "only {cut} bytes");
+        }
+        assert!(watch(&[b"id: 3\nevent: result\ndata: {}\n\n"]).finished());
+        assert!(!watch(&[b"id: 3\nevent: log\ndata: {}\n\n"]).finished());
+        assert!(!watch(&[b""]).finished());
+    }
+
+    #[test]
+    fn the_farewell_closes_a_torn_frame_first() {
+        let w = watch(&[b"id: 1\nevent: log\ndata: {\"da"]);
+        let bytes = w.farewell("gone");
+        assert!(bytes.starts_with(b"\n\nevent: error\ndata: {"), "{bytes:?}");
+        let w = watch(&[b"id: 1\nevent: log\n"]);
+        assert!(w.farewell("gone").starts_with(b"\nevent: error\n"));
+        let w = watch(&[b"id: 1\nevent: log\ndata: {}\n\n"]);
+        let bytes = w.farewell("gone");
+        assert_eq!(
+            &bytes[..],
+            b"event: error\ndata: {\"phase\":\"proxy\",\"message\":\"gone\"}\n\n"
+        );
+        // A long data line is followed but not kept.
+        let long = vec![b'x'; 100_000];
+        let w = watch(&[b"id: 1\nevent: exit\ndata: ", &long]);
+        assert!(!w.finished());
+        assert!(w.line.len() <= LINE_KEEP);
     }
 }

@@ -1436,6 +1436,223 @@ async fn delete_ends_running_invokes() {
     assert!(!env.sandbox_dir("busy").exists());
 }
 
+/// Issue 8: a runner killed mid-invoke gives the client a final `error` event and a clean end
+/// of the stream (chunked terminator), never a hang or a reset; a stream that ended with its
+/// `exit` passes unchanged.
+#[tokio::test]
+async fn a_runner_killed_mid_invoke_ends_the_stream_with_an_error_event() {
+    let env = Env::new();
+    let cp = env.start();
+    cp.create("doomed", "default").await;
+    // Prints, then waits for its runner (its parent) to go away, so nothing outlives the test.
+    cp.configure_sh(
+        "doomed",
+        r#"echo started; while kill -0 $PPID 2>/dev/null; do sleep 0.05; done"#,
+    )
+    .await;
+    let mut resp = cp
+        .sb(Method::POST, "doomed", "/invoke")
+        .body("")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut buf = Vec::new();
+    let events = read_until(&mut resp, &mut buf, |e| e.event == "log").await;
+    assert!(!events.iter().any(|e| e.event == "exit"), "{events:?}");
+    let pid = env.record("doomed")["pid"].as_i64().unwrap() as i32;
+    let killed = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let events = tokio::time::timeout(Duration::from_secs(15), read_to_end(&mut resp, &mut buf))
+        .await
+        .expect("the stream hung after its runner died");
+    println!("stream ended {:?} after the kill", killed.elapsed());
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "error", "{events:?}");
+    assert_eq!(last.data["phase"], "proxy", "{last:?}");
+    let message = last.data["message"].as_str().unwrap();
+    assert!(message.contains("runner went away"), "{message}");
+    assert!(!events.iter().any(|e| e.event == "exit"), "{events:?}");
+    // No `id:` on the proxy's event: it must not take an id the runner may use later.
+    let text = String::from_utf8(buf.clone()).unwrap();
+    let tail = &text[text.rfind("\n\nevent: error").unwrap() + 2..];
+    assert!(
+        tail.starts_with("event: error\ndata: {") && tail.ends_with("}\n\n"),
+        "{tail:?}"
+    );
+    assert_eq!(events.iter().filter(|e| e.event == "error").count(), 1);
+    cp.delete("doomed").await;
+}
+
+/// A stream that ends with its `exit` gets nothing appended.
+#[tokio::test]
+async fn a_completed_stream_gets_no_error_event() {
+    let env = Env::new();
+    let cp = env.start();
+    cp.create("calm", "default").await;
+    cp.configure_sh("calm", "cat").await;
+    let mut resp = cp
+        .sb(Method::POST, "calm", "/invoke")
+        .body("hi\n")
+        .send()
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let events = read_to_end(&mut resp, &mut buf).await;
+    assert_eq!(events.last().unwrap().event, "exit", "{events:?}");
+    assert!(!events.iter().any(|e| e.event == "error"), "{events:?}");
+    assert!(buf.ends_with(b"\n\n"));
+    // The journal replay of a finished invoke ends the same way.
+    let iid = invoke_id(&events);
+    let mut resp = cp
+        .sb(Method::GET, "calm", &format!("/invokes/{iid}/events"))
+        .send()
+        .await
+        .unwrap();
+    let mut again = Vec::new();
+    let replay = read_to_end(&mut resp, &mut again).await;
+    assert_eq!(again, buf, "{replay:?}");
+    cp.delete("calm").await;
+}
+
+/// Issue 7 through the proxy: a session, an invoke in it whose agent asks permission, the
+/// answer, and the history as a JSON page and as SSE resumed with `Last-Event-ID`.
+#[tokio::test]
+async fn sessions_and_permissions_through_the_proxy() {
+    let env = Env::new();
+    let cp = env.start();
+    cp.create("chat", "default").await;
+    cp.configure(
+        "chat",
+        json!({
+            "files": [{"path": "agent.py",
+                "content": include_str!("../../runner/tests/agents/permission_agent.py")}],
+            "entrypoint": ["python3", "agent.py"],
+        }),
+    )
+    .await;
+    let (code, created) = send(
+        cp.sb(Method::POST, "chat", "/sessions")
+            .json(&json!({"id": "s1"})),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(created["id"], "s1", "{created}");
+    let (code, list) = send(cp.sb(Method::GET, "chat", "/sessions")).await;
+    assert_eq!(code, 200, "{list}");
+    assert!(list.to_string().contains("\"s1\""), "{list}");
+
+    // Unknown and malformed sessions are refused before anything runs.
+    let (code, body) = send(
+        cp.sb(Method::POST, "chat", "/invoke?session=nope")
+            .body("x"),
+    )
+    .await;
+    assert_eq!(code, 404, "{body}");
+    assert_error(&body, "session_not_found");
+    let (code, body) = send(
+        cp.sb(Method::POST, "chat", "/invoke?session=.bad")
+            .body("x"),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert_error(&body, "invalid_session_id");
+
+    let mut resp = cp
+        .sb(Method::POST, "chat", "/invoke?session=s1")
+        .body("hello there")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut buf = Vec::new();
+    let events = read_until(&mut resp, &mut buf, |e| e.event == "permission").await;
+    let ask = events.iter().find(|e| e.event == "permission").unwrap();
+    assert_eq!(ask.data["permissionId"], "write-1", "{ask:?}");
+    assert_eq!(ask.data["toolKind"], "edit", "{ask:?}");
+    let note = env
+        .workspace("chat")
+        .join(".agentbox/sessions/s1/files/note.txt");
+    assert!(!note.exists(), "written before the answer");
+    // The session runs one invoke at a time.
+    let (code, body) = send(cp.sb(Method::POST, "chat", "/invoke?session=s1").body("x")).await;
+    assert_eq!(code, 409, "{body}");
+    assert_error(&body, "session_busy");
+
+    let (code, body) = send(
+        cp.sb(Method::POST, "chat", "/sessions/s1/permissions/write-1")
+            .json(&json!({"reply": "once"})),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["reply"], "once", "{body}");
+    assert_eq!(body["invokeId"], invoke_id(&events).as_str(), "{body}");
+    let events = read_to_end(&mut resp, &mut buf).await;
+    assert_eq!(exit_event(&events)["exitCode"], 0, "{events:?}");
+    assert!(stdout_text(&events).contains("1: wrote"), "{events:?}");
+    assert_eq!(std::fs::read_to_string(&note).unwrap(), "hello there\n");
+    let answered = events
+        .iter()
+        .find(|e| e.event == "permission_reply")
+        .unwrap();
+    assert_eq!(
+        answered.data,
+        json!({"permissionId": "write-1", "reply": "once", "by": "client"})
+    );
+
+    // The history as JSON.
+    let (code, page) = send(cp.sb(Method::GET, "chat", "/sessions/s1/events?limit=1000")).await;
+    assert_eq!(code, 200, "{page}");
+    let items = page["items"].as_array().unwrap().clone();
+    assert_eq!(page["hasMore"], false, "{page}");
+    let indexes: Vec<u64> = items
+        .iter()
+        .map(|e| e["eventIndex"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indexes, (1..=items.len() as u64).collect::<Vec<_>>());
+    let kinds: Vec<&str> = items.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    for kind in ["start", "agent", "permission", "permission_reply", "exit"] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
+    assert_eq!(kinds.last(), Some(&"exit"), "{kinds:?}");
+    let last = items.len() as u64;
+
+    // The history as SSE, resumed after an event id; it follows (stays open), so read to the
+    // last event only.
+    let from = 2;
+    let mut follow = cp
+        .sb(Method::GET, "chat", "/sessions/s1/events")
+        .header("accept", "text/event-stream")
+        .header("last-event-id", from.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follow.status(), 200);
+    assert_eq!(follow.headers()["content-type"], "text/event-stream");
+    let mut fbuf = Vec::new();
+    let seen = read_until(&mut follow, &mut fbuf, |e| e.id == last).await;
+    assert_eq!(
+        seen.iter().map(|e| e.id).collect::<Vec<_>>(),
+        (from + 1..=last).collect::<Vec<_>>()
+    );
+    for (event, item) in seen.iter().zip(&items[from as usize..]) {
+        assert_eq!(&event.data, item);
+        assert_eq!(event.event, item["type"].as_str().unwrap());
+    }
+    drop(follow);
+
+    let (code, body) = send(cp.sb(Method::DELETE, "chat", "/sessions/s1")).await;
+    assert_eq!(code, 204, "{body}");
+    let (code, body) = send(cp.sb(Method::GET, "chat", "/sessions/s1")).await;
+    assert_eq!(code, 404, "{body}");
+    assert_error(&body, "session_not_found");
+    cp.delete("chat").await;
+}
+
 #[tokio::test]
 async fn a_dead_runner_reads_as_error_and_resume_restarts_it() {
     let env = Env::new();

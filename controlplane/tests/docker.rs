@@ -119,6 +119,11 @@ impl Scope {
     }
 
     fn start(&self) -> Cp {
+        self.start_with_timeout("30s")
+    }
+
+    /// A control plane whose runners must answer `/healthz` within `start_timeout`.
+    fn start_with_timeout(&self, start_timeout: &str) -> Cp {
         let templates = self.env.root.join("templates.json").display().to_string();
         self.env.start_with(
             "none",
@@ -134,7 +139,7 @@ impl Scope {
                 "--templates-file",
                 &templates,
                 "--runner-start-timeout",
-                "30s",
+                start_timeout,
             ],
         )
     }
@@ -438,7 +443,8 @@ async fn a_container_killed_mid_invoke_ends_the_stream() {
 
     docker(&["kill", &scope.container("doomed")]);
     let killed = Instant::now();
-    // The stream ends (an error or the end of the body), bounded: never a hang.
+    // The stream ends cleanly with the proxy's `error` event, bounded: never a hang, never
+    // a reset.
     let ended = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             match resp.chunk().await {
@@ -458,6 +464,18 @@ async fn a_container_killed_mid_invoke_ends_the_stream() {
     assert!(
         !text.contains("event: exit"),
         "no exit was invented for a killed invoke: {text}"
+    );
+    assert_eq!(ended, "end", "the body was cut off, not ended: {text}");
+    let events = common::parse_sse(&buf);
+    let last = events.last().unwrap();
+    assert_eq!((last.id, last.event.as_str()), (0, "error"), "{text}");
+    assert_eq!(last.data["phase"], "proxy", "{text}");
+    assert!(
+        last.data["message"]
+            .as_str()
+            .unwrap()
+            .contains("runner went away"),
+        "{text}"
     );
 
     // The sandbox says what happened; new requests get a clear error, at once.
@@ -524,6 +542,75 @@ async fn a_container_killed_mid_invoke_ends_the_stream() {
     assert!(!out.0.success(), "the CLI exited 0: {}", out.1);
     assert!(!out.1.trim().is_empty(), "the CLI said nothing");
     eprintln!("cli: {:?} {}", out.0, out.1.trim());
+}
+
+/// A create waiting for a slow runner delays no other create; two creates of one name race to
+/// exactly one 201 and one 409.
+#[tokio::test(flavor = "multi_thread")]
+async fn creates_do_not_wait_for_each_other() {
+    if !docker_ready() {
+        return;
+    }
+    // `deaf`'s runner listens on the container's loopback only: /healthz never answers from
+    // outside, so its create waits out the whole start timeout, then fails.
+    let scope = Scope::new(json!([{
+        "name": "deaf", "mode": "agent", "runnerArgs": ["--listen", "127.0.0.1:8421"],
+    }]));
+    let cp = std::sync::Arc::new(scope.start_with_timeout("12s"));
+    let slow = tokio::spawn({
+        let cp = std::sync::Arc::clone(&cp);
+        async move {
+            send(cp.admin(Method::POST, "/api/v1/sandboxes").json(&json!({
+                "name": "slow", "templateRef": {"name": "deaf", "kind": "ClusterSandboxTemplate"},
+            })))
+            .await
+        }
+    });
+    // The slow create is under way once its sandbox exists.
+    let seen = common::eventually(Duration::from_secs(10), || async {
+        let (status, _) = send(cp.sb(Method::GET, "slow", "")).await;
+        (status == 200).then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "the slow create never started");
+    let began = Instant::now();
+    cp.create("quick", "default").await;
+    eprintln!("quick create took {:?}", began.elapsed());
+    assert!(
+        !slow.is_finished(),
+        "the quick create waited for the slow one ({:?})",
+        began.elapsed()
+    );
+    let (a, b) = tokio::join!(
+        send(cp.admin(Method::POST, "/api/v1/sandboxes").json(&json!({
+            "name": "twin", "templateRef": {"name": "default", "kind": "ClusterSandboxTemplate"},
+        }))),
+        send(cp.admin(Method::POST, "/api/v1/sandboxes").json(&json!({
+            "name": "twin", "templateRef": {"name": "default", "kind": "ClusterSandboxTemplate"},
+        }))),
+    );
+    let mut codes = [a.0, b.0];
+    codes.sort_unstable();
+    assert_eq!(codes, [201, 409], "{a:?} {b:?}");
+    let conflict = if a.0 == 409 { &a.1 } else { &b.1 };
+    assert_error(conflict, "already_exists");
+    let (status, twin) = send(cp.sb(Method::GET, "twin", "")).await;
+    assert_eq!(
+        (status, &twin["status"]),
+        (200, &json!("Running")),
+        "{twin}"
+    );
+
+    let (status, body) = tokio::time::timeout(Duration::from_secs(30), slow)
+        .await
+        .expect("the slow create did not end")
+        .unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert_error(&body, "backend_error");
+    let (status, _) = send(cp.sb(Method::GET, "slow", "")).await;
+    assert_eq!(status, 404, "a failed create leaves nothing behind");
+    cp.delete("quick").await;
+    cp.delete("twin").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -37,7 +37,8 @@
 //!
 //! * create: volume (`409 already_exists` when the sandbox exists), container, start, wait
 //!   (bounded by `--runner-start-timeout`) until the runner answers `/healthz`; a failure removes
-//!   what was made.
+//!   what was made. Creates are not serialized: the volume, made first and labelled with a
+//!   fresh token, decides which of two creates of one name proceeds.
 //! * stop: stop the container (the runner gets SIGTERM and cancels its invokes, SIGKILL after
 //!   10 s), remove it; the volume stays.
 //! * resume: remove a dead container, create and start it again from the volume's record.
@@ -87,7 +88,6 @@ pub struct DockerBackend {
     image: String,
     scope: String,
     start_timeout: Duration,
-    create_lock: tokio::sync::Mutex<()>,
 }
 
 fn engine(e: DockerError) -> Error {
@@ -150,7 +150,6 @@ impl DockerBackend {
             image: cfg.image.clone(),
             scope: cfg.scope.clone(),
             start_timeout,
-            create_lock: tokio::sync::Mutex::new(()),
         };
         backend.ensure_network().await?;
         Ok(backend)
@@ -491,7 +490,9 @@ impl Backend for DockerBackend {
                 spec.name
             )));
         }
-        let _one_at_a_time = self.create_lock.lock().await;
+        // No lock: creates run side by side (one waiting for a slow image's /healthz delays no
+        // other). Two creates of one name, here or in another replica, are told apart by the
+        // volume's token label below: only the create that made the volume goes on.
         if self.record(&spec.name).await?.is_some() {
             return Err(Error::AlreadyExists(spec.name));
         }
