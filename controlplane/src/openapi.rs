@@ -398,6 +398,7 @@ fn sessions_list() {}
     params(("id" = String, Path, description = "The sandbox id."), ("sid" = String, Path, description = "The session id.")),
     responses(
         (status = 200, description = "The session.", body = SessionInfo),
+        (status = 400, description = "`invalid_session_id`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, `session_not_found`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
@@ -411,6 +412,7 @@ fn sessions_get() {}
     params(("id" = String, Path, description = "The sandbox id."), ("sid" = String, Path, description = "The session id.")),
     responses(
         (status = 204, description = "Deleted."),
+        (status = 400, description = "`invalid_session_id`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, `session_not_found`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`, `session_busy`.", body = ErrorBody),
@@ -431,7 +433,7 @@ fn sessions_delete() {}
     responses(
         (status = 200, description = "A page of the history, or the history as Server-Sent Events.",
             content((SessionEventPage = "application/json"), (String = "text/event-stream"))),
-        (status = 400, description = "`invalid_request`.", body = ErrorBody),
+        (status = 400, description = "`invalid_request`, `invalid_session_id`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, `session_not_found`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
@@ -446,7 +448,7 @@ fn sessions_events() {}
     request_body(content = SessionConfigRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "What the agent answered, per setting.", body = Object),
-        (status = 400, description = "`invalid_request`.", body = ErrorBody),
+        (status = 400, description = "`invalid_request`, `invalid_session_id`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, `session_not_found`.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
@@ -462,7 +464,7 @@ fn sessions_config() {}
     request_body(content = PermissionReplyRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "The reply was written to the agent.", body = PermissionReplyResponse),
-        (status = 400, description = "`invalid_request`.", body = ErrorBody),
+        (status = 400, description = "`invalid_request`, `invalid_session_id`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, `session_not_found`, `permission_not_found`.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
