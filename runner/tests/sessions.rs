@@ -416,12 +416,13 @@ async fn unanswered_requests_are_rejected_after_the_timeout() {
 async fn malformed_agent_lines_are_recorded_not_fatal() {
     let r = Runner::start(&["--permission-timeout", "200ms"]);
     configure_agent(&r).await;
-    let events = r.invoke_sse("", "garbage").await;
+    create_session(&r, "garbled").await;
+    let events = r.invoke_sse("?session=garbled", "garbage").await;
     let errors: Vec<&Event> = events
         .iter()
         .filter(|e| e.event == "protocol_error")
         .collect();
-    assert_eq!(errors.len(), 4, "{events:?}");
+    assert_eq!(errors.len(), 6, "{events:?}");
     assert!(errors[0].data["message"]
         .as_str()
         .unwrap()
@@ -440,10 +441,19 @@ async fn malformed_agent_lines_are_recorded_not_fatal() {
         .unwrap()
         .contains("longer than"));
     assert_eq!(errors[3].data["line"].as_str().unwrap().len(), 1024);
+    // Invalid UTF-8 is quoted lossily, cut at a char boundary within 1024 bytes.
+    assert_eq!(
+        errors[4].data["line"].as_str().unwrap(),
+        "\u{fffd}".repeat(341)
+    );
+    assert_eq!(errors[5].data["line"].as_str().unwrap(), "a".repeat(1023));
     // The agent went on: its event and its request came through after the bad lines.
     assert!(events.iter().any(|e| e.event == "agent"));
     assert!(events.iter().any(|e| e.event == "permission"));
     assert_eq!(exit_event(&events)["exitCode"], 0);
+    // The session is free again: the next invoke runs (not 409 session_busy).
+    let events = r.invoke_sse("?session=garbled", "hello").await;
+    assert_eq!(exit_event(&events)["exitCode"], 0, "{events:?}");
 }
 
 #[tokio::test]
