@@ -332,3 +332,58 @@ async fn an_agent_that_dies_at_start_is_an_error_not_a_hang() {
     assert_eq!(status, 200);
     assert!(info.get("runningInvokeId").is_none(), "{info}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acp_bytes_that_are_not_utf8_do_not_stop_the_reader() {
+    let r = setup(&[]).await;
+    let events = tokio::time::timeout(
+        Duration::from_secs(30),
+        r.invoke_sse("?session=a&prompt=garbage", ""),
+    )
+    .await
+    .expect("the turn ends");
+    let error = events
+        .iter()
+        .find(|e| e.event == "protocol_error")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(error.data["message"], "ACP: not UTF-8");
+    assert_eq!(error.data["line"], "\u{fffd}\u{fffd} not UTF-8");
+    // stderr is passed on byte for byte (not UTF-8: base64).
+    assert!(
+        events.iter().any(|e| e.event == "log"
+            && e.data["stream"] == "stderr"
+            && e.data["dataBase64"] == "YmFkIP8gc3RkZXJy"),
+        "{events:?}"
+    );
+    let texts = said(&events);
+    assert_eq!(texts.len(), 1, "{events:?}");
+    assert!(texts[0].starts_with("after garbage turn 1 "), "{texts:?}");
+    assert_eq!(exit_event(&events)["exitCode"], 0);
+    // The reader goes on: the next turn of the same agent works.
+    let events = tokio::time::timeout(
+        Duration::from_secs(30),
+        r.invoke_sse("?session=a&prompt=hello", ""),
+    )
+    .await
+    .expect("the turn ends");
+    assert!(said(&events)[0].starts_with("echo hello turn 2 "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acp_once_never_selects_allow_always() {
+    let r = setup(&[]).await;
+    // The agent offers allow_always and reject_once only: `once` cannot be granted.
+    let (resp, buf, events) = turn_until(&r, "write! x", "permission").await;
+    assert_eq!(events.last().unwrap().data["permissionId"], "acp-1");
+    answer(&r, "once").await;
+    let events = rest_of(resp, buf).await;
+    let texts = said(&events);
+    assert_eq!(texts.len(), 1, "{events:?}");
+    assert!(texts[0].starts_with("refused turn 1 "), "{texts:?}");
+    assert!(!r.workspace.join("acp.txt").exists());
+    // `always` may take allow_always.
+    let (resp, buf, _) = turn_until(&r, "write! y", "permission").await;
+    answer(&r, "always").await;
+    let events = rest_of(resp, buf).await;
+    assert!(said(&events)[0].starts_with("wrote (allow-always) turn 2 "));
+}
