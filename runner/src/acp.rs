@@ -247,6 +247,8 @@ impl Conn {
         })?;
         let process = Process::new(marker);
         process.set_pid(child.id() as i32);
+        // Stops the agent if the start fails or is abandoned (the invoke canceled or timed out).
+        let mut guard = StopOnDrop(Some(Arc::clone(&process)));
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
@@ -301,6 +303,14 @@ impl Conn {
         };
         let init = init.map_err(|e| fail("initialize", e))?;
         tracing::debug!(%init, "ACP agent initialized");
+        let version = init.get("protocolVersion");
+        if version.and_then(Value::as_u64) != Some(PROTOCOL_VERSION) {
+            return Err(Error::Internal(format!(
+                "the ACP agent answered initialize with protocolVersion {}; the runner speaks \
+                 ACP version {PROTOCOL_VERSION} only",
+                version.map_or_else(|| "(none)".to_owned(), Value::to_string)
+            )));
+        }
         let new_session = boot
             .request(
                 "session/new",
@@ -340,6 +350,7 @@ impl Conn {
         });
         // From here on the connection's own table answers responses.
         *conn_cell.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&conn));
+        guard.0 = None;
         Ok(conn)
     }
 
@@ -495,6 +506,17 @@ impl Conn {
             None => json!({"outcome": "cancelled"}),
         };
         self.respond(&id, json!({ "outcome": outcome }));
+    }
+}
+
+/// Kills a starting agent unless disarmed (`.0 = None`).
+struct StopOnDrop(Option<Arc<Process>>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(process) = self.0.take() {
+            process.stop(ExitReason::Error, Duration::ZERO);
+        }
     }
 }
 
@@ -705,11 +727,29 @@ impl Turn {
         log: &Arc<EventLog>,
     ) -> i32 {
         let (external, mut replies) = self.setup.open_external(invoke_id, log);
-        let conn = match self
+        // The start (up to STARTUP) gives way to a cancel or the invoke's timeout.
+        let start = self
             .agents
-            .get_or_start(&self.session, &self.launch, &self.reaper)
-            .await
-        {
+            .get_or_start(&self.session, &self.launch, &self.reaper);
+        tokio::pin!(start);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let started = loop {
+            tokio::select! {
+                r = &mut start => break Some(r),
+                _ = tick.tick() => {
+                    if process.stop_reason().is_some() {
+                        break None;
+                    }
+                }
+            }
+        };
+        let Some(started) = started else {
+            // Dropping the start kills the half-started agent; the next turn starts anew.
+            drop(start);
+            external.close();
+            return 137;
+        };
+        let conn = match started {
             Ok(conn) => conn,
             Err(e) => {
                 log.append(|b| {
@@ -739,7 +779,6 @@ impl Turn {
         let request = conn.request("session/prompt", prompt);
         tokio::pin!(request);
         let mut cancel_at: Option<tokio::time::Instant> = None;
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
         let answer = loop {
             tokio::select! {
                 answer = &mut request => break Some(answer),

@@ -387,3 +387,60 @@ async fn acp_once_never_selects_allow_always() {
     let events = rest_of(resp, buf).await;
     assert!(said(&events)[0].starts_with("wrote (allow-always) turn 2 "));
 }
+
+/// A runner with session `a` and an ACP entrypoint that is a shell script (no SDK needed).
+async fn setup_sh(script: &str) -> Runner {
+    let r = Runner::start(&[]);
+    let (status, body) = r
+        .configure_json(json!({"entrypoint": ["sh", "-c", script], "protocol": "acp"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let resp = r
+        .post("/v1/sessions")
+        .json(&json!({"id": "a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeout_ends_a_turn_whose_agent_is_still_starting() {
+    // Never answers `initialize` (the runner would wait 30 s for it).
+    let r = setup_sh("exec sleep 60").await;
+    let started = std::time::Instant::now();
+    let events = tokio::time::timeout(
+        Duration::from_secs(20),
+        r.invoke_sse("?session=a&prompt=hi&timeout=1s", ""),
+    )
+    .await
+    .expect("the turn ends");
+    assert!(started.elapsed() < Duration::from_secs(10), "{events:?}");
+    assert_eq!(exit_event(&events)["reason"], "timeout", "{events:?}");
+    // The session is free again.
+    let (status, info) = json_of(r.get("/v1/sessions/a").send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(info.get("runningInvokeId").is_none(), "{info}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsupported_protocol_version_fails_the_start() {
+    let r = setup_sh(
+        r#"read line; echo '{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":99}}'; exec sleep 60"#,
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let events = tokio::time::timeout(
+        Duration::from_secs(20),
+        r.invoke_sse("?session=a&prompt=hi", ""),
+    )
+    .await
+    .expect("the turn ends");
+    assert!(started.elapsed() < Duration::from_secs(10), "{events:?}");
+    let error = events.iter().find(|e| e.event == "error").unwrap();
+    assert_eq!(error.data["phase"], "acp");
+    let message = error.data["message"].as_str().unwrap();
+    assert!(message.contains("protocolVersion 99"), "{message}");
+    assert_eq!(exit_event(&events)["exitCode"], 1);
+}
