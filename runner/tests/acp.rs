@@ -444,3 +444,23 @@ async fn an_unsupported_protocol_version_fails_the_start() {
     assert!(message.contains("protocolVersion 99"), "{message}");
     assert_eq!(exit_event(&events)["exitCode"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_over_16_mib_is_413() {
+    let r = setup_sh("exec sleep 60").await;
+    let resp = r
+        .post("/v1/invoke?session=a")
+        .body(vec![b'a'; (16 << 20) + 1])
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(resp).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("payload_too_large")),
+        "{body}"
+    );
+    // The session is free again.
+    let (_, info) = json_of(r.get("/v1/sessions/a").send().await.unwrap()).await;
+    assert!(info.get("runningInvokeId").is_none(), "{info}");
+}

@@ -716,3 +716,32 @@ async fn idle_sessions_hold_no_descriptors() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn creating_over_a_damaged_session_directory_is_refused_and_keeps_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let damaged = tmp.path().join("ws/.agentbox/sessions/old");
+    std::fs::create_dir_all(&damaged).unwrap();
+    std::fs::write(damaged.join("session.json"), b"{not json").unwrap();
+    std::fs::write(damaged.join("events.jsonl"), b"stored history\n").unwrap();
+    let r = Runner::start_in(tmp.path(), &[]);
+    let (status, _) = json_of(r.get("/v1/sessions/old").send().await.unwrap()).await;
+    assert_eq!(status, 404);
+    let (status, body) = json_of(
+        r.post("/v1/sessions")
+            .json(&json!({"id": "old"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, body["error"].as_str()), (409, Some("session_exists")));
+    assert_eq!(
+        std::fs::read(damaged.join("events.jsonl")).unwrap(),
+        b"stored history\n"
+    );
+    assert_eq!(
+        std::fs::read(damaged.join("session.json")).unwrap(),
+        b"{not json"
+    );
+}
