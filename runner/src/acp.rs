@@ -458,17 +458,13 @@ impl Conn {
                     let _ = tx.send(reply);
                 }
             }
-            (None, None) => {
-                self.protocol_error("neither a request nor a response", raw.as_bytes())
-            }
+            (None, None) => self.protocol_error("neither a request nor a response", raw.as_bytes()),
         }
     }
 
     fn protocol_error(&self, message: &str, raw: &[u8]) {
         match self.turn() {
-            Some(turn) => turn
-                .external
-                .protocol_error(format!("ACP: {message}"), raw),
+            Some(turn) => turn.external.protocol_error(format!("ACP: {message}"), raw),
             None => tracing::debug!(%message, "ACP protocol error outside a turn"),
         }
     }

@@ -621,34 +621,25 @@ async fn channel_descriptors_reach_only_their_own_entrypoint() {
     let gate = r.dir.join("gate");
     let list_fds = "printf 'fds '; ls /proc/self/fd | tr '\\n' ' '; \
          echo ev=${AGENTBOX_EVENTS_FD:-none} re=${AGENTBOX_REPLIES_FD:-none}";
-    // Lists its own descriptors, then (the first one) waits, so that its channel is open
-    // in the runner while the others start.
+    // Lists its own descriptors, then (the first one, which takes the gate before it lists)
+    // waits until the gate is removed, so that its channel is open in the runner while the
+    // others start.
     r.configure_sh(&format!(
-        "{list_fds}; if [ ! -e {g} ]; then touch {g}; while [ -e {g} ]; do sleep 0.02; done; fi",
+        "if [ ! -e {g} ]; then touch {g}; {list_fds}; while [ -e {g} ]; do sleep 0.02; done; \
+         else {list_fds}; fi",
         g = gate.display()
     ))
     .await;
-    let first = tokio::spawn({
-        let client = r.client.clone();
-        let url = r.url("/v1/invoke");
-        async move {
-            let resp = client
-                .post(url)
-                .bearer_auth(common::TOKEN)
-                .send()
-                .await
-                .unwrap();
-            parse_sse(&resp.bytes().await.unwrap())
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !gate.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the first invoke never started"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let mut first = r.post("/v1/invoke").send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let mut first_buf = Vec::new();
+    // Its `log` event: it holds the gate and its channel is open.
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        read_until(&mut first, &mut first_buf, |e| e.event == "log"),
+    )
+    .await
+    .expect("the first invoke never started");
     // The same shell under exec, which gets no channel: the baseline of what any child of
     // this runner inherits (the test harness may pass some descriptors down to the runner).
     let (status, body) = json_of(
@@ -665,7 +656,7 @@ async fn channel_descriptors_reach_only_their_own_entrypoint() {
     assert_eq!((ev.as_str(), re.as_str()), ("none", "none"));
     let second = r.invoke_sse("", "").await;
     std::fs::remove_file(&gate).unwrap();
-    let first = first.await.unwrap();
+    let first = rest_of(first, first_buf).await;
     for events in [&first, &second] {
         let line = stdout_of(events);
         let (mut fds, ev, re) = fd_line(&line);
@@ -735,7 +726,10 @@ async fn creating_over_a_damaged_session_directory_is_refused_and_keeps_it() {
             .unwrap(),
     )
     .await;
-    assert_eq!((status, body["error"].as_str()), (409, Some("session_exists")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("session_exists"))
+    );
     assert_eq!(
         std::fs::read(damaged.join("events.jsonl")).unwrap(),
         b"stored history\n"
