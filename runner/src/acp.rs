@@ -740,8 +740,8 @@ impl Turn {
             }
         };
         let Some(started) = started else {
-            // Dropping the start kills the half-started agent; the next turn starts anew.
-            drop(start);
+            // Returning drops the start, which kills the half-started agent; the next turn
+            // starts anew.
             external.close();
             return 137;
         };
