@@ -19,7 +19,7 @@ use agentbox_proto::{
     event, session_event, AgentEvent, ErrorEvent, ExitReason, InvokeId, Sender, Stream,
 };
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::channel::{AgentSetup, External};
@@ -33,6 +33,9 @@ use crate::supervisor::{self, ExitStatus, Outcome, Process, Reaper, RunSpec};
 const PROTOCOL_VERSION: u64 = 1;
 /// Longest wait for `initialize` and `session/new`.
 const STARTUP: Duration = Duration::from_secs(30);
+/// Longest line read from the agent's stdout (longer ones are skipped as protocol errors) and
+/// longest `log` event made of its stderr (longer lines are split).
+const MAX_LINE: usize = 16 << 20;
 
 type Reply = std::result::Result<Value, Value>;
 
@@ -244,6 +247,8 @@ impl Conn {
         })?;
         let process = Process::new(marker);
         process.set_pid(child.id() as i32);
+        // Stops the agent if the start fails or is abandoned (the invoke canceled or timed out).
+        let mut guard = StopOnDrop(Some(Arc::clone(&process)));
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
@@ -298,6 +303,14 @@ impl Conn {
         };
         let init = init.map_err(|e| fail("initialize", e))?;
         tracing::debug!(%init, "ACP agent initialized");
+        let version = init.get("protocolVersion");
+        if version.and_then(Value::as_u64) != Some(PROTOCOL_VERSION) {
+            return Err(Error::Internal(format!(
+                "the ACP agent answered initialize with protocolVersion {}; the runner speaks \
+                 ACP version {PROTOCOL_VERSION} only",
+                version.map_or_else(|| "(none)".to_owned(), Value::to_string)
+            )));
+        }
         let new_session = boot
             .request(
                 "session/new",
@@ -337,6 +350,7 @@ impl Conn {
         });
         // From here on the connection's own table answers responses.
         *conn_cell.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&conn));
+        guard.0 = None;
         Ok(conn)
     }
 
@@ -429,7 +443,7 @@ impl Conn {
             (Some(_), None) => {}
             (None, Some(id)) => {
                 let Some(n) = id.as_u64() else {
-                    return self.protocol_error("a response with an unknown id", raw);
+                    return self.protocol_error("a response with an unknown id", raw.as_bytes());
                 };
                 let tx = self
                     .pending
@@ -444,15 +458,13 @@ impl Conn {
                     let _ = tx.send(reply);
                 }
             }
-            (None, None) => self.protocol_error("neither a request nor a response", raw),
+            (None, None) => self.protocol_error("neither a request nor a response", raw.as_bytes()),
         }
     }
 
-    fn protocol_error(&self, message: &str, raw: &str) {
+    fn protocol_error(&self, message: &str, raw: &[u8]) {
         match self.turn() {
-            Some(turn) => turn
-                .external
-                .protocol_error(format!("ACP: {message}"), raw.as_bytes()),
+            Some(turn) => turn.external.protocol_error(format!("ACP: {message}"), raw),
             None => tracing::debug!(%message, "ACP protocol error outside a turn"),
         }
     }
@@ -471,8 +483,11 @@ impl Conn {
         let Some((id, options)) = turn.asks().remove(pid) else {
             return;
         };
+        // Never grant more than the user gave: `once` is only ever `allow_once`; `always` may
+        // fall back to `allow_once`; `reject` to `reject_always` (it grants nothing). Without a
+        // matching option the answer is `cancelled`, which grants nothing either.
         let wanted: &[&str] = match reply {
-            "once" => &["allow_once", "allow_always"],
+            "once" => &["allow_once"],
             "always" => &["allow_always", "allow_once"],
             _ => &["reject_once", "reject_always"],
         };
@@ -487,6 +502,17 @@ impl Conn {
             None => json!({"outcome": "cancelled"}),
         };
         self.respond(&id, json!({ "outcome": outcome }));
+    }
+}
+
+/// Kills a starting agent unless disarmed (`.0 = None`).
+struct StopOnDrop(Option<Arc<Process>>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(process) = self.0.take() {
+            process.stop(ExitReason::Error, Duration::ZERO);
+        }
     }
 }
 
@@ -535,17 +561,39 @@ async fn read_messages(
     early: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
     out: mpsc::UnboundedSender<String>,
 ) {
-    let mut lines = BufReader::new(stdout).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if line.trim().is_empty() {
+    let mut reader = BufReader::new(stdout);
+    let mut raw = Vec::new();
+    let mut skipping = false;
+    while let Some(ended) = read_part(&mut reader, &mut raw, MAX_LINE).await {
+        if skipping {
+            skipping = !ended;
             continue;
         }
         let current = conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let message: Value = match serde_json::from_str(&line) {
+        if !ended {
+            skipping = true;
+            if let Some(c) = &current {
+                c.protocol_error(
+                    &format!("a line is longer than {MAX_LINE} bytes; skipped"),
+                    &raw,
+                );
+            }
+            continue;
+        }
+        if raw.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let Ok(line) = std::str::from_utf8(&raw) else {
+            if let Some(c) = &current {
+                c.protocol_error("not UTF-8", &raw);
+            }
+            continue;
+        };
+        let message: Value = match serde_json::from_str(line) {
             Ok(v) => v,
             Err(e) => {
                 if let Some(c) = &current {
-                    c.protocol_error(&format!("not JSON: {e}"), &line);
+                    c.protocol_error(&format!("not JSON: {e}"), &raw);
                 }
                 continue;
             }
@@ -565,7 +613,7 @@ async fn read_messages(
             }
         }
         match current {
-            Some(c) => c.handle(message, &line),
+            Some(c) => c.handle(message, line),
             None => {
                 if let Some(id) = message
                     .get("id")
@@ -584,15 +632,52 @@ async fn read_stderr(
     stderr: tokio::net::unix::pipe::Receiver,
     conn: Arc<Mutex<Option<Arc<Conn>>>>,
 ) {
-    let mut lines = BufReader::new(stderr).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut reader = BufReader::new(stderr);
+    let mut raw = Vec::new();
+    // Any bytes: a line longer than MAX_LINE becomes several (partial) `log` events.
+    while let Some(ended) = read_part(&mut reader, &mut raw, MAX_LINE).await {
         let current = conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match current.and_then(|c| c.turn()) {
             Some(turn) => {
-                turn.log
-                    .append(|b| b.log(Stream::Stderr, line.as_bytes(), false));
+                turn.log.append(|b| b.log(Stream::Stderr, &raw, !ended));
             }
-            None => tracing::debug!(%line, "ACP agent stderr"),
+            None => tracing::debug!(line = %String::from_utf8_lossy(&raw), "ACP agent stderr"),
+        }
+    }
+}
+
+/// Reads the next line, or its next `max` bytes, into `buf` (cleared first, without the
+/// newline): `Some(true)` when the line ended, `Some(false)` when `max` bytes came first (the
+/// rest follows in the next calls), `None` at the end of the stream or on a read error.
+async fn read_part<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Option<bool> {
+    buf.clear();
+    loop {
+        let data = match reader.fill_buf().await {
+            Ok(data) => data,
+            Err(_) => return None,
+        };
+        if data.is_empty() {
+            return (!buf.is_empty()).then_some(true);
+        }
+        let room = max - buf.len();
+        match memchr::memchr(b'\n', &data[..data.len().min(room + 1)]) {
+            Some(nl) => {
+                buf.extend_from_slice(&data[..nl]);
+                reader.consume(nl + 1);
+                return Some(true);
+            }
+            None => {
+                let n = data.len().min(room);
+                buf.extend_from_slice(&data[..n]);
+                reader.consume(n);
+                if buf.len() == max {
+                    return Some(false);
+                }
+            }
         }
     }
 }
@@ -638,11 +723,29 @@ impl Turn {
         log: &Arc<EventLog>,
     ) -> i32 {
         let (external, mut replies) = self.setup.open_external(invoke_id, log);
-        let conn = match self
+        // The start (up to STARTUP) gives way to a cancel or the invoke's timeout.
+        let start = self
             .agents
-            .get_or_start(&self.session, &self.launch, &self.reaper)
-            .await
-        {
+            .get_or_start(&self.session, &self.launch, &self.reaper);
+        tokio::pin!(start);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let started = loop {
+            tokio::select! {
+                r = &mut start => break Some(r),
+                _ = tick.tick() => {
+                    if process.stop_reason().is_some() {
+                        break None;
+                    }
+                }
+            }
+        };
+        let Some(started) = started else {
+            // Returning drops the start, which kills the half-started agent; the next turn
+            // starts anew.
+            external.close();
+            return 137;
+        };
+        let conn = match started {
             Ok(conn) => conn,
             Err(e) => {
                 log.append(|b| {
@@ -672,7 +775,6 @@ impl Turn {
         let request = conn.request("session/prompt", prompt);
         tokio::pin!(request);
         let mut cancel_at: Option<tokio::time::Instant> = None;
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
         let answer = loop {
             tokio::select! {
                 answer = &mut request => break Some(answer),

@@ -298,8 +298,13 @@ impl Channel {
     }
 
     fn protocol_error(&self, message: String, line: &[u8]) {
+        // Invalid bytes grow to three (U+FFFD): cut at the last char boundary within QUOTE.
         let mut quoted = String::from_utf8_lossy(&line[..line.len().min(QUOTE)]).into_owned();
-        quoted.truncate(QUOTE);
+        let mut end = quoted.len().min(QUOTE);
+        while !quoted.is_char_boundary(end) {
+            end -= 1;
+        }
+        quoted.truncate(end);
         tracing::debug!(invoke = %self.invoke_id, %message, "agent protocol error");
         self.log.append(|b| {
             b.event(

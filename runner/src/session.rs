@@ -325,9 +325,14 @@ impl Sessions {
             )));
         }
         let dir = self.dir.join(&id);
-        // Leftovers of a session whose summary never reached the disk.
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
+        // A directory not loaded as a session (damaged, or its summary never reached the disk)
+        // may still hold history: never delete it here.
+        if dir.symlink_metadata().is_ok() {
+            return Err(Error::SessionExists(format!(
+                "{} exists but is not a loadable session; \
+                 remove it on disk or choose another id",
+                dir.display()
+            )));
         }
         std::fs::create_dir_all(dir.join("files"))?;
         let meta = Meta {

@@ -332,3 +332,135 @@ async fn an_agent_that_dies_at_start_is_an_error_not_a_hang() {
     assert_eq!(status, 200);
     assert!(info.get("runningInvokeId").is_none(), "{info}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acp_bytes_that_are_not_utf8_do_not_stop_the_reader() {
+    let r = setup(&[]).await;
+    let events = tokio::time::timeout(
+        Duration::from_secs(30),
+        r.invoke_sse("?session=a&prompt=garbage", ""),
+    )
+    .await
+    .expect("the turn ends");
+    let error = events
+        .iter()
+        .find(|e| e.event == "protocol_error")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(error.data["message"], "ACP: not UTF-8");
+    assert_eq!(error.data["line"], "\u{fffd}\u{fffd} not UTF-8");
+    // stderr is passed on byte for byte (not UTF-8: base64).
+    assert!(
+        events.iter().any(|e| e.event == "log"
+            && e.data["stream"] == "stderr"
+            && e.data["dataBase64"] == "YmFkIP8gc3RkZXJy"),
+        "{events:?}"
+    );
+    let texts = said(&events);
+    assert_eq!(texts.len(), 1, "{events:?}");
+    assert!(texts[0].starts_with("after garbage turn 1 "), "{texts:?}");
+    assert_eq!(exit_event(&events)["exitCode"], 0);
+    // The reader goes on: the next turn of the same agent works.
+    let events = tokio::time::timeout(
+        Duration::from_secs(30),
+        r.invoke_sse("?session=a&prompt=hello", ""),
+    )
+    .await
+    .expect("the turn ends");
+    assert!(said(&events)[0].starts_with("echo hello turn 2 "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acp_once_never_selects_allow_always() {
+    let r = setup(&[]).await;
+    // The agent offers allow_always and reject_once only: `once` cannot be granted.
+    let (resp, buf, events) = turn_until(&r, "write! x", "permission").await;
+    assert_eq!(events.last().unwrap().data["permissionId"], "acp-1");
+    answer(&r, "once").await;
+    let events = rest_of(resp, buf).await;
+    let texts = said(&events);
+    assert_eq!(texts.len(), 1, "{events:?}");
+    assert!(texts[0].starts_with("refused turn 1 "), "{texts:?}");
+    assert!(!r.workspace.join("acp.txt").exists());
+    // `always` may take allow_always.
+    let (resp, buf, _) = turn_until(&r, "write! y", "permission").await;
+    answer(&r, "always").await;
+    let events = rest_of(resp, buf).await;
+    assert!(said(&events)[0].starts_with("wrote (allow-always) turn 2 "));
+}
+
+/// A runner with session `a` and an ACP entrypoint that is a shell script (no SDK needed).
+async fn setup_sh(script: &str) -> Runner {
+    let r = Runner::start(&[]);
+    let (status, body) = r
+        .configure_json(json!({"entrypoint": ["sh", "-c", script], "protocol": "acp"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let resp = r
+        .post("/v1/sessions")
+        .json(&json!({"id": "a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeout_ends_a_turn_whose_agent_is_still_starting() {
+    // Never answers `initialize` (the runner would wait 30 s for it).
+    let r = setup_sh("exec sleep 60").await;
+    let started = std::time::Instant::now();
+    let events = tokio::time::timeout(
+        Duration::from_secs(20),
+        r.invoke_sse("?session=a&prompt=hi&timeout=1s", ""),
+    )
+    .await
+    .expect("the turn ends");
+    assert!(started.elapsed() < Duration::from_secs(10), "{events:?}");
+    assert_eq!(exit_event(&events)["reason"], "timeout", "{events:?}");
+    // The session is free again.
+    let (status, info) = json_of(r.get("/v1/sessions/a").send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(info.get("runningInvokeId").is_none(), "{info}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsupported_protocol_version_fails_the_start() {
+    let r = setup_sh(
+        r#"read line; echo '{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":99}}'; exec sleep 60"#,
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let events = tokio::time::timeout(
+        Duration::from_secs(20),
+        r.invoke_sse("?session=a&prompt=hi", ""),
+    )
+    .await
+    .expect("the turn ends");
+    assert!(started.elapsed() < Duration::from_secs(10), "{events:?}");
+    let error = events.iter().find(|e| e.event == "error").unwrap();
+    assert_eq!(error.data["phase"], "acp");
+    let message = error.data["message"].as_str().unwrap();
+    assert!(message.contains("protocolVersion 99"), "{message}");
+    assert_eq!(exit_event(&events)["exitCode"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_over_16_mib_is_413() {
+    let r = setup_sh("exec sleep 60").await;
+    let resp = r
+        .post("/v1/invoke?session=a")
+        .body(vec![b'a'; (16 << 20) + 1])
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(resp).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("payload_too_large")),
+        "{body}"
+    );
+    // The session is free again.
+    let (_, info) = json_of(r.get("/v1/sessions/a").send().await.unwrap()).await;
+    assert!(info.get("runningInvokeId").is_none(), "{info}");
+}

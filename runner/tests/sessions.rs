@@ -416,12 +416,13 @@ async fn unanswered_requests_are_rejected_after_the_timeout() {
 async fn malformed_agent_lines_are_recorded_not_fatal() {
     let r = Runner::start(&["--permission-timeout", "200ms"]);
     configure_agent(&r).await;
-    let events = r.invoke_sse("", "garbage").await;
+    create_session(&r, "garbled").await;
+    let events = r.invoke_sse("?session=garbled", "garbage").await;
     let errors: Vec<&Event> = events
         .iter()
         .filter(|e| e.event == "protocol_error")
         .collect();
-    assert_eq!(errors.len(), 4, "{events:?}");
+    assert_eq!(errors.len(), 6, "{events:?}");
     assert!(errors[0].data["message"]
         .as_str()
         .unwrap()
@@ -440,10 +441,19 @@ async fn malformed_agent_lines_are_recorded_not_fatal() {
         .unwrap()
         .contains("longer than"));
     assert_eq!(errors[3].data["line"].as_str().unwrap().len(), 1024);
+    // Invalid UTF-8 is quoted lossily, cut at a char boundary within 1024 bytes.
+    assert_eq!(
+        errors[4].data["line"].as_str().unwrap(),
+        "\u{fffd}".repeat(341)
+    );
+    assert_eq!(errors[5].data["line"].as_str().unwrap(), "a".repeat(1023));
     // The agent went on: its event and its request came through after the bad lines.
     assert!(events.iter().any(|e| e.event == "agent"));
     assert!(events.iter().any(|e| e.event == "permission"));
     assert_eq!(exit_event(&events)["exitCode"], 0);
+    // The session is free again: the next invoke runs (not 409 session_busy).
+    let events = r.invoke_sse("?session=garbled", "hello").await;
+    assert_eq!(exit_event(&events)["exitCode"], 0, "{events:?}");
 }
 
 #[tokio::test]
@@ -611,34 +621,25 @@ async fn channel_descriptors_reach_only_their_own_entrypoint() {
     let gate = r.dir.join("gate");
     let list_fds = "printf 'fds '; ls /proc/self/fd | tr '\\n' ' '; \
          echo ev=${AGENTBOX_EVENTS_FD:-none} re=${AGENTBOX_REPLIES_FD:-none}";
-    // Lists its own descriptors, then (the first one) waits, so that its channel is open
-    // in the runner while the others start.
+    // Lists its own descriptors, then (the first one, which takes the gate before it lists)
+    // waits until the gate is removed, so that its channel is open in the runner while the
+    // others start.
     r.configure_sh(&format!(
-        "{list_fds}; if [ ! -e {g} ]; then touch {g}; while [ -e {g} ]; do sleep 0.02; done; fi",
+        "if [ ! -e {g} ]; then touch {g}; {list_fds}; while [ -e {g} ]; do sleep 0.02; done; \
+         else {list_fds}; fi",
         g = gate.display()
     ))
     .await;
-    let first = tokio::spawn({
-        let client = r.client.clone();
-        let url = r.url("/v1/invoke");
-        async move {
-            let resp = client
-                .post(url)
-                .bearer_auth(common::TOKEN)
-                .send()
-                .await
-                .unwrap();
-            parse_sse(&resp.bytes().await.unwrap())
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !gate.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the first invoke never started"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let mut first = r.post("/v1/invoke").send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let mut first_buf = Vec::new();
+    // Its `log` event: it holds the gate and its channel is open.
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        read_until(&mut first, &mut first_buf, |e| e.event == "log"),
+    )
+    .await
+    .expect("the first invoke never started");
     // The same shell under exec, which gets no channel: the baseline of what any child of
     // this runner inherits (the test harness may pass some descriptors down to the runner).
     let (status, body) = json_of(
@@ -655,7 +656,7 @@ async fn channel_descriptors_reach_only_their_own_entrypoint() {
     assert_eq!((ev.as_str(), re.as_str()), ("none", "none"));
     let second = r.invoke_sse("", "").await;
     std::fs::remove_file(&gate).unwrap();
-    let first = first.await.unwrap();
+    let first = rest_of(first, first_buf).await;
     for events in [&first, &second] {
         let line = stdout_of(events);
         let (mut fds, ev, re) = fd_line(&line);
@@ -705,4 +706,36 @@ async fn idle_sessions_hold_no_descriptors() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn creating_over_a_damaged_session_directory_is_refused_and_keeps_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let damaged = tmp.path().join("ws/.agentbox/sessions/old");
+    std::fs::create_dir_all(&damaged).unwrap();
+    std::fs::write(damaged.join("session.json"), b"{not json").unwrap();
+    std::fs::write(damaged.join("events.jsonl"), b"stored history\n").unwrap();
+    let r = Runner::start_in(tmp.path(), &[]);
+    let (status, _) = json_of(r.get("/v1/sessions/old").send().await.unwrap()).await;
+    assert_eq!(status, 404);
+    let (status, body) = json_of(
+        r.post("/v1/sessions")
+            .json(&json!({"id": "old"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("session_exists"))
+    );
+    assert_eq!(
+        std::fs::read(damaged.join("events.jsonl")).unwrap(),
+        b"stored history\n"
+    );
+    assert_eq!(
+        std::fs::read(damaged.join("session.json")).unwrap(),
+        b"{not json"
+    );
 }

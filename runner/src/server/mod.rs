@@ -325,13 +325,17 @@ pub(crate) fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T> {
     params(
         ("prompt" = Option<String>, Query, description = "Passed as `--prompt=<prompt>`; stdin when the body is empty."),
         ("timeout" = Option<String>, Query, description = "A Go duration (`90s`, `5m`, `1h30m`); capped at `maxTimeoutMs`."),
-        ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves (default `linger`).")),
-    request_body(content = String, description = "stdin for the entrypoint, any bytes.", content_type = "application/octet-stream"),
+        ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves (default `linger`)."),
+        ("session" = Option<String>, Query, description = "Runs the invoke in this session (created with POST /v1/sessions): the agent channel, permissions and history. Required when the entrypoint is an ACP agent.")),
+    request_body(content = String, description = "stdin for the entrypoint, any bytes; for an ACP agent the prompt (UTF-8, at most 16 MiB) unless `?prompt=` is given.", content_type = "application/octet-stream"),
     responses(
         (status = 200, description = "`start`, `log`…, `exit` as Server-Sent Events; or the InvokeResponse.",
             content((String = "text/event-stream"), (InvokeResponse = "application/json"))),
-        (status = 400, description = "`invalid_request` (bad query), `invalid_timeout`, `wrong_mode` (code mode).", body = ErrorBody),
+        (status = 400, description = "`invalid_request` (bad query; an ACP agent invoked without `?session=`; an ACP prompt that is not UTF-8), `invalid_session_id`, `invalid_timeout`, `wrong_mode` (code mode).", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 404, description = "`session_not_found`: no session with the `?session=` id.", body = ErrorBody),
+        (status = 409, description = "`session_busy`: another invoke runs in the session.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: an ACP prompt body over 16 MiB.", body = ErrorBody),
         (status = 424, description = "`not_configured`: no entrypoint has been configured.", body = ErrorBody),
         (status = 429, description = "`concurrency_exceeded` with `limit`, `inflight` and `Retry-After: 5`.", body = ErrorBody)))]
 async fn invoke(

@@ -108,10 +108,8 @@ pub(super) async fn acp_turn(
     let text = match prompt {
         Some(text) => text,
         None => {
-            let bytes = axum::body::to_bytes(body, 16 << 20)
-                .await
-                .map_err(|e| Error::InvalidRequest(format!("cannot read the prompt: {e}")))?;
-            let text = String::from_utf8(bytes.to_vec())
+            let bytes = read_prompt(body, 16 << 20).await?;
+            let text = String::from_utf8(bytes)
                 .map_err(|_| Error::InvalidRequest("an ACP prompt must be UTF-8 text".into()))?;
             let data = serde_json::to_value(PromptEvent { text: text.clone() }).unwrap_or_default();
             session.record(Sender::Client, None, session_event::PROMPT, data);
@@ -128,6 +126,26 @@ pub(super) async fn acp_turn(
         grace: app.cfg.grace,
         runtime: tokio::runtime::Handle::current(),
     })
+}
+
+/// The body, up to `limit` bytes (else 413 `payload_too_large`).
+async fn read_prompt(body: Body, limit: usize) -> Result<Vec<u8>> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| Error::InvalidRequest(format!("cannot read the prompt: {e}")))?;
+        if bytes.len() + chunk.len() > limit {
+            // Read (a bounded amount of) the rest, so the client gets the 413.
+            crate::files::drain(&mut stream).await;
+            return Err(Error::PayloadTooLarge(format!(
+                "an ACP prompt is larger than {limit} bytes"
+            )));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
 }
 
 /// Set an ACP agent's session config
@@ -175,7 +193,7 @@ pub(super) async fn set_config(
         (status = 201, description = "Created.", body = SessionInfo),
         (status = 400, description = "`invalid_session_id` or `invalid_request`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
-        (status = 409, description = "`session_exists`.", body = ErrorBody),
+        (status = 409, description = "`session_exists`: the id is taken, or a directory of that name exists that did not load as a session (it is kept as it is).", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody)))]
 pub(super) async fn create(State(app): State<Arc<AppState>>, body: Body) -> Result<Response> {
     let req: CreateSessionRequest = read_json(body, 1 << 20).await?;

@@ -3,7 +3,8 @@
 the runner's ACP tests. The SDK does the protocol side: framing, initialize, sessions.
 
 Prompts: `write TEXT` asks permission (kind `edit`) and appends TEXT to acp.txt in the session's
-cwd when allowed; `wait` runs until canceled; `stuck` ignores cancel; anything else is echoed. Every answer names the
+cwd when allowed (`write! TEXT` the same, offering no `allow_once`); `garbage` writes a line
+that is not UTF-8 to stdout and one to stderr before it answers; `wait` runs until canceled; `stuck` ignores cancel; anything else is echoed. Every answer names the
 turn number and the process id, so the tests can tell one process per session from many.
 """
 import asyncio
@@ -63,21 +64,28 @@ class TestAgent(Agent):
         self.turns += 1
         text = " ".join(getattr(block, "text", "") for block in prompt)
         tag = f"turn {self.turns} pid {os.getpid()} mode {self.mode}"
-        if text.startswith("write "):
+        if text.startswith("write ") or text.startswith("write! "):
             options = [
                 PermissionOption(option_id="allow-once", name="Allow", kind="allow_once"),
                 PermissionOption(option_id="allow-always", name="Always allow", kind="allow_always"),
                 PermissionOption(option_id="reject", name="Reject", kind="reject_once"),
             ]
+            if text.startswith("write! "):
+                options = options[1:]
             tool_call = ToolCallUpdate(tool_call_id=f"call-{self.turns}", title="Write acp.txt", kind="edit")
             response = await self.conn.request_permission(session_id=session_id, tool_call=tool_call, options=options)
             outcome = response.outcome
             if outcome.outcome == "selected" and outcome.option_id.startswith("allow"):
                 with open(os.path.join(self.cwd[session_id], "acp.txt"), "a") as f:
-                    f.write(text[6:] + "\n")
+                    f.write(text.split(" ", 1)[1] + "\n")
                 await self.say(session_id, f"wrote ({outcome.option_id}) {tag}")
             else:
                 await self.say(session_id, f"refused {tag}")
+            return PromptResponse(stop_reason="end_turn")
+        if text == "garbage":
+            os.write(1, b"\xff\xfe not UTF-8\n")
+            os.write(2, b"bad \xff stderr\n")
+            await self.say(session_id, f"after garbage {tag}")
             return PromptResponse(stop_reason="end_turn")
         if text == "stuck":
             # Ignores session/cancel: the runner must kill it after the grace period.

@@ -37,6 +37,11 @@ if "garbage" in words:
     send({"type": "no-such-type"})
     send({"type": "permission_request", "title": "no id"})
     events.write("x" * (2 << 20) + "\n")
+    # Invalid UTF-8, and a two-byte char across the runner's 1024-byte quote limit.
+    events.flush()
+    events.buffer.write(b"\xff" * 400 + b"\n")
+    events.buffer.write(b"a" * 1023 + "\u00e9".encode() + b"\n")
+    events.buffer.flush()
 send({"type": "event", "name": "thinking", "data": {"prompt": prompt}})
 note = os.path.join(os.environ.get("AGENTBOX_SESSION_DIR", "."), "note.txt")
 for n in range(1, asks + 1):
