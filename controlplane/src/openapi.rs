@@ -451,6 +451,7 @@ fn sessions_events() {}
         (status = 400, description = "`invalid_request`, `invalid_session_id`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, `session_not_found`.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`.", body = ErrorBody),
+        (status = 424, description = "`agent_failed`: the configured ACP agent could not be started or initialized.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
         (status = 502, description = "`runner_unreachable`.", body = ErrorBody),

@@ -243,7 +243,7 @@ impl Conn {
             pass_fds: Default::default(),
         };
         let (mut child, exit_rx) = supervisor::spawn_stdio(reaper, &spec).map_err(|e| {
-            Error::Internal(format!("cannot start the ACP agent {:?}: {e}", launch.argv))
+            Error::AgentFailed(format!("cannot start the ACP agent {:?}: {e}", launch.argv))
         })?;
         let process = Process::new(marker);
         process.set_pid(child.id() as i32);
@@ -299,13 +299,13 @@ impl Conn {
             .await;
         let fail = |what: &str, e: Value| {
             process.stop(ExitReason::Error, Duration::ZERO);
-            Error::Internal(format!("the ACP agent failed {what}: {e}"))
+            Error::AgentFailed(format!("the ACP agent failed {what}: {e}"))
         };
         let init = init.map_err(|e| fail("initialize", e))?;
         tracing::debug!(%init, "ACP agent initialized");
         let version = init.get("protocolVersion");
         if version.and_then(Value::as_u64) != Some(PROTOCOL_VERSION) {
-            return Err(Error::Internal(format!(
+            return Err(Error::AgentFailed(format!(
                 "the ACP agent answered initialize with protocolVersion {}; the runner speaks \
                  ACP version {PROTOCOL_VERSION} only",
                 version.map_or_else(|| "(none)".to_owned(), Value::to_string)

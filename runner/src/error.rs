@@ -39,6 +39,10 @@ pub enum Error {
     /// Invoke before a successful configure (424 `not_configured`).
     #[error("no entrypoint is configured: POST /v1/configure first")]
     NotConfigured,
+    /// The configured ACP agent could not be started or initialized (424 `agent_failed`): the
+    /// configuration, not the request, is at fault.
+    #[error("{0}")]
+    AgentFailed(String),
     /// Over the concurrency cap (429 `concurrency_exceeded`, `Retry-After: 5`).
     #[error("{inflight} invokes are running, the limit is {limit}; retry later")]
     ConcurrencyExceeded {
@@ -110,7 +114,7 @@ impl Error {
             | Error::InvalidTimeout(_)
             | Error::WrongMode(_) => StatusCode::BAD_REQUEST,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::NotConfigured => StatusCode::FAILED_DEPENDENCY,
+            Error::NotConfigured | Error::AgentFailed(_) => StatusCode::FAILED_DEPENDENCY,
             Error::ConcurrencyExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::InstallFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -130,6 +134,7 @@ impl Error {
             Error::WrongMode(_) => "wrong_mode",
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::NotConfigured => "not_configured",
+            Error::AgentFailed(_) => "agent_failed",
             Error::ConcurrencyExceeded { .. } => "concurrency_exceeded",
             Error::InstallFailed(_) => "install_failed",
             Error::FileNotFound(_) => "file_not_found",
@@ -214,6 +219,7 @@ mod tests {
             (Error::WrongMode("m".into()), 400, "wrong_mode"),
             (Error::PayloadTooLarge("p".into()), 413, "payload_too_large"),
             (Error::NotConfigured, 424, "not_configured"),
+            (Error::AgentFailed("a".into()), 424, "agent_failed"),
             (
                 Error::ConcurrencyExceeded {
                     limit: 2,

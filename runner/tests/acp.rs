@@ -331,6 +331,32 @@ async fn an_agent_that_dies_at_start_is_an_error_not_a_hang() {
     let (status, info) = json_of(r.get("/v1/sessions/a").send().await.unwrap()).await;
     assert_eq!(status, 200);
     assert!(info.get("runningInvokeId").is_none(), "{info}");
+
+    // Session config with an agent that fails to start, or does not exist, is the
+    // configuration's fault: 424 `agent_failed`, not a 500 (found by schemathesis).
+    for entrypoint in [
+        json!(["sh", "-c", "exit 3"]),
+        json!(["no-such-agent-binary"]),
+    ] {
+        let (status, body) = r
+            .configure_json(json!({"entrypoint": entrypoint, "protocol": "acp"}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let resp = r
+            .client
+            .put(r.url("/v1/sessions/a/config"))
+            .bearer_auth(common::TOKEN)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = json_of(resp).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (424, Some("agent_failed")),
+            "{entrypoint}: {body}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

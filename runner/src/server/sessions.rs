@@ -156,10 +156,11 @@ async fn read_prompt(body: Body, limit: usize) -> Result<Vec<u8>> {
     request_body(content = SessionConfigRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "What the agent answered, per setting.", body = Object),
-        (status = 400, description = "`invalid_request`: not an ACP agent, or a bad body.", body = ErrorBody),
+        (status = 400, description = "`invalid_session_id`; `invalid_request`: not an ACP agent, or a bad body.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
         (status = 404, description = "`session_not_found`.", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody)))]
+        (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody),
+        (status = 424, description = "`agent_failed`: the configured ACP agent could not be started or initialized.", body = ErrorBody)))]
 pub(super) async fn set_config(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -248,6 +249,7 @@ pub(super) async fn list(State(app): State<Arc<AppState>>, uri: Uri) -> Result<J
     responses(
         (status = 200, description = "The session.", body = SessionInfo),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 400, description = "`invalid_session_id`.", body = ErrorBody),
         (status = 404, description = "`session_not_found`.", body = ErrorBody)))]
 pub(super) async fn get_one(
     State(app): State<Arc<AppState>>,
@@ -262,6 +264,7 @@ pub(super) async fn get_one(
     responses(
         (status = 204, description = "Deleted."),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
+        (status = 400, description = "`invalid_session_id`.", body = ErrorBody),
         (status = 404, description = "`session_not_found`.", body = ErrorBody),
         (status = 409, description = "`session_busy`: an invoke runs in it.", body = ErrorBody)))]
 pub(super) async fn delete(
@@ -285,7 +288,7 @@ pub(super) async fn delete(
     responses(
         (status = 200, description = "A page of the history, or the history as Server-Sent Events.",
             content((SessionEventPage = "application/json"), (String = "text/event-stream"))),
-        (status = 400, description = "`invalid_request`: a bad `offset`, `limit` or `Last-Event-ID`.", body = ErrorBody),
+        (status = 400, description = "`invalid_session_id`; `invalid_request`: a bad `offset`, `limit` or `Last-Event-ID`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
         (status = 404, description = "`session_not_found`.", body = ErrorBody)))]
 pub(super) async fn events(
@@ -355,7 +358,7 @@ pub(super) async fn events(
     request_body(content = PermissionReplyRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "The reply was written to the agent.", body = PermissionReplyResponse),
-        (status = 400, description = "`invalid_request`: the body is not `{reply}`.", body = ErrorBody),
+        (status = 400, description = "`invalid_session_id`; `invalid_request`: the body is not `{reply}`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
         (status = 404, description = "`session_not_found` or `permission_not_found`.", body = ErrorBody),
         (status = 409, description = "`permission_answered`: already answered.", body = ErrorBody),

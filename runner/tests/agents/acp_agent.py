@@ -83,8 +83,12 @@ class TestAgent(Agent):
                 await self.say(session_id, f"refused {tag}")
             return PromptResponse(stop_reason="end_turn")
         if text == "garbage":
-            os.write(1, b"\xff\xfe not UTF-8\n")
             os.write(2, b"bad \xff stderr\n")
+            # stderr and stdout are two pipes with no order between them: the runner's stderr
+            # reader needs a moment before the turn's answer ends the turn, or the line lands
+            # between turns (logged by the runner, not journaled).
+            await asyncio.sleep(0.3)
+            os.write(1, b"\xff\xfe not UTF-8\n")
             await self.say(session_id, f"after garbage {tag}")
             return PromptResponse(stop_reason="end_turn")
         if text == "stuck":
