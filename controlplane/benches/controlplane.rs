@@ -338,10 +338,10 @@ async fn open_stream(addr: SocketAddr, path: String) -> tokio::net::TcpStream {
 
 fn bench_streams(cp: &ControlPlane, rows: &mut Vec<[String; 5]>) {
     let want: usize = env_or("BENCH_STREAMS", 10_000usize);
-    // This process holds `want` sockets, the control plane twice that (client and runner
-    // side), the runner `want`: the limit is raised for all of them (they inherit it).
-    let limit = raise_fd_limit(4 * want as u64 + 1024);
-    let n = want.min((limit as usize).saturating_sub(1024) / 2);
+    // This process holds `want` sockets, the control plane as many (its streams to the runner
+    // share one HTTP/2 connection): the limit is raised for both (they inherit it).
+    let limit = raise_fd_limit(want as u64 + 1024);
+    let n = want.min((limit as usize).saturating_sub(1024));
     cp.configure(&["sh", "-c", "echo up; exec sleep 600"]);
     let mut ids = Vec::new();
     for _ in 0..4 {

@@ -634,18 +634,38 @@ struct StreamStats {
 const EXIT_MARKER: &[u8] = b"event: exit\ndata: ";
 
 impl StreamStats {
+    /// Runs over every proxied chunk: `memmem` over the chunk, and a copy only of the marker's
+    /// few carried bytes, not of the chunk.
     fn observe(&mut self, chunk: &[u8]) {
         self.bytes += chunk.len() as u64;
         if let Some(frame) = &mut self.exit_frame {
             frame.extend_from_slice(chunk);
         } else {
-            let mut window = std::mem::take(&mut self.carry);
-            window.extend_from_slice(chunk);
-            if let Some(at) = find(&window, EXIT_MARKER) {
-                self.exit_frame = Some(window[at + EXIT_MARKER.len()..].to_vec());
-            } else {
-                let keep = window.len().min(EXIT_MARKER.len());
-                self.carry = window[window.len() - keep..].to_vec();
+            // The marker may start in the carried tail of the previous chunks.
+            let mut start = None;
+            if !self.carry.is_empty() {
+                let mut joint = self.carry.clone();
+                joint.extend_from_slice(&chunk[..chunk.len().min(EXIT_MARKER.len() - 1)]);
+                if let Some(at) = memchr::memmem::find(&joint, EXIT_MARKER) {
+                    start = Some(at + EXIT_MARKER.len() - self.carry.len());
+                }
+            }
+            if start.is_none() {
+                start = memchr::memmem::find(chunk, EXIT_MARKER).map(|at| at + EXIT_MARKER.len());
+            }
+            match start {
+                Some(start) => self.exit_frame = Some(chunk[start..].to_vec()),
+                None => {
+                    let keep = EXIT_MARKER.len() - 1;
+                    if chunk.len() >= keep {
+                        self.carry.clear();
+                    } else {
+                        let drop = (self.carry.len() + chunk.len()).saturating_sub(keep);
+                        self.carry.drain(..drop.min(self.carry.len()));
+                    }
+                    self.carry
+                        .extend_from_slice(&chunk[chunk.len().saturating_sub(keep)..]);
+                }
             }
         }
         if let Some(frame) = &self.exit_frame {
@@ -659,10 +679,6 @@ impl StreamStats {
             }
         }
     }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 impl Drop for Recorder {

@@ -44,6 +44,8 @@ const DROPPED: &[&str] = &[
 
 const H2_STREAM_WINDOW: u32 = 2 << 20;
 const H2_CONN_WINDOW: u32 = 8 << 20;
+/// Large DATA frames: a bulk stream crosses in as few pieces as the runner writes.
+const H2_MAX_FRAME: u32 = 256 << 10;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -69,6 +71,7 @@ impl Proxy {
             .http2_only(true)
             .http2_initial_stream_window_size(H2_STREAM_WINDOW)
             .http2_initial_connection_window_size(H2_CONN_WINDOW)
+            .http2_max_frame_size(H2_MAX_FRAME)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .http2_keep_alive_while_idle(true)
@@ -185,82 +188,77 @@ pub fn guard_event_stream(body: Body) -> Body {
 /// The final events of a runner's streams: after one of these, an end is a clean end.
 const FINAL_EVENTS: &[&str] = &[event::EXIT, event::RESULT, event::ERROR];
 
-/// Follows SSE framing as chunks pass (lines split anywhere), remembering the name of the last
-/// complete event and whether a frame is half-sent. Holds at most a few bytes of one line.
+/// Follows SSE framing as chunks pass, remembering whether the last complete frame named a
+/// final event and whether a frame is half-sent. Per chunk it looks only at the chunk's last
+/// blank lines (`memmem::rfind`) and keeps at most [`FRAME_KEEP`] bytes of the frame being
+/// received; it never walks the lines of a bulk stream.
 #[derive(Debug, Default)]
 struct SseWatch {
-    /// The first bytes of the current line (enough to read an `event:` line).
-    line: Vec<u8>,
-    /// The current line is longer than `line` keeps.
-    line_long: bool,
-    /// A frame has started (some non-empty line) and its blank line has not come yet.
-    in_frame: bool,
-    /// The `event:` name of the frame being received.
-    frame_event: Option<String>,
-    /// The name of the last complete event.
-    last_event: Option<String>,
+    /// The first bytes of the frame being received (its `id:` and `event:` lines).
+    head: Vec<u8>,
+    /// Bytes of the frame being received so far.
+    frame_len: usize,
+    /// The last byte seen, for a blank line split across two chunks.
+    last_byte: Option<u8>,
+    /// Whether the last complete frame named a final event.
+    last_final: bool,
 }
 
-const LINE_KEEP: usize = 64;
+/// Enough of a frame to read its `id:` and `event:` lines, which come first.
+const FRAME_KEEP: usize = 256;
 
 impl SseWatch {
-    fn observe(&mut self, mut chunk: &[u8]) {
-        while !chunk.is_empty() {
-            let (part, ended) = match chunk.iter().position(|b| *b == b'\n') {
-                Some(at) => (&chunk[..at], Some(at + 1)),
-                None => (chunk, None),
-            };
-            let room = LINE_KEEP.saturating_sub(self.line.len());
-            self.line.extend_from_slice(&part[..part.len().min(room)]);
-            self.line_long |= part.len() > room;
-            let Some(used) = ended else {
-                return;
-            };
-            self.end_line();
-            chunk = &chunk[used..];
-        }
-    }
-
-    fn end_line(&mut self) {
-        let line = std::mem::take(&mut self.line);
-        let long = std::mem::take(&mut self.line_long);
-        let line = line.strip_suffix(b"\r").unwrap_or(&line);
-        if line.is_empty() && !long {
-            if self.in_frame {
-                if let Some(name) = self.frame_event.take() {
-                    self.last_event = Some(name);
-                }
-            }
-            self.in_frame = false;
+    fn observe(&mut self, chunk: &[u8]) {
+        if chunk.is_empty() {
             return;
         }
-        self.in_frame = true;
-        if !long {
-            if let Some(name) = line.strip_prefix(b"event:") {
-                let name = String::from_utf8_lossy(name);
-                self.frame_event = Some(name.strip_prefix(' ').unwrap_or(&name).to_owned());
+        // A blank line split across chunks: the frame being received ends at this chunk's
+        // first byte.
+        let split = self.frame_len > 0 && self.last_byte == Some(b'\n') && chunk[0] == b'\n';
+        // Where the last frame that ends in this chunk ends (just after its blank line).
+        let end = match memchr::memmem::rfind(chunk, b"\n\n") {
+            Some(at) => Some(at + 2),
+            None if split => Some(1),
+            None => None,
+        };
+        self.last_byte = chunk.last().copied();
+        let Some(end) = end else {
+            self.keep(chunk);
+            return;
+        };
+        // That frame starts after the blank line before it, in this chunk or an earlier one.
+        let body = &chunk[..end.saturating_sub(2)];
+        match memchr::memmem::rfind(body, b"\n\n") {
+            Some(at) => self.last_final = names_final(&chunk[at + 2..end]),
+            None if split && end > 1 => self.last_final = names_final(&chunk[1..end]),
+            None => {
+                self.keep(&chunk[..end]);
+                self.last_final = names_final(&self.head);
             }
         }
+        self.head.clear();
+        self.frame_len = 0;
+        self.keep(&chunk[end..]);
+    }
+
+    fn keep(&mut self, part: &[u8]) {
+        let room = FRAME_KEEP.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&part[..part.len().min(room)]);
+        self.frame_len += part.len();
     }
 
     /// Whether the stream already said its last word, with no frame half-sent.
     fn finished(&self) -> bool {
-        !self.in_frame
-            && self.line.is_empty()
-            && !self.line_long
-            && self
-                .last_event
-                .as_deref()
-                .is_some_and(|e| FINAL_EVENTS.contains(&e))
+        self.frame_len == 0 && self.last_final
     }
 
     /// The closing `error` event, after ending a half-sent line or frame if there is one.
     fn farewell(&self, message: &str) -> Bytes {
         let mut out = Vec::new();
-        if !self.line.is_empty() || self.line_long {
+        if self.frame_len > 0 && self.last_byte != Some(b'\n') {
             out.push(b'\n');
         }
-        if self.in_frame || !self.line.is_empty() || self.line_long {
+        if self.frame_len > 0 {
             out.push(b'\n');
         }
         let data = serde_json::to_string(&ErrorEvent {
@@ -271,6 +269,18 @@ impl SseWatch {
         out.extend_from_slice(format!("event: {}\ndata: {data}\n\n", event::ERROR).as_bytes());
         Bytes::from(out)
     }
+}
+
+/// Whether a frame's `event:` line names a final event.
+fn names_final(frame: &[u8]) -> bool {
+    frame
+        .split(|b| *b == b'\n')
+        .find_map(|line| line.strip_prefix(b"event:"))
+        .is_some_and(|name| {
+            let name = name.strip_prefix(b" ").unwrap_or(name);
+            let name = name.strip_suffix(b"\r").unwrap_or(name);
+            FINAL_EVENTS.iter().any(|e| e.as_bytes() == name)
+        })
 }
 
 fn strip_connection_listed(headers: &mut axum::http::HeaderMap) {
@@ -310,6 +320,27 @@ mod tests {
         assert!(watch(&[b"id: 3\nevent: result\ndata: {}\n\n"]).finished());
         assert!(!watch(&[b"id: 3\nevent: log\ndata: {}\n\n"]).finished());
         assert!(!watch(&[b""]).finished());
+        // A blank line split across chunks, then a whole frame: the last frame counts.
+        let exit_then_log: [&[u8]; 2] = [
+            b"id: 1\nevent: exit\ndata: {}\n",
+            b"\nid: 2\nevent: log\ndata: {}\n\n",
+        ];
+        assert!(!watch(&exit_then_log).finished());
+        let log_then_exit: [&[u8]; 2] = [
+            b"id: 1\nevent: log\ndata: {}\n",
+            b"\nid: 2\nevent: exit\ndata: {}\n\n",
+        ];
+        assert!(watch(&log_then_exit).finished());
+        // Every two-cut split of a longer stream.
+        let stream = b"id: 1\nevent: start\ndata: {}\n\nid: 2\nevent: log\ndata: {\"data\":\"x\"}\n\nid: 3\nevent: exit\ndata: {}\n\n";
+        for a in 0..stream.len() {
+            for b in a..stream.len() {
+                let w = watch(&[&stream[..a], &stream[a..b], &stream[b..]]);
+                assert!(w.finished(), "cuts at {a}, {b}");
+                let w = watch(&[&stream[..a], &stream[a..b]]);
+                assert_eq!(w.finished(), b == stream.len(), "cuts at {a}, {b}");
+            }
+        }
     }
 
     #[test]
@@ -329,6 +360,6 @@ mod tests {
         let long = vec![b'x'; 100_000];
         let w = watch(&[b"id: 1\nevent: exit\ndata: ", &long]);
         assert!(!w.finished());
-        assert!(w.line.len() <= LINE_KEEP);
+        assert!(w.head.len() <= FRAME_KEEP);
     }
 }
