@@ -217,3 +217,40 @@ impl Rng {
         }
     }
 }
+
+/// Checks a generated OpenAPI description (`generated`, JSON text) the way both servers' tests
+/// do: every `text/event-stream` response is described event by event (a `oneOf` of frame
+/// schemas; schemathesis validates each event against it), there are at least `min_streams` of
+/// them, and the committed copy at `committed` is the same text. With `UPDATE_OPENAPI` set, the
+/// committed copy is rewritten first.
+pub fn check_openapi(generated: &str, committed: &std::path::Path, min_streams: usize) {
+    let doc: serde_json::Value = serde_json::from_str(generated).expect("the description is JSON");
+    let mut streams = 0;
+    let paths = doc["paths"].as_object().expect("paths");
+    for (path, item) in paths {
+        for (method, op) in item.as_object().expect("path item") {
+            for (status, response) in op["responses"].as_object().expect("responses") {
+                let Some(media) = response["content"].get("text/event-stream") else {
+                    continue;
+                };
+                streams += 1;
+                let frame = media["schema"]["$ref"].as_str().unwrap_or_default();
+                let name = frame.rsplit('/').next().unwrap_or_default();
+                assert!(
+                    doc["components"]["schemas"][name]["oneOf"].is_array(),
+                    "{method} {path} {status}: {media}"
+                );
+            }
+        }
+    }
+    assert!(streams >= min_streams, "{streams} event streams");
+    if std::env::var_os("UPDATE_OPENAPI").is_some() {
+        std::fs::write(committed, generated).expect("write the committed description");
+    }
+    let on_disk = std::fs::read_to_string(committed).expect("read the committed description");
+    assert!(
+        on_disk == generated,
+        "{} is stale: run UPDATE_OPENAPI=1 cargo test --lib openapi in its crate",
+        committed.display()
+    );
+}

@@ -112,43 +112,11 @@ mod tests {
     use super::*;
 
     /// Every event stream is described event by event (schemathesis found streams described as
-    /// one string; it validates each event against the media type's schema).
+    /// one string), and the committed `openapi.json` is what the code generates
+    /// (`UPDATE_OPENAPI=1` rewrites it).
     #[test]
-    fn event_streams_are_described_per_event() {
-        let doc: Value = serde_json::from_str(document()).expect("JSON");
-        let mut streams = 0;
-        for (path, item) in doc["paths"].as_object().expect("paths") {
-            for (method, op) in item.as_object().expect("path item") {
-                for (status, response) in op["responses"].as_object().expect("responses") {
-                    let Some(media) = response["content"].get("text/event-stream") else {
-                        continue;
-                    };
-                    streams += 1;
-                    let frame = media["schema"]["$ref"].as_str().unwrap_or_default();
-                    let name = frame.rsplit('/').next().unwrap_or_default();
-                    assert!(
-                        doc["components"]["schemas"][name]["oneOf"].is_array(),
-                        "{method} {path} {status}: {media}"
-                    );
-                }
-            }
-        }
-        assert!(streams >= 4, "{streams} event streams");
-    }
-
-    /// The committed `runner/openapi.json` is what the code generates; `UPDATE_OPENAPI=1`
-    /// rewrites it.
-    #[test]
-    fn openapi_json_is_current() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
-        let generated = document();
-        if std::env::var_os("UPDATE_OPENAPI").is_some() {
-            std::fs::write(path, generated).expect("write openapi.json");
-        }
-        let committed = std::fs::read_to_string(path).expect("read openapi.json");
-        assert!(
-            committed == generated,
-            "runner/openapi.json is stale: run UPDATE_OPENAPI=1 cargo test -p agentbox-runner --lib openapi"
-        );
+    fn openapi_json_is_current_and_streams_are_described_per_event() {
+        let committed = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json"));
+        agentbox_testkit::check_openapi(document(), committed, 4);
     }
 }
