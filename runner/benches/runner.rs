@@ -205,29 +205,49 @@ fn invoke_once(http: &mut Http, body: &mut Vec<u8>) -> (Duration, Duration) {
 
 fn bench_latency(rows: &mut Vec<Row>) {
     let n: usize = env_or("BENCH_N", 2000);
-    println!("== invoke round trip of /bin/true: {n} sequential invokes after {WARMUP} warm-up");
-
-    for _ in 0..WARMUP {
-        bare_spawn();
-    }
-    let cpu0 = cpu_seconds("self");
-    let bare: Vec<Duration> = (0..n).map(|_| bare_spawn()).collect();
-    let cpu1 = cpu_seconds("self");
+    println!(
+        "== invoke round trip of /bin/true: {n} sequential invokes after {WARMUP} warm-up, \
+         interleaved in blocks with as many bare spawns"
+    );
 
     let runner = Runner::start(&[]);
     let mut http = Http::connect(runner.addr, &format!("Authorization: Bearer {TOKEN}"));
     runner.configure(&mut http, &["/bin/true"]);
     let mut body = Vec::with_capacity(4096);
     for _ in 0..WARMUP {
+        bare_spawn();
         invoke_once(&mut http, &mut body);
     }
+    // Interleaved in blocks, so that both see the same machine: on a shared VM the cost of a
+    // spawn drifts by tens of percent within a minute.
     let pid = runner.pid().to_string();
-    let (client0, runner0) = (cpu_seconds("self"), cpu_seconds(&pid));
-    let t0 = Instant::now();
-    let (ends, exits): (Vec<Duration>, Vec<Duration>) =
-        (0..n).map(|_| invoke_once(&mut http, &mut body)).unzip();
-    let wall = t0.elapsed();
-    let (client1, runner1) = (cpu_seconds("self"), cpu_seconds(&pid));
+    let blocks = 10.min(n);
+    let mut bare: Vec<Duration> = Vec::with_capacity(n);
+    let (mut ends, mut exits): (Vec<Duration>, Vec<Duration>) = (Vec::new(), Vec::new());
+    let (mut bare_cpu, mut runner_cpu, mut client_cpu) = ((0.0, 0.0), (0.0, 0.0), 0.0);
+    let mut wall = Duration::ZERO;
+    let add = |sum: &mut (f64, f64), a: (f64, f64), b: (f64, f64)| {
+        sum.0 += b.0 - a.0;
+        sum.1 += b.1 - a.1;
+    };
+    for block in 0..blocks {
+        let count = n / blocks + usize::from(block < n % blocks);
+        let cpu0 = cpu_seconds("self");
+        bare.extend((0..count).map(|_| bare_spawn()));
+        let cpu1 = cpu_seconds("self");
+        add(&mut bare_cpu, cpu0, cpu1);
+        let (client0, runner0) = (cpu_seconds("self"), cpu_seconds(&pid));
+        let t0 = Instant::now();
+        for _ in 0..count {
+            let (end, exit) = invoke_once(&mut http, &mut body);
+            ends.push(end);
+            exits.push(exit);
+        }
+        wall += t0.elapsed();
+        let (client1, runner1) = (cpu_seconds("self"), cpu_seconds(&pid));
+        add(&mut runner_cpu, runner0, runner1);
+        client_cpu += client1.0 - client0.0;
+    }
     drop(http);
     drop(runner);
 
@@ -257,11 +277,10 @@ fn bench_latency(rows: &mut Vec<Row>) {
         summarize(&ends[..tenth]).p50,
         summarize(&ends[n - tenth..]).p50
     );
-    let per =
-        |a: (f64, f64), b: (f64, f64)| ((b.0 - a.0) / n as f64 * 1e6, (b.1 - a.1) / n as f64 * 1e6);
-    let (bare_self, bare_child) = per(cpu0, cpu1);
-    let (runner_self, runner_child) = per(runner0, runner1);
-    let (client_self, _) = per(client0, client1);
+    let per = |seconds: f64| seconds / n as f64 * 1e6;
+    let (bare_self, bare_child) = (per(bare_cpu.0), per(bare_cpu.1));
+    let (runner_self, runner_child) = (per(runner_cpu.0), per(runner_cpu.1));
+    let client_self = per(client_cpu);
     println!(
         "  CPU per operation: bare {:.0} µs (spawner {bare_self:.0} + child {bare_child:.0}); \
          invoke {:.0} µs (runner {runner_self:.0} + child {runner_child:.0} + bench client \

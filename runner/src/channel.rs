@@ -13,11 +13,13 @@
 //! `--permission-timeout` passes. Every answer is journaled as `permission_reply`.
 //!
 //! Both descriptors are pipes created close-on-exec; only the spawn of this invoke's entrypoint
-//! clears the flag (see [`crate::supervisor`]), and the runner's ends are read and written by
-//! Tokio tasks, never by the output pump.
+//! clears the flag (see [`crate::supervisor`]). The invoke's output pump reads the events pipe
+//! beside stdout and stderr ([`EventsReader`]), so every agent line is journaled before the
+//! `exit` event with no extra task or thread hop; the replies pipe gets a Tokio writer task
+//! only when the first reply is sent.
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -26,20 +28,18 @@ use agentbox_proto::{
     PermissionReplyEvent, PermissionReplyResponse, ProtocolErrorEvent, ReplyOrigin,
 };
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::journal::EventLog;
 use crate::session::{Claim, Session};
-use crate::supervisor::Process;
+use crate::supervisor::SideReader;
 
 /// Longest line accepted from the agent.
 const MAX_LINE: usize = 1 << 20;
 /// How much of a bad line a `protocol_error` event quotes.
 const QUOTE: usize = 1 << 10;
-/// After the process is gone, how long to wait for the events pipe to close.
-const DRAIN: Duration = Duration::from_millis(500);
 
 /// The open channels, by invoke.
 #[derive(Debug)]
@@ -103,9 +103,7 @@ pub struct Opened {
     /// The child's ends, inherited by the entrypoint only.
     pub child_fds: Vec<OwnedFd>,
     events: OwnedFd,
-    replies: OwnedFd,
     channel: Arc<Channel>,
-    replies_rx: mpsc::UnboundedReceiver<String>,
     permissions: Arc<Permissions>,
 }
 
@@ -137,11 +135,11 @@ impl AgentSetup {
             ));
             log.set_mirror(session.mirror_for(invoke_id.clone()));
         }
-        let (tx, replies_rx) = mpsc::unbounded_channel();
         let channel = Arc::new(Channel {
             invoke_id: invoke_id.clone(),
             log: Arc::clone(log),
-            replies: tx,
+            replies: Mutex::new(Replies::Pipe(Some(replies_w))),
+            runtime: tokio::runtime::Handle::current(),
             pending: Mutex::new(HashMap::new()),
             always_local: Mutex::new(BTreeSet::new()),
             timeout: self.permissions.timeout,
@@ -151,40 +149,90 @@ impl AgentSetup {
             env,
             child_fds: vec![events_w, replies_r],
             events: events_r,
-            replies: replies_w,
             channel,
-            replies_rx,
             permissions: self.permissions,
         })
     }
 }
 
 impl Opened {
-    /// Starts serving the runner's ends (call inside the runtime, after taking
-    /// [`Opened::child_fds`]). The returned [`Drained`] tells when no agent line is left.
-    pub fn start(self, process: Arc<Process>) -> Drained {
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
+    /// Registers the channel for replies and returns the reader of the events pipe, for the
+    /// invoke's pump (call inside the runtime, after taking [`Opened::child_fds`]).
+    pub fn start(self) -> EventsReader {
         self.permissions
             .map()
             .insert(self.channel.invoke_id.clone(), Arc::clone(&self.channel));
-        tokio::spawn(write_replies(self.replies, self.replies_rx));
-        let channel = self.channel;
-        let permissions = self.permissions;
-        let events = self.events;
-        tokio::spawn(async move {
-            read_events(&channel, events, &process).await;
-            permissions.map().remove(&channel.invoke_id);
-            // The session is free before the invoke's `exit` is written.
-            drop(
-                channel
-                    .claim
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take(),
-            );
-            let _ = done_tx.send(());
-        });
-        Drained(done_rx)
+        EventsReader {
+            fd: self.events,
+            channel: self.channel,
+            permissions: self.permissions,
+            line: Vec::new(),
+            skipping: false,
+        }
+    }
+}
+
+/// The runner's end of the events pipe, read by the invoke's pump: splits lines and handles
+/// each one as it arrives.
+#[derive(Debug)]
+pub struct EventsReader {
+    fd: OwnedFd,
+    channel: Arc<Channel>,
+    permissions: Arc<Permissions>,
+    line: Vec<u8>,
+    skipping: bool,
+}
+
+impl SideReader for EventsReader {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn data(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match memchr::memchr(b'\n', data) {
+                Some(nl) => {
+                    if self.skipping {
+                        self.skipping = false;
+                    } else {
+                        self.line.extend_from_slice(&data[..nl]);
+                        self.channel.handle_line(&self.line);
+                    }
+                    self.line.clear();
+                    data = &data[nl + 1..];
+                }
+                None => {
+                    if !self.skipping {
+                        self.line.extend_from_slice(data);
+                        if self.line.len() > MAX_LINE {
+                            self.channel.protocol_error(
+                                format!("a line is longer than {MAX_LINE} bytes; skipped"),
+                                &self.line,
+                            );
+                            self.line.clear();
+                            self.skipping = true;
+                        }
+                    }
+                    data = &[];
+                }
+            }
+        }
+    }
+
+    fn end(&mut self) {
+        if !self.skipping && !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            self.channel.handle_line(&line);
+        }
+        self.permissions.map().remove(&self.channel.invoke_id);
+        // The session is free before the invoke's `exit` is written.
+        drop(
+            self.channel
+                .claim
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
     }
 }
 
@@ -205,7 +253,8 @@ impl AgentSetup {
         let channel = Arc::new(Channel {
             invoke_id: invoke_id.clone(),
             log: Arc::clone(log),
-            replies: tx,
+            replies: Mutex::new(Replies::Sender(tx)),
+            runtime: tokio::runtime::Handle::current(),
             pending: Mutex::new(HashMap::new()),
             always_local: Mutex::new(BTreeSet::new()),
             timeout: self.permissions.timeout,
@@ -255,15 +304,13 @@ impl External {
     }
 }
 
-/// Signals that the agent's events are all journaled.
+/// Where `permission_reply` lines go.
 #[derive(Debug)]
-pub struct Drained(std::sync::mpsc::Receiver<()>);
-
-impl Drained {
-    /// Blocks (on the invoke's own thread) until drained, at most `limit`.
-    pub fn wait(&self, limit: Duration) {
-        let _ = self.0.recv_timeout(limit);
-    }
+enum Replies {
+    /// The agent's replies pipe, before the first reply (taken when its writer starts).
+    Pipe(Option<OwnedFd>),
+    /// A writer task's queue, or an external channel's receiver.
+    Sender(mpsc::UnboundedSender<String>),
 }
 
 #[derive(Debug)]
@@ -277,7 +324,9 @@ enum Pending {
 struct Channel {
     invoke_id: InvokeId,
     log: Arc<EventLog>,
-    replies: mpsc::UnboundedSender<String>,
+    replies: Mutex<Replies>,
+    /// For the tasks a channel starts from the pump's thread (timeouts, the reply writer).
+    runtime: tokio::runtime::Handle,
     pending: Mutex<HashMap<String, Pending>>,
     always_local: Mutex<BTreeSet<String>>,
     timeout: Duration,
@@ -398,7 +447,7 @@ impl Channel {
         let weak: Weak<Self> = Arc::downgrade(self);
         let id = id.to_owned();
         let timeout = self.timeout;
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             tokio::time::sleep(timeout).await;
             if let Some(channel) = weak.upgrade() {
                 let _ = channel.answer(&id, PermissionReply::Reject, ReplyOrigin::Timeout);
@@ -449,7 +498,17 @@ impl Channel {
         });
         let mut line = json!({"type": "permission_reply", "id": id, "reply": reply}).to_string();
         line.push('\n');
-        let _ = self.replies.send(line);
+        let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+        if let Replies::Pipe(fd) = &mut *replies {
+            let (tx, rx) = mpsc::unbounded_channel();
+            if let Some(fd) = fd.take() {
+                self.runtime.spawn(write_replies(fd, rx));
+            }
+            *replies = Replies::Sender(tx);
+        }
+        if let Replies::Sender(tx) = &*replies {
+            let _ = tx.send(line);
+        }
         Ok(())
     }
 }
@@ -463,67 +522,5 @@ async fn write_replies(fd: OwnedFd, mut rx: mpsc::UnboundedReceiver<String>) {
         if pipe.write_all(line.as_bytes()).await.is_err() {
             return;
         }
-    }
-}
-
-/// Reads agent lines until the pipe closes, or shortly after the process is gone.
-async fn read_events(channel: &Arc<Channel>, fd: OwnedFd, process: &Process) {
-    let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
-        return;
-    };
-    let mut line: Vec<u8> = Vec::new();
-    let mut skipping = false;
-    let mut chunk = vec![0u8; 64 << 10];
-    let mut deadline: Option<tokio::time::Instant> = None;
-    loop {
-        let read = match deadline {
-            None => tokio::select! {
-                r = pipe.read(&mut chunk) => r,
-                _ = process.wait_done() => {
-                    deadline = Some(tokio::time::Instant::now() + DRAIN);
-                    continue;
-                }
-            },
-            Some(at) => match tokio::time::timeout_at(at, pipe.read(&mut chunk)).await {
-                Ok(r) => r,
-                Err(_) => break,
-            },
-        };
-        let n = match read {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let mut data = &chunk[..n];
-        while !data.is_empty() {
-            match memchr::memchr(b'\n', data) {
-                Some(nl) => {
-                    if skipping {
-                        skipping = false;
-                    } else {
-                        line.extend_from_slice(&data[..nl]);
-                        channel.handle_line(&line);
-                    }
-                    line.clear();
-                    data = &data[nl + 1..];
-                }
-                None => {
-                    if !skipping {
-                        line.extend_from_slice(data);
-                        if line.len() > MAX_LINE {
-                            channel.protocol_error(
-                                format!("a line is longer than {MAX_LINE} bytes; skipped"),
-                                &line,
-                            );
-                            line.clear();
-                            skipping = true;
-                        }
-                    }
-                    data = &[];
-                }
-            }
-        }
-    }
-    if !skipping && !line.is_empty() {
-        channel.handle_line(&line);
     }
 }

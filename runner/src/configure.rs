@@ -190,7 +190,7 @@ pub fn start(
     std::fs::create_dir_all(&dir)?;
     prune_install_logs(&dir);
     let name = format!("{:013}-{}.events", crate::fsutil::now_ms(), random_hex(4));
-    let log = EventLog::create(&dir.join(name), app.cfg.journal_max_bytes)?;
+    let log = EventLog::create(&dir.join(name), app.cfg.journal_max_bytes, None)?;
     let (tx, rx) = oneshot::channel();
     let app = Arc::clone(app);
     let task_log = Arc::clone(&log);
@@ -350,7 +350,7 @@ async fn install(
         let process = Arc::clone(&process);
         let log = Arc::clone(log);
         crate::pool::run(move || {
-            let outcome = supervisor::run(&reaper, &spec, &process, &log, |_, _| {});
+            let outcome = supervisor::run(&reaper, &spec, &process, &log, None, |_, _| {});
             let _ = tx.send(outcome);
         })
         .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))?;

@@ -50,22 +50,6 @@ pub fn write_replace(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io:
     result
 }
 
-/// Overwrites `path` in place (mode 0600), fsyncing when `durable`. Not atomic: only for
-/// caches whose loss or tearing the reader tolerates (invoke summaries; the journal decides).
-pub fn write_in_place(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    if durable {
-        f.sync_data()?;
-    }
-    Ok(())
-}
-
 /// `n` random bytes as lowercase hex.
 pub fn random_hex(n: usize) -> String {
     let mut buf = vec![0u8; n];

@@ -3,7 +3,8 @@
 //! HTTP handlers for these live in [`crate::server`]; this module never sees a request.
 
 use std::collections::BTreeMap;
-use std::io;
+use std::io::{self, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,12 +23,55 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::fsutil::{now_ms, random_hex, write_in_place};
+use crate::fsutil::{now_ms, random_hex};
 use crate::journal::{EventLog, Subscription};
 use crate::proctree;
 use crate::supervisor::{self, Outcome, Process, Reaper, RunSpec};
 
 pub use agentbox_proto::OnDisconnect;
+
+/// Bodies up to this size are read before the spawn and written by the invoke's own thread
+/// (a fresh pipe holds them without blocking); larger or chunked ones are copied as they come.
+const STDIN_INLINE_MAX: u64 = 64 << 10;
+
+/// What an invoke's process reads on stdin; either way stdin is a pipe, closed at the end.
+#[derive(Debug)]
+pub enum Stdin {
+    /// Bytes known up front (usually a small request body, often none).
+    Bytes(Bytes),
+    /// A body copied as it arrives; `fallback` is written instead when it turns out empty.
+    Stream {
+        body: Body,
+        fallback: Option<String>,
+    },
+}
+
+impl Stdin {
+    /// The request body, or `fallback` when the body is empty (`?prompt=` without a body).
+    /// A body of known small size is read here, so the process gets it without a copy task.
+    pub async fn from_body(body: Body, fallback: Option<String>) -> Result<Stdin> {
+        use axum::body::HttpBody as _;
+        match body.size_hint().exact() {
+            Some(n) if n <= STDIN_INLINE_MAX => {
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|e| Error::InvalidRequest(format!("cannot read the body: {e}")))?
+                    .to_bytes();
+                Ok(match fallback {
+                    Some(text) if bytes.is_empty() => Stdin::Bytes(Bytes::from(text)),
+                    _ => Stdin::Bytes(bytes),
+                })
+            }
+            _ => Ok(Stdin::Stream { body, fallback }),
+        }
+    }
+}
+
+/// Name prefix of the emptied files of pruned invokes kept for reuse.
+const SPARE_PREFIX: &str = "spare-";
+/// At most this many spare pairs are kept.
+const MAX_SPARES: usize = 64;
 
 /// What to start.
 #[derive(Debug)]
@@ -42,10 +86,8 @@ pub struct StartRequest {
     pub cwd: PathBuf,
     /// The time limit.
     pub timeout: Duration,
-    /// The request body, copied to stdin.
-    pub stdin: Body,
-    /// Written to stdin when the body turns out empty.
-    pub stdin_fallback: Option<String>,
+    /// What the process reads on stdin.
+    pub stdin: Stdin,
     /// The disconnect policy.
     pub on_disconnect: OnDisconnect,
     /// The agent channel (and session), for invokes of the entrypoint.
@@ -107,6 +149,10 @@ pub struct Invoke {
     /// invoke's cost.
     base: PathBuf,
     meta: Mutex<Meta>,
+    /// The summary file, open while the invoke runs.
+    meta_file: Mutex<Option<std::fs::File>>,
+    /// An emptied summary file of a pruned invoke, renamed into place by the first write.
+    spare_meta: Mutex<Option<PathBuf>>,
     /// Held while running; afterwards only weakly, so a finished invoke that nobody watches
     /// keeps no file descriptors (every spawn pays for open descriptors at exec).
     log: Mutex<LogRef>,
@@ -193,12 +239,14 @@ impl Invoke {
         }
     }
 
+    /// Appends the summary, fsynced, and closes the summary file.
     fn save_meta(&self) {
-        self.write_meta(true);
+        self.write_meta(true, true);
     }
 
-    fn save_meta_fast(&self) {
-        self.write_meta(false);
+    /// Appends the summary (not fsynced); `close` when it is the last one.
+    fn save_meta_fast(&self, close: bool) {
+        self.write_meta(false, close);
     }
 
     fn journal_path(&self) -> PathBuf {
@@ -209,17 +257,63 @@ impl Invoke {
         self.base.with_extension("json")
     }
 
-    fn write_meta(&self, durable: bool) {
-        let meta = self.meta().clone();
-        match serde_json::to_vec(&meta) {
-            Ok(bytes) => {
-                if let Err(e) = write_in_place(&self.meta_path(), &bytes, durable) {
-                    tracing::error!(invoke = %self.id, error = %e, "cannot persist invoke state");
-                }
+    /// Appends the summary to `<id>.json` as one JSON line: the last complete line is the
+    /// summary, and nothing written is ever rewritten (a truncating rewrite costs a forced
+    /// writeback on ext4). The file stays open while the invoke runs.
+    fn write_meta(&self, durable: bool, close: bool) {
+        let mut line = match serde_json::to_vec(&*self.meta()) {
+            Ok(line) => line,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode invoke state");
+                return;
             }
-            Err(e) => tracing::error!(error = %e, "cannot encode invoke state"),
+        };
+        line.push(b'\n');
+        let mut slot = self.meta_file.lock().unwrap_or_else(|p| p.into_inner());
+        let written = (|| {
+            if slot.is_none() {
+                let spare = self
+                    .spare_meta
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                if let Some(spare) = spare {
+                    let _ = std::fs::rename(spare, self.meta_path());
+                }
+                *slot = Some(
+                    std::fs::OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .mode(0o600)
+                        .open(self.meta_path())?,
+                );
+            }
+            let Some(file) = slot.as_mut() else {
+                return Ok(());
+            };
+            file.write_all(&line)?;
+            if durable {
+                file.sync_data()?;
+            }
+            io::Result::Ok(())
+        })();
+        if let Err(e) = written {
+            tracing::error!(invoke = %self.id, error = %e, "cannot persist invoke state");
+        }
+        if close {
+            *slot = None;
         }
     }
+}
+
+/// The summary in a `<id>.json`: its last line that parses (a torn last line is skipped).
+fn parse_meta(bytes: &[u8]) -> std::result::Result<Meta, String> {
+    bytes
+        .split(|b| *b == b'\n')
+        .rev()
+        .filter(|line| !line.is_empty())
+        .find_map(|line| serde_json::from_slice(line).ok())
+        .ok_or_else(|| "no complete summary line".to_owned())
 }
 
 /// How an invoke holds its event log.
@@ -294,6 +388,9 @@ pub struct Invokes {
     dir: PathBuf,
     pruning: Mutex<()>,
     prune_wanted: std::sync::atomic::AtomicBool,
+    /// Emptied journal+summary pairs of pruned invokes (`spare-N.*`), reused by new invokes.
+    spares: Mutex<Vec<PathBuf>>,
+    next_spare: AtomicU64,
 }
 
 impl Invokes {
@@ -305,6 +402,14 @@ impl Invokes {
         let mut map = BTreeMap::new();
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
+            if path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(SPARE_PREFIX))
+            {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
             if path.extension().is_none_or(|e| e != "events") {
                 continue;
             }
@@ -317,7 +422,7 @@ impl Invokes {
             let base = dir.join(name);
             let meta: Meta = match std::fs::read(base.with_extension("json"))
                 .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                .and_then(|b| parse_meta(&b))
             {
                 Ok(meta) => meta,
                 Err(e) => {
@@ -339,6 +444,8 @@ impl Invokes {
                 id: meta.invoke_id.clone(),
                 base,
                 meta: Mutex::new(meta),
+                meta_file: Mutex::new(None),
+                spare_meta: Mutex::new(None),
                 log: Mutex::new(LogRef::default()),
                 journal_size: AtomicU64::new(0),
                 process: None,
@@ -359,6 +466,8 @@ impl Invokes {
             dir,
             pruning: Mutex::new(()),
             prune_wanted: std::sync::atomic::AtomicBool::new(false),
+            spares: Mutex::new(Vec::new()),
+            next_spare: AtomicU64::new(0),
         });
         invokes.prune();
         Ok(invokes)
@@ -431,7 +540,10 @@ impl Invokes {
         let started_at = now_ms();
         let id = InvokeId(format!("inv-{started_at:012x}-{}", random_hex(8)));
         let base = self.dir.join(id.as_str());
-        let log = EventLog::create(&base.with_extension("events"), self.cfg.journal_max_bytes)?;
+        let spare = self.spares().pop();
+        // The journal file itself is created by the pump thread, while the process starts.
+        let log = EventLog::deferred(&base.with_extension("events"), self.cfg.journal_max_bytes);
+        let spare_journal = spare.as_ref().map(|s| s.with_extension("events"));
         let channel = match req.agent.map(|agent| agent.open(&id, &log)).transpose() {
             Ok(channel) => channel,
             Err(e) => {
@@ -445,6 +557,8 @@ impl Invokes {
             id: id.clone(),
             base,
             meta: Mutex::new(Meta::running(id.clone(), req.kind, started_at)),
+            meta_file: Mutex::new(None),
+            spare_meta: Mutex::new(spare.map(|s| s.with_extension("json"))),
             log: Mutex::new(LogRef {
                 strong: Some(Arc::clone(&log)),
                 weak: Arc::downgrade(&log),
@@ -480,7 +594,21 @@ impl Invokes {
             stdin: true,
             pass_fds: Arc::new(Mutex::new(pass_fds)),
         };
-        let drained = channel.map(|c| c.start(Arc::clone(&process)));
+        let mut events = channel.map(|c| c.start());
+        // Spawned here, on the request's thread (a posix_spawn returns once the child has
+        // exec'd); only the pumping goes to a pool thread, so that hop overlaps the child.
+        let spawned = req
+            .acp
+            .is_none()
+            .then(|| supervisor::spawn(&self.reaper, &spec));
+        let spawned_pid = spawned
+            .as_ref()
+            .and_then(|s| s.as_ref().ok())
+            .map(supervisor::Spawned::pid);
+        let (stdin_now, stdin_stream) = match req.stdin {
+            Stdin::Bytes(bytes) => (Some(bytes), None),
+            Stdin::Stream { body, fallback } => (None, Some((body, fallback))),
+        };
         let (stdin_tx, stdin_rx) = oneshot::channel();
         let thread = {
             let invokes = Arc::clone(self);
@@ -489,6 +617,17 @@ impl Invokes {
             let reaper = Arc::clone(&self.reaper);
             let acp = req.acp;
             crate::pool::run(move || {
+                let journal_error = log.open_file(spare_journal.as_deref()).err().map(|e| {
+                    // No journal, no invoke: the process is stopped at once (the pump kills
+                    // the tree when it finds a stop asked for), and the reason is streamed
+                    // after `start`.
+                    tracing::error!(invoke = %invoke.id, error = %e, "cannot create the journal");
+                    process.mark_stopped(ExitReason::Error);
+                    ErrorEvent {
+                        phase: Some("journal".into()),
+                        message: format!("cannot create the journal: {e}"),
+                    }
+                });
                 if let Some(turn) = acp {
                     log.append(|b| {
                         b.event(
@@ -497,48 +636,74 @@ impl Invokes {
                                 invoke_id: invoke.id.clone(),
                                 started_at,
                             },
-                        )
+                        );
+                        if let Some(error) = &journal_error {
+                            b.event(event::ERROR, error);
+                        }
                     });
                     let outcome =
                         supervisor::run_custom(&process, || turn.run(&invoke.id, &process, &log));
                     invokes.finish(&invoke, &log, &outcome, permit);
                     return;
                 }
-                let outcome = supervisor::run(&reaper, &spec, &process, &log, |pid, stdin| {
-                    {
-                        let mut meta = invoke.meta();
-                        meta.pid = Some(pid);
-                        meta.pid_started = proctree::start_time(pid);
-                    }
-                    // Recorded before any output is read, so that a runner killed now
-                    // finds this tree at its next start.
-                    invoke.save_meta_fast();
-                    log.append(|b| {
-                        b.event(
-                            event::START,
-                            &StartEvent {
-                                invoke_id: invoke.id.clone(),
-                                started_at,
-                            },
-                        )
+                let side = events
+                    .as_mut()
+                    .map(|e| e as &mut dyn supervisor::SideReader);
+                let spawned = spawned
+                    .unwrap_or_else(|| Err(("nothing to run".into(), std::time::Instant::now())));
+                let outcome =
+                    supervisor::pump(&reaper, spawned, &process, &log, side, |pid, stdin| {
+                        {
+                            let mut meta = invoke.meta();
+                            meta.pid = Some(pid);
+                            meta.pid_started = proctree::start_time(pid);
+                        }
+                        // Recorded before any output is read, so that a runner killed now
+                        // finds this tree at its next start.
+                        invoke.save_meta_fast(false);
+                        log.append(|b| {
+                            b.event(
+                                event::START,
+                                &StartEvent {
+                                    invoke_id: invoke.id.clone(),
+                                    started_at,
+                                },
+                            );
+                            if let Some(error) = &journal_error {
+                                b.event(event::ERROR, error);
+                            }
+                        });
+                        match (stdin, stdin_now) {
+                            (Some(mut stdin), Some(bytes)) => {
+                                // A fresh pipe holds STDIN_INLINE_MAX bytes, so this never blocks;
+                                // a process that exits without reading gets EPIPE, ignored.
+                                use std::io::Write;
+                                let _ = stdin.write_all(&bytes);
+                            }
+                            (Some(stdin), None) => {
+                                let _ = stdin_tx.send(stdin);
+                            }
+                            (None, _) => {}
+                        }
                     });
-                    if let Some(stdin) = stdin {
-                        let _ = stdin_tx.send(stdin);
-                    }
-                });
-                if let Some(drained) = drained {
-                    // Every line the agent wrote before it exited comes before `exit`.
-                    drained.wait(Duration::from_secs(2));
-                }
                 invokes.finish(&invoke, &log, &outcome, permit);
             })
         };
         if let Err(e) = thread {
             self.map().remove(&id);
+            if let Some(pid) = spawned_pid {
+                // Nothing will pump it: it must not outlive this error.
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             return Err(Error::Internal(format!("cannot start a thread: {e}")));
         }
         tracing::info!(invoke = %id, "invoke started");
-        tokio::spawn(copy_stdin(stdin_rx, req.stdin, req.stdin_fallback));
+        if let Some((body, fallback)) = stdin_stream {
+            tokio::spawn(copy_stdin(stdin_rx, body, fallback));
+        }
         let grace = self.cfg.grace;
         let timeout = req.timeout;
         tokio::spawn(async move {
@@ -624,7 +789,7 @@ impl Invokes {
         invoke.set_log(log, false);
         // Not fsynced: the journal (synced by `close`) already holds the `exit` event, and
         // recovery takes the outcome from there when this summary did not reach the disk.
-        invoke.save_meta_fast();
+        invoke.save_meta_fast(true);
         tracing::info!(invoke = %invoke.id, exit_code, reason = reason.as_str(), duration_ms, "invoke exited");
         self.prune();
     }
@@ -663,11 +828,46 @@ impl Invokes {
             if self.map().remove(&invoke.id).is_none() {
                 continue;
             }
-            for path in [invoke.journal_path(), invoke.meta_path()] {
-                if let Err(e) = std::fs::remove_file(&path) {
-                    if e.kind() != io::ErrorKind::NotFound {
-                        tracing::warn!(invoke = %invoke.id, error = %e, "cannot prune journal");
-                    }
+            self.retire(invoke);
+        }
+    }
+
+    fn spares(&self) -> MutexGuard<'_, Vec<PathBuf>> {
+        self.spares.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Deletes a pruned invoke's files, or empties and keeps them as a spare pair for a new
+    /// invoke. Reusing inodes matters: on ext4 without a journal, every inode allocation scans
+    /// past the inodes deleted in the last minutes, so a busy runner that deletes two files per
+    /// invoke makes each new file dearer (it doubled an invoke's CPU within minutes).
+    fn retire(&self, invoke: &Invoke) {
+        // Held throughout, so no reader opens the journal while it is emptied and renamed: a
+        // reader that already has it open keeps it, and the files are deleted instead.
+        let slot = invoke.log.lock().unwrap_or_else(|p| p.into_inner());
+        let (journal, meta) = (invoke.journal_path(), invoke.meta_path());
+        if slot.get().is_none() && self.spares().len() < MAX_SPARES {
+            let n = self.next_spare.fetch_add(1, Ordering::Relaxed);
+            let base = self.dir.join(format!("{SPARE_PREFIX}{n}"));
+            let emptied = |from: &std::path::Path, ext: &str| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(from)
+                    .and_then(|f| f.set_len(0))
+                    .and_then(|()| std::fs::rename(from, base.with_extension(ext)))
+                    .is_ok()
+            };
+            if emptied(&journal, "events") && emptied(&meta, "json") {
+                self.spares().push(base);
+                return;
+            }
+            for ext in ["events", "json"] {
+                let _ = std::fs::remove_file(base.with_extension(ext));
+            }
+        }
+        for path in [journal, meta] {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(invoke = %invoke.id, error = %e, "cannot prune journal");
                 }
             }
         }
@@ -786,5 +986,33 @@ async fn copy_stdin(
         if let Some(text) = fallback {
             let _ = pipe.write_all(Bytes::from(text).as_ref()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_complete_summary_line_counts() {
+        let running = Meta::running(InvokeId("inv-1".into()), InvokeKind::Invoke, 7);
+        let mut exited = running.clone();
+        exited.state = InvokeState::Exited;
+        exited.exit_code = Some(3);
+        let mut text = serde_json::to_vec(&running).unwrap();
+        text.push(b'\n');
+        text.extend(serde_json::to_vec(&exited).unwrap());
+        text.push(b'\n');
+        assert_eq!(parse_meta(&text).unwrap().exit_code, Some(3));
+        // A torn last line (the runner died while appending) is skipped.
+        let torn = text.len() - 10;
+        assert_eq!(
+            parse_meta(&text[..torn]).unwrap().state,
+            InvokeState::Running
+        );
+        // The single-object file of earlier versions still reads.
+        let old = serde_json::to_vec(&exited).unwrap();
+        assert_eq!(parse_meta(&old).unwrap().exit_code, Some(3));
+        assert!(parse_meta(b"{\"invo").is_err());
     }
 }

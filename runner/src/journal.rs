@@ -50,7 +50,8 @@ pub struct Progress {
 pub struct EventLog {
     inner: Mutex<Inner>,
     progress: watch::Sender<Progress>,
-    reader: Arc<File>,
+    /// Set once the journal file is open ([`EventLog::open_file`]).
+    reader: OnceLock<Arc<File>>,
     path: PathBuf,
     cap: u64,
     mirror: OnceLock<Mirror>,
@@ -126,22 +127,46 @@ impl Batch<'_> {
 
 impl EventLog {
     /// Creates an empty log journaled at `path` (which must not exist), storing at most `cap`
-    /// bytes of output.
-    pub fn create(path: &Path, cap: u64) -> io::Result<Arc<Self>> {
+    /// bytes of output. `reuse` is an emptied file to rename into place rather than creating
+    /// a new inode (see `Invokes::retire`).
+    pub fn create(path: &Path, cap: u64, reuse: Option<&Path>) -> io::Result<Arc<Self>> {
+        let log = Self::deferred(path, cap);
+        log.open_file(reuse)?;
+        Ok(log)
+    }
+
+    /// An empty log whose journal file is created later, by [`EventLog::open_file`], which
+    /// must come before the first append: an invoke creates it on its pump thread while the
+    /// process starts, not on the spawn's critical path.
+    pub fn deferred(path: &Path, cap: u64) -> Arc<Self> {
+        Self::from_parts(None, None, path, cap, 1, 0, Vec::new())
+    }
+
+    /// Creates the journal file of a [`EventLog::deferred`] log (see [`EventLog::create`]).
+    pub fn open_file(&self, reuse: Option<&Path>) -> io::Result<()> {
+        let path = &self.path;
+        let reused = reuse.is_some_and(|spare| std::fs::rename(spare, path).is_ok());
+        // One open (a path lookup in a large directory is not free); the reader is a dup.
         let writer = OpenOptions::new()
-            .create_new(true)
+            .create_new(!reused)
+            .read(true)
             .append(true)
             .open(path)?;
-        let reader = File::open(path)?;
-        Ok(Self::from_parts(
-            writer,
-            reader,
-            path,
-            cap,
-            1,
-            0,
-            Vec::new(),
-        ))
+        if reused && writer.metadata()?.len() != 0 {
+            writer.set_len(0)?;
+        }
+        let reader = writer.try_clone()?;
+        let mut inner = self.lock();
+        debug_assert_eq!(inner.end, 0, "open_file after an append");
+        inner.writer = Some(writer);
+        let _ = self.reader.set(Arc::new(reader));
+        Ok(())
+    }
+
+    fn reader(&self) -> io::Result<&Arc<File>> {
+        self.reader
+            .get()
+            .ok_or_else(|| io::Error::other("the journal file is not open yet"))
     }
 
     /// Opens an existing journal (after a restart), repairing a torn last frame. The log is
@@ -183,7 +208,15 @@ impl EventLog {
             file.set_len(offset)?;
         }
         let reader = File::open(path)?;
-        let log = Self::from_parts(file, reader, path, u64::MAX, last_seq + 1, offset, index);
+        let log = Self::from_parts(
+            Some(file),
+            Some(reader),
+            path,
+            u64::MAX,
+            last_seq + 1,
+            offset,
+            index,
+        );
         if let Ok(mut inner) = log.inner.lock() {
             inner.last_indexed = last_indexed;
         }
@@ -191,8 +224,8 @@ impl EventLog {
     }
 
     fn from_parts(
-        writer: File,
-        reader: File,
+        writer: Option<File>,
+        reader: Option<File>,
         path: &Path,
         cap: u64,
         next_seq: u64,
@@ -206,7 +239,7 @@ impl EventLog {
         });
         Arc::new(Self {
             inner: Mutex::new(Inner {
-                writer: Some(writer),
+                writer,
                 next_seq,
                 end,
                 index,
@@ -220,7 +253,9 @@ impl EventLog {
                 last_batch: 0,
             }),
             progress,
-            reader: Arc::new(reader),
+            reader: reader
+                .map(Arc::new)
+                .map_or_else(OnceLock::new, OnceLock::from),
             path: path.to_owned(),
             cap,
             mirror: OnceLock::new(),
@@ -355,7 +390,7 @@ impl EventLog {
             (start, stop)
         };
         let mut buf = vec![0u8; (stop - start) as usize];
-        self.reader.read_exact_at(&mut buf, start)?;
+        self.reader()?.read_exact_at(&mut buf, start)?;
         let mut pos = 0;
         while let Some(end) = memchr::memmem::find(&buf[pos..], b"\n\n") {
             let (frames, _) = sse::parse_frames(&buf[pos..pos + end + 2]);
@@ -430,7 +465,7 @@ impl Subscription {
         }
         let len = (end - self.offset).min(READ_CHUNK) as usize;
         let offset = self.offset;
-        let file = Arc::clone(&self.log.reader);
+        let file = Arc::clone(self.log.reader()?);
         let bytes = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; len];
             file.read_exact_at(&mut buf, offset).map(|()| buf)
@@ -461,7 +496,7 @@ mod tests {
     #[tokio::test]
     async fn replay_from_any_point_has_no_gap_and_no_duplicate() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = EventLog::create(&dir.path().join("j"), u64::MAX).expect("create");
+        let log = EventLog::create(&dir.path().join("j"), u64::MAX, None).expect("create");
         let line = vec![b'x'; 3000];
         for _ in 0..200 {
             log.append(|b| {
@@ -480,7 +515,7 @@ mod tests {
     #[tokio::test]
     async fn live_subscriber_sees_appends_made_after_it_started() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = EventLog::create(&dir.path().join("j"), u64::MAX).expect("create");
+        let log = EventLog::create(&dir.path().join("j"), u64::MAX, None).expect("create");
         log.append(|b| b.event("start", &1));
         let sub = log.subscribe(0).expect("subscribe");
         let reader = tokio::spawn(collect(sub));
@@ -497,7 +532,7 @@ mod tests {
     #[tokio::test]
     async fn cap_counts_instead_of_storing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = EventLog::create(&dir.path().join("j"), 10).expect("create");
+        let log = EventLog::create(&dir.path().join("j"), 10, None).expect("create");
         log.append(|b| {
             b.log(Stream::Stdout, b"12345", false);
             b.log(Stream::Stdout, b"67890", false);
@@ -513,7 +548,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("j");
         {
-            let log = EventLog::create(&path, u64::MAX).expect("create");
+            let log = EventLog::create(&path, u64::MAX, None).expect("create");
             for _ in 0..5000 {
                 log.append(|b| b.log(Stream::Stdout, b"some output line", false));
             }

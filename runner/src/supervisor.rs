@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{ChildStdin, Command, Stdio};
@@ -27,6 +27,16 @@ use tokio::sync::watch;
 
 use crate::journal::EventLog;
 use crate::proctree;
+
+/// The poll index of the [`SideReader`].
+const SIDE: usize = 2;
+
+/// Size of a pump's read buffer.
+const READ_BUF_SIZE: usize = 256 << 10;
+
+thread_local! {
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Longest fragment sent without a newline.
 pub const MAX_FRAGMENT: usize = 64 << 10;
@@ -134,6 +144,18 @@ impl Reaper {
     }
 }
 
+/// A pipe the pump reads besides stdout and stderr (the agent channel's events): read in
+/// the same poll loop, so its data is handled before the run's outcome is returned, and kept
+/// open as long as the output pipes are (the same drain and kill rules apply).
+pub trait SideReader: Send {
+    /// The read end.
+    fn fd(&self) -> BorrowedFd<'_>;
+    /// Bytes read from it.
+    fn data(&mut self, bytes: &[u8]);
+    /// It closed, or the pump stopped reading; called once.
+    fn end(&mut self);
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct RunSpec {
@@ -196,6 +218,17 @@ impl Process {
     pub async fn wait_done(&self) {
         let mut rx = self.done.subscribe();
         let _ = rx.wait_for(|done| *done).await;
+    }
+
+    /// Records that the tree must stop (the pump kills it right after the spawn), without
+    /// signalling anything; false when a stop was already asked for.
+    pub fn mark_stopped(&self, reason: ExitReason) -> bool {
+        let mut stop = self.stop.lock().unwrap_or_else(|p| p.into_inner());
+        if stop.is_some() {
+            return false;
+        }
+        *stop = Some(reason);
+        true
     }
 
     /// Stops the tree: SIGTERM to every member, then SIGKILL after `grace`. Returns false when
@@ -302,27 +335,38 @@ pub fn run(
     spec: &RunSpec,
     process: &Process,
     log: &EventLog,
+    side: Option<&mut dyn SideReader>,
     on_spawn: impl FnOnce(i32, Option<ChildStdin>),
 ) -> Outcome {
-    let outcome = run_inner(reaper, spec, process, log, on_spawn);
-    process.done.send_replace(true);
-    outcome
+    pump(reaper, spawn(reaper, spec), process, log, side, on_spawn)
 }
 
-fn run_inner(
-    reaper: &Reaper,
-    spec: &RunSpec,
-    process: &Process,
-    log: &EventLog,
-    on_spawn: impl FnOnce(i32, Option<ChildStdin>),
-) -> Outcome {
+/// A process started by [`spawn`], not yet pumped.
+#[derive(Debug)]
+pub struct Spawned {
+    child: std::process::Child,
+    exit_rx: mpsc::Receiver<ExitStatus>,
+    started: Instant,
+}
+
+impl Spawned {
+    /// The process id (also its process group's).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+/// The outcome of [`spawn`]: the process, or why it could not start (and when it was tried).
+pub type SpawnResult = Result<Spawned, (String, Instant)>;
+
+/// Spawns `spec` in its own process group, registered with the reaper, without reading
+/// anything: a posix_spawn, so the caller is blocked only until the child has exec'd. Pump it
+/// with [`pump`] (on a thread that may block). The invoke path spawns on the request's own
+/// thread and hands the pumping over, so the thread hop is not on the spawn's critical path.
+pub fn spawn(reaper: &Reaper, spec: &RunSpec) -> SpawnResult {
     let started = Instant::now();
     let Some((program, args)) = spec.argv.split_first() else {
-        return Outcome {
-            status: Err("empty argv".into()),
-            duration: started.elapsed(),
-            stop_reason: None,
-        };
+        return Err(("empty argv".into(), started));
     };
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -340,11 +384,54 @@ fn run_inner(
     let pass = std::mem::take(&mut *spec.pass_fds.lock().unwrap_or_else(|p| p.into_inner()));
     let spawned = reaper.spawn(&mut cmd, &pass);
     drop(pass);
-    let (mut child, exit_rx) = match spawned {
+    match spawned {
+        Ok((child, exit_rx)) => Ok(Spawned {
+            child,
+            exit_rx,
+            started,
+        }),
+        Err(e) => Err((format!("cannot start {program:?}: {e}"), started)),
+    }
+}
+
+/// Pumps a process started by [`spawn`] to completion, as [`run`] does.
+pub fn pump(
+    reaper: &Reaper,
+    spawned: SpawnResult,
+    process: &Process,
+    log: &EventLog,
+    side: Option<&mut dyn SideReader>,
+    on_spawn: impl FnOnce(i32, Option<ChildStdin>),
+) -> Outcome {
+    let outcome = match side {
+        Some(side) => {
+            let outcome = pump_inner(reaper, spawned, process, log, Some(&mut *side), on_spawn);
+            side.end();
+            outcome
+        }
+        None => pump_inner(reaper, spawned, process, log, None, on_spawn),
+    };
+    process.done.send_replace(true);
+    outcome
+}
+
+fn pump_inner(
+    reaper: &Reaper,
+    spawned: SpawnResult,
+    process: &Process,
+    log: &EventLog,
+    mut side: Option<&mut dyn SideReader>,
+    on_spawn: impl FnOnce(i32, Option<ChildStdin>),
+) -> Outcome {
+    let Spawned {
+        mut child,
+        exit_rx,
+        started,
+    } = match spawned {
         Ok(spawned) => spawned,
-        Err(e) => {
+        Err((message, started)) => {
             return Outcome {
-                status: Err(format!("cannot start {program:?}: {e}")),
+                status: Err(message),
                 duration: started.elapsed(),
                 stop_reason: process.stop_reason(),
             }
@@ -371,11 +458,14 @@ fn run_inner(
         LineFramer::new(Stream::Stdout),
         LineFramer::new(Stream::Stderr),
     ];
-    let mut buf = vec![0u8; 256 << 10];
+    // One read buffer per pump thread, kept between invokes: a fresh 256 KiB buffer is an
+    // mmap, a memset and a munmap per invoke.
+    let mut buf = READ_BUF.with_borrow_mut(std::mem::take);
+    buf.resize(READ_BUF_SIZE, 0);
     let mut exit: Option<(ExitStatus, Instant)> = None;
     let mut killed_at: Option<Instant> = None;
 
-    while pipes.iter().any(Option::is_some) {
+    while pipes.iter().any(Option::is_some) || side.is_some() {
         if exit.is_none() {
             if let Ok(status) = exit_rx.try_recv() {
                 exit = Some((status, Instant::now()));
@@ -401,13 +491,17 @@ fn run_inner(
             100
         };
         let ready = {
-            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(2);
-            let mut which = Vec::with_capacity(2);
+            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(3);
+            let mut which = Vec::with_capacity(3);
             for (i, pipe) in pipes.iter().enumerate() {
                 if let Some(pipe) = pipe {
                     fds.push(PollFd::new(pipe.as_fd(), PollFlags::POLLIN));
                     which.push(i);
                 }
+            }
+            if let Some(side) = &side {
+                fds.push(PollFd::new(side.fd(), PollFlags::POLLIN));
+                which.push(SIDE);
             }
             match poll(&mut fds, timeout_ms) {
                 Ok(0) | Err(Errno::EINTR) => Vec::new(),
@@ -424,6 +518,16 @@ fn run_inner(
             }
         };
         for i in ready {
+            if i == SIDE {
+                if let Some(reader) = side.as_deref_mut() {
+                    match nix::unistd::read(reader.fd(), &mut buf) {
+                        Ok(n) if n > 0 => reader.data(&buf[..n]),
+                        Err(Errno::EINTR | Errno::EAGAIN) => {}
+                        Ok(_) | Err(_) => side = None,
+                    }
+                }
+                continue;
+            }
             let Some(pipe) = pipes[i].as_mut() else {
                 continue;
             };
@@ -451,6 +555,7 @@ fn run_inner(
     for (i, framer) in framers.iter_mut().enumerate() {
         log.append(|batch| framer.flush(&mut |b, p| batch.log(framer_stream(i), b, p)));
     }
+    READ_BUF.with_borrow_mut(|slot| *slot = buf);
     let status = match exit {
         Some((status, _)) => Ok(status),
         None => {

@@ -1204,8 +1204,8 @@ async fn runner_restart_kills_an_orphan_that_cleared_its_environment() {
     );
 }
 
-/// A runner killed after journaling `exit` but before rewriting meta.json (finish() fsyncs the
-/// journal in between) must not append a second `exit`.
+/// A runner killed after journaling `exit` but before appending the final summary line must
+/// not append a second `exit`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runner_restart_keeps_an_exit_already_journaled() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1215,10 +1215,13 @@ async fn runner_restart_keeps_an_exit_already_journaled() {
     let events = r1.invoke_sse("", "").await;
     let id = invoke_id_of(&events);
     let meta_path = invokes_dir(&r1).join(format!("{id}.json"));
-    // the summary ({id}.json) is rewritten right after the stream ends.
+    // The summary ({id}.json) gets its last line (JSON lines, the last one counts) right
+    // after the stream ends.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut meta: Value = loop {
-        let meta: Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+        let text = std::fs::read_to_string(&meta_path).unwrap();
+        let last = text.lines().last().unwrap_or("null");
+        let meta: Value = serde_json::from_str(last).unwrap();
         if meta["state"] == "exited" {
             break meta;
         }
@@ -1330,6 +1333,57 @@ async fn retention_prunes_oldest() {
         let s = summary(&r, id).await.1;
         assert_eq!(s["lastEventId"], 3, "{s}");
     }
+}
+
+/// Pruned journals and summaries are emptied and reused by later invokes (no new inode per
+/// invoke), and a reused file holds nothing of its earlier invoke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruned_files_are_reused_clean() {
+    let r = Runner::start(&["--retain-invokes", "1"]);
+    r.configure_sh("echo \"$AGENTBOX_INVOKE_ID\"; seq 1 50")
+        .await;
+    // A second name for the first journal: deleting the journal leaves this file as it was,
+    // reusing it empties it and fills it with a later invoke's events.
+    let observer = r.workspace.parent().unwrap().join("observer");
+    let mut first = None;
+    for _ in 0..10 {
+        let events = r.invoke_sse("?onDisconnect=continue", "").await;
+        let id = invoke_id_of(&events);
+        let journal = invokes_dir(&r).join(format!("{id}.events"));
+        if first.is_none() {
+            std::fs::hard_link(&journal, &observer).unwrap();
+            first = Some(id.clone());
+        }
+        let want: String = std::iter::once(id.clone())
+            .chain((1..=50).map(|n| n.to_string()))
+            .map(|line| line + "\n")
+            .collect();
+        assert!(
+            std::fs::read(&journal)
+                .unwrap()
+                .starts_with(b"id: 1\nevent: start\n"),
+            "journal of {id} does not start with its own first event"
+        );
+        assert_eq!(
+            rebuild(&replay(&r, &id, None).await, "stdout"),
+            want.as_bytes()
+        );
+        let summary = std::fs::read_to_string(invokes_dir(&r).join(format!("{id}.json"))).unwrap();
+        for line in summary.lines() {
+            let line: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(
+                line["invokeId"],
+                id.as_str(),
+                "a stale summary line: {summary}"
+            );
+        }
+    }
+    let first = first.unwrap();
+    let reused = String::from_utf8_lossy(&std::fs::read(&observer).unwrap()).into_owned();
+    assert!(
+        !reused.contains(&first),
+        "the journal of pruned invoke {first} was deleted, not reused: {reused:.200}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

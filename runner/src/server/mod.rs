@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use crate::config::Mode;
 use crate::duration::parse_duration;
 use crate::error::{Error, Result};
-use crate::invoke::{Attachment, OnDisconnect, StartRequest};
+use crate::invoke::{Attachment, OnDisconnect, StartRequest, Stdin};
 use crate::journal::Subscription;
 use crate::{configure, sse, AppState};
 
@@ -370,14 +370,14 @@ async fn invoke(
         }
         _ => (Some(agent), None, body),
     };
+    let stdin = Stdin::from_body(body, q.prompt).await?;
     let invoke = app.invokes.start(StartRequest {
         kind: InvokeKind::Invoke,
         argv,
         env: stored.env.into_iter().collect(),
         cwd: app.cfg.workspace.clone(),
         timeout,
-        stdin: body,
-        stdin_fallback: q.prompt,
+        stdin,
         on_disconnect: q.on_disconnect.unwrap_or_default(),
         agent,
         acp,
@@ -467,8 +467,7 @@ async fn exec(
         env: env.into_iter().collect(),
         cwd,
         timeout,
-        stdin: Body::from(req.stdin.unwrap_or_default()),
-        stdin_fallback: None,
+        stdin: Stdin::Bytes(Bytes::from(req.stdin.unwrap_or_default())),
         on_disconnect: q.on_disconnect.unwrap_or_default(),
         agent: None,
         acp: None,
