@@ -595,16 +595,6 @@ impl Invokes {
             pass_fds: Arc::new(Mutex::new(pass_fds)),
         };
         let mut events = channel.map(|c| c.start());
-        // Spawned here, on the request's thread (a posix_spawn returns once the child has
-        // exec'd); only the pumping goes to a pool thread, so that hop overlaps the child.
-        let spawned = req
-            .acp
-            .is_none()
-            .then(|| supervisor::spawn(&self.reaper, &spec));
-        let spawned_pid = spawned
-            .as_ref()
-            .and_then(|s| s.as_ref().ok())
-            .map(supervisor::Spawned::pid);
         let (stdin_now, stdin_stream) = match req.stdin {
             Stdin::Bytes(bytes) => (Some(bytes), None),
             Stdin::Stream { body, fallback } => (None, Some((body, fallback))),
@@ -649,10 +639,11 @@ impl Invokes {
                 let side = events
                     .as_mut()
                     .map(|e| e as &mut dyn supervisor::SideReader);
-                let spawned = spawned
-                    .unwrap_or_else(|| Err(("nothing to run".into(), std::time::Instant::now())));
+                // Spawned here, not on the request's thread: posix_spawn returns only when
+                // the parent is scheduled again, which on a busy machine can be after the
+                // child has run, and a runtime worker must not be held that long.
                 let outcome =
-                    supervisor::pump(&reaper, spawned, &process, &log, side, |pid, stdin| {
+                    supervisor::run(&reaper, &spec, &process, &log, side, |pid, stdin| {
                         {
                             let mut meta = invoke.meta();
                             meta.pid = Some(pid);
@@ -691,13 +682,6 @@ impl Invokes {
         };
         if let Err(e) = thread {
             self.map().remove(&id);
-            if let Some(pid) = spawned_pid {
-                // Nothing will pump it: it must not outlive this error.
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
             return Err(Error::Internal(format!("cannot start a thread: {e}")));
         }
         tracing::info!(invoke = %id, "invoke started");

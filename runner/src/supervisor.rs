@@ -349,20 +349,12 @@ pub struct Spawned {
     started: Instant,
 }
 
-impl Spawned {
-    /// The process id (also its process group's).
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-}
-
 /// The outcome of [`spawn`]: the process, or why it could not start (and when it was tried).
 pub type SpawnResult = Result<Spawned, (String, Instant)>;
 
 /// Spawns `spec` in its own process group, registered with the reaper, without reading
-/// anything: a posix_spawn, so the caller is blocked only until the child has exec'd. Pump it
-/// with [`pump`] (on a thread that may block). The invoke path spawns on the request's own
-/// thread and hands the pumping over, so the thread hop is not on the spawn's critical path.
+/// anything (a posix_spawn: the caller waits until the child has exec'd, and then until it
+/// is scheduled again). Pump it with [`pump`].
 pub fn spawn(reaper: &Reaper, spec: &RunSpec) -> SpawnResult {
     let started = Instant::now();
     let Some((program, args)) = spec.argv.split_first() else {
