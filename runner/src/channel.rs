@@ -224,15 +224,8 @@ impl SideReader for EventsReader {
             let line = std::mem::take(&mut self.line);
             self.channel.handle_line(&line);
         }
-        self.permissions.map().remove(&self.channel.invoke_id);
         // The session is free before the invoke's `exit` is written.
-        drop(
-            self.channel
-                .claim
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take(),
-        );
+        self.channel.release(&self.permissions);
     }
 }
 
@@ -293,14 +286,7 @@ impl External {
 
     /// Unregisters the channel and frees the session (before the invoke's `exit`).
     pub fn close(&self) {
-        self.permissions.map().remove(&self.channel.invoke_id);
-        drop(
-            self.channel
-                .claim
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take(),
-        );
+        self.channel.release(&self.permissions);
     }
 }
 
@@ -334,6 +320,12 @@ struct Channel {
 }
 
 impl Channel {
+    /// Unregisters the channel from `permissions` and frees its session claim.
+    fn release(&self, permissions: &Permissions) {
+        permissions.map().remove(&self.invoke_id);
+        drop(self.claim.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+
     fn session(&self) -> Option<Arc<Session>> {
         self.claim
             .lock()

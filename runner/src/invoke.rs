@@ -618,7 +618,7 @@ impl Invokes {
                         message: format!("cannot create the journal: {e}"),
                     }
                 });
-                if let Some(turn) = acp {
+                let start_events = || {
                     log.append(|b| {
                         b.event(
                             event::START,
@@ -630,7 +630,10 @@ impl Invokes {
                         if let Some(error) = &journal_error {
                             b.event(event::ERROR, error);
                         }
-                    });
+                    })
+                };
+                if let Some(turn) = acp {
+                    start_events();
                     let outcome =
                         supervisor::run_custom(&process, || turn.run(&invoke.id, &process, &log));
                     invokes.finish(&invoke, &log, &outcome, permit);
@@ -652,18 +655,7 @@ impl Invokes {
                         // Recorded before any output is read, so that a runner killed now
                         // finds this tree at its next start.
                         invoke.save_meta_fast(false);
-                        log.append(|b| {
-                            b.event(
-                                event::START,
-                                &StartEvent {
-                                    invoke_id: invoke.id.clone(),
-                                    started_at,
-                                },
-                            );
-                            if let Some(error) = &journal_error {
-                                b.event(event::ERROR, error);
-                            }
-                        });
+                        start_events();
                         match (stdin, stdin_now) {
                             (Some(mut stdin), Some(bytes)) => {
                                 // A fresh pipe holds STDIN_INLINE_MAX bytes, so this never blocks;
