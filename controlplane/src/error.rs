@@ -49,6 +49,12 @@ pub enum Error {
     /// The runner cannot be reached (502 `runner_unreachable`).
     #[error("the sandbox's runner cannot be reached: {0}")]
     RunnerUnreachable(String),
+    /// The runner refused the sandbox's runner token (502 `runner_unauthorized`): the
+    /// control plane's record and the runner disagree, which the caller cannot fix.
+    #[error(
+        "the sandbox's runner refused the control plane's credentials (its runner token changed?)"
+    )]
+    RunnerUnauthorized,
     /// Connecting to the runner timed out (504 `runner_timeout`).
     #[error("connecting to the sandbox's runner timed out")]
     RunnerTimeout,
@@ -73,7 +79,7 @@ impl Error {
             Error::InvalidRequest(_) | Error::WrongMode(_) => StatusCode::BAD_REQUEST,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotRunning { .. } | Error::AlreadyExists(_) => StatusCode::CONFLICT,
-            Error::RunnerUnreachable(_) => StatusCode::BAD_GATEWAY,
+            Error::RunnerUnreachable(_) | Error::RunnerUnauthorized => StatusCode::BAD_GATEWAY,
             Error::RunnerTimeout => StatusCode::GATEWAY_TIMEOUT,
             Error::Backend(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -94,6 +100,7 @@ impl Error {
             Error::NotRunning { .. } => "sandbox_not_running",
             Error::AlreadyExists(_) => "already_exists",
             Error::RunnerUnreachable(_) => "runner_unreachable",
+            Error::RunnerUnauthorized => "runner_unauthorized",
             Error::RunnerTimeout => "runner_timeout",
             Error::Backend(_) => "backend_error",
             Error::Internal(_) => "internal",
@@ -154,6 +161,7 @@ mod tests {
                 502,
                 "runner_unreachable",
             ),
+            (Error::RunnerUnauthorized, 502, "runner_unauthorized"),
             (Error::RunnerTimeout, 504, "runner_timeout"),
         ];
         for (e, status, code) in cases {

@@ -149,7 +149,7 @@ fn finish(doc: &mut Value) {
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`.", body = ErrorBody),
         (status = 422, description = "`install_failed` (JSON answer only).", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn configure() {}
@@ -180,7 +180,7 @@ fn configure() {}
         (status = 409, description = "`sandbox_not_running`, or `session_busy`: the session already runs an invoke.", body = ErrorBody),
         (status = 424, description = "`not_configured`: configure first.", body = ErrorBody),
         (status = 429, description = "`concurrency_exceeded` with `Retry-After: 5`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn invoke() {}
@@ -196,7 +196,7 @@ fn invoke() {}
         (status = 404, description = "`sandbox_not_found`, or `invoke_not_found`: no such invoke runs.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn invoke_cancel() {}
@@ -208,7 +208,7 @@ fn invoke_cancel() {}
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn invokes_list() {}
@@ -221,7 +221,7 @@ fn invokes_list() {}
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, `invoke_not_found`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn invokes_get() {}
@@ -238,7 +238,7 @@ fn invokes_get() {}
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, `invoke_not_found`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn invokes_events() {}
@@ -252,7 +252,7 @@ fn invokes_events() {}
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, `invoke_not_found`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn invokes_cancel() {}
@@ -274,7 +274,7 @@ fn invokes_cancel() {}
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`.", body = ErrorBody),
         (status = 429, description = "`concurrency_exceeded`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn exec() {}
@@ -288,7 +288,7 @@ fn exec() {}
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, `file_not_found`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn files_list() {}
@@ -306,7 +306,7 @@ fn files_list() {}
         (status = 404, description = "`sandbox_not_found`, `file_not_found`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
         (status = 416, description = "`range_not_satisfiable`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn files_get() {}
@@ -323,7 +323,7 @@ fn files_get() {}
         (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn files_put() {}
@@ -339,7 +339,7 @@ fn files_put() {}
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, `file_not_found`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`, `directory_not_empty`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn files_delete() {}
@@ -356,7 +356,7 @@ fn files_delete() {}
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, `file_not_found`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn archive() {}
@@ -372,7 +372,7 @@ fn archive() {}
         (status = 413, description = "`payload_too_large`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`, `session_exists`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn sessions_create() {}
@@ -388,7 +388,7 @@ fn sessions_create() {}
         (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn sessions_list() {}
@@ -402,7 +402,7 @@ fn sessions_list() {}
         (status = 404, description = "`sandbox_not_found`, `session_not_found`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn sessions_get() {}
@@ -416,7 +416,7 @@ fn sessions_get() {}
         (status = 404, description = "`sandbox_not_found`, `session_not_found`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`, `session_busy`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn sessions_delete() {}
@@ -437,7 +437,7 @@ fn sessions_delete() {}
         (status = 404, description = "`sandbox_not_found`, `session_not_found`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn sessions_events() {}
@@ -454,7 +454,7 @@ fn sessions_events() {}
         (status = 424, description = "`agent_failed`: the configured ACP agent could not be started or initialized.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn sessions_config() {}
@@ -470,7 +470,7 @@ fn sessions_config() {}
         (status = 413, description = "`payload_too_large`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`, `permission_answered`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn sessions_permission() {}
@@ -486,7 +486,7 @@ fn sessions_permission() {}
         (status = 413, description = "`payload_too_large`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`, `permission_answered`.", body = ErrorBody),
-        (status = 502, description = "`runner_unreachable`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn invokes_permission() {}

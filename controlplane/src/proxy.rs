@@ -111,6 +111,13 @@ impl Proxy {
                 Error::RunnerUnreachable(e.to_string())
             }
         })?;
+        if response.status() == axum::http::StatusCode::UNAUTHORIZED {
+            // The caller was authenticated here; a 401 from the runner is about the token
+            // this control plane sent, and passing it on would tell the caller their own
+            // credential is wrong.
+            tracing::error!(addr = %target.addr, "a runner refused its sandbox's runner token");
+            return Err(Error::RunnerUnauthorized);
+        }
         let (mut parts, body) = response.into_parts();
         for name in [
             "connection",

@@ -1684,6 +1684,36 @@ async fn a_dead_runner_reads_as_error_and_resume_restarts_it() {
     cp.delete("fragile").await;
 }
 
+/// A runner that refuses the control plane's token answers the caller 502
+/// `runner_unauthorized`, not the runner's 401 (the caller's own key was fine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_refusing_the_token_is_a_502_not_a_401() {
+    let env = Env::new();
+    let cp = env.start();
+    cp.create("rotated", "default").await;
+    cp.configure_sh("rotated", "cat").await;
+    let path = env.sandbox_dir("rotated").join("sandbox.json");
+    let set_token = |token: &str| {
+        let mut record = env.record("rotated");
+        record["token"] = json!(token);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, record.to_string()).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    let good = env.record("rotated")["token"].as_str().unwrap().to_owned();
+    set_token("not-the-runners-token-0123456789");
+    let (code, body) = send(cp.sb(Method::POST, "rotated", "/invoke").body("x")).await;
+    assert_eq!(code, 502, "{body}");
+    assert_error(&body, "runner_unauthorized");
+    let (code, body) = send(cp.sb(Method::GET, "rotated", "/invokes")).await;
+    assert_eq!(code, 502, "{body}");
+    assert_error(&body, "runner_unauthorized");
+    set_token(&good);
+    let events = cp.invoke("rotated", "again\n").await;
+    assert_eq!(stdout_text(&events), "again\n");
+    cp.delete("rotated").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_is_served_without_auth_and_names_every_route() {
     let env = Env::new();
