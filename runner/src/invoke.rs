@@ -30,9 +30,11 @@ use crate::supervisor::{self, Outcome, Process, Reaper, RunSpec};
 
 pub use agentbox_proto::OnDisconnect;
 
-/// Bodies up to this size are read before the spawn and written by the invoke's own thread
-/// (a fresh pipe holds them without blocking); larger or chunked ones are copied as they come.
-const STDIN_INLINE_MAX: u64 = 64 << 10;
+/// Bodies up to this size are read before the spawn and written by the invoke's own thread;
+/// larger or chunked ones are copied as they come. A fresh pipe always holds one page, even
+/// when the user is over `pipe-user-pages-soft` and pipes shrink to that, so writing this much
+/// never blocks the thread that must also read the process's output.
+const STDIN_INLINE_MAX: u64 = 4096;
 
 /// What an invoke's process reads on stdin; either way stdin is a pipe, closed at the end.
 #[derive(Debug)]

@@ -493,6 +493,20 @@ async fn stdin_to_stdout_is_byte_exact_including_invalid_utf8() {
     assert!(events.iter().any(|e| e.data["partial"] == true));
 }
 
+/// Bodies at the edge of the inline stdin write (≤ 4096 bytes, written by the pump) and just
+/// past it (copied by a task) both arrive byte for byte, as does an empty one.
+#[tokio::test]
+async fn stdin_at_the_inline_limit_is_byte_exact() {
+    let r = Runner::start(&[]);
+    r.configure_sh("cat").await;
+    for len in [0usize, 1, 4095, 4096, 4097, 70_000] {
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let events = r.invoke_sse("", data.clone()).await;
+        assert_eq!(rebuild(&events, "stdout"), data, "a body of {len} bytes");
+        assert_eq!(exit_event(&events)["exitCode"], 0);
+    }
+}
+
 #[tokio::test]
 async fn ten_thousand_lines_arrive_in_order() {
     let r = Runner::start(&[]);
