@@ -13,8 +13,12 @@ MAX_TIME="${ST_MAX_TIME:-60}"
 BIN="${ST_BIN_DIR:-$PWD/target/debug}"
 command -v schemathesis >/dev/null || { echo "schemathesis is not installed (pip install 'schemathesis>=4,<5'; .ci/run does)"; exit 1; }
 
+# The Python that has schemathesis (its virtualenv's, when it is in one) has the validator too.
+py="$(dirname "$(command -v schemathesis)")/python3"
+[ -x "$py" ] || py=python3
+
 # Both descriptions are valid OpenAPI 3.1.
-python3 - <<'PY'
+"$py" - <<'PY'
 from openapi_spec_validator import validate
 import json
 for f in ("runner/openapi.json", "controlplane/openapi.json"):
