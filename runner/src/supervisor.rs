@@ -338,24 +338,34 @@ pub fn run(
     side: Option<&mut dyn SideReader>,
     on_spawn: impl FnOnce(i32, Option<ChildStdin>),
 ) -> Outcome {
-    pump(reaper, spawn(reaper, spec), process, log, side, on_spawn)
+    let spawned = spawn(reaper, spec);
+    let outcome = match side {
+        Some(side) => {
+            let outcome = pump(reaper, spawned, process, log, Some(&mut *side), on_spawn);
+            side.end();
+            outcome
+        }
+        None => pump(reaper, spawned, process, log, None, on_spawn),
+    };
+    process.done.send_replace(true);
+    outcome
 }
 
 /// A process started by [`spawn`], not yet pumped.
 #[derive(Debug)]
-pub struct Spawned {
+struct Spawned {
     child: std::process::Child,
     exit_rx: mpsc::Receiver<ExitStatus>,
     started: Instant,
 }
 
 /// The outcome of [`spawn`]: the process, or why it could not start (and when it was tried).
-pub type SpawnResult = Result<Spawned, (String, Instant)>;
+type SpawnResult = Result<Spawned, (String, Instant)>;
 
 /// Spawns `spec` in its own process group, registered with the reaper, without reading
 /// anything (a posix_spawn: the caller waits until the child has exec'd, and then until it
-/// is scheduled again). Pump it with [`pump`].
-pub fn spawn(reaper: &Reaper, spec: &RunSpec) -> SpawnResult {
+/// is scheduled again).
+fn spawn(reaper: &Reaper, spec: &RunSpec) -> SpawnResult {
     let started = Instant::now();
     let Some((program, args)) = spec.argv.split_first() else {
         return Err(("empty argv".into(), started));
@@ -386,28 +396,8 @@ pub fn spawn(reaper: &Reaper, spec: &RunSpec) -> SpawnResult {
     }
 }
 
-/// Pumps a process started by [`spawn`] to completion, as [`run`] does.
-pub fn pump(
-    reaper: &Reaper,
-    spawned: SpawnResult,
-    process: &Process,
-    log: &EventLog,
-    side: Option<&mut dyn SideReader>,
-    on_spawn: impl FnOnce(i32, Option<ChildStdin>),
-) -> Outcome {
-    let outcome = match side {
-        Some(side) => {
-            let outcome = pump_inner(reaper, spawned, process, log, Some(&mut *side), on_spawn);
-            side.end();
-            outcome
-        }
-        None => pump_inner(reaper, spawned, process, log, None, on_spawn),
-    };
-    process.done.send_replace(true);
-    outcome
-}
-
-fn pump_inner(
+/// Reads a process started by [`spawn`] until its output closes and it is reaped.
+fn pump(
     reaper: &Reaper,
     spawned: SpawnResult,
     process: &Process,

@@ -25,14 +25,20 @@ fn require_sdk() {
 
 async fn setup(extra: &[&str]) -> Runner {
     require_sdk();
-    let r = Runner::start(extra);
-    let (status, body) = r
-        .configure_json(json!({
+    configured_with_session(
+        Runner::start(extra),
+        json!({
             "files": [{"path": "acp_agent.py", "content": AGENT}],
             "entrypoint": ["python3", "acp_agent.py"],
             "protocol": "acp",
-        }))
-        .await;
+        }),
+    )
+    .await
+}
+
+/// Configures `r` with `config` and creates session `a`.
+async fn configured_with_session(r: Runner, config: Value) -> Runner {
+    let (status, body) = r.configure_json(config).await;
     assert_eq!(status, 200, "{body}");
     let resp = r
         .post("/v1/sessions")
@@ -416,19 +422,11 @@ async fn acp_once_never_selects_allow_always() {
 
 /// A runner with session `a` and an ACP entrypoint that is a shell script (no SDK needed).
 async fn setup_sh(script: &str) -> Runner {
-    let r = Runner::start(&[]);
-    let (status, body) = r
-        .configure_json(json!({"entrypoint": ["sh", "-c", script], "protocol": "acp"}))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let resp = r
-        .post("/v1/sessions")
-        .json(&json!({"id": "a"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    r
+    configured_with_session(
+        Runner::start(&[]),
+        json!({"entrypoint": ["sh", "-c", script], "protocol": "acp"}),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,15 +33,12 @@ async fn json_of(resp: reqwest::Response) -> (u16, Value) {
     (status, body)
 }
 
+async fn post_session(r: &Runner, body: &Value) -> (u16, Value) {
+    json_of(r.post("/v1/sessions").json(body).send().await.unwrap()).await
+}
+
 async fn create_session(r: &Runner, id: &str) -> Value {
-    let (status, body) = json_of(
-        r.post("/v1/sessions")
-            .json(&json!({"id": id, "metadata": {"owner": "test"}}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = post_session(r, &json!({"id": id, "metadata": {"owner": "test"}})).await;
     assert_eq!(status, 201, "{body}");
     body
 }
@@ -137,28 +134,14 @@ async fn session_crud_ids_and_paging() {
     assert_eq!(created["eventCount"], 0);
     assert!(created["createdAt"].as_u64().unwrap() > 0);
 
-    let (status, body) = json_of(
-        r.post("/v1/sessions")
-            .json(&json!({"id": "alpha"}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = post_session(&r, &json!({"id": "alpha"})).await;
     assert_eq!(
         (status, body["error"].as_str()),
         (409, Some("session_exists"))
     );
 
     for bad in ["a/b", "../x", ".hidden", "", "sp ace"] {
-        let (status, body) = json_of(
-            r.post("/v1/sessions")
-                .json(&json!({"id": bad}))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (status, body) = post_session(&r, &json!({"id": bad})).await;
         assert_eq!(status, 400, "{bad:?}: {body}");
         assert_eq!(body["error"], "invalid_session_id");
     }
@@ -185,14 +168,7 @@ async fn session_crud_ids_and_paging() {
     );
 
     // A generated id.
-    let (status, generated) = json_of(
-        r.post("/v1/sessions")
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, generated) = post_session(&r, &json!({})).await;
     assert_eq!(status, 201);
     assert!(generated["id"].as_str().unwrap().starts_with("ses-"));
     create_session(&r, "gamma").await;
@@ -718,14 +694,7 @@ async fn creating_over_a_damaged_session_directory_is_refused_and_keeps_it() {
     let r = Runner::start_in(tmp.path(), &[]);
     let (status, _) = json_of(r.get("/v1/sessions/old").send().await.unwrap()).await;
     assert_eq!(status, 404);
-    let (status, body) = json_of(
-        r.post("/v1/sessions")
-            .json(&json!({"id": "old"}))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) = post_session(&r, &json!({"id": "old"})).await;
     assert_eq!(
         (status, body["error"].as_str()),
         (409, Some("session_exists"))
