@@ -1335,6 +1335,26 @@ async fn retention_prunes_oldest() {
     }
 }
 
+/// When the journal cannot be created the process is stopped at once and the stream says
+/// why, between `start` and `exit` (reason `error`); the runner goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invoke_without_a_journal_is_stopped_and_says_why() {
+    let r = Runner::start(&[]);
+    r.configure_sh("sleep 30").await;
+    std::fs::remove_dir_all(invokes_dir(&r)).unwrap();
+    let events = r.invoke_sse("", "").await;
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names.first(), Some(&"start"), "{names:?}");
+    assert_eq!(events[1].event, "error", "{names:?}");
+    assert_eq!(events[1].data["phase"], "journal", "{:?}", events[1]);
+    let exit = exit_event(&events);
+    assert_eq!(exit["reason"], "error", "{exit}");
+    // Killed, not left to sleep out its 30 s.
+    assert!(exit["durationMs"].as_u64().unwrap() < 10_000, "{exit}");
+    let health = r.get("/healthz").send().await.unwrap();
+    assert_eq!(health.status(), 200);
+}
+
 /// Pruned journals and summaries are emptied and reused by later invokes (no new inode per
 /// invoke), and a reused file holds nothing of its earlier invoke.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
