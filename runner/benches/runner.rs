@@ -16,7 +16,7 @@
 //!
 //! Run: `cargo bench -p agentbox-runner --bench runner`. Knobs (environment): `BENCH_ONLY`
 //! (`latency` or `throughput`), `BENCH_N` (invokes, default 2000), `BENCH_BYTES` (stream size,
-//! default 1 GiB), `BENCH_REPEAT` (stream runs, best kept, default 2). The machine should be
+//! default 1 GiB), `BENCH_REPEAT` (stream runs, best kept, default 3). The machine should be
 //! otherwise idle: the load average is printed with the table.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -545,8 +545,18 @@ fn disk_write(dir: &std::path::Path, bytes: u64) -> f64 {
 
 fn bench_throughput(rows: &mut Vec<Row>) {
     let total: u64 = env_or("BENCH_BYTES", 1u64 << 30);
-    let repeat: usize = env_or("BENCH_REPEAT", 2).max(1);
-    let runner = Runner::start(&["--journal-max-bytes", "2GiB", "--retain-bytes", "4GiB"]);
+    let repeat: usize = env_or("BENCH_REPEAT", 3).max(1);
+    // One finished invoke kept, as on a runner that has been busy for a while: the journal
+    // of the one before is a spare whose file the next stream overwrites in place (the first
+    // run of each line length writes a new file; every run is printed).
+    let runner = Runner::start(&[
+        "--journal-max-bytes",
+        "2GiB",
+        "--retain-bytes",
+        "4GiB",
+        "--retain-invokes",
+        "1",
+    ]);
     let mut http = Http::connect(runner.addr, &format!("Authorization: Bearer {TOKEN}"));
     let size = if total == 1 << 30 {
         "1 GiB".to_owned()
@@ -570,15 +580,21 @@ fn bench_throughput(rows: &mut Vec<Row>) {
         runner.configure(&mut http, &["sh", "-c", &script]);
         let mut bare_time = Duration::MAX;
         let mut best: Option<(StreamSeen, Duration)> = None;
-        for _ in 0..repeat {
-            let (bare_bytes, t) = bare_stream(&script);
+        for run in 1..=repeat {
+            let (bare_bytes, bare_t) = bare_stream(&script);
             assert_eq!(
                 bare_bytes, total,
                 "the bare producer wrote a different amount"
             );
-            bare_time = bare_time.min(t);
+            bare_time = bare_time.min(bare_t);
             let (seen, t) = runner_stream(&mut http);
             seen.verify(total);
+            println!(
+                "  run {run}: bare pipe {:.0} MB/s, runner {:.0} MB/s ({:.2}×)",
+                mbps(total, bare_t),
+                mbps(total, t),
+                bare_t.as_secs_f64() / t.as_secs_f64()
+            );
             if best.as_ref().is_none_or(|(_, b)| t < *b) {
                 best = Some((seen, t));
             }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write as _};
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -390,8 +390,9 @@ pub struct Invokes {
     dir: PathBuf,
     pruning: Mutex<()>,
     prune_wanted: std::sync::atomic::AtomicBool,
-    /// Emptied journal+summary pairs of pruned invokes (`spare-N.*`), reused by new invokes.
-    spares: Mutex<Vec<PathBuf>>,
+    /// Journal+summary pairs of pruned invokes (`spare-N.*`), reused by new invokes, oldest
+    /// first, each with the bytes its journal still holds (counted in `--retain-bytes`).
+    spares: Mutex<Vec<(PathBuf, u64)>>,
     next_spare: AtomicU64,
 }
 
@@ -542,7 +543,7 @@ impl Invokes {
         let started_at = now_ms();
         let id = InvokeId(format!("inv-{started_at:012x}-{}", random_hex(8)));
         let base = self.dir.join(id.as_str());
-        let spare = self.spares().pop();
+        let spare = self.spares().pop().map(|(base, _)| base);
         // The journal file itself is created by the pump thread, while the process starts.
         let log = EventLog::deferred(&base.with_extension("events"), self.cfg.journal_max_bytes);
         let spare_journal = spare.as_ref().map(|s| s.with_extension("events"));
@@ -797,10 +798,12 @@ impl Invokes {
             .filter(|i| !i.is_running())
             .cloned()
             .collect();
-        let mut kept_bytes = 0u64;
+        let (mut counted, mut kept_bytes) = (0u64, 0u64);
         for (n, invoke) in finished.iter().enumerate() {
-            kept_bytes += invoke.journal_bytes();
-            if n == 0 || (n < self.cfg.retain_invokes && kept_bytes <= self.cfg.retain_bytes) {
+            let bytes = invoke.journal_bytes();
+            counted += bytes;
+            if n == 0 || (n < self.cfg.retain_invokes && counted <= self.cfg.retain_bytes) {
+                kept_bytes += bytes;
                 continue;
             }
             if self.map().remove(&invoke.id).is_none() {
@@ -808,34 +811,78 @@ impl Invokes {
             }
             self.retire(invoke);
         }
+        self.fit_spares(self.cfg.retain_bytes.saturating_sub(kept_bytes));
     }
 
-    fn spares(&self) -> MutexGuard<'_, Vec<PathBuf>> {
+    fn spares(&self) -> MutexGuard<'_, Vec<(PathBuf, u64)>> {
         self.spares.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Deletes a pruned invoke's files, or empties and keeps them as a spare pair for a new
-    /// invoke. Reusing inodes matters: on ext4 without a journal, every inode allocation scans
-    /// past the inodes deleted in the last minutes, so a busy runner that deletes two files per
-    /// invoke makes each new file dearer (it doubled an invoke's CPU within minutes).
+    /// Empties the oldest spare journals until the old bytes of all of them fit in `budget`
+    /// (what `--retain-bytes` leaves after the kept journals).
+    fn fit_spares(&self, budget: u64) {
+        let mut spares = self.spares();
+        let mut held: u64 = spares.iter().map(|(_, bytes)| bytes).sum();
+        for (base, bytes) in spares.iter_mut() {
+            if held <= budget {
+                break;
+            }
+            if *bytes == 0 {
+                continue;
+            }
+            let journal = base.with_extension("events");
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .open(&journal)
+                .and_then(|f| f.set_len(0))
+            {
+                Ok(()) => {
+                    held -= *bytes;
+                    *bytes = 0;
+                }
+                Err(e) => {
+                    tracing::warn!(path = %journal.display(), error = %e, "cannot empty a spare journal")
+                }
+            }
+        }
+    }
+
+    /// Deletes a pruned invoke's files, or keeps them as a spare pair for a new invoke.
+    /// Reusing inodes matters: on ext4 without a journal, every inode allocation scans past
+    /// the inodes deleted in the last minutes, so a busy runner that deletes two files per
+    /// invoke makes each new file dearer (it doubled an invoke's CPU within minutes). The
+    /// journal keeps its bytes (and so its cached pages, which a new invoke overwrites faster
+    /// than it fills new ones, see `journal::JournalFile`) behind a NUL written over its first
+    /// byte, so that nothing can read it as events; [`Invokes::fit_spares`] keeps their sum
+    /// within `--retain-bytes`.
     fn retire(&self, invoke: &Invoke) {
-        // Held throughout, so no reader opens the journal while it is emptied and renamed: a
-        // reader that already has it open keeps it, and the files are deleted instead.
+        // Held throughout, so no reader opens the journal while it is renamed: a reader that
+        // already has it open keeps it, and the files are deleted instead.
         let slot = invoke.log.lock().unwrap_or_else(|p| p.into_inner());
         let (journal, meta) = (invoke.journal_path(), invoke.meta_path());
         if slot.get().is_none() && self.spares().len() < MAX_SPARES {
             let n = self.next_spare.fetch_add(1, Ordering::Relaxed);
             let base = self.dir.join(format!("{SPARE_PREFIX}{n}"));
-            let emptied = |from: &std::path::Path, ext: &str| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(from)
-                    .and_then(|f| f.set_len(0))
-                    .and_then(|()| std::fs::rename(from, base.with_extension(ext)))
-                    .is_ok()
-            };
-            if emptied(&journal, "events") && emptied(&meta, "json") {
-                self.spares().push(base);
+            let barred = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&journal)
+                .and_then(|f| {
+                    let len = f.metadata()?.len();
+                    if len > 0 {
+                        f.write_all_at(&[0], 0)?;
+                    }
+                    Ok(len)
+                })
+                .and_then(|len| {
+                    std::fs::rename(&journal, base.with_extension("events")).map(|()| len)
+                });
+            let emptied = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&meta)
+                .and_then(|f| f.set_len(0))
+                .and_then(|()| std::fs::rename(&meta, base.with_extension("json")));
+            if let (Ok(len), Ok(())) = (barred, emptied) {
+                self.spares().push((base, len));
                 return;
             }
             for ext in ["events", "json"] {

@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -30,6 +30,8 @@ const TAIL_CLOSED_BYTES: usize = 64 << 10;
 const INDEX_STRIDE: u64 = 16 << 10;
 /// Largest single read from the journal file.
 const READ_CHUNK: u64 = 1 << 20;
+/// How far ahead of the write position a recycled journal's old bytes are zeroed.
+const ZERO_AHEAD: u64 = 1 << 20;
 
 /// The name and JSON data of the last event of a journal.
 pub type LastEvent = (String, String);
@@ -70,10 +72,61 @@ impl std::fmt::Debug for Mirror {
     }
 }
 
+/// The journal file being written.
+///
+/// A recycled file (a pruned invoke's journal, see `Invokes::retire`) is overwritten in place
+/// rather than truncated first: its pages are still in the page cache, and writing into them
+/// costs a fraction of allocating new ones (measured 7.8 against 1.4 GB/s on ext4 here). The
+/// old bytes past the write position are never served (readers stop at the published end),
+/// and a NUL barrier is kept right after the last write so that recovery after a crash
+/// ([`EventLog::open_existing`] stops at the first NUL; SSE text never holds one) cannot take
+/// them for events: before bytes go past the zeroed stretch, the next [`ZERO_AHEAD`] bytes are
+/// zeroed first. The old tail is cut off when the log closes.
+#[derive(Debug)]
+struct JournalFile {
+    file: File,
+    /// Where the old bytes of a recycled file end (0 for a new file).
+    stale_end: u64,
+    /// Bytes from the write position up to here are NUL (or past `stale_end`).
+    zeroed_to: u64,
+}
+
+impl JournalFile {
+    fn new(file: File, stale_end: u64) -> Self {
+        // A recycled file starts with a NUL (written when it was retired).
+        Self {
+            file,
+            stale_end,
+            zeroed_to: stale_end.min(1),
+        }
+    }
+
+    fn write_at(&mut self, buf: &[u8], at: u64) -> io::Result<()> {
+        let end = at + buf.len() as u64;
+        if end < self.stale_end && self.zeroed_to <= end {
+            let to = (end + ZERO_AHEAD).min(self.stale_end);
+            write_zeros(&self.file, self.zeroed_to, to)?;
+            self.zeroed_to = to;
+        }
+        self.file.write_all_at(buf, at)
+    }
+}
+
+/// Writes NUL bytes over `from..to` of `file`.
+fn write_zeros(file: &File, mut from: u64, to: u64) -> io::Result<()> {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    while from < to {
+        let n = (to - from).min(ZEROS.len() as u64) as usize;
+        file.write_all_at(&ZEROS[..n], from)?;
+        from += n as u64;
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 struct Inner {
     /// Closed (None) once the log is: a finished invoke holds no write descriptor.
-    writer: Option<File>,
+    writer: Option<JournalFile>,
     next_seq: u64,
     end: u64,
     index: Vec<(u64, u64)>,
@@ -143,6 +196,7 @@ impl EventLog {
     }
 
     /// Creates the journal file of a [`EventLog::deferred`] log (see [`EventLog::create`]).
+    /// `reuse` must start with a NUL byte; its old bytes are overwritten as the log grows.
     pub fn open_file(&self, reuse: Option<&Path>) -> io::Result<()> {
         let path = &self.path;
         let reused = reuse.is_some_and(|spare| std::fs::rename(spare, path).is_ok());
@@ -150,15 +204,13 @@ impl EventLog {
         let writer = OpenOptions::new()
             .create_new(!reused)
             .read(true)
-            .append(true)
+            .write(true)
             .open(path)?;
-        if reused && writer.metadata()?.len() != 0 {
-            writer.set_len(0)?;
-        }
+        let stale_end = if reused { writer.metadata()?.len() } else { 0 };
         let reader = writer.try_clone()?;
         let mut inner = self.lock();
         debug_assert_eq!(inner.end, 0, "open_file after an append");
-        inner.writer = Some(writer);
+        inner.writer = Some(JournalFile::new(writer, stale_end));
         let _ = self.reader.set(Arc::new(reader));
         Ok(())
     }
@@ -169,11 +221,14 @@ impl EventLog {
             .ok_or_else(|| io::Error::other("the journal file is not open yet"))
     }
 
-    /// Opens an existing journal (after a restart), repairing a torn last frame. The log is
+    /// Opens an existing journal (after a restart), repairing a torn last frame: the events
+    /// end at the last complete frame before the first NUL byte (the barrier in front of a
+    /// recycled file's old bytes) or the end of the file, and the rest is cut off. The log is
     /// open for appending; call [`EventLog::close`] when nothing more will be added.
     /// Also returns the last event's name and data.
     pub fn open_existing(path: &Path) -> io::Result<(Arc<Self>, Option<LastEvent>)> {
-        let mut file = OpenOptions::new().read(true).append(true).open(path)?;
+        let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+        let len = file.metadata()?.len();
         let mut index = Vec::new();
         let mut last_seq = 0;
         let mut last_event = None;
@@ -181,10 +236,14 @@ impl EventLog {
         let mut last_indexed: Option<u64> = None;
         let mut pending: Vec<u8> = Vec::new();
         let mut chunk = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut chunk)?;
+        let mut barrier = false;
+        while !barrier {
+            let mut n = file.read(&mut chunk)?;
             if n == 0 {
                 break;
+            }
+            if let Some(nul) = memchr::memchr(0, &chunk[..n]) {
+                (n, barrier) = (nul, true);
             }
             pending.extend_from_slice(&chunk[..n]);
             let mut pos = 0;
@@ -204,12 +263,12 @@ impl EventLog {
             }
             pending.drain(..pos);
         }
-        if !pending.is_empty() {
+        if offset != len {
             file.set_len(offset)?;
         }
         let reader = File::open(path)?;
         let log = Self::from_parts(
-            Some(file),
+            Some(JournalFile::new(file, 0)),
             Some(reader),
             path,
             u64::MAX,
@@ -224,7 +283,7 @@ impl EventLog {
     }
 
     fn from_parts(
-        writer: Option<File>,
+        writer: Option<JournalFile>,
         reader: Option<File>,
         path: &Path,
         cap: u64,
@@ -297,8 +356,9 @@ impl EventLog {
         if buf.is_empty() {
             return Some(result);
         }
+        let offset = inner.end;
         let written = match inner.writer.as_mut() {
-            Some(writer) => writer.write_all(&buf),
+            Some(writer) => writer.write_at(&buf, offset),
             None => Err(io::Error::other("the journal is closed")),
         };
         if let Err(e) = written {
@@ -307,7 +367,6 @@ impl EventLog {
             }
             inner.write_failed = true;
         }
-        let offset = inner.end;
         if inner
             .last_indexed
             .is_none_or(|at| offset - at >= INDEX_STRIDE)
@@ -334,12 +393,21 @@ impl EventLog {
     /// it), and an fdatasync per invoke cost a measurable share of an invoke; a power cut may
     /// lose the tail of recent journals, which recovery then reads as far as they go.
     pub fn close(&self) {
-        let mut inner = self.lock();
-        inner.closed = true;
-        trim_tail(&mut inner, TAIL_CLOSED_BYTES);
-        self.publish(&inner);
-        // Closes the write descriptor: a finished invoke keeps none open.
-        inner.writer = None;
+        let (writer, end) = {
+            let mut inner = self.lock();
+            inner.closed = true;
+            trim_tail(&mut inner, TAIL_CLOSED_BYTES);
+            self.publish(&inner);
+            // Closes the write descriptor: a finished invoke keeps none open.
+            (inner.writer.take(), inner.end)
+        };
+        // A recycled file's old bytes past the end go (outside the lock: freeing many pages
+        // takes a while, and readers need the lock).
+        if let Some(writer) = writer.filter(|w| w.stale_end > end) {
+            if let Err(e) = writer.file.set_len(end) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot cut a recycled journal's old bytes");
+            }
+        }
     }
 
     fn publish(&self, inner: &Inner) {
@@ -480,6 +548,7 @@ impl Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     async fn collect(mut sub: Subscription) -> Vec<u8> {
         let mut out = Vec::new();
@@ -541,6 +610,96 @@ mod tests {
         assert_eq!(log.dropped_bytes(), 9);
         log.close();
         assert_eq!(ids(&collect(log.subscribe(0).expect("sub")).await), vec![1]);
+    }
+
+    /// Retires a journal as `Invokes::retire` does: a NUL over its first byte, renamed.
+    fn retire(journal: &Path, spare: &Path) {
+        let f = OpenOptions::new().write(true).open(journal).expect("open");
+        f.write_all_at(&[0], 0).expect("barrier");
+        std::fs::rename(journal, spare).expect("rename");
+    }
+
+    #[tokio::test]
+    async fn a_recycled_journal_never_shows_its_old_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (old, spare, new) = (
+            dir.path().join("old"),
+            dir.path().join("spare"),
+            dir.path().join("new"),
+        );
+        // The worst case: the old journal holds exactly the bytes the new one will write, only
+        // more of them (the same program run twice).
+        let line = vec![b'y'; 99];
+        let write = |log: &EventLog, n: usize| {
+            for _ in 0..n {
+                log.append(|b| b.log(Stream::Stdout, &line, false));
+            }
+        };
+        let log = EventLog::create(&old, u64::MAX, None).expect("create");
+        write(&log, 30_000);
+        log.close();
+        let old_len = std::fs::metadata(&old).expect("stat").len();
+        retire(&old, &spare);
+        // Nothing can be recovered from a retired journal.
+        let (log, last) = EventLog::open_existing(&spare).expect("reopen the spare");
+        assert_eq!((log.progress().last_seq, last), (0, None));
+        assert_eq!(std::fs::metadata(&spare).expect("stat").len(), 0);
+        // Again, for the recycling below.
+        let log = EventLog::create(&old, u64::MAX, None).expect("create");
+        write(&log, 30_000);
+        log.close();
+        retire(&old, &spare);
+
+        let log = EventLog::deferred(&new, u64::MAX);
+        log.open_file(Some(&spare)).expect("recycle");
+        assert!(!spare.exists());
+        for n in [1usize, 10, 5_000, 3_000] {
+            write(&log, n);
+            let end = log.progress().end;
+            let bytes = std::fs::read(&new).expect("read");
+            assert_eq!(bytes.len() as u64, old_len, "overwritten in place");
+            assert_eq!(bytes[end as usize], 0, "a NUL right after the events");
+            // A runner killed now: recovery finds exactly the events written.
+            let copy = dir.path().join("crashed");
+            std::fs::write(&copy, &bytes).expect("copy");
+            let (recovered, _) = EventLog::open_existing(&copy).expect("recover");
+            assert_eq!(recovered.progress().end, end);
+            assert_eq!(recovered.progress().last_seq, log.progress().last_seq);
+            assert_eq!(std::fs::metadata(&copy).expect("stat").len(), end);
+        }
+        log.append(|b| b.event("exit", &0));
+        log.close();
+        let bytes = std::fs::read(&new).expect("read");
+        assert_eq!(bytes.len() as u64, log.progress().end, "old bytes cut off");
+        assert_eq!(ids(&bytes), (1..=8012).collect::<Vec<_>>());
+        assert_eq!(
+            ids(&collect(log.subscribe(8000).expect("sub")).await),
+            (8001..=8012).collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_recycled_journal_grows_past_its_old_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (old, spare, new) = (
+            dir.path().join("old"),
+            dir.path().join("spare"),
+            dir.path().join("new"),
+        );
+        let log = EventLog::create(&old, u64::MAX, None).expect("create");
+        log.append(|b| b.log(Stream::Stdout, b"short", false));
+        log.close();
+        retire(&old, &spare);
+        let log = EventLog::deferred(&new, u64::MAX);
+        log.open_file(Some(&spare)).expect("recycle");
+        for _ in 0..1000 {
+            log.append(|b| b.log(Stream::Stdout, &[b'z'; 500], false));
+        }
+        log.close();
+        let bytes = std::fs::read(&new).expect("read");
+        assert_eq!(bytes.len() as u64, log.progress().end);
+        assert_eq!(ids(&bytes), (1..=1000).collect::<Vec<_>>());
+        assert!(!bytes.contains(&0));
     }
 
     #[tokio::test]

@@ -1428,6 +1428,14 @@ async fn retention_by_bytes_prunes_oldest() {
     for id in &ids[..2] {
         assert_pruned(&r, id).await;
     }
+    // Pruned journals kept for reuse (spare-N.events) count too.
+    let on_disk: u64 = std::fs::read_dir(invokes_dir(&r))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".events"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(on_disk <= 400_000, "{on_disk} bytes of journals on disk");
 }
 
 // ---------------------------------------------------------------------------------------------
