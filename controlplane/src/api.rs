@@ -17,6 +17,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Extension, Json, Router};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
 
@@ -619,65 +620,54 @@ struct Recorder {
     stats: StreamStats,
 }
 
-/// What the proxy notices of a stream as it passes, without holding it: its size, and the exit
-/// code in an `exit` event.
+/// What the proxy notices of a stream as it passes: its size, and its last bytes, where the
+/// `exit` event's code is read when the stream ends (and only if a span wants it). Per chunk
+/// that is a reference count (a chunk of [`TAIL_KEEP`] bytes or more) or a copy of a small
+/// chunk; the stream's bytes are never scanned.
 #[derive(Debug, Default)]
 struct StreamStats {
     bytes: u64,
-    /// The end of the previous chunk, so a marker split across two chunks is still seen.
-    carry: Vec<u8>,
-    /// Bytes of an `exit` frame whose end has not arrived yet.
-    exit_frame: Option<Vec<u8>>,
-    exit_code: Option<i64>,
+    /// The last chunk, when it alone holds the stream's last [`TAIL_KEEP`] bytes.
+    last: Option<Bytes>,
+    /// Otherwise the stream's last bytes (at most twice [`TAIL_KEEP`]).
+    tail: Vec<u8>,
 }
 
 const EXIT_MARKER: &[u8] = b"event: exit\ndata: ";
+/// More than an `exit` frame takes, so the stream's last bytes hold all of it.
+const TAIL_KEEP: usize = 4096;
 
 impl StreamStats {
-    /// Runs over every proxied chunk: `memmem` over the chunk, and a copy only of the marker's
-    /// few carried bytes, not of the chunk.
-    fn observe(&mut self, chunk: &[u8]) {
+    fn observe(&mut self, chunk: &Bytes) {
         self.bytes += chunk.len() as u64;
-        if let Some(frame) = &mut self.exit_frame {
-            frame.extend_from_slice(chunk);
-        } else {
-            // The marker may start in the carried tail of the previous chunks.
-            let mut start = None;
-            if !self.carry.is_empty() {
-                let mut joint = self.carry.clone();
-                joint.extend_from_slice(&chunk[..chunk.len().min(EXIT_MARKER.len() - 1)]);
-                if let Some(at) = memchr::memmem::find(&joint, EXIT_MARKER) {
-                    start = Some(at + EXIT_MARKER.len() - self.carry.len());
-                }
-            }
-            if start.is_none() {
-                start = memchr::memmem::find(chunk, EXIT_MARKER).map(|at| at + EXIT_MARKER.len());
-            }
-            match start {
-                Some(start) => self.exit_frame = Some(chunk[start..].to_vec()),
-                None => {
-                    let keep = EXIT_MARKER.len() - 1;
-                    if chunk.len() >= keep {
-                        self.carry.clear();
-                    } else {
-                        let drop = (self.carry.len() + chunk.len()).saturating_sub(keep);
-                        self.carry.drain(..drop.min(self.carry.len()));
-                    }
-                    self.carry
-                        .extend_from_slice(&chunk[chunk.len().saturating_sub(keep)..]);
-                }
-            }
+        if chunk.len() >= TAIL_KEEP {
+            self.last = Some(chunk.clone());
+            self.tail.clear();
+            return;
         }
-        if let Some(frame) = &self.exit_frame {
-            if let Some(end) = frame.iter().position(|b| *b == b'\n') {
-                self.exit_code = serde_json::from_slice::<serde_json::Value>(&frame[..end])
-                    .ok()
-                    .and_then(|v| v["exitCode"].as_i64());
-                self.exit_frame = None;
-            } else if frame.len() > 4096 {
-                self.exit_frame = None;
-            }
+        if let Some(last) = self.last.take() {
+            self.tail.extend_from_slice(&last[last.len() - TAIL_KEEP..]);
         }
+        self.tail.extend_from_slice(chunk);
+        if self.tail.len() > 2 * TAIL_KEEP {
+            let excess = self.tail.len() - TAIL_KEEP;
+            self.tail.drain(..excess);
+        }
+    }
+
+    /// The exit code of the stream's closing `exit` event, if it ended with one.
+    fn exit_code(&self) -> Option<i64> {
+        let window = match &self.last {
+            Some(last) => &last[last.len() - TAIL_KEEP..],
+            None => &self.tail[..],
+        };
+        let start = memchr::memmem::rfind(window, EXIT_MARKER)? + EXIT_MARKER.len();
+        let data = &window[start..];
+        let end = memchr::memchr(b'\n', data)?;
+        serde_json::from_slice::<serde_json::Value>(&data[..end])
+            .ok()?
+            .get("exitCode")?
+            .as_i64()
     }
 }
 
@@ -716,7 +706,8 @@ impl Drop for Recorder {
                     otel::Attr::Int(self.started.elapsed().as_millis() as i64),
                 ),
             ];
-            if let Some(code) = self.stats.exit_code {
+            let exit_code = self.stats.exit_code();
+            if let Some(code) = exit_code {
                 attributes.push(("agentbox.exit_code", otel::Attr::Int(code)));
             }
             self.app.tracer.finish(otel::Span {
@@ -728,7 +719,7 @@ impl Drop for Recorder {
                 start: self.started_at,
                 end: std::time::SystemTime::now(),
                 attributes,
-                error: self.status >= 400 || self.stats.exit_code.is_some_and(|c| c != 0),
+                error: self.status >= 400 || exit_code.is_some_and(|c| c != 0),
             });
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -747,16 +738,32 @@ mod tests {
 
     #[test]
     fn exit_codes_are_seen_across_chunk_boundaries() {
-        let stream = b"id: 1\nevent: start\ndata: {}\n\nid: 2\nevent: exit\ndata: {\"exitCode\":7,\"reason\":\"completed\"}\n\n";
-        for cut in 0..stream.len() {
-            for cut2 in cut..stream.len() {
-                let mut stats = StreamStats::default();
-                stats.observe(&stream[..cut]);
-                stats.observe(&stream[cut..cut2]);
-                stats.observe(&stream[cut2..]);
-                assert_eq!(stats.exit_code, Some(7), "cuts {cut} {cut2}");
-                assert_eq!(stats.bytes, stream.len() as u64);
+        let exit = b"id: 9\nevent: exit\ndata: {\"exitCode\":7,\"reason\":\"completed\"}\n\n";
+        // Small streams, and a bulk stream of big chunks before the same end.
+        for head in [
+            &b"id: 1\nevent: start\ndata: {}\n\n"[..],
+            &[b'x'; 3 * TAIL_KEEP + 5][..],
+        ] {
+            let stream = [head, &exit[..]].concat();
+            // Every cut near the end (where the exit frame is), a few far from it.
+            let cuts: Vec<usize> = [0, 1, TAIL_KEEP]
+                .into_iter()
+                .chain(stream.len().saturating_sub(200)..stream.len())
+                .filter(|&c| c < stream.len())
+                .collect();
+            for &cut in &cuts {
+                for &cut2 in cuts.iter().filter(|&&c| c >= cut) {
+                    let mut stats = StreamStats::default();
+                    for piece in [&stream[..cut], &stream[cut..cut2], &stream[cut2..]] {
+                        stats.observe(&Bytes::copy_from_slice(piece));
+                    }
+                    assert_eq!(stats.exit_code(), Some(7), "cuts {cut} {cut2}");
+                    assert_eq!(stats.bytes, stream.len() as u64);
+                }
             }
+            let mut stats = StreamStats::default();
+            stats.observe(&Bytes::copy_from_slice(head));
+            assert_eq!(stats.exit_code(), None, "no exit event");
         }
     }
 
