@@ -30,9 +30,7 @@ pub fn push_frame<T: Serialize>(buf: &mut Vec<u8>, id: u64, event: &str, data: &
 }
 
 fn push_head(buf: &mut Vec<u8>, id: u64, event: &str) {
-    buf.extend_from_slice(b"id: ");
-    let mut digits = itoa_buf(id);
-    buf.extend_from_slice(digits.as_bytes_mut());
+    buf.extend_from_slice(itoa_buf(id).id_line());
     buf.extend_from_slice(b"\nevent: ");
     buf.extend_from_slice(event.as_bytes());
     buf.extend_from_slice(b"\ndata: ");
@@ -42,16 +40,19 @@ fn push_head(buf: &mut Vec<u8>, id: u64, event: &str) {
 /// hot path of output streaming. Valid UTF-8 goes in `data`, anything else in `dataBase64`.
 pub fn push_log_frame(buf: &mut Vec<u8>, id: u64, stream: Stream, bytes: &[u8], partial: bool) {
     buf.reserve(bytes.len() + 96);
-    push_head(buf, id, "log");
-    buf.extend_from_slice(b"{\"stream\":\"");
-    buf.extend_from_slice(stream.as_str().as_bytes());
-    match std::str::from_utf8(bytes) {
-        Ok(text) => {
-            buf.extend_from_slice(b"\",\"data\":\"");
-            push_json_str_body(buf, text);
-        }
+    buf.extend_from_slice(itoa_buf(id).id_line());
+    // The rest of the head and the payload's opening, as one constant per case: this runs
+    // once per output line.
+    let text = std::str::from_utf8(bytes);
+    buf.extend_from_slice(match (stream, text.is_ok()) {
+        (Stream::Stdout, true) => b"\nevent: log\ndata: {\"stream\":\"stdout\",\"data\":\"",
+        (Stream::Stderr, true) => b"\nevent: log\ndata: {\"stream\":\"stderr\",\"data\":\"",
+        (Stream::Stdout, false) => b"\nevent: log\ndata: {\"stream\":\"stdout\",\"dataBase64\":\"",
+        (Stream::Stderr, false) => b"\nevent: log\ndata: {\"stream\":\"stderr\",\"dataBase64\":\"",
+    });
+    match text {
+        Ok(text) => push_json_str_body(buf, text),
         Err(_) => {
-            buf.extend_from_slice(b"\",\"dataBase64\":\"");
             let start = buf.len();
             let encoded_len = base64::encoded_len(bytes.len(), true).unwrap_or(0);
             buf.resize(start + encoded_len, 0);
@@ -108,19 +109,20 @@ fn push_json_str_body(buf: &mut Vec<u8>, text: &str) {
     buf.extend_from_slice(&bytes[start..]);
 }
 
-struct Digits {
-    buf: [u8; 20],
+/// `id: N`, built right to left in a fixed buffer.
+struct IdLine {
+    buf: [u8; 24],
     start: usize,
 }
 
-impl Digits {
-    fn as_bytes_mut(&mut self) -> &[u8] {
+impl IdLine {
+    fn id_line(&self) -> &[u8] {
         &self.buf[self.start..]
     }
 }
 
-fn itoa_buf(mut n: u64) -> Digits {
-    let mut buf = [0u8; 20];
+fn itoa_buf(mut n: u64) -> IdLine {
+    let mut buf = [0u8; 24];
     let mut i = buf.len();
     loop {
         i -= 1;
@@ -130,7 +132,10 @@ fn itoa_buf(mut n: u64) -> Digits {
             break;
         }
     }
-    Digits { buf, start: i }
+    // u64::MAX has 20 digits, so the 4-byte prefix always fits.
+    i -= 4;
+    buf[i..i + 4].copy_from_slice(b"id: ");
+    IdLine { buf, start: i }
 }
 
 /// One parsed frame.
@@ -206,14 +211,20 @@ mod tests {
             if line.contains(&b'\n') {
                 continue;
             }
-            for partial in [false, true] {
+            for (partial, stream) in [false, true]
+                .into_iter()
+                .flat_map(|p| [(p, Stream::Stdout), (p, Stream::Stderr)])
+            {
                 let mut buf = Vec::new();
-                push_log_frame(&mut buf, i as u64 + 1, Stream::Stderr, line, partial);
+                let id = [i as u64 + 1, u64::MAX][i % 2];
+                push_log_frame(&mut buf, id, stream, line, partial);
                 let (frames, used) = parse_frames(&buf);
                 assert_eq!(used, buf.len());
                 assert_eq!(frames.len(), 1);
-                assert_eq!(frames[0].id, i as u64 + 1);
+                assert_eq!(frames[0].id, id);
                 assert_eq!(frames[0].event, "log");
+                let ev: LogEvent = serde_json::from_str(frames[0].data).expect("log json");
+                assert_eq!(ev.stream, stream);
                 let mut want = line.clone();
                 if !partial {
                     want.push(b'\n');
