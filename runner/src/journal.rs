@@ -612,6 +612,14 @@ mod tests {
         assert_eq!(ids(&collect(log.subscribe(0).expect("sub")).await), vec![1]);
     }
 
+    /// A directory and the paths of an old journal, its spare and the journal recycling it.
+    fn recycling_paths() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = |name: &str| dir.path().join(name);
+        let (old, spare, new) = (path("old"), path("spare"), path("new"));
+        (dir, old, spare, new)
+    }
+
     /// Retires a journal as `Invokes::retire` does: a NUL over its first byte, renamed.
     fn retire(journal: &Path, spare: &Path) {
         let f = OpenOptions::new().write(true).open(journal).expect("open");
@@ -621,12 +629,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_recycled_journal_never_shows_its_old_bytes() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (old, spare, new) = (
-            dir.path().join("old"),
-            dir.path().join("spare"),
-            dir.path().join("new"),
-        );
+        let (dir, old, spare, new) = recycling_paths();
         // The worst case: the old journal holds exactly the bytes the new one will write, only
         // more of them (the same program run twice).
         let line = vec![b'y'; 99];
@@ -680,12 +683,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_recycled_journal_grows_past_its_old_size() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (old, spare, new) = (
-            dir.path().join("old"),
-            dir.path().join("spare"),
-            dir.path().join("new"),
-        );
+        let (_dir, old, spare, new) = recycling_paths();
         let log = EventLog::create(&old, u64::MAX, None).expect("create");
         log.append(|b| b.log(Stream::Stdout, b"short", false));
         log.close();
