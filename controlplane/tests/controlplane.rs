@@ -226,6 +226,52 @@ async fn full_flow() {
 }
 
 #[tokio::test]
+async fn last_activity_is_read_off_the_runners_state() {
+    let env = Env::new();
+    let cp = env.start();
+    cp.create("busy", "default").await;
+    cp.configure_sh("busy", "echo hi").await;
+    // As if nothing had happened in the sandbox since 2020.
+    let state = env.workspace("busy").join(".agentbox");
+    let dirs = [state.clone(), state.join("invokes"), state.join("sessions")];
+    assert!(dirs.iter().all(|d| d.is_dir()), "{dirs:?}");
+    let touched = std::process::Command::new("touch")
+        .args(["-d", "2020-01-01T00:00:00Z"])
+        .args(&dirs)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    let activity = |v: &Value| v["lastActivityAt"].as_str().map(str::to_owned);
+    let (status, got) = send(cp.sb(Method::GET, "busy", "")).await;
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(
+        activity(&got).as_deref(),
+        Some("2020-01-01T00:00:00.000Z"),
+        "{got}"
+    );
+
+    let sent = SystemTime::now();
+    cp.invoke("busy", "").await;
+    let (_, got) = send(cp.sb(Method::GET, "busy", "")).await;
+    let at = humantime::parse_rfc3339(&activity(&got).unwrap()).unwrap();
+    // File times come from the kernel's coarse clock, which may trail by a tick.
+    let tick = Duration::from_millis(50);
+    assert!(
+        at + tick >= sent && at <= SystemTime::now() + tick,
+        "lastActivityAt {got} not at the invoke"
+    );
+    let (_, list) = send(cp.admin(Method::GET, "/api/v1/sandboxes")).await;
+    let listed = list["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "busy")
+        .cloned()
+        .unwrap();
+    assert_eq!(activity(&listed), activity(&got), "{list}");
+}
+
+#[tokio::test]
 async fn cancel_through_a_second_replica() {
     let env = Env::new();
     let a = env.start();

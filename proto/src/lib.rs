@@ -645,7 +645,8 @@ pub struct SandboxSummary {
     /// RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
-    /// RFC 3339.
+    /// RFC 3339: when an invoke or session last started or the configuration last changed
+    /// (read off the runner's state directory; the local backend only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_activity_at: Option<String>,
     /// Who created it.

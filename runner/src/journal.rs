@@ -103,7 +103,14 @@ impl JournalFile {
 
     fn write_at(&mut self, buf: &[u8], at: u64) -> io::Result<()> {
         let end = at + buf.len() as u64;
-        if end < self.stale_end && self.zeroed_to <= end {
+        // Zeroed must be every old byte this write covers (so that a write cut short by a
+        // kill leaves NULs, not old bytes, after it) and the byte after it.
+        let need = if end < self.stale_end {
+            end + 1
+        } else {
+            self.stale_end
+        };
+        if self.zeroed_to < need {
             let to = (end + ZERO_AHEAD).min(self.stale_end);
             write_zeros(&self.file, self.zeroed_to, to)?;
             self.zeroed_to = to;

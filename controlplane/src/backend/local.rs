@@ -139,6 +139,25 @@ impl LocalBackend {
         })
     }
 
+    /// `record` as the API shows it, with `lastActivityAt` read off the runner's state
+    /// directory (no call to the runner): the newest modification time of the directory
+    /// itself (the configuration is replaced there), of `invokes/` (a file is created or
+    /// renamed there when an invoke starts) and of `sessions/`.
+    fn summary(&self, record: &Record) -> SandboxSummary {
+        let mut summary = record.summary();
+        let state = self
+            .root
+            .join(&record.name)
+            .join("workspace")
+            .join(".agentbox");
+        summary.last_activity_at = ["", "invokes", "sessions"]
+            .iter()
+            .filter_map(|sub| std::fs::metadata(state.join(sub)).ok()?.modified().ok())
+            .max()
+            .map(|t| humantime::format_rfc3339_millis(t).to_string());
+        summary
+    }
+
     fn dir(&self, name: &str) -> Option<PathBuf> {
         valid_name(name).then(|| self.root.join(name))
     }
@@ -387,7 +406,7 @@ impl Backend for LocalBackend {
             let name = entry?.file_name().to_string_lossy().into_owned();
             // One damaged record must not hide every other sandbox.
             match self.read(&name) {
-                Ok(Some(record)) => out.push(record.summary()),
+                Ok(Some(record)) => out.push(self.summary(&record)),
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(sandbox = %name, error = %e, "skipping an unreadable sandbox record")
@@ -399,7 +418,7 @@ impl Backend for LocalBackend {
     }
 
     async fn get(&self, name: &str) -> Result<Option<SandboxSummary>> {
-        Ok(self.read(name)?.map(|r| r.summary()))
+        Ok(self.read(name)?.map(|r| self.summary(&r)))
     }
 
     async fn create(&self, spec: CreateSpec) -> Result<SandboxSummary> {
@@ -435,7 +454,7 @@ impl Backend for LocalBackend {
         }
         self.write(&record)?;
         tracing::info!(sandbox = %record.name, "sandbox created");
-        Ok(record.summary())
+        Ok(self.summary(&record))
     }
 
     async fn delete(&self, name: &str) -> Result<()> {
@@ -461,7 +480,7 @@ impl Backend for LocalBackend {
         record.running = false;
         record.addr = None;
         self.write(&record)?;
-        Ok(record.summary())
+        Ok(self.summary(&record))
     }
 
     async fn resume(&self, name: &str) -> Result<SandboxSummary> {
@@ -469,12 +488,12 @@ impl Backend for LocalBackend {
             return Err(Error::SandboxNotFound(name.into()));
         };
         if record.running && record.alive() {
-            return Ok(record.summary());
+            return Ok(self.summary(&record));
         }
         let started = tokio::task::block_in_place(|| self.start(&mut record));
         self.write(&record)?;
         started?;
-        Ok(record.summary())
+        Ok(self.summary(&record))
     }
 
     async fn resolve(&self, name: &str) -> Result<Option<Target>> {
