@@ -248,9 +248,21 @@ fn bench_latency(rows: &mut Vec<Row>) {
         add(&mut runner_cpu, runner0, runner1);
         client_cpu += client1.0 - client0.0;
     }
+    // The HTTP floor: an authenticated GET of `/v1/info` (no process) on the same connection.
+    let mut floor = Vec::with_capacity(n);
+    let mut sink = Vec::new();
+    for _ in 0..n {
+        sink.clear();
+        let t0 = Instant::now();
+        http.send("GET", "/v1/info", "", b"");
+        let status = http.read_response(&mut |b| sink.extend_from_slice(b));
+        floor.push(t0.elapsed());
+        assert_eq!(status, 200);
+    }
     drop(http);
     drop(runner);
 
+    let f = summarize(&floor);
     let b = summarize(&bare);
     let r = summarize(&ends);
     let x = summarize(&exits);
@@ -270,6 +282,12 @@ fn bench_latency(rows: &mut Vec<Row>) {
     println!(
         "  invoke (exit event) p50 {:>8.0} µs   p99 {:>8.0} µs   mean {:>8.0} µs",
         x.p50, x.p99, x.mean
+    );
+    println!(
+        "  HTTP floor (GET /v1/info, no process) p50 {:>6.0} µs; bare spawn + that {:.0} µs = {:.2}× bare",
+        f.p50,
+        b.p50 + f.p50,
+        (b.p50 + f.p50) / b.p50
     );
     let tenth = (n / 10).max(1);
     println!(
@@ -310,6 +328,12 @@ fn bench_latency(rows: &mut Vec<Row>) {
         format!("{:.0} µs", r.mean),
         format!("{:.0} µs", b.mean),
         format!("{:.2}×", r.mean / b.mean),
+    ));
+    rows.push(Row::info(
+        "HTTP round trip without a process (`GET /v1/info`), p50".into(),
+        format!("{:.0} µs", f.p50),
+        format!("{:.0} µs", b.p50),
+        format!("bare + it: {:.2}×", (b.p50 + f.p50) / b.p50),
     ));
     rows.push(Row::info(
         "Same, until the `exit` event arrives, p50".into(),
