@@ -1140,6 +1140,56 @@ async fn runner_restart_marks_runner_restarted() {
     assert_eq!(listed, [new_id.as_str(), id.as_str()], "newest first");
 }
 
+/// A runner killed while an invoke writes into a recycled journal (the file of a pruned
+/// invoke, overwritten in place): after the restart the invoke has exactly its own events,
+/// none of the old bytes still in the file behind them (the old journal is bigger than the
+/// stretch zeroed ahead of the writes, so old frames follow the zeros).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_restart_reads_a_recycled_journal_only_as_far_as_it_was_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pid_file = dir.join("pid");
+    let bulk = dir.join("bulk");
+    let mut r1 = Runner::start_in(dir, &["--retain-invokes", "1"]);
+    r1.configure_sh(&format!(
+        "if [ -e {} ]; then seq 1 40000 | sed 's/^/old line /'; exit 0; fi; \
+         echo hello; echo $$ > {}; exec sleep 1000",
+        bulk.display(),
+        pid_file.display()
+    ))
+    .await;
+    std::fs::write(&bulk, b"").unwrap();
+    for _ in 0..2 {
+        let events = r1.invoke_sse("", "").await;
+        assert_eq!(exit_event(&events)["exitCode"], 0);
+    }
+    std::fs::remove_file(&bulk).unwrap();
+    let (id, pid, resp) = start_sleeper(&r1, &pid_file).await;
+    let _guard = KillOnDrop(pid);
+    let journal = invokes_dir(&r1).join(format!("{id}.events"));
+    let on_disk = std::fs::read(&journal).unwrap();
+    let written = memchr::memchr(0, &on_disk).expect("a NUL after the events");
+    assert!(
+        on_disk.len() > 2_000_000 && written < 1_000,
+        "not a recycled journal: {} bytes on disk, {written} written",
+        on_disk.len()
+    );
+    r1.kill9();
+    drop(resp);
+
+    let r2 = Runner::start_in(dir, &[]);
+    assert!(!alive(pid));
+    let events = replay(&r2, &id, None).await;
+    assert_ids(&events, 1, "recycled journal");
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names, ["start", "log", "exit"]);
+    assert_eq!(rebuild(&events, "stdout"), b"hello\n");
+    assert_eq!(exit_event(&events)["reason"], "runner_restarted");
+    assert_eq!(summary(&r2, &id).await.1["lastEventId"], 3);
+    let repaired = std::fs::read(&journal).unwrap();
+    assert!(!repaired.contains(&0), "old bytes left in the journal");
+}
+
 /// A runner killed in the middle of a journal write leaves a torn frame; recovery cuts it and
 /// numbers the `exit` right after the last complete event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
