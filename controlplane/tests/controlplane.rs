@@ -229,8 +229,7 @@ async fn full_flow() {
 async fn last_activity_is_read_off_the_runners_state() {
     let env = Env::new();
     let cp = env.start();
-    cp.create("busy", "default").await;
-    cp.configure_sh("busy", "echo hi").await;
+    cp.sandbox_sh("busy", "echo hi").await;
     // As if nothing had happened in the sandbox since 2020.
     let state = env.workspace("busy").join(".agentbox");
     let dirs = [state.clone(), state.join("invokes"), state.join("sessions")];
@@ -398,8 +397,7 @@ fn route_body(method: &str, path: &str, iid: &str) -> Vec<u8> {
 async fn auth_matrix() {
     let env = Env::new();
     let cp = env.start();
-    cp.create("mine", "default").await;
-    cp.configure_sh("mine", "cat").await;
+    cp.sandbox_sh("mine", "cat").await;
     let events = cp.invoke("mine", "hi").await;
     let iid = invoke_id(&events);
     let (status, _) = send(
@@ -1452,8 +1450,7 @@ async fn audit_status_is_the_http_status() {
 async fn delete_ends_running_invokes() {
     let env = Env::new();
     let cp = env.start();
-    cp.create("busy", "default").await;
-    cp.configure_sh("busy", "sleep 1000 & sleep 1000 & echo busy; wait")
+    cp.sandbox_sh("busy", "sleep 1000 & sleep 1000 & echo busy; wait")
         .await;
     let mut resp = cp.sb(Method::POST, "busy", "/invoke").send().await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -1539,8 +1536,7 @@ async fn a_runner_killed_mid_invoke_ends_the_stream_with_an_error_event() {
 async fn a_completed_stream_gets_no_error_event() {
     let env = Env::new();
     let cp = env.start();
-    cp.create("calm", "default").await;
-    cp.configure_sh("calm", "cat").await;
+    cp.sandbox_sh("calm", "cat").await;
     let mut resp = cp
         .sb(Method::POST, "calm", "/invoke")
         .body("hi\n")
@@ -1703,8 +1699,7 @@ async fn sessions_and_permissions_through_the_proxy() {
 async fn a_dead_runner_reads_as_error_and_resume_restarts_it() {
     let env = Env::new();
     let cp = env.start();
-    cp.create("fragile", "default").await;
-    cp.configure_sh("fragile", "cat").await;
+    cp.sandbox_sh("fragile", "cat").await;
     let pid = env.record("fragile")["pid"].as_i64().unwrap() as i32;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
@@ -1736,8 +1731,7 @@ async fn a_dead_runner_reads_as_error_and_resume_restarts_it() {
 async fn a_runner_refusing_the_token_is_a_502_not_a_401() {
     let env = Env::new();
     let cp = env.start();
-    cp.create("rotated", "default").await;
-    cp.configure_sh("rotated", "cat").await;
+    cp.sandbox_sh("rotated", "cat").await;
     let path = env.sandbox_dir("rotated").join("sandbox.json");
     let set_token = |token: &str| {
         let mut record = env.record("rotated");

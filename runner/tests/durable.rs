@@ -1140,6 +1140,26 @@ async fn runner_restart_marks_runner_restarted() {
     assert_eq!(listed, [new_id.as_str(), id.as_str()], "newest first");
 }
 
+/// Restarts a runner in `dir` after a `kill -9` that left invoke `id` running with one `log`
+/// event journaled: its process `pid` is gone and the invoke reads `start`, `log`, `exit`
+/// (`runner_restarted`, id 3). Returns the runner and the events.
+async fn restart_recovering_one_line(
+    dir: &Path,
+    id: &str,
+    pid: i32,
+    what: &str,
+) -> (Runner, Vec<Event>) {
+    let r2 = Runner::start_in(dir, &[]);
+    assert!(!alive(pid));
+    let events = replay(&r2, id, None).await;
+    assert_ids(&events, 1, what);
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names, ["start", "log", "exit"]);
+    assert_eq!(exit_event(&events)["reason"], "runner_restarted");
+    assert_eq!(summary(&r2, id).await.1["lastEventId"], 3);
+    (r2, events)
+}
+
 /// A runner killed while an invoke writes into a recycled journal (the file of a pruned
 /// invoke, overwritten in place): after the restart the invoke has exactly its own events,
 /// none of the old bytes still in the file behind them (the old journal is bigger than the
@@ -1177,15 +1197,8 @@ async fn runner_restart_reads_a_recycled_journal_only_as_far_as_it_was_written()
     r1.kill9();
     drop(resp);
 
-    let r2 = Runner::start_in(dir, &[]);
-    assert!(!alive(pid));
-    let events = replay(&r2, &id, None).await;
-    assert_ids(&events, 1, "recycled journal");
-    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
-    assert_eq!(names, ["start", "log", "exit"]);
+    let (_r2, events) = restart_recovering_one_line(dir, &id, pid, "recycled journal").await;
     assert_eq!(rebuild(&events, "stdout"), b"hello\n");
-    assert_eq!(exit_event(&events)["reason"], "runner_restarted");
-    assert_eq!(summary(&r2, &id).await.1["lastEventId"], 3);
     let repaired = std::fs::read(&journal).unwrap();
     assert!(!repaired.contains(&0), "old bytes left in the journal");
 }
@@ -1215,14 +1228,7 @@ async fn runner_restart_repairs_a_torn_journal_tail() {
     std::io::Write::write_all(&mut f, b"id: 3\nevent: log\ndata: {\"stream\":\"std").unwrap();
     drop(f);
 
-    let r2 = Runner::start_in(dir, &[]);
-    assert!(!alive(pid));
-    let events = replay(&r2, &id, None).await;
-    assert_ids(&events, 1, "repaired journal");
-    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
-    assert_eq!(names, ["start", "log", "exit"]);
-    assert_eq!(exit_event(&events)["reason"], "runner_restarted");
-    assert_eq!(summary(&r2, &id).await.1["lastEventId"], 3);
+    restart_recovering_one_line(dir, &id, pid, "repaired journal").await;
 }
 
 /// The runner keeps no pid of a running invoke on disk (meta.json is written with `pid: null`

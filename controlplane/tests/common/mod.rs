@@ -385,6 +385,12 @@ impl Cp {
         (last.data.clone(), events)
     }
 
+    /// Creates sandbox `name` from the `default` template and configures `sh -c script`.
+    pub async fn sandbox_sh(&self, name: &str, script: &str) -> Value {
+        self.create(name, "default").await;
+        self.configure_sh(name, script).await
+    }
+
     /// Configures `sh -c SCRIPT` as the entrypoint.
     pub async fn configure_sh(&self, name: &str, script: &str) -> Value {
         self.configure(name, json!({"entrypoint": ["sh", "-c", script]}))
