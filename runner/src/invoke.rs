@@ -544,7 +544,7 @@ impl Invokes {
         let id = InvokeId(format!("inv-{started_at:012x}-{}", random_hex(8)));
         let base = self.dir.join(id.as_str());
         let spare = self.spares().pop().map(|(base, _)| base);
-        // The journal file itself is created by the pump thread, while the process starts.
+        // The journal file itself is created by the pump thread, off the request's thread.
         let log = EventLog::deferred(&base.with_extension("events"), self.cfg.journal_max_bytes);
         let spare_journal = spare.as_ref().map(|s| s.with_extension("events"));
         let channel = match req.agent.map(|agent| agent.open(&id, &log)).transpose() {

@@ -30,7 +30,7 @@ pub fn push_frame<T: Serialize>(buf: &mut Vec<u8>, id: u64, event: &str, data: &
 }
 
 fn push_head(buf: &mut Vec<u8>, id: u64, event: &str) {
-    buf.extend_from_slice(itoa_buf(id).id_line());
+    buf.extend_from_slice(IdLine::new(id).bytes());
     buf.extend_from_slice(b"\nevent: ");
     buf.extend_from_slice(event.as_bytes());
     buf.extend_from_slice(b"\ndata: ");
@@ -40,7 +40,7 @@ fn push_head(buf: &mut Vec<u8>, id: u64, event: &str) {
 /// hot path of output streaming. Valid UTF-8 goes in `data`, anything else in `dataBase64`.
 pub fn push_log_frame(buf: &mut Vec<u8>, id: u64, stream: Stream, bytes: &[u8], partial: bool) {
     buf.reserve(bytes.len() + 96);
-    buf.extend_from_slice(itoa_buf(id).id_line());
+    buf.extend_from_slice(IdLine::new(id).bytes());
     // The rest of the head and the payload's opening, as one constant per case: this runs
     // once per output line.
     let text = std::str::from_utf8(bytes);
@@ -116,26 +116,26 @@ struct IdLine {
 }
 
 impl IdLine {
-    fn id_line(&self) -> &[u8] {
+    fn new(mut n: u64) -> IdLine {
+        let mut buf = [0u8; 24];
+        let mut i = buf.len();
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        // u64::MAX has 20 digits, so the 4-byte prefix always fits.
+        i -= 4;
+        buf[i..i + 4].copy_from_slice(b"id: ");
+        IdLine { buf, start: i }
+    }
+
+    fn bytes(&self) -> &[u8] {
         &self.buf[self.start..]
     }
-}
-
-fn itoa_buf(mut n: u64) -> IdLine {
-    let mut buf = [0u8; 24];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    // u64::MAX has 20 digits, so the 4-byte prefix always fits.
-    i -= 4;
-    buf[i..i + 4].copy_from_slice(b"id: ");
-    IdLine { buf, start: i }
 }
 
 /// One parsed frame.
