@@ -219,11 +219,15 @@ fn invoke_rounds(http: &mut Http, path: &str, n: usize) -> Vec<Duration> {
         let t0 = Instant::now();
         http.send("POST", path, "Accept: text/event-stream\r\n", b"");
         let mut seen_exit = false;
+        let mut body = Vec::new();
         let status = http.read_response(&mut |b| {
             seen_exit |= memchr::memmem::find(b, b"event: exit").is_some();
+            if body.len() < 4096 {
+                body.extend_from_slice(b);
+            }
         });
         let elapsed = t0.elapsed();
-        assert_eq!(status, 200);
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         assert!(seen_exit, "no exit event");
         if i >= WARMUP {
             samples.push(elapsed);

@@ -76,7 +76,7 @@ impl AcpAgents {
         &self,
         session: &Arc<Session>,
         launch: &Launch,
-        reaper: &Reaper,
+        reaper: &Arc<Reaper>,
     ) -> Result<Arc<Conn>> {
         let slot = self.slot(&session.id());
         let mut slot = slot.lock().await;
@@ -141,7 +141,7 @@ impl AcpAgents {
         &self,
         session: &Arc<Session>,
         launch: &Launch,
-        reaper: &Reaper,
+        reaper: &Arc<Reaper>,
         req: agentbox_proto::SessionConfigRequest,
     ) -> Result<Value> {
         let conn = self.get_or_start(session, launch, reaper).await?;
@@ -224,7 +224,11 @@ impl TurnSink {
 }
 
 impl Conn {
-    async fn start(session: &Arc<Session>, launch: &Launch, reaper: &Reaper) -> Result<Arc<Self>> {
+    async fn start(
+        session: &Arc<Session>,
+        launch: &Launch,
+        reaper: &Arc<Reaper>,
+    ) -> Result<Arc<Self>> {
         let marker_value = random_hex(8);
         let marker = format!("AGENTBOX_ACP_ID={marker_value}");
         let mut env = launch.env.clone();
@@ -242,7 +246,7 @@ impl Conn {
             stdin: true,
             pass_fds: Default::default(),
         };
-        let (mut child, exit_rx) = supervisor::spawn_stdio(reaper, &spec).map_err(|e| {
+        let (mut child, exit) = supervisor::spawn_stdio(reaper, &spec).map_err(|e| {
             Error::AgentFailed(format!("cannot start the ACP agent {:?}: {e}", launch.argv))
         })?;
         let process = Process::new(marker);
@@ -277,8 +281,9 @@ impl Conn {
         tokio::spawn(read_stderr(stderr, Arc::clone(&conn_cell)));
         {
             let early = Arc::clone(&early);
+            let reaper = Arc::clone(reaper);
             tokio::task::spawn_blocking(move || {
-                let status: Option<ExitStatus> = exit_rx.recv().ok();
+                let status: Option<ExitStatus> = exit.wait_forever(&reaper);
                 tracing::info!(?status, "ACP agent exited");
                 let _ = dead_tx.send(true);
                 for (_, tx) in early.lock().unwrap_or_else(|p| p.into_inner()).drain() {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Write as _};
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fsutil::{now_ms, random_hex};
-use crate::journal::{EventLog, Subscription};
+use crate::journal::{EventLog, StaleTail, Subscription};
 use crate::proctree;
 use crate::supervisor::{self, Outcome, Process, Reaper, RunSpec};
 
@@ -531,9 +531,14 @@ impl Invokes {
         .await;
     }
 
-    /// Starts an invoke. The returned invoke's log already exists; its `start` event follows
-    /// as soon as the process is spawned.
-    pub fn start(self: &Arc<Self>, req: StartRequest) -> Result<Arc<Invoke>> {
+    /// Starts an invoke. Returned with it: a subscription from its first event and the
+    /// caller's attachment, both taken before the process is spawned, so the caller reads
+    /// every event even when the process is done (and, past `--retain-invokes`, pruned)
+    /// before it gets to read.
+    pub fn start(
+        self: &Arc<Self>,
+        req: StartRequest,
+    ) -> Result<(Arc<Invoke>, Subscription, Attachment)> {
         let permit = Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
             Error::ConcurrencyExceeded {
                 limit: u64::from(self.cfg.max_concurrent_invokes),
@@ -541,11 +546,12 @@ impl Invokes {
             }
         })?;
         let started_at = now_ms();
-        let id = InvokeId(format!("inv-{started_at:012x}-{}", random_hex(8)));
+        let id = new_invoke_id(started_at);
         let base = self.dir.join(id.as_str());
         let spare = self.spares().pop().map(|(base, _)| base);
         // The journal file itself is created by the pump thread, off the request's thread.
         let log = EventLog::deferred(&base.with_extension("events"), self.cfg.journal_max_bytes);
+        let sub = log.subscribe(0)?;
         let spare_journal = spare.as_ref().map(|s| s.with_extension("events"));
         let channel = match req.agent.map(|agent| agent.open(&id, &log)).transpose() {
             Ok(channel) => channel,
@@ -573,6 +579,7 @@ impl Invokes {
             detach_generation: AtomicU64::new(0),
         });
         self.map().insert(id.clone(), Arc::clone(&invoke));
+        let attachment = invoke.attach(self);
 
         let mut env = self.cfg.base_env.clone();
         env.extend(req.env);
@@ -603,81 +610,98 @@ impl Invokes {
             Stdin::Stream { body, fallback } => (None, Some((body, fallback))),
         };
         let (stdin_tx, stdin_rx) = oneshot::channel();
-        let thread = {
+        let begin = Begin {
+            invoke: Arc::clone(&invoke),
+            log: Arc::clone(&log),
+            spare_journal,
+            started_at,
+            stdin_now,
+            stdin_tx,
+        };
+        let acp = req.acp;
+        if acp.is_none() {
+            // A plain command is spawned right here, on the request's runtime thread, as
+            // `tokio::process` does (a posix_spawn: back once the child has exec'd), and a
+            // process that is done within QUICK_EXIT is finished on the runtime: no pump
+            // thread is woken for it (less runner CPU per short invoke; see BENCHMARKS.md).
+            // The journal is opened once the child runs (a failure stops it at once).
+            let running = supervisor::start(&self.reaper, &spec, &process, |pid, stdin| {
+                let journal_error = begin.open_journal(&process);
+                begin.spawned(pid, stdin, journal_error.as_ref());
+            });
             let invokes = Arc::clone(self);
             let invoke = Arc::clone(&invoke);
             let process = Arc::clone(&process);
-            let reaper = Arc::clone(&self.reaper);
-            let acp = req.acp;
-            crate::pool::run(move || {
-                let journal_error = log.open_file(spare_journal.as_deref()).err().map(|e| {
-                    // No journal, no invoke: the process is stopped at once (the pump kills
-                    // the tree when it finds a stop asked for), and the reason is streamed
-                    // after `start`.
-                    tracing::error!(invoke = %invoke.id, error = %e, "cannot create the journal");
-                    process.mark_stopped(ExitReason::Error);
-                    ErrorEvent {
-                        phase: Some("journal".into()),
-                        message: format!("cannot create the journal: {e}"),
+            tokio::spawn(async move {
+                let running = match running {
+                    Ok(running) => running,
+                    Err(outcome) => {
+                        let outcome = supervisor::run_custom(&process, || outcome);
+                        invokes.finish(&invoke, &log, &outcome, permit);
+                        return;
                     }
-                });
-                let start_events = || {
-                    log.append(|b| {
-                        b.event(
-                            event::START,
-                            &StartEvent {
-                                invoke_id: invoke.id.clone(),
-                                started_at,
-                            },
-                        );
-                        if let Some(error) = &journal_error {
-                            b.event(event::ERROR, error);
-                        }
-                    })
                 };
-                if let Some(turn) = acp {
-                    start_events();
-                    let outcome =
-                        supervisor::run_custom(&process, || turn.run(&invoke.id, &process, &log));
+                let running = if supervisor::exited_within(&running, QUICK_EXIT).await {
+                    let reaper = &invokes.reaper;
+                    match supervisor::try_finish(
+                        reaper,
+                        running,
+                        &process,
+                        &log,
+                        events
+                            .as_mut()
+                            .map(|e| e as &mut dyn supervisor::SideReader),
+                    ) {
+                        Ok(outcome) => {
+                            let tail = invokes.publish_exit(&invoke, &log, &outcome, permit);
+                            // The client's `exit` goes out before the rest is written.
+                            tokio::task::yield_now().await;
+                            invokes.record_exit(&invoke, tail);
+                            return;
+                        }
+                        Err(running) => running,
+                    }
+                } else {
+                    running
+                };
+                crate::pool::run_or_queue(move || {
+                    let side = events
+                        .as_mut()
+                        .map(|e| e as &mut dyn supervisor::SideReader);
+                    let outcome = supervisor::pump(&invokes.reaper, running, &process, &log, side);
                     invokes.finish(&invoke, &log, &outcome, permit);
-                    return;
-                }
-                let side = events
-                    .as_mut()
-                    .map(|e| e as &mut dyn supervisor::SideReader);
-                // Spawned here, not on the request's thread: posix_spawn returns only when
-                // the parent is scheduled again, which on a busy machine can be after the
-                // child has run, and a runtime worker must not be held that long.
-                let outcome =
-                    supervisor::run(&reaper, &spec, &process, &log, side, |pid, stdin| {
-                        {
-                            let mut meta = invoke.meta();
-                            meta.pid = Some(pid);
-                            meta.pid_started = proctree::start_time(pid);
-                        }
-                        // Recorded before any output is read, so that a runner killed now
-                        // finds this tree at its next start.
-                        invoke.save_meta_fast(false);
-                        start_events();
-                        match (stdin, stdin_now) {
-                            (Some(mut stdin), Some(bytes)) => {
-                                // A fresh pipe holds STDIN_INLINE_MAX bytes, so this never blocks;
-                                // a process that exits without reading gets EPIPE, ignored.
-                                use std::io::Write;
-                                let _ = stdin.write_all(&bytes);
-                            }
-                            (Some(stdin), None) => {
-                                let _ = stdin_tx.send(stdin);
-                            }
-                            (None, _) => {}
-                        }
-                    });
-                invokes.finish(&invoke, &log, &outcome, permit);
-            })
-        };
-        if let Err(e) = thread {
-            self.map().remove(&id);
-            return Err(Error::Internal(format!("cannot start a thread: {e}")));
+                });
+            });
+        } else {
+            let thread = {
+                let invokes = Arc::clone(self);
+                let invoke = Arc::clone(&invoke);
+                let process = Arc::clone(&process);
+                let reaper = Arc::clone(&self.reaper);
+                crate::pool::run(move || {
+                    let journal_error = begin.open_journal(&process);
+                    if let Some(turn) = acp {
+                        begin.write_start(journal_error.as_ref());
+                        let outcome = supervisor::run_custom(&process, || {
+                            turn.run(&invoke.id, &process, &log)
+                        });
+                        invokes.finish(&invoke, &log, &outcome, permit);
+                        return;
+                    }
+                    let side = events
+                        .as_mut()
+                        .map(|e| e as &mut dyn supervisor::SideReader);
+                    let outcome =
+                        supervisor::run(&reaper, &spec, &process, &log, side, |pid, stdin| {
+                            begin.spawned(pid, stdin, journal_error.as_ref());
+                        });
+                    invokes.finish(&invoke, &log, &outcome, permit);
+                })
+            };
+            if let Err(e) = thread {
+                self.map().remove(&id);
+                return Err(Error::Internal(format!("cannot start a thread: {e}")));
+            }
         }
         tracing::info!(invoke = %id, "invoke started");
         if let Some((body, fallback)) = stdin_stream {
@@ -693,7 +717,7 @@ impl Invokes {
                 _ = process.wait_done() => {}
             }
         });
-        Ok(invoke)
+        Ok((invoke, sub, attachment))
     }
 
     /// Writes the closing events, persists the summary, releases the slot, prunes journals.
@@ -704,6 +728,19 @@ impl Invokes {
         outcome: &Outcome,
         permit: OwnedSemaphorePermit,
     ) {
+        let tail = self.publish_exit(invoke, log, outcome, permit);
+        self.record_exit(invoke, tail);
+    }
+
+    /// The first half of [`Invokes::finish`]: releases the slot and writes and publishes the
+    /// closing events (the stream ends).
+    fn publish_exit(
+        &self,
+        invoke: &Invoke,
+        log: &Arc<EventLog>,
+        outcome: &Outcome,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<StaleTail> {
         let reason = outcome.reason();
         let (exit_code, signal) = match &outcome.status {
             Ok(status) => (status.code, status.signal),
@@ -760,16 +797,25 @@ impl Invokes {
                 },
             );
         });
-        log.close();
+        let tail = log.close_keeping_tail();
         invoke.meta().last_event_id = log.progress().last_seq;
         invoke
             .journal_size
             .store(log.progress().end, Ordering::Relaxed);
         invoke.set_log(log, false);
+        tracing::info!(invoke = %invoke.id, exit_code, reason = reason.as_str(), duration_ms, "invoke exited");
+        tail
+    }
+
+    /// The second half of [`Invokes::finish`]: cuts a recycled journal's old tail, persists
+    /// the summary, prunes journals.
+    fn record_exit(&self, invoke: &Invoke, tail: Option<StaleTail>) {
+        if let Some(tail) = tail {
+            tail.cut();
+        }
         // Not fsynced: the journal (synced by `close`) already holds the `exit` event, and
         // recovery takes the outcome from there when this summary did not reach the disk.
         invoke.save_meta_fast(true);
-        tracing::info!(invoke = %invoke.id, exit_code, reason = reason.as_str(), duration_ms, "invoke exited");
         self.prune();
     }
 
@@ -1014,9 +1060,108 @@ async fn copy_stdin(
     }
 }
 
+/// A new invoke id. Ids sort in start order, which pruning and listing follow: the start
+/// time in milliseconds, then a counter that orders the invokes of one millisecond, then
+/// random bits that keep ids unguessable.
+fn new_invoke_id(started_at: u64) -> InvokeId {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    InvokeId(format!("inv-{started_at:012x}-{n:08x}{}", random_hex(4)))
+}
+
+/// How long a plain command may take to exit before its output is handed to a pump thread
+/// (a process that is done by then is finished on the runtime thread that spawned it). Its
+/// output waits at most this long before it is read.
+const QUICK_EXIT: Duration = Duration::from_millis(2);
+
+/// What an invoke does around its spawn, on whichever thread spawns it.
+struct Begin {
+    invoke: Arc<Invoke>,
+    log: Arc<EventLog>,
+    spare_journal: Option<PathBuf>,
+    started_at: u64,
+    stdin_now: Option<Bytes>,
+    stdin_tx: oneshot::Sender<std::process::ChildStdin>,
+}
+
+impl Begin {
+    /// Creates the journal file (recycling a spare). On failure the invoke is stopped at
+    /// once (the process is killed right after its spawn) and the error is what `start` is
+    /// followed by.
+    fn open_journal(&self, process: &Process) -> Option<ErrorEvent> {
+        let e = self.log.open_file(self.spare_journal.as_deref()).err()?;
+        tracing::error!(invoke = %self.invoke.id, error = %e, "cannot create the journal");
+        process.mark_stopped(ExitReason::Error);
+        Some(ErrorEvent {
+            phase: Some("journal".into()),
+            message: format!("cannot create the journal: {e}"),
+        })
+    }
+
+    /// Appends `start` (and the journal's error, if any).
+    fn write_start(&self, journal_error: Option<&ErrorEvent>) {
+        self.log.append(|b| {
+            b.event(
+                event::START,
+                &StartEvent {
+                    invoke_id: self.invoke.id.clone(),
+                    started_at: self.started_at,
+                },
+            );
+            if let Some(error) = journal_error {
+                b.event(event::ERROR, error);
+            }
+        });
+    }
+
+    /// Right after the spawn, before any output is read: records the pid, writes `start`,
+    /// gives the process its stdin.
+    fn spawned(
+        self,
+        pid: i32,
+        stdin: Option<std::process::ChildStdin>,
+        journal_error: Option<&ErrorEvent>,
+    ) {
+        {
+            let mut meta = self.invoke.meta();
+            meta.pid = Some(pid);
+            meta.pid_started = proctree::start_time(pid);
+        }
+        // Recorded before any output is read, so that a runner killed now finds this tree
+        // at its next start.
+        self.invoke.save_meta_fast(false);
+        self.write_start(journal_error);
+        match (stdin, self.stdin_now) {
+            (Some(mut stdin), Some(bytes)) => {
+                // A fresh pipe holds STDIN_INLINE_MAX bytes, so this never blocks; a
+                // process that exits without reading gets EPIPE, ignored.
+                use std::io::Write;
+                let _ = stdin.write_all(&bytes);
+            }
+            (Some(stdin), None) => {
+                let _ = self.stdin_tx.send(stdin);
+            }
+            (None, _) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Invokes started within one millisecond sort in the order they started (pruning keeps
+    /// the newest by id: random suffixes alone once pruned the invoke just started).
+    #[test]
+    fn invoke_ids_sort_in_start_order() {
+        let ids: Vec<InvokeId> = (0..1000).map(|_| new_invoke_id(0x0123_4567_89ab)).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        let later = new_invoke_id(0x0123_4567_89ac);
+        assert!(ids.iter().all(|id| *id < later));
+        assert!(ids
+            .iter()
+            .all(|id| id.as_str().len() == "inv-".len() + 12 + 1 + 16));
+    }
 
     #[test]
     fn the_last_complete_summary_line_counts() {

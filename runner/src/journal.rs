@@ -130,6 +130,24 @@ fn write_zeros(file: &File, mut from: u64, to: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The old bytes a recycled journal still holds past its end once closed (see
+/// [`EventLog::close_keeping_tail`]).
+#[derive(Debug)]
+pub struct StaleTail {
+    file: File,
+    end: u64,
+    path: PathBuf,
+}
+
+impl StaleTail {
+    /// Cuts them off (freeing many pages takes a while: done outside the log's lock).
+    pub fn cut(self) {
+        if let Err(e) = self.file.set_len(self.end) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot cut a recycled journal's old bytes");
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     /// Closed (None) once the log is: a finished invoke holds no write descriptor.
@@ -400,6 +418,15 @@ impl EventLog {
     /// it), and an fdatasync per invoke cost a measurable share of an invoke; a power cut may
     /// lose the tail of recent journals, which recovery then reads as far as they go.
     pub fn close(&self) {
+        if let Some(tail) = self.close_keeping_tail() {
+            tail.cut();
+        }
+    }
+
+    /// Closes the log as [`EventLog::close`] does, but leaves a recycled file's old bytes past
+    /// the end for the caller to cut with [`StaleTail::cut`] (after the client has been
+    /// answered, say). Until then they lie behind the NUL barrier, never read.
+    pub fn close_keeping_tail(&self) -> Option<StaleTail> {
         let (writer, end) = {
             let mut inner = self.lock();
             inner.closed = true;
@@ -408,13 +435,13 @@ impl EventLog {
             // Closes the write descriptor: a finished invoke keeps none open.
             (inner.writer.take(), inner.end)
         };
-        // A recycled file's old bytes past the end go (outside the lock: freeing many pages
-        // takes a while, and readers need the lock).
-        if let Some(writer) = writer.filter(|w| w.stale_end > end) {
-            if let Err(e) = writer.file.set_len(end) {
-                tracing::warn!(path = %self.path.display(), error = %e, "cannot cut a recycled journal's old bytes");
-            }
-        }
+        writer
+            .filter(|w| w.stale_end > end)
+            .map(|writer| StaleTail {
+                file: writer.file,
+                end,
+                path: self.path.clone(),
+            })
     }
 
     fn publish(&self, inner: &Inner) {

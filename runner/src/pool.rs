@@ -3,7 +3,7 @@
 //! per invoke costs more than the rest of an invoke's bookkeeping.
 
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
@@ -48,6 +48,24 @@ pub fn run(job: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
         .name("agentbox-pump".into())
         .spawn(move || worker(job))
         .map(|_| ())
+}
+
+/// Like [`run`], but when no thread can be created the job goes to Tokio's blocking pool
+/// (where it waits for a thread) instead of being lost. Must be called inside the runtime.
+pub fn run_or_queue(job: impl FnOnce() + Send + 'static) {
+    let slot: Arc<Mutex<Option<Job>>> = Arc::new(Mutex::new(Some(Box::new(job))));
+    let take = |slot: &Mutex<Option<Job>>| slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let theirs = Arc::clone(&slot);
+    if let Err(e) = run(move || {
+        if let Some(job) = take(&theirs) {
+            job();
+        }
+    }) {
+        tracing::warn!(error = %e, "cannot start a pump thread; queueing on the blocking pool");
+        if let Some(job) = take(&slot) {
+            tokio::task::spawn_blocking(job);
+        }
+    }
 }
 
 fn worker(first: Job) {

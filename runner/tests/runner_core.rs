@@ -521,6 +521,39 @@ async fn ten_thousand_lines_arrive_in_order() {
     assert_eq!(lines, want);
 }
 
+/// Whether a process ends at once (read out on the runtime) or outlives the first
+/// milliseconds (read by a pump thread), and whether a descendant still writes to its output
+/// after it exited, every byte arrives, in order, before `exit`.
+#[tokio::test]
+async fn quick_slow_and_outliving_output_all_arrive() {
+    let r = Runner::start(&[]);
+    for (script, want) in [
+        ("printf 'a\\nb'", "a\nb"),
+        ("sleep 0.05; printf 'a\\nb'", "a\nb"),
+        ("(sleep 0.3; echo late) & echo early", "early\nlate\n"),
+        (
+            "(sleep 0.3; echo late; echo err >&2) & exec >&- 2>&-",
+            "late\n",
+        ),
+        (
+            "head -c 300000 /dev/zero | tr '\\0' x",
+            &"x".repeat(300_000),
+        ),
+    ] {
+        r.configure_sh(script).await;
+        let events = r.invoke_sse("", "").await;
+        assert_eq!(
+            String::from_utf8(rebuild(&events, "stdout")).unwrap(),
+            want,
+            "{script}"
+        );
+        let exit = exit_event(&events);
+        assert_eq!(exit["exitCode"], 0, "{script}: {exit}");
+        assert_eq!(exit["reason"], "completed", "{script}: {exit}");
+        assert_eq!(events.last().unwrap().event, "exit", "{script}");
+    }
+}
+
 #[tokio::test]
 async fn prompt_json_mode_env_and_exit_codes() {
     let r = Runner::start(&[]);

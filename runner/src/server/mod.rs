@@ -371,7 +371,7 @@ async fn invoke(
         _ => (Some(agent), None, body),
     };
     let stdin = Stdin::from_body(body, q.prompt).await?;
-    let invoke = app.invokes.start(StartRequest {
+    let (_, sub, attachment) = app.invokes.start(StartRequest {
         kind: InvokeKind::Invoke,
         argv,
         env: stored.env.into_iter().collect(),
@@ -382,7 +382,6 @@ async fn invoke(
         agent,
         acp,
     })?;
-    let (sub, attachment) = app.invokes.follow(&invoke, 0).await?;
     if wants_json(&headers) {
         return Ok(Json(collect(sub, attachment).await?).into_response());
     }
@@ -461,7 +460,7 @@ async fn exec(
             "env names must be non-empty, without '='".into(),
         ));
     }
-    let invoke = app.invokes.start(StartRequest {
+    let (_, sub, attachment) = app.invokes.start(StartRequest {
         kind: InvokeKind::Exec,
         argv,
         env: env.into_iter().collect(),
@@ -472,7 +471,6 @@ async fn exec(
         agent: None,
         acp: None,
     })?;
-    let (sub, attachment) = app.invokes.follow(&invoke, 0).await?;
     // The seed's exec answers one JSON document; events only for clients that ask for them.
     if !wants_sse(&headers) {
         return Ok(Json(collect(sub, attachment).await?).into_response());
