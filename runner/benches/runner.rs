@@ -2,7 +2,9 @@
 //! limit measured in the same run:
 //!
 //! 1. invoke round trip of `/bin/true` (POST /v1/invoke, SSE read to its end) against a bare
-//!    spawn + wait of `/bin/true` from this process; goal: p50 ≤ 1.3× bare.
+//!    spawn + wait of `/bin/true` from this process; goal: p50 ≤ 1.3× bare. Also measured,
+//!    interleaved: a minimal server's round trip (spawn on a runtime thread, pidfd, one read
+//!    and one write; no HTTP, journal or events), the floor of any server-mediated invoke.
 //! 2. 1 GiB of stdout through the (journaled) SSE stream against a bare pipe read of the same
 //!    producer; goal: ≥ 0.5× bare. Two producers: 100-byte lines and 4000-byte lines.
 //!
@@ -156,6 +158,83 @@ impl Row {
 // ---------------------------------------------------------------------------------------------
 // 1. Invoke round trip.
 
+/// A minimal server, for the floor of any server-mediated invoke on this machine: on a Tokio
+/// runtime like the runner's, each request (one read) spawns `/bin/true` with piped output
+/// on the runtime thread, awaits its pidfd, reaps it and answers with one write. No HTTP
+/// parsing, journal, summary or event stream: what is left is the spawn, the wake-ups
+/// between the client, the runtime threads and the child, and loopback TCP.
+fn start_minimal_server() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = conn.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 512];
+                    while conn.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                        let mut child = Command::new("/bin/true")
+                            .stdin(Stdio::null())
+                            .stdout(Stdio::piped())
+                            .stderr(Stdio::piped())
+                            .spawn()
+                            .expect("spawn");
+                        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+                        let pidfd =
+                            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+                                .expect("pidfd");
+                        #[allow(deprecated)]
+                        let exited = tokio::io::unix::AsyncFd::with_interest(
+                            pidfd,
+                            tokio::io::Interest::READABLE,
+                        )
+                        .expect("register");
+                        let _ = exited.readable().await.expect("readable");
+                        let mut out = Vec::new();
+                        for pipe in [
+                            child.stdout.take().map(|p| Box::new(p) as Box<dyn Read>),
+                            child.stderr.take().map(|p| Box::new(p) as Box<dyn Read>),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        {
+                            let mut pipe = pipe;
+                            pipe.read_to_end(&mut out).expect("read");
+                        }
+                        let status = child.wait().expect("wait");
+                        let answer: &[u8] = if status.success() { b"ok\n" } else { b"no\n" };
+                        if conn.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    });
+    addr
+}
+
+/// One request to the minimal server.
+fn minimal_once(conn: &mut std::net::TcpStream) -> Duration {
+    let t0 = Instant::now();
+    conn.write_all(b"x").expect("write");
+    let mut answer = [0u8; 3];
+    conn.read_exact(&mut answer).expect("read");
+    let elapsed = t0.elapsed();
+    assert_eq!(&answer, b"ok\n");
+    elapsed
+}
+
 fn bare_spawn() -> Duration {
     let t0 = Instant::now();
     let out = Command::new("/bin/true")
@@ -214,15 +293,19 @@ fn bench_latency(rows: &mut Vec<Row>) {
     let mut http = Http::connect(runner.addr, &format!("Authorization: Bearer {TOKEN}"));
     runner.configure(&mut http, &["/bin/true"]);
     let mut body = Vec::with_capacity(4096);
+    let mut minimal = std::net::TcpStream::connect(start_minimal_server()).expect("connect");
+    minimal.set_nodelay(true).expect("nodelay");
     for _ in 0..WARMUP {
         bare_spawn();
         invoke_once(&mut http, &mut body);
+        minimal_once(&mut minimal);
     }
     // Interleaved in blocks, so that both see the same machine: on a shared VM the cost of a
     // spawn drifts by tens of percent within a minute.
     let pid = runner.pid().to_string();
     let blocks = 10.min(n);
     let mut bare: Vec<Duration> = Vec::with_capacity(n);
+    let mut minimal_server: Vec<Duration> = Vec::with_capacity(n);
     let (mut ends, mut exits): (Vec<Duration>, Vec<Duration>) = (Vec::new(), Vec::new());
     let (mut bare_cpu, mut runner_cpu, mut client_cpu) = ((0.0, 0.0), (0.0, 0.0), 0.0);
     let mut wall = Duration::ZERO;
@@ -247,6 +330,7 @@ fn bench_latency(rows: &mut Vec<Row>) {
         let (client1, runner1) = (cpu_seconds("self"), cpu_seconds(&pid));
         add(&mut runner_cpu, runner0, runner1);
         client_cpu += client1.0 - client0.0;
+        minimal_server.extend((0..count).map(|_| minimal_once(&mut minimal)));
     }
     // The HTTP floor: an authenticated GET of `/v1/info` (no process) on the same connection.
     let mut floor = Vec::with_capacity(n);
@@ -263,6 +347,7 @@ fn bench_latency(rows: &mut Vec<Row>) {
     drop(runner);
 
     let f = summarize(&floor);
+    let m = summarize(&minimal_server);
     let b = summarize(&bare);
     let r = summarize(&ends);
     let x = summarize(&exits);
@@ -288,6 +373,11 @@ fn bench_latency(rows: &mut Vec<Row>) {
         f.p50,
         b.p50 + f.p50,
         (b.p50 + f.p50) / b.p50
+    );
+    println!(
+        "  minimal server (spawn on its runtime thread, pidfd, one read and one write) p50 {:.0} µs = {:.2}× bare",
+        m.p50,
+        m.p50 / b.p50
     );
     let tenth = (n / 10).max(1);
     println!(
@@ -334,6 +424,12 @@ fn bench_latency(rows: &mut Vec<Row>) {
         format!("{:.0} µs", f.p50),
         format!("{:.0} µs", b.p50),
         format!("bare + it: {:.2}×", (b.p50 + f.p50) / b.p50),
+    ));
+    rows.push(Row::info(
+        "Minimal server on the same machine (spawn, pidfd, no journal or HTTP), p50".into(),
+        format!("{:.0} µs", m.p50),
+        format!("{:.0} µs", b.p50),
+        format!("{:.2}×", m.p50 / b.p50),
     ));
     rows.push(Row::info(
         "Same, until the `exit` event arrives, p50".into(),
