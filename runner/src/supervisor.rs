@@ -198,20 +198,28 @@ pub struct Exit {
 impl Exit {
     /// The status, if the child has exited (reaping it if need be).
     pub fn try_now(&self, reaper: &Reaper) -> Option<ExitStatus> {
-        if let Ok(status) = self.rx.try_recv() {
-            return Some(status);
+        match self.collect(reaper) {
+            Waited::Exited(status) => Some(status),
+            Waited::Running | Waited::Lost => None,
+        }
+    }
+
+    /// What the reaper has for this child, reaping first if it had nothing yet.
+    fn collect(&self, reaper: &Reaper) -> Waited {
+        let received = |rx: &mpsc::Receiver<ExitStatus>| match rx.try_recv() {
+            Ok(status) => Some(Waited::Exited(status)),
+            Err(mpsc::TryRecvError::Disconnected) => Some(Waited::Lost),
+            Err(mpsc::TryRecvError::Empty) => None,
+        };
+        if let Some(waited) = received(&self.rx) {
+            return waited;
         }
         reaper.reap();
-        self.rx.try_recv().ok()
+        received(&self.rx).unwrap_or(Waited::Running)
     }
 
     /// Waits up to `timeout` for the exit.
     pub fn wait(&self, reaper: &Reaper, timeout: Duration) -> Waited {
-        match self.rx.try_recv() {
-            Ok(status) => return Waited::Exited(status),
-            Err(mpsc::TryRecvError::Disconnected) => return Waited::Lost,
-            Err(mpsc::TryRecvError::Empty) => {}
-        }
         let Some(pidfd) = &self.pidfd else {
             return match self.rx.recv_timeout(timeout) {
                 Ok(status) => Waited::Exited(status),
@@ -222,8 +230,12 @@ impl Exit {
         let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
         let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, ms) {
-            Ok(n) if n > 0 => self.try_now(reaper).map_or(Waited::Running, Waited::Exited),
-            _ => Waited::Running,
+            Ok(n) if n > 0 => self.collect(reaper),
+            _ => match self.rx.try_recv() {
+                Ok(status) => Waited::Exited(status),
+                Err(mpsc::TryRecvError::Disconnected) => Waited::Lost,
+                Err(mpsc::TryRecvError::Empty) => Waited::Running,
+            },
         }
     }
 
