@@ -55,30 +55,31 @@ pub struct LocalBackend {
     create_lock: tokio::sync::Mutex<()>,
 }
 
-fn start_time(pid: i32) -> Option<u64> {
+/// A process's state letter and start time (clock ticks since boot), from one read of
+/// `/proc/<pid>/stat`.
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let close = text.rfind(')')?;
-    text.get(close + 1..)?
-        .split_ascii_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+    let mut fields = text.get(close + 1..)?.split_ascii_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let started = fields.nth(18)?.parse().ok()?;
+    Some((state, started))
+}
+
+fn start_time(pid: i32) -> Option<u64> {
+    proc_stat(pid).map(|(_, started)| started)
 }
 
 fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|t| {
-            t.rfind(')')
-                .and_then(|c| t.get(c + 2..c + 3).map(|s| s == "Z"))
-        })
-        .unwrap_or(false)
+    proc_stat(pid).is_some_and(|(state, _)| state == 'Z')
 }
 
 impl Record {
     fn alive(&self) -> bool {
         match (self.pid, self.pid_started) {
-            (Some(pid), Some(started)) => start_time(pid) == Some(started) && !is_zombie(pid),
+            (Some(pid), Some(started)) => {
+                proc_stat(pid).is_some_and(|(state, at)| at == started && state != 'Z')
+            }
             _ => false,
         }
     }
@@ -511,5 +512,28 @@ impl Backend for LocalBackend {
             namespace: record.namespace,
             template: record.template.name,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One read of `/proc/<pid>/stat` gives the state and the start time: a child that
+    /// exited and is not reaped yet is a zombie with the start time it had while it ran.
+    #[test]
+    fn proc_stat_tells_state_and_start_time() {
+        let mut child = Command::new("sleep").arg("0.2").spawn().expect("spawn sleep");
+        let pid = child.id() as i32;
+        let (state, started) = proc_stat(pid).expect("a running child");
+        assert!(matches!(state, 'R' | 'S'), "{state}");
+        assert!(!is_zombie(pid));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_zombie(pid) {
+            assert!(Instant::now() < deadline, "never became a zombie");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(start_time(pid), Some(started));
+        child.wait().expect("reap");
     }
 }
