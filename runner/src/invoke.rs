@@ -624,9 +624,10 @@ impl Invokes {
             // `tokio::process` does (a posix_spawn: back once the child has exec'd), and a
             // process that is done within QUICK_EXIT is finished on the runtime: no pump
             // thread is woken for it (less runner CPU per short invoke; see BENCHMARKS.md).
-            // The journal is opened once the child runs (a failure stops it at once).
+            // The journal exists before the spawn, so that a process that cannot start is
+            // journaled too.
+            let journal_error = begin.open_journal(&process);
             let running = supervisor::start(&self.reaper, &spec, &process, |pid, stdin| {
-                let journal_error = begin.open_journal(&process);
                 begin.spawned(pid, stdin, journal_error.as_ref());
             });
             let invokes = Arc::clone(self);

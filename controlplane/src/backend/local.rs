@@ -523,7 +523,10 @@ mod tests {
     /// exited and is not reaped yet is a zombie with the start time it had while it ran.
     #[test]
     fn proc_stat_tells_state_and_start_time() {
-        let mut child = Command::new("sleep").arg("0.2").spawn().expect("spawn sleep");
+        let mut child = Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .expect("spawn sleep");
         let pid = child.id() as i32;
         let (state, started) = proc_stat(pid).expect("a running child");
         assert!(matches!(state, 'R' | 'S'), "{state}");
