@@ -624,12 +624,18 @@ impl Invokes {
             // `tokio::process` does (a posix_spawn: back once the child has exec'd), and a
             // process that is done within QUICK_EXIT is finished on the runtime: no pump
             // thread is woken for it (less runner CPU per short invoke; see BENCHMARKS.md).
-            // The journal exists before the spawn, so that a process that cannot start is
-            // journaled too.
-            let journal_error = begin.open_journal(&process);
+            // The journal is opened while the child runs (and, for a process that could not
+            // start, before its events are written).
+            let spare = begin.spare_journal.clone();
             let running = supervisor::start(&self.reaper, &spec, &process, |pid, stdin| {
+                let journal_error = begin.open_journal(&process);
                 begin.spawned(pid, stdin, journal_error.as_ref());
             });
+            if running.is_err() {
+                if let Err(e) = log.open_file(spare.as_deref()) {
+                    tracing::error!(invoke = %invoke.id, error = %e, "cannot create the journal");
+                }
+            }
             let invokes = Arc::clone(self);
             let invoke = Arc::clone(&invoke);
             let process = Arc::clone(&process);
