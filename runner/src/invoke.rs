@@ -610,13 +610,13 @@ impl Invokes {
             Stdin::Stream { body, fallback } => (None, Some((body, fallback))),
         };
         let (stdin_tx, stdin_rx) = oneshot::channel();
-        let begin = Begin {
+        let mut begin = Begin {
             invoke: Arc::clone(&invoke),
             log: Arc::clone(&log),
             spare_journal,
             started_at,
             stdin_now,
-            stdin_tx,
+            stdin_tx: Some(stdin_tx),
         };
         let acp = req.acp;
         if acp.is_none() {
@@ -626,15 +626,12 @@ impl Invokes {
             // thread is woken for it (less runner CPU per short invoke; see BENCHMARKS.md).
             // The journal is opened while the child runs (and, for a process that could not
             // start, before its events are written).
-            let spare = begin.spare_journal.clone();
             let running = supervisor::start(&self.reaper, &spec, &process, |pid, stdin| {
                 let journal_error = begin.open_journal(&process);
                 begin.spawned(pid, stdin, journal_error.as_ref());
             });
             if running.is_err() {
-                if let Err(e) = log.open_file(spare.as_deref()) {
-                    tracing::error!(invoke = %invoke.id, error = %e, "cannot create the journal");
-                }
+                begin.open_journal(&process);
             }
             let invokes = Arc::clone(self);
             let invoke = Arc::clone(&invoke);
@@ -655,9 +652,7 @@ impl Invokes {
                         running,
                         &process,
                         &log,
-                        events
-                            .as_mut()
-                            .map(|e| e as &mut dyn supervisor::SideReader),
+                        side_reader(&mut events),
                     ) {
                         Ok(outcome) => {
                             let tail = invokes.publish_exit(&invoke, &log, &outcome, permit);
@@ -672,9 +667,7 @@ impl Invokes {
                     running
                 };
                 crate::pool::run_or_queue(move || {
-                    let side = events
-                        .as_mut()
-                        .map(|e| e as &mut dyn supervisor::SideReader);
+                    let side = side_reader(&mut events);
                     let outcome = supervisor::pump(&invokes.reaper, running, &process, &log, side);
                     invokes.finish(&invoke, &log, &outcome, permit);
                 });
@@ -695,9 +688,7 @@ impl Invokes {
                         invokes.finish(&invoke, &log, &outcome, permit);
                         return;
                     }
-                    let side = events
-                        .as_mut()
-                        .map(|e| e as &mut dyn supervisor::SideReader);
+                    let side = side_reader(&mut events);
                     let outcome =
                         supervisor::run(&reaper, &spec, &process, &log, side, |pid, stdin| {
                             begin.spawned(pid, stdin, journal_error.as_ref());
@@ -1081,6 +1072,15 @@ fn new_invoke_id(started_at: u64) -> InvokeId {
 /// output waits at most this long before it is read.
 const QUICK_EXIT: Duration = Duration::from_millis(2);
 
+/// The agent channel's events pipe as the pump's side reader.
+fn side_reader(
+    events: &mut Option<crate::channel::EventsReader>,
+) -> Option<&mut dyn supervisor::SideReader> {
+    events
+        .as_mut()
+        .map(|e| e as &mut dyn supervisor::SideReader)
+}
+
 /// What an invoke does around its spawn, on whichever thread spawns it.
 struct Begin {
     invoke: Arc<Invoke>,
@@ -1088,7 +1088,7 @@ struct Begin {
     spare_journal: Option<PathBuf>,
     started_at: u64,
     stdin_now: Option<Bytes>,
-    stdin_tx: oneshot::Sender<std::process::ChildStdin>,
+    stdin_tx: Option<oneshot::Sender<std::process::ChildStdin>>,
 }
 
 impl Begin {
@@ -1124,7 +1124,7 @@ impl Begin {
     /// Right after the spawn, before any output is read: records the pid, writes `start`,
     /// gives the process its stdin.
     fn spawned(
-        self,
+        &mut self,
         pid: i32,
         stdin: Option<std::process::ChildStdin>,
         journal_error: Option<&ErrorEvent>,
@@ -1138,7 +1138,7 @@ impl Begin {
         // at its next start.
         self.invoke.save_meta_fast(false);
         self.write_start(journal_error);
-        match (stdin, self.stdin_now) {
+        match (stdin, self.stdin_now.take()) {
             (Some(mut stdin), Some(bytes)) => {
                 // A fresh pipe holds STDIN_INLINE_MAX bytes, so this never blocks; a
                 // process that exits without reading gets EPIPE, ignored.
@@ -1146,7 +1146,9 @@ impl Begin {
                 let _ = stdin.write_all(&bytes);
             }
             (Some(stdin), None) => {
-                let _ = self.stdin_tx.send(stdin);
+                if let Some(tx) = self.stdin_tx.take() {
+                    let _ = tx.send(stdin);
+                }
             }
             (None, _) => {}
         }

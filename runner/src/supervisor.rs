@@ -204,18 +204,22 @@ impl Exit {
         }
     }
 
-    /// What the reaper has for this child, reaping first if it had nothing yet.
-    fn collect(&self, reaper: &Reaper) -> Waited {
-        let received = |rx: &mpsc::Receiver<ExitStatus>| match rx.try_recv() {
+    /// What the reaper has delivered for this child, if anything.
+    fn received(&self) -> Option<Waited> {
+        match self.rx.try_recv() {
             Ok(status) => Some(Waited::Exited(status)),
             Err(mpsc::TryRecvError::Disconnected) => Some(Waited::Lost),
             Err(mpsc::TryRecvError::Empty) => None,
-        };
-        if let Some(waited) = received(&self.rx) {
+        }
+    }
+
+    /// What the reaper has for this child, reaping first if it had nothing yet.
+    fn collect(&self, reaper: &Reaper) -> Waited {
+        if let Some(waited) = self.received() {
             return waited;
         }
         reaper.reap();
-        received(&self.rx).unwrap_or(Waited::Running)
+        self.received().unwrap_or(Waited::Running)
     }
 
     /// Waits up to `timeout` for the exit.
@@ -231,11 +235,7 @@ impl Exit {
         let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, ms) {
             Ok(n) if n > 0 => self.collect(reaper),
-            _ => match self.rx.try_recv() {
-                Ok(status) => Waited::Exited(status),
-                Err(mpsc::TryRecvError::Disconnected) => Waited::Lost,
-                Err(mpsc::TryRecvError::Empty) => Waited::Running,
-            },
+            _ => self.received().unwrap_or(Waited::Running),
         }
     }
 
@@ -595,9 +595,9 @@ pub fn try_finish(
         // Every writer is gone (POLLHUP): these reads end at the pipe's end, never block.
         while let Ok(n @ 1..) = pipe.read(&mut buf) {
             let data = &buf[..n];
-            log.append(|batch| framer.feed(data, &mut |b, p| batch.log(framer_stream(i), b, p)));
+            framer.feed_into(log, data);
         }
-        log.append(|batch| framer.flush(&mut |b, p| batch.log(framer_stream(i), b, p)));
+        framer.flush_into(log);
     }
     if let Some(side) = side {
         while let Ok(n @ 1..) = nix::unistd::read(side.fd(), &mut buf) {
@@ -775,25 +775,23 @@ fn pump_output(
                 Ok(0) | Err(_) => {
                     pipes[i] = None;
                     let framer = &mut framers[i];
-                    log.append(|batch| framer.flush(&mut |b, p| batch.log(framer_stream(i), b, p)));
+                    framer.flush_into(log);
                 }
                 Ok(n) => {
                     let framer = &mut framers[i];
                     let data = &buf[..n];
-                    log.append(|batch| {
-                        framer.feed(data, &mut |b, p| batch.log(framer_stream(i), b, p))
-                    });
+                    framer.feed_into(log, data);
                 }
             }
         }
-        for (i, framer) in framers.iter_mut().enumerate() {
+        for framer in &mut framers {
             if framer.idle_for() >= IDLE_FLUSH {
-                log.append(|batch| framer.flush(&mut |b, p| batch.log(framer_stream(i), b, p)));
+                framer.flush_into(log);
             }
         }
     }
-    for (i, framer) in framers.iter_mut().enumerate() {
-        log.append(|batch| framer.flush(&mut |b, p| batch.log(framer_stream(i), b, p)));
+    for framer in &mut framers {
+        framer.flush_into(log);
     }
     READ_BUF.with_borrow_mut(|slot| *slot = buf);
     let status = match exit {
@@ -927,6 +925,18 @@ impl LineFramer {
             self.pending.extend_from_slice(&tail[tail.len() - rest..]);
             self.pending_since = Some(Instant::now());
         }
+    }
+
+    /// [`LineFramer::feed`] into `log`'s events of this framer's stream.
+    pub fn feed_into(&mut self, log: &EventLog, data: &[u8]) {
+        let stream = self.stream;
+        log.append(|batch| self.feed(data, &mut |b, p| batch.log(stream, b, p)));
+    }
+
+    /// [`LineFramer::flush`] into `log`.
+    pub fn flush_into(&mut self, log: &EventLog) {
+        let stream = self.stream;
+        log.append(|batch| self.flush(&mut |b, p| batch.log(stream, b, p)));
     }
 
     /// Emits the pending fragment, if any, as `partial`.
