@@ -183,7 +183,7 @@ fn start_minimal_server() -> SocketAddr {
                 tokio::spawn(async move {
                     let mut buf = [0u8; 512];
                     while conn.read(&mut buf).await.is_ok_and(|n| n > 0) {
-                        let mut child = Command::new("/bin/true")
+                        let child = Command::new("/bin/true")
                             .stdin(Stdio::null())
                             .stdout(Stdio::piped())
                             .stderr(Stdio::piped())
@@ -200,18 +200,7 @@ fn start_minimal_server() -> SocketAddr {
                         )
                         .expect("register");
                         let _ = exited.readable().await.expect("readable");
-                        let mut out = Vec::new();
-                        for pipe in [
-                            child.stdout.take().map(|p| Box::new(p) as Box<dyn Read>),
-                            child.stderr.take().map(|p| Box::new(p) as Box<dyn Read>),
-                        ]
-                        .into_iter()
-                        .flatten()
-                        {
-                            let mut pipe = pipe;
-                            pipe.read_to_end(&mut out).expect("read");
-                        }
-                        let status = child.wait().expect("wait");
+                        let status = child.wait_with_output().expect("wait").status;
                         let answer: &[u8] = if status.success() { b"ok\n" } else { b"no\n" };
                         if conn.write_all(answer).await.is_err() {
                             return;
