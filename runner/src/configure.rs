@@ -350,7 +350,7 @@ async fn install(
         let process = Arc::clone(&process);
         let log = Arc::clone(log);
         crate::pool::run(move || {
-            let outcome = supervisor::run(&reaper, &spec, &process, &log, None, |_, _| {});
+            let outcome = supervisor::run(&reaper, &spec, &process, &log, None, |_| {});
             let _ = tx.send(outcome);
         })
         .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))?;

@@ -3,9 +3,9 @@
 //! HTTP handlers for these live in [`crate::server`]; this module never sees a request.
 
 use std::collections::BTreeMap;
-use std::io::{self, Write as _};
+use std::io::{self, Read as _, Write as _};
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -70,7 +70,8 @@ impl Stdin {
     }
 }
 
-/// Name prefix of the emptied files of pruned invokes kept for reuse.
+/// Name prefix of the spare files of runners before 0.1 (removed at start; spares now keep the
+/// name of the invoke they were pruned from until they are reused).
 const SPARE_PREFIX: &str = "spare-";
 /// At most this many spare pairs are kept.
 const MAX_SPARES: usize = 64;
@@ -205,6 +206,12 @@ impl Invoke {
         if let Some(log) = slot.get() {
             return Ok(log);
         }
+        if slot.retired {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("invoke {} was pruned", self.id),
+            ));
+        }
         let (log, _) = EventLog::open_existing(&self.journal_path())?;
         log.close();
         slot.weak = Arc::downgrade(&log);
@@ -308,6 +315,17 @@ impl Invoke {
     }
 }
 
+/// Whether `<base>.events` and `<base>.json` are a pruned invoke's files kept for reuse: the
+/// summary empty and the journal empty or barred by a NUL first byte (see [`Invokes::retire`]).
+fn is_spare(base: &Path) -> bool {
+    let meta_empty = std::fs::metadata(base.with_extension("json")).is_ok_and(|m| m.len() == 0);
+    meta_empty
+        && std::fs::File::open(base.with_extension("events")).is_ok_and(|mut f| {
+            let mut first = [0u8; 1];
+            matches!(f.read(&mut first), Ok(0) | Ok(1) if first[0] == 0)
+        })
+}
+
 /// The summary in a `<id>.json`: its last line that parses (a torn last line is skipped).
 fn parse_meta(bytes: &[u8]) -> std::result::Result<Meta, String> {
     bytes
@@ -323,6 +341,8 @@ fn parse_meta(bytes: &[u8]) -> std::result::Result<Meta, String> {
 struct LogRef {
     strong: Option<Arc<EventLog>>,
     weak: std::sync::Weak<EventLog>,
+    /// Pruned, its files kept (under its name) for a new invoke: never to be read again.
+    retired: bool,
 }
 
 impl LogRef {
@@ -393,7 +413,6 @@ pub struct Invokes {
     /// Journal+summary pairs of pruned invokes (`spare-N.*`), reused by new invokes, oldest
     /// first, each with the bytes its journal still holds (counted in `--retain-bytes`).
     spares: Mutex<Vec<(PathBuf, u64)>>,
-    next_spare: AtomicU64,
 }
 
 impl Invokes {
@@ -423,6 +442,13 @@ impl Invokes {
                 continue;
             }
             let base = dir.join(name);
+            if is_spare(&base) {
+                // Pruned and emptied for reuse by a runner that stopped before reusing it.
+                for ext in ["events", "json"] {
+                    let _ = std::fs::remove_file(base.with_extension(ext));
+                }
+                continue;
+            }
             let meta: Meta = match std::fs::read(base.with_extension("json"))
                 .map_err(|e| e.to_string())
                 .and_then(|b| parse_meta(&b))
@@ -470,7 +496,6 @@ impl Invokes {
             pruning: Mutex::new(()),
             prune_wanted: std::sync::atomic::AtomicBool::new(false),
             spares: Mutex::new(Vec::new()),
-            next_spare: AtomicU64::new(0),
         });
         invokes.prune();
         Ok(invokes)
@@ -571,6 +596,7 @@ impl Invokes {
             log: Mutex::new(LogRef {
                 strong: Some(Arc::clone(&log)),
                 weak: Arc::downgrade(&log),
+                retired: false,
             }),
             journal_size: AtomicU64::new(0),
             process: Some(Arc::clone(&process)),
@@ -619,6 +645,12 @@ impl Invokes {
             stdin_tx: Some(stdin_tx),
         };
         let acp = req.acp;
+        let deadline = Deadline {
+            process: Arc::clone(&process),
+            at: tokio::time::Instant::now() + req.timeout,
+            grace: self.cfg.grace,
+        };
+        let mut watch_now = None;
         if acp.is_none() {
             // A plain command is spawned right here, on the request's runtime thread, as
             // `tokio::process` does (a posix_spawn: back once the child has exec'd), and a
@@ -626,9 +658,9 @@ impl Invokes {
             // thread is woken for it (less runner CPU per short invoke; see BENCHMARKS.md).
             // The journal is opened while the child runs (and, for a process that could not
             // start, before its events are written).
-            let running = supervisor::start(&self.reaper, &spec, &process, |pid, stdin| {
+            let running = supervisor::start(&self.reaper, &spec, &process, |child| {
                 let journal_error = begin.open_journal(&process);
-                begin.spawned(pid, stdin, journal_error.as_ref());
+                begin.spawned(child, journal_error.as_ref());
             });
             if running.is_err() {
                 begin.open_journal(&process);
@@ -645,6 +677,8 @@ impl Invokes {
                         return;
                     }
                 };
+                // The timeout is watched only for a process still running after the quick
+                // window (no timer task for a quick one).
                 let running = if supervisor::exited_within(&running, QUICK_EXIT).await {
                     let reaper = &invokes.reaper;
                     match supervisor::try_finish(
@@ -656,6 +690,14 @@ impl Invokes {
                     ) {
                         Ok(outcome) => {
                             let tail = invokes.publish_exit(&invoke, &log, &outcome, permit);
+                            if tail.as_ref().is_some_and(|t| t.bytes() > BIG_STALE_TAIL) {
+                                // Freeing that many cached pages takes a while: not on the
+                                // runtime's only thread.
+                                tokio::task::spawn_blocking(move || {
+                                    invokes.record_exit(&invoke, tail)
+                                });
+                                return;
+                            }
                             // The client's `exit` goes out before the rest is written.
                             tokio::task::yield_now().await;
                             invokes.record_exit(&invoke, tail);
@@ -666,6 +708,7 @@ impl Invokes {
                 } else {
                     running
                 };
+                deadline.start();
                 crate::pool::run_or_queue(move || {
                     let side = side_reader(&mut events);
                     let outcome = supervisor::pump(&invokes.reaper, running, &process, &log, side);
@@ -689,10 +732,9 @@ impl Invokes {
                         return;
                     }
                     let side = side_reader(&mut events);
-                    let outcome =
-                        supervisor::run(&reaper, &spec, &process, &log, side, |pid, stdin| {
-                            begin.spawned(pid, stdin, journal_error.as_ref());
-                        });
+                    let outcome = supervisor::run(&reaper, &spec, &process, &log, side, |child| {
+                        begin.spawned(child, journal_error.as_ref());
+                    });
                     invokes.finish(&invoke, &log, &outcome, permit);
                 })
             };
@@ -700,21 +742,15 @@ impl Invokes {
                 self.map().remove(&id);
                 return Err(Error::Internal(format!("cannot start a thread: {e}")));
             }
+            watch_now = Some(deadline);
         }
         tracing::info!(invoke = %id, "invoke started");
         if let Some((body, fallback)) = stdin_stream {
             tokio::spawn(copy_stdin(stdin_rx, body, fallback));
         }
-        let grace = self.cfg.grace;
-        let timeout = req.timeout;
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(timeout) => {
-                    process.stop(ExitReason::Timeout, grace);
-                }
-                _ = process.wait_done() => {}
-            }
-        });
+        if let Some(watch) = watch_now {
+            watch.start();
+        }
         Ok((invoke, sub, attachment))
     }
 
@@ -897,16 +933,17 @@ impl Invokes {
     /// invoke makes each new file dearer (it doubled an invoke's CPU within minutes). The
     /// journal keeps its bytes (and so its cached pages, which a new invoke overwrites faster
     /// than it fills new ones, see `journal::JournalFile`) behind a NUL written over its first
-    /// byte, so that nothing can read it as events; [`Invokes::fit_spares`] keeps their sum
-    /// within `--retain-bytes`.
+    /// byte, so that nothing can read it as events, and the summary is emptied; both keep
+    /// their names until a new invoke renames them to its own (one rename per file, not two:
+    /// a rename is an ext4 journal transaction), and a runner that starts finds such a pair
+    /// by those marks ([`is_spare`]) and deletes it. [`Invokes::fit_spares`] keeps the old
+    /// bytes of all spares within `--retain-bytes`.
     fn retire(&self, invoke: &Invoke) {
-        // Held throughout, so no reader opens the journal while it is renamed: a reader that
-        // already has it open keeps it, and the files are deleted instead.
-        let slot = invoke.log.lock().unwrap_or_else(|p| p.into_inner());
+        // Held throughout: a reader that already has the journal open keeps it (and the files
+        // are deleted instead); once retired, nothing opens it again.
+        let mut slot = invoke.log.lock().unwrap_or_else(|p| p.into_inner());
         let (journal, meta) = (invoke.journal_path(), invoke.meta_path());
         if slot.get().is_none() && self.spares().len() < MAX_SPARES {
-            let n = self.next_spare.fetch_add(1, Ordering::Relaxed);
-            let base = self.dir.join(format!("{SPARE_PREFIX}{n}"));
             let barred = std::fs::OpenOptions::new()
                 .write(true)
                 .open(&journal)
@@ -916,21 +953,15 @@ impl Invokes {
                         f.write_all_at(&[0], 0)?;
                     }
                     Ok(len)
-                })
-                .and_then(|len| {
-                    std::fs::rename(&journal, base.with_extension("events")).map(|()| len)
                 });
             let emptied = std::fs::OpenOptions::new()
                 .write(true)
                 .open(&meta)
-                .and_then(|f| f.set_len(0))
-                .and_then(|()| std::fs::rename(&meta, base.with_extension("json")));
+                .and_then(|f| f.set_len(0));
             if let (Ok(len), Ok(())) = (barred, emptied) {
-                self.spares().push((base, len));
+                slot.retired = true;
+                self.spares().push((invoke.base.clone(), len));
                 return;
-            }
-            for ext in ["events", "json"] {
-                let _ = std::fs::remove_file(base.with_extension(ext));
             }
         }
         for path in [journal, meta] {
@@ -1072,6 +1103,31 @@ fn new_invoke_id(started_at: u64) -> InvokeId {
 /// output waits at most this long before it is read.
 const QUICK_EXIT: Duration = Duration::from_millis(2);
 
+/// The old bytes of a recycled journal that a quick invoke cuts off on the runtime thread;
+/// more are cut on a blocking thread.
+const BIG_STALE_TAIL: u64 = 4 << 20;
+
+/// When a running invoke times out.
+struct Deadline {
+    process: Arc<Process>,
+    at: tokio::time::Instant,
+    grace: Duration,
+}
+
+impl Deadline {
+    /// Stops the process with reason `timeout` at the deadline, unless it is done by then.
+    fn start(self) {
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep_until(self.at) => {
+                    self.process.stop(ExitReason::Timeout, self.grace);
+                }
+                _ = self.process.wait_done() => {}
+            }
+        });
+    }
+}
+
 /// The agent channel's events pipe as the pump's side reader.
 fn side_reader(
     events: &mut Option<crate::channel::EventsReader>,
@@ -1123,16 +1179,16 @@ impl Begin {
 
     /// Right after the spawn, before any output is read: records the pid, writes `start`,
     /// gives the process its stdin.
-    fn spawned(
-        &mut self,
-        pid: i32,
-        stdin: Option<std::process::ChildStdin>,
-        journal_error: Option<&ErrorEvent>,
-    ) {
+    fn spawned(&mut self, child: supervisor::SpawnedChild, journal_error: Option<&ErrorEvent>) {
+        let supervisor::SpawnedChild {
+            pid,
+            start_time,
+            stdin,
+        } = child;
         {
             let mut meta = self.invoke.meta();
             meta.pid = Some(pid);
-            meta.pid_started = proctree::start_time(pid);
+            meta.pid_started = start_time;
         }
         // Recorded before any output is read, so that a runner killed now finds this tree
         // at its next start.

@@ -136,10 +136,16 @@ fn write_zeros(file: &File, mut from: u64, to: u64) -> io::Result<()> {
 pub struct StaleTail {
     file: File,
     end: u64,
+    stale_end: u64,
     path: PathBuf,
 }
 
 impl StaleTail {
+    /// How many old bytes there are to cut.
+    pub fn bytes(&self) -> u64 {
+        self.stale_end.saturating_sub(self.end)
+    }
+
     /// Cuts them off (freeing many pages takes a while: done outside the log's lock).
     pub fn cut(self) {
         if let Err(e) = self.file.set_len(self.end) {
@@ -438,6 +444,7 @@ impl EventLog {
         writer
             .filter(|w| w.stale_end > end)
             .map(|writer| StaleTail {
+                stale_end: writer.stale_end,
                 file: writer.file,
                 end,
                 path: self.path.clone(),

@@ -53,6 +53,26 @@ pub fn start_time(pid: i32) -> Option<u64> {
         .ok()
 }
 
+/// The boot-time clock now, in the unit of a process's start time (clock ticks after boot, as
+/// `/proc/<pid>/stat` gives it: the kernel rounds down).
+pub fn boot_ticks() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    let (secs, nanos) = (now.tv_sec.max(0) as u64, now.tv_nsec.max(0) as u64);
+    secs * hz + nanos / (1_000_000_000 / hz).max(1)
+}
+
+/// The start time of a child spawned between two readings of [`boot_ticks`]: the kernel took
+/// it at the fork, so when both readings agree it is that tick, with no `/proc` read (most
+/// spawns take well under a tick); otherwise it is read from `/proc`.
+pub fn start_time_within(pid: i32, before: u64, after: u64) -> Option<u64> {
+    if before == after {
+        Some(before)
+    } else {
+        start_time(pid)
+    }
+}
+
 /// The root to use for a tree recorded as (`pid`, `started`) by an earlier runner: `pid` when
 /// it is still that process or no process at all (its group may live on, and a pid in use as a
 /// group id is never reused), 0 when the pid now belongs to someone else.
@@ -177,6 +197,31 @@ mod tests {
         let t = start_time(me).expect("own start time");
         assert_eq!(recorded_root(me, Some(t)), me);
         assert_eq!(recorded_root(me, Some(t + 1)), 0);
+    }
+
+    #[test]
+    fn a_start_time_bracketed_by_the_boot_clock_is_the_one_in_proc() {
+        let mut agreed = 0;
+        for _ in 0..20 {
+            let before = boot_ticks();
+            let mut child = std::process::Command::new("/bin/sleep")
+                .arg("5")
+                .spawn()
+                .expect("spawn");
+            let after = boot_ticks();
+            let pid = child.id() as i32;
+            let from_proc = start_time(pid).expect("start time");
+            assert!(
+                before <= from_proc && from_proc <= after,
+                "{before} {from_proc} {after}"
+            );
+            assert_eq!(start_time_within(pid, before, after), Some(from_proc));
+            agreed += usize::from(before == after);
+            child.kill().expect("kill");
+            child.wait().expect("wait");
+        }
+        // Most spawns fall within one tick, so the `/proc` read is the exception.
+        assert!(agreed > 10, "only {agreed} of 20 spawns within one tick");
     }
 
     #[test]

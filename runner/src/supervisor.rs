@@ -440,7 +440,7 @@ pub fn spawn_stdio(
 }
 
 /// Runs `spec` to completion on the calling (dedicated, blocking) thread, appending its output
-/// to `log`. `on_spawn` gets the pid and the stdin pipe right after the spawn, before any
+/// to `log`. `on_spawn` gets the child (pid, start time, stdin pipe) right after the spawn, before any
 /// output is read.
 pub fn run(
     reaper: &Reaper,
@@ -448,7 +448,7 @@ pub fn run(
     process: &Process,
     log: &EventLog,
     side: Option<&mut dyn SideReader>,
-    on_spawn: impl FnOnce(i32, Option<ChildStdin>),
+    on_spawn: impl FnOnce(SpawnedChild),
 ) -> Outcome {
     match start(reaper, spec, process, on_spawn) {
         Ok(running) => pump(reaper, running, process, log, side),
@@ -469,18 +469,31 @@ pub struct Running {
     started: Instant,
 }
 
+/// A process just spawned, as the `on_spawn` of [`start`] and [`run`] gets it.
+#[derive(Debug)]
+pub struct SpawnedChild {
+    /// Its pid.
+    pub pid: i32,
+    /// Its start time (see [`proctree::start_time`]), which tells it from a later process
+    /// with the same pid.
+    pub start_time: Option<u64>,
+    /// The write end of its stdin, when piped.
+    pub stdin: Option<ChildStdin>,
+}
+
 /// Spawns `spec` (see [`spawn`]); `on_spawn` gets the pid and the stdin pipe before anything
 /// else happens. Err: the outcome of a process that could not be started.
 pub fn start(
     reaper: &Reaper,
     spec: &RunSpec,
     process: &Process,
-    on_spawn: impl FnOnce(i32, Option<ChildStdin>),
+    on_spawn: impl FnOnce(SpawnedChild),
 ) -> Result<Running, Outcome> {
     let Spawned {
         mut child,
         exit,
         started,
+        start_time,
     } = spawn(reaper, spec).map_err(|(message, started)| Outcome {
         status: Err(message),
         duration: started.elapsed(),
@@ -488,7 +501,11 @@ pub fn start(
     })?;
     let pid = child.id() as i32;
     let _ = process.pid.set(pid);
-    on_spawn(pid, child.stdin.take());
+    on_spawn(SpawnedChild {
+        pid,
+        start_time,
+        stdin: child.stdin.take(),
+    });
     if process.stop_reason().is_some() {
         // A stop raced with the spawn and found no pid to signal.
         proctree::signal(pid, &process.marker, Signal::SIGKILL);
@@ -623,6 +640,7 @@ struct Spawned {
     child: std::process::Child,
     exit: Exit,
     started: Instant,
+    start_time: Option<u64>,
 }
 
 /// The outcome of [`spawn`]: the process, or why it could not start (and when it was tried).
@@ -650,10 +668,13 @@ fn spawn(reaper: &Reaper, spec: &RunSpec) -> SpawnResult {
         .stderr(Stdio::piped())
         .process_group(0);
     let pass = std::mem::take(&mut *spec.pass_fds.lock().unwrap_or_else(|p| p.into_inner()));
+    let before = proctree::boot_ticks();
     let spawned = reaper.spawn(&mut cmd, &pass);
+    let after = proctree::boot_ticks();
     drop(pass);
     match spawned {
         Ok((child, exit)) => Ok(Spawned {
+            start_time: proctree::start_time_within(child.id() as i32, before, after),
             child,
             exit,
             started,

@@ -371,14 +371,7 @@ async fn several_watchers_see_the_same_events() {
     let id = invoke_id_of(&events);
 
     // While it waits: listed as running, no exit fields yet.
-    let list: Value = r
-        .get("/v1/invokes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = r.get_json("/v1/invokes").await;
     let entry = &list["invokes"][0];
     assert_eq!(entry["invokeId"], id.as_str(), "{list}");
     assert_eq!(entry["state"], "running", "{list}");
@@ -1123,21 +1116,7 @@ async fn runner_restart_marks_runner_restarted() {
     assert_eq!(exit["reason"], "completed", "{exit}");
     assert_eq!(exit["exitCode"], 0, "{exit}");
     let new_id = invoke_id_of(&events);
-    let list: Value = r2
-        .get("/v1/invokes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let listed: Vec<&str> = list["invokes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["invokeId"].as_str().unwrap())
-        .collect();
-    assert_eq!(listed, [new_id.as_str(), id.as_str()], "newest first");
+    assert_eq!(listed(&r2).await, [new_id, id], "newest first");
 }
 
 /// Restarts a runner in `dir` after a `kill -9` that left invoke `id` running with one `log`
@@ -1231,9 +1210,9 @@ async fn runner_restart_repairs_a_torn_journal_tail() {
     restart_recovering_one_line(dir, &id, pid, "repaired journal").await;
 }
 
-/// The runner keeps no pid of a running invoke on disk (meta.json is written with `pid: null`
-/// at start and only rewritten at exit), so after a restart the tree is found by its
-/// environment marker alone: a root process that replaced its environment survives.
+/// The runner records a running invoke's pid and start time right after the spawn, so after a
+/// restart the tree is found by its root as well as by its environment marker: a root process
+/// that replaced its environment (and so lost the marker) is killed too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runner_restart_kills_an_orphan_that_cleared_its_environment() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1328,34 +1307,42 @@ async fn run_sequentially(r: &Runner, n: usize) -> Vec<String> {
 async fn listed_once_pruned(r: &Runner, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let list: Value = r
-            .get("/v1/invokes")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let ids: Vec<String> = list["invokes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["invokeId"].as_str().unwrap().to_owned())
-            .collect();
+        let ids = listed(r).await;
         if ids.len() <= n {
             return ids;
         }
-        assert!(Instant::now() < deadline, "never pruned to {n}: {list}");
+        assert!(Instant::now() < deadline, "never pruned to {n}: {ids:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
+/// The ids `GET /v1/invokes` lists, newest first.
+async fn listed(r: &Runner) -> Vec<String> {
+    let list: Value = r.get_json("/v1/invokes").await;
+    list["invokes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no list of invokes: {list}"))
+        .iter()
+        .map(|i| i["invokeId"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 async fn assert_pruned(r: &Runner, id: &str) {
-    for ext in ["events", "json"] {
-        assert!(
-            !invokes_dir(r).join(format!("{id}.{ext}")).exists(),
-            "the {ext} file of pruned invoke {id} is still there"
-        );
+    // Its files are gone, or kept for reuse with nothing of it readable: the summary empty,
+    // the journal barred by a NUL first byte (a new invoke renames them to its own name).
+    let base = invokes_dir(r).join(id);
+    let summary = std::fs::read(base.with_extension("json"));
+    let journal = std::fs::read(base.with_extension("events"));
+    match (&summary, &journal) {
+        (Err(_), Err(_)) => {}
+        (Ok(summary), Ok(journal)) => {
+            assert!(summary.is_empty(), "pruned invoke {id} kept its summary");
+            assert!(
+                journal.first().is_none_or(|b| *b == 0),
+                "pruned invoke {id} kept a readable journal"
+            );
+        }
+        _ => panic!("pruned invoke {id} left half its files: {summary:?} {journal:?}"),
     }
     let (status, body) = error_of(r.get(&format!("/v1/invokes/{id}")).send().await.unwrap()).await;
     assert_eq!(status, 404, "{body}");
@@ -1462,6 +1449,42 @@ async fn pruned_files_are_reused_clean() {
     );
 }
 
+/// A pruned invoke's files wait under its name for a new invoke to take them; a runner killed
+/// before that deletes them when it starts, and lists only what it kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_runner_deletes_pruned_files_left_for_reuse() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut r1 = Runner::start_in(dir, &["--retain-invokes", "1"]);
+    r1.configure_sh("seq 1 100").await;
+    let ids = run_sequentially(&r1, 3).await;
+    assert_eq!(listed_once_pruned(&r1, 1).await, [ids[2].clone()]);
+    let spare = invokes_dir(&r1).join(&ids[1]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(spare.with_extension("json")).map_or(1, |m| m.len()) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} was not kept for reuse",
+            ids[1]
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_pruned(&r1, &ids[1]).await;
+    r1.kill9();
+
+    let r2 = Runner::start_in(dir, &[]);
+    for ext in ["events", "json"] {
+        assert!(
+            !spare.with_extension(ext).exists(),
+            "the spare {ext} file of {} outlived the restart",
+            ids[1]
+        );
+    }
+    assert_eq!(listed(&r2).await, [ids[2].clone()]);
+    let events = replay(&r2, &ids[2], None).await;
+    assert_eq!(rebuild(&events, "stdout").len(), 292, "seq 1 100");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_by_bytes_prunes_oldest() {
     // Each journal holds 1000 lines of 100 bytes, framed: about 155 KB.
@@ -1484,7 +1507,7 @@ async fn retention_by_bytes_prunes_oldest() {
     for id in &ids[..2] {
         assert_pruned(&r, id).await;
     }
-    // Pruned journals kept for reuse (spare-N.events) count too.
+    // Pruned journals kept for reuse count too.
     let on_disk: u64 = std::fs::read_dir(invokes_dir(&r))
         .unwrap()
         .map(|e| e.unwrap())
@@ -1501,14 +1524,7 @@ async fn retention_by_bytes_prunes_oldest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_of_unknown_invoke_404() {
     let r = Runner::start(&[]);
-    let list: Value = r
-        .get("/v1/invokes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = r.get_json("/v1/invokes").await;
     assert_eq!(list, json!({"invokes": []}));
     for path in [
         "/v1/invokes/inv-000000000000-0000000000000000/events",

@@ -1605,14 +1605,7 @@ async fn exec_argv_command_stdin_env_cwd_and_exit_codes() {
     }
 
     // Every run is listed, as an exec.
-    let list: Value = r
-        .get("/v1/invokes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = r.get_json("/v1/invokes").await;
     let runs = list["invokes"].as_array().unwrap();
     assert!(runs.len() >= 10, "{list}");
     assert!(runs.iter().all(|i| i["kind"] == "exec"), "{list}");
@@ -1840,14 +1833,7 @@ async fn exec_bad_bodies_are_400() {
     assert!(status == 400 || status == 404, "{status} {body}");
     assert!(!r.workspace.join("nope").exists());
     // None of these started anything.
-    let list: Value = r
-        .get("/v1/invokes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = r.get_json("/v1/invokes").await;
     assert_eq!(list["invokes"], json!([]), "{list}");
 }
 
@@ -1980,14 +1966,7 @@ async fn code_mode_refuses_configure_and_invoke_but_serves_files_and_exec() {
     assert_eq!(resp.status(), 204);
     assert!(!r.workspace.join("code").exists());
 
-    let list: Value = r
-        .get("/v1/invokes")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = r.get_json("/v1/invokes").await;
     let runs = list["invokes"].as_array().unwrap();
     assert_eq!(runs.len(), 3, "{list}");
     assert!(runs.iter().all(|i| i["kind"] == "exec"), "{list}");

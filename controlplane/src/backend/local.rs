@@ -7,14 +7,19 @@
 //! the processes do not depend on the control plane, so sandboxes survive its restart and any
 //! number of control planes sharing the state directory serve the same sandboxes.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use agentbox_proto::{CreatedBy, SandboxStatus, SandboxSummary};
+use nix::poll::{poll, PollFd, PollFlags};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -53,6 +58,32 @@ pub struct LocalBackend {
     bwrap: bool,
     start_timeout: Duration,
     create_lock: tokio::sync::Mutex<()>,
+    resolved: Mutex<HashMap<String, Resolved>>,
+}
+
+/// What [`LocalBackend::resolve`] read for a sandbox, kept while its record file is the same
+/// version (a record is replaced by rename, so a new one has a new inode): a proxied request
+/// then costs a `stat` and a `poll` instead of reading and parsing the record and
+/// `/proc/<pid>/stat`. A cache only: every request checks it against the disk, so other
+/// replicas' changes are seen at once.
+#[derive(Debug)]
+struct Resolved {
+    version: (u64, i64, i64, u64),
+    target: Target,
+    /// A pidfd of the runner, checked against the recorded start time when it was opened
+    /// (None: it was not running then). Readable once the runner has exited.
+    runner: Option<OwnedFd>,
+}
+
+/// What identifies a version of a file: inode, modification time, length.
+fn version_of(meta: &std::fs::Metadata) -> (u64, i64, i64, u64) {
+    (meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.len())
+}
+
+/// Whether the process behind `pidfd` is still running (a pidfd turns readable at its exit).
+fn still_running(pidfd: &OwnedFd) -> bool {
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, 0u16), Ok(0))
 }
 
 /// A process's state letter and start time (clock ticks since boot), from one read of
@@ -74,18 +105,47 @@ fn is_zombie(pid: i32) -> bool {
     proc_stat(pid).is_some_and(|(state, _)| state == 'Z')
 }
 
+/// Whether a recorded runner runs.
+#[derive(Debug)]
+enum Liveness {
+    /// It runs; its pidfd, where the kernel has them.
+    Running(Option<OwnedFd>),
+    Gone,
+}
+
 impl Record {
-    fn alive(&self) -> bool {
-        match (self.pid, self.pid_started) {
-            (Some(pid), Some(started)) => {
-                proc_stat(pid).is_some_and(|(state, at)| at == started && state != 'Z')
-            }
-            _ => false,
+    /// Whether the recorded runner is still that process and running: its pidfd (opened
+    /// before the start time is compared, so a reused pid cannot pass) is not readable yet.
+    /// The pidfd, not the `/proc` state, tells a dying runner: its main thread reads as a
+    /// zombie there while its other threads still exit, and [`LocalBackend::resolve`] asks the
+    /// pidfd, so both agree.
+    fn liveness(&self) -> Liveness {
+        let (Some(pid), Some(started)) = (self.pid, self.pid_started) else {
+            return Liveness::Gone;
+        };
+        let pidfd = rustix::process::Pid::from_raw(pid).and_then(|pid| {
+            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+        });
+        let same = proc_stat(pid)
+            .is_some_and(|(state, at)| at == started && (state != 'Z' || pidfd.is_some()));
+        match pidfd {
+            _ if !same => Liveness::Gone,
+            Some(fd) if still_running(&fd) => Liveness::Running(Some(fd)),
+            Some(_) => Liveness::Gone,
+            None => Liveness::Running(None),
         }
     }
 
+    fn alive(&self) -> bool {
+        matches!(self.liveness(), Liveness::Running(_))
+    }
+
     fn status(&self) -> (SandboxStatus, Option<String>) {
-        match (self.running, self.alive()) {
+        self.status_given(self.running && self.alive())
+    }
+
+    fn status_given(&self, alive: bool) -> (SandboxStatus, Option<String>) {
+        match (self.running, alive) {
             (true, true) => (SandboxStatus::Running, None),
             (true, false) => {
                 (
@@ -137,6 +197,7 @@ impl LocalBackend {
             bwrap,
             start_timeout,
             create_lock: tokio::sync::Mutex::new(()),
+            resolved: Mutex::new(HashMap::new()),
         })
     }
 
@@ -498,11 +559,45 @@ impl Backend for LocalBackend {
     }
 
     async fn resolve(&self, name: &str) -> Result<Option<Target>> {
-        let Some(record) = self.read(name)? else {
+        let Some(dir) = self.dir(name) else {
             return Ok(None);
         };
-        let (status, _) = record.status();
-        Ok(Some(Target {
+        let mut resolved = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        let version = match std::fs::metadata(dir.join("sandbox.json")) {
+            Ok(meta) => version_of(&meta),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                resolved.remove(name);
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(hit) = resolved.get(name).filter(|r| r.version == version) {
+            let mut target = hit.target.clone();
+            if target.status == SandboxStatus::Running
+                && !hit.runner.as_ref().is_some_and(still_running)
+            {
+                target.status = SandboxStatus::Error;
+            }
+            return Ok(Some(target));
+        }
+        let Some(record) = self.read(name)? else {
+            resolved.remove(name);
+            return Ok(None);
+        };
+        let liveness = if record.running {
+            record.liveness()
+        } else {
+            Liveness::Gone
+        };
+        let (runner, cacheable) = match liveness {
+            Liveness::Running(Some(fd)) => (Some(fd), true),
+            // No pidfd (a kernel before 5.3, no descriptor left): checked through `/proc`
+            // on every request.
+            Liveness::Running(None) => (None, false),
+            Liveness::Gone => (None, true),
+        };
+        let (status, _) = record.status_given(runner.is_some() || !cacheable);
+        let target = Target {
             addr: record
                 .addr
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
@@ -511,7 +606,20 @@ impl Backend for LocalBackend {
             mode: record.template.mode,
             namespace: record.namespace,
             template: record.template.name,
-        }))
+        };
+        if cacheable {
+            resolved.insert(
+                name.to_owned(),
+                Resolved {
+                    version,
+                    target: target.clone(),
+                    runner,
+                },
+            );
+        } else {
+            resolved.remove(name);
+        }
+        Ok(Some(target))
     }
 }
 

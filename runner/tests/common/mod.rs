@@ -81,6 +81,12 @@ impl Runner {
         self.client.get(self.url(path)).bearer_auth(TOKEN)
     }
 
+    /// An authenticated GET of `path`, as JSON (whatever the status).
+    #[allow(dead_code)] // not every test binary uses it
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.get(path).send().await.unwrap().json().await.unwrap()
+    }
+
     pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
         self.client.post(self.url(path)).bearer_auth(TOKEN)
     }
