@@ -156,15 +156,24 @@ pub fn members(root: i32, marker: &str) -> Members {
 
 /// Sends `signal` to every live member; returns how many were signaled.
 pub fn signal(root: i32, marker: &str, signal: Signal) -> usize {
-    let m = members(root, marker);
+    signal_members(root, marker, signal).len()
+}
+
+/// Like [`signal`], returning the pids signaled.
+pub fn signal_members(root: i32, marker: &str, signal: Signal) -> Vec<i32> {
+    let mut m = members(root, marker);
     if root > 0 {
         // The group first, in one call, so that a fork storm inside it is hit at once.
         let _ = nix::sys::signal::killpg(Pid::from_raw(root), signal);
     }
     m.alive
-        .iter()
-        .filter(|pid| !matches!(kill(Pid::from_raw(**pid), signal), Err(Errno::ESRCH)))
-        .count()
+        .retain(|pid| !matches!(kill(Pid::from_raw(*pid), signal), Err(Errno::ESRCH)));
+    m.alive
+}
+
+/// Whether a process (running, dying or a zombie) has `pid`.
+pub fn exists(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Whether any process is left in the process group `pgid` (one cheap syscall).

@@ -370,22 +370,29 @@ impl Process {
             }
             if let Some(pid) = process.pid() {
                 let marker = process.marker.clone();
-                let _ = tokio::task::spawn_blocking(move || kill_until_gone(pid, &marker)).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    kill_until_gone(pid, &marker);
+                })
+                .await;
             }
         });
         true
     }
 }
 
-/// SIGKILLs the tree until no live member is left (bounded).
-fn kill_until_gone(root: i32, marker: &str) {
+/// SIGKILLs the tree until no live member is left (bounded); returns every pid it signaled.
+fn kill_until_gone(root: i32, marker: &str) -> Vec<i32> {
+    let mut signaled = Vec::new();
     for _ in 0..100 {
-        if proctree::signal(root, marker, Signal::SIGKILL) == 0 {
-            return;
+        let hit = proctree::signal_members(root, marker, Signal::SIGKILL);
+        if hit.is_empty() {
+            return signaled;
         }
+        signaled.extend(hit);
         std::thread::sleep(Duration::from_millis(10));
     }
     tracing::warn!(root, "process tree still alive after repeated SIGKILL");
+    signaled
 }
 
 /// How a supervised run ended.
@@ -831,10 +838,14 @@ fn pump_output(
     // Nothing of the tree outlives the invoke's exit event: the group always, and on a stop
     // (cancel, timeout) every marked descendant too.
     if stop_reason.is_some() || killed_at.is_some() {
-        kill_until_gone(pid, &process.marker);
+        // A killed process drops its environment (and so the marker) before it is a zombie:
+        // every pid signaled is waited for until it is reaped (re-parented to the runner, a
+        // subreaper) or gone, not only the zombies still found as members.
+        let mut signaled = kill_until_gone(pid, &process.marker);
         for _ in 0..100 {
             reaper.reap();
-            if proctree::members(pid, &process.marker).zombies == 0 {
+            signaled.retain(|p| *p != pid && proctree::exists(*p));
+            if signaled.is_empty() && proctree::members(pid, &process.marker).zombies == 0 {
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
