@@ -70,7 +70,7 @@ impl Stdin {
     }
 }
 
-/// Name prefix of the spare files of runners before 0.1 (removed at start; spares now keep the
+/// Name prefix of the spare files earlier builds kept (removed at start; spares now keep the
 /// name of the invoke they were pruned from until they are reused).
 const SPARE_PREFIX: &str = "spare-";
 /// At most this many spare pairs are kept.
@@ -410,7 +410,7 @@ pub struct Invokes {
     dir: PathBuf,
     pruning: Mutex<()>,
     prune_wanted: std::sync::atomic::AtomicBool,
-    /// Journal+summary pairs of pruned invokes (`spare-N.*`), reused by new invokes, oldest
+    /// Journal+summary pairs of pruned invokes (under their names), reused by new invokes, oldest
     /// first, each with the bytes its journal still holds (counted in `--retain-bytes`).
     spares: Mutex<Vec<(PathBuf, u64)>>,
 }
@@ -556,14 +556,11 @@ impl Invokes {
         .await;
     }
 
-    /// Starts an invoke. Returned with it: a subscription from its first event and the
-    /// caller's attachment, both taken before the process is spawned, so the caller reads
-    /// every event even when the process is done (and, past `--retain-invokes`, pruned)
-    /// before it gets to read.
-    pub fn start(
-        self: &Arc<Self>,
-        req: StartRequest,
-    ) -> Result<(Arc<Invoke>, Subscription, Attachment)> {
+    /// Starts an invoke. Returned: a subscription from its first event and the caller's
+    /// attachment, both taken before the process is spawned, so the caller reads every event
+    /// even when the process is done (and, past `--retain-invokes`, pruned) before it gets to
+    /// read.
+    pub fn start(self: &Arc<Self>, req: StartRequest) -> Result<(Subscription, Attachment)> {
         let permit = Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
             Error::ConcurrencyExceeded {
                 limit: u64::from(self.cfg.max_concurrent_invokes),
@@ -574,7 +571,7 @@ impl Invokes {
         let id = new_invoke_id(started_at);
         let base = self.dir.join(id.as_str());
         let spare = self.spares().pop().map(|(base, _)| base);
-        // The journal file itself is created by the pump thread, off the request's thread.
+        // The journal file itself is created once the process is spawned (`Begin::open_journal`).
         let log = EventLog::deferred(&base.with_extension("events"), self.cfg.journal_max_bytes);
         let sub = log.subscribe(0)?;
         let spare_journal = spare.as_ref().map(|s| s.with_extension("events"));
@@ -650,7 +647,6 @@ impl Invokes {
             at: tokio::time::Instant::now() + req.timeout,
             grace: self.cfg.grace,
         };
-        let mut watch_now = None;
         if acp.is_none() {
             // A plain command is spawned right here, on the request's runtime thread, as
             // `tokio::process` does (a posix_spawn: back once the child has exec'd), and a
@@ -742,16 +738,13 @@ impl Invokes {
                 self.map().remove(&id);
                 return Err(Error::Internal(format!("cannot start a thread: {e}")));
             }
-            watch_now = Some(deadline);
+            deadline.start();
         }
         tracing::info!(invoke = %id, "invoke started");
         if let Some((body, fallback)) = stdin_stream {
             tokio::spawn(copy_stdin(stdin_rx, body, fallback));
         }
-        if let Some(watch) = watch_now {
-            watch.start();
-        }
-        Ok((invoke, sub, attachment))
+        Ok((sub, attachment))
     }
 
     /// Writes the closing events, persists the summary, releases the slot, prunes journals.

@@ -447,8 +447,8 @@ pub fn spawn_stdio(
 }
 
 /// Runs `spec` to completion on the calling (dedicated, blocking) thread, appending its output
-/// to `log`. `on_spawn` gets the child (pid, start time, stdin pipe) right after the spawn, before any
-/// output is read.
+/// to `log`. `on_spawn` gets the child (pid, start time, stdin pipe) right after the spawn,
+/// before any output is read.
 pub fn run(
     reaper: &Reaper,
     spec: &RunSpec,
@@ -488,8 +488,8 @@ pub struct SpawnedChild {
     pub stdin: Option<ChildStdin>,
 }
 
-/// Spawns `spec` (see [`spawn`]); `on_spawn` gets the pid and the stdin pipe before anything
-/// else happens. Err: the outcome of a process that could not be started.
+/// Spawns `spec` (see [`spawn`]); `on_spawn` gets the child (pid, start time, stdin pipe)
+/// before anything else happens. Err: the outcome of a process that could not be started.
 pub fn start(
     reaper: &Reaper,
     spec: &RunSpec,

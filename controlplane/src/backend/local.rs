@@ -589,6 +589,7 @@ impl Backend for LocalBackend {
         } else {
             Liveness::Gone
         };
+        let (status, _) = record.status_given(matches!(liveness, Liveness::Running(_)));
         let (runner, cacheable) = match liveness {
             Liveness::Running(Some(fd)) => (Some(fd), true),
             // No pidfd (a kernel before 5.3, no descriptor left): checked through `/proc`
@@ -596,7 +597,6 @@ impl Backend for LocalBackend {
             Liveness::Running(None) => (None, false),
             Liveness::Gone => (None, true),
         };
-        let (status, _) = record.status_given(runner.is_some() || !cacheable);
         let target = Target {
             addr: record
                 .addr

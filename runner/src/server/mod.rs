@@ -371,7 +371,7 @@ async fn invoke(
         _ => (Some(agent), None, body),
     };
     let stdin = Stdin::from_body(body, q.prompt).await?;
-    let (_, sub, attachment) = app.invokes.start(StartRequest {
+    let (sub, attachment) = app.invokes.start(StartRequest {
         kind: InvokeKind::Invoke,
         argv,
         env: stored.env.into_iter().collect(),
@@ -460,7 +460,7 @@ async fn exec(
             "env names must be non-empty, without '='".into(),
         ));
     }
-    let (_, sub, attachment) = app.invokes.start(StartRequest {
+    let (sub, attachment) = app.invokes.start(StartRequest {
         kind: InvokeKind::Exec,
         argv,
         env: env.into_iter().collect(),
