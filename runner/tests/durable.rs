@@ -1398,6 +1398,47 @@ async fn an_invoke_without_a_journal_is_stopped_and_says_why() {
     assert_eq!(health.status(), 200);
 }
 
+/// A quick invoke that recycles a big journal (more old bytes than the runtime thread cuts
+/// itself) still leaves a journal holding its own events only: the old tail is cut off the
+/// runtime thread, shortly after `exit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_invoke_in_a_big_recycled_journal_cuts_its_old_tail() {
+    let r = Runner::start(&["--retain-invokes", "1"]);
+    let big = r.dir.join("big");
+    r.configure_sh(&format!(
+        "if [ -e {} ]; then head -c 6000000 /dev/zero | tr '\\0' x | fold -w 100; fi; echo small",
+        big.display()
+    ))
+    .await;
+    std::fs::write(&big, b"").unwrap();
+    let first = run_sequentially(&r, 1).await.remove(0);
+    let first_len = std::fs::metadata(invokes_dir(&r).join(format!("{first}.events")))
+        .unwrap()
+        .len();
+    assert!(
+        first_len > 8_000_000,
+        "journal of {first}: {first_len} bytes"
+    );
+    std::fs::remove_file(&big).unwrap();
+    // The second prunes the first (its files become the spare), the third takes them.
+    let ids = run_sequentially(&r, 2).await;
+    let journal = invokes_dir(&r).join(format!("{}.events", ids[1]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let len = std::fs::metadata(&journal).unwrap().len();
+        if len < 1_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "old tail never cut: {len} bytes");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let bytes = std::fs::read(&journal).unwrap();
+    assert!(bytes.starts_with(b"id: 1\nevent: start\n"));
+    assert!(!bytes.contains(&0), "a NUL left in the journal");
+    let events = replay(&r, &ids[1], None).await;
+    assert_eq!(rebuild(&events, "stdout"), b"small\n");
+}
+
 /// Pruned journals and summaries are emptied and reused by later invokes (no new inode per
 /// invoke), and a reused file holds nothing of its earlier invoke.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
