@@ -722,6 +722,9 @@ impl Drop for Recorder {
                 error: self.status >= 400 || exit_code.is_some_and(|c| c != 0),
             });
         }
+        if !self.app.backend.records_outcomes() {
+            return;
+        }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 app.backend

@@ -71,6 +71,12 @@ pub struct Args {
     /// How long a local runner may take to start.
     #[arg(long, env = "AGENTBOX_RUNNER_START_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub runner_start_timeout: Duration,
+    /// Threads serving requests. 1 (the default): every request, proxied stream and runner
+    /// connection on one thread, the shortest path for an invoke (no task handed between
+    /// threads); more: a multi-threaded runtime for CPU-heavy loads (many TLS callers, say).
+    /// Replicas scale it out either way.
+    #[arg(long, env = "AGENTBOX_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: u16,
     /// Kubernetes backend: the namespace holding every sandbox's Secret, Pod, volume and
     /// Events, and the template ConfigMaps. The cluster comes from KUBECONFIG (or
     /// ~/.kube/config), else the in-cluster service account.
@@ -153,6 +159,8 @@ pub struct Config {
     pub bwrap: bool,
     /// Audit log path; `None` means stderr.
     pub audit_log: Option<PathBuf>,
+    /// Threads serving requests (1: a current-thread runtime).
+    pub worker_threads: usize,
     /// Connect timeout.
     pub connect_timeout: Duration,
     /// Runner start timeout.
@@ -329,6 +337,7 @@ impl Args {
             runner_bin,
             bwrap,
             audit_log,
+            worker_threads: usize::from(self.worker_threads),
             connect_timeout: self.connect_timeout,
             runner_start_timeout: self.runner_start_timeout,
             otlp_endpoint: self.otlp_endpoint,

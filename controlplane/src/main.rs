@@ -37,10 +37,17 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One thread by default: an invoke's request, its runner connection and the stream
+    // coming back then never wait for another thread (on two vCPUs, 1.82× → 1.67× a bare
+    // spawn through the proxy; BENCHMARKS.md).
+    let mut builder = if config.worker_threads > 1 {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(config.worker_threads);
+        builder
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("agentbox-controlplane: cannot start the runtime: {e}");

@@ -190,7 +190,7 @@ pub fn start(
     std::fs::create_dir_all(&dir)?;
     prune_install_logs(&dir);
     let name = format!("{:013}-{}.events", crate::fsutil::now_ms(), random_hex(4));
-    let log = EventLog::create(&dir.join(name), app.cfg.journal_max_bytes, None)?;
+    let log = EventLog::create(&dir.join(name), app.cfg.journal_max_bytes)?;
     let (tx, rx) = oneshot::channel();
     let app = Arc::clone(app);
     let task_log = Arc::clone(&log);

@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fsutil::{now_ms, random_hex};
-use crate::journal::{EventLog, StaleTail, Subscription};
+use crate::journal::{EventLog, Journal, StaleTail, Subscription};
 use crate::proctree;
 use crate::supervisor::{self, Outcome, Process, Reaper, RunSpec};
 
@@ -75,6 +75,23 @@ impl Stdin {
 const SPARE_PREFIX: &str = "spare-";
 /// At most this many spare pairs are kept.
 const MAX_SPARES: usize = 64;
+/// The newest spares keep their files open from retiring to reuse (the next invokes open
+/// nothing); older ones are opened by path. Few, as every spawn copies the descriptor table.
+const WARM_SPARES: usize = 2;
+
+/// A pruned invoke's file pair kept for a new invoke (see [`Invokes::retire`]), under the
+/// name the pair was created with.
+#[derive(Debug)]
+struct Spare {
+    /// `<state>/invokes/<name>`.
+    base: PathBuf,
+    /// The old bytes its journal still holds (counted in `--retain-bytes`).
+    bytes: u64,
+    /// The journal (read and write), still open from retiring: only the newest
+    /// [`WARM_SPARES`]. (Not the summary: ext4 flushes a file to disk on its last close
+    /// after it was truncated to nothing, unless nothing was written in between.)
+    open: Option<std::fs::File>,
+}
 
 /// What to start.
 #[derive(Debug)]
@@ -147,20 +164,23 @@ impl Meta {
 #[derive(Debug)]
 pub struct Invoke {
     id: InvokeId,
-    /// `<state>/invokes/<id>`: the journal is `<id>.events`, the summary `<id>.json`. Two files
-    /// and no directory per invoke: creating and deleting inodes is a real share of an
-    /// invoke's cost.
+    /// `<state>/invokes/<name>`: the journal is `<name>.events`, the summary `<name>.json`,
+    /// where `name` is the id of the invoke that created the pair: files recycled from a
+    /// pruned invoke keep their names (a rename is an ext4 journal transaction, and two per
+    /// invoke were 8% of the runner's CPU), and both files name the invoke they hold (the
+    /// summary's `invokeId`, the journal's `start`). Two files and no directory per invoke:
+    /// creating and deleting inodes is a real share of an invoke's cost.
     base: PathBuf,
     meta: Mutex<Meta>,
     /// The summary file, open while the invoke runs.
     meta_file: Mutex<Option<std::fs::File>>,
-    /// An emptied summary file of a pruned invoke, renamed into place by the first write.
-    spare_meta: Mutex<Option<PathBuf>>,
     /// Held while running; afterwards only weakly, so a finished invoke that nobody watches
     /// keeps no file descriptors (every spawn pays for open descriptors at exec).
     log: Mutex<LogRef>,
     /// The journal's size once finished (for retention without a stat).
     journal_size: AtomicU64,
+    /// Counted in [`Invokes::finished`] (finished, its journal size fixed): prunable.
+    counted: std::sync::atomic::AtomicBool,
     process: Option<Arc<Process>>,
     policy: OnDisconnect,
     attached: AtomicUsize,
@@ -281,14 +301,6 @@ impl Invoke {
         let mut slot = self.meta_file.lock().unwrap_or_else(|p| p.into_inner());
         let written = (|| {
             if slot.is_none() {
-                let spare = self
-                    .spare_meta
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take();
-                if let Some(spare) = spare {
-                    let _ = std::fs::rename(spare, self.meta_path());
-                }
                 *slot = Some(
                     std::fs::OpenOptions::new()
                         .append(true)
@@ -326,7 +338,18 @@ fn is_spare(base: &Path) -> bool {
         })
 }
 
-/// The summary in a `<id>.json`: its last line that parses (a torn last line is skipped).
+/// The `start` event at the head of a journal, when it is there.
+fn journal_start(path: &Path) -> Option<StartEvent> {
+    let mut head = vec![0u8; 4096];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .ok()?;
+    let (frames, _) = crate::sse::parse_frames(&head[..n]);
+    let first = frames.first().filter(|f| f.event == event::START)?;
+    serde_json::from_str(first.data).ok()
+}
+
+/// The summary in a `<name>.json`: its last line that parses (a torn last line is skipped).
 fn parse_meta(bytes: &[u8]) -> std::result::Result<Meta, String> {
     bytes
         .split(|b| *b == b'\n')
@@ -408,11 +431,18 @@ pub struct Invokes {
     permits: Arc<Semaphore>,
     map: Mutex<BTreeMap<InvokeId, Arc<Invoke>>>,
     dir: PathBuf,
+    /// `dir`, open: a recycled pair changes nothing in it, so starting an invoke on one sets
+    /// its modification time instead (the control plane reads `lastActivityAt` off it).
+    dir_handle: Option<std::fs::File>,
     pruning: Mutex<()>,
     prune_wanted: std::sync::atomic::AtomicBool,
-    /// Journal+summary pairs of pruned invokes (under their names), reused by new invokes, oldest
-    /// first, each with the bytes its journal still holds (counted in `--retain-bytes`).
-    spares: Mutex<Vec<(PathBuf, u64)>>,
+    /// Finished invokes in `map`, and the bytes of their journals: pruning looks at the
+    /// oldest only when these are over `--retain-invokes` or `--retain-bytes`.
+    finished: AtomicUsize,
+    finished_bytes: AtomicU64,
+    /// Journal+summary pairs of pruned invokes (under their names), reused by new invokes
+    /// newest first.
+    spares: Mutex<Vec<Spare>>,
 }
 
 impl Invokes {
@@ -422,6 +452,7 @@ impl Invokes {
         let dir = cfg.state_dir.join("invokes");
         std::fs::create_dir_all(&dir)?;
         let mut map = BTreeMap::new();
+        let (mut finished, mut finished_bytes) = (0usize, 0u64);
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
             if path
@@ -456,17 +487,23 @@ impl Invokes {
                 Ok(meta) => meta,
                 Err(e) => {
                     // No summary, or a torn one: the journal decides (as running, so that
-                    // recovery reads its last event or marks it runner_restarted).
+                    // recovery reads its last event or marks it runner_restarted). Its
+                    // `start` names the invoke (a recycled file keeps an older one's name).
                     tracing::warn!(invoke = name, error = %e, "rebuilding an invoke summary from its journal");
-                    Meta::running(
-                        InvokeId(name.to_owned()),
-                        InvokeKind::Invoke,
-                        std::fs::metadata(&path)
-                            .and_then(|m| m.created().or_else(|_| m.modified()))
-                            .ok()
-                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                            .map_or(0, |d| d.as_millis() as u64),
-                    )
+                    match journal_start(&path) {
+                        Some(start) => {
+                            Meta::running(start.invoke_id, InvokeKind::Invoke, start.started_at)
+                        }
+                        None => Meta::running(
+                            InvokeId(name.to_owned()),
+                            InvokeKind::Invoke,
+                            std::fs::metadata(&path)
+                                .and_then(|m| m.created().or_else(|_| m.modified()))
+                                .ok()
+                                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                                .map_or(0, |d| d.as_millis() as u64),
+                        ),
+                    }
                 }
             };
             let invoke = Arc::new(Invoke {
@@ -474,9 +511,9 @@ impl Invokes {
                 base,
                 meta: Mutex::new(meta),
                 meta_file: Mutex::new(None),
-                spare_meta: Mutex::new(None),
                 log: Mutex::new(LogRef::default()),
                 journal_size: AtomicU64::new(0),
+                counted: std::sync::atomic::AtomicBool::new(false),
                 process: None,
                 policy: OnDisconnect::Continue,
                 attached: AtomicUsize::new(0),
@@ -485,6 +522,12 @@ impl Invokes {
             if invoke.is_running() {
                 mark_restarted(&invoke)?;
             }
+            // Fixed once finished: pruning subtracts what was added here.
+            let bytes = invoke.journal_bytes();
+            invoke.journal_size.store(bytes, Ordering::Relaxed);
+            invoke.counted.store(true, Ordering::SeqCst);
+            finished += 1;
+            finished_bytes += bytes;
             map.insert(invoke.id.clone(), invoke);
         }
         let invokes = Arc::new(Self {
@@ -492,9 +535,12 @@ impl Invokes {
             cfg,
             reaper,
             map: Mutex::new(map),
+            dir_handle: std::fs::File::open(&dir).ok(),
             dir,
             pruning: Mutex::new(()),
             prune_wanted: std::sync::atomic::AtomicBool::new(false),
+            finished: AtomicUsize::new(finished),
+            finished_bytes: AtomicU64::new(finished_bytes),
             spares: Mutex::new(Vec::new()),
         });
         invokes.prune();
@@ -569,17 +615,27 @@ impl Invokes {
         })?;
         let started_at = now_ms();
         let id = new_invoke_id(started_at);
-        let base = self.dir.join(id.as_str());
-        let spare = self.spares().pop().map(|(base, _)| base);
-        // The journal file itself is created once the process is spawned (`Begin::open_journal`).
+        let spare = self.spares().pop();
+        let base = spare
+            .as_ref()
+            .map_or_else(|| self.dir.join(id.as_str()), |s| s.base.clone());
+        // The journal file itself is opened once the process is spawned (`Begin::open_journal`).
         let log = EventLog::deferred(&base.with_extension("events"), self.cfg.journal_max_bytes);
         let sub = log.subscribe(0)?;
-        let spare_journal = spare.as_ref().map(|s| s.with_extension("events"));
         let channel = match req.agent.map(|agent| agent.open(&id, &log)).transpose() {
             Ok(channel) => channel,
             Err(e) => {
-                let _ = std::fs::remove_file(base.with_extension("events"));
+                if let Some(spare) = spare {
+                    self.spares().push(spare);
+                }
                 return Err(e);
+            }
+        };
+        let journal = match spare {
+            None => Journal::New,
+            Some(spare) => {
+                self.touch_dir();
+                Journal::Recycled(spare.open)
             }
         };
         let marker = format!("AGENTBOX_INVOKE_ID={id}");
@@ -589,13 +645,13 @@ impl Invokes {
             base,
             meta: Mutex::new(Meta::running(id.clone(), req.kind, started_at)),
             meta_file: Mutex::new(None),
-            spare_meta: Mutex::new(spare.map(|s| s.with_extension("json"))),
             log: Mutex::new(LogRef {
                 strong: Some(Arc::clone(&log)),
                 weak: Arc::downgrade(&log),
                 retired: false,
             }),
             journal_size: AtomicU64::new(0),
+            counted: std::sync::atomic::AtomicBool::new(false),
             process: Some(Arc::clone(&process)),
             policy: req.on_disconnect,
             attached: AtomicUsize::new(0),
@@ -636,7 +692,7 @@ impl Invokes {
         let mut begin = Begin {
             invoke: Arc::clone(&invoke),
             log: Arc::clone(&log),
-            spare_journal,
+            journal: Some(journal),
             started_at,
             stdin_now,
             stdin_tx: Some(stdin_tx),
@@ -826,10 +882,12 @@ impl Invokes {
         });
         let tail = log.close_keeping_tail();
         invoke.meta().last_event_id = log.progress().last_seq;
-        invoke
-            .journal_size
-            .store(log.progress().end, Ordering::Relaxed);
+        let size = log.progress().end;
+        invoke.journal_size.store(size, Ordering::Relaxed);
         invoke.set_log(log, false);
+        self.finished.fetch_add(1, Ordering::SeqCst);
+        self.finished_bytes.fetch_add(size, Ordering::SeqCst);
+        invoke.counted.store(true, Ordering::SeqCst);
         tracing::info!(invoke = %invoke.id, exit_code, reason = reason.as_str(), duration_ms, "invoke exited");
         tail
     }
@@ -863,55 +921,78 @@ impl Invokes {
         }
     }
 
+    /// Keeps the newest finished invokes that fit both limits (and always the newest one):
+    /// retires the oldest finished ones (ids sort in start order) until the rest fit.
     fn prune_once(&self) {
-        let finished: Vec<Arc<Invoke>> = self
-            .map()
-            .values()
-            .rev()
-            .filter(|i| !i.is_running())
-            .cloned()
-            .collect();
-        let (mut counted, mut kept_bytes) = (0u64, 0u64);
-        for (n, invoke) in finished.iter().enumerate() {
-            let bytes = invoke.journal_bytes();
-            counted += bytes;
-            if n == 0 || (n < self.cfg.retain_invokes && counted <= self.cfg.retain_bytes) {
-                kept_bytes += bytes;
-                continue;
+        loop {
+            let count = self.finished.load(Ordering::SeqCst);
+            let bytes = self.finished_bytes.load(Ordering::SeqCst);
+            if count <= 1 || (count <= self.cfg.retain_invokes && bytes <= self.cfg.retain_bytes) {
+                break;
             }
-            if self.map().remove(&invoke.id).is_none() {
-                continue;
-            }
-            self.retire(invoke);
+            let oldest = {
+                let mut map = self.map();
+                let Some(id) = map
+                    .values()
+                    .find(|i| i.counted.load(Ordering::SeqCst))
+                    .map(|i| i.id.clone())
+                else {
+                    break;
+                };
+                map.remove(&id)
+            };
+            let Some(invoke) = oldest else { break };
+            // Counted before it could be found here: these never go below zero.
+            self.finished.fetch_sub(1, Ordering::SeqCst);
+            self.finished_bytes.fetch_sub(
+                invoke.journal_size.load(Ordering::Relaxed),
+                Ordering::SeqCst,
+            );
+            self.retire(&invoke);
         }
-        self.fit_spares(self.cfg.retain_bytes.saturating_sub(kept_bytes));
+        let kept = self.finished_bytes.load(Ordering::SeqCst);
+        self.fit_spares(self.cfg.retain_bytes.saturating_sub(kept));
     }
 
-    fn spares(&self) -> MutexGuard<'_, Vec<(PathBuf, u64)>> {
+    fn spares(&self) -> MutexGuard<'_, Vec<Spare>> {
         self.spares.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the modification time of `invokes/` to now: starting an invoke on a recycled pair
+    /// changes nothing else there (the control plane reads `lastActivityAt` off it).
+    fn touch_dir(&self) {
+        if let Some(dir) = &self.dir_handle {
+            let now = std::fs::FileTimes::new().set_modified(std::time::SystemTime::now());
+            if let Err(e) = dir.set_times(now) {
+                tracing::debug!(error = %e, "cannot set the invokes directory's time");
+            }
+        }
     }
 
     /// Empties the oldest spare journals until the old bytes of all of them fit in `budget`
     /// (what `--retain-bytes` leaves after the kept journals).
     fn fit_spares(&self, budget: u64) {
         let mut spares = self.spares();
-        let mut held: u64 = spares.iter().map(|(_, bytes)| bytes).sum();
-        for (base, bytes) in spares.iter_mut() {
+        let mut held: u64 = spares.iter().map(|s| s.bytes).sum();
+        for spare in spares.iter_mut() {
             if held <= budget {
                 break;
             }
-            if *bytes == 0 {
+            if spare.bytes == 0 {
                 continue;
             }
-            let journal = base.with_extension("events");
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .open(&journal)
-                .and_then(|f| f.set_len(0))
-            {
+            let journal = spare.base.with_extension("events");
+            let emptied = match &spare.open {
+                Some(file) => file.set_len(0),
+                None => std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&journal)
+                    .and_then(|f| f.set_len(0)),
+            };
+            match emptied {
                 Ok(()) => {
-                    held -= *bytes;
-                    *bytes = 0;
+                    held -= spare.bytes;
+                    spare.bytes = 0;
                 }
                 Err(e) => {
                     tracing::warn!(path = %journal.display(), error = %e, "cannot empty a spare journal")
@@ -927,10 +1008,10 @@ impl Invokes {
     /// journal keeps its bytes (and so its cached pages, which a new invoke overwrites faster
     /// than it fills new ones, see `journal::JournalFile`) behind a NUL written over its first
     /// byte, so that nothing can read it as events, and the summary is emptied; both keep
-    /// their names until a new invoke renames them to its own (one rename per file, not two:
-    /// a rename is an ext4 journal transaction), and a runner that starts finds such a pair
-    /// by those marks ([`is_spare`]) and deletes it. [`Invokes::fit_spares`] keeps the old
-    /// bytes of all spares within `--retain-bytes`.
+    /// their names for good (see [`Invoke::base`]), and a runner that starts finds such a
+    /// pair by those marks ([`is_spare`]) and deletes it. The newest [`WARM_SPARES`] stay
+    /// open for the next invokes. [`Invokes::fit_spares`] keeps the old bytes of all spares
+    /// within `--retain-bytes`.
     fn retire(&self, invoke: &Invoke) {
         // Held throughout: a reader that already has the journal open keeps it (and the files
         // are deleted instead); once retired, nothing opens it again.
@@ -938,6 +1019,7 @@ impl Invokes {
         let (journal, meta) = (invoke.journal_path(), invoke.meta_path());
         if slot.get().is_none() && self.spares().len() < MAX_SPARES {
             let barred = std::fs::OpenOptions::new()
+                .read(true)
                 .write(true)
                 .open(&journal)
                 .and_then(|f| {
@@ -945,15 +1027,24 @@ impl Invokes {
                     if len > 0 {
                         f.write_all_at(&[0], 0)?;
                     }
-                    Ok(len)
+                    Ok((f, len))
                 });
             let emptied = std::fs::OpenOptions::new()
                 .write(true)
                 .open(&meta)
                 .and_then(|f| f.set_len(0));
-            if let (Ok(len), Ok(())) = (barred, emptied) {
+            if let (Ok((journal, len)), Ok(())) = (barred, emptied) {
                 slot.retired = true;
-                self.spares().push((invoke.base.clone(), len));
+                let mut spares = self.spares();
+                spares.push(Spare {
+                    base: invoke.base.clone(),
+                    bytes: len,
+                    open: Some(journal),
+                });
+                // Only the newest stay open (older ones were closed as these came).
+                if let Some(cooled) = spares.len().checked_sub(WARM_SPARES + 1) {
+                    spares[cooled].open = None;
+                }
                 return;
             }
         }
@@ -1093,8 +1184,9 @@ fn new_invoke_id(started_at: u64) -> InvokeId {
 
 /// How long a plain command may take to exit before its output is handed to a pump thread
 /// (a process that is done by then is finished on the runtime thread that spawned it). Its
-/// output waits at most this long before it is read.
-const QUICK_EXIT: Duration = Duration::from_millis(2);
+/// output waits at most this long before it is read, and a new invoke's response at most this
+/// long for its first events (`server::new_invoke_response`).
+pub const QUICK_EXIT: Duration = Duration::from_millis(2);
 
 /// The old bytes of a recycled journal that a quick invoke cuts off on the runtime thread;
 /// more are cut on a blocking thread.
@@ -1134,18 +1226,19 @@ fn side_reader(
 struct Begin {
     invoke: Arc<Invoke>,
     log: Arc<EventLog>,
-    spare_journal: Option<PathBuf>,
+    /// The journal file to open (taken by the first [`Begin::open_journal`]).
+    journal: Option<Journal>,
     started_at: u64,
     stdin_now: Option<Bytes>,
     stdin_tx: Option<oneshot::Sender<std::process::ChildStdin>>,
 }
 
 impl Begin {
-    /// Creates the journal file (recycling a spare). On failure the invoke is stopped at
-    /// once (the process is killed right after its spawn) and the error is what `start` is
+    /// Opens the journal file (new, or a spare's). On failure the invoke is stopped at once
+    /// (the process is killed right after its spawn) and the error is what `start` is
     /// followed by.
-    fn open_journal(&self, process: &Process) -> Option<ErrorEvent> {
-        let e = self.log.open_file(self.spare_journal.as_deref()).err()?;
+    fn open_journal(&mut self, process: &Process) -> Option<ErrorEvent> {
+        let e = self.log.open_file(self.journal.take()?).err()?;
         tracing::error!(invoke = %self.invoke.id, error = %e, "cannot create the journal");
         process.mark_stopped(ExitReason::Error);
         Some(ErrorEvent {

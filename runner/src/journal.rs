@@ -52,7 +52,8 @@ pub struct Progress {
 pub struct EventLog {
     inner: Mutex<Inner>,
     progress: watch::Sender<Progress>,
-    /// Set once the journal file is open ([`EventLog::open_file`]).
+    /// Set once the journal file is open ([`EventLog::open_file`]): the file the writer
+    /// writes (one descriptor for both; it closes with the last holder).
     reader: OnceLock<Arc<File>>,
     path: PathBuf,
     cap: u64,
@@ -84,7 +85,7 @@ impl std::fmt::Debug for Mirror {
 /// zeroed first. The old tail is cut off when the log closes.
 #[derive(Debug)]
 struct JournalFile {
-    file: File,
+    file: Arc<File>,
     /// Where the old bytes of a recycled file end (0 for a new file).
     stale_end: u64,
     /// Bytes from the write position up to here are NUL (or past `stale_end`).
@@ -92,7 +93,7 @@ struct JournalFile {
 }
 
 impl JournalFile {
-    fn new(file: File, stale_end: u64) -> Self {
+    fn new(file: Arc<File>, stale_end: u64) -> Self {
         // A recycled file starts with a NUL (written when it was retired).
         Self {
             file,
@@ -134,7 +135,7 @@ fn write_zeros(file: &File, mut from: u64, to: u64) -> io::Result<()> {
 /// [`EventLog::close_keeping_tail`]).
 #[derive(Debug)]
 pub struct StaleTail {
-    file: File,
+    file: Arc<File>,
     end: u64,
     stale_end: u64,
     path: PathBuf,
@@ -152,6 +153,16 @@ impl StaleTail {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot cut a recycled journal's old bytes");
         }
     }
+}
+
+/// Where [`EventLog::open_file`] gets the journal file.
+#[derive(Debug)]
+pub enum Journal {
+    /// A new file at the log's path (which must not exist).
+    New,
+    /// The file at the log's path, a pruned invoke's journal barred by a NUL over its first
+    /// byte (see `Invokes::retire`); already open for reading and writing when given.
+    Recycled(Option<File>),
 }
 
 #[derive(Debug)]
@@ -211,11 +222,10 @@ impl Batch<'_> {
 
 impl EventLog {
     /// Creates an empty log journaled at `path` (which must not exist), storing at most `cap`
-    /// bytes of output. `reuse` is an emptied file to rename into place rather than creating
-    /// a new inode (see `Invokes::retire`).
-    pub fn create(path: &Path, cap: u64, reuse: Option<&Path>) -> io::Result<Arc<Self>> {
+    /// bytes of output.
+    pub fn create(path: &Path, cap: u64) -> io::Result<Arc<Self>> {
         let log = Self::deferred(path, cap);
-        log.open_file(reuse)?;
+        log.open_file(Journal::New)?;
         Ok(log)
     }
 
@@ -226,23 +236,34 @@ impl EventLog {
         Self::from_parts(None, None, path, cap, 1, 0, Vec::new())
     }
 
-    /// Creates the journal file of a [`EventLog::deferred`] log (see [`EventLog::create`]).
-    /// `reuse` must start with a NUL byte; its old bytes are overwritten as the log grows.
-    pub fn open_file(&self, reuse: Option<&Path>) -> io::Result<()> {
-        let path = &self.path;
-        let reused = reuse.is_some_and(|spare| std::fs::rename(spare, path).is_ok());
-        // One open (a path lookup in a large directory is not free); the reader is a dup.
-        let writer = OpenOptions::new()
-            .create_new(!reused)
-            .read(true)
-            .write(true)
-            .open(path)?;
-        let stale_end = if reused { writer.metadata()?.len() } else { 0 };
-        let reader = writer.try_clone()?;
+    /// Opens the journal file of a [`EventLog::deferred`] log (see [`EventLog::create`]): a
+    /// new file, or a recycled one at the log's path whose old bytes are overwritten as the
+    /// log grows.
+    pub fn open_file(&self, journal: Journal) -> io::Result<()> {
+        let (file, stale_end) = match journal {
+            Journal::New => {
+                let file = OpenOptions::new()
+                    .create_new(true)
+                    .read(true)
+                    .write(true)
+                    .open(&self.path)?;
+                (file, 0)
+            }
+            Journal::Recycled(open) => {
+                let file = match open {
+                    Some(file) => file,
+                    None => OpenOptions::new().read(true).write(true).open(&self.path)?,
+                };
+                let len = file.metadata()?.len();
+                (file, len)
+            }
+        };
+        // One descriptor, for writing and for readers that fall behind the tail.
+        let file = Arc::new(file);
         let mut inner = self.lock();
         debug_assert_eq!(inner.end, 0, "open_file after an append");
-        inner.writer = Some(JournalFile::new(writer, stale_end));
-        let _ = self.reader.set(Arc::new(reader));
+        inner.writer = Some(JournalFile::new(Arc::clone(&file), stale_end));
+        let _ = self.reader.set(file);
         Ok(())
     }
 
@@ -297,10 +318,10 @@ impl EventLog {
         if offset != len {
             file.set_len(offset)?;
         }
-        let reader = File::open(path)?;
+        let file = Arc::new(file);
         let log = Self::from_parts(
-            Some(JournalFile::new(file, 0)),
-            Some(reader),
+            Some(JournalFile::new(Arc::clone(&file), 0)),
+            Some(file),
             path,
             u64::MAX,
             last_seq + 1,
@@ -315,7 +336,7 @@ impl EventLog {
 
     fn from_parts(
         writer: Option<JournalFile>,
-        reader: Option<File>,
+        reader: Option<Arc<File>>,
         path: &Path,
         cap: u64,
         next_seq: u64,
@@ -343,9 +364,7 @@ impl EventLog {
                 last_batch: 0,
             }),
             progress,
-            reader: reader
-                .map(Arc::new)
-                .map_or_else(OnceLock::new, OnceLock::from),
+            reader: reader.map_or_else(OnceLock::new, OnceLock::from),
             path: path.to_owned(),
             cap,
             mirror: OnceLock::new(),
@@ -551,6 +570,13 @@ impl Subscription {
         self.offset
     }
 
+    /// Waits until the log is closed, at most `window`; whether it is.
+    pub async fn closed_within(&self, window: std::time::Duration) -> bool {
+        let mut rx = self.rx.clone();
+        let closed = async move { rx.wait_for(|p| p.closed).await.is_ok() };
+        tokio::time::timeout(window, closed).await.unwrap_or(false)
+    }
+
     /// The next bytes, waiting for new events; `None` once the log is closed and all was read.
     pub async fn next(&mut self) -> Option<io::Result<Bytes>> {
         loop {
@@ -606,7 +632,7 @@ mod tests {
     #[tokio::test]
     async fn replay_from_any_point_has_no_gap_and_no_duplicate() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = EventLog::create(&dir.path().join("j"), u64::MAX, None).expect("create");
+        let log = EventLog::create(&dir.path().join("j"), u64::MAX).expect("create");
         let line = vec![b'x'; 3000];
         for _ in 0..200 {
             log.append(|b| {
@@ -625,7 +651,7 @@ mod tests {
     #[tokio::test]
     async fn live_subscriber_sees_appends_made_after_it_started() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = EventLog::create(&dir.path().join("j"), u64::MAX, None).expect("create");
+        let log = EventLog::create(&dir.path().join("j"), u64::MAX).expect("create");
         log.append(|b| b.event("start", &1));
         let sub = log.subscribe(0).expect("subscribe");
         let reader = tokio::spawn(collect(sub));
@@ -642,7 +668,7 @@ mod tests {
     #[tokio::test]
     async fn cap_counts_instead_of_storing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = EventLog::create(&dir.path().join("j"), 10, None).expect("create");
+        let log = EventLog::create(&dir.path().join("j"), 10).expect("create");
         log.append(|b| {
             b.log(Stream::Stdout, b"12345", false);
             b.log(Stream::Stdout, b"67890", false);
@@ -653,24 +679,28 @@ mod tests {
         assert_eq!(ids(&collect(log.subscribe(0).expect("sub")).await), vec![1]);
     }
 
-    /// A directory and the paths of an old journal, its spare and the journal recycling it.
-    fn recycling_paths() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    /// A directory and the path of a journal to retire and recycle.
+    fn recycling_path() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = |name: &str| dir.path().join(name);
-        let (old, spare, new) = (path("old"), path("spare"), path("new"));
-        (dir, old, spare, new)
+        let path = dir.path().join("journal");
+        (dir, path)
     }
 
-    /// Retires a journal as `Invokes::retire` does: a NUL over its first byte, renamed.
-    fn retire(journal: &Path, spare: &Path) {
-        let f = OpenOptions::new().write(true).open(journal).expect("open");
+    /// Retires a journal as `Invokes::retire` does: a NUL over its first byte, in place;
+    /// returns it open, as a warm spare is.
+    fn retire(journal: &Path) -> File {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(journal)
+            .expect("open");
         f.write_all_at(&[0], 0).expect("barrier");
-        std::fs::rename(journal, spare).expect("rename");
+        f
     }
 
     #[tokio::test]
     async fn a_recycled_journal_never_shows_its_old_bytes() {
-        let (dir, old, spare, new) = recycling_paths();
+        let (dir, path) = recycling_path();
         // The worst case: the old journal holds exactly the bytes the new one will write, only
         // more of them (the same program run twice).
         let line = vec![b'y'; 99];
@@ -679,28 +709,29 @@ mod tests {
                 log.append(|b| b.log(Stream::Stdout, &line, false));
             }
         };
-        let log = EventLog::create(&old, u64::MAX, None).expect("create");
+        let log = EventLog::create(&path, u64::MAX).expect("create");
         write(&log, 30_000);
         log.close();
-        let old_len = std::fs::metadata(&old).expect("stat").len();
-        retire(&old, &spare);
+        let old_len = std::fs::metadata(&path).expect("stat").len();
+        drop(retire(&path));
         // Nothing can be recovered from a retired journal.
-        let (log, last) = EventLog::open_existing(&spare).expect("reopen the spare");
+        let (log, last) = EventLog::open_existing(&path).expect("reopen the spare");
         assert_eq!((log.progress().last_seq, last), (0, None));
-        assert_eq!(std::fs::metadata(&spare).expect("stat").len(), 0);
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 0);
         // Again, for the recycling below.
-        let log = EventLog::create(&old, u64::MAX, None).expect("create");
+        std::fs::remove_file(&path).expect("remove");
+        let log = EventLog::create(&path, u64::MAX).expect("create");
         write(&log, 30_000);
         log.close();
-        retire(&old, &spare);
+        let spare = retire(&path);
 
-        let log = EventLog::deferred(&new, u64::MAX);
-        log.open_file(Some(&spare)).expect("recycle");
-        assert!(!spare.exists());
+        let log = EventLog::deferred(&path, u64::MAX);
+        log.open_file(Journal::Recycled(Some(spare)))
+            .expect("recycle");
         for n in [1usize, 10, 5_000, 3_000] {
             write(&log, n);
             let end = log.progress().end;
-            let bytes = std::fs::read(&new).expect("read");
+            let bytes = std::fs::read(&path).expect("read");
             assert_eq!(bytes.len() as u64, old_len, "overwritten in place");
             assert_eq!(bytes[end as usize], 0, "a NUL right after the events");
             // A runner killed now: recovery finds exactly the events written.
@@ -713,7 +744,7 @@ mod tests {
         }
         log.append(|b| b.event("exit", &0));
         log.close();
-        let bytes = std::fs::read(&new).expect("read");
+        let bytes = std::fs::read(&path).expect("read");
         assert_eq!(bytes.len() as u64, log.progress().end, "old bytes cut off");
         assert_eq!(ids(&bytes), (1..=8012).collect::<Vec<_>>());
         assert_eq!(
@@ -724,18 +755,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_recycled_journal_grows_past_its_old_size() {
-        let (_dir, old, spare, new) = recycling_paths();
-        let log = EventLog::create(&old, u64::MAX, None).expect("create");
+        let (_dir, path) = recycling_path();
+        let log = EventLog::create(&path, u64::MAX).expect("create");
         log.append(|b| b.log(Stream::Stdout, b"short", false));
         log.close();
-        retire(&old, &spare);
-        let log = EventLog::deferred(&new, u64::MAX);
-        log.open_file(Some(&spare)).expect("recycle");
+        drop(retire(&path));
+        // A cold spare: opened by its path.
+        let log = EventLog::deferred(&path, u64::MAX);
+        log.open_file(Journal::Recycled(None)).expect("recycle");
         for _ in 0..1000 {
             log.append(|b| b.log(Stream::Stdout, &[b'z'; 500], false));
         }
         log.close();
-        let bytes = std::fs::read(&new).expect("read");
+        let bytes = std::fs::read(&path).expect("read");
         assert_eq!(bytes.len() as u64, log.progress().end);
         assert_eq!(ids(&bytes), (1..=1000).collect::<Vec<_>>());
         assert!(!bytes.contains(&0));
@@ -746,7 +778,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("j");
         {
-            let log = EventLog::create(&path, u64::MAX, None).expect("create");
+            let log = EventLog::create(&path, u64::MAX).expect("create");
             for _ in 0..5000 {
                 log.append(|b| b.log(Stream::Stdout, b"some output line", false));
             }

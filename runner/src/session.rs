@@ -72,7 +72,7 @@ impl Session {
         let log = if path.exists() {
             EventLog::open_existing(&path)?.0
         } else {
-            EventLog::create(&path, u64::MAX, None)?
+            EventLog::create(&path, u64::MAX)?
         };
         self.event_count
             .store(log.progress().last_seq, Ordering::SeqCst);

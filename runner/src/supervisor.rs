@@ -581,20 +581,26 @@ pub fn try_finish(
     log: &EventLog,
     side: Option<&mut dyn SideReader>,
 ) -> Result<Outcome, Running> {
-    let closed = |pipe: Option<BorrowedFd<'_>>| {
-        pipe.is_none_or(|fd| {
-            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-            matches!(poll(&mut fds, 0u16), Ok(1))
-                && fds[0]
-                    .revents()
-                    .is_some_and(|r| r.contains(PollFlags::POLLHUP))
-        })
-    };
-    if process.stop_reason().is_some()
-        || !closed(running.stdout.as_ref().map(AsFd::as_fd))
-        || !closed(running.stderr.as_ref().map(AsFd::as_fd))
-        || !closed(side.as_ref().map(|side| side.fd()))
-    {
+    if process.stop_reason().is_some() {
+        return Err(running);
+    }
+    // Every pipe hung up (one poll for all of them).
+    let mut fds: Vec<PollFd<'_>> = [
+        running.stdout.as_ref().map(AsFd::as_fd),
+        running.stderr.as_ref().map(AsFd::as_fd),
+        side.as_ref().map(|side| side.fd()),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+    .collect();
+    let all_closed = fds.is_empty()
+        || (matches!(poll(&mut fds, 0u16), Ok(n) if n as usize == fds.len())
+            && fds
+                .iter()
+                .all(|fd| fd.revents().is_some_and(|r| r.contains(PollFlags::POLLHUP))));
+    drop(fds);
+    if !all_closed {
         return Err(running);
     }
     let Some(status) = running.exit.try_now(reaper) else {

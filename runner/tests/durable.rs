@@ -124,7 +124,13 @@ fn invoke_id_of(events: &[Event]) -> String {
 }
 
 fn invokes_dir(r: &Runner) -> std::path::PathBuf {
-    r.workspace.join(".agentbox").join("invokes")
+    r.invokes_dir()
+}
+
+/// The journal of invoke `id`, which must be there.
+fn journal_of(r: &Runner, id: &str) -> std::path::PathBuf {
+    r.journal_of(id)
+        .unwrap_or_else(|| panic!("no journal holds invoke {id}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1165,7 +1171,7 @@ async fn runner_restart_reads_a_recycled_journal_only_as_far_as_it_was_written()
     std::fs::remove_file(&bulk).unwrap();
     let (id, pid, resp) = start_sleeper(&r1, &pid_file).await;
     let _guard = KillOnDrop(pid);
-    let journal = invokes_dir(&r1).join(format!("{id}.events"));
+    let journal = journal_of(&r1, &id);
     let on_disk = std::fs::read(&journal).unwrap();
     let written = memchr::memchr(0, &on_disk).expect("a NUL after the events");
     assert!(
@@ -1197,7 +1203,7 @@ async fn runner_restart_repairs_a_torn_journal_tail() {
     .await;
     let (id, pid, resp) = start_sleeper(&r1, &pid_file).await;
     let _guard = KillOnDrop(pid);
-    let journal = invokes_dir(&r1).join(format!("{id}.events"));
+    let journal = journal_of(&r1, &id);
     r1.kill9();
     drop(resp);
     let mut f = std::fs::OpenOptions::new()
@@ -1249,8 +1255,8 @@ async fn runner_restart_keeps_an_exit_already_journaled() {
     r1.configure_sh("echo ok").await;
     let events = r1.invoke_sse("", "").await;
     let id = invoke_id_of(&events);
-    let meta_path = invokes_dir(&r1).join(format!("{id}.json"));
-    // The summary ({id}.json) gets its last line (JSON lines, the last one counts) right
+    let meta_path = journal_of(&r1, &id).with_extension("json");
+    // The summary (<name>.json) gets its last line (JSON lines, the last one counts) right
     // after the stream ends.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut meta: Value = loop {
@@ -1328,21 +1334,30 @@ async fn listed(r: &Runner) -> Vec<String> {
 }
 
 async fn assert_pruned(r: &Runner, id: &str) {
-    // Its files are gone, or kept for reuse with nothing of it readable: the summary empty,
-    // the journal barred by a NUL first byte (a new invoke renames them to its own name).
-    let base = invokes_dir(r).join(id);
-    let summary = std::fs::read(base.with_extension("json"));
-    let journal = std::fs::read(base.with_extension("events"));
-    match (&summary, &journal) {
-        (Err(_), Err(_)) => {}
-        (Ok(summary), Ok(journal)) => {
-            assert!(summary.is_empty(), "pruned invoke {id} kept its summary");
-            assert!(
-                journal.first().is_none_or(|b| *b == 0),
-                "pruned invoke {id} kept a readable journal"
-            );
-        }
-        _ => panic!("pruned invoke {id} left half its files: {summary:?} {journal:?}"),
+    // Its files are gone, or kept for reuse (under the name they were created with) with
+    // nothing of it readable: the summary emptied, the journal barred by a NUL first byte.
+    assert_eq!(
+        r.journal_of(id),
+        None,
+        "pruned invoke {id} kept a readable journal"
+    );
+    assert_eq!(
+        r.summary_file_of(id),
+        None,
+        "pruned invoke {id} kept its summary"
+    );
+    // Files come in pairs.
+    let names: std::collections::BTreeSet<std::path::PathBuf> = std::fs::read_dir(invokes_dir(r))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for path in &names {
+        let other = match path.extension().and_then(|e| e.to_str()) {
+            Some("events") => path.with_extension("json"),
+            Some("json") => path.with_extension("events"),
+            _ => continue,
+        };
+        assert!(names.contains(&other), "{} has no pair", path.display());
     }
     let (status, body) = error_of(r.get(&format!("/v1/invokes/{id}")).send().await.unwrap()).await;
     assert_eq!(status, 404, "{body}");
@@ -1370,7 +1385,7 @@ async fn retention_prunes_oldest() {
         assert_pruned(&r, id).await;
     }
     for id in &ids[2..] {
-        assert!(invokes_dir(&r).join(format!("{id}.events")).is_file());
+        assert!(journal_of(&r, id).is_file());
         let events = replay(&r, id, None).await;
         assert_eq!(rebuild(&events, "stdout"), b"run\n");
         let s = summary(&r, id).await.1;
@@ -1412,9 +1427,7 @@ async fn a_quick_invoke_in_a_big_recycled_journal_cuts_its_old_tail() {
     .await;
     std::fs::write(&big, b"").unwrap();
     let first = run_sequentially(&r, 1).await.remove(0);
-    let first_len = std::fs::metadata(invokes_dir(&r).join(format!("{first}.events")))
-        .unwrap()
-        .len();
+    let first_len = std::fs::metadata(journal_of(&r, &first)).unwrap().len();
     assert!(
         first_len > 8_000_000,
         "journal of {first}: {first_len} bytes"
@@ -1422,7 +1435,7 @@ async fn a_quick_invoke_in_a_big_recycled_journal_cuts_its_old_tail() {
     std::fs::remove_file(&big).unwrap();
     // The second prunes the first (its files become the spare), the third takes them.
     let ids = run_sequentially(&r, 2).await;
-    let journal = invokes_dir(&r).join(format!("{}.events", ids[1]));
+    let journal = journal_of(&r, &ids[1]);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let len = std::fs::metadata(&journal).unwrap().len();
@@ -1453,7 +1466,7 @@ async fn pruned_files_are_reused_clean() {
     for _ in 0..10 {
         let events = r.invoke_sse("?onDisconnect=continue", "").await;
         let id = invoke_id_of(&events);
-        let journal = invokes_dir(&r).join(format!("{id}.events"));
+        let journal = journal_of(&r, &id);
         if first.is_none() {
             std::fs::hard_link(&journal, &observer).unwrap();
             first = Some(id.clone());
@@ -1472,7 +1485,7 @@ async fn pruned_files_are_reused_clean() {
             rebuild(&replay(&r, &id, None).await, "stdout"),
             want.as_bytes()
         );
-        let summary = std::fs::read_to_string(invokes_dir(&r).join(format!("{id}.json"))).unwrap();
+        let summary = std::fs::read_to_string(journal.with_extension("json")).unwrap();
         for line in summary.lines() {
             let line: Value = serde_json::from_str(line).unwrap();
             assert_eq!(
@@ -1490,6 +1503,36 @@ async fn pruned_files_are_reused_clean() {
     );
 }
 
+/// Starting an invoke on a recycled pair changes no entry of `invokes/`, so the runner sets
+/// the directory's modification time itself: the control plane reads `lastActivityAt` there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invoke_on_a_recycled_pair_marks_activity() {
+    let r = Runner::start(&["--retain-invokes", "1"]);
+    r.configure_sh("echo hi").await;
+    let ids = run_sequentially(&r, 2).await;
+    assert_eq!(listed_once_pruned(&r, 1).await, [ids[1].clone()]);
+    let dir = invokes_dir(&r);
+    let touched = std::process::Command::new("touch")
+        .args(["-d", "2020-01-01T00:00:00Z"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    let before = std::time::SystemTime::now();
+    let id = run_sequentially(&r, 1).await.remove(0);
+    assert_eq!(
+        journal_of(&r, &id),
+        dir.join(format!("{}.events", ids[0])),
+        "not a recycled pair"
+    );
+    let modified = std::fs::metadata(&dir).unwrap().modified().unwrap();
+    // File times come from the kernel's coarse clock, which may trail by a tick.
+    assert!(
+        modified + Duration::from_millis(50) >= before,
+        "invokes/ modified at {modified:?}, the invoke started at {before:?}"
+    );
+}
+
 /// A pruned invoke's files wait under its name for a new invoke to take them; a runner killed
 /// before that deletes them when it starts, and lists only what it kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1500,6 +1543,8 @@ async fn a_restarted_runner_deletes_pruned_files_left_for_reuse() {
     r1.configure_sh("seq 1 100").await;
     let ids = run_sequentially(&r1, 3).await;
     assert_eq!(listed_once_pruned(&r1, 1).await, [ids[2].clone()]);
+    // The second invoke found no spare (the first was still kept when it started), so its
+    // pair carries its name; the third took the first's pair.
     let spare = invokes_dir(&r1).join(&ids[1]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::metadata(spare.with_extension("json")).map_or(1, |m| m.len()) != 0 {
@@ -1538,11 +1583,7 @@ async fn retention_by_bytes_prunes_oldest() {
     assert_eq!(listed, newest, "the 2 newest fit in 400KB, newest first");
     let kept: u64 = ids[2..]
         .iter()
-        .map(|id| {
-            std::fs::metadata(invokes_dir(&r).join(format!("{id}.events")))
-                .unwrap()
-                .len()
-        })
+        .map(|id| std::fs::metadata(journal_of(&r, id)).unwrap().len())
         .sum();
     assert!(kept <= 400_000, "kept {kept} journal bytes");
     for id in &ids[..2] {
@@ -1627,13 +1668,18 @@ async fn bad_last_event_id_is_400() {
 }
 
 /// The summary next to a journal is only a cache: a runner killed while it was torn or before
-/// it was written recovers the invoke from the journal alone.
+/// it was written recovers the invoke from the journal alone, named by the journal's `start`
+/// (here a recycled pair, whose file names are an older invoke's id).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runner_restart_rebuilds_a_torn_summary_from_the_journal() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let pid_file = dir.join("pid");
-    let mut r1 = Runner::start_in(dir, &[]);
+    let mut r1 = Runner::start_in(dir, &["--retain-invokes", "1"]);
+    r1.configure_sh("echo quick").await;
+    // The second prunes the first, whose pair the sleeper below then takes.
+    let quick = run_sequentially(&r1, 2).await;
+    assert_eq!(listed_once_pruned(&r1, 1).await, [quick[1].clone()]);
     r1.configure_sh(&format!(
         "echo hello; echo $$ > {}; exec sleep 1000",
         pid_file.display()
@@ -1641,13 +1687,15 @@ async fn runner_restart_rebuilds_a_torn_summary_from_the_journal() {
     .await;
     let (id, pid, resp) = start_sleeper(&r1, &pid_file).await;
     let _guard = KillOnDrop(pid);
+    let journal = journal_of(&r1, &id);
+    assert_eq!(
+        journal,
+        invokes_dir(&r1).join(format!("{}.events", quick[0])),
+        "not a recycled pair"
+    );
     r1.kill9();
     drop(resp);
-    std::fs::write(
-        invokes_dir(&r1).join(format!("{id}.json")),
-        b"{\"invokeId\":",
-    )
-    .unwrap();
+    std::fs::write(journal.with_extension("json"), b"{\"invokeId\":").unwrap();
 
     let r2 = Runner::start_in(dir, &[]);
     let (status, s) = summary(&r2, &id).await;

@@ -1596,9 +1596,8 @@ async fn exec_argv_command_stdin_env_cwd_and_exit_codes() {
     assert_eq!(body["exitCode"], 127, "{body}");
     // Journaled like any run, so a replay has it: start, the spawn's error, exit.
     let journal = r
-        .workspace
-        .join(".agentbox/invokes")
-        .join(format!("{}.events", body["invokeId"].as_str().unwrap()));
+        .journal_of(body["invokeId"].as_str().unwrap())
+        .expect("the journal of the exec");
     let journal = String::from_utf8(std::fs::read(&journal).unwrap()).unwrap();
     for want in ["event: start\n", "\"phase\":\"spawn\"", "event: exit\n"] {
         assert!(journal.contains(want), "{want} not in {journal}");

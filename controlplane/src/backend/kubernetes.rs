@@ -1215,6 +1215,10 @@ impl Backend for KubernetesBackend {
         }))
     }
 
+    fn records_outcomes(&self) -> bool {
+        true
+    }
+
     async fn record(&self, name: &str, action: &str, outcome: &str, status: u16) {
         let Some(secret) = self.secret(name) else {
             return;

@@ -61,6 +61,105 @@ pub struct LocalBackend {
     resolved: Mutex<HashMap<String, Resolved>>,
 }
 
+/// What starting a runner needs, owned, so that it can run on a blocking thread (a
+/// `spawn_blocking` task works on any runtime; the control plane's has one thread).
+#[derive(Debug, Clone)]
+struct Launch {
+    root: PathBuf,
+    runner_bin: PathBuf,
+    bwrap: bool,
+    start_timeout: Duration,
+}
+
+impl Launch {
+    /// Starts the runner of `record` and waits for its `listening on` line.
+    fn start(&self, record: &mut Record) -> Result<()> {
+        let dir = self.root.join(&record.name);
+        let workspace = dir.join("workspace");
+        std::fs::create_dir_all(&workspace)?;
+        let out_path = dir.join("runner.out");
+        let stdout = std::fs::File::create(&out_path)?;
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("runner.log"))?;
+        let mut runner_args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
+        runner_args.extend(["--mode".into(), record.template.mode.clone()]);
+        if let Some(n) = record.template.max_concurrent_invokes {
+            runner_args.extend(["--max-concurrent-invokes".into(), n.to_string()]);
+        }
+        runner_args.extend(record.template.runner_args.iter().cloned());
+        let mut cmd = if self.bwrap {
+            let mut c = Command::new("bwrap");
+            c.args(bwrap_args(&self.root, &workspace, &self.runner_bin));
+            c.arg("--workspace").arg("/workspace");
+            c
+        } else {
+            let mut c = Command::new(&self.runner_bin);
+            c.arg("--workspace").arg(&workspace);
+            c
+        };
+        cmd.args(&runner_args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("AGENTBOX_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.envs(&record.template.env);
+        cmd.env("AGENTBOX_RUNNER_TOKEN", &record.token)
+            .env("AGENTBOX_SANDBOX", &record.name)
+            .env("AGENTBOX_LOG", "info");
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::Backend(format!("cannot start the runner: {e}")))?;
+        let pid = child.id() as i32;
+        // Reap it whenever it exits, so it never lingers as a zombie of the control plane.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        let deadline = Instant::now() + self.start_timeout;
+        let addr = loop {
+            let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("listening on "))
+                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+            {
+                break addr;
+            }
+            if start_time(pid).is_none() || is_zombie(pid) || Instant::now() > deadline {
+                let log = std::fs::read_to_string(dir.join("runner.log")).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                record.message = Some(format!("the runner did not start: {tail}"));
+                return Err(Error::Backend(format!(
+                    "sandbox {:?}: the runner did not start: {tail}",
+                    record.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        record.addr = Some(addr);
+        record.pid = Some(pid);
+        record.pid_started = start_time(pid);
+        record.running = true;
+        record.message = None;
+        Ok(())
+    }
+}
+
+/// Runs blocking work (starting or stopping a runner) off the runtime's thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("a blocking task failed: {e}")))
+}
+
 /// What [`LocalBackend::resolve`] read for a sandbox, kept while its record file is the same
 /// version (a record is replaced by rename, so a new one has a new inode): a proxied request
 /// then costs a `stat` and a `poll` instead of reading and parsing the record and
@@ -224,6 +323,15 @@ impl LocalBackend {
         valid_name(name).then(|| self.root.join(name))
     }
 
+    fn launch(&self) -> Launch {
+        Launch {
+            root: self.root.clone(),
+            runner_bin: self.runner_bin.clone(),
+            bwrap: self.bwrap,
+            start_timeout: self.start_timeout,
+        }
+    }
+
     fn read(&self, name: &str) -> Result<Option<Record>> {
         let Some(dir) = self.dir(name) else {
             return Ok(None);
@@ -249,86 +357,6 @@ impl LocalBackend {
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, dir.join("sandbox.json"))?;
-        Ok(())
-    }
-
-    /// Starts the runner of `record` and waits for its `listening on` line.
-    fn start(&self, record: &mut Record) -> Result<()> {
-        let dir = self.root.join(&record.name);
-        let workspace = dir.join("workspace");
-        std::fs::create_dir_all(&workspace)?;
-        let out_path = dir.join("runner.out");
-        let stdout = std::fs::File::create(&out_path)?;
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("runner.log"))?;
-        let mut runner_args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
-        runner_args.extend(["--mode".into(), record.template.mode.clone()]);
-        if let Some(n) = record.template.max_concurrent_invokes {
-            runner_args.extend(["--max-concurrent-invokes".into(), n.to_string()]);
-        }
-        runner_args.extend(record.template.runner_args.iter().cloned());
-        let mut cmd = if self.bwrap {
-            let mut c = Command::new("bwrap");
-            c.args(bwrap_args(&self.root, &workspace, &self.runner_bin));
-            c.arg("--workspace").arg("/workspace");
-            c
-        } else {
-            let mut c = Command::new(&self.runner_bin);
-            c.arg("--workspace").arg(&workspace);
-            c
-        };
-        cmd.args(&runner_args)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .process_group(0);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("AGENTBOX_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.envs(&record.template.env);
-        cmd.env("AGENTBOX_RUNNER_TOKEN", &record.token)
-            .env("AGENTBOX_SANDBOX", &record.name)
-            .env("AGENTBOX_LOG", "info");
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| Error::Backend(format!("cannot start the runner: {e}")))?;
-        let pid = child.id() as i32;
-        // Reap it whenever it exits, so it never lingers as a zombie of the control plane.
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
-        let deadline = Instant::now() + self.start_timeout;
-        let addr = loop {
-            let text = std::fs::read_to_string(&out_path).unwrap_or_default();
-            if let Some(addr) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("listening on "))
-                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
-            {
-                break addr;
-            }
-            if start_time(pid).is_none() || is_zombie(pid) || Instant::now() > deadline {
-                let log = std::fs::read_to_string(dir.join("runner.log")).unwrap_or_default();
-                let lines: Vec<&str> = log.lines().collect();
-                let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                record.message = Some(format!("the runner did not start: {tail}"));
-                return Err(Error::Backend(format!(
-                    "sandbox {:?}: the runner did not start: {tail}",
-                    record.name
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        record.addr = Some(addr);
-        record.pid = Some(pid);
-        record.pid_started = start_time(pid);
-        record.running = true;
-        record.message = None;
         Ok(())
     }
 
@@ -495,7 +523,7 @@ impl Backend for LocalBackend {
             }
             Err(e) => return Err(e.into()),
         }
-        let mut record = Record {
+        let record = Record {
             name: spec.name,
             namespace: spec.namespace,
             template: spec.template,
@@ -508,7 +536,13 @@ impl Backend for LocalBackend {
             token: random_hex(32),
             message: None,
         };
-        let started = tokio::task::block_in_place(|| self.start(&mut record));
+        let launch = self.launch();
+        let (record, started) = blocking(move || {
+            let mut record = record;
+            let started = launch.start(&mut record);
+            (record, started)
+        })
+        .await?;
         if let Err(e) = started {
             // A create that failed leaves nothing behind: the name can be used again.
             let _ = std::fs::remove_dir_all(&dir);
@@ -525,7 +559,8 @@ impl Backend for LocalBackend {
         };
         record.running = false;
         self.write(&record)?;
-        tokio::task::block_in_place(|| Self::halt(&record));
+        let halted = record.clone();
+        blocking(move || Self::halt(&halted)).await?;
         let dir = self.root.join(name);
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
             .await
@@ -538,7 +573,8 @@ impl Backend for LocalBackend {
         let Some(mut record) = self.read(name)? else {
             return Err(Error::SandboxNotFound(name.into()));
         };
-        tokio::task::block_in_place(|| Self::halt(&record));
+        let halted = record.clone();
+        blocking(move || Self::halt(&halted)).await?;
         record.running = false;
         record.addr = None;
         self.write(&record)?;
@@ -546,13 +582,19 @@ impl Backend for LocalBackend {
     }
 
     async fn resume(&self, name: &str) -> Result<SandboxSummary> {
-        let Some(mut record) = self.read(name)? else {
+        let Some(record) = self.read(name)? else {
             return Err(Error::SandboxNotFound(name.into()));
         };
         if record.running && record.alive() {
             return Ok(self.summary(&record));
         }
-        let started = tokio::task::block_in_place(|| self.start(&mut record));
+        let launch = self.launch();
+        let (record, started) = blocking(move || {
+            let mut record = record;
+            let started = launch.start(&mut record);
+            (record, started)
+        })
+        .await?;
         self.write(&record)?;
         started?;
         Ok(self.summary(&record))

@@ -64,6 +64,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// (Kubernetes Events on the Pod). Called after the response ended; never on the
     /// request's path. `action` is `configure` or `invoke`, `outcome` a metrics outcome label.
     async fn record(&self, _name: &str, _action: &str, _outcome: &str, _status: u16) {}
+    /// Whether [`Backend::record`] keeps anything: when not, no task is spawned to call it
+    /// (a task per invoke, and on a multi-threaded runtime often a worker woken for it).
+    fn records_outcomes(&self) -> bool {
+        false
+    }
 }
 
 /// Whether `name` can name a sandbox: the rule is part of the wire contract, see
