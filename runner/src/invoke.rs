@@ -71,12 +71,13 @@ impl Stdin {
 }
 
 /// Name prefix of the spare files earlier builds kept (removed at start; spares now keep the
-/// name of the invoke they were pruned from until they are reused).
+/// name they were created with, see [`Invoke::base`]).
 const SPARE_PREFIX: &str = "spare-";
 /// At most this many spare pairs are kept.
 const MAX_SPARES: usize = 64;
-/// The newest spares keep their files open from retiring to reuse (the next invokes open
-/// nothing); older ones are opened by path. Few, as every spawn copies the descriptor table.
+/// The newest spares keep their journal open from retiring to reuse (the next invokes open
+/// no journal); older ones are opened by path. Few, as every spawn copies the descriptor
+/// table.
 const WARM_SPARES: usize = 2;
 
 /// A pruned invoke's file pair kept for a new invoke (see [`Invokes::retire`]), under the
@@ -116,8 +117,9 @@ pub struct StartRequest {
     pub acp: Option<crate::acp::Turn>,
 }
 
-/// Persisted summary of an invoke (`<id>.json` next to its journal `<id>.events`). A cache of
-/// what the journal says, plus the pid: when it is missing or damaged, the journal decides.
+/// Persisted summary of an invoke (`<name>.json` next to its journal `<name>.events`, see
+/// [`Invoke::base`]). A cache of what the journal says, plus the pid: when it is missing or
+/// damaged, the journal decides.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Meta {

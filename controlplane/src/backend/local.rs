@@ -323,13 +323,20 @@ impl LocalBackend {
         valid_name(name).then(|| self.root.join(name))
     }
 
-    fn launch(&self) -> Launch {
-        Launch {
+    /// Starts the runner of `record` on a blocking thread; the record comes back updated
+    /// either way, with the start's outcome.
+    async fn start(&self, mut record: Record) -> Result<(Record, Result<()>)> {
+        let launch = Launch {
             root: self.root.clone(),
             runner_bin: self.runner_bin.clone(),
             bwrap: self.bwrap,
             start_timeout: self.start_timeout,
-        }
+        };
+        blocking(move || {
+            let started = launch.start(&mut record);
+            (record, started)
+        })
+        .await
     }
 
     fn read(&self, name: &str) -> Result<Option<Record>> {
@@ -536,13 +543,7 @@ impl Backend for LocalBackend {
             token: random_hex(32),
             message: None,
         };
-        let launch = self.launch();
-        let (record, started) = blocking(move || {
-            let mut record = record;
-            let started = launch.start(&mut record);
-            (record, started)
-        })
-        .await?;
+        let (record, started) = self.start(record).await?;
         if let Err(e) = started {
             // A create that failed leaves nothing behind: the name can be used again.
             let _ = std::fs::remove_dir_all(&dir);
@@ -588,13 +589,7 @@ impl Backend for LocalBackend {
         if record.running && record.alive() {
             return Ok(self.summary(&record));
         }
-        let launch = self.launch();
-        let (record, started) = blocking(move || {
-            let mut record = record;
-            let started = launch.start(&mut record);
-            (record, started)
-        })
-        .await?;
+        let (record, started) = self.start(record).await?;
         self.write(&record)?;
         started?;
         Ok(self.summary(&record))

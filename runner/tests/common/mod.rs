@@ -32,37 +32,40 @@ impl Runner {
         self.workspace.join(".agentbox").join("invokes")
     }
 
+    /// The files of `invokes/` with extension `ext`.
+    fn invoke_files(&self, ext: &str) -> Vec<PathBuf> {
+        std::fs::read_dir(self.invokes_dir())
+            .map(|dir| {
+                dir.map(|e| e.unwrap().path())
+                    .filter(|p| p.extension().is_some_and(|e| e == ext))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The journal (`<name>.events`) holding invoke `id`'s events, found by its `start` event:
     /// a pair recycled from a pruned invoke keeps the name it was created with.
     pub fn journal_of(&self, id: &str) -> Option<PathBuf> {
         let own_start = format!("id: 1\nevent: start\ndata: {{\"invokeId\":\"{id}\"");
-        std::fs::read_dir(self.invokes_dir())
-            .ok()?
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "events"))
-            .find(|p| {
-                let mut head = vec![0u8; own_start.len()];
-                std::fs::File::open(p)
-                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-                    .is_ok_and(|()| head == own_start.as_bytes())
-            })
+        self.invoke_files("events").into_iter().find(|p| {
+            let mut head = vec![0u8; own_start.len()];
+            std::fs::File::open(p)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+                .is_ok_and(|()| head == own_start.as_bytes())
+        })
     }
 
     /// A summary file (`<name>.json`) whose last line names invoke `id`.
     pub fn summary_file_of(&self, id: &str) -> Option<PathBuf> {
         let own = format!("\"invokeId\":\"{id}\"");
-        std::fs::read_dir(self.invokes_dir())
-            .ok()?
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "json"))
-            .find(|p| {
-                std::fs::read_to_string(p).is_ok_and(|text| {
-                    text.lines()
-                        .rev()
-                        .find(|l| !l.is_empty())
-                        .is_some_and(|l| l.contains(&own))
-                })
+        self.invoke_files("json").into_iter().find(|p| {
+            std::fs::read_to_string(p).is_ok_and(|text| {
+                text.lines()
+                    .rev()
+                    .find(|l| !l.is_empty())
+                    .is_some_and(|l| l.contains(&own))
             })
+        })
     }
 
     /// A runner in a fresh temporary directory.
