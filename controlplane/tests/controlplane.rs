@@ -274,7 +274,8 @@ async fn last_activity_is_read_off_the_runners_state() {
 async fn cancel_through_a_second_replica() {
     let env = Env::new();
     let a = env.start();
-    let b = env.start();
+    // The second replica on a multi-threaded runtime (the first has the default one thread).
+    let b = env.start_with("none", &["--worker-threads", "2"]);
     a.create("long", "default").await;
     a.configure_sh("long", "echo ready; exec sleep 1000").await;
 
@@ -1046,6 +1047,13 @@ async fn refuses_to_start_without_auth() {
     assert_eq!(code, Some(64), "stderr: {stderr}");
     assert_eq!(stdout, "");
     assert!(stderr.contains("loopback"), "{stderr}");
+
+    let mut args = vec!["--dev", "--listen", "127.0.0.1:0", "--worker-threads", "0"];
+    args.extend(base);
+    let (code, stdout, stderr) = run_to_exit(&env, &args);
+    assert_eq!(code, Some(64), "stderr: {stderr}");
+    assert_eq!(stdout, "");
+    assert!(stderr.contains("--worker-threads"), "{stderr}");
 
     // A broken keys file is refused at start too.
     std::fs::write(
