@@ -53,10 +53,8 @@ struct Record {
 /// Runner processes on this machine.
 #[derive(Debug)]
 pub struct LocalBackend {
-    root: PathBuf,
-    runner_bin: PathBuf,
-    bwrap: bool,
-    start_timeout: Duration,
+    /// Where sandboxes live and how their runners start (cloned onto a blocking thread).
+    launch: Launch,
     create_lock: tokio::sync::Mutex<()>,
     resolved: Mutex<HashMap<String, Resolved>>,
 }
@@ -291,10 +289,12 @@ impl LocalBackend {
         let root = state_dir.join("sandboxes");
         std::fs::create_dir_all(&root)?;
         Ok(Self {
-            root,
-            runner_bin,
-            bwrap,
-            start_timeout,
+            launch: Launch {
+                root,
+                runner_bin,
+                bwrap,
+                start_timeout,
+            },
             create_lock: tokio::sync::Mutex::new(()),
             resolved: Mutex::new(HashMap::new()),
         })
@@ -302,11 +302,12 @@ impl LocalBackend {
 
     /// `record` as the API shows it, with `lastActivityAt` read off the runner's state
     /// directory (no call to the runner): the newest modification time of the directory
-    /// itself (the configuration is replaced there), of `invokes/` (a file is created or
-    /// renamed there when an invoke starts) and of `sessions/`.
+    /// itself (the configuration is replaced there), of `invokes/` (a file is created there
+    /// when an invoke starts, or the runner sets its time when it reuses a pruned one's) and of `sessions/`.
     fn summary(&self, record: &Record) -> SandboxSummary {
         let mut summary = record.summary();
         let state = self
+            .launch
             .root
             .join(&record.name)
             .join("workspace")
@@ -320,18 +321,13 @@ impl LocalBackend {
     }
 
     fn dir(&self, name: &str) -> Option<PathBuf> {
-        valid_name(name).then(|| self.root.join(name))
+        valid_name(name).then(|| self.launch.root.join(name))
     }
 
     /// Starts the runner of `record` on a blocking thread; the record comes back updated
     /// either way, with the start's outcome.
     async fn start(&self, mut record: Record) -> Result<(Record, Result<()>)> {
-        let launch = Launch {
-            root: self.root.clone(),
-            runner_bin: self.runner_bin.clone(),
-            bwrap: self.bwrap,
-            start_timeout: self.start_timeout,
-        };
+        let launch = self.launch.clone();
         blocking(move || {
             let started = launch.start(&mut record);
             (record, started)
@@ -355,7 +351,7 @@ impl LocalBackend {
     /// Replaces `record` on disk (temp file, fsync, rename) on a blocking thread: the fsync
     /// would otherwise stall every stream of the runtime's one thread.
     async fn write(&self, record: &Record) -> Result<()> {
-        let dir = self.root.join(&record.name);
+        let dir = self.launch.root.join(&record.name);
         let bytes =
             serde_json::to_vec_pretty(record).map_err(|e| Error::Internal(e.to_string()))?;
         blocking(move || {
@@ -504,7 +500,7 @@ fn bwrap_args(state_root: &Path, workspace: &Path, runner_bin: &Path) -> Vec<Str
 impl Backend for LocalBackend {
     async fn list(&self) -> Result<Vec<SandboxSummary>> {
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.root)? {
+        for entry in std::fs::read_dir(&self.launch.root)? {
             let name = entry?.file_name().to_string_lossy().into_owned();
             // One damaged record must not hide every other sandbox.
             match self.read(&name) {
@@ -567,7 +563,7 @@ impl Backend for LocalBackend {
         self.write(&record).await?;
         let halted = record.clone();
         blocking(move || Self::halt(&halted)).await?;
-        let dir = self.root.join(name);
+        let dir = self.launch.root.join(name);
         tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
             .await
             .map_err(|e| Error::Internal(e.to_string()))??;
