@@ -21,6 +21,7 @@ pub mod pool;
 pub mod proctree;
 pub mod server;
 pub mod session;
+pub mod spawn;
 pub mod sse;
 pub mod state;
 pub mod supervisor;

@@ -140,6 +140,21 @@ impl Reaper {
         Ok((child, Exit { rx, pidfd }))
     }
 
+    /// Spawns `request` (see [`crate::spawn`]) and registers it before any reap can see it.
+    fn spawn_run(
+        &self,
+        request: &crate::spawn::Request<'_>,
+    ) -> std::io::Result<(crate::spawn::Child, Exit)> {
+        let mut waiting = self.lock();
+        let mut child = crate::spawn::spawn(request)?;
+        let (tx, rx) = mpsc::channel();
+        waiting.insert(child.pid, tx);
+        // From the clone, or opened under the lock: the child cannot have been reaped (and its
+        // pid reused) yet.
+        let pidfd = child.pidfd.take().or_else(|| pidfd_open(child.pid));
+        Ok((child, Exit { rx, pidfd }))
+    }
+
     /// Reaps every exited child: registered ones get their status, orphans are just reaped.
     pub fn reap(&self) {
         let mut waiting = self.lock();
@@ -293,6 +308,9 @@ pub struct Process {
     stop: Mutex<Option<ExitReason>>,
     done: watch::Sender<bool>,
     marker: String,
+    /// Every pid signaled by a stop, recorded in the same locked step as its signal (see
+    /// [`Process::signal_tree`]).
+    signaled: Mutex<Vec<i32>>,
 }
 
 impl Process {
@@ -303,7 +321,43 @@ impl Process {
             stop: Mutex::new(None),
             done: watch::channel(false).0,
             marker,
+            signaled: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Sends `signal` to every live member of the tree rooted at `root` and records them;
+    /// returns how many were signaled. Signal and record happen under one lock: a member
+    /// killed here drops its environment (and so the marker) before it is a zombie, so
+    /// whoever waits for the tree's zombies to be reaped takes their pids from
+    /// [`Process::signaled_pids`] instead of finding them again.
+    fn signal_tree(&self, root: i32, signal: Signal) -> usize {
+        let mut record = self.signaled.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = proctree::signal_members(root, &self.marker, signal);
+        for pid in &hit {
+            if !record.contains(pid) {
+                record.push(*pid);
+            }
+        }
+        hit.len()
+    }
+
+    /// SIGKILLs the tree until no live member is left (bounded).
+    fn kill_until_gone(&self, root: i32) {
+        for _ in 0..100 {
+            if self.signal_tree(root, Signal::SIGKILL) == 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::warn!(root, "process tree still alive after repeated SIGKILL");
+    }
+
+    /// Every pid signaled so far by [`Process::signal_tree`].
+    fn signaled_pids(&self) -> Vec<i32> {
+        self.signaled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Records the root pid of a tree spawned with [`spawn_stdio`].
@@ -356,11 +410,10 @@ impl Process {
         let process = Arc::clone(self);
         tokio::spawn(async move {
             if let Some(pid) = process.pid() {
-                let marker = process.marker.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    proctree::signal(pid, &marker, Signal::SIGTERM)
-                })
-                .await;
+                let signaler = Arc::clone(&process);
+                let _ =
+                    tokio::task::spawn_blocking(move || signaler.signal_tree(pid, Signal::SIGTERM))
+                        .await;
             }
             if tokio::time::timeout(grace, process.wait_done())
                 .await
@@ -369,30 +422,11 @@ impl Process {
                 return;
             }
             if let Some(pid) = process.pid() {
-                let marker = process.marker.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    kill_until_gone(pid, &marker);
-                })
-                .await;
+                let _ = tokio::task::spawn_blocking(move || process.kill_until_gone(pid)).await;
             }
         });
         true
     }
-}
-
-/// SIGKILLs the tree until no live member is left (bounded); returns every pid it signaled.
-fn kill_until_gone(root: i32, marker: &str) -> Vec<i32> {
-    let mut signaled = Vec::new();
-    for _ in 0..100 {
-        let hit = proctree::signal_members(root, marker, Signal::SIGKILL);
-        if hit.is_empty() {
-            return signaled;
-        }
-        signaled.extend(hit);
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    tracing::warn!(root, "process tree still alive after repeated SIGKILL");
-    signaled
 }
 
 /// How a supervised run ended.
@@ -497,7 +531,7 @@ pub fn start(
     on_spawn: impl FnOnce(SpawnedChild),
 ) -> Result<Running, Outcome> {
     let Spawned {
-        mut child,
+        child,
         exit,
         started,
         start_time,
@@ -506,21 +540,21 @@ pub fn start(
         duration: started.elapsed(),
         stop_reason: process.stop_reason(),
     })?;
-    let pid = child.id() as i32;
+    let pid = child.pid;
     let _ = process.pid.set(pid);
     on_spawn(SpawnedChild {
         pid,
         start_time,
-        stdin: child.stdin.take(),
+        stdin: child.stdin,
     });
     if process.stop_reason().is_some() {
         // A stop raced with the spawn and found no pid to signal.
-        proctree::signal(pid, &process.marker, Signal::SIGKILL);
+        process.signal_tree(pid, Signal::SIGKILL);
     }
     Ok(Running {
         pid,
-        stdout: child.stdout.take(),
-        stderr: child.stderr.take(),
+        stdout: Some(child.stdout),
+        stderr: Some(child.stderr),
         exit,
         started,
     })
@@ -650,7 +684,7 @@ pub fn try_finish(
 /// A process started by [`spawn`], not yet pumped.
 #[derive(Debug)]
 struct Spawned {
-    child: std::process::Child,
+    child: crate::spawn::Child,
     exit: Exit,
     started: Instant,
     start_time: Option<u64>,
@@ -660,39 +694,33 @@ struct Spawned {
 type SpawnResult = Result<Spawned, (String, Instant)>;
 
 /// Spawns `spec` in its own process group, registered with the reaper, without reading
-/// anything (a posix_spawn: the caller waits until the child has exec'd, and then until it
-/// is scheduled again).
+/// anything (see [`crate::spawn`]: the caller waits until the child has exec'd, and then
+/// until it is scheduled again).
 fn spawn(reaper: &Reaper, spec: &RunSpec) -> SpawnResult {
     let started = Instant::now();
-    let Some((program, args)) = spec.argv.split_first() else {
-        return Err(("empty argv".into(), started));
-    };
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&spec.cwd)
-        .stdin(if spec.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
     let pass = std::mem::take(&mut *spec.pass_fds.lock().unwrap_or_else(|p| p.into_inner()));
+    let request = crate::spawn::Request {
+        argv: &spec.argv,
+        env: &spec.env,
+        cwd: &spec.cwd,
+        stdin: spec.stdin,
+        pass: &pass,
+    };
     let before = proctree::boot_ticks();
-    let spawned = reaper.spawn(&mut cmd, &pass);
+    let spawned = reaper.spawn_run(&request);
     let after = proctree::boot_ticks();
     drop(pass);
     match spawned {
         Ok((child, exit)) => Ok(Spawned {
-            start_time: proctree::start_time_within(child.id() as i32, before, after),
+            start_time: proctree::start_time_within(child.pid, before, after),
             child,
             exit,
             started,
         }),
-        Err(e) => Err((format!("cannot start {program:?}: {e}"), started)),
+        Err(e) => {
+            let program = spec.argv.first().map_or("", String::as_str);
+            Err((format!("cannot start {program:?}: {e}"), started))
+        }
     }
 }
 
@@ -739,7 +767,7 @@ fn pump_output(
             match killed_at {
                 None if exited_at.elapsed() >= DRAIN => {
                     // Descendants still hold the output pipes after the main process exited.
-                    kill_until_gone(pid, &process.marker);
+                    process.kill_until_gone(pid);
                     killed_at = Some(Instant::now());
                 }
                 Some(at) if at.elapsed() >= DRAIN_AFTER_KILL => break,
@@ -845,9 +873,11 @@ fn pump_output(
     // (cancel, timeout) every marked descendant too.
     if stop_reason.is_some() || killed_at.is_some() {
         // A killed process drops its environment (and so the marker) before it is a zombie:
-        // every pid signaled is waited for until it is reaped (re-parented to the runner, a
+        // every pid signaled (here, or by the stop's own task, which may have killed a member
+        // just before) is waited for until it is reaped (re-parented to the runner, a
         // subreaper) or gone, not only the zombies still found as members.
-        let mut signaled = kill_until_gone(pid, &process.marker);
+        process.kill_until_gone(pid);
+        let mut signaled = process.signaled_pids();
         for _ in 0..100 {
             reaper.reap();
             signaled.retain(|p| *p != pid && proctree::exists(*p));

@@ -742,7 +742,11 @@ async fn cancel_kills_the_whole_tree_including_escaped_descendants() {
     let exit = exit_event(&events);
     assert_eq!(exit["reason"], "canceled");
     assert!(!pid_exists(gc), "grandchild {gc} survived");
-    assert!(!pid_exists(ds), "setsid descendant {ds} survived");
+    assert!(
+        !pid_exists(ds),
+        "setsid descendant {ds} survived: {:?}",
+        std::fs::read_to_string(format!("/proc/{ds}/stat"))
+    );
 
     // Finished or unknown invokes: 404, by path and by body.
     let again = r

@@ -175,17 +175,23 @@ async fn session_crud_ids_and_paging() {
 
     let (_, page1) = json_of(r.get("/v1/sessions?limit=2").send().await.unwrap()).await;
     let (_, page2) = json_of(r.get("/v1/sessions?offset=2&limit=2").send().await.unwrap()).await;
-    let ids: Vec<&str> = page1["items"]
+    let listed: Vec<&Value> = page1["items"]
         .as_array()
         .unwrap()
         .iter()
         .chain(page2["items"].as_array().unwrap())
-        .map(|s| s["id"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        ids,
-        vec!["alpha", generated["id"].as_str().unwrap(), "gamma"]
-    );
+    let ids: Vec<&str> = listed.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    // Oldest first; sessions created within the same millisecond by id.
+    let mut expected = listed.clone();
+    expected.sort_by_key(|s| (s["createdAt"].as_u64().unwrap(), s["id"].as_str().unwrap()));
+    let expected: Vec<&str> = expected.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, expected);
+    let mut all = ids.clone();
+    all.sort_unstable();
+    let mut created = vec!["alpha", generated["id"].as_str().unwrap(), "gamma"];
+    created.sort_unstable();
+    assert_eq!(all, created);
     assert_eq!(page1["nextOffset"], 2);
     assert!(page2.get("nextOffset").is_none(), "{page2}");
     let (status, _) = json_of(r.get("/v1/sessions?limit=0").send().await.unwrap()).await;
