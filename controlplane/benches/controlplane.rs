@@ -213,9 +213,10 @@ fn bare_spawn() -> Duration {
     t0.elapsed()
 }
 
+/// `n` invokes through `path`: their round trips.
 fn invoke_rounds(http: &mut Http, path: &str, n: usize) -> Vec<Duration> {
     let mut samples = Vec::with_capacity(n);
-    for i in 0..WARMUP + n {
+    for _ in 0..n {
         let t0 = Instant::now();
         http.send("POST", path, "Accept: text/event-stream\r\n", b"");
         let mut seen_exit = false;
@@ -229,9 +230,7 @@ fn invoke_rounds(http: &mut Http, path: &str, n: usize) -> Vec<Duration> {
         let elapsed = t0.elapsed();
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         assert!(seen_exit, "no exit event");
-        if i >= WARMUP {
-            samples.push(elapsed);
-        }
+        samples.push(elapsed);
     }
     samples
 }
@@ -244,14 +243,27 @@ fn bench_latency(cp: &ControlPlane, rows: &mut Vec<[String; 5]>) {
     let n = env_or("BENCH_N", 2000usize);
     cp.configure(&["/bin/true"]);
     let (runner, token) = cp.runner();
+    let mut direct_http = Http::connect(runner, &format!("Authorization: Bearer {token}"));
+    let mut cp_http = cp.http();
     for _ in 0..WARMUP {
         bare_spawn();
     }
-    let bare: Vec<Duration> = (0..n).map(|_| bare_spawn()).collect();
-    let mut direct_http = Http::connect(runner, &format!("Authorization: Bearer {token}"));
-    let direct = invoke_rounds(&mut direct_http, "/v1/invoke", n);
-    let mut cp_http = cp.http();
-    let via = invoke_rounds(&mut cp_http, "/api/v1/sandboxes/bench/invoke", n);
+    invoke_rounds(&mut direct_http, "/v1/invoke", WARMUP);
+    invoke_rounds(&mut cp_http, "/api/v1/sandboxes/bench/invoke", WARMUP);
+    // Interleaved in blocks, so that all three see the same machine: on a shared VM the cost
+    // of a spawn drifts by tens of percent within a minute.
+    let blocks = 10.min(n);
+    let (mut bare, mut direct, mut via) = (Vec::new(), Vec::new(), Vec::new());
+    for block in 0..blocks {
+        let size = n / blocks + usize::from(block < n % blocks);
+        bare.extend((0..size).map(|_| bare_spawn()));
+        direct.extend(invoke_rounds(&mut direct_http, "/v1/invoke", size));
+        via.extend(invoke_rounds(
+            &mut cp_http,
+            "/api/v1/sandboxes/bench/invoke",
+            size,
+        ));
+    }
     let (bare, direct, via) = (summarize(&bare), summarize(&direct), summarize(&via));
     let ratio = via.p50 / bare.p50;
     rows.push([

@@ -533,7 +533,9 @@ async fn to_runner(
     let started = Instant::now();
     let started_at = std::time::SystemTime::now();
     let mut request = request;
-    let span_ids = kind.map(|_| {
+    // Span ids only when spans are exported: otherwise a caller's own `traceparent` passes to
+    // the runner untouched, and no ids are drawn per request.
+    let span_ids = kind.filter(|_| app.tracer.enabled()).map(|_| {
         let ids = otel::SpanIds::new(
             request
                 .headers()

@@ -3,7 +3,7 @@
 //! HTTP handlers for these live in [`crate::server`]; this module never sees a request.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read as _, Write as _};
+use std::io::{self, Read as _};
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -89,9 +89,65 @@ struct Spare {
     /// The old bytes its journal still holds (counted in `--retain-bytes`).
     bytes: u64,
     /// The journal (read and write), still open from retiring: only the newest
-    /// [`WARM_SPARES`]. (Not the summary: ext4 flushes a file to disk on its last close
-    /// after it was truncated to nothing, unless nothing was written in between.)
+    /// [`WARM_SPARES`].
     open: Option<std::fs::File>,
+    /// The summary: open (with the journal) for the newest spares, and its length.
+    summary: SummaryFile,
+}
+
+/// An invoke's summary file (`<name>.json`): one JSON line written over the file in place,
+/// padded with spaces to cover what it held before, so that the file is never truncated or
+/// extended once it has its size (a truncate cost a forced writeback on ext4 at the next
+/// close, and an extension a block allocation). A NUL first byte marks a spare's summary.
+#[derive(Debug, Default)]
+struct SummaryFile {
+    /// Open for writing, or None.
+    file: Option<std::fs::File>,
+    /// The file's length, when known (read from the file when it is opened otherwise).
+    len: Option<u64>,
+}
+
+impl SummaryFile {
+    /// A summary file that does not exist yet.
+    fn new() -> Self {
+        Self {
+            file: None,
+            len: Some(0),
+        }
+    }
+
+    /// The open file at `path` (created when missing) and its length.
+    fn open(&mut self, path: &Path) -> io::Result<(&std::fs::File, u64)> {
+        if self.file.is_none() {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)?;
+            if self.len.is_none() {
+                self.len = Some(file.metadata()?.len());
+            }
+            self.file = Some(file);
+        }
+        match (&self.file, self.len) {
+            (Some(file), Some(len)) => Ok((file, len)),
+            _ => Err(io::Error::other("summary file not open")),
+        }
+    }
+
+    /// Writes `line` (one JSON object, no newline) over the file, padded to its length.
+    fn write(&mut self, path: &Path, line: &[u8]) -> io::Result<()> {
+        let (file, len) = self.open(path)?;
+        let mut bytes = Vec::with_capacity((line.len() + 1).max(len as usize));
+        bytes.extend_from_slice(line);
+        let padded = (len as usize).max(line.len() + 1);
+        bytes.resize(padded - 1, b' ');
+        bytes.push(b'\n');
+        file.write_all_at(&bytes, 0)?;
+        self.len = Some(padded as u64);
+        Ok(())
+    }
 }
 
 /// What to start.
@@ -175,7 +231,7 @@ pub struct Invoke {
     base: PathBuf,
     meta: Mutex<Meta>,
     /// The summary file, open while the invoke runs.
-    meta_file: Mutex<Option<std::fs::File>>,
+    meta_file: Mutex<SummaryFile>,
     /// Held while running; afterwards only weakly, so a finished invoke that nobody watches
     /// keeps no file descriptors (every spawn pays for open descriptors at exec).
     log: Mutex<LogRef>,
@@ -288,56 +344,43 @@ impl Invoke {
         self.base.with_extension("json")
     }
 
-    /// Appends the summary to `<id>.json` as one JSON line: the last complete line is the
-    /// summary, and nothing written is ever rewritten (a truncating rewrite costs a forced
-    /// writeback on ext4). The file stays open while the invoke runs.
+    /// Writes the summary over `<name>.json` as one JSON line (see [`SummaryFile`]). The file
+    /// stays open while the invoke runs.
     fn write_meta(&self, durable: bool, close: bool) {
-        let mut line = match serde_json::to_vec(&*self.meta()) {
+        let line = match serde_json::to_vec(&*self.meta()) {
             Ok(line) => line,
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode invoke state");
                 return;
             }
         };
-        line.push(b'\n');
         let mut slot = self.meta_file.lock().unwrap_or_else(|p| p.into_inner());
-        let written = (|| {
-            if slot.is_none() {
-                *slot = Some(
-                    std::fs::OpenOptions::new()
-                        .append(true)
-                        .create(true)
-                        .mode(0o600)
-                        .open(self.meta_path())?,
-                );
-            }
-            let Some(file) = slot.as_mut() else {
-                return Ok(());
-            };
-            file.write_all(&line)?;
-            if durable {
-                file.sync_data()?;
-            }
-            io::Result::Ok(())
-        })();
+        let written = slot
+            .write(&self.meta_path(), &line)
+            .and_then(|()| match &slot.file {
+                Some(file) if durable => file.sync_data(),
+                _ => Ok(()),
+            });
         if let Err(e) = written {
             tracing::error!(invoke = %self.id, error = %e, "cannot persist invoke state");
         }
         if close {
-            *slot = None;
+            slot.file = None;
         }
     }
 }
 
-/// Whether `<base>.events` and `<base>.json` are a pruned invoke's files kept for reuse: the
-/// summary empty and the journal empty or barred by a NUL first byte (see [`Invokes::retire`]).
+/// Whether `<base>.events` and `<base>.json` are a pruned invoke's files kept for reuse: both
+/// empty or barred by a NUL first byte (see [`Invokes::retire`]; an empty summary is how
+/// earlier versions marked it).
 fn is_spare(base: &Path) -> bool {
-    let meta_empty = std::fs::metadata(base.with_extension("json")).is_ok_and(|m| m.len() == 0);
-    meta_empty
-        && std::fs::File::open(base.with_extension("events")).is_ok_and(|mut f| {
+    let barred = |path: PathBuf| {
+        std::fs::File::open(path).is_ok_and(|mut f| {
             let mut first = [0u8; 1];
             matches!(f.read(&mut first), Ok(0) | Ok(1) if first[0] == 0)
         })
+    };
+    barred(base.with_extension("json")) && barred(base.with_extension("events"))
 }
 
 /// The `start` event at the head of a journal, when it is there.
@@ -512,7 +555,7 @@ impl Invokes {
                 id: meta.invoke_id.clone(),
                 base,
                 meta: Mutex::new(meta),
-                meta_file: Mutex::new(None),
+                meta_file: Mutex::new(SummaryFile::default()),
                 log: Mutex::new(LogRef::default()),
                 journal_size: AtomicU64::new(0),
                 counted: std::sync::atomic::AtomicBool::new(false),
@@ -633,11 +676,11 @@ impl Invokes {
                 return Err(e);
             }
         };
-        let journal = match spare {
-            None => Journal::New,
+        let (journal, summary) = match spare {
+            None => (Journal::New, SummaryFile::new()),
             Some(spare) => {
                 self.touch_dir();
-                Journal::Recycled(spare.open)
+                (Journal::Recycled(spare.open), spare.summary)
             }
         };
         let marker = format!("AGENTBOX_INVOKE_ID={id}");
@@ -646,7 +689,7 @@ impl Invokes {
             id: id.clone(),
             base,
             meta: Mutex::new(Meta::running(id.clone(), req.kind, started_at)),
-            meta_file: Mutex::new(None),
+            meta_file: Mutex::new(summary),
             log: Mutex::new(LogRef {
                 strong: Some(Arc::clone(&log)),
                 weak: Arc::downgrade(&log),
@@ -1009,8 +1052,8 @@ impl Invokes {
     /// invoke makes each new file dearer (it doubled an invoke's CPU within minutes). The
     /// journal keeps its bytes (and so its cached pages, which a new invoke overwrites faster
     /// than it fills new ones, see `journal::JournalFile`) behind a NUL written over its first
-    /// byte, so that nothing can read it as events, and the summary is emptied; both keep
-    /// their names for good (see [`Invoke::base`]), and a runner that starts finds such a
+    /// byte, so that nothing can read it as events, and so does the summary (written over in
+    /// place by the next invoke, see [`SummaryFile`]); both keep their names for good (see [`Invoke::base`]), and a runner that starts finds such a
     /// pair by those marks ([`is_spare`]) and deletes it. The newest [`WARM_SPARES`] stay
     /// open for the next invokes. [`Invokes::fit_spares`] keeps the old bytes of all spares
     /// within `--retain-bytes`.
@@ -1025,16 +1068,24 @@ impl Invokes {
                 .write(true)
                 .open(&journal)
                 .and_then(|f| {
-                    let len = f.metadata()?.len();
+                    let len = match invoke.journal_size.load(Ordering::Relaxed) {
+                        0 => f.metadata()?.len(),
+                        n => n,
+                    };
                     if len > 0 {
                         f.write_all_at(&[0], 0)?;
                     }
                     Ok((f, len))
                 });
-            let emptied = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&meta)
-                .and_then(|f| f.set_len(0));
+            let mut summary =
+                std::mem::take(&mut *invoke.meta_file.lock().unwrap_or_else(|p| p.into_inner()));
+            let emptied = summary.open(&meta).and_then(|(f, len)| {
+                if len > 0 {
+                    f.write_all_at(&[0], 0)
+                } else {
+                    Ok(())
+                }
+            });
             if let (Ok((journal, len)), Ok(())) = (barred, emptied) {
                 slot.retired = true;
                 let mut spares = self.spares();
@@ -1042,10 +1093,12 @@ impl Invokes {
                     base: invoke.base.clone(),
                     bytes: len,
                     open: Some(journal),
+                    summary,
                 });
                 // Only the newest stay open (older ones were closed as these came).
                 if let Some(cooled) = spares.len().checked_sub(WARM_SPARES + 1) {
                     spares[cooled].open = None;
+                    spares[cooled].summary.file = None;
                 }
                 return;
             }
@@ -1337,5 +1390,42 @@ mod tests {
         let old = serde_json::to_vec(&exited).unwrap();
         assert_eq!(parse_meta(&old).unwrap().exit_code, Some(3));
         assert!(parse_meta(b"{\"invo").is_err());
+    }
+
+    #[test]
+    fn a_summary_is_written_over_in_place_and_covers_what_was_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.json");
+        // A file of the appending versions: two lines, the last one counting.
+        let mut long = Meta::running(
+            InvokeId("inv-old-with-a-long-id".into()),
+            InvokeKind::Exec,
+            7,
+        );
+        long.exit_code = Some(1);
+        let mut text = serde_json::to_vec(&long).unwrap();
+        text.push(b'\n');
+        text.extend(serde_json::to_vec(&long).unwrap());
+        text.push(b'\n');
+        std::fs::write(&path, &text).unwrap();
+
+        let short = Meta::running(InvokeId("inv-2".into()), InvokeKind::Invoke, 9);
+        let mut file = SummaryFile::default();
+        file.write(&path, &serde_json::to_vec(&short).unwrap())
+            .unwrap();
+        let after = std::fs::read(&path).unwrap();
+        assert_eq!(after.len(), text.len(), "neither truncated nor extended");
+        assert_eq!(after.iter().filter(|b| **b == b'\n').count(), 1, "one line");
+        assert_eq!(parse_meta(&after).unwrap().invoke_id.0, "inv-2");
+
+        // Longer than the file: it grows, still one line.
+        let mut longer = short.clone();
+        longer.invoke_id = InvokeId("x".repeat(text.len()));
+        file.write(&path, &serde_json::to_vec(&longer).unwrap())
+            .unwrap();
+        let after = std::fs::read(&path).unwrap();
+        assert!(after.len() > text.len());
+        assert_eq!(parse_meta(&after).unwrap().invoke_id, longer.invoke_id);
+        assert_eq!(after.last(), Some(&b'\n'));
     }
 }

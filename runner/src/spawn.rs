@@ -329,7 +329,7 @@ fn clone_vfork(plan: &mut Plan, via: u8) -> io::Result<(i32, Option<OwnedFd>)> {
                         Some(libc::ENOSYS | libc::EINVAL | libc::EPERM)
                     ) =>
                 {
-                    tracing::debug!(error = %e, "no clone3 with CLONE_CLEAR_SIGHAND here; spawning with clone");
+                    tracing::info!(error = %e, "no clone3 with CLONE_CLEAR_SIGHAND here: spawning with clone");
                     VIA.store(CLONE, Ordering::Relaxed);
                 }
                 Err(e) => return Err(e),

@@ -1547,7 +1547,10 @@ async fn a_restarted_runner_deletes_pruned_files_left_for_reuse() {
     // pair carries its name; the third took the first's pair.
     let spare = invokes_dir(&r1).join(&ids[1]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::metadata(spare.with_extension("json")).map_or(1, |m| m.len()) != 0 {
+    // A spare's summary is barred by a NUL first byte.
+    while std::fs::read(spare.with_extension("json")).map_or(1, |b| b.first().copied().unwrap_or(1))
+        != 0
+    {
         assert!(
             Instant::now() < deadline,
             "{} was not kept for reuse",

@@ -55,15 +55,18 @@ impl Runner {
         })
     }
 
-    /// A summary file (`<name>.json`) whose last line names invoke `id`.
+    /// A summary file (`<name>.json`) whose last line names invoke `id` (not a spare's, which
+    /// a NUL first byte bars).
     pub fn summary_file_of(&self, id: &str) -> Option<PathBuf> {
         let own = format!("\"invokeId\":\"{id}\"");
         self.invoke_files("json").into_iter().find(|p| {
             std::fs::read_to_string(p).is_ok_and(|text| {
-                text.lines()
-                    .rev()
-                    .find(|l| !l.is_empty())
-                    .is_some_and(|l| l.contains(&own))
+                !text.starts_with('\0')
+                    && text
+                        .lines()
+                        .rev()
+                        .find(|l| !l.is_empty())
+                        .is_some_and(|l| l.contains(&own))
             })
         })
     }
