@@ -2,7 +2,8 @@
 //! next to its limit measured in the same run:
 //!
 //! 1. invoke round trip of `/bin/true` through the control plane, beside the same invoke sent
-//!    straight to the runner, beside a bare spawn + wait; goal: p50 ≤ 1.6× the bare spawn.
+//!    straight to the runner, beside a bare spawn + wait (the three interleaved in ten blocks);
+//!    goal: p50 ≤ 1.6× the bare spawn.
 //! 2. 1 GiB of stdout through the proxy beside the same stream read straight from the runner;
 //!    goal: ≥ 0.8× direct.
 //! 3. 10,000 clients held open through one control plane, each following the events of one of
