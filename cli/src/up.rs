@@ -98,6 +98,7 @@ pub(crate) async fn run(args: &UpArgs, state_dir: &Path) -> Outcome {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_env("AGENTBOX_LOG"))
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .try_init();
     }
     let isolated = config.bwrap;
