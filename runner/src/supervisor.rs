@@ -7,7 +7,7 @@
 //! Each supervised process gets a dedicated thread ([`run`]) that spawns it (fork/exec is
 //! blocking), polls its stdout and stderr, frames lines and appends them to the journal.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -310,7 +310,7 @@ pub struct Process {
     marker: String,
     /// Every pid signaled by a stop, recorded in the same locked step as its signal (see
     /// [`Process::signal_tree`]).
-    signaled: Mutex<Vec<i32>>,
+    signaled: Mutex<HashSet<i32>>,
 }
 
 impl Process {
@@ -321,7 +321,7 @@ impl Process {
             stop: Mutex::new(None),
             done: watch::channel(false).0,
             marker,
-            signaled: Mutex::new(Vec::new()),
+            signaled: Mutex::default(),
         })
     }
 
@@ -333,11 +333,7 @@ impl Process {
     fn signal_tree(&self, root: i32, signal: Signal) -> usize {
         let mut record = self.signaled.lock().unwrap_or_else(|p| p.into_inner());
         let hit = proctree::signal_members(root, &self.marker, signal);
-        for pid in &hit {
-            if !record.contains(pid) {
-                record.push(*pid);
-            }
-        }
+        record.extend(&hit);
         hit.len()
     }
 
@@ -354,10 +350,8 @@ impl Process {
 
     /// Every pid signaled so far by [`Process::signal_tree`].
     fn signaled_pids(&self) -> Vec<i32> {
-        self.signaled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        let record = self.signaled.lock().unwrap_or_else(|p| p.into_inner());
+        record.iter().copied().collect()
     }
 
     /// Records the root pid of a tree spawned with [`spawn_stdio`].
