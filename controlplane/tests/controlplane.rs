@@ -662,6 +662,7 @@ async fn runner_never_sees_the_callers_key() {
     )
     .unwrap();
 
+    const CALLER_TRACE: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let requests = [
         cp.client
             .get(cp.url("/api/v1/sandboxes/spy/files/workspace/x.txt"))
@@ -673,13 +674,22 @@ async fn runner_never_sees_the_callers_key() {
             .header("cookie", format!("token={ADMIN_KEY}"))
             .header("proxy-authorization", format!("Bearer {TEAM_A_KEY}"))
             .json(&json!({"command": "true"})),
+        cp.client
+            .post(cp.url("/api/v1/sandboxes/spy/invoke"))
+            .bearer_auth(ADMIN_KEY)
+            .header("accept", "application/json")
+            .header("traceparent", CALLER_TRACE),
+        cp.client
+            .post(cp.url("/api/v1/sandboxes/spy/invoke"))
+            .bearer_auth(ADMIN_KEY)
+            .header("accept", "application/json"),
     ];
     for rb in requests {
         let (status, body) = send(rb).await;
         assert_eq!(status, 200, "through to the spy: {body}");
     }
     let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen.len(), 4, "{seen:?}");
     for request in &seen {
         let lower = request.to_ascii_lowercase();
         assert!(
@@ -712,6 +722,14 @@ async fn runner_never_sees_the_callers_key() {
         "the body passes: {}",
         seen[1]
     );
+    // No spans are exported here: an invoke's `traceparent` from the caller passes untouched,
+    // and none is made up for an invoke without one.
+    assert!(
+        seen[2].contains(&format!("traceparent: {CALLER_TRACE}\r\n")),
+        "{}",
+        seen[2]
+    );
+    assert!(!seen[3].contains("traceparent"), "{}", seen[3]);
 
     // Deleting the spy ends its stand-in process group.
     cp.delete("spy").await;

@@ -653,6 +653,47 @@ async fn the_token_never_reaches_the_child() {
     assert!(out.contains("AGENTBOX_INVOKE_ID="));
 }
 
+#[test]
+fn logs_written_to_a_file_are_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runner.log");
+    let mut child = common::Guard(
+        Command::new(common::bin())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--insecure-no-auth",
+                "--workspace",
+            ])
+            .arg(dir.path().join("ws"))
+            .env("AGENTBOX_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("listening on "), "{line}");
+    // A stopped runner has written every line it logs.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.0.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("runner ready"), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "colour codes in a log file: {text:?}"
+    );
+}
+
 #[tokio::test]
 async fn concurrency_cap_rejects_exactly_the_excess() {
     let r = Runner::start(&["--max-concurrent-invokes", "2"]);
