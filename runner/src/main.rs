@@ -83,6 +83,7 @@ async fn run(config: agentbox_runner::config::Config) -> anyhow::Result<()> {
     if config.token.is_none() {
         tracing::warn!("authentication is off (--insecure-no-auth)");
     }
+    let stop = shutdown_signal().context("cannot handle SIGTERM and SIGINT")?;
     let app = AppState::start(config).context("cannot load the runner's state")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -100,7 +101,7 @@ async fn run(config: agentbox_runner::config::Config) -> anyhow::Result<()> {
             let _ = stop_rx.await;
         },
     ));
-    shutdown_signal().await;
+    stop.await;
     tracing::info!("shutting down: canceling running invokes");
     app.invokes
         .cancel_all(app.cfg.grace + Duration::from_secs(2))
@@ -111,17 +112,16 @@ async fn run(config: agentbox_runner::config::Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Takes SIGTERM and SIGINT over at once (before the runner says it is listening, so a stop
+/// sent right after that is a graceful one); the future resolves at the first of them.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
