@@ -246,17 +246,15 @@ impl Conn {
             stdin: true,
             pass_fds: Default::default(),
         };
-        let (mut child, exit) = supervisor::spawn_stdio(reaper, &spec).map_err(|e| {
+        let (child, exit) = supervisor::spawn_stdio(reaper, &spec).map_err(|e| {
             Error::AgentFailed(format!("cannot start the ACP agent {:?}: {e}", launch.argv))
         })?;
         let process = Process::new(marker);
-        process.set_pid(child.id() as i32);
+        process.set_pid(child.pid);
         // Stops the agent if the start fails or is abandoned (the invoke canceled or timed out).
         let mut guard = StopOnDrop(Some(Arc::clone(&process)));
-        let (Some(stdin), Some(stdout), Some(stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            return Err(Error::Internal("the ACP agent has no pipes".into()));
+        let (Some(stdin), stdout, stderr) = (child.stdin, child.stdout, child.stderr) else {
+            return Err(Error::Internal("the ACP agent has no stdin pipe".into()));
         };
         let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(stdin.into())?;
         let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(stdout.into())?;

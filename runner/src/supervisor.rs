@@ -10,9 +10,8 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{ChildStderr, ChildStdin, ChildStdout};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -112,32 +111,6 @@ impl Reaper {
             }
         });
         Ok(())
-    }
-
-    /// Spawns `cmd` and registers it before any reap can see it. `pass` are descriptors the
-    /// child inherits under their own numbers: every descriptor of the runner is close-on-exec,
-    /// and these lose the flag only while this lock (which every spawn takes) is held, so no
-    /// other child can inherit them.
-    fn spawn(
-        &self,
-        cmd: &mut Command,
-        pass: &[OwnedFd],
-    ) -> std::io::Result<(std::process::Child, Exit)> {
-        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-        let mut waiting = self.lock();
-        for fd in pass {
-            fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(std::io::Error::from)?;
-        }
-        let child = cmd.spawn();
-        for fd in pass {
-            let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
-        }
-        let child = child?;
-        let (tx, rx) = mpsc::channel();
-        waiting.insert(child.id() as i32, tx);
-        // Opened under the lock: the child cannot have been reaped (and its pid reused) yet.
-        let pidfd = pidfd_open(child.id() as i32);
-        Ok((child, Exit { rx, pidfd }))
     }
 
     /// Spawns `request` (see [`crate::spawn`]) and registers it before any reap can see it.
@@ -458,20 +431,14 @@ pub fn run_custom(process: &Process, f: impl FnOnce() -> Outcome) -> Outcome {
 pub fn spawn_stdio(
     reaper: &Reaper,
     spec: &RunSpec,
-) -> std::io::Result<(std::process::Child, Exit)> {
-    let Some((program, args)) = spec.argv.split_first() else {
-        return Err(std::io::Error::other("empty argv"));
-    };
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&spec.cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    reaper.spawn(&mut cmd, &[])
+) -> std::io::Result<(crate::spawn::Child, Exit)> {
+    reaper.spawn_run(&crate::spawn::Request {
+        argv: &spec.argv,
+        env: &spec.env,
+        cwd: &spec.cwd,
+        stdin: true,
+        pass: &[],
+    })
 }
 
 /// Runs `spec` to completion on the calling (dedicated, blocking) thread, appending its output
