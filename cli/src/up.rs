@@ -25,8 +25,9 @@ pub(crate) struct UpArgs {
     /// Also create a sandbox, configure an example agent, invoke it and show the stream.
     #[arg(long)]
     demo: bool,
-    /// Isolation of the sandboxes' runners.
-    #[arg(long, value_enum, default_value_t = Isolation::Auto)]
+    /// Isolation of the sandboxes: Linux namespaces (the default; refused with the fix named
+    /// where the kernel does not allow them), or none (plain processes, no security boundary).
+    #[arg(long, value_enum, default_value_t = Isolation::Namespaces)]
     isolation: Isolation,
 }
 
@@ -61,8 +62,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Runs the embedded control plane until Ctrl-C, then stops its sandboxes.
 pub(crate) async fn run(args: &UpArgs, state_dir: &Path) -> Outcome {
-    // Installed first, so that no Ctrl-C is lost and sandboxes are always stopped on the way out.
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    // Installed first, so that no stop is lost and sandboxes are always stopped on the way out:
+    // Ctrl-C, `kill`, `systemctl stop` and a closed terminal all stop them.
+    let mut stop = Stop::install()?;
     std::fs::create_dir_all(state_dir)?;
     let mut raw = [0u8; 24];
     getrandom::fill(&mut raw).map_err(|e| fail(format!("no randomness: {e}")))?;
@@ -72,11 +74,7 @@ pub(crate) async fn run(args: &UpArgs, state_dir: &Path) -> Outcome {
     let keys = json!({"keys": [{"name": "local-admin", "sha256": digest, "admin": true}]});
     write_private(&keys_file, keys.to_string().as_bytes())?;
 
-    let isolation = match args.isolation {
-        Isolation::Auto => "auto",
-        Isolation::Bwrap => "bwrap",
-        Isolation::None => "none",
-    };
+    let isolation = args.isolation.as_str();
     let listen = args.listen.to_string();
     let cp_args = agentbox_controlplane::config::Args::try_parse_from([
         "agentbox-controlplane",
@@ -88,6 +86,9 @@ pub(crate) async fn run(args: &UpArgs, state_dir: &Path) -> Outcome {
         &keys_file.to_string_lossy(),
         "--isolation",
         isolation,
+        // A killed `up` (even -9) takes its sandboxes with it: each launcher has a parent-death
+        // signal, and each sandbox dies with its launcher.
+        "--tie-sandboxes",
     ])
     .map_err(|e| fail(e.to_string()))?;
     let config = cp_args.into_config().map_err(|m| Failure {
@@ -101,7 +102,7 @@ pub(crate) async fn run(args: &UpArgs, state_dir: &Path) -> Outcome {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .try_init();
     }
-    let isolated = config.bwrap;
+    let isolated = config.isolation == Isolation::Namespaces;
     let app = AppState::new(config).map_err(fail)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -112,20 +113,18 @@ pub(crate) async fn run(args: &UpArgs, state_dir: &Path) -> Outcome {
         &state_dir.join("cli.json"),
         json!({"apiUrl": url, "apiKey": key}).to_string().as_bytes(),
     )?;
-    println!("agentbox is up at {url}");
-    println!("API key: {key}");
-    println!(
+    say(&format!("agentbox is up at {url}"));
+    say(&format!("API key: {key}"));
+    say(&format!(
         "  saved in {}; agentbox commands run from here pick it up",
         state_dir.join("cli.json").display()
-    );
-    println!(
-        "  sandboxes run as local processes{}; Ctrl-C stops them",
-        if isolated {
-            " under bubblewrap"
-        } else {
-            " (no bubblewrap: not isolated)"
-        }
-    );
+    ));
+    if isolated {
+        say("  sandboxes run isolated (Linux namespaces, egress through a policy proxy); Ctrl-C stops them");
+    } else {
+        eprintln!("agentbox: WARNING: --isolation none: sandboxes run as plain processes of this user with no security boundary; code in them can read your files and reach your network");
+        say("  sandboxes run as plain local processes (NOT isolated); Ctrl-C stops them");
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = {
@@ -149,14 +148,52 @@ pub(crate) async fn run(args: &UpArgs, state_dir: &Path) -> Outcome {
                     code = exit::ERROR;
                 }
             },
-            _ = sigint.recv() => {
-                return Ok(shutdown(&app, stop_tx, server, code).await);
+            signal = stop.recv() => {
+                let code = shutdown(&app, stop_tx, server, code).await;
+                return Ok(if code == 0 { signal } else { code });
             }
         }
-        println!("demo done (exit code {code}); serving until Ctrl-C");
+        say(&format!(
+            "demo done (exit code {code}); serving until Ctrl-C"
+        ));
     }
-    let _ = sigint.recv().await;
-    Ok(shutdown(&app, stop_tx, server, code).await)
+    let signal = stop.recv().await;
+    let code = shutdown(&app, stop_tx, server, code).await;
+    Ok(if code == 0 { signal } else { code })
+}
+
+/// Prints a line; a closed stdout (`agentbox up | head`, a terminal gone) is not an error.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// INT, TERM and HUP, whichever comes first.
+struct Stop {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for a stop; the exit code a shell expects after it (130 for INT, 143 for TERM,
+    /// 129 for HUP).
+    async fn recv(&mut self) -> u8 {
+        tokio::select! {
+            _ = self.int.recv() => 130,
+            _ = self.term.recv() => 143,
+            _ = self.hup.recv() => 129,
+        }
+    }
 }
 
 async fn shutdown(
@@ -165,7 +202,7 @@ async fn shutdown(
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     code: u8,
 ) -> u8 {
-    println!("stopping sandboxes…");
+    say("stopping sandboxes…");
     if let Ok(list) = app.backend.list().await {
         for s in list {
             if s.status.as_str() == "Running" {

@@ -56,9 +56,15 @@ pub struct Args {
     /// The agentbox-runner binary for local sandboxes [default: next to this binary, else PATH].
     #[arg(long, env = "AGENTBOX_RUNNER_BIN")]
     pub runner_bin: Option<PathBuf>,
-    /// Isolation of local runners: bubblewrap when installed (auto), always, or never.
-    #[arg(long, env = "AGENTBOX_ISOLATION", value_enum, default_value_t = Isolation::Auto)]
+    /// Isolation of local sandboxes: Linux namespaces (the default: own user, mount, pid,
+    /// network, ipc and uts namespaces, a read-only system view, egress only through the
+    /// template's policy, cgroup or rlimit limits), or none (plain processes as this user:
+    /// no security boundary, a warning at every start).
+    #[arg(long, env = "AGENTBOX_ISOLATION", value_enum, default_value_t = Isolation::Namespaces)]
     pub isolation: Isolation,
+    /// Local sandboxes die with this process (`agentbox up`) instead of outliving a restart.
+    #[arg(long, env = "AGENTBOX_TIE_SANDBOXES", hide = true)]
+    pub tie_sandboxes: bool,
     /// Audit log of JSON lines; `-` for stderr [default: <state-dir>/audit.log].
     #[arg(long, env = "AGENTBOX_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
@@ -125,15 +131,23 @@ pub enum BackendKind {
     Docker,
 }
 
-/// Isolation of local runners.
+/// Isolation of local sandboxes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Isolation {
-    /// bubblewrap when it is installed.
-    Auto,
-    /// Always bubblewrap; fail when missing.
-    Bwrap,
-    /// Plain processes.
+    /// Linux namespaces set up by the runner binary (no helper to install).
+    Namespaces,
+    /// Plain processes: no security boundary.
     None,
+}
+
+impl Isolation {
+    /// The flag's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Namespaces => "namespaces",
+            Isolation::None => "none",
+        }
+    }
 }
 
 /// Validated configuration.
@@ -156,7 +170,9 @@ pub struct Config {
     /// The runner binary.
     pub runner_bin: PathBuf,
     /// Whether local runners run under bubblewrap.
-    pub bwrap: bool,
+    pub isolation: Isolation,
+    /// Local sandboxes die with this process.
+    pub tie_sandboxes: bool,
     /// Audit log path; `None` means stderr.
     pub audit_log: Option<PathBuf>,
     /// Threads serving requests (1: a current-thread runtime).
@@ -314,13 +330,9 @@ impl Args {
                 runner_bin.display()
             ));
         }
-        let bwrap_found = find_in_path("bwrap").is_some();
-        let bwrap = match self.isolation {
-            Isolation::None => false,
-            Isolation::Auto => bwrap_found,
-            Isolation::Bwrap if bwrap_found => true,
-            Isolation::Bwrap => return Err("--isolation bwrap but bwrap is not installed".into()),
-        };
+        if self.backend == BackendKind::Local && self.isolation == Isolation::Namespaces {
+            probe_namespaces(&runner_bin)?;
+        }
         let audit_log = match self.audit_log {
             Some(p) if p.as_os_str() == "-" => None,
             Some(p) => Some(p),
@@ -335,7 +347,8 @@ impl Args {
             oidc,
             templates_file: self.templates_file,
             runner_bin,
-            bwrap,
+            isolation: self.isolation,
+            tie_sandboxes: self.tie_sandboxes,
             audit_log,
             worker_threads: usize::from(self.worker_threads),
             connect_timeout: self.connect_timeout,
@@ -354,4 +367,28 @@ impl Args {
             },
         })
     }
+}
+
+/// Sets up and ends a throwaway sandbox (`agentbox-runner sandbox --probe`): every namespace,
+/// mount and map a local sandbox needs must be allowed here, or the control plane refuses to
+/// start and says how to fix it.
+fn probe_namespaces(runner_bin: &std::path::Path) -> Result<(), String> {
+    let out = std::process::Command::new(runner_bin)
+        .args(["sandbox", "--probe"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {} sandbox --probe: {e}", runner_bin.display()))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let why = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    Err(format!(
+        "this machine does not allow the Linux namespaces that isolate local sandboxes: {why}\n\
+         Fixes: allow unprivileged user namespaces (Ubuntu 24.04+: \
+         `sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0`; Debian before 11: \
+         `sudo sysctl kernel.unprivileged_userns_clone=1`; a container: run it with \
+         `--security-opt seccomp=unconfined --security-opt apparmor=unconfined` or use the \
+         docker backend), or start with `--isolation none` to run sandboxes as plain processes \
+         with no security boundary."
+    ))
 }

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod connector;
 pub mod error;
 pub mod metrics;
 pub mod oidc;
@@ -88,7 +89,8 @@ impl AppState {
                 LocalBackend::new(
                     &cfg.state_dir,
                     cfg.runner_bin.clone(),
-                    cfg.bwrap,
+                    cfg.isolation,
+                    cfg.tie_sandboxes,
                     cfg.runner_start_timeout,
                 )
                 .map_err(|e| e.to_string())?,

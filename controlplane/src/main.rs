@@ -79,7 +79,12 @@ async fn run(config: agentbox_controlplane::config::Config) -> anyhow::Result<()
     let addr = listener.local_addr()?;
     println!("listening on {addr}");
     let _ = std::io::stdout().flush();
-    tracing::info!(%addr, backend = ?app.cfg.backend, isolation = if app.cfg.bwrap { "bwrap" } else { "none" }, "control plane ready");
+    tracing::info!(%addr, backend = ?app.cfg.backend, isolation = app.cfg.isolation.as_str(), "control plane ready");
+    if app.cfg.backend == agentbox_controlplane::config::BackendKind::Local
+        && app.cfg.isolation == agentbox_controlplane::config::Isolation::None
+    {
+        tracing::warn!("--isolation none: local sandboxes run as plain processes of this user, with no security boundary; code in them can read this machine's files and reach its network");
+    }
     api::serve(listener, app, shutdown_signal()).await?;
     Ok(())
 }

@@ -17,11 +17,11 @@ use axum::extract::Request;
 use axum::http::{header, HeaderName, HeaderValue, Uri};
 use axum::response::Response;
 use futures_util::StreamExt;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::backend::Target;
+use crate::connector::RunnerConnector;
 use crate::error::{Error, Result};
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
@@ -55,15 +55,14 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// deleted pod, a killed container) fails its streams within seconds instead of hanging them.
 #[derive(Debug, Clone)]
 pub struct Proxy {
-    client: Client<HttpConnector, Body>,
+    client: Client<RunnerConnector, Body>,
+    connector: RunnerConnector,
 }
 
 impl Proxy {
     /// A proxy whose connects time out after `connect_timeout` (streams themselves never do).
     pub fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
+        let connector = RunnerConnector::new(connect_timeout);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -75,8 +74,8 @@ impl Proxy {
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .http2_keep_alive_while_idle(true)
-            .build(connector);
-        Self { client }
+            .build(connector.clone());
+        Self { client, connector }
     }
 
     /// Sends `req` to `path_and_query` on the runner of `target` and returns its response,
@@ -91,9 +90,13 @@ impl Proxy {
         guard: bool,
     ) -> Result<Response> {
         let (mut parts, body) = req.into_parts();
-        let uri: Uri = format!("http://{}{}", target.addr, path_and_query)
-            .parse()
-            .map_err(|e| Error::InvalidRequest(format!("bad path: {e}")))?;
+        let uri: Uri = format!(
+            "http://{}{}",
+            self.connector.authority(&target.addr),
+            path_and_query
+        )
+        .parse()
+        .map_err(|e| Error::InvalidRequest(format!("bad path: {e}")))?;
         for name in DROPPED {
             parts.headers.remove(*name);
         }

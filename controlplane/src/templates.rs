@@ -7,7 +7,7 @@ use agentbox_proto::TemplateInfo;
 use serde::{Deserialize, Serialize};
 
 /// One template.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Template {
     /// Name.
@@ -30,9 +30,54 @@ pub struct Template {
     /// Extra runner flags, e.g. `["--default-timeout", "5m"]`.
     #[serde(default)]
     pub runner_args: Vec<String>,
-    /// Resource limits (applied by the Docker backend to the container).
+    /// Resource limits: the container's (Docker), the Pod's (Kubernetes), the sandbox's cgroup
+    /// or rlimits (local; see [`LOCAL_DEFAULT_PIDS`] when none is given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    /// Where a local sandbox may connect through its egress proxy: `"all"` (any public
+    /// address; the default), `"none"`, or a list of host names (`*.example.com` for
+    /// subdomains), addresses and CIDRs. Loopback and link-local addresses never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<serde_json::Value>,
+    /// Names the egress proxy resolves to fixed addresses, like `docker run --add-host`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra_hosts: BTreeMap<String, std::net::IpAddr>,
+    /// Host paths a local sandbox sees read-only at the same place (besides /usr, /bin, /sbin,
+    /// /lib*, /etc).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub read_only_paths: Vec<std::path::PathBuf>,
+}
+
+/// Processes and threads a local sandbox may have at once when its template sets no
+/// `limits.pids` (a fork bomb stops there).
+pub const LOCAL_DEFAULT_PIDS: u32 = 1024;
+
+impl Template {
+    /// Checks what can be checked without starting a sandbox.
+    fn validate(&self) -> Result<(), String> {
+        if self.mode != "agent" && self.mode != "code" {
+            return Err("mode must be agent or code".into());
+        }
+        if let Some(limits) = &self.limits {
+            limits.validate()?;
+        }
+        match &self.egress {
+            None => {}
+            Some(serde_json::Value::String(s)) if s == "none" || s == "all" => {}
+            Some(serde_json::Value::Array(list)) if list.iter().all(|v| v.is_string()) => {}
+            Some(other) => {
+                return Err(format!(
+                    "egress must be \"none\", \"all\" or a list of hosts, not {other}"
+                ))
+            }
+        }
+        for p in &self.read_only_paths {
+            if !p.is_absolute() {
+                return Err(format!("readOnlyPaths: {} is not absolute", p.display()));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A sandbox's resource limits, in Kubernetes quantity notation.
@@ -158,21 +203,13 @@ impl Templates {
                 name: "default".into(),
                 description: Some("Agent mode: configure once, invoke per call.".into()),
                 mode: "agent".into(),
-                image: None,
-                env: BTreeMap::new(),
-                max_concurrent_invokes: None,
-                runner_args: Vec::new(),
-                limits: None,
+                ..Template::default()
             },
             Template {
                 name: "code".into(),
                 description: Some("Code mode: files and exec.".into()),
                 mode: "code".into(),
-                image: None,
-                env: BTreeMap::new(),
-                max_concurrent_invokes: None,
-                runner_args: Vec::new(),
-                limits: None,
+                ..Template::default()
             },
         ];
         if let Some(path) = file {
@@ -180,14 +217,8 @@ impl Templates {
             let parsed: TemplatesFile =
                 serde_json::from_slice(&text).map_err(|e| format!("not a templates file: {e}"))?;
             for t in parsed.templates {
-                if t.mode != "agent" && t.mode != "code" {
-                    return Err(format!("template {:?}: mode must be agent or code", t.name));
-                }
-                if let Some(limits) = &t.limits {
-                    limits
-                        .validate()
-                        .map_err(|e| format!("template {:?}: {e}", t.name))?;
-                }
+                t.validate()
+                    .map_err(|e| format!("template {:?}: {e}", t.name))?;
                 list.retain(|old| old.name != t.name);
                 list.push(t);
             }

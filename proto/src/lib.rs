@@ -240,6 +240,8 @@ pub enum ExitReason {
     Error,
     /// The runner died while the invoke ran; found at the next start.
     RunnerRestarted,
+    /// The sandbox's memory limit was reached and the kernel killed the process (SIGKILL).
+    MemoryLimit,
 }
 
 impl ExitReason {
@@ -251,6 +253,7 @@ impl ExitReason {
             ExitReason::Canceled => "canceled",
             ExitReason::Error => "error",
             ExitReason::RunnerRestarted => "runner_restarted",
+            ExitReason::MemoryLimit => "memory_limit",
         }
     }
 }
@@ -655,6 +658,17 @@ pub struct SandboxSummary {
     /// Why it is in its phase, when that needs saying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Whether code in the sandbox is isolated from the host: always for containers and pods;
+    /// for local sandboxes unless the control plane runs with `--isolation none`.
+    #[serde(default = "isolated_default")]
+    pub isolated: bool,
+    /// How a local sandbox's limits are enforced: `cgroup-v2`, `cgroup-v1` or `rlimits`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits_enforced: Option<String>,
+}
+
+fn isolated_default() -> bool {
+    true
 }
 
 /// `GET /api/v1/sandboxes` answer.

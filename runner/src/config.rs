@@ -1,13 +1,13 @@
 //! Command-line flags (with `AGENTBOX_*` environment fallbacks), parsed and validated once at
 //! start-up before any port is bound. Handlers only ever see the validated [`Config`].
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
 use crate::duration::{parse_duration, parse_size};
+pub use crate::listen::Listen;
 
 /// Environment variables that hold the runner's own secrets; they never reach a child process.
 pub const SECRET_ENV: &[&str] = &["AGENTBOX_RUNNER_TOKEN", "AGENTBOX_TOKEN_FILE"];
@@ -20,9 +20,11 @@ pub const SECRET_ENV: &[&str] = &["AGENTBOX_RUNNER_TOKEN", "AGENTBOX_TOKEN_FILE"
     about = "Runs an agent's entrypoint inside a sandbox and streams it over HTTP (SSE)."
 )]
 pub struct Args {
-    /// Address to listen on; port 0 picks a free port (the bound address is printed).
+    /// Where to listen: `HOST:PORT` (port 0 picks a free port; the bound address is printed),
+    /// `unix:PATH` (a unix socket), or `fd:N` (a listening socket inherited as descriptor N,
+    /// TCP or unix: how the local backend's sandbox launcher hands one over).
     #[arg(long, env = "AGENTBOX_LISTEN", default_value = "0.0.0.0:8421")]
-    pub listen: SocketAddr,
+    pub listen: Listen,
     /// The workspace: uploaded files, the install command's and every invoke's working directory.
     #[arg(long, env = "AGENTBOX_WORKSPACE", default_value = "/workspace")]
     pub workspace: PathBuf,
@@ -36,6 +38,31 @@ pub struct Args {
     /// File holding the bearer token (surrounding whitespace is ignored).
     #[arg(long, env = "AGENTBOX_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// An inherited descriptor (a pipe) to read the bearer token from, then closed: the token
+    /// is then in no file, argument or environment a process in the sandbox could read.
+    #[arg(long, conflicts_with_all = ["token", "token_file"])]
+    pub token_fd: Option<i32>,
+    /// A file whose `oom_kill N` line counts the sandbox's memory-limit kills (cgroup v2
+    /// `memory.events`, v1 `memory.oom_control`): an invoke killed by SIGKILL while it rose
+    /// ends with reason `memory_limit`. Set by the local backend's launcher.
+    #[arg(long, env = "AGENTBOX_OOM_EVENTS")]
+    pub oom_events: Option<PathBuf>,
+    /// Address-space limit (RLIMIT_AS) of every process the runner starts, not of the runner
+    /// itself: how a sandbox without a cgroup bounds memory. Set by the local backend's
+    /// launcher from the template's `limits.memory` when no cgroup can be made.
+    #[arg(long, env = "AGENTBOX_CHILD_MEMORY_LIMIT", value_parser = parse_size)]
+    pub child_memory_limit: Option<u64>,
+    /// RLIMIT_NPROC of every process the runner starts: they may not have more processes and
+    /// threads than this together with the runner (the sandbox's uid's count), while the
+    /// runner keeps headroom above it to stop them. Set by the local backend's launcher from
+    /// the template's `limits.pids`.
+    #[arg(long, env = "AGENTBOX_CHILD_PROCESS_LIMIT")]
+    pub child_process_limit: Option<u64>,
+    /// Every process the runner starts raises its OOM score (`oom_score_adj` 500), so that the
+    /// kernel's memory-limit kill in a sandbox's cgroup takes it rather than the runner. Set by
+    /// the local backend's launcher when a cgroup holds the sandbox.
+    #[arg(long, env = "AGENTBOX_CHILDREN_OOM_FIRST")]
+    pub children_oom_first: bool,
     /// Serve without authentication. Only for local experiments.
     #[arg(long, env = "AGENTBOX_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
@@ -112,8 +139,8 @@ impl Mode {
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Address to bind.
-    pub listen: SocketAddr,
+    /// Where to listen.
+    pub listen: Listen,
     /// Canonical workspace path.
     pub workspace: PathBuf,
     /// State directory (created).
@@ -152,6 +179,8 @@ pub struct Config {
     pub retain_bytes: u64,
     /// Unanswered permission requests are rejected after this long.
     pub permission_timeout: Duration,
+    /// The sandbox's memory-kill counter (`--oom-events`).
+    pub oom_events: Option<PathBuf>,
     /// The environment children start from: the runner's own, minus [`SECRET_ENV`].
     pub base_env: Vec<(String, String)>,
 }
@@ -160,13 +189,14 @@ impl Args {
     /// Validates the flags and prepares the directories. Any error here is reported before a
     /// port is bound, and `main` exits 64.
     pub fn into_config(self) -> Result<Config, String> {
-        let token = match (self.token, self.token_file) {
-            (Some(t), _) => Some(t),
-            (None, Some(path)) => Some(
+        let token = match (self.token, self.token_file, self.token_fd) {
+            (Some(t), _, _) => Some(t),
+            (None, Some(path), _) => Some(
                 std::fs::read_to_string(&path)
                     .map_err(|e| format!("cannot read --token-file {}: {e}", path.display()))?,
             ),
-            (None, None) => None,
+            (None, None, Some(fd)) => Some(crate::listen::read_token_fd(fd)?),
+            (None, None, None) => None,
         }
         .map(|t| t.trim().to_owned());
         let token = match token {
@@ -202,6 +232,9 @@ impl Args {
             .map_err(|e| format!("cannot create state dir {}: {e}", state_dir.display()))?;
         let state_dir = std::fs::canonicalize(&state_dir)
             .map_err(|e| format!("cannot resolve state dir {}: {e}", state_dir.display()))?;
+        crate::spawn::set_child_memory_limit(self.child_memory_limit.unwrap_or(0));
+        crate::spawn::set_child_process_limit(self.child_process_limit.unwrap_or(0));
+        crate::spawn::set_children_oom_first(self.children_oom_first);
         let base_env = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
             .filter(|(k, _)| !SECRET_ENV.contains(&k.as_str()))
@@ -227,6 +260,7 @@ impl Args {
             retain_invokes: self.retain_invokes,
             retain_bytes: self.retain_bytes,
             permission_timeout: self.permission_timeout,
+            oom_events: self.oom_events,
             base_env,
         })
     }

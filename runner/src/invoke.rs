@@ -488,6 +488,17 @@ pub struct Invokes {
     /// Journal+summary pairs of pruned invokes (under their names), reused by new invokes
     /// newest first.
     spares: Mutex<Vec<Spare>>,
+    /// Memory-limit kills already attributed to an invoke (`--oom-events`).
+    oom_seen: AtomicU64,
+}
+
+/// The `oom_kill N` count of a cgroup's `memory.events` (v2) or `memory.oom_control` (v1).
+fn oom_kills(path: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 impl Invokes {
@@ -575,6 +586,7 @@ impl Invokes {
             finished_bytes += bytes;
             map.insert(invoke.id.clone(), invoke);
         }
+        let oom_seen = cfg.oom_events.as_deref().and_then(oom_kills).unwrap_or(0);
         let invokes = Arc::new(Self {
             permits: Arc::new(Semaphore::new(cfg.max_concurrent_invokes as usize)),
             cfg,
@@ -587,6 +599,7 @@ impl Invokes {
             finished: AtomicUsize::new(finished),
             finished_bytes: AtomicU64::new(finished_bytes),
             spares: Mutex::new(Vec::new()),
+            oom_seen: AtomicU64::new(oom_seen),
         });
         invokes.prune();
         Ok(invokes)
@@ -862,6 +875,22 @@ impl Invokes {
 
     /// The first half of [`Invokes::finish`]: releases the slot and writes and publishes the
     /// closing events (the stream ends).
+    /// Whether a process that ended by SIGKILL nobody here sent was killed by the sandbox's
+    /// memory limit: the cgroup's kill count rose past what earlier invokes were given. Read
+    /// only for such exits, never on a normal one.
+    fn memory_kill(&self, outcome: &Outcome) -> bool {
+        let killed = matches!(&outcome.status, Ok(s) if s.signal == Some(9));
+        let (true, None, Some(path)) =
+            (killed, outcome.stop_reason, self.cfg.oom_events.as_deref())
+        else {
+            return false;
+        };
+        let Some(now) = oom_kills(path) else {
+            return false;
+        };
+        self.oom_seen.fetch_max(now, Ordering::SeqCst) < now
+    }
+
     fn publish_exit(
         &self,
         invoke: &Invoke,
@@ -869,7 +898,10 @@ impl Invokes {
         outcome: &Outcome,
         permit: OwnedSemaphorePermit,
     ) -> Option<StaleTail> {
-        let reason = outcome.reason();
+        let reason = match self.memory_kill(outcome) {
+            true => ExitReason::MemoryLimit,
+            false => outcome.reason(),
+        };
         let (exit_code, signal) = match &outcome.status {
             Ok(status) => (status.code, status.signal),
             Err(_) => (127, None),

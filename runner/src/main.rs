@@ -20,6 +20,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    // The local backend's sandbox stages (`sandbox`, `sandbox-init`, `sandbox-pid1`) run from
+    // this binary before anything else: single-threaded, as unshare(CLONE_NEWUSER) requires.
+    if let Some(code) = agentbox_runner::sandbox::dispatch() {
+        return code;
+    }
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
@@ -79,16 +84,16 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: agentbox_runner::config::Config) -> anyhow::Result<()> {
-    let listen = config.listen;
+    let listen = config.listen.clone();
     if config.token.is_none() {
         tracing::warn!("authentication is off (--insecure-no-auth)");
     }
     let stop = shutdown_signal().context("cannot handle SIGTERM and SIGINT")?;
     let app = AppState::start(config).context("cannot load the runner's state")?;
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listener = agentbox_runner::listen::Listener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let addr = listener.local_addr()?;
+    let addr = listener.describe();
     println!("listening on {addr}");
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, workspace = %app.cfg.workspace.display(), mode = app.cfg.mode.as_str(), "runner ready");

@@ -78,13 +78,46 @@ pub struct Child {
 }
 
 /// The steps of the child, for the error message when one fails.
-const STAGES: [&str; 5] = [
+const STAGES: [&str; 6] = [
     "setpgid",
     "dup2 of stdin, stdout or stderr",
     "inheriting a descriptor",
     "chdir to the working directory",
     "execve",
+    "setrlimit",
 ];
+
+/// The address-space limit of every child (0: none), set once at start-up
+/// ([`set_child_memory_limit`]): a sandbox without a cgroup bounds each process's memory this
+/// way, and the runner itself, which reserves address space it never touches, must not be.
+static CHILD_AS_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sets the `RLIMIT_AS` every child gets (bytes; 0 for none).
+pub fn set_child_memory_limit(bytes: u64) {
+    CHILD_AS_LIMIT.store(bytes, Ordering::Relaxed);
+}
+
+/// The process limit of every child (0: none), set once at start-up
+/// ([`set_child_process_limit`]). `RLIMIT_NPROC` counts the processes and threads of the
+/// sandbox's one uid, the runner's included: children get the sandbox's limit while the runner
+/// keeps a higher one, so a fork bomb stops below the runner's own headroom.
+static CHILD_NPROC_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether every child's OOM score is raised (`oom_score_adj` 500) right after it has exec'd,
+/// so that a sandbox's memory-limit kill picks what the runner started over the runner itself
+/// (lowering the runner's own score would need CAP_SYS_RESOURCE on the host; the child cannot
+/// write its own before `execve`, while it shares the runner's non-dumpable memory).
+static CHILD_OOM_FIRST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets whether children raise their OOM score ([`CHILD_OOM_FIRST`]).
+pub fn set_children_oom_first(on: bool) {
+    CHILD_OOM_FIRST.store(on, Ordering::Relaxed);
+}
+
+/// Sets the `RLIMIT_NPROC` every child gets (0 for none).
+pub fn set_child_process_limit(n: u64) {
+    CHILD_NPROC_LIMIT.store(n, Ordering::Relaxed);
+}
 
 /// Everything the child reads, built by the parent before the clone (the child allocates
 /// nothing). The pointers are into the parent's `Vec`s and `CString`s, alive until the
@@ -105,6 +138,10 @@ struct Plan {
     stage: AtomicI32,
     /// Set when the kernel reset the handlers (`clone3` with `CLONE_CLEAR_SIGHAND`).
     signals_cleared: bool,
+    /// `RLIMIT_AS` for the child, 0 for none.
+    as_limit: u64,
+    /// `RLIMIT_NPROC` for the child, 0 for none.
+    nproc_limit: u64,
 }
 
 /// Starts `req` in a new process group. An `execve` that fails (no such file, not executable)
@@ -153,8 +190,14 @@ fn spawn_via(req: &Request<'_>, via: u8) -> io::Result<Child> {
         error: AtomicI32::new(0),
         stage: AtomicI32::new(0),
         signals_cleared: false,
+        as_limit: CHILD_AS_LIMIT.load(Ordering::Relaxed),
+        nproc_limit: CHILD_NPROC_LIMIT.load(Ordering::Relaxed),
     };
     let (pid, pidfd) = clone_vfork(&mut plan, via)?;
+    if CHILD_OOM_FIRST.load(Ordering::Relaxed) {
+        // Best effort (a child that already exited has no file left).
+        let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "500");
+    }
     // The spawning thread resumed: the child has exec'd, or exited after a failed step.
     drop((stdin_child, stdout_child, stderr_child));
     let error = plan.error.load(Ordering::Acquire);
@@ -502,6 +545,24 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
         }
         if libc::chdir(plan.cwd) != 0 {
             fail(3);
+        }
+        if plan.as_limit != 0 {
+            let limit = libc::rlimit {
+                rlim_cur: plan.as_limit,
+                rlim_max: plan.as_limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                fail(5);
+            }
+        }
+        if plan.nproc_limit != 0 {
+            let limit = libc::rlimit {
+                rlim_cur: plan.nproc_limit,
+                rlim_max: plan.nproc_limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_NPROC, &limit) != 0 {
+                fail(5);
+            }
         }
         let empty: u64 = 0;
         libc::syscall(

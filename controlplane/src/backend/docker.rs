@@ -61,7 +61,7 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{now_rfc3339, random_hex, valid_name, Backend, CreateSpec, Target};
+use super::{now_rfc3339, random_hex, valid_name, Backend, CreateSpec, RunnerAddr, Target};
 use crate::config::DockerConfig;
 use crate::error::{Error, Result};
 use crate::templates::Template;
@@ -301,6 +301,8 @@ impl DockerBackend {
             last_activity_at: None,
             created_by: Some(record.created_by.clone()),
             message,
+            isolated: true,
+            limits_enforced: None,
         }
     }
 
@@ -625,7 +627,9 @@ impl Backend for DockerBackend {
         let (status, _, addr) = self.phase(container.as_ref());
         match (labels, token_from_env) {
             (Some(labels), Some(token)) => Ok(Some(Target {
-                addr: addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+                addr: RunnerAddr::Tcp(
+                    addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+                ),
                 token,
                 status,
                 mode: labels.get(MODE).cloned().unwrap_or_default(),
@@ -633,7 +637,7 @@ impl Backend for DockerBackend {
                 template: labels.get(TEMPLATE).cloned().unwrap_or_default(),
             })),
             _ => Ok(self.record(name).await?.map(|record| Target {
-                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                addr: RunnerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
                 token: record.token,
                 status: SandboxStatus::Stopped,
                 mode: record.template.mode,

@@ -778,6 +778,8 @@ impl KubernetesBackend {
             last_activity_at: None,
             created_by: annotation(secret, CREATED_BY).and_then(|j| serde_json::from_str(j).ok()),
             message,
+            isolated: true,
+            limits_enforced: None,
             name,
         })
     }
@@ -1202,7 +1204,7 @@ impl Backend for KubernetesBackend {
             .map(|t| String::from_utf8_lossy(t).trim().to_owned())
             .unwrap_or_default();
         Ok(Some(Target {
-            addr,
+            addr: super::RunnerAddr::Tcp(addr),
             token,
             status,
             mode: annotation(&*secret, MODE).unwrap_or("agent").to_owned(),
@@ -1301,6 +1303,7 @@ mod tests {
             max_concurrent_invokes: Some(4),
             runner_args: vec!["--default-timeout".into(), "5m".into()],
             limits: None,
+            ..Template::default()
         }
     }
 

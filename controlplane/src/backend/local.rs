@@ -1,13 +1,15 @@
 //! The local backend, the embedded default: each sandbox is an `agentbox-runner` process on this
-//! machine with its own workspace under the state directory, a loopback port and its own token,
-//! under bubblewrap when it is installed (own user, pid, ipc and uts namespaces; a read-only view
-//! of the host; only its workspace writable; the control plane's state hidden).
+//! machine with its own workspace under the state directory and its own token. Isolated (the
+//! default), it is started through `agentbox-runner sandbox` (runner/src/sandbox): own user,
+//! mount, pid, network, ipc and uts namespaces, a read-only system view, egress only through a
+//! proxy that applies the template's policy, limits by cgroup or rlimits, and a unix socket for
+//! the control plane. With `--isolation none` it is a plain process on a loopback port.
 //!
 //! Everything about a sandbox is in `<state>/sandboxes/<name>/sandbox.json`, written atomically;
 //! the processes do not depend on the control plane, so sandboxes survive its restart and any
 //! number of control planes sharing the state directory serve the same sandboxes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -24,9 +26,10 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::{now_rfc3339, random_hex, valid_name, Backend, CreateSpec, Target};
+use super::{now_rfc3339, random_hex, valid_name, Backend, CreateSpec, RunnerAddr, Target};
+use crate::config::Isolation;
 use crate::error::{Error, Result};
-use crate::templates::Template;
+use crate::templates::{Template, LOCAL_DEFAULT_PIDS};
 
 /// What is kept on disk for one sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,15 +42,25 @@ struct Record {
     created_by: CreatedBy,
     /// Whether it should be running.
     running: bool,
-    /// The runner's address while running.
-    addr: Option<SocketAddr>,
-    /// The pid (process group) of the runner, or of bubblewrap around it.
+    /// The runner's address while running: a unix socket (isolated) or a loopback port.
+    addr: Option<RunnerAddr>,
+    /// The pid (process group) of the runner, or of the sandbox's launcher.
     pid: Option<i32>,
     /// Its start time, to tell it from a later process with the same pid.
     pid_started: Option<u64>,
     token: String,
     /// Why the last start failed.
     message: Option<String>,
+    /// Whether it runs in namespaces of its own (false: `--isolation none`).
+    #[serde(default)]
+    isolated: bool,
+    /// How its limits are enforced: `cgroup-v2`, `cgroup-v1` or `rlimits`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    limits_enforced: Option<String>,
+    /// The host uid an isolated sandbox runs as when the control plane is root (each sandbox
+    /// its own, unprivileged); kept so that its workspace stays its own across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host_uid: Option<u32>,
 }
 
 /// Runner processes on this machine.
@@ -65,11 +78,97 @@ pub struct LocalBackend {
 struct Launch {
     root: PathBuf,
     runner_bin: PathBuf,
-    bwrap: bool,
+    isolation: Isolation,
+    /// Sandboxes die with this process (`agentbox up`).
+    tie_to_parent: bool,
     start_timeout: Duration,
 }
 
+/// The port of the egress proxy inside an isolated sandbox (the runner's
+/// `sandbox::EGRESS_PORT`).
+const EGRESS_PROXY: &str = "http://127.0.0.1:3128";
+
+/// The first host uid given to isolated sandboxes when the control plane runs as root: each
+/// sandbox gets one of its own above it, unprivileged and unused by any distribution.
+const HOST_UID_BASE: u32 = 0x5B00_0000;
+
 impl Launch {
+    /// The sandbox's environment: nothing of the control plane's own (its secrets stay
+    /// here), only what a program expects, the template's env, and the sandbox's name.
+    fn environment(&self, record: &Record, workspace: &Path) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        let isolated = self.isolation == Isolation::Namespaces;
+        let path = if isolated {
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned()
+        } else {
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into())
+        };
+        env.insert("PATH".into(), path);
+        let home = if isolated {
+            "/workspace".to_owned()
+        } else {
+            workspace.to_string_lossy().into_owned()
+        };
+        env.insert("HOME".into(), home);
+        env.insert("LANG".into(), "C.UTF-8".into());
+        if isolated {
+            for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+                env.insert(name.into(), EGRESS_PROXY.into());
+            }
+            for name in ["NO_PROXY", "no_proxy"] {
+                env.insert(name.into(), "localhost,127.0.0.1,::1".into());
+            }
+            // The system's Python is read-only here: pip installs for the user (into
+            // $HOME/.local, in the workspace) or into a venv, as Debian's PEP 668 marker
+            // would otherwise refuse.
+            env.insert("PIP_BREAK_SYSTEM_PACKAGES".into(), "1".into());
+        }
+        env.extend(record.template.env.clone());
+        env.insert("AGENTBOX_SANDBOX".into(), record.name.clone());
+        env.insert("AGENTBOX_LOG".into(), "info".into());
+        env
+    }
+
+    /// The runner's own flags from the template.
+    fn runner_args(record: &Record) -> Vec<String> {
+        let mut args = vec!["--mode".into(), record.template.mode.clone()];
+        if let Some(n) = record.template.max_concurrent_invokes {
+            args.extend(["--max-concurrent-invokes".into(), n.to_string()]);
+        }
+        args.extend(record.template.runner_args.iter().cloned());
+        args
+    }
+
+    /// The launcher's spec (`agentbox-runner sandbox --spec`): JSON, no secrets.
+    fn spec(&self, record: &mut Record, dir: &Path, workspace: &Path) -> Result<serde_json::Value> {
+        let limits = record.template.limits.clone().unwrap_or_default();
+        let memory = limits.memory_bytes().map_err(Error::InvalidRequest)?;
+        let cpu = limits.nano_cpus().map_err(Error::InvalidRequest)?;
+        let pids = limits.pids.unwrap_or(LOCAL_DEFAULT_PIDS);
+        if rustix::process::geteuid().is_root() && record.host_uid.is_none() {
+            let mut b = [0u8; 4];
+            getrandom::fill(&mut b).map_err(|e| Error::Internal(e.to_string()))?;
+            record.host_uid = Some(HOST_UID_BASE + (u32::from_le_bytes(b) & 0x00ff_ffff));
+        }
+        Ok(serde_json::json!({
+            "name": record.name,
+            "dir": dir,
+            "workspace": workspace,
+            "runnerArgs": Self::runner_args(record),
+            "env": self.environment(record, workspace),
+            "readOnlyPaths": record.template.read_only_paths,
+            "egress": record.template.egress.clone().unwrap_or_else(|| serde_json::json!("all")),
+            "extraHosts": record.template.extra_hosts,
+            "limits": {
+                "memoryBytes": memory,
+                "pids": pids,
+                "cpuMicros": cpu.map(|n| n / 1000),
+            },
+            "hostUid": record.host_uid,
+            "tieToParent": self.tie_to_parent,
+        }))
+    }
+
     /// Starts the runner of `record` and waits for its `listening on` line.
     fn start(&self, record: &mut Record) -> Result<()> {
         let dir = self.root.join(&record.name);
@@ -81,39 +180,34 @@ impl Launch {
             .create(true)
             .append(true)
             .open(dir.join("runner.log"))?;
-        let mut runner_args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
-        runner_args.extend(["--mode".into(), record.template.mode.clone()]);
-        if let Some(n) = record.template.max_concurrent_invokes {
-            runner_args.extend(["--max-concurrent-invokes".into(), n.to_string()]);
-        }
-        runner_args.extend(record.template.runner_args.iter().cloned());
-        let mut cmd = if self.bwrap {
-            let mut c = Command::new("bwrap");
-            c.args(bwrap_args(&self.root, &workspace, &self.runner_bin));
-            c.arg("--workspace").arg("/workspace");
-            c
-        } else {
-            let mut c = Command::new(&self.runner_bin);
-            c.arg("--workspace").arg(&workspace);
-            c
-        };
-        cmd.args(&runner_args)
-            .stdin(Stdio::null())
+        let isolated = self.isolation == Isolation::Namespaces;
+        let mut cmd = Command::new(&self.runner_bin);
+        cmd.env_clear()
             .stdout(stdout)
             .stderr(stderr)
             .process_group(0);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("AGENTBOX_") {
-                cmd.env_remove(key);
-            }
+        if isolated {
+            let spec = self.spec(record, &dir, &workspace)?;
+            let spec_path = dir.join("sandbox.spec.json");
+            std::fs::write(&spec_path, spec.to_string())?;
+            cmd.arg("sandbox")
+                .arg("--spec")
+                .arg(&spec_path)
+                .stdin(Stdio::piped());
+        } else {
+            cmd.args(["--listen", "127.0.0.1:0", "--workspace"])
+                .arg(&workspace)
+                .args(Self::runner_args(record))
+                .envs(self.environment(record, &workspace))
+                .env("AGENTBOX_RUNNER_TOKEN", &record.token)
+                .stdin(Stdio::null());
         }
-        cmd.envs(&record.template.env);
-        cmd.env("AGENTBOX_RUNNER_TOKEN", &record.token)
-            .env("AGENTBOX_SANDBOX", &record.name)
-            .env("AGENTBOX_LOG", "info");
-        let mut child = cmd
-            .spawn()
+        let mut child = spawn_from_lasting_thread(cmd)
             .map_err(|e| Error::Backend(format!("cannot start the runner: {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // The launcher reads the token from here; it is in no file and no environment.
+            let _ = stdin.write_all(record.token.as_bytes());
+        }
         let pid = child.id() as i32;
         // Reap it whenever it exits, so it never lingers as a zombie of the control plane.
         std::thread::spawn(move || {
@@ -125,8 +219,13 @@ impl Launch {
             if let Some(addr) = text
                 .lines()
                 .find_map(|l| l.strip_prefix("listening on "))
-                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+                .and_then(|a| parse_listening(a.trim()))
             {
+                record.limits_enforced = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("isolation: namespaces; limits: "))
+                    .and_then(|rest| rest.split(';').next())
+                    .map(str::to_owned);
                 break addr;
             }
             if start_time(pid).is_none() || is_zombie(pid) || Instant::now() > deadline {
@@ -140,14 +239,55 @@ impl Launch {
                     record.name
                 )));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(5));
         };
         record.addr = Some(addr);
         record.pid = Some(pid);
         record.pid_started = start_time(pid);
         record.running = true;
+        record.isolated = isolated;
         record.message = None;
         Ok(())
+    }
+}
+
+/// Spawns `cmd` from one thread that lives as long as the process. A launcher's parent-death
+/// signal (`agentbox up`'s sandboxes die with it) fires when the *thread* that forked it ends,
+/// and runtime blocking threads end after a few idle seconds.
+fn spawn_from_lasting_thread(cmd: Command) -> std::io::Result<std::process::Child> {
+    type Job = (
+        Command,
+        std::sync::mpsc::Sender<std::io::Result<std::process::Child>>,
+    );
+    static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let _ = std::thread::Builder::new()
+            .name("sandbox-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        Mutex::new(tx)
+    });
+    let (reply, answer) = std::sync::mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((cmd, reply))
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+}
+
+/// The address after `listening on `: `unix:PATH` or `HOST:PORT`.
+fn parse_listening(text: &str) -> Option<RunnerAddr> {
+    match text.strip_prefix("unix:") {
+        Some(path) => Some(RunnerAddr::unix(PathBuf::from(path))),
+        None => text.parse::<SocketAddr>().ok().map(RunnerAddr::Tcp),
     }
 }
 
@@ -274,6 +414,8 @@ impl Record {
             last_activity_at: None,
             created_by: Some(self.created_by.clone()),
             message,
+            isolated: self.isolated,
+            limits_enforced: self.limits_enforced.clone(),
         }
     }
 }
@@ -283,7 +425,8 @@ impl LocalBackend {
     pub fn new(
         state_dir: &Path,
         runner_bin: PathBuf,
-        bwrap: bool,
+        isolation: Isolation,
+        tie_to_parent: bool,
         start_timeout: Duration,
     ) -> std::io::Result<Self> {
         let root = state_dir.join("sandboxes");
@@ -292,7 +435,8 @@ impl LocalBackend {
             launch: Launch {
                 root,
                 runner_bin,
-                bwrap,
+                isolation,
+                tie_to_parent,
                 start_timeout,
             },
             create_lock: tokio::sync::Mutex::new(()),
@@ -444,58 +588,6 @@ fn descendants(root: i32) -> Vec<i32> {
     out
 }
 
-/// bubblewrap arguments: a read-only view of the host, fresh /dev, /proc and /tmp, the
-/// workspace at /workspace, the control plane's state hidden.
-fn bwrap_args(state_root: &Path, workspace: &Path, runner_bin: &Path) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--unshare-user",
-        "--unshare-pid",
-        "--unshare-ipc",
-        "--unshare-uts",
-        "--new-session",
-        "--tmpfs",
-        "/",
-    ]
-    .map(String::from)
-    .to_vec();
-    if let Ok(entries) = std::fs::read_dir("/") {
-        let mut names: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        names.sort();
-        for path in names {
-            let name = path.to_string_lossy().into_owned();
-            if ["/proc", "/dev", "/tmp", "/workspace", "/run"].contains(&name.as_str()) {
-                continue;
-            }
-            match std::fs::read_link(&path) {
-                Ok(target) => args.extend([
-                    "--symlink".into(),
-                    target.to_string_lossy().into_owned(),
-                    name,
-                ]),
-                Err(_) => args.extend(["--ro-bind".into(), name.clone(), name]),
-            }
-        }
-    }
-    let hidden = state_root.to_string_lossy().into_owned();
-    args.extend(
-        [
-            "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs",
-        ]
-        .map(String::from),
-    );
-    args.push(hidden);
-    args.extend(["--dir".into(), "/workspace".into(), "--bind".into()]);
-    args.push(workspace.to_string_lossy().into_owned());
-    args.push("/workspace".into());
-    args.extend([
-        "--ro-bind".into(),
-        runner_bin.to_string_lossy().into_owned(),
-    ]);
-    args.push("/run/agentbox-runner".into());
-    args.extend(["--".into(), "/run/agentbox-runner".into()]);
-    args
-}
-
 #[async_trait::async_trait]
 impl Backend for LocalBackend {
     async fn list(&self) -> Result<Vec<SandboxSummary>> {
@@ -543,6 +635,9 @@ impl Backend for LocalBackend {
             pid_started: None,
             token: random_hex(32),
             message: None,
+            isolated: false,
+            limits_enforced: None,
+            host_uid: None,
         };
         let (record, started) = self.start(record).await?;
         if let Err(e) = started {
@@ -638,7 +733,7 @@ impl Backend for LocalBackend {
         let target = Target {
             addr: record
                 .addr
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+                .unwrap_or_else(|| RunnerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)))),
             token: record.token,
             status,
             mode: record.template.mode,

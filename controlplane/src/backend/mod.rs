@@ -1,10 +1,9 @@
 //! Where sandboxes live. The control plane asks a [`Backend`] only for lifecycle operations and
 //! for [`Target`]s (where a sandbox's runner listens); it keeps no state of its own.
 
-use std::net::SocketAddr;
-
 use agentbox_proto::{CreatedBy, SandboxStatus, SandboxSummary};
 
+pub use crate::connector::RunnerAddr;
 use crate::error::Result;
 use crate::templates::Template;
 
@@ -16,7 +15,7 @@ pub mod local;
 #[derive(Debug, Clone)]
 pub struct Target {
     /// The runner's address.
-    pub addr: SocketAddr,
+    pub addr: RunnerAddr,
     /// The sandbox's own runner token.
     pub token: String,
     /// The phase.

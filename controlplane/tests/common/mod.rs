@@ -1,8 +1,9 @@
 //! Test harness: starts the real `agentbox-controlplane` binary (one or more replicas on one
 //! state directory) with an API keys file, real local `agentbox-runner` sandboxes behind it, and
 //! talks HTTP to it. Every process started for a test carries a unique `CP_TEST_TAG` in its
-//! environment (the control plane passes it on to runners, bubblewrap and invokes), so the end
-//! of a test can find and stop every one of them: no runner outlives the test run.
+//! environment or this test's directory in its command line or working directory (sandboxes get
+//! none of the control plane's environment), so the end of a test can find and stop every one
+//! of them: no runner outlives the test run.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
@@ -45,15 +46,6 @@ pub fn runner_bin() -> PathBuf {
         bin.display()
     );
     bin
-}
-
-pub fn bwrap_available() -> bool {
-    Command::new("which")
-        .arg("bwrap")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 pub fn sha256_hex(secret: &str) -> String {
@@ -113,7 +105,7 @@ impl Env {
         std::fs::rename(&tmp, &self.keys_file).unwrap();
     }
 
-    /// The standard flags, with `isolation` (`none` or `bwrap`).
+    /// The standard flags, with `isolation` (`none` or `namespaces`).
     pub fn args(&self, isolation: &str) -> Vec<String> {
         vec![
             "--listen".into(),
@@ -159,8 +151,12 @@ impl Env {
 
     /// Starts a control plane with exactly `args` and reads its `listening on ADDR` line.
     pub fn spawn(&self, args: &[String]) -> Cp {
-        let mut child = self
-            .command(args)
+        self.spawn_command(self.command(args))
+    }
+
+    /// Starts `cmd` (a control plane) and reads its `listening on ADDR` line.
+    pub fn spawn_command(&self, mut cmd: Command) -> Cp {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -222,13 +218,20 @@ impl Env {
             if pid == me || except.contains(&pid) || !alive(pid) {
                 continue;
             }
-            let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-                continue;
-            };
-            if environ
-                .split(|b| *b == 0)
-                .any(|var| var == needle.as_bytes())
-            {
+            // The tag, where the environment was passed on (the control plane itself); a
+            // sandbox gets none of the control plane's environment, so its launcher and runner
+            // are known by this test's directory in their command line or working directory.
+            let tagged = std::fs::read(entry.path().join("environ")).is_ok_and(|environ| {
+                environ
+                    .split(|b| *b == 0)
+                    .any(|var| var == needle.as_bytes())
+            });
+            let root = self.root.as_os_str().as_encoded_bytes();
+            let in_root = std::fs::read(entry.path().join("cmdline"))
+                .is_ok_and(|c| c.windows(root.len()).any(|w| w == root))
+                || std::fs::read_link(entry.path().join("cwd"))
+                    .is_ok_and(|c| c.starts_with(&self.root));
+            if tagged || in_root {
                 out.push(pid);
             }
         }

@@ -28,7 +28,6 @@ use bytes::Bytes;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::net::TcpListener;
 
 use crate::config::Mode;
 use crate::duration::parse_duration;
@@ -77,7 +76,7 @@ pub fn router(app: Arc<AppState>) -> Router {
 
 /// Serves `router` on an already-bound listener until `shutdown` resolves.
 pub async fn serve(
-    listener: TcpListener,
+    listener: crate::listen::Listener,
     app: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -98,7 +97,7 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let (tcp, _) = tokio::select! {
+        let conn = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 // Out of descriptors or a connection reset before accept: keep serving.
@@ -110,9 +109,7 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        // Events are small writes that must leave at once.
-        let _ = tcp.set_nodelay(true);
-        let conn = builder.serve_connection(TokioIo::new(tcp), service.clone());
+        let conn = builder.serve_connection(TokioIo::new(conn), service.clone());
         let conn = graceful.watch(conn.into_owned());
         tokio::spawn(async move {
             let _ = conn.await;
