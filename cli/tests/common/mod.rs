@@ -283,6 +283,9 @@ pub struct Up {
     pub key: String,
     /// Its stdout so far.
     pub seen: String,
+    /// Its state directory: `--state-dir` of the extra arguments (relative to `dir`), else
+    /// `dir/.agentbox`.
+    state: PathBuf,
     lines: Receiver<String>,
     child: Option<Child>,
     _tmp: tempfile::TempDir,
@@ -304,11 +307,17 @@ impl Up {
             .stderr(stderr);
         let mut child = cmd.spawn().unwrap();
         let lines = lines_of(child.stdout.take().unwrap());
+        let state = extra
+            .iter()
+            .position(|a| *a == "--state-dir")
+            .map(|i| dir.join(extra[i + 1]))
+            .unwrap_or_else(|| dir.join(".agentbox"));
         let mut up = Up {
             dir,
             url: String::new(),
             key: String::new(),
             seen: String::new(),
+            state,
             lines,
             child: Some(child),
             _tmp: tmp,
@@ -340,7 +349,7 @@ impl Up {
     }
 
     pub fn state_dir(&self) -> PathBuf {
-        self.dir.join(".agentbox")
+        self.state.clone()
     }
 
     /// The control plane's address.
