@@ -1259,9 +1259,57 @@ fn tokio_util_stream(
     })
 }
 
+/// docs/cli.md: every command's `--help`, generated from the definitions above (a test keeps
+/// the committed file equal to it).
+#[cfg(test)]
+fn reference() -> String {
+    fn walk(cmd: &mut clap::Command, path: &str, toc: &mut String, body: &mut String) {
+        let help = cmd.render_long_help().to_string();
+        let help: Vec<&str> = help.lines().map(str::trim_end).collect();
+        let anchor = path.replace(' ', "-");
+        toc.push_str(&format!("- [`{path}`](#{anchor})\n"));
+        body.push_str(&format!(
+            "## {path}\n\n```text\n{}\n```\n\n",
+            help.join("\n").trim_end()
+        ));
+        for sub in cmd.get_subcommands_mut() {
+            if sub.get_name() != "help" {
+                let path = format!("{path} {}", sub.get_name());
+                walk(sub, &path, toc, body);
+            }
+        }
+    }
+    let mut cmd = cli_command();
+    cmd.build();
+    let (mut toc, mut body) = (String::new(), String::new());
+    walk(&mut cmd, "agentbox", &mut toc, &mut body);
+    format!(
+        "# CLI reference\n\n<!-- Generated from cli/src/main.rs and cli/src/up.rs by \
+         `UPDATE_DOCS=1 cargo test -p agentbox-cli --bin agentbox reference`; a test fails when \
+         it is stale. -->\n\nEvery command's `--help`. The global options are described once, \
+         under `agentbox`.\n\n{toc}\n{}",
+        body.trim_end()
+    ) + "\n"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reference_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/cli.md");
+        let generated = reference();
+        if std::env::var_os("UPDATE_DOCS").is_some() {
+            std::fs::write(&path, &generated).expect("write docs/cli.md");
+            return;
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/cli.md is stale: run `UPDATE_DOCS=1 cargo test -p agentbox-cli --bin agentbox reference`"
+        );
+    }
 
     #[test]
     fn words() {

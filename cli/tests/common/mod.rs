@@ -294,6 +294,11 @@ pub struct Up {
 impl Up {
     /// `agentbox up --listen 127.0.0.1:0 --isolation none EXTRA...`, once it is up.
     pub fn start(extra: &[&str]) -> Up {
+        Up::start_with_env(extra, &[])
+    }
+
+    /// [`Up::start`] with more environment variables for `up` (and so for its runners).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Up {
         let tmp = tempfile::Builder::new()
             .prefix("agentbox-cli-e2e-")
             .tempdir()
@@ -303,6 +308,7 @@ impl Up {
         let mut cmd = agentbox(&dir);
         cmd.args(["up", "--listen", "127.0.0.1:0", "--isolation", "none"])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr);
         let mut child = cmd.spawn().unwrap();
