@@ -700,8 +700,15 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
                     outln!("{}", i.invoke_id);
                 }
             } else {
+                let shown: Vec<_> = shown.collect();
+                let width = shown
+                    .iter()
+                    .map(|i| i.invoke_id.as_str().len())
+                    .max()
+                    .unwrap_or(0)
+                    .max(2);
                 outln!(
-                    "{:<28} {:<6} {:<8} {:<9} {:>9}  STARTED",
+                    "{:<width$} {:<6} {:<8} {:<9} {:>9}  STARTED",
                     "ID",
                     "KIND",
                     "STATE",
@@ -709,7 +716,7 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
                     "DURATION"
                 );
                 for i in shown {
-                    outln!("{}", invoke_row(i));
+                    outln!("{}", invoke_row(i, width));
                 }
             }
             Ok(0)
@@ -793,7 +800,7 @@ fn show_sandbox(cli: &Cli, s: &agentbox_proto::SandboxSummary) {
 }
 
 /// One line of `agentbox invokes`.
-fn invoke_row(i: &agentbox_proto::InvokeSummary) -> String {
+fn invoke_row(i: &agentbox_proto::InvokeSummary, width: usize) -> String {
     let state = match i.state {
         agentbox_proto::InvokeState::Running => "running",
         agentbox_proto::InvokeState::Exited => "exited",
@@ -826,7 +833,7 @@ fn invoke_row(i: &agentbox_proto::InvokeSummary) -> String {
         s => format!("{}d ago", s / 86_400),
     };
     format!(
-        "{:<28} {:<6} {:<8} {:<9} {:>9}  {started}",
+        "{:<width$} {:<6} {:<8} {:<9} {:>9}  {started}",
         i.invoke_id, kind, state, exit, duration
     )
 }

@@ -1,8 +1,9 @@
 //! The documentation's examples, run as written: every ```sh block of README.md and docs/*.md
 //! preceded by the line `<!-- test: run -->` is run with bash (`-e -o pipefail`), in order, in
 //! one fresh directory per file where a real `agentbox up` runs (the binaries under test first
-//! on PATH, no AGENTBOX_* variable of the caller). A block passes when it exits 0; it checks
-//! its own output where that matters. pip finds its packages in a local wheelhouse packed from
+//! on PATH, no AGENTBOX_* variable of the caller). A block passes when it exits 0 and, if it has
+//! lines starting with `#> ` (comments to the shell, shown output to the reader), its stdout is
+//! exactly those lines. pip finds its packages in a local wheelhouse packed from
 //! what is installed here (tests/docs/wheelhouse.py), so `pip install -r requirements.txt` needs
 //! no network. How to mark a block: docs/development.md.
 #![allow(clippy::unwrap_used)]
@@ -22,6 +23,8 @@ struct Block {
     /// 1-based line of the fence.
     line: usize,
     text: String,
+    /// Its `#> ` lines, each with a newline: the stdout it must print, when any.
+    expected: Option<String>,
 }
 
 /// The marked blocks of a Markdown text; a marker not followed by a ```sh block is an error.
@@ -51,9 +54,15 @@ fn runnable_blocks(markdown: &str) -> Result<Vec<Block>, String> {
         if end == lines.len() {
             return Err(format!("line {}: the block never ends", fence + 1));
         }
+        let shown: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("#> ").or((l == "#>").then_some("")))
+            .collect();
+        let expected = (!shown.is_empty()).then(|| shown.join("\n") + "\n");
         blocks.push(Block {
             line: fence + 1,
             text,
+            expected,
         });
         i = end + 1;
     }
@@ -81,10 +90,14 @@ fn documents() -> Vec<PathBuf> {
 
 #[test]
 fn the_marker_is_found_and_misuse_is_reported() {
-    let md = "text\n<!-- test: run -->\n```sh\necho a\n```\n```sh\nnot marked\n```\n";
+    let md = "text\n<!-- test: run -->\n```sh\necho a\n#> a\n```\n```sh\nnot marked\n```\n";
     let blocks = runnable_blocks(md).unwrap();
     assert_eq!(blocks.len(), 1);
-    assert_eq!((blocks[0].line, blocks[0].text.as_str()), (3, "echo a\n"));
+    assert_eq!(
+        (blocks[0].line, blocks[0].text.as_str()),
+        (3, "echo a\n#> a\n")
+    );
+    assert_eq!(blocks[0].expected.as_deref(), Some("a\n"));
     assert!(runnable_blocks("<!-- test: run -->\n```python\nx\n```\n").is_err());
     assert!(runnable_blocks("<!-- test: run -->\n```sh\nnever ends\n").is_err());
 }
@@ -154,6 +167,14 @@ fn readme_and_docs_examples_run_as_written() {
                 block.text,
                 up.stderr()
             );
+            if let Some(expected) = &block.expected {
+                assert!(
+                    out.stdout_text() == *expected,
+                    "{name}:{}: the block printed\n{}\ninstead of its #> lines\n{expected}",
+                    block.line,
+                    out.stdout_text()
+                );
+            }
             ran += 1;
         }
         assert!(up.stop().success(), "{name}");
