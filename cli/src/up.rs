@@ -38,7 +38,12 @@ pub(crate) struct UpArgs {
     backend: UpBackend,
     /// Templates besides the built-in `default` and `code`: {"templates": [{"name", "mode",
     /// "image", "env", "maxConcurrentInvokes", "runnerArgs", "limits"}]} (docs/http-api.md).
-    #[arg(long, value_name = "FILE")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "AGENTBOX_TEMPLATES_FILE",
+        hide_env_values = true
+    )]
     templates_file: Option<PathBuf>,
 }
 
