@@ -51,5 +51,5 @@ done
 if grep -rqE 'agentbox/(controlplane|runner|python-agent|langgraph-agent):' "$rendered"; then
   echo "manifests: an image name was left unrenamed" >&2; exit 1
 fi
-"$venv/bin/kubernetes-validate" --strict --quiet -k "$k8s_version" "${resources[@]/#$dir/$rendered}"
+"$venv/bin/kubernetes-validate" --strict --quiet -k "$k8s_version" "${resources[@]/#"$dir"/"$rendered"}"
 echo "manifests: scripts/manifests.sh renames every image and its output is valid"

@@ -211,7 +211,10 @@ fn invokes_lists_the_recent_ones() {
     up.create("hist");
     up.configure("hist", "sh -c 'echo hi; exit 3'", &[]);
     up.run(&["invoke", "hist"]).expect_code(3);
-    up.configure("hist", "sh -c 'exit 0'", &[]);
+    // -q: a successful configure prints nothing at all.
+    let out = up.run(&["configure", "hist", "--entrypoint", "sh -c 'exit 0'", "-q"]);
+    out.expect_code(0);
+    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
     up.run(&["invoke", "hist"]).expect_code(0);
     up.configure("hist", "sleep 60", &[]);
     let out = up.run(&["invoke", "hist", "--detach"]);
