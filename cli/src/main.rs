@@ -674,10 +674,18 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
             let until = if *keep {
                 None
             } else {
-                Some(c.invoke_summary(name, invoke_id).await?.last_event_id)
+                Some(
+                    c.invoke_summary(name, invoke_id)
+                        .await
+                        .map_err(|e| unknown_invoke(e, name))?
+                        .last_event_id,
+                )
             };
             let mut sigint = interrupts()?;
-            let stream = c.events(name, invoke_id, 0).await?;
+            let stream = c
+                .events(name, invoke_id, 0)
+                .await
+                .map_err(|e| unknown_invoke(e, name))?;
             let code = follow_inner(
                 &cli,
                 &c,
@@ -722,7 +730,9 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
             Ok(0)
         }
         Command::Cancel { name, invoke_id } => {
-            c.cancel(name, invoke_id).await?;
+            c.cancel(name, invoke_id)
+                .await
+                .map_err(|e| unknown_invoke(e, name))?;
             if cli.json {
                 print_json(&json!({"invokeId": invoke_id, "status": "canceling"}));
             } else if !cli.quiet {
@@ -744,6 +754,18 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
         }
         Command::Files { command } => files(&cli, &c, command).await,
     }
+}
+
+/// An unknown invoke id: the server's answer, and where to find the ids.
+fn unknown_invoke(e: ClientError, name: &str) -> Failure {
+    let hint = matches!(&e, ClientError::Api { code, .. } if code == "invoke_not_found");
+    let mut failure = Failure::from(e);
+    if hint {
+        failure.message.push_str(&format!(
+            "; `agentbox invokes {name}` lists the recent ones"
+        ));
+    }
+    failure
 }
 
 /// A cancel that gives up after a few seconds: Ctrl-C must never hang on a dead server.

@@ -251,6 +251,15 @@ fn invokes_lists_the_recent_ones() {
     assert_eq!(items[2]["exitCode"], 3, "{list}");
     assert_eq!(items[0]["state"], "running", "{list}");
 
+    // An id that is not there: the error says where the ids are.
+    let out = up.run(&["logs", "hist", "inv-0000"]);
+    out.expect_code(1);
+    assert!(
+        out.stderr_text()
+            .contains("`agentbox invokes hist` lists the recent ones"),
+        "{out:?}"
+    );
+
     // The id it printed is the one `cancel` takes; the list then shows how it ended.
     up.run(&["cancel", "hist", &running]).expect_code(0);
     let deadline = Instant::now() + Duration::from_secs(20);
