@@ -464,3 +464,21 @@ fn up_refuses_a_missing_templates_file_before_binding() {
     assert!(out.stderr_text().contains("nosuch"), "{out:?}");
     assert!(up.stop().success());
 }
+
+#[test]
+fn up_with_docker_and_no_engine_says_so_and_saves_no_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_in(
+        dir.path(),
+        &["up", "--listen", "127.0.0.1:0", "--backend", "docker"],
+        &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
+    );
+    out.expect_code(1);
+    let err = out.stderr_text();
+    assert!(
+        err.starts_with("agentbox: ") && err.contains("Docker engine"),
+        "{out:?}"
+    );
+    assert!(!dir.path().join(".agentbox/cli.json").exists());
+    assert!(out.stdout.is_empty(), "{out:?}");
+}
