@@ -482,3 +482,36 @@ fn up_with_docker_and_no_engine_says_so_and_saves_no_server() {
     assert!(!dir.path().join(".agentbox/cli.json").exists());
     assert!(out.stdout.is_empty(), "{out:?}");
 }
+
+#[test]
+fn up_quiet_prints_only_its_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = agentbox(dir.path())
+        .args(["up", "-q", "--listen", "127.0.0.1:0", "--isolation", "none"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = common::lines_of(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    common::wait_line(&lines, &mut seen, Duration::from_secs(20), |l| {
+        l.starts_with("agentbox is up at http://127.0.0.1:")
+    });
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join(".agentbox/cli.json")).unwrap())
+            .unwrap();
+    let key = saved["apiKey"].as_str().unwrap().to_owned();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = common::wait_bounded(&mut child, Duration::from_secs(20)).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("up did not stop");
+    });
+    assert!(status.success(), "{status:?}");
+    let rest: String = lines.iter().collect();
+    let all = seen + &rest;
+    assert!(!all.contains(&key) && !all.contains("API key"), "{all}");
+}
