@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The first five minutes: build the runner, start it on a scratch workspace, configure the
-# quickstart agent, invoke it and show the raw event stream, then keep serving so you can curl it.
-# Needs only cargo, curl and python3: no Docker, no cluster.
+# The runner on its own, no control plane: build it, start it on a scratch workspace, configure
+# a small agent, invoke it and show the raw event stream, then keep serving so you can curl it
+# or drive it with `agentbox` (the variables it prints are the ones the CLI reads).
+# Needs only cargo, curl and python3: no Docker, no cluster. (For agentbox as a whole, the
+# README's first five minutes start with `agentbox up --demo`.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,8 +35,9 @@ curl -sS -N -H "$auth" "$url/v1/configure" -d '{
 echo "== POST /v1/invoke (body: world)"
 curl -sS -N -H "$auth" "$url/v1/invoke" -d 'world'
 echo "== try it yourself (Ctrl-C stops the runner):"
-echo "   export AGENTBOX_URL=$url AGENTBOX_TOKEN=$token"
+echo "   export AGENTBOX_RUNNER_URL=$url AGENTBOX_RUNNER_TOKEN=$token"
+echo "   agentbox invoke - --prompt you       # the CLI talks to this runner (the sandbox name is ignored)"
 # shellcheck disable=SC2016 # printed for the reader to copy, not expanded here
-echo '   curl -N -H "Authorization: Bearer $AGENTBOX_TOKEN" "$AGENTBOX_URL/v1/invoke" -d you'
+echo '   curl -N -H "Authorization: Bearer $AGENTBOX_RUNNER_TOKEN" "$AGENTBOX_RUNNER_URL/v1/invoke" -d you'
 if [ "${1:-}" = "--no-wait" ]; then exit 0; fi
 wait "$runner"

@@ -4,16 +4,20 @@
 #   agentbox-base/debian:bookworm   debootstrap (minbase) into a folder, then `docker import`
 #   agentbox-base/python:bookworm   that plus Debian's python3 and venv (images/base/python.Dockerfile)
 #   agentbox-base/busybox:latest    an empty image plus Debian's static busybox (the drop-in test)
-#   agentbox/runner:TAG             FROM scratch, only the static agentbox-runner
-#   agentbox/python-agent:TAG       images/python-agent with --build-arg BASE=agentbox-base/python:bookworm
-#   agentbox/langgraph-agent:TAG    images/langgraph-agent, LangGraph wheels fetched by pip on the host
-#   agentbox/controlplane:TAG       only with --controlplane: the static control plane (images/controlplane)
+#   REGISTRY/runner:TAG             FROM scratch, only the static agentbox-runner
+#   REGISTRY/python-agent:TAG       images/python-agent with --build-arg BASE=agentbox-base/python:bookworm
+#   REGISTRY/langgraph-agent:TAG    images/langgraph-agent, LangGraph wheels fetched by pip on the host
+#   REGISTRY/controlplane:TAG       with --controlplane or --push: the static control plane (images/controlplane)
+# REGISTRY is AGENTBOX_REGISTRY, default `agentbox` (local names, pushed nowhere).
 # Base images that exist are kept (delete them to rebuild); the others go through Docker's layer
 # cache, so a second run takes seconds. Needs root (debootstrap), docker, debootstrap,
 # busybox-static, cargo, python3 with pip.
 #
-# Usage: scripts/images.sh [--bases-only | --controlplane]
-#   env: AGENTBOX_IMAGE_TAG (default latest), DEBIAN_MIRROR (default http://deb.debian.org/debian),
+# Usage: scripts/images.sh [--bases-only | --controlplane | --push]
+#   --push: also build the control plane, then `docker push` the four product images (log in to
+#   the registry first); scripts/manifests.sh then renders deploy/kubernetes with the same names.
+#   env: AGENTBOX_REGISTRY (default agentbox), AGENTBOX_IMAGE_TAG (default latest),
+#        DEBIAN_MIRROR (default http://deb.debian.org/debian),
 #        AGENTBOX_BASES=public: build the product images on public bases (python:3.12-slim,
 #        debian:bookworm-slim) instead of the local ones (where a registry is reachable)
 set -euo pipefail
@@ -25,17 +29,21 @@ suite=bookworm
 debian_image=agentbox-base/debian:$suite
 python_image=agentbox-base/python:$suite
 busybox_image=agentbox-base/busybox:latest
-runner_image=agentbox/runner:$tag
-python_agent_image=agentbox/python-agent:$tag
-langgraph_image=agentbox/langgraph-agent:$tag
-controlplane_image=agentbox/controlplane:$tag
+registry=${AGENTBOX_REGISTRY:-agentbox}
+registry=${registry%/}
+runner_image=$registry/runner:$tag
+python_agent_image=$registry/python-agent:$tag
+langgraph_image=$registry/langgraph-agent:$tag
+controlplane_image=$registry/controlplane:$tag
 bases_only=false
 controlplane=false
+push=false
 case "${1:-}" in
   --bases-only) bases_only=true ;;
   --controlplane) controlplane=true ;;
+  --push) controlplane=true; push=true ;;
   "") ;;
-  *) echo "usage: scripts/images.sh [--bases-only | --controlplane]" >&2; exit 64 ;;
+  *) echo "usage: scripts/images.sh [--bases-only | --controlplane | --push]" >&2; exit 64 ;;
 esac
 public=false
 if [ "${AGENTBOX_BASES:-local}" = public ]; then
@@ -149,4 +157,13 @@ if $controlplane; then
   done_step
 fi
 
-docker images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^agentbox(-base)?/' | sort
+if $push; then
+  for image in "$runner_image" "$python_agent_image" "$langgraph_image" "$controlplane_image"; do
+    step "push $image"
+    docker push -q "$image"
+    done_step
+  done
+fi
+
+docker images --format '{{.Repository}}:{{.Tag}} {{.Size}}' \
+  | grep -E "^(agentbox-base/|$registry/)" | sort

@@ -40,3 +40,16 @@ if command -v kubectl >/dev/null; then
   kubectl kustomize "$dir" > /dev/null
   echo "manifests: kubectl kustomize renders $dir"
 fi
+
+# Renamed for a registry (scripts/manifests.sh): every image, in YAML and in the templates' JSON.
+rendered=$(mktemp -d)
+trap 'rm -rf "$rendered"' EXIT
+AGENTBOX_REGISTRY=registry.example.com/team AGENTBOX_IMAGE_TAG=v1 scripts/manifests.sh "$rendered" > /dev/null
+for image in controlplane python-agent langgraph-agent; do
+  grep -rq "registry.example.com/team/$image:v1" "$rendered" || { echo "manifests: $image not renamed" >&2; exit 1; }
+done
+if grep -rqE 'agentbox/(controlplane|runner|python-agent|langgraph-agent):' "$rendered"; then
+  echo "manifests: an image name was left unrenamed" >&2; exit 1
+fi
+"$venv/bin/kubernetes-validate" --strict --quiet -k "$k8s_version" "${resources[@]/#"$dir"/"$rendered"}"
+echo "manifests: scripts/manifests.sh renames every image and its output is valid"

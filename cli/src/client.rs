@@ -25,6 +25,8 @@ pub enum ClientError {
         code: String,
         /// The server's message.
         message: String,
+        /// For a refused credential (401): where it came from and what to do.
+        hint: Option<String>,
     },
     /// The server answered something unexpected.
     Protocol(String),
@@ -38,7 +40,14 @@ impl fmt::Display for ClientError {
                 status,
                 code,
                 message,
-            } => write!(f, "{message} ({code}, HTTP {status})"),
+                hint,
+            } => {
+                write!(f, "{message} ({code}, HTTP {status})")?;
+                match hint {
+                    Some(hint) => write!(f, "; {hint}"),
+                    None => Ok(()),
+                }
+            }
             ClientError::Protocol(m) => write!(f, "unexpected answer: {m}"),
         }
     }
@@ -81,6 +90,7 @@ pub struct InvokeOptions {
 pub struct Client {
     http: reqwest::Client,
     base: Base,
+    refusal_hint: Option<String>,
 }
 
 /// Percent-encodes a sandbox path for a URL, keeping `/`.
@@ -117,6 +127,7 @@ impl Client {
                 url: url.trim_end_matches('/').to_owned(),
                 key: key.to_owned(),
             },
+            refusal_hint: None,
         }
     }
 
@@ -128,7 +139,15 @@ impl Client {
                 url: url.trim_end_matches('/').to_owned(),
                 token: token.to_owned(),
             },
+            refusal_hint: None,
         }
+    }
+
+    /// What a 401 error says besides the server's message (where the credential came from,
+    /// what to do).
+    pub fn with_refusal_hint(mut self, hint: impl Into<String>) -> Self {
+        self.refusal_hint = Some(hint.into());
+        self
     }
 
     /// Whether this client talks to a runner directly.
@@ -166,16 +185,19 @@ impl Client {
         }
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
+        let hint = (status == 401).then(|| self.refusal_hint.clone()).flatten();
         Err(match serde_json::from_str::<ErrorBody>(&text) {
             Ok(body) => ClientError::Api {
                 status,
                 code: body.error,
                 message: body.message,
+                hint,
             },
             Err(_) => ClientError::Api {
                 status,
                 code: "http_error".into(),
                 message: text.chars().take(200).collect(),
+                hint,
             },
         })
     }

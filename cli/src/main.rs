@@ -6,6 +6,7 @@
 //! stream could not be resumed; 1 for any other error (the server's message is printed); 64 for
 //! bad usage.
 
+mod locate;
 mod up;
 
 use std::collections::BTreeMap;
@@ -18,7 +19,7 @@ use agentbox_cli::client::{Client, ClientError, EventStream, InvokeOptions};
 use agentbox_cli::sse::Event;
 use agentbox_proto::{ConfigureRequest, CreateSandboxRequest, ExecRequest, FileSpec, TemplateRef};
 use base64::Engine;
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::{json, Value};
 use tokio::signal::unix::Signal;
 
@@ -38,151 +39,280 @@ pub(crate) mod exit {
     pub(crate) const CANCELED: u8 = 130;
 }
 
+/// Exit codes, shown at the end of `agentbox --help` and in docs/cli.md.
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0      success
+  N      invoke, exec: the entrypoint's own exit code (128+N when signal N ended it)
+  1      any other error (the server's message is printed on one line)
+  64     bad usage: an unknown flag, a missing argument, no server known
+  69     the server cannot be reached, or a cut stream could not be resumed
+  75     the runner restarted while the invoke ran
+  124    the invoke timed out
+  130    canceled with Ctrl-C (or detached with a second one)
+
+Where the CLI finds its server: --api-url/--api-key (or AGENTBOX_API_URL/AGENTBOX_API_KEY),
+else the cli.json that `agentbox up` writes: <--state-dir>/cli.json when --state-dir or
+AGENTBOX_STATE_DIR is set, else the first .agentbox/cli.json in the current directory or one
+of its parents.";
+
+/// The heading of the options every command takes.
+const GLOBAL: &str = "Global options";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "agentbox",
     version,
-    about = "Run AI agents in sandboxes and drive them over HTTP."
+    about = "Run AI agents in sandboxes and drive them over HTTP.",
+    after_help = EXIT_CODES_HELP,
+    max_term_width = 100
 )]
 struct Cli {
-    /// Control plane URL [default: from `agentbox up`'s .agentbox/cli.json].
-    #[arg(long, global = true, env = "AGENTBOX_API_URL")]
+    /// Control plane URL [default: the apiUrl of `agentbox up`'s cli.json].
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTBOX_API_URL",
+        hide_env_values = true,
+        value_name = "URL",
+        help_heading = GLOBAL
+    )]
     api_url: Option<String>,
-    /// API key [default: from `agentbox up`'s .agentbox/cli.json].
-    #[arg(long, global = true, env = "AGENTBOX_API_KEY", hide_env_values = true)]
+    /// API key [default: the apiKey of `agentbox up`'s cli.json].
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTBOX_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY",
+        help_heading = GLOBAL
+    )]
     api_key: Option<String>,
     /// Talk to one runner directly instead of a control plane (sandbox names are then ignored).
-    #[arg(long, global = true, env = "AGENTBOX_RUNNER_URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTBOX_RUNNER_URL",
+        hide_env_values = true,
+        value_name = "URL",
+        help_heading = GLOBAL
+    )]
     runner: Option<String>,
     /// The runner's token (with --runner).
     #[arg(
         long,
         global = true,
         env = "AGENTBOX_RUNNER_TOKEN",
-        hide_env_values = true
+        hide_env_values = true,
+        value_name = "TOKEN",
+        help_heading = GLOBAL
     )]
     token: Option<String>,
-    /// Where `up` keeps its state and the CLI finds cli.json.
+    /// The directory of `agentbox up`'s state and cli.json [default for `up`: .agentbox; for the
+    /// other commands: the first .agentbox/cli.json in the current directory or its parents].
     #[arg(
         long,
         global = true,
         env = "AGENTBOX_STATE_DIR",
-        default_value = ".agentbox"
+        hide_env_values = true,
+        value_name = "DIR",
+        help_heading = GLOBAL
     )]
-    state_dir: PathBuf,
-    /// Machine-readable output: one JSON object, or JSON lines for streams.
-    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// Output format: text for people, json for programs (one JSON object, or JSON lines for
+    /// streams).
+    #[arg(
+        short,
+        long,
+        global = true,
+        value_enum,
+        default_value_t = Output::Text,
+        value_name = "FORMAT",
+        help_heading = GLOBAL
+    )]
+    output: Output,
+    /// The same as -o json.
+    #[arg(long, global = true, hide = true)]
     json: bool,
+    /// Print only what was asked for: no progress, no notes on stderr (errors still are), names
+    /// only in lists.
+    #[arg(short, long, global = true, help_heading = GLOBAL)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
 
+/// `-o`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// Tables and plain lines.
+    Text,
+    /// JSON.
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start a control plane with the local backend in the foreground.
+    /// Start a control plane in the foreground (local backend by default) with a fresh API key,
+    /// saved in <state-dir>/cli.json for the other commands.
     Up(up::UpArgs),
     /// Create a sandbox.
     Create {
+        /// The sandbox's name: lowercase letters, digits and '-', at most 63.
         name: String,
+        /// The template it is made from (`agentbox up` has `default` and `code`, plus those of
+        /// --templates-file).
         #[arg(long, default_value = "default")]
         template: String,
+        /// The namespace it belongs to [default: the caller's first].
         #[arg(long)]
         namespace: Option<String>,
-        /// Wait until it is Running.
+        /// Wait until it is Running (at most 2 minutes).
         #[arg(long)]
         wait: bool,
     },
     /// List sandboxes.
     List,
     /// Show one sandbox.
-    Get { name: String },
-    /// Delete a sandbox and its workspace.
-    Delete { name: String },
-    /// Stop a sandbox (its workspace is kept).
-    Stop { name: String },
-    /// Start a stopped sandbox again.
-    Resume { name: String },
-    /// Upload files, run the install command once, set the entrypoint.
-    Configure {
+    Get {
+        /// The sandbox.
         name: String,
-        /// DEST=SRC: upload local SRC as DEST (relative to /workspace, or absolute inside it).
-        #[arg(long = "file", value_name = "DEST=SRC")]
+    },
+    /// Delete a sandbox and its workspace.
+    Delete {
+        /// The sandbox.
+        name: String,
+    },
+    /// Stop a sandbox (its workspace is kept).
+    Stop {
+        /// The sandbox.
+        name: String,
+    },
+    /// Start a stopped sandbox again, on its kept workspace.
+    Resume {
+        /// The sandbox.
+        name: String,
+    },
+    /// Upload files, run the install command (once per distinct files + command), set the
+    /// entrypoint. The install's output streams through; exits 1 when the install fails.
+    Configure {
+        /// The sandbox.
+        name: String,
+        /// Upload the local file SRC as DEST (relative to /workspace, or absolute inside it);
+        /// repeat for more files.
+        #[arg(long = "file", short = 'f', value_name = "DEST=SRC")]
         files: Vec<String>,
-        /// The install command (split like a shell would, without expansions).
-        #[arg(long)]
+        /// The install command, run in /workspace (split like a shell would, without
+        /// expansions: use `sh -c '...'` for pipes and variables).
+        #[arg(long, value_name = "COMMAND")]
         install: Option<String>,
-        /// The entrypoint command.
-        #[arg(long)]
+        /// The command every invoke runs (split like --install) [default: the previous one].
+        #[arg(long, value_name = "COMMAND")]
         entrypoint: Option<String>,
-        /// K=V environment for installs and invokes.
-        #[arg(long = "env", value_name = "K=V")]
+        /// K=V environment for installs and invokes; repeat for more.
+        #[arg(long = "env", short = 'e', value_name = "K=V")]
         env: Vec<String>,
     },
-    /// Run the entrypoint; stdout and stderr stream through, the exit code is the entrypoint's.
+    /// Run the entrypoint; stdout and stderr stream through byte for byte, the exit code is the
+    /// entrypoint's. Ctrl-C cancels it (a second Ctrl-C detaches).
     Invoke {
+        /// The sandbox.
         name: String,
-        #[arg(long)]
+        /// The prompt: the entrypoint's stdin when --stdin sends nothing (an ACP agent's prompt turn).
+        #[arg(long, short)]
         prompt: Option<String>,
         /// Send FILE (or - for standard input) as the entrypoint's stdin.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         stdin: Option<String>,
-        /// Time limit, e.g. 90s, 5m, 1h30m.
-        #[arg(long)]
+        /// Time limit, e.g. 90s, 5m, 1h30m [default: the runner's, 30m].
+        #[arg(long, value_name = "DURATION")]
         timeout: Option<String>,
         /// Start it, print its id, and leave it running.
         #[arg(long)]
         detach: bool,
     },
+    /// List a sandbox's recent invokes and execs (newest first): id, state, exit, duration.
+    Invokes {
+        /// The sandbox.
+        name: String,
+        /// Show at most N.
+        #[arg(long, short = 'n', default_value_t = 20, value_name = "N")]
+        limit: usize,
+    },
     /// Show an invoke's output (from the start); --follow waits for the end.
     Logs {
+        /// The sandbox.
         name: String,
+        /// The invoke (`agentbox invokes NAME` lists them).
         invoke_id: String,
+        /// Keep following until the invoke exits, and exit with its code.
         #[arg(long, short)]
         follow: bool,
     },
     /// Cancel a running invoke.
-    Cancel { name: String, invoke_id: String },
-    /// Run a command in the sandbox (code mode's exec).
-    Exec {
+    Cancel {
+        /// The sandbox.
         name: String,
-        #[arg(last = true, required = true)]
+        /// The invoke (`agentbox invokes NAME` lists them).
+        invoke_id: String,
+    },
+    /// Run a command in the sandbox, outside the entrypoint (`agentbox exec NAME -- ls -la`).
+    Exec {
+        /// The sandbox.
+        name: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
-    /// Move files in and out.
+    /// Move files in and out of a sandbox's workspace.
     Files {
         #[command(subcommand)]
         command: FilesCommand,
     },
     /// Who the server thinks you are.
     Whoami,
-    /// Print shell completions.
-    Completions { shell: clap_complete::Shell },
+    /// Print a shell completion script (`agentbox completions bash > /etc/bash_completion.d/agentbox`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum FilesCommand {
     /// List a directory.
     Ls {
+        /// The sandbox.
         name: String,
+        /// The directory (relative to /workspace, or absolute inside it).
         #[arg(default_value = "/workspace")]
         path: String,
     },
     /// Download a file to DEST (default: standard output).
     Get {
+        /// The sandbox.
         name: String,
+        /// The file in the sandbox.
         path: String,
+        /// Where to write it (- or nothing: standard output).
         dest: Option<PathBuf>,
     },
     /// Upload SRC (or - for standard input) to PATH.
     Put {
+        /// The sandbox.
         name: String,
+        /// The local file, or - for standard input.
         src: String,
+        /// Where it goes in the sandbox (parent directories are made).
         path: String,
     },
     /// Delete a file (-r: a directory).
     Rm {
+        /// The sandbox.
         name: String,
+        /// The file or directory in the sandbox.
         path: String,
+        /// Delete a directory and everything in it.
         #[arg(short, long)]
         recursive: bool,
     },
@@ -226,9 +356,77 @@ fn usage(message: impl Into<String>) -> Failure {
 
 type Outcome = std::result::Result<u8, Failure>;
 
+/// The global options named at the end of every command's help (they are described once, in
+/// `agentbox --help`).
+const GLOBAL_NOTE: &str =
+    "Global options (see `agentbox --help`): --api-url, --api-key, --runner, \
+                           --token, --state-dir, -o/--output, -q/--quiet";
+
+/// The command line, with the global options described once: in `agentbox --help`. Each
+/// subcommand gets hidden copies of them (clap then does not add its own visible ones), except
+/// that `up` shows the two that concern it (--state-dir, --quiet).
+fn cli_command() -> clap::Command {
+    fn hide(cmd: clap::Command, globals: &[clap::Arg]) -> clap::Command {
+        let up = cmd.get_name() == "up";
+        let mut cmd = cmd;
+        for arg in globals {
+            let shown = up && matches!(arg.get_id().as_str(), "state_dir" | "quiet");
+            cmd = cmd.arg(arg.clone().hide(!shown));
+        }
+        if !up {
+            cmd = cmd.after_help(GLOBAL_NOTE);
+        }
+        let subs: Vec<String> = cmd
+            .get_subcommands()
+            .map(|s| s.get_name().to_owned())
+            .collect();
+        for name in subs {
+            cmd = cmd.mut_subcommand(name, |s| hide(s, globals));
+        }
+        cmd
+    }
+    let cmd = Cli::command();
+    let globals: Vec<clap::Arg> = cmd
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .cloned()
+        .collect();
+    let subs: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_owned())
+        .collect();
+    subs.into_iter().fold(cmd, |cmd, name| {
+        cmd.mut_subcommand(name, |s| hide(s, &globals))
+    })
+}
+
+/// Where the credential and the state directory came from (flag or variable).
+#[derive(Debug, Default)]
+struct Sources {
+    api_url: Option<locate::Source>,
+    api_key: Option<locate::Source>,
+    token: Option<locate::Source>,
+}
+
+fn source_of(
+    matches: &clap::ArgMatches,
+    id: &str,
+    flag: &'static str,
+    var: &'static str,
+) -> Option<locate::Source> {
+    match matches.value_source(id)? {
+        clap::parser::ValueSource::CommandLine => Some(locate::Source::Flag(flag)),
+        clap::parser::ValueSource::EnvVariable => Some(locate::Source::Env(var)),
+        _ => None,
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = cli_command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (mut cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() {
@@ -237,6 +435,12 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             };
         }
+    };
+    cli.json |= cli.output == Output::Json;
+    let sources = Sources {
+        api_url: source_of(&matches, "api_url", "--api-url", "AGENTBOX_API_URL"),
+        api_key: source_of(&matches, "api_key", "--api-key", "AGENTBOX_API_KEY"),
+        token: source_of(&matches, "token", "--token", "AGENTBOX_RUNNER_TOKEN"),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -248,7 +452,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, sources)) {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
             eprintln!("agentbox: {}", f.message);
@@ -258,36 +462,32 @@ fn main() -> ExitCode {
 }
 
 /// Where the CLI finds its server: flags and environment first, then what `up` saved.
-fn client(cli: &Cli) -> std::result::Result<Client, Failure> {
+fn client(cli: &Cli, sources: &Sources) -> std::result::Result<Client, Failure> {
     if let Some(url) = &cli.runner {
         let token = cli
             .token
             .clone()
             .ok_or_else(|| usage("--runner needs --token (or AGENTBOX_RUNNER_TOKEN)"))?;
-        return Ok(Client::runner(url, &token));
+        let from = sources
+            .token
+            .clone()
+            .unwrap_or(locate::Source::Flag("--token"));
+        return Ok(Client::runner(url, &token).with_refusal_hint(format!(
+            "the runner at {url} refused the token from {from}; check it"
+        )));
     }
-    let saved: Option<Value> = std::fs::read(cli.state_dir.join("cli.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    let saved_str = |key: &str| {
-        saved
-            .as_ref()
-            .and_then(|v| v[key].as_str())
-            .map(str::to_owned)
-    };
-    let url = cli
-        .api_url
-        .clone()
-        .or_else(|| saved_str("apiUrl"))
-        .ok_or_else(|| {
-            usage("no server: pass --api-url (or AGENTBOX_API_URL), or run `agentbox up` first")
-        })?;
-    let key = cli
-        .api_key
-        .clone()
-        .or_else(|| saved_str("apiKey"))
-        .ok_or_else(|| usage("no API key: pass --api-key (or AGENTBOX_API_KEY)"))?;
-    Ok(Client::control_plane(&url, &key))
+    let cwd = std::env::current_dir()?;
+    let saved = locate::find_saved(cli.state_dir.as_deref(), &cwd).map_err(usage)?;
+    let with =
+        |value: &Option<String>, source: &Option<locate::Source>| value.clone().zip(source.clone());
+    let target = locate::target(
+        with(&cli.api_url, &sources.api_url),
+        with(&cli.api_key, &sources.api_key),
+        saved,
+    )
+    .map_err(usage)?;
+    let hint = target.refusal_hint();
+    Ok(Client::control_plane(&target.url, &target.key).with_refusal_hint(hint))
 }
 
 /// Prints a line on stdout; when stdout is closed (`agentbox ... | head`), exits quietly the
@@ -309,20 +509,35 @@ fn print_json(value: &impl serde::Serialize) {
     }
 }
 
-async fn run(cli: Cli) -> Outcome {
+async fn run(cli: Cli, sources: Sources) -> Outcome {
     if let Command::Up(args) = &cli.command {
-        return up::run(args, &cli.state_dir).await;
+        for (source, flag) in [
+            (&sources.api_url, "--api-url"),
+            (&sources.api_key, "--api-key"),
+            (&sources.token, "--token"),
+        ] {
+            if matches!(source, Some(locate::Source::Flag(_))) {
+                return Err(usage(format!(
+                    "`agentbox up` starts its own control plane and makes its own key; {flag} is for the other commands"
+                )));
+            }
+        }
+        let state_dir = cli
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(".agentbox"));
+        return up::run(args, &state_dir, cli.quiet).await;
     }
     if let Command::Completions { shell } = &cli.command {
         clap_complete::generate(
             *shell,
-            &mut Cli::command(),
+            &mut cli_command(),
             "agentbox",
             &mut std::io::stdout(),
         );
         return Ok(0);
     }
-    let c = client(&cli)?;
+    let c = client(&cli, &sources)?;
     if let Some(name) = command_sandbox(&cli.command) {
         if !c.is_runner() && !agentbox_proto::valid_sandbox_name(name) {
             return Err(usage(format!(
@@ -360,6 +575,10 @@ async fn run(cli: Cli) -> Outcome {
             let list = c.list_sandboxes().await?;
             if cli.json {
                 print_json(&json!({ "sandboxes": list }));
+            } else if cli.quiet {
+                for s in list {
+                    outln!("{}", s.name);
+                }
             } else {
                 outln!(
                     "{:<24} {:<12} {:<9} {:<6} TEMPLATE",
@@ -455,10 +674,18 @@ async fn run(cli: Cli) -> Outcome {
             let until = if *keep {
                 None
             } else {
-                Some(c.invoke_summary(name, invoke_id).await?.last_event_id)
+                Some(
+                    c.invoke_summary(name, invoke_id)
+                        .await
+                        .map_err(|e| unknown_invoke(e, name))?
+                        .last_event_id,
+                )
             };
             let mut sigint = interrupts()?;
-            let stream = c.events(name, invoke_id, 0).await?;
+            let stream = c
+                .events(name, invoke_id, 0)
+                .await
+                .map_err(|e| unknown_invoke(e, name))?;
             let code = follow_inner(
                 &cli,
                 &c,
@@ -471,11 +698,44 @@ async fn run(cli: Cli) -> Outcome {
             .await?;
             Ok(if *keep { code } else { 0 })
         }
+        Command::Invokes { name, limit } => {
+            let list = c.invokes(name).await?;
+            let shown = list.invokes.iter().take(*limit);
+            if cli.json {
+                print_json(&json!({ "invokes": shown.collect::<Vec<_>>() }));
+            } else if cli.quiet {
+                for i in shown {
+                    outln!("{}", i.invoke_id);
+                }
+            } else {
+                let shown: Vec<_> = shown.collect();
+                let width = shown
+                    .iter()
+                    .map(|i| i.invoke_id.as_str().len())
+                    .max()
+                    .unwrap_or(0)
+                    .max(2);
+                outln!(
+                    "{:<width$} {:<6} {:<8} {:<9} {:>9}  STARTED",
+                    "ID",
+                    "KIND",
+                    "STATE",
+                    "EXIT",
+                    "DURATION"
+                );
+                for i in shown {
+                    outln!("{}", invoke_row(i, width));
+                }
+            }
+            Ok(0)
+        }
         Command::Cancel { name, invoke_id } => {
-            c.cancel(name, invoke_id).await?;
+            c.cancel(name, invoke_id)
+                .await
+                .map_err(|e| unknown_invoke(e, name))?;
             if cli.json {
                 print_json(&json!({"invokeId": invoke_id, "status": "canceling"}));
-            } else {
+            } else if !cli.quiet {
                 eprintln!("canceling {invoke_id}");
             }
             Ok(0)
@@ -494,6 +754,18 @@ async fn run(cli: Cli) -> Outcome {
         }
         Command::Files { command } => files(&cli, &c, command).await,
     }
+}
+
+/// An unknown invoke id: the server's answer, and where to find the ids.
+fn unknown_invoke(e: ClientError, name: &str) -> Failure {
+    let hint = matches!(&e, ClientError::Api { code, .. } if code == "invoke_not_found");
+    let mut failure = Failure::from(e);
+    if hint {
+        failure.message.push_str(&format!(
+            "; `agentbox invokes {name}` lists the recent ones"
+        ));
+    }
+    failure
 }
 
 /// A cancel that gives up after a few seconds: Ctrl-C must never hang on a dead server.
@@ -521,6 +793,7 @@ fn command_sandbox(command: &Command) -> Option<&str> {
         | Command::Configure { name, .. }
         | Command::Invoke { name, .. }
         | Command::Logs { name, .. }
+        | Command::Invokes { name, .. }
         | Command::Cancel { name, .. }
         | Command::Exec { name, .. } => Some(name),
         Command::Files { command } => Some(match command {
@@ -536,6 +809,8 @@ fn command_sandbox(command: &Command) -> Option<&str> {
 fn show_sandbox(cli: &Cli, s: &agentbox_proto::SandboxSummary) {
     if cli.json {
         print_json(s);
+    } else if cli.quiet {
+        outln!("{}", s.name);
     } else {
         let message = s
             .message
@@ -544,6 +819,45 @@ fn show_sandbox(cli: &Cli, s: &agentbox_proto::SandboxSummary) {
             .unwrap_or_default();
         outln!("{} {} {}{message}", s.name, s.status.as_str(), s.mode);
     }
+}
+
+/// One line of `agentbox invokes`.
+fn invoke_row(i: &agentbox_proto::InvokeSummary, width: usize) -> String {
+    let state = match i.state {
+        agentbox_proto::InvokeState::Running => "running",
+        agentbox_proto::InvokeState::Exited => "exited",
+    };
+    let kind = match i.kind {
+        agentbox_proto::InvokeKind::Invoke => "invoke",
+        agentbox_proto::InvokeKind::Exec => "exec",
+    };
+    let exit = match (i.exit_code, i.reason) {
+        (_, Some(reason)) if reason != agentbox_proto::ExitReason::Completed => {
+            reason.as_str().to_owned()
+        }
+        (Some(code), _) => code.to_string(),
+        (None, _) => "-".to_owned(),
+    };
+    let duration = i
+        .duration_ms
+        .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+        .unwrap_or_else(|| "-".to_owned());
+    let ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|now| now.as_millis() as u64)
+        .unwrap_or(0)
+        .saturating_sub(i.started_at)
+        / 1000;
+    let started = match ago {
+        s if s < 60 => format!("{s}s ago"),
+        s if s < 3600 => format!("{}m ago", s / 60),
+        s if s < 86_400 => format!("{}h ago", s / 3600),
+        s => format!("{}d ago", s / 86_400),
+    };
+    format!(
+        "{:<width$} {:<6} {:<8} {:<9} {:>9}  {started}",
+        i.invoke_id, kind, state, exit, duration
+    )
 }
 
 /// Splits a command line like a shell would (quotes and backslashes), without expansions.
@@ -625,8 +939,26 @@ async fn configure(
         env: (!env.is_empty()).then_some(env_map),
         protocol: None,
     };
-    let mut stream = c.configure(name, &req).await?;
-    let tty = std::io::stderr().is_terminal() && !cli.json;
+    let mut sigint = interrupts()?;
+    let tty = std::io::stderr().is_terminal() && !cli.json && !cli.quiet;
+    // Ctrl-C: the install goes on in the sandbox (the runner finishes every configure it
+    // started, so that a half-done install never takes effect); say so, and leave the terminal
+    // on a clean line.
+    let interrupted = |tty: bool| {
+        if tty {
+            eprint!("\r\x1b[2K");
+        }
+        eprintln!(
+            "agentbox: interrupted; the configure goes on in the sandbox and takes effect if its \
+             install succeeds (a failed install keeps the previous configuration). Run the same \
+             `agentbox configure` again to wait for it: an identical one does not install twice."
+        );
+        Ok(exit::CANCELED)
+    };
+    let mut stream = tokio::select! {
+        s = c.configure(name, &req) => s?,
+        _ = sigint.recv() => return interrupted(false),
+    };
     let started = Instant::now();
     let spinner = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -634,6 +966,7 @@ async fn configure(
     loop {
         let event = tokio::select! {
             ev = stream.next() => ev?,
+            _ = sigint.recv() => return interrupted(tty),
             _ = tick.tick(), if tty => {
                 frame += 1;
                 eprint!("\r{} installing… {:.1}s", spinner[frame % spinner.len()], started.elapsed().as_secs_f64());
@@ -658,7 +991,8 @@ async fn configure(
             "result" => {
                 let r = &event.data;
                 let code = r["installExitCode"].as_i64().unwrap_or(-1);
-                if !cli.json {
+                let quiet_success = cli.quiet && code == 0;
+                if !cli.json && !quiet_success {
                     let hash = r["installCommandHash"].as_str().unwrap_or("");
                     let short = hash.get(..12).unwrap_or(hash);
                     if r["skipped"] == true {
@@ -954,9 +1288,57 @@ fn tokio_util_stream(
     })
 }
 
+/// docs/cli.md: every command's `--help`, generated from the definitions above (a test keeps
+/// the committed file equal to it).
+#[cfg(test)]
+fn reference() -> String {
+    fn walk(cmd: &mut clap::Command, path: &str, toc: &mut String, body: &mut String) {
+        let help = cmd.render_long_help().to_string();
+        let help: Vec<&str> = help.lines().map(str::trim_end).collect();
+        let anchor = path.replace(' ', "-");
+        toc.push_str(&format!("- [`{path}`](#{anchor})\n"));
+        body.push_str(&format!(
+            "## {path}\n\n```text\n{}\n```\n\n",
+            help.join("\n").trim_end()
+        ));
+        for sub in cmd.get_subcommands_mut() {
+            if sub.get_name() != "help" {
+                let path = format!("{path} {}", sub.get_name());
+                walk(sub, &path, toc, body);
+            }
+        }
+    }
+    let mut cmd = cli_command();
+    cmd.build();
+    let (mut toc, mut body) = (String::new(), String::new());
+    walk(&mut cmd, "agentbox", &mut toc, &mut body);
+    format!(
+        "# CLI reference\n\n<!-- Generated from cli/src/main.rs and cli/src/up.rs by \
+         `UPDATE_DOCS=1 cargo test -p agentbox-cli --bin agentbox reference`; a test fails when \
+         it is stale. -->\n\nEvery command's `--help`. The global options are described once, \
+         under `agentbox`.\n\n{toc}\n{}",
+        body.trim_end()
+    ) + "\n"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reference_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/cli.md");
+        let generated = reference();
+        if std::env::var_os("UPDATE_DOCS").is_some() {
+            std::fs::write(&path, &generated).expect("write docs/cli.md");
+            return;
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/cli.md is stale: run `UPDATE_DOCS=1 cargo test -p agentbox-cli --bin agentbox reference`"
+        );
+    }
 
     #[test]
     fn words() {

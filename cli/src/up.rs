@@ -1,10 +1,14 @@
-//! `agentbox up`: a control plane with the local backend, embedded and in the foreground, with
-//! a fresh API key saved where the other commands find it. `--demo` also creates a sandbox,
-//! configures a small agent, invokes it and shows the stream.
+//! `agentbox up`: a control plane, embedded and in the foreground (the local backend, or Docker),
+//! with a fresh API key saved where the other commands find it. `--demo` also creates a
+//! sandbox, configures a small agent, invokes it and shows the stream.
+//!
+//! Order of start-up, so that a failed or second `up` changes nothing: validate the flags, take
+//! the state directory's lock (`up.lock`; a second `up` on it stops here), bind the port, and
+//! only then write the key (`api-keys.json`), start the control plane and write `cli.json`.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use agentbox_cli::client::{Client, ClientError, InvokeOptions};
@@ -25,10 +29,32 @@ pub(crate) struct UpArgs {
     /// Also create a sandbox, configure an example agent, invoke it and show the stream.
     #[arg(long)]
     demo: bool,
-    /// Isolation of the sandboxes: Linux namespaces (the default; refused with the fix named
+    /// Isolation of local sandboxes: Linux namespaces (the default; refused with the fix named
     /// where the kernel does not allow them), or none (plain processes, no security boundary).
     #[arg(long, value_enum, default_value_t = Isolation::Namespaces)]
     isolation: Isolation,
+    /// Where sandboxes live: runner processes on this machine, or containers on the local
+    /// Docker engine (images from scripts/images.sh).
+    #[arg(long, value_enum, default_value_t = UpBackend::Local)]
+    backend: UpBackend,
+    /// Templates besides the built-in `default` and `code`: {"templates": [{"name", "mode",
+    /// "image", "env", "maxConcurrentInvokes", "runnerArgs", "limits"}]} (docs/http-api.md).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "AGENTBOX_TEMPLATES_FILE",
+        hide_env_values = true
+    )]
+    templates_file: Option<PathBuf>,
+}
+
+/// `up --backend`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum UpBackend {
+    /// Runner processes on this machine.
+    Local,
+    /// A container and a volume per sandbox on the local Docker engine.
+    Docker,
 }
 
 const DEMO_AGENT: &str = r#"import sys, time
@@ -60,12 +86,89 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
+/// The state directory's lock, held while `up` runs: a second `up` on the same directory fails
+/// to take it and stops before touching anything.
+fn lock(state_dir: &Path) -> Result<std::fs::File, Failure> {
+    let path = state_dir.join("up.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| fail(format!("cannot open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let url = std::fs::read(state_dir.join("cli.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["apiUrl"].as_str().map(str::to_owned))
+                .map(|u| format!(" at {u}"))
+                .unwrap_or_default();
+            Err(Failure {
+                code: exit::USAGE,
+                message: format!(
+                    "another `agentbox up` is running with the state directory {}{url};                      nothing was changed. Use that one, stop it (Ctrl-C), or pick another                      directory with --state-dir",
+                    state_dir.display()
+                ),
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(fail(format!("cannot lock {}: {e}", path.display())))
+        }
+    }
+}
+
+/// With a state directory other than ./.agentbox, leaves ./.agentbox/cli.json pointing to it,
+/// so that commands run here or below find it; unless ./.agentbox is another running `up`'s
+/// state directory. Returns the pointer's path when one was written.
+fn write_pointer(state_dir: &Path) -> std::io::Result<Option<PathBuf>> {
+    let cwd = std::env::current_dir()?;
+    let here = cwd.join(".agentbox");
+    let target = std::fs::canonicalize(state_dir)?;
+    if std::fs::canonicalize(&here).ok().as_ref() == Some(&target) {
+        return Ok(None);
+    }
+    if here.join("up.lock").exists() {
+        if let Ok(f) = std::fs::File::open(here.join("up.lock")) {
+            if f.try_lock().is_err() {
+                return Ok(None);
+            }
+        }
+    }
+    std::fs::create_dir_all(&here)?;
+    let pointer = here.join("cli.json");
+    write_private(
+        &pointer,
+        json!({ "stateDir": target }).to_string().as_bytes(),
+    )?;
+    Ok(Some(pointer))
+}
+
 /// Runs the embedded control plane until Ctrl-C, then stops its sandboxes.
-pub(crate) async fn run(args: &UpArgs, state_dir: &Path) -> Outcome {
+pub(crate) async fn run(args: &UpArgs, state_dir: &Path, quiet: bool) -> Outcome {
     // Installed first, so that no stop is lost and sandboxes are always stopped on the way out:
     // Ctrl-C, `kill`, `systemctl stop` and a closed terminal all stop them.
     let mut stop = Stop::install()?;
-    std::fs::create_dir_all(state_dir)?;
+    if let Some(file) = &args.templates_file {
+        if !file.is_file() {
+            return Err(Failure {
+                code: exit::USAGE,
+                message: format!("--templates-file {}: no such file", file.display()),
+            });
+        }
+    }
+    std::fs::create_dir_all(state_dir)
+        .map_err(|e| fail(format!("cannot create {}: {e}", state_dir.display())))?;
+    let _lock = lock(state_dir)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| fail(format!("cannot listen on {}: {e}", args.listen)))?;
+    let addr = listener.local_addr()?;
+
+    // Bound: from here on the state directory is this `up`'s.
     let mut raw = [0u8; 24];
     getrandom::fill(&mut raw).map_err(|e| fail(format!("no randomness: {e}")))?;
     let key = format!("abx_{}", hex::encode(raw));
@@ -75,22 +178,38 @@ pub(crate) async fn run(args: &UpArgs, state_dir: &Path) -> Outcome {
     write_private(&keys_file, keys.to_string().as_bytes())?;
 
     let isolation = args.isolation.as_str();
-    let listen = args.listen.to_string();
-    let cp_args = agentbox_controlplane::config::Args::try_parse_from([
+    let backend = match args.backend {
+        UpBackend::Local => "local",
+        UpBackend::Docker => "docker",
+    };
+    let listen = addr.to_string();
+    let state = state_dir.to_string_lossy();
+    let keys_path = keys_file.to_string_lossy();
+    let mut cp_argv = vec![
         "agentbox-controlplane",
         "--listen",
         &listen,
         "--state-dir",
-        &state_dir.to_string_lossy(),
+        &state,
         "--api-keys-file",
-        &keys_file.to_string_lossy(),
+        &keys_path,
         "--isolation",
         isolation,
-        // A killed `up` (even -9) takes its sandboxes with it: each launcher has a parent-death
-        // signal, and each sandbox dies with its launcher.
+        "--backend",
+        backend,
+        // A killed `up` (even -9) takes its local sandboxes with it: each launcher has a
+        // parent-death signal, and each sandbox dies with its launcher.
         "--tie-sandboxes",
-    ])
-    .map_err(|e| fail(e.to_string()))?;
+    ];
+    let templates = args
+        .templates_file
+        .as_ref()
+        .map(|f| f.to_string_lossy().into_owned());
+    if let Some(t) = &templates {
+        cp_argv.extend(["--templates-file", t]);
+    }
+    let cp_args = agentbox_controlplane::config::Args::try_parse_from(cp_argv)
+        .map_err(|e| fail(e.to_string()))?;
     let config = cp_args.into_config().map_err(|m| Failure {
         code: exit::USAGE,
         message: m,
@@ -103,27 +222,38 @@ pub(crate) async fn run(args: &UpArgs, state_dir: &Path) -> Outcome {
             .try_init();
     }
     let isolated = config.isolation == Isolation::Namespaces;
-    let app = AppState::new(config).map_err(fail)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| fail(format!("cannot listen on {}: {e}", args.listen)))?;
-    let addr = listener.local_addr()?;
+    let app = AppState::connect(config).await.map_err(fail)?;
     let url = format!("http://{addr}");
+    let cli_json = state_dir.join("cli.json");
     write_private(
-        &state_dir.join("cli.json"),
+        &cli_json,
         json!({"apiUrl": url, "apiKey": key}).to_string().as_bytes(),
     )?;
+    let pointer = write_pointer(state_dir).unwrap_or(None);
     say(&format!("agentbox is up at {url}"));
-    say(&format!("API key: {key}"));
-    say(&format!(
-        "  saved in {}; agentbox commands run from here pick it up",
-        state_dir.join("cli.json").display()
-    ));
-    if isolated {
-        say("  sandboxes run isolated (Linux namespaces, egress through a policy proxy); Ctrl-C stops them");
-    } else {
-        eprintln!("agentbox: WARNING: --isolation none: sandboxes run as plain processes of this user with no security boundary; code in them can read your files and reach your network");
-        say("  sandboxes run as plain local processes (NOT isolated); Ctrl-C stops them");
+    if args.backend == UpBackend::Local && !isolated {
+        eprintln!(
+            "agentbox: WARNING: --isolation none: sandboxes run as plain processes of this user \
+             with no security boundary; code in them can read your files and reach your network"
+        );
+    }
+    if !quiet {
+        say(&format!("API key: {key}"));
+        say(&format!(
+            "  saved in {}; agentbox commands run from here (or below) pick it up",
+            cli_json.display()
+        ));
+        if let Some(pointer) = pointer {
+            say(&format!("  ({} points there)", pointer.display()));
+        }
+        let sandboxes = match args.backend {
+            UpBackend::Docker => "containers on the local Docker engine",
+            UpBackend::Local if isolated => {
+                "isolated local processes (Linux namespaces, egress through a policy proxy)"
+            }
+            UpBackend::Local => "plain local processes (NOT isolated: --isolation none)",
+        };
+        say(&format!("  sandboxes run as {sandboxes}; Ctrl-C stops them"));
     }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -148,18 +278,16 @@ pub(crate) async fn run(args: &UpArgs, state_dir: &Path) -> Outcome {
                     code = exit::ERROR;
                 }
             },
-            signal = stop.recv() => {
-                let code = shutdown(&app, stop_tx, server, code).await;
-                return Ok(if code == 0 { signal } else { code });
+            () = stop.recv() => {
+                return Ok(shutdown(&app, stop_tx, server, code).await);
             }
         }
         say(&format!(
             "demo done (exit code {code}); serving until Ctrl-C"
         ));
     }
-    let signal = stop.recv().await;
-    let code = shutdown(&app, stop_tx, server, code).await;
-    Ok(if code == 0 { signal } else { code })
+    stop.recv().await;
+    Ok(shutdown(&app, stop_tx, server, code).await)
 }
 
 /// Prints a line; a closed stdout (`agentbox up | head`, a terminal gone) is not an error.
@@ -185,13 +313,13 @@ impl Stop {
         })
     }
 
-    /// Waits for a stop; the exit code a shell expects after it (130 for INT, 143 for TERM,
-    /// 129 for HUP).
-    async fn recv(&mut self) -> u8 {
+    /// Waits for a stop. `up` then stops its sandboxes and exits 0 (the demo's exit code
+    /// when it failed): a stop asked for is a clean end.
+    async fn recv(&mut self) {
         tokio::select! {
-            _ = self.int.recv() => 130,
-            _ = self.term.recv() => 143,
-            _ = self.hup.recv() => 129,
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.hup.recv() => {}
         }
     }
 }

@@ -566,8 +566,13 @@ async fn runner_never_sees_the_callers_key() {
         assert_eq!(resp.status(), 200);
         let text = stdout_text(&parse_sse(&resp.bytes().await.unwrap()));
         assert!(
-            text.contains(&format!("{}={}", common::TAG_VAR, env.tag)),
+            text.contains("AGENTBOX_SANDBOX=envy\n"),
             "the environment was printed: {text}"
+        );
+        // Nothing of the control plane's own environment is passed on, even unisolated.
+        assert!(
+            !text.contains(common::TAG_VAR),
+            "the control plane's environment reached the sandbox: {text}"
         );
         for secret in [ADMIN_KEY, TEAM_A_KEY, token.as_str()] {
             assert!(

@@ -283,6 +283,9 @@ pub struct Up {
     pub key: String,
     /// Its stdout so far.
     pub seen: String,
+    /// Its state directory: `--state-dir` of the extra arguments (relative to `dir`), else
+    /// `dir/.agentbox`.
+    state: PathBuf,
     lines: Receiver<String>,
     child: Option<Child>,
     _tmp: tempfile::TempDir,
@@ -291,6 +294,11 @@ pub struct Up {
 impl Up {
     /// `agentbox up --listen 127.0.0.1:0 --isolation none EXTRA...`, once it is up.
     pub fn start(extra: &[&str]) -> Up {
+        Up::start_with_env(extra, &[])
+    }
+
+    /// [`Up::start`] with more environment variables for `up` (and so for its runners).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Up {
         let tmp = tempfile::Builder::new()
             .prefix("agentbox-cli-e2e-")
             .tempdir()
@@ -298,17 +306,29 @@ impl Up {
         let dir = std::fs::canonicalize(tmp.path()).unwrap();
         let stderr = std::fs::File::create(dir.join("up.stderr")).unwrap();
         let mut cmd = agentbox(&dir);
-        cmd.args(["up", "--listen", "127.0.0.1:0", "--isolation", "none"])
-            .args(extra)
+        cmd.args(["up", "--listen", "127.0.0.1:0"]);
+        // Plain processes unless the test asks for an isolation (the docs' examples run as
+        // written, with the default).
+        if !extra.contains(&"--isolation") {
+            cmd.args(["--isolation", "none"]);
+        }
+        cmd.args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr);
         let mut child = cmd.spawn().unwrap();
         let lines = lines_of(child.stdout.take().unwrap());
+        let state = extra
+            .iter()
+            .position(|a| *a == "--state-dir")
+            .map(|i| dir.join(extra[i + 1]))
+            .unwrap_or_else(|| dir.join(".agentbox"));
         let mut up = Up {
             dir,
             url: String::new(),
             key: String::new(),
             seen: String::new(),
+            state,
             lines,
             child: Some(child),
             _tmp: tmp,
@@ -340,7 +360,7 @@ impl Up {
     }
 
     pub fn state_dir(&self) -> PathBuf {
-        self.dir.join(".agentbox")
+        self.state.clone()
     }
 
     /// The control plane's address.

@@ -438,6 +438,14 @@ fn build_root(
             None::<&str>,
         ),
     )?;
+    // The template's paths, opened now: the host's /tmp is covered from here on, and they are
+    // bound last, over the sandbox's own /tmp and /run when they are under them.
+    let extra: Vec<(PathBuf, Source)> = spec
+        .read_only_paths
+        .iter()
+        .filter(|p| p.exists())
+        .map(|p| Source::new(None, p).map(|s| (p.clone(), s)))
+        .collect::<Result<_, _>>()?;
     let base = Path::new("/tmp");
     mount_fs(
         "tmpfs",
@@ -461,8 +469,7 @@ fn build_root(
     )?;
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
 
-    let mut paths: Vec<PathBuf> = SYSTEM_PATHS.iter().map(PathBuf::from).collect();
-    paths.extend(spec.read_only_paths.iter().cloned());
+    let paths: Vec<PathBuf> = SYSTEM_PATHS.iter().map(PathBuf::from).collect();
     for path in &paths {
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_symlink() => {
@@ -597,6 +604,9 @@ fn build_root(
             &run.join("agentbox/cgroup"),
             read_only() | MsFlags::MS_NOEXEC,
         )?;
+    }
+    for (path, source) in &extra {
+        source.attach(&inside(path), read_only())?;
     }
     // Nothing else comes in: /run, /tmp and /dev are the sandbox's own from here.
     step(
