@@ -8,11 +8,13 @@
 //!    goal: ≥ 0.8× direct.
 //! 3. 10,000 clients held open through one control plane, each following the events of one of
 //!    four long-running invokes: the control plane's memory per stream; goal: ≤ 32 KiB.
+//! 4. Local sandboxes isolated (namespaces) beside unisolated: create → Running (goal p50 ≤
+//!    50 ms) and an invoke of `/bin/true` (goal p50 ≤ 1.1× unisolated).
 //!
 //! Run: `cargo build --release --bins && cargo bench -p agentbox-controlplane --bench
 //! controlplane` (it uses target/release/agentbox-runner). Knobs: `BENCH_ONLY`
-//! (`latency|throughput|streams`), `BENCH_N` (2000), `BENCH_BYTES` (1 GiB), `BENCH_STREAMS`
-//! (10000).
+//! (`latency|throughput|streams|isolation`), `BENCH_N` (2000), `BENCH_BYTES` (1 GiB),
+//! `BENCH_STREAMS` (10000), `BENCH_SANDBOXES` (40).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -78,6 +80,12 @@ fn sha256_hex(text: &str) -> String {
 }
 
 fn start() -> ControlPlane {
+    start_with("none")
+}
+
+/// A control plane whose local sandboxes run with `isolation` (`none` or `namespaces`), with
+/// sandbox `bench` created.
+fn start_with(isolation: &str) -> ControlPlane {
     let dir = tempfile::tempdir().expect("tempdir");
     let keys = dir.path().join("keys.json");
     std::fs::write(
@@ -101,7 +109,7 @@ fn start() -> ControlPlane {
             "--listen",
             "127.0.0.1:0",
             "--isolation",
-            "none",
+            isolation,
             "--audit-log",
             "/dev/null",
         ])
@@ -234,6 +242,60 @@ fn invoke_rounds(http: &mut Http, path: &str, n: usize) -> Vec<Duration> {
         samples.push(elapsed);
     }
     samples
+}
+
+/// Create→Running of a sandbox and an invoke of `/bin/true` in it, isolated (namespaces) beside
+/// unisolated, interleaved so that both see the same machine. Goals: create p50 ≤ 50 ms,
+/// invoke p50 ≤ 1.1× unisolated.
+fn bench_isolation(rows: &mut Vec<[String; 5]>) {
+    let sandboxes = env_or("BENCH_SANDBOXES", 40usize);
+    let n = env_or("BENCH_N", 2000usize) / 2;
+    let isolated = start_with("namespaces");
+    let plain = start_with("none");
+    let (mut create_iso, mut create_plain) = (Vec::new(), Vec::new());
+    for i in 0..sandboxes {
+        for (cp, out) in [(&isolated, &mut create_iso), (&plain, &mut create_plain)] {
+            let mut http = cp.http();
+            let body = format!(r#"{{"name":"c{i}","templateRef":{{"name":"bench"}}}}"#);
+            let t0 = Instant::now();
+            let (status, text) = http_json(&mut http, "POST", "/api/v1/sandboxes", body.as_bytes());
+            out.push(t0.elapsed());
+            assert_eq!(status, 201, "{}", String::from_utf8_lossy(&text));
+            assert!(String::from_utf8_lossy(&text).contains(r#""status":"Running""#));
+            let (status, _) = http_json(&mut http, "DELETE", &format!("/api/v1/sandboxes/c{i}"), b"");
+            assert_eq!(status, 200);
+        }
+    }
+    let (ci, cp) = (summarize(&create_iso), summarize(&create_plain));
+    rows.push([
+        "create → Running, isolated local sandbox".into(),
+        format!("p50 {:.1} ms, p99 {:.1} ms", ci.p50 / 1000.0, ci.p99 / 1000.0),
+        format!("unisolated p50 {:.1} ms, p99 {:.1} ms", cp.p50 / 1000.0, cp.p99 / 1000.0),
+        format!("{:.2}× unisolated (goal p50 ≤ 50 ms)", ci.p50 / cp.p50),
+        verdict(ci.p50 <= 50_000.0).into(),
+    ]);
+    isolated.configure(&["/bin/true"]);
+    plain.configure(&["/bin/true"]);
+    let (mut hi, mut hp) = (isolated.http(), plain.http());
+    let path = "/api/v1/sandboxes/bench/invoke";
+    invoke_rounds(&mut hi, path, WARMUP);
+    invoke_rounds(&mut hp, path, WARMUP);
+    let blocks = 10.min(n.max(1));
+    let (mut vi, mut vp) = (Vec::new(), Vec::new());
+    for block in 0..blocks {
+        let size = n / blocks + usize::from(block < n % blocks);
+        vi.extend(invoke_rounds(&mut hi, path, size));
+        vp.extend(invoke_rounds(&mut hp, path, size));
+    }
+    let (vi, vp) = (summarize(&vi), summarize(&vp));
+    let ratio = vi.p50 / vp.p50;
+    rows.push([
+        "invoke /bin/true via control plane, isolated".into(),
+        us(&vi),
+        format!("unisolated {}", us(&vp)),
+        format!("{ratio:.2}× unisolated (goal ≤ 1.1×)"),
+        verdict(ratio <= 1.1).into(),
+    ]);
 }
 
 fn us(s: &Summary) -> String {
@@ -453,8 +515,15 @@ fn http_first_event(http: &mut Http, head: &mut Vec<u8>) -> String {
 
 fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let cp = start();
     let mut rows = Vec::new();
+    if only.is_empty() || only == "isolation" {
+        bench_isolation(&mut rows);
+    }
+    if only == "isolation" {
+        print_rows(rows);
+        return;
+    }
+    let cp = start();
     if only.is_empty() || only == "latency" {
         bench_latency(&cp, &mut rows);
     }
@@ -464,6 +533,10 @@ fn main() {
     if only.is_empty() || only == "streams" {
         bench_streams(&cp, &mut rows);
     }
+    print_rows(rows);
+}
+
+fn print_rows(rows: Vec<[String; 5]>) {
     println!("\n## Control plane (`cargo bench -p agentbox-controlplane --bench controlplane`)\n");
     println!("load average at the end: {}\n", loadavg());
     println!("| figure | measured | limit measured in the same run | ratio | result |");
