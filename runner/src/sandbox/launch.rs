@@ -105,23 +105,25 @@ fn launch(spec: &Spec, token: &str, probe: bool) -> Result<ExitCode, String> {
 
     let policy = Policy::new(&spec.egress, &spec.extra_hosts)?;
     let euid = rustix::process::geteuid();
+    let own = (euid.as_raw(), rustix::process::getegid().as_raw());
     let (host_uid, host_gid) = if euid.is_root() {
         let u = spec.host_uid.unwrap_or(DEFAULT_HOST_UID);
         if u == 0 {
             return Err("a sandbox never runs as the host's root".into());
         }
-        (u, u)
-    } else {
-        (euid.as_raw(), rustix::process::getegid().as_raw())
-    };
-    if euid.is_root() {
         // The sandbox's uid must own its workspace (only the top: what is inside was made by
-        // that uid in earlier runs).
+        // that uid in earlier runs). A root that is itself in a user namespace where that uid
+        // does not exist (EINVAL) maps its own uid instead, as an unprivileged user does.
         let ws = std::fs::canonicalize(&spec.workspace)
             .map_err(|e| format!("{}: {e}", spec.workspace.display()))?;
-        std::os::unix::fs::chown(&ws, Some(host_uid), Some(host_gid))
-            .map_err(|e| format!("chown {}: {e}", ws.display()))?;
-    }
+        match std::os::unix::fs::chown(&ws, Some(u), Some(u)) {
+            Ok(()) => (u, u),
+            Err(e) if e.raw_os_error() == Some(22) => own,
+            Err(e) => return Err(format!("chown {}: {e}", ws.display())),
+        }
+    } else {
+        own
+    };
 
     let limited = spec.limits.memory_bytes.is_some()
         || spec.limits.pids.is_some()
