@@ -231,6 +231,10 @@ fn invokes_list() {}
 fn invokes_get() {}
 
 /// Reattach: an invoke's events after an id
+///
+/// Passed to the runner's `GET /v1/invokes/{id}/events`: replays the events after
+/// `Last-Event-ID` (or `after`), then follows live ones until the final event. At or past the
+/// final event nothing is replayed and the stream ends at once, cleanly (no `error` event).
 #[utoipa::path(get, path = "/api/v1/sandboxes/{id}/invokes/{iid}/events", tag = "invokes",
     params(("id" = String, Path, description = "The sandbox id."),
         ("iid" = String, Path, description = "The invoke id (`inv-…`)."),

@@ -630,7 +630,8 @@ struct EventsQuery {
 /// Reattach: an invoke's events after an id
 ///
 /// Replays the journaled events with ids greater than `Last-Event-ID` (or `?after=`), then
-/// follows live ones until `exit`. Always `text/event-stream`.
+/// follows live ones until `exit`. Always `text/event-stream`; at or past the final event of a
+/// finished invoke, an empty stream that ends at once.
 #[utoipa::path(get, path = "/v1/invokes/{id}/events", tag = "invokes",
     params(("id" = String, Path, description = "The invoke id (`inv-…`)."),
         ("after" = Option<u64>, Query, description = "Replay events with ids greater than this."),
