@@ -1233,3 +1233,54 @@ async fn log_events_are_live_on_request() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "invalid_request", "{body}");
 }
+
+/// Exec and configure (its install's output) take `?stream=` too: whole lines by default,
+/// fragments after a pause with `live`.
+#[tokio::test]
+async fn exec_and_install_output_are_framed_as_asked() {
+    let r = Runner::start(&[]);
+    let script = "printf 'Thinking...'; sleep 0.3; echo ' done'";
+    for (query, want) in [
+        ("", vec![("Thinking... done", false)]),
+        (
+            "?stream=live",
+            vec![("Thinking...", true), (" done", false)],
+        ),
+    ] {
+        let resp = r
+            .post(&format!("/v1/exec{query}"))
+            .header("accept", "text/event-stream")
+            .json(&json!({"command": script}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let events = parse_sse(&resp.bytes().await.unwrap());
+        let logs: Vec<(String, bool)> = stdout_logs(&events)
+            .into_iter()
+            .map(|(d, _, p)| (d, p))
+            .collect();
+        let want: Vec<(String, bool)> = want.iter().map(|(d, p)| (d.to_string(), *p)).collect();
+        assert_eq!(logs, want, "exec{query}");
+        assert_eq!(rebuild(&events, "stdout"), b"Thinking... done\n");
+
+        let resp = r
+            .post(&format!("/v1/configure{query}"))
+            .json(&json!({
+                "files": [{"path": "q.txt", "content": query}],
+                "installCommand": ["sh", "-c", script],
+                "entrypoint": ["true"],
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let events = parse_sse(&resp.bytes().await.unwrap());
+        assert_eq!(events.last().unwrap().event, "result", "{events:?}");
+        let logs: Vec<(String, bool)> = stdout_logs(&events)
+            .into_iter()
+            .map(|(d, _, p)| (d, p))
+            .collect();
+        assert_eq!(logs, want, "configure{query}");
+    }
+}
