@@ -81,7 +81,7 @@ pub struct InvokeOptions {
     pub prompt: Option<String>,
     /// `?timeout=` (Go duration).
     pub timeout: Option<String>,
-    /// `?onDisconnect=`.
+    /// `?onDisconnect=` (the server's default, as the seed's, is `cancel`).
     pub on_disconnect: Option<String>,
 }
 
@@ -255,24 +255,25 @@ impl Client {
         .await
     }
 
-    /// Configure, streaming install output and the result.
+    /// Configure, streaming install output (framed live: `?stream=live`) and the result.
     pub async fn configure(&self, sandbox: &str, req: &ConfigureRequest) -> Result<EventStream> {
         let rb = self
             .http
-            .post(self.url(sandbox, "configure"))
+            .post(format!("{}?stream=live", self.url(sandbox, "configure")))
             .header("accept", "text/event-stream")
             .json(req);
         Ok(EventStream::new(self.send(rb).await?))
     }
 
-    /// Invoke, streaming its events.
+    /// Invoke, streaming its events, framed live (`?stream=live`: a fragment without a newline
+    /// shows up once the output pauses, so prompts and streamed tokens appear as written).
     pub async fn invoke(
         &self,
         sandbox: &str,
         stdin: impl Into<reqwest::Body>,
         options: &InvokeOptions,
     ) -> Result<EventStream> {
-        let mut query = Vec::new();
+        let mut query = vec!["stream=live".to_owned()];
         if let Some(p) = &options.prompt {
             query.push(format!("prompt={}", encode_query(p)));
         }
@@ -282,10 +283,7 @@ impl Client {
         if let Some(d) = &options.on_disconnect {
             query.push(format!("onDisconnect={}", encode_query(d)));
         }
-        let mut url = self.url(sandbox, "invoke");
-        if !query.is_empty() {
-            url = format!("{url}?{}", query.join("&"));
-        }
+        let url = format!("{}?{}", self.url(sandbox, "invoke"), query.join("&"));
         let rb = self
             .http
             .post(url)
@@ -327,11 +325,15 @@ impl Client {
         self.json(self.http.get(self.url(sandbox, "invokes"))).await
     }
 
-    /// Exec, streaming its events.
+    /// Exec, streaming its events, framed live; it lingers when the connection drops, so the
+    /// stream can be resumed.
     pub async fn exec(&self, sandbox: &str, req: &ExecRequest) -> Result<EventStream> {
         let rb = self
             .http
-            .post(self.url(sandbox, "exec"))
+            .post(format!(
+                "{}?stream=live&onDisconnect=linger",
+                self.url(sandbox, "exec")
+            ))
             .header("accept", "text/event-stream")
             .json(req);
         Ok(EventStream::new(self.send(rb).await?))

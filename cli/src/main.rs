@@ -653,7 +653,9 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
             let options = InvokeOptions {
                 prompt: prompt.clone(),
                 timeout: timeout.clone(),
-                on_disconnect: detach.then(|| "continue".to_owned()),
+                // Linger, not the server's default `cancel`: a dropped connection is resumed
+                // (Ctrl-C cancels explicitly); a detached invoke runs on.
+                on_disconnect: Some(if *detach { "continue" } else { "linger" }.to_owned()),
             };
             let mut sigint = interrupts()?;
             let stream = tokio::select! {
@@ -1025,11 +1027,12 @@ async fn configure(
 /// Writes a `log` event's exact bytes to stdout or stderr.
 fn write_log(event: &Event) -> std::io::Result<()> {
     let d = &event.data;
-    let mut bytes = match (d["data"].as_str(), d["dataBase64"].as_str()) {
-        (Some(text), _) => text.as_bytes().to_vec(),
-        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+    // `dataBase64` holds the exact bytes when they are not UTF-8 (`data` is then lossy).
+    let mut bytes = match (d["dataBase64"].as_str(), d["data"].as_str()) {
+        (Some(b64), _) => base64::engine::general_purpose::STANDARD
             .decode(b64)
             .unwrap_or_default(),
+        (None, Some(text)) => text.as_bytes().to_vec(),
         _ => Vec::new(),
     };
     if d["partial"] != true {

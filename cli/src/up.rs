@@ -402,6 +402,7 @@ async fn demo(client: &Client) -> Result<u8, ClientError> {
             Vec::new(),
             &InvokeOptions {
                 prompt: Some("world".into()),
+                on_disconnect: Some("linger".into()),
                 ..InvokeOptions::default()
             },
         )

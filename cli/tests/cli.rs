@@ -242,6 +242,50 @@ fn ctrl_c_cancels_the_remote_process() {
     assert!(up.stop().success());
 }
 
+/// The CLI asks for live framing: a prompt without a newline shows up while the process still
+/// runs (by default the server would hold it until its line is complete, here at the exit).
+#[test]
+fn a_prompt_shows_before_its_newline() {
+    let up = Up::start(&[]);
+    up.create("prompt");
+    up.configure("prompt", "sh -c 'printf prompt; sleep 2; echo done'", &[]);
+    let mut child = up
+        .cmd(&["invoke", "prompt"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match std::io::Read::read(&mut stdout, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let _ = tx.send((Instant::now(), buf[..n].to_vec()));
+                }
+            }
+        }
+    });
+    let (first_at, first) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("no output within 20 s");
+    assert_eq!(first, b"prompt", "the first output");
+    let status = wait_bounded(&mut child, Duration::from_secs(20)).expect("the CLI did not exit");
+    let exited_at = Instant::now();
+    reader.join().unwrap();
+    let rest: Vec<u8> = rx.try_iter().flat_map(|(_, b)| b).collect();
+    assert_eq!(rest, b"done\n");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        exited_at - first_at >= Duration::from_secs(1),
+        "the prompt came {:?} before the exit: held until its line was complete",
+        exited_at - first_at
+    );
+    assert!(up.stop().success());
+}
+
 #[test]
 fn a_cut_connection_is_resumed_without_loss_or_duplication() {
     let up = Up::start(&[]);

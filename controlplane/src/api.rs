@@ -59,6 +59,8 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/api/v1/sandboxes/{id}/stop", post(stop_sandbox))
         .route("/api/v1/sandboxes/{id}/resume", post(resume_sandbox))
         .route("/api/v1/sandboxes/{id}/{*rest}", any(to_runner))
+        .route("/api/v1/audit/events", get(not_implemented))
+        .route("/api/v1/analytics/usage", get(not_implemented))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             authenticate,
@@ -476,6 +478,24 @@ fn runner_route(method: &Method, rest: &str) -> Option<(String, &'static str)> {
     Some((path, action))
 }
 
+/// AgentTier's per-sandbox routes that agentbox does not serve, named as AgentTier's
+/// documentation names them: they answer 501 `not_implemented` rather than 404.
+fn unserved_route(method: &Method, rest: &str) -> Option<&'static str> {
+    let (head, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    Some(match (head, tail, method.as_str()) {
+        ("clone", "", "POST") => "POST /api/v1/sandboxes/{id}/clone",
+        ("ports", "", "GET") => "GET /api/v1/sandboxes/{id}/ports",
+        ("ports", "", "POST") => "POST /api/v1/sandboxes/{id}/ports",
+        ("ports", t, "DELETE") if segments(t) == 1 => "DELETE /api/v1/sandboxes/{id}/ports/{port}",
+        _ => return None,
+    })
+}
+
+/// AgentTier's routes outside a sandbox that agentbox does not serve: 501 `not_implemented`.
+async fn not_implemented(method: Method, uri: Uri) -> Error {
+    Error::NotImplemented(format!("{method} {}", uri.path()))
+}
+
 /// How many non-empty `/`-separated segments `tail` has (0 when any is empty).
 fn segments(tail: &str) -> usize {
     let parts: Vec<&str> = tail.split('/').collect();
@@ -504,8 +524,13 @@ async fn to_runner(
         .strip_prefix(&prefix)
         .ok_or_else(|| Error::RouteNotFound(raw.to_owned()))?
         .to_owned();
-    let (path, action) = runner_route(request.method(), &rest)
-        .ok_or_else(|| Error::RouteNotFound(raw.to_owned()))?;
+    let (path, action) =
+        runner_route(request.method(), &rest).ok_or_else(|| {
+            match unserved_route(request.method(), &rest) {
+                Some(route) => Error::NotImplemented(route.to_owned()),
+                None => Error::RouteNotFound(raw.to_owned()),
+            }
+        })?;
     let target = app
         .backend
         .resolve(&name)
@@ -797,6 +822,16 @@ mod tests {
             Some(("/v1/files/workspace/a%20b.txt".into(), "files.get"))
         );
         assert_eq!(runner_route(&get, "info"), None);
+        assert_eq!(
+            unserved_route(&post, "clone"),
+            Some("POST /api/v1/sandboxes/{id}/clone")
+        );
+        assert_eq!(
+            unserved_route(&Method::DELETE, "ports/8080"),
+            Some("DELETE /api/v1/sandboxes/{id}/ports/{port}")
+        );
+        assert_eq!(unserved_route(&get, "clone"), None);
+        assert_eq!(unserved_route(&get, "nothing"), None);
         assert_eq!(runner_route(&get, "invoke"), None);
         assert_eq!(runner_route(&post, "../v1/info"), None);
         assert_eq!(runner_route(&get, "invokes/a/b/events"), None);

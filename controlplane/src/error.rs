@@ -17,6 +17,9 @@ pub enum Error {
     /// No such route (404 `not_found`).
     #[error("no route for {0}")]
     RouteNotFound(String),
+    /// An AgentTier route agentbox does not serve (yet) (501 `not_implemented`).
+    #[error("{0} is an AgentTier route that agentbox does not serve (see the README's compatibility table)")]
+    NotImplemented(String),
     /// Method not allowed (405 `method_not_allowed`).
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -76,6 +79,7 @@ impl Error {
                 StatusCode::NOT_FOUND
             }
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Error::InvalidRequest(_) | Error::WrongMode(_) => StatusCode::BAD_REQUEST,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotRunning { .. } | Error::AlreadyExists(_) => StatusCode::CONFLICT,
@@ -92,6 +96,7 @@ impl Error {
             Error::Forbidden(_) => "forbidden",
             Error::RouteNotFound(_) => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
+            Error::NotImplemented(_) => "not_implemented",
             Error::SandboxNotFound(_) => "sandbox_not_found",
             Error::TemplateNotFound(_) => "template_not_found",
             Error::InvalidRequest(_) => "invalid_request",
@@ -163,6 +168,7 @@ mod tests {
             ),
             (Error::RunnerUnauthorized, 502, "runner_unauthorized"),
             (Error::RunnerTimeout, 504, "runner_timeout"),
+            (Error::NotImplemented("x".into()), 501, "not_implemented"),
         ];
         for (e, status, code) in cases {
             assert_eq!(e.status().as_u16(), status);

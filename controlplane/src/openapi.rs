@@ -13,8 +13,8 @@ use agentbox_proto::{
     CreateSessionRequest, ErrorBody, ErrorEvent, ExecRequest, ExitEvent, FileListing, InvokeList,
     InvokeResponse, InvokeSummary, LogEvent, OnDisconnect, PermissionEvent, PermissionReplyEvent,
     PermissionReplyRequest, PermissionReplyResponse, ProtocolErrorEvent, SessionConfigRequest,
-    SessionEvent, SessionEventPage, SessionInfo, SessionList, StartEvent, TruncatedEvent,
-    WrittenFile,
+    SessionEvent, SessionEventPage, SessionInfo, SessionList, StartEvent, StreamMode,
+    TruncatedEvent, WrittenFile,
 };
 use serde_json::{json, Value};
 use utoipa::OpenApi;
@@ -61,7 +61,7 @@ use crate::api;
     ),
     components(schemas(
         StartEvent, LogEvent, ExitEvent, ErrorEvent, TruncatedEvent, ConfigureResult, OnDisconnect,
-        ArchiveFormat, AgentEvent, PermissionEvent, PermissionReplyEvent, ProtocolErrorEvent,
+        StreamMode, ArchiveFormat, AgentEvent, PermissionEvent, PermissionReplyEvent, ProtocolErrorEvent,
         SessionEvent,
     )),
     tags(
@@ -138,7 +138,8 @@ fn finish(doc: &mut Value) {
 /// application/json`, answers the ConfigureResult. The same files and install command as the
 /// last successful install are `skipped: true`.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/configure", tag = "configure",
-    params(("id" = String, Path, description = "The sandbox id.")),
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("stream" = Option<StreamMode>, Query, description = "`lines` (default): the install's output one `log` event per whole line; `live`: fragments too, after a 25 ms pause.")),
     request_body(content = ConfigureRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "`log`… then `result` (or `error`) as Server-Sent Events; or the ConfigureResult.",
@@ -163,12 +164,15 @@ fn configure() {}
 /// `POST /api/v1/sandboxes/{id}/sessions`): its events also go to the session's history and the
 /// agent may ask permissions, answered under `/sessions/{sid}/permissions/{pid}`. When the
 /// sandbox's runner goes away mid-stream, the stream ends with an `error` event (ErrorEvent,
-/// phase `proxy`, no `id:`) and a clean end of the body.
+/// phase `proxy`, no `id:`) and a clean end of the body. By default, as the seed: one `log`
+/// per whole line (`data` always present, lossy for bytes that are not UTF-8, whose exact bytes
+/// are in `dataBase64`), and closing the stream cancels the invoke.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/invoke", tag = "invokes",
     params(("id" = String, Path, description = "The sandbox id."),
         ("prompt" = Option<String>, Query, description = "Passed as `--prompt=<prompt>`; stdin when the body is empty."),
         ("timeout" = Option<String>, Query, description = "A Go duration (`90s`, `5m`, `1h30m`)."),
-        ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves."),
+        ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves: `cancel` (default, as the seed: closing the stream cancels), `linger` (cancel after the runner's `--linger` without a watcher, time to reattach), `continue`."),
+        ("stream" = Option<StreamMode>, Query, description = "`lines` (default, the seed's framing): one `log` event per whole line. `live`: also a fragment without a newline once the output pauses for 25 ms (`partial: true`), for prompts and streamed tokens."),
         ("session" = Option<String>, Query, description = "Run in this session (1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`); one invoke at a time per session.")),
     request_body(content = String, description = "stdin for the entrypoint, any bytes.", content_type = "application/octet-stream"),
     responses(
@@ -227,6 +231,10 @@ fn invokes_list() {}
 fn invokes_get() {}
 
 /// Reattach: an invoke's events after an id
+///
+/// Passed to the runner's `GET /v1/invokes/{id}/events`: replays the events after
+/// `Last-Event-ID` (or `after`), then follows live ones until the final event. At or past the
+/// final event nothing is replayed and the stream ends at once, cleanly (no `error` event).
 #[utoipa::path(get, path = "/api/v1/sandboxes/{id}/invokes/{iid}/events", tag = "invokes",
     params(("id" = String, Path, description = "The sandbox id."),
         ("iid" = String, Path, description = "The invoke id (`inv-…`)."),
@@ -263,7 +271,8 @@ fn invokes_cancel() {}
 /// with `Accept: text/event-stream`, streams its events instead. Works in both modes.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/exec", tag = "exec",
     params(("id" = String, Path, description = "The sandbox id."),
-        ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves.")),
+        ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves: `cancel` (default), `linger`, `continue`."),
+        ("stream" = Option<StreamMode>, Query, description = "`lines` (default, the seed's framing): one `log` event per whole line. `live`: also a fragment without a newline once the output pauses for 25 ms (`partial: true`), for prompts and streamed tokens.")),
     request_body(content = ExecRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "The InvokeResponse; or Server-Sent Events.",

@@ -150,7 +150,9 @@ impl Proxy {
 /// Passes an event stream through chunk by chunk; when the runner's body fails, or ends while
 /// its last event is not a final one (`exit`, `result`, `error`), appends one `error` event
 /// (ErrorEvent, phase `proxy`, no `id:`) and ends the body cleanly instead of resetting it.
-/// A stream that ended after its final event passes unchanged.
+/// A stream that ended after its final event passes unchanged, and so does a body the runner
+/// ended cleanly without a single byte: a reattach at or past an invoke's final event, which
+/// has nothing left to replay (a runner that goes away fails the body instead).
 pub fn guard_event_stream(body: Body) -> Body {
     struct State {
         upstream: axum::body::BodyDataStream,
@@ -184,6 +186,9 @@ pub fn guard_event_stream(body: Body) -> Body {
                 tracing::warn!(error = %text, "a runner's event stream broke off");
                 format!("the sandbox's runner went away mid-stream: {text}")
             }
+            // Nothing to replay after the final event (a browser's EventSource reconnects
+            // with the final event's id): a clean, empty end.
+            None if st.watch.last_byte.is_none() => return None,
             None => "the sandbox's runner ended the stream without a final event".to_owned(),
         };
         st.done = true;

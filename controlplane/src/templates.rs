@@ -1,4 +1,6 @@
-//! Sandbox templates: a JSON file of them plus the built-in `default` (agent mode) and `code`.
+//! Sandbox templates: a JSON file of them plus the built-ins: `default` (agent mode), `code`,
+//! and `langgraph-agent`, the name the seed's quickstart creates its sandbox from (agent mode,
+//! otherwise the same as `default`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -202,6 +204,14 @@ impl Templates {
             Template {
                 name: "default".into(),
                 description: Some("Agent mode: configure once, invoke per call.".into()),
+                mode: "agent".into(),
+                ..Template::default()
+            },
+            Template {
+                name: "langgraph-agent".into(),
+                description: Some(
+                    "The seed's quickstart template: agent mode, the same as `default`.".into(),
+                ),
                 mode: "agent".into(),
                 ..Template::default()
             },

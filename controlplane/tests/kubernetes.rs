@@ -229,11 +229,11 @@ fn stdout_of(events: &[(String, Value)]) -> Vec<u8> {
         .iter()
         .filter(|(e, d)| e == "log" && d["stream"] == "stdout")
     {
-        match data["data"].as_str() {
-            Some(text) => out.extend_from_slice(text.as_bytes()),
-            None => out.extend(
+        match data["dataBase64"].as_str() {
+            None => out.extend_from_slice(data["data"].as_str().unwrap().as_bytes()),
+            Some(b64) => out.extend(
                 base64::engine::general_purpose::STANDARD
-                    .decode(data["dataBase64"].as_str().unwrap())
+                    .decode(b64)
                     .unwrap(),
             ),
         }

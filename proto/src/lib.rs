@@ -204,17 +204,18 @@ impl Stream {
 
 /// `log` event: one line of output without its newline, or a fragment with `partial: true`.
 ///
-/// The exact bytes are `data` (or the decoded `dataBase64` when the bytes are not UTF-8),
-/// followed by a newline unless `partial` is true.
+/// The exact bytes are the decoded `dataBase64` when present (the bytes are not UTF-8), else
+/// `data`, followed by a newline unless `partial` is true. `data` is always present: for bytes
+/// that are not UTF-8 it is their lossy text (U+FFFD for each invalid sequence).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LogEvent {
     /// `stdout` or `stderr`.
     pub stream: Stream,
-    /// The line as text, when it is valid UTF-8.
+    /// The line as text; lossy (U+FFFD) when it is not valid UTF-8.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<String>,
-    /// The line as base64, when it is not valid UTF-8.
+    /// The line's exact bytes as base64, only when they are not valid UTF-8.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_base64: Option<String>,
     /// True when no newline followed these bytes.
@@ -520,17 +521,31 @@ pub struct WrittenFile {
     pub sha256: String,
 }
 
-/// What happens when the last client watching an invoke goes away.
+/// What happens when the last client watching an invoke goes away. The default, `cancel`, is
+/// the seed's: closing the stream cancels the invoke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnDisconnect {
     /// Cancel when no client has been attached for `--linger`.
-    #[default]
     Linger,
-    /// Cancel at once.
+    /// Cancel at once (the default).
+    #[default]
     Cancel,
     /// Run to completion.
     Continue,
+}
+
+/// How output becomes `log` events (`?stream=` of an invoke, exec or configure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamMode {
+    /// The seed's framing (the default): one event per whole line; only a line over 64 KiB
+    /// (in pieces) and output left without a newline at the end are sent as `partial`.
+    #[default]
+    Lines,
+    /// As `lines`, and a fragment without a newline is also sent (`partial`) once the output
+    /// pauses for 25 ms, so prompts and streamed tokens show up at once.
+    Live,
 }
 
 /// Archive formats of `GET /v1/archive?format=`.

@@ -245,6 +245,7 @@ impl Conn {
             marker: marker.clone(),
             stdin: true,
             pass_fds: Default::default(),
+            live: false,
         };
         let (child, exit) = supervisor::spawn_stdio(reaper, &spec).map_err(|e| {
             Error::AgentFailed(format!("cannot start the ACP agent {:?}: {e}", launch.argv))

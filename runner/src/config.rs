@@ -102,8 +102,8 @@ pub struct Args {
     /// Output bytes stored per invoke journal; past it output is counted, not stored.
     #[arg(long, env = "AGENTBOX_JOURNAL_MAX_BYTES", default_value = "256MiB", value_parser = parse_size)]
     pub journal_max_bytes: u64,
-    /// With `?onDisconnect=linger` (the default), how long an invoke runs with no client
-    /// attached before it is canceled.
+    /// With `?onDisconnect=linger` (the default is `cancel`), how long an invoke runs with no
+    /// client attached before it is canceled.
     #[arg(long, env = "AGENTBOX_LINGER", default_value = "30s", value_parser = parse_duration)]
     pub linger: Duration,
     /// Finished invokes whose journals are kept; older ones are pruned.

@@ -30,6 +30,16 @@ pub struct Plan {
     env: Option<BTreeMap<String, String>>,
     protocol: Option<agentbox_proto::AgentProtocol>,
     hash: String,
+    /// `?stream=live`: the install's output framed live (see [`crate::supervisor::RunSpec`]).
+    live: bool,
+}
+
+impl Plan {
+    /// Frames the install's output live (`?stream=live`) instead of by whole lines.
+    pub fn with_live_output(mut self, live: bool) -> Self {
+        self.live = live;
+        self
+    }
 }
 
 #[derive(Debug)]
@@ -149,6 +159,7 @@ pub fn plan(app: &AppState, req: ConfigureRequest) -> Result<Plan> {
         entrypoint: req.entrypoint,
         env: req.env,
         hash,
+        live: false,
     })
 }
 
@@ -281,7 +292,7 @@ async fn run(app: &Arc<AppState>, plan: Plan, log: &Arc<EventLog>) -> Result<Con
 
     let exit_code = match &plan.install {
         None => 0,
-        Some(argv) => install(app, argv, &env, log).await?,
+        Some(argv) => install(app, argv, &env, log, plan.live).await?,
     };
     if exit_code != 0 {
         tracing::warn!(
@@ -325,6 +336,7 @@ async fn install(
     argv: &[String],
     env: &BTreeMap<String, String>,
     log: &Arc<EventLog>,
+    live: bool,
 ) -> Result<i32> {
     let id = random_hex(8);
     let mut full_env = app.cfg.base_env.clone();
@@ -342,6 +354,7 @@ async fn install(
         marker: marker.clone(),
         stdin: false,
         pass_fds: Default::default(),
+        live,
     };
     let process = Process::new(marker);
     let (tx, rx) = oneshot::channel();

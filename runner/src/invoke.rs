@@ -28,7 +28,7 @@ use crate::journal::{EventLog, Journal, StaleTail, Subscription};
 use crate::proctree;
 use crate::supervisor::{self, Outcome, Process, Reaper, RunSpec};
 
-pub use agentbox_proto::OnDisconnect;
+pub use agentbox_proto::{OnDisconnect, StreamMode};
 
 /// Bodies up to this size are read before the spawn and written by the invoke's own thread;
 /// larger or chunked ones are copied as they come. A fresh pipe always holds one page, even
@@ -167,6 +167,8 @@ pub struct StartRequest {
     pub stdin: Stdin,
     /// The disconnect policy.
     pub on_disconnect: OnDisconnect,
+    /// How output becomes `log` events.
+    pub stream: StreamMode,
     /// The agent channel (and session), for invokes of the entrypoint.
     pub agent: Option<crate::channel::AgentSetup>,
     /// For an ACP agent: the prompt turn to run instead of a process.
@@ -740,6 +742,7 @@ impl Invokes {
             marker: format!("AGENTBOX_INVOKE_ID={id}"),
             stdin: true,
             pass_fds: Arc::new(Mutex::new(pass_fds)),
+            live: req.stream == StreamMode::Live,
         };
         let mut events = channel.map(|c| c.start());
         let (stdin_now, stdin_stream) = match req.stdin {

@@ -37,22 +37,24 @@ fn push_head(buf: &mut Vec<u8>, id: u64, event: &str) {
 }
 
 /// Appends one `log` frame for `bytes` of `stream`, without going through serde: this is the
-/// hot path of output streaming. Valid UTF-8 goes in `data`, anything else in `dataBase64`.
+/// hot path of output streaming. Valid UTF-8 goes in `data`; anything else goes in `data` as
+/// lossy text (U+FFFD, for clients that read only `data`, as the seed's do) and, exactly, in
+/// `dataBase64`.
 pub fn push_log_frame(buf: &mut Vec<u8>, id: u64, stream: Stream, bytes: &[u8], partial: bool) {
     buf.reserve(bytes.len() + 96);
     buf.extend_from_slice(IdLine::new(id).bytes());
-    // The rest of the head and the payload's opening, as one constant per case: this runs
+    // The rest of the head and the payload's opening, as one constant per stream: this runs
     // once per output line.
     let text = std::str::from_utf8(bytes);
-    buf.extend_from_slice(match (stream, text.is_ok()) {
-        (Stream::Stdout, true) => b"\nevent: log\ndata: {\"stream\":\"stdout\",\"data\":\"",
-        (Stream::Stderr, true) => b"\nevent: log\ndata: {\"stream\":\"stderr\",\"data\":\"",
-        (Stream::Stdout, false) => b"\nevent: log\ndata: {\"stream\":\"stdout\",\"dataBase64\":\"",
-        (Stream::Stderr, false) => b"\nevent: log\ndata: {\"stream\":\"stderr\",\"dataBase64\":\"",
+    buf.extend_from_slice(match stream {
+        Stream::Stdout => b"\nevent: log\ndata: {\"stream\":\"stdout\",\"data\":\"",
+        Stream::Stderr => b"\nevent: log\ndata: {\"stream\":\"stderr\",\"data\":\"",
     });
     match text {
         Ok(text) => push_json_str_body(buf, text),
         Err(_) => {
+            push_json_str_body(buf, &String::from_utf8_lossy(bytes));
+            buf.extend_from_slice(b"\",\"dataBase64\":\"");
             let start = buf.len();
             let encoded_len = base64::encoded_len(bytes.len(), true).unwrap_or(0);
             buf.resize(start + encoded_len, 0);
@@ -190,9 +192,13 @@ mod tests {
         let ev: LogEvent = serde_json::from_str(frame.data).expect("log json");
         let mut out = match (ev.data, ev.data_base64) {
             (Some(d), None) => d.into_bytes(),
-            (None, Some(b)) => base64::engine::general_purpose::STANDARD
-                .decode(b)
-                .expect("base64"),
+            (Some(d), Some(b)) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .expect("base64");
+                assert_eq!(d, String::from_utf8_lossy(&bytes), "data is the lossy text");
+                bytes
+            }
             other => panic!("bad log event {other:?}"),
         };
         if !ev.partial {

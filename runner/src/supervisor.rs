@@ -272,6 +272,10 @@ pub struct RunSpec {
     /// Descriptors the child inherits (the agent channel); taken, and closed in the runner,
     /// right after the spawn.
     pub pass_fds: Arc<Mutex<Vec<OwnedFd>>>,
+    /// `?stream=live`: a fragment without a newline is also sent once the output pauses for
+    /// [`IDLE_FLUSH`] (see [`LineFramer`]); otherwise only whole lines, long lines' pieces and
+    /// the unterminated end.
+    pub live: bool,
 }
 
 /// Shared control of one supervised process tree.
@@ -469,6 +473,7 @@ pub struct Running {
     stderr: Option<ChildStderr>,
     exit: Exit,
     started: Instant,
+    live: bool,
 }
 
 /// A process just spawned, as the `on_spawn` of [`start`] and [`run`] gets it.
@@ -518,6 +523,7 @@ pub fn start(
         stderr: Some(child.stderr),
         exit,
         started,
+        live: spec.live,
     })
 }
 
@@ -699,6 +705,7 @@ fn pump_output(
         stderr,
         exit: child_exit,
         started,
+        live,
     } = running;
     let mut pipes: [Option<Box<dyn ReadFd>>; 2] = [
         stdout.map(|p| Box::new(p) as Box<dyn ReadFd>),
@@ -735,7 +742,8 @@ fn pump_output(
                 _ => {}
             }
         }
-        let pending = framers.iter().any(|f| f.has_pending());
+        // Only a live stream wakes up for a pending fragment (to send it after IDLE_FLUSH).
+        let pending = live && framers.iter().any(|f| f.has_pending());
         let timeout_ms: u16 = if pending {
             10
         } else if exit.is_some() {
@@ -807,9 +815,11 @@ fn pump_output(
                 }
             }
         }
-        for framer in &mut framers {
-            if framer.idle_for() >= IDLE_FLUSH {
-                framer.flush_into(log);
+        if live {
+            for framer in &mut framers {
+                if framer.idle_for() >= IDLE_FLUSH {
+                    framer.flush_into(log);
+                }
             }
         }
     }
@@ -888,8 +898,9 @@ trait ReadFd: Read + AsFd + Send {}
 impl<T: Read + AsFd + Send> ReadFd for T {}
 
 /// Splits a byte stream into `log` events: one per line without its newline; a fragment with
-/// no newline yet goes out as `partial` when it reaches [`MAX_FRAGMENT`], when the output
-/// pauses, or at the end.
+/// no newline yet goes out as `partial` when it reaches [`MAX_FRAGMENT`], at the end, and (for
+/// a [`RunSpec::live`] stream, whose pump calls [`LineFramer::flush`] then) when the output
+/// pauses.
 #[derive(Debug)]
 pub struct LineFramer {
     stream: Stream,
@@ -1050,6 +1061,7 @@ mod tests {
             marker: "AGENTBOX_TEST_MARKER=pidfd".into(),
             stdin: false,
             pass_fds: Arc::default(),
+            live: false,
         };
         let (_child, exit) = spawn_stdio(&reaper, &spec).expect("spawn");
         assert!(exit.pidfd().is_some(), "no pidfd on this kernel");

@@ -182,8 +182,8 @@ async fn reattach_100_trials() {
     let r = Runner::start(&[]);
     let data = mixed_output(0x5eed);
     // The output comes in four parts (cut mid-line) with pauses in between, so that many drops
-    // and reattaches happen while the process is still running, and the pauses flush pending
-    // fragments as `partial` events.
+    // and reattaches happen while the process is still running, and (`?stream=live`) the
+    // pauses flush pending fragments as `partial` events.
     let quarter = data.len() / 4;
     let files: Vec<Value> = (0..4)
         .map(|i| {
@@ -211,7 +211,7 @@ async fn reattach_100_trials() {
     // A baseline run read in full: the stream itself is exact, and its length bounds the
     // random drop points.
     let resp = r
-        .post("/v1/invoke?onDisconnect=continue")
+        .post("/v1/invoke?onDisconnect=continue&stream=live")
         .send()
         .await
         .unwrap();
@@ -237,7 +237,7 @@ async fn reattach_100_trials() {
             rng.below(stream_len + 1)
         };
         let mut resp = r
-            .post("/v1/invoke?onDisconnect=continue")
+            .post("/v1/invoke?onDisconnect=continue&stream=live")
             .send()
             .await
             .unwrap();
@@ -808,10 +808,11 @@ async fn slow_reader_with_journal_cap_sees_truncated_before_exit() {
 // 4. Disconnect policies
 // ---------------------------------------------------------------------------------------------
 
-/// `cancel`: the invoke is canceled as soon as its only client goes away. The runner lingers
-/// 60 s, so a cancel that waited like `linger` would miss the deadline.
+/// `cancel` (the default, as the seed's): the invoke is canceled as soon as its only client
+/// goes away. The runner lingers 60 s, so a cancel that waited like `linger` would miss the
+/// deadline. The first invoke asks for no policy, the second asks for `cancel`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disconnect_policy_cancel() {
+async fn disconnect_policy_cancel_is_the_default() {
     let r = Runner::start(&["--linger", "60s"]);
     let pid_file = r.dir.join("pid");
     r.configure_sh(&format!(
@@ -819,11 +820,7 @@ async fn disconnect_policy_cancel() {
         pid_file.display()
     ))
     .await;
-    let mut resp = r
-        .post("/v1/invoke?onDisconnect=cancel")
-        .send()
-        .await
-        .unwrap();
+    let mut resp = r.post("/v1/invoke").send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let mut buf = Vec::new();
     let events = read_until(&mut resp, &mut buf, |e| e.event == "start").await;
@@ -927,10 +924,10 @@ async fn disconnect_policy_continue() {
     assert_eq!(exit_event(&events)["reason"], "completed");
 }
 
-/// `linger` (the default): a reattached client keeps the invoke alive past the linger period;
-/// after the last client leaves it is canceled once the linger period has passed.
+/// `linger`: a reattached client keeps the invoke alive past the linger period; after the
+/// last client leaves it is canceled once the linger period has passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disconnect_policy_linger_is_the_default() {
+async fn disconnect_policy_linger() {
     let r = Runner::start(&["--linger", "1s"]);
     let pid_file = r.dir.join("pid");
     r.configure_sh(&format!(
@@ -938,7 +935,11 @@ async fn disconnect_policy_linger_is_the_default() {
         pid_file.display()
     ))
     .await;
-    let mut resp = r.post("/v1/invoke").send().await.unwrap();
+    let mut resp = r
+        .post("/v1/invoke?onDisconnect=linger")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let mut buf = Vec::new();
     let events = read_until(&mut resp, &mut buf, |e| e.event == "log").await;

@@ -1704,9 +1704,9 @@ async fn exec_cancel_and_reattach() {
         (404, Some("invoke_not_found"))
     );
 
-    // Reattach mid-run with Last-Event-ID.
+    // Reattach mid-run with Last-Event-ID (`linger`: the default `cancel` would stop it).
     let mut resp = r
-        .post("/v1/exec")
+        .post("/v1/exec?onDisconnect=linger")
         .header("accept", "text/event-stream")
         .json(&json!({"command":
             "echo one; echo two; while [ ! -e release ]; do sleep 0.02; done; echo three"}))

@@ -1137,3 +1137,150 @@ async fn openapi_is_served_without_auth_and_names_every_route() {
         assert!(info["limits"][field].is_u64(), "limits.{field} missing");
     }
 }
+
+/// The output the framing tests write: a line in two flushes with a pause between them, a line
+/// of invalid UTF-8, a line longer than 64 KiB, stderr, and a prompt left without a newline at
+/// the end after another pause.
+const FRAMING_SCRIPT: &str = "printf 'Thinking...'; sleep 0.3; printf ' done\\n'; \
+    printf 'bad \\377 line\\n'; head -c 70000 /dev/zero | tr '\\0' x; echo; \
+    echo to-err >&2; printf 'prompt> '; sleep 0.3; printf tail";
+
+fn framing_stdout() -> Vec<u8> {
+    let mut out = b"Thinking... done\nbad \xff line\n".to_vec();
+    out.extend(std::iter::repeat_n(b'x', 70_000));
+    out.extend_from_slice(b"\nprompt> tail");
+    out
+}
+
+/// `(data, dataBase64, partial)` of every stdout `log` event.
+fn stdout_logs(events: &[common::Event]) -> Vec<(String, Option<String>, bool)> {
+    events
+        .iter()
+        .filter(|e| e.event == "log" && e.data["stream"] == "stdout")
+        .map(|e| {
+            (
+                e.data["data"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("a log event without data: {}", e.data))
+                    .to_owned(),
+                e.data["dataBase64"].as_str().map(str::to_owned),
+                e.data["partial"] == true,
+            )
+        })
+        .collect()
+}
+
+/// By default (and with `?stream=lines`) `log` events are the seed's: one per whole line, even
+/// when the line was written in two flushes with a pause; only a line over 64 KiB (in pieces)
+/// and the unterminated end are `partial`. `data` is always there (lossy for invalid UTF-8,
+/// whose exact bytes are in `dataBase64`), and the output rebuilds byte for byte.
+#[tokio::test]
+async fn log_events_are_whole_lines_by_default() {
+    let r = Runner::start(&[]);
+    r.configure_sh(FRAMING_SCRIPT).await;
+    let x = "x".repeat(70_000);
+    for query in ["", "?stream=lines"] {
+        let events = r.invoke_sse(query, "").await;
+        assert_eq!(exit_event(&events)["exitCode"], 0, "{query}");
+        assert_eq!(rebuild(&events, "stdout"), framing_stdout(), "{query}");
+        assert_eq!(rebuild(&events, "stderr"), b"to-err\n", "{query}");
+        let logs = stdout_logs(&events);
+        let want = vec![
+            ("Thinking... done".to_owned(), None, false),
+            (
+                "bad \u{fffd} line".to_owned(),
+                Some("YmFkIP8gbGluZQ==".to_owned()),
+                false,
+            ),
+            (x[..64 << 10].to_owned(), None, true),
+            (x[64 << 10..].to_owned(), None, false),
+            ("prompt> tail".to_owned(), None, true),
+        ];
+        assert_eq!(logs, want, "{query}");
+    }
+}
+
+/// `?stream=live`: a fragment is also sent once the output pauses (prompts, streamed tokens),
+/// marked `partial`; the bytes still rebuild exactly.
+#[tokio::test]
+async fn log_events_are_live_on_request() {
+    let r = Runner::start(&[]);
+    r.configure_sh(FRAMING_SCRIPT).await;
+    let events = r.invoke_sse("?stream=live", "").await;
+    assert_eq!(exit_event(&events)["exitCode"], 0);
+    assert_eq!(rebuild(&events, "stdout"), framing_stdout());
+    assert_eq!(rebuild(&events, "stderr"), b"to-err\n");
+    let logs = stdout_logs(&events);
+    let texts: Vec<(&str, bool)> = logs
+        .iter()
+        .filter(|(d, _, _)| !d.starts_with('x'))
+        .map(|(d, _, p)| (d.as_str(), *p))
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            ("Thinking...", true),
+            (" done", false),
+            ("bad \u{fffd} line", false),
+            ("prompt> ", true),
+            ("tail", true),
+        ]
+    );
+    assert_eq!(logs[2].1.as_deref(), Some("YmFkIP8gbGluZQ=="));
+    // A bad value is refused before anything runs.
+    let resp = r.post("/v1/invoke?stream=sometimes").send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_request", "{body}");
+}
+
+/// Exec and configure (its install's output) take `?stream=` too: whole lines by default,
+/// fragments after a pause with `live`.
+#[tokio::test]
+async fn exec_and_install_output_are_framed_as_asked() {
+    let r = Runner::start(&[]);
+    let script = "printf 'Thinking...'; sleep 0.3; echo ' done'";
+    for (query, want) in [
+        ("", vec![("Thinking... done", false)]),
+        (
+            "?stream=live",
+            vec![("Thinking...", true), (" done", false)],
+        ),
+    ] {
+        let resp = r
+            .post(&format!("/v1/exec{query}"))
+            .header("accept", "text/event-stream")
+            .json(&json!({"command": script}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let events = parse_sse(&resp.bytes().await.unwrap());
+        let logs: Vec<(String, bool)> = stdout_logs(&events)
+            .into_iter()
+            .map(|(d, _, p)| (d, p))
+            .collect();
+        let want: Vec<(String, bool)> = want.iter().map(|(d, p)| (d.to_string(), *p)).collect();
+        assert_eq!(logs, want, "exec{query}");
+        assert_eq!(rebuild(&events, "stdout"), b"Thinking... done\n");
+
+        let resp = r
+            .post(&format!("/v1/configure{query}"))
+            .json(&json!({
+                "files": [{"path": "q.txt", "content": query}],
+                "installCommand": ["sh", "-c", script],
+                "entrypoint": ["true"],
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let events = parse_sse(&resp.bytes().await.unwrap());
+        assert_eq!(events.last().unwrap().event, "result", "{events:?}");
+        let logs: Vec<(String, bool)> = stdout_logs(&events)
+            .into_iter()
+            .map(|(d, _, p)| (d, p))
+            .collect();
+        assert_eq!(logs, want, "configure{query}");
+    }
+}

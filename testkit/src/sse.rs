@@ -62,15 +62,22 @@ pub fn rebuild(events: &[Event], stream: &str) -> Vec<u8> {
         .iter()
         .filter(|e| e.event == "log" && e.data["stream"] == stream)
     {
-        if let Some(text) = e.data["data"].as_str() {
-            out.extend_from_slice(text.as_bytes());
-        } else {
-            let b64 = e.data["dataBase64"].as_str().unwrap();
-            out.extend(
-                base64::engine::general_purpose::STANDARD
+        // `data` is always there; for bytes that are not UTF-8 it is lossy and `dataBase64`
+        // holds them exactly.
+        let text = e.data["data"].as_str().expect("a log event without data");
+        match e.data["dataBase64"].as_str() {
+            Some(b64) => {
+                let bytes = base64::engine::general_purpose::STANDARD
                     .decode(b64)
-                    .unwrap(),
-            );
+                    .unwrap();
+                assert_eq!(
+                    text,
+                    String::from_utf8_lossy(&bytes),
+                    "data is the lossy text"
+                );
+                out.extend(bytes);
+            }
+            None => out.extend_from_slice(text.as_bytes()),
         }
         if e.data["partial"] != Value::Bool(true) {
             out.push(b'\n');

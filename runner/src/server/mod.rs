@@ -32,7 +32,7 @@ use subtle::ConstantTimeEq;
 use crate::config::Mode;
 use crate::duration::parse_duration;
 use crate::error::{Error, Result};
-use crate::invoke::{Attachment, OnDisconnect, StartRequest, Stdin};
+use crate::invoke::{Attachment, OnDisconnect, StartRequest, Stdin, StreamMode};
 use crate::journal::Subscription;
 use crate::{configure, sse, AppState};
 
@@ -262,6 +262,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> 
 /// start. With `Accept: application/json`, answers the ConfigureResult once done. A failed
 /// install (`installExitCode` not 0) leaves the previous configuration in force.
 #[utoipa::path(post, path = "/v1/configure", tag = "configure",
+    params(("stream" = Option<StreamMode>, Query, description = "`lines` (default, the seed's framing): one `log` event per whole line. `live`: also a fragment without a newline once the output pauses for 25 ms (`partial: true`), for prompts and streamed tokens.")),
     request_body(content = ConfigureRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "`log`… then `result` (or `error`) as Server-Sent Events; or the ConfigureResult.",
@@ -273,9 +274,11 @@ async fn read_json<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> 
 async fn configure_sandbox(
     State(app): State<Arc<AppState>>,
     headers: HeaderMap,
+    uri: Uri,
     body: Body,
 ) -> Result<Response> {
     require_agent_mode(&app, "/v1/configure")?;
+    let q: StreamQuery = query(&uri)?;
     // Base64 grows content by 4/3; allow for JSON around it.
     let limit =
         (app.cfg.max_total_bytes.saturating_mul(4) / 3 + (8 << 20)).min(usize::MAX as u64) as usize;
@@ -285,7 +288,7 @@ async fn configure_sandbox(
             "entrypoint is required on the first configure".into(),
         ));
     }
-    let plan = configure::plan(&app, req)?;
+    let plan = configure::plan(&app, req)?.with_live_output(q.stream == Some(StreamMode::Live));
     let (log, outcome) = configure::start(&app, plan)?;
     if wants_json(&headers) {
         let result = outcome
@@ -304,6 +307,12 @@ struct InvokeQuery {
     timeout: Option<String>,
     on_disconnect: Option<OnDisconnect>,
     session: Option<String>,
+    stream: Option<StreamMode>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamQuery {
+    stream: Option<StreamMode>,
 }
 
 pub(crate) fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T> {
@@ -322,8 +331,9 @@ pub(crate) fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T> {
     params(
         ("prompt" = Option<String>, Query, description = "Passed as `--prompt=<prompt>`; stdin when the body is empty."),
         ("timeout" = Option<String>, Query, description = "A Go duration (`90s`, `5m`, `1h30m`); capped at `maxTimeoutMs`."),
-        ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves (default `linger`)."),
-        ("session" = Option<String>, Query, description = "Runs the invoke in this session (created with POST /v1/sessions): the agent channel, permissions and history. Required when the entrypoint is an ACP agent.")),
+        ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves: `cancel` (default, as the seed: closing the stream cancels), `linger` (cancel after `--linger` without a watcher, time to reattach), `continue`."),
+        ("session" = Option<String>, Query, description = "Runs the invoke in this session (created with POST /v1/sessions): the agent channel, permissions and history. Required when the entrypoint is an ACP agent."),
+        ("stream" = Option<StreamMode>, Query, description = "`lines` (default, the seed's framing): one `log` event per whole line. `live`: also a fragment without a newline once the output pauses for 25 ms (`partial: true`), for prompts and streamed tokens.")),
     request_body(content = String, description = "stdin for the entrypoint, any bytes; for an ACP agent the prompt (UTF-8, at most 16 MiB) unless `?prompt=` is given.", content_type = "application/octet-stream"),
     responses(
         (status = 200, description = "`start`, `log`…, `exit` as Server-Sent Events; or the InvokeResponse.",
@@ -376,6 +386,7 @@ async fn invoke(
         timeout,
         stdin,
         on_disconnect: q.on_disconnect.unwrap_or_default(),
+        stream: q.stream.unwrap_or_default(),
         agent,
         acp,
     })?;
@@ -389,6 +400,7 @@ async fn invoke(
 #[serde(rename_all = "camelCase")]
 struct ExecQuery {
     on_disconnect: Option<OnDisconnect>,
+    stream: Option<StreamMode>,
 }
 
 /// Run a command (code mode's exec)
@@ -397,7 +409,8 @@ struct ExecQuery {
 /// InvokeResponse (`stdout`, `stderr`, `exitCode`) when it exits, as the seed's exec does; with
 /// `Accept: text/event-stream`, streams `start`, `log`…, `exit` instead. Works in both modes.
 #[utoipa::path(post, path = "/v1/exec", tag = "exec",
-    params(("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves (default `linger`).")),
+    params(("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves: `cancel` (default, as the seed: closing the stream cancels), `linger` (cancel after `--linger` without a watcher, time to reattach), `continue`."),
+        ("stream" = Option<StreamMode>, Query, description = "`lines` (default, the seed's framing): one `log` event per whole line. `live`: also a fragment without a newline once the output pauses for 25 ms (`partial: true`), for prompts and streamed tokens.")),
     request_body(content = ExecRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "The InvokeResponse; or the events as Server-Sent Events.",
@@ -465,6 +478,7 @@ async fn exec(
         timeout,
         stdin: Stdin::Bytes(Bytes::from(req.stdin.unwrap_or_default())),
         on_disconnect: q.on_disconnect.unwrap_or_default(),
+        stream: q.stream.unwrap_or_default(),
         agent: None,
         acp: None,
     })?;
@@ -512,12 +526,13 @@ async fn collect(mut sub: Subscription, attachment: Attachment) -> Result<Invoke
                         continue;
                     };
                     let buf = &mut out[usize::from(log.stream == Stream::Stderr)];
-                    if let Some(text) = log.data {
-                        buf.extend_from_slice(text.as_bytes());
-                    } else if let Some(b64) = log.data_base64 {
+                    // The exact bytes: `dataBase64` when present (`data` is then lossy).
+                    if let Some(b64) = log.data_base64 {
                         if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(b64) {
                             buf.extend_from_slice(&bytes);
                         }
+                    } else if let Some(text) = log.data {
+                        buf.extend_from_slice(text.as_bytes());
                     }
                     if !log.partial {
                         buf.push(b'\n');
@@ -612,7 +627,8 @@ struct EventsQuery {
 /// Reattach: an invoke's events after an id
 ///
 /// Replays the journaled events with ids greater than `Last-Event-ID` (or `?after=`), then
-/// follows live ones until `exit`. Always `text/event-stream`.
+/// follows live ones until `exit`. Always `text/event-stream`; at or past the final event of a
+/// finished invoke, an empty stream that ends at once.
 #[utoipa::path(get, path = "/v1/invokes/{id}/events", tag = "invokes",
     params(("id" = String, Path, description = "The invoke id (`inv-…`)."),
         ("after" = Option<u64>, Query, description = "Replay events with ids greater than this."),

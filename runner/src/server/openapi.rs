@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use utoipa::OpenApi;
 
 use crate::files::{Entry, Format, Listing, Written};
-use crate::invoke::OnDisconnect;
+use crate::invoke::{OnDisconnect, StreamMode};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -52,7 +52,7 @@ use crate::invoke::OnDisconnect;
     components(schemas(
         ErrorBody, Health, Info, ConfigureRequest, ConfigureResult, StartEvent, LogEvent,
         ExitEvent, ErrorEvent, TruncatedEvent, InvokeResponse, CancelRequest, CancelResponse,
-        InvokeSummary, InvokeList, ExecRequest, OnDisconnect, Format, Entry, Listing, Written,
+        InvokeSummary, InvokeList, ExecRequest, OnDisconnect, StreamMode, Format, Entry, Listing, Written,
         CreateSessionRequest, SessionInfo, SessionList, SessionEvent, SessionEventPage, Sender,
         AgentEvent, PermissionEvent, PermissionReply, PermissionReplyEvent, ReplyOrigin,
         ProtocolErrorEvent, PromptEvent, SessionConfigRequest, PermissionReplyRequest,
