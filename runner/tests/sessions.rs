@@ -648,10 +648,10 @@ async fn channel_descriptors_reach_only_their_own_entrypoint() {
 }
 
 #[test]
-fn the_readme_shows_the_agent_the_tests_run() {
+fn the_runner_reference_shows_the_agent_the_tests_run() {
     assert!(
-        include_str!("../../README.md").contains(AGENT),
-        "README.md must quote tests/agents/permission_agent.py verbatim"
+        include_str!("../../docs/runner.md").contains(AGENT),
+        "docs/runner.md must quote tests/agents/permission_agent.py verbatim"
     );
 }
 
