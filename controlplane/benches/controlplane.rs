@@ -262,15 +262,24 @@ fn bench_isolation(rows: &mut Vec<[String; 5]>) {
             out.push(t0.elapsed());
             assert_eq!(status, 201, "{}", String::from_utf8_lossy(&text));
             assert!(String::from_utf8_lossy(&text).contains(r#""status":"Running""#));
-            let (status, _) = http_json(&mut http, "DELETE", &format!("/api/v1/sandboxes/c{i}"), b"");
+            let (status, _) =
+                http_json(&mut http, "DELETE", &format!("/api/v1/sandboxes/c{i}"), b"");
             assert_eq!(status, 200);
         }
     }
     let (ci, cp) = (summarize(&create_iso), summarize(&create_plain));
     rows.push([
         "create → Running, isolated local sandbox".into(),
-        format!("p50 {:.1} ms, p99 {:.1} ms", ci.p50 / 1000.0, ci.p99 / 1000.0),
-        format!("unisolated p50 {:.1} ms, p99 {:.1} ms", cp.p50 / 1000.0, cp.p99 / 1000.0),
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms",
+            ci.p50 / 1000.0,
+            ci.p99 / 1000.0
+        ),
+        format!(
+            "unisolated p50 {:.1} ms, p99 {:.1} ms",
+            cp.p50 / 1000.0,
+            cp.p99 / 1000.0
+        ),
         format!("{:.2}× unisolated (goal p50 ≤ 50 ms)", ci.p50 / cp.p50),
         verdict(ci.p50 <= 50_000.0).into(),
     ]);

@@ -416,17 +416,28 @@ impl Up {
         self.run(&args).expect_code(0);
     }
 
+    /// `up`'s pid.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
     /// Ctrl-C: `up` stops its sandboxes and exits. Returns its exit status; fails when it
     /// does not exit within 30 s or when a runner or invoke process of this test outlives it.
-    pub fn stop(mut self) -> ExitStatus {
+    pub fn stop(self) -> ExitStatus {
+        self.stop_with(Signal::SIGINT)
+    }
+
+    /// [`Up::stop`] with another signal (SIGTERM, SIGHUP, or SIGKILL, after which nothing of
+    /// `up` may outlive it either).
+    pub fn stop_with(mut self, signal: Signal) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+        kill(Pid::from_raw(child.id() as i32), signal).unwrap();
         let status = wait_bounded(&mut child, Duration::from_secs(30));
         let Some(status) = status else {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "`agentbox up` did not exit within 30 s of SIGINT; stdout:\n{}",
+                "`agentbox up` did not exit within 30 s of {signal}; stdout:\n{}",
                 self.seen
             );
         };
