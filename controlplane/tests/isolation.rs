@@ -223,8 +223,18 @@ fn start_cp(env: &Env, templates: &Path, user: Option<&str>) -> Cp {
     let mut cmd = match user {
         None => env.command(&args),
         Some(user) => {
+            // The binaries as that user can reach them wherever the build lives (a checkout
+            // under a private home directory, say): copies in the test's own directory.
+            let bin = env.root.join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            let cp = bin.join("agentbox-controlplane");
+            let runner = bin.join("agentbox-runner");
+            std::fs::copy(common::cp_bin(), &cp).unwrap();
+            std::fs::copy(common::runner_bin(), &runner).unwrap();
+            let at = args.iter().position(|a| a == "--runner-bin").unwrap();
+            args[at + 1] = runner.display().to_string();
             let mut c = Command::new("runuser");
-            c.args(["-u", user, "--", common::cp_bin()]).args(&args);
+            c.args(["-u", user, "--"]).arg(&cp).args(&args);
             c.env("AGENTBOX_LOG", "warn")
                 .env(common::TAG_VAR, &env.tag)
                 .stdin(Stdio::null());
