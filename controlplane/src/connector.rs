@@ -172,3 +172,43 @@ impl tower::Service<Uri> for RunnerConnector {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_of_either_kind_read_back() {
+        // A record written before unix sockets: a plain address string.
+        let old: RunnerAddr = serde_json::from_str(r#""127.0.0.1:8421""#).expect("tcp");
+        assert_eq!(
+            old,
+            RunnerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 8421)))
+        );
+        let unix = RunnerAddr::unix(PathBuf::from("/state/sandboxes/a/runner.sock"));
+        let text = serde_json::to_string(&unix).expect("json");
+        assert_eq!(text, r#"{"unix":"/state/sandboxes/a/runner.sock"}"#);
+        assert_eq!(
+            serde_json::from_str::<RunnerAddr>(&text).expect("unix"),
+            unix
+        );
+        assert!(unix.authority().starts_with("unix-") && unix.authority().len() == 21);
+        assert_eq!(old.authority(), "127.0.0.1:8421");
+    }
+
+    #[tokio::test]
+    async fn connects_to_a_registered_socket_and_refuses_an_unknown_key() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("r.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let mut connector = RunnerConnector::new(Duration::from_secs(2));
+        let authority = connector.authority(&RunnerAddr::unix(path));
+        let uri: Uri = format!("http://{authority}/healthz").parse().expect("uri");
+        let (io, accepted) =
+            tokio::join!(tower::Service::call(&mut connector, uri), listener.accept());
+        assert!(io.is_ok() && accepted.is_ok());
+        // A key nobody registered is not a host name to resolve.
+        let uri: Uri = "http://unix-0123456789abcdef/x".parse().expect("uri");
+        assert!(tower::Service::call(&mut connector, uri).await.is_err());
+    }
+}
