@@ -2,6 +2,7 @@
 //! once per distinct configuration, persist what is in force.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +13,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::fsutil::{now_rfc3339, random_hex, write_atomic};
+use crate::fsutil::{now_rfc3339, random_hex, write_atomic_at};
+use crate::jail::Jail;
 use crate::journal::EventLog;
 use crate::state::Stored;
 use crate::supervisor::{self, Process, RunSpec};
@@ -35,7 +37,6 @@ pub struct Plan {
 #[derive(Debug)]
 struct PlannedFile {
     rel: String,
-    real: PathBuf,
     bytes: Vec<u8>,
     mode: u32,
 }
@@ -55,7 +56,15 @@ pub fn plan(app: &AppState, req: ConfigureRequest) -> Result<Plan> {
     let mut total: u64 = 0;
     for spec in req.files {
         let rel = app.jail.relative(&spec.path)?;
-        let real = app.jail.resolve_file(&spec.path)?;
+        if rel.as_os_str().is_empty() {
+            return Err(Error::InvalidPath(format!(
+                "{:?} names the workspace itself, not a file in it",
+                spec.path
+            )));
+        }
+        // Checked now (nothing written before every path passed), opened again by descriptor
+        // when written, so a swap in between cannot lead outside either.
+        app.jail.resolve(&spec.path)?;
         let rel = rel.to_string_lossy().into_owned();
         if !seen.insert(rel.clone()) {
             return Err(Error::InvalidRequest(format!(
@@ -103,12 +112,7 @@ pub fn plan(app: &AppState, req: ConfigureRequest) -> Result<Plan> {
                 spec.path
             )));
         }
-        files.push(PlannedFile {
-            rel,
-            real,
-            bytes,
-            mode,
-        });
+        files.push(PlannedFile { rel, bytes, mode });
     }
     for (name, argv) in [
         ("installCommand", &req.install_command),
@@ -266,18 +270,17 @@ async fn run(app: &Arc<AppState>, plan: Plan, log: &Arc<EventLog>) -> Result<Con
     }
 
     let files = plan.files;
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+    let writer = Arc::clone(app);
+    tokio::task::spawn_blocking(move || -> Result<()> {
         for f in &files {
-            if let Some(parent) = f.real.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            write_atomic(&f.real, &f.bytes, f.mode)?;
+            let at = writer.jail.parent(&f.rel, true)?;
+            write_atomic_at(at.dir.as_fd(), &at.name, &f.bytes, f.mode)
+                .map_err(|e| Error::Internal(format!("writing {}: {e}", Jail::shown(&at.rel))))?;
         }
         Ok(())
     })
     .await
-    .map_err(|e| Error::Internal(e.to_string()))?
-    .map_err(|e| Error::Internal(format!("writing files: {e}")))?;
+    .map_err(|e| Error::Internal(e.to_string()))??;
 
     let exit_code = match &plan.install {
         None => 0,

@@ -68,7 +68,7 @@ impl AppState {
         reaper.start()?;
         let store = ConfigStore::load(cfg.state_dir.join("config.json"))?;
         let invokes = Invokes::recover(Arc::clone(&cfg), Arc::clone(&reaper))?;
-        let jail = Jail::new(cfg.workspace.clone(), vec![cfg.state_dir.clone()]);
+        let jail = Jail::new(cfg.workspace.clone(), vec![cfg.state_dir.clone()])?;
         let token_digest = cfg.token.as_deref().map(server::token_digest);
         let sessions = Sessions::load(&cfg.state_dir)?;
         let permissions = Permissions::new(cfg.permission_timeout);

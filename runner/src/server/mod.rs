@@ -446,10 +446,8 @@ async fn exec(
         .jail
         .resolve(req.cwd.as_deref().unwrap_or(crate::jail::WORKSPACE_ALIAS))?;
     if !cwd.is_dir() {
-        return Err(Error::NotADirectory(crate::files::sandbox_path(
-            app.jail.root(),
-            &cwd,
-        )));
+        let rel = cwd.strip_prefix(app.jail.root()).unwrap_or(&cwd);
+        return Err(Error::NotADirectory(crate::jail::Jail::shown(rel)));
     }
     let env = req.env.unwrap_or_default();
     if env
