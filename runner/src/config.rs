@@ -88,6 +88,17 @@ pub struct Args {
     /// How long a permission request waits for an answer before the runner rejects it.
     #[arg(long, env = "AGENTBOX_PERMISSION_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub permission_timeout: Duration,
+    /// Open HTTP connections at most (lowered to half the open-file limit); at the cap the
+    /// connection idle for longest is closed to make room, or the new one when all are busy.
+    #[arg(long, env = "AGENTBOX_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// A request head must arrive in full within this time of its first byte (of the accept,
+    /// on a new connection); else the connection is closed.
+    #[arg(long, env = "AGENTBOX_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in progress is closed after this long.
+    #[arg(long, env = "AGENTBOX_IDLE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
 }
 
 /// The runner's mode.
@@ -154,6 +165,8 @@ pub struct Config {
     pub permission_timeout: Duration,
     /// The environment children start from: the runner's own, minus [`SECRET_ENV`].
     pub base_env: Vec<(String, String)>,
+    /// Connection cap and timeouts of the accept loop.
+    pub limits: agentbox_serve::Limits,
 }
 
 impl Args {
@@ -187,6 +200,12 @@ impl Args {
         };
         if self.max_concurrent_invokes == 0 {
             return Err("--max-concurrent-invokes must be at least 1".into());
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        if self.header_read_timeout.is_zero() || self.idle_timeout.is_zero() {
+            return Err("--header-read-timeout and --idle-timeout must be positive".into());
         }
         if self.default_timeout > self.max_timeout {
             return Err("--default-timeout is larger than --max-timeout".into());
@@ -228,6 +247,11 @@ impl Args {
             retain_bytes: self.retain_bytes,
             permission_timeout: self.permission_timeout,
             base_env,
+            limits: agentbox_serve::Limits {
+                max_connections: self.max_connections,
+                header_read_timeout: self.header_read_timeout,
+                idle_timeout: self.idle_timeout,
+            },
         })
     }
 }

@@ -188,3 +188,137 @@ async fn path_jail_holds_against_a_swapping_race() {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
+
+/// A runner started under `prlimit --nofile=N:N` (the limit a small sandbox has), its log
+/// (stderr, at `warn`) in a file; killed on drop.
+struct Limited {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Limited {
+    fn start(nofile: u64, extra: &[&str]) -> Limited {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stderr.log");
+        std::fs::write(dir.path().join("token"), common::TOKEN).unwrap();
+        let mut child = std::process::Command::new("prlimit")
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(common::bin())
+            .args(["--listen", "127.0.0.1:0", "--workspace"])
+            .arg(dir.path().join("ws"))
+            .arg("--token-file")
+            .arg(dir.path().join("token"))
+            .args(extra)
+            .env("AGENTBOX_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("first line {line:?}"))
+            .trim()
+            .parse()
+            .unwrap();
+        Limited {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log_lines(&self, needle: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+}
+
+impl Drop for Limited {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Defect 1: 5,000 idle and half-sent connections against a runner with 1,024 descriptors
+/// (default flags). Each plain request on a new connection is still answered within 100 ms;
+/// the saturation warning is rate-limited.
+#[test]
+fn a_connection_flood_does_not_starve_new_requests() {
+    use agentbox_testkit::hostile::{flood, raise_nofile, timed_get};
+    let want: usize = std::env::var("AGENTBOX_FLOOD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
+    let runner = Limited::start(1024, &[]);
+    let limit = raise_nofile(want as u64 + 512);
+    let n = want.min(limit.saturating_sub(256) as usize);
+    let started = Instant::now();
+    let (held, failed) = flood(runner.addr, n);
+    let flood_time = started.elapsed();
+    // Let the runner take the last of them from its backlog.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut latencies = Vec::new();
+    for _ in 0..20 {
+        let took = timed_get(runner.addr, "/healthz", std::time::Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("a plain request with {n} connections opened: {e}"));
+        latencies.push(took);
+    }
+    let worst = latencies.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "{n} connections opened in {flood_time:?} ({failed} could not connect); \
+         20 plain requests, worst {worst:?}; saturation warnings: {}",
+        runner.log_lines("connection limit reached")
+    );
+    assert!(
+        worst < std::time::Duration::from_millis(100),
+        "{latencies:?}"
+    );
+    drop(held);
+    let warnings = runner.log_lines("connection limit reached");
+    let allowed = 1 + started.elapsed().as_secs() / 10;
+    assert!(
+        (1..=allowed).contains(&(warnings as u64)),
+        "{warnings} saturation warnings in {:?}",
+        started.elapsed()
+    );
+}
+
+/// Defect 1: a half-sent request head is cut off after `--header-read-timeout`, a silent new
+/// connection too, and a keep-alive connection after `--idle-timeout`; a slow response is not.
+#[test]
+fn header_read_and_idle_timeouts_close_connections() {
+    use agentbox_testkit::hostile::{closed_after, HALF_HEAD};
+    use std::time::Duration;
+    let runner = Limited::start(
+        1024,
+        &["--header-read-timeout", "1s", "--idle-timeout", "2s"],
+    );
+    let limit = Duration::from_secs(6);
+    let half = closed_after(runner.addr, HALF_HEAD, limit).expect("a half head is cut off");
+    assert!(
+        half >= Duration::from_millis(900) && half < Duration::from_secs(3),
+        "{half:?}"
+    );
+    let silent = closed_after(runner.addr, b"", limit).expect("a silent connection is closed");
+    assert!(silent < Duration::from_secs(3), "{silent:?}");
+    let keep_alive = b"GET /healthz HTTP/1.1\r\nHost: agentbox\r\n\r\n";
+    let idle = closed_after(runner.addr, keep_alive, limit).expect("an idle keep-alive is closed");
+    assert!(
+        idle >= Duration::from_millis(1900) && idle < Duration::from_secs(4),
+        "{idle:?}"
+    );
+}

@@ -28,7 +28,6 @@ use bytes::Bytes;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::net::TcpListener;
 
 use crate::config::Mode;
 use crate::duration::parse_duration;
@@ -75,15 +74,16 @@ pub fn router(app: Arc<AppState>) -> Router {
         .with_state(app)
 }
 
-/// Serves `router` on an already-bound listener until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
+/// Serves `router` on an already-bound listener until `shutdown` resolves, with the
+/// connection cap and timeouts of `--max-connections`, `--header-read-timeout` and
+/// `--idle-timeout` (`agentbox_serve`). Any [`agentbox_serve::Listener`] (TCP, Unix) works.
+pub async fn serve<L: agentbox_serve::Listener>(
+    listener: L,
     app: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::TokioExecutor;
     use hyper_util::server::conn::auto;
-    use hyper_util::service::TowerToHyperService;
 
     // HTTP/1.1 for callers, and HTTP/2 with prior knowledge for the control plane, which
     // carries every stream of one runner on one connection: a stream then costs a few hundred
@@ -94,32 +94,8 @@ pub async fn serve(
         .max_concurrent_streams(H2_MAX_STREAMS)
         .initial_connection_window_size(H2_CONN_WINDOW)
         .initial_stream_window_size(H2_STREAM_WINDOW);
-    let service = TowerToHyperService::new(router(app));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                // Out of descriptors or a connection reset before accept: keep serving.
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        // Events are small writes that must leave at once.
-        let _ = tcp.set_nodelay(true);
-        let conn = builder.serve_connection(TokioIo::new(tcp), service.clone());
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
-    graceful.shutdown().await;
-    Ok(())
+    let limits = app.cfg.limits;
+    agentbox_serve::serve(listener, router(app), builder, limits, "runner", shutdown).await
 }
 
 /// HTTP/2 limits: streams are cheap, and the control plane may hold thousands open.
