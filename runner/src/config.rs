@@ -99,6 +99,11 @@ pub struct Args {
     /// A keep-alive connection with no request in progress is closed after this long.
     #[arg(long, env = "AGENTBOX_IDLE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+    /// Bytes of each of stdout and stderr kept in one JSON answer (exec, and invoke with
+    /// `Accept: application/json`); past it `stdoutTruncated`/`stderrTruncated` are set. The
+    /// journal keeps the output up to --journal-max-bytes either way.
+    #[arg(long, env = "AGENTBOX_MAX_JSON_OUTPUT", default_value = "16MiB", value_parser = parse_size)]
+    pub max_json_output: u64,
 }
 
 /// The runner's mode.
@@ -167,6 +172,8 @@ pub struct Config {
     pub base_env: Vec<(String, String)>,
     /// Connection cap and timeouts of the accept loop.
     pub limits: agentbox_serve::Limits,
+    /// Per-stream output kept in a JSON answer.
+    pub max_json_output: u64,
 }
 
 impl Args {
@@ -252,6 +259,7 @@ impl Args {
                 header_read_timeout: self.header_read_timeout,
                 idle_timeout: self.idle_timeout,
             },
+            max_json_output: self.max_json_output,
         })
     }
 }

@@ -322,3 +322,62 @@ fn header_read_and_idle_timeouts_close_connections() {
         "{idle:?}"
     );
 }
+
+/// Peak resident memory of a process so far (`VmHWM`), and now (`VmRSS`), in bytes.
+fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Defect 2: a JSON answer keeps at most `--max-json-output` of each stream and says so; the
+/// journal still has every byte; the runner's memory does not grow with the output.
+#[tokio::test]
+async fn json_answers_are_capped_and_the_journal_keeps_everything() {
+    let r = Runner::start(&["--max-json-output", "1MiB"]);
+    let (_, idle) = rss(r.child.id());
+    // 10,000 lines of 4,095 bytes and a newline.
+    let total: usize = 10_000 * 4096;
+    let script = "awk 'BEGIN { s = sprintf(\"%4095s\", \"\"); gsub(/ /, \"a\", s); \
+                  for (i = 0; i < 10000; i++) print s }'; echo err >&2";
+    let resp = r
+        .post("/v1/exec")
+        .json(&json!({ "command": script }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    let stdout = body["stdout"].as_str().unwrap();
+    assert_eq!(stdout.len(), 1 << 20, "kept exactly the cap");
+    assert_eq!(body["stdoutTruncated"], true, "{}", &body["stderr"]);
+    assert_eq!(body["stderrTruncated"], false);
+    assert_eq!(body["stderr"], "err\n");
+    let (peak, _) = rss(r.child.id());
+    eprintln!(
+        "idle RSS {} KiB, peak {} KiB after a {total}-byte output answered as JSON",
+        idle >> 10,
+        peak >> 10
+    );
+    assert!(peak - idle <= 64 << 20, "peak {peak} idle {idle}");
+    // The journal has all of it.
+    let id = body["invokeId"].as_str().unwrap();
+    let events = r
+        .get(&format!("/v1/invokes/{id}/events"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let events = common::parse_sse(&events);
+    let out = common::rebuild(&events, "stdout");
+    assert_eq!(out.len(), total);
+}

@@ -359,7 +359,7 @@ async fn invoke(
         acp,
     })?;
     if wants_json(&headers) {
-        return Ok(Json(collect(sub, attachment).await?).into_response());
+        return Ok(Json(collect(sub, attachment, app.cfg.max_json_output).await?).into_response());
     }
     Ok(new_invoke_response(sub, attachment, app.cfg.keepalive).await)
 }
@@ -447,7 +447,7 @@ async fn exec(
     })?;
     // The seed's exec answers one JSON document; events only for clients that ask for them.
     if !wants_sse(&headers) {
-        return Ok(Json(collect(sub, attachment).await?).into_response());
+        return Ok(Json(collect(sub, attachment, app.cfg.max_json_output).await?).into_response());
     }
     Ok(new_invoke_response(sub, attachment, app.cfg.keepalive).await)
 }
@@ -474,10 +474,18 @@ fn wants_sse(headers: &HeaderMap) -> bool {
         .is_some_and(|a| a.contains("text/event-stream"))
 }
 
-/// Reads an invoke's events to the end and folds them into one JSON answer.
-async fn collect(mut sub: Subscription, attachment: Attachment) -> Result<InvokeResponse> {
+/// Reads an invoke's events to the end and folds them into one JSON answer, keeping at most
+/// `max` bytes of each stream (`--max-json-output`); past that the stream is marked truncated
+/// and read on without being kept, so the answer's size and the memory it takes are bounded.
+async fn collect(
+    mut sub: Subscription,
+    attachment: Attachment,
+    max: u64,
+) -> Result<InvokeResponse> {
+    let max = usize::try_from(max).unwrap_or(usize::MAX);
     let mut pending: Vec<u8> = Vec::new();
     let mut out: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let mut truncated = [false, false];
     let mut exit: Option<ExitEvent> = None;
     while let Some(chunk) = sub.next().await {
         pending.extend_from_slice(&chunk?);
@@ -488,18 +496,28 @@ async fn collect(mut sub: Subscription, attachment: Attachment) -> Result<Invoke
                     let Ok(log) = serde_json::from_str::<LogEvent>(frame.data) else {
                         continue;
                     };
-                    let buf = &mut out[usize::from(log.stream == Stream::Stderr)];
+                    let which = usize::from(log.stream == Stream::Stderr);
+                    let buf = &mut out[which];
+                    let mut keep = |bytes: &[u8]| {
+                        let room = max.saturating_sub(buf.len());
+                        if bytes.len() > room {
+                            truncated[which] = true;
+                        }
+                        buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                    };
                     if let Some(text) = log.data {
-                        buf.extend_from_slice(text.as_bytes());
+                        keep(text.as_bytes());
                     } else if let Some(b64) = log.data_base64 {
                         if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(b64) {
-                            buf.extend_from_slice(&bytes);
+                            keep(&bytes);
                         }
                     }
                     if !log.partial {
-                        buf.push(b'\n');
+                        keep(b"\n");
                     }
                 }
+                // The journal stopped storing output: which stream lost bytes is not known.
+                event::TRUNCATED => truncated = [true, true],
                 event::EXIT => exit = serde_json::from_str(frame.data).ok(),
                 _ => {}
             }
@@ -518,6 +536,8 @@ async fn collect(mut sub: Subscription, attachment: Attachment) -> Result<Invoke
         reason: exit.reason,
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        stdout_truncated: truncated[0],
+        stderr_truncated: truncated[1],
     })
 }
 
