@@ -57,7 +57,7 @@ pub fn write_replace(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io:
 pub fn write_atomic_at(
     dir: BorrowedFd<'_>,
     name: &OsStr,
-    bytes: &[u8],
+    content: &mut dyn io::Read,
     mode: u32,
 ) -> io::Result<()> {
     use rustix::fs::{AtFlags, Mode, OFlags};
@@ -72,7 +72,7 @@ pub fn write_atomic_at(
     .map_err(errno)?;
     let result = (|| {
         let mut f = File::from(fd);
-        f.write_all(bytes)?;
+        io::copy(content, &mut f)?;
         rustix::fs::fchmod(&f, Mode::from_raw_mode(mode)).map_err(errno)?;
         f.sync_all()?;
         rustix::fs::renameat(dir, tmp.as_os_str(), dir, name).map_err(errno)?;

@@ -66,6 +66,7 @@ impl AppState {
         let cfg = Arc::new(cfg);
         let reaper = Reaper::new();
         reaper.start()?;
+        configure::remove_leftovers(&cfg.state_dir);
         let store = ConfigStore::load(cfg.state_dir.join("config.json"))?;
         let invokes = Invokes::recover(Arc::clone(&cfg), Arc::clone(&reaper))?;
         let jail = Jail::new(cfg.workspace.clone(), vec![cfg.state_dir.clone()])?;

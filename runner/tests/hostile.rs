@@ -381,3 +381,68 @@ async fn json_answers_are_capped_and_the_journal_keeps_everything() {
     let out = common::rebuild(&events, "stdout");
     assert_eq!(out.len(), total);
 }
+
+/// Defect 2: a configure body of tiny entries is refused at the count limit as it arrives,
+/// not after the whole body was read and parsed; the runner's peak memory stays near idle.
+#[tokio::test]
+async fn configure_limits_apply_while_the_body_is_read() {
+    let r = Runner::start(&["--max-total-bytes", "48MiB"]);
+    let (_, idle) = rss(r.child.id());
+    // About 70 MB of `{"path":"f123456","content":""},` entries, generated as sent.
+    let entries: usize = 2_000_000;
+    let chunks = futures_util::stream::iter((0..entries / 10_000).map(move |c| {
+        let mut s = String::with_capacity(10_000 * 36);
+        if c == 0 {
+            s.push_str(r#"{"entrypoint":["true"],"files":["#);
+        }
+        for i in c * 10_000..(c + 1) * 10_000 {
+            if i > 0 {
+                s.push(',');
+            }
+            s.push_str(&format!(r#"{{"path":"f{i:07}","content":""}}"#));
+        }
+        if c + 1 == entries / 10_000 {
+            s.push_str("]}");
+        }
+        Ok::<_, std::io::Error>(s)
+    }));
+    let started = Instant::now();
+    let resp = r
+        .post("/v1/configure")
+        .header("accept", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await;
+    let (peak, _) = rss(r.child.id());
+    eprintln!(
+        "idle RSS {} KiB, peak {} KiB after a configure body of {entries} entries ({:?})",
+        idle >> 10,
+        peak >> 10,
+        started.elapsed()
+    );
+    // The runner answers before the body ends; a client still sending may see the reset first.
+    eprintln!("answer: {:?}", resp.as_ref().map(|r| r.status()));
+    if let Ok(resp) = resp {
+        assert_eq!(resp.status(), 413);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "payload_too_large", "{body}");
+    }
+    assert!(peak - idle <= 64 << 20, "peak {peak} idle {idle}");
+    // Nothing was written, nothing staged is left.
+    assert!(!r.workspace.join("f0000000").exists());
+    let staging = r.workspace.join(".agentbox/staging");
+    let left = std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "staging directories left");
+    // A configure within the limits still works, and its files land.
+    let (status, body) = r
+        .configure_json(json!({"entrypoint": ["true"], "files": [
+            {"path": "a/b.txt", "content": "hello"},
+            {"path": "c.bin", "contentBase64": "AAEC", "mode": "0755"}]}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        std::fs::read(r.workspace.join("a/b.txt")).unwrap(),
+        b"hello"
+    );
+    assert_eq!(std::fs::read(r.workspace.join("c.bin")).unwrap(), [0, 1, 2]);
+}

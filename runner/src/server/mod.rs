@@ -255,16 +255,12 @@ async fn configure_sandbox(
     body: Body,
 ) -> Result<Response> {
     require_agent_mode(&app, "/v1/configure")?;
-    // Base64 grows content by 4/3; allow for JSON around it.
-    let limit =
-        (app.cfg.max_total_bytes.saturating_mul(4) / 3 + (8 << 20)).min(usize::MAX as u64) as usize;
-    let req: ConfigureRequest = read_json(body, limit).await?;
-    if req.entrypoint.is_none() && app.store.get().entrypoint.is_none() {
+    let plan = configure::read_plan(&app, body).await?;
+    if !plan.has_entrypoint() && app.store.get().entrypoint.is_none() {
         return Err(Error::InvalidRequest(
             "entrypoint is required on the first configure".into(),
         ));
     }
-    let plan = configure::plan(&app, req)?;
     let (log, outcome) = configure::start(&app, plan)?;
     if wants_json(&headers) {
         let result = outcome
