@@ -104,6 +104,14 @@ pub struct Args {
     /// journal keeps the output up to --journal-max-bytes either way.
     #[arg(long, env = "AGENTBOX_MAX_JSON_OUTPUT", default_value = "16MiB", value_parser = parse_size)]
     pub max_json_output: u64,
+    /// Sessions kept; past it the oldest idle ones are deleted (checked at start and when a
+    /// session is created).
+    #[arg(long, env = "AGENTBOX_RETAIN_SESSIONS", default_value_t = 1000)]
+    pub retain_sessions: usize,
+    /// Total size of session histories on disk; past it the oldest idle sessions are deleted
+    /// (checked at start and when a session is created).
+    #[arg(long, env = "AGENTBOX_RETAIN_SESSION_BYTES", default_value = "1GiB", value_parser = parse_size)]
+    pub retain_session_bytes: u64,
 }
 
 /// The runner's mode.
@@ -174,6 +182,10 @@ pub struct Config {
     pub limits: agentbox_serve::Limits,
     /// Per-stream output kept in a JSON answer.
     pub max_json_output: u64,
+    /// Sessions kept.
+    pub retain_sessions: usize,
+    /// Session history bytes kept.
+    pub retain_session_bytes: u64,
 }
 
 impl Args {
@@ -260,6 +272,8 @@ impl Args {
                 idle_timeout: self.idle_timeout,
             },
             max_json_output: self.max_json_output,
+            retain_sessions: self.retain_sessions,
+            retain_session_bytes: self.retain_session_bytes,
         })
     }
 }

@@ -446,3 +446,112 @@ async fn configure_limits_apply_while_the_body_is_read() {
     );
     assert_eq!(std::fs::read(r.workspace.join("c.bin")).unwrap(), [0, 1, 2]);
 }
+
+/// Defect 3: `--journal-max-bytes` bounds the journal on disk, not the output it holds: a
+/// million one-byte lines (each a frame of about 60 bytes) stop at the cap.
+#[tokio::test]
+async fn the_journal_cap_counts_bytes_on_disk() {
+    let r = Runner::start(&["--journal-max-bytes", "1MiB"]);
+    let resp = r
+        .post("/v1/exec")
+        .json(&json!({"command": "yes | head -n 1000000"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["stdoutTruncated"], true);
+    let id = body["invokeId"].as_str().unwrap();
+    let journal = r.journal_of(id).expect("the journal");
+    let size = std::fs::metadata(&journal).unwrap().len();
+    eprintln!("journal of 2,000,000 output bytes with a 1 MiB cap: {size} bytes on disk");
+    assert!(size <= (1 << 20) + 4096, "{size} bytes on disk");
+    assert!(size >= (1 << 20) - 4096, "{size} bytes: the cap is used");
+}
+
+/// Defect 3: session histories are retained by their own flags; the oldest idle sessions
+/// go, with their directories.
+#[tokio::test]
+async fn sessions_are_retained_by_count() {
+    let r = Runner::start(&["--retain-sessions", "3"]);
+    for i in 0..5 {
+        let resp = r
+            .post("/v1/sessions")
+            .json(&json!({"id": format!("s{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+    }
+    let list = r.get_json("/v1/sessions").await;
+    let ids: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{list}"))
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["s2", "s3", "s4"]);
+    let dirs = std::fs::read_dir(r.workspace.join(".agentbox/sessions"))
+        .unwrap()
+        .count();
+    assert_eq!(dirs, 3);
+}
+
+/// Defect 9 (runner): a `Range` whose last byte is the largest integer answers the rest of
+/// the file with a true `Content-Length`; a session body that is not an object is refused;
+/// error messages name `/workspace` paths, never the host's workspace.
+#[tokio::test]
+async fn small_defects_of_the_runner() {
+    let r = Runner::start(&[]);
+    std::fs::write(r.workspace.join("f.txt"), b"0123456789abcdefghij").unwrap();
+    let resp = r
+        .get("/v1/files/workspace/f.txt")
+        .header("range", "bytes=2-18446744073709551615")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 206);
+    assert_eq!(resp.headers()["content-length"], "18");
+    assert_eq!(resp.headers()["content-range"], "bytes 2-19/20");
+    assert_eq!(resp.bytes().await.unwrap(), &b"23456789abcdefghij"[..]);
+
+    for body in ["[null,null]", "[]", "null", "\"x\""] {
+        let resp = r
+            .post("/v1/sessions")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"], "invalid_request", "{body}: {v}");
+    }
+    assert_eq!(r.get_json("/v1/sessions").await["items"], json!([]));
+
+    let host = r.workspace.display().to_string();
+    std::fs::create_dir(r.workspace.join("d")).unwrap();
+    for (method, path) in [
+        (
+            "GET",
+            "/v1/files/workspace/.agentbox/config.json".to_string(),
+        ),
+        ("GET", format!("/v1/files{host}/.agentbox/config.json")),
+        ("GET", "/v1/files/workspace/f.txt/x".to_string()),
+        ("GET", "/v1/files?path=/workspace/f.txt".to_string()),
+        ("GET", "/v1/files/workspace/missing".to_string()),
+        ("DELETE", "/v1/files/workspace/d/missing".to_string()),
+    ] {
+        let resp = r
+            .client
+            .request(method.parse().unwrap(), r.url(&path))
+            .bearer_auth(common::TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        assert!(status.is_client_error(), "{path}: {status} {text}");
+        assert!(!text.contains(&host), "{path}: {text}");
+    }
+}
