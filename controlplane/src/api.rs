@@ -27,19 +27,26 @@ use crate::error::{Error, Result};
 use crate::metrics::{self, Kind};
 use crate::{audit, otel, AppState};
 
-/// Serves the control plane on an already-bound listener until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// Serves the control plane on an already-bound listener until `shutdown` resolves, with the
+/// connection cap and timeouts of `--max-connections`, `--header-read-timeout` and
+/// `--idle-timeout` (`agentbox_serve`).
+pub async fn serve<L: agentbox_serve::Listener>(
+    listener: L,
     app: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let limits = app.cfg.limits;
+    agentbox_serve::serve(
+        listener,
+        router(app),
+        builder,
+        limits,
+        "control plane",
+        shutdown,
+    )
+    .await
 }
 
 /// Routes of the control plane.

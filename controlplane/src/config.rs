@@ -118,6 +118,17 @@ pub struct Args {
     /// and volume's name and labels.
     #[arg(long, env = "AGENTBOX_DOCKER_SCOPE", default_value = "default")]
     pub docker_scope: String,
+    /// Open HTTP connections at most (lowered to half the open-file limit); at the cap the
+    /// connection idle for longest is closed to make room, or the new one when all are busy.
+    #[arg(long, env = "AGENTBOX_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// A request head must arrive in full within this time of its first byte (of the accept,
+    /// on a new connection); else the connection is closed.
+    #[arg(long, env = "AGENTBOX_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in progress is closed after this long.
+    #[arg(long, env = "AGENTBOX_IDLE_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
 }
 
 /// Which backend holds the sandboxes.
@@ -187,6 +198,8 @@ pub struct Config {
     pub kube: KubeConfig,
     /// Docker backend settings.
     pub docker: DockerConfig,
+    /// Connection cap and timeouts of the accept loop.
+    pub limits: agentbox_serve::Limits,
 }
 
 /// Docker backend settings.
@@ -239,6 +252,12 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 impl Args {
     /// Validates flags; errors are reported before any port is bound (exit 64).
     pub fn into_config(self) -> Result<Config, String> {
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        if self.header_read_timeout.is_zero() || self.idle_timeout.is_zero() {
+            return Err("--header-read-timeout and --idle-timeout must be positive".into());
+        }
         let oidc = match (self.oidc_issuer, self.oidc_audience, self.oidc_jwks_url) {
             (Some(issuer), Some(audience), Some(jwks_url)) => Some(OidcConfig {
                 issuer,
@@ -364,6 +383,11 @@ impl Args {
                 network: self.docker_network,
                 image: self.docker_image,
                 scope: self.docker_scope,
+            },
+            limits: agentbox_serve::Limits {
+                max_connections: self.max_connections,
+                header_read_timeout: self.header_read_timeout,
+                idle_timeout: self.idle_timeout,
             },
         })
     }

@@ -310,10 +310,19 @@ pub struct InvokeResponse {
     pub duration_ms: u64,
     /// Why it ended.
     pub reason: ExitReason,
-    /// Standard output (invalid UTF-8 replaced by U+FFFD; use SSE for exact bytes).
+    /// Standard output (invalid UTF-8 replaced by U+FFFD; use SSE for exact bytes), at most
+    /// the runner's `--max-json-output` bytes.
     pub stdout: String,
     /// Standard error, likewise.
     pub stderr: String,
+    /// Whether `stdout` was cut: at `--max-json-output`, or because the journal stopped storing
+    /// output at `--journal-max-bytes`. The stored output stays readable over SSE
+    /// (`GET /v1/invokes/{id}/events`).
+    #[serde(default)]
+    pub stdout_truncated: bool,
+    /// Whether `stderr` was cut, likewise.
+    #[serde(default)]
+    pub stderr_truncated: bool,
 }
 
 /// `POST /v1/invoke/cancel` body.

@@ -115,6 +115,30 @@ pub struct Args {
     /// How long a permission request waits for an answer before the runner rejects it.
     #[arg(long, env = "AGENTBOX_PERMISSION_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub permission_timeout: Duration,
+    /// Open HTTP connections at most (lowered to half the open-file limit); at the cap the
+    /// connection idle for longest is closed to make room, or the new one when all are busy.
+    #[arg(long, env = "AGENTBOX_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// A request head must arrive in full within this time of its first byte (of the accept,
+    /// on a new connection); else the connection is closed.
+    #[arg(long, env = "AGENTBOX_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in progress is closed after this long.
+    #[arg(long, env = "AGENTBOX_IDLE_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Bytes of each of stdout and stderr kept in one JSON answer (exec, and invoke with
+    /// `Accept: application/json`); past it `stdoutTruncated`/`stderrTruncated` are set. The
+    /// journal keeps the output up to --journal-max-bytes either way.
+    #[arg(long, env = "AGENTBOX_MAX_JSON_OUTPUT", default_value = "16MiB", value_parser = parse_size)]
+    pub max_json_output: u64,
+    /// Sessions kept; past it the oldest idle ones are deleted (checked at start and when a
+    /// session is created).
+    #[arg(long, env = "AGENTBOX_RETAIN_SESSIONS", default_value_t = 1000)]
+    pub retain_sessions: usize,
+    /// Total size of session histories on disk; past it the oldest idle sessions are deleted
+    /// (checked at start and when a session is created).
+    #[arg(long, env = "AGENTBOX_RETAIN_SESSION_BYTES", default_value = "1GiB", value_parser = parse_size)]
+    pub retain_session_bytes: u64,
 }
 
 /// The runner's mode.
@@ -183,6 +207,14 @@ pub struct Config {
     pub oom_events: Option<PathBuf>,
     /// The environment children start from: the runner's own, minus [`SECRET_ENV`].
     pub base_env: Vec<(String, String)>,
+    /// Connection cap and timeouts of the accept loop.
+    pub limits: agentbox_serve::Limits,
+    /// Per-stream output kept in a JSON answer.
+    pub max_json_output: u64,
+    /// Sessions kept.
+    pub retain_sessions: usize,
+    /// Session history bytes kept.
+    pub retain_session_bytes: u64,
 }
 
 impl Args {
@@ -217,6 +249,12 @@ impl Args {
         };
         if self.max_concurrent_invokes == 0 {
             return Err("--max-concurrent-invokes must be at least 1".into());
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        if self.header_read_timeout.is_zero() || self.idle_timeout.is_zero() {
+            return Err("--header-read-timeout and --idle-timeout must be positive".into());
         }
         if self.default_timeout > self.max_timeout {
             return Err("--default-timeout is larger than --max-timeout".into());
@@ -262,6 +300,14 @@ impl Args {
             permission_timeout: self.permission_timeout,
             oom_events: self.oom_events,
             base_env,
+            limits: agentbox_serve::Limits {
+                max_connections: self.max_connections,
+                header_read_timeout: self.header_read_timeout,
+                idle_timeout: self.idle_timeout,
+            },
+            max_json_output: self.max_json_output,
+            retain_sessions: self.retain_sessions,
+            retain_session_bytes: self.retain_session_bytes,
         })
     }
 }

@@ -2,17 +2,19 @@
 //! once per distinct configuration, persist what is in force.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use agentbox_proto::{event, ConfigureRequest, ConfigureResult, ErrorEvent};
+use agentbox_proto::{event, ConfigureResult, ErrorEvent};
 use base64::Engine;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::fsutil::{now_rfc3339, random_hex, write_atomic};
+use crate::fsutil::{now_rfc3339, random_hex, write_atomic_at};
+use crate::jail::Jail;
 use crate::journal::EventLog;
 use crate::state::Stored;
 use crate::supervisor::{self, Process, RunSpec};
@@ -21,7 +23,8 @@ use crate::AppState;
 /// Finished install journals kept for inspection.
 const KEEP_INSTALL_LOGS: usize = 5;
 
-/// A validated configure request: nothing in it can escape the workspace.
+/// A validated configure request: nothing in it can escape the workspace. The files' bytes
+/// wait in a staging directory, not in memory.
 #[derive(Debug)]
 pub struct Plan {
     files: Vec<PlannedFile>,
@@ -32,6 +35,7 @@ pub struct Plan {
     hash: String,
     /// `?stream=live`: the install's output framed live (see [`crate::supervisor::RunSpec`]).
     live: bool,
+    staging: Staging,
 }
 
 impl Plan {
@@ -40,34 +44,165 @@ impl Plan {
         self.live = live;
         self
     }
+
+    /// Whether the request named an entrypoint.
+    pub fn has_entrypoint(&self) -> bool {
+        self.entrypoint.is_some()
+    }
 }
 
 #[derive(Debug)]
 struct PlannedFile {
     rel: String,
-    real: PathBuf,
-    bytes: Vec<u8>,
+    /// The decoded content, in the staging directory.
+    staged: PathBuf,
+    size: u64,
     mode: u32,
 }
 
-/// Checks a request against the jail and the limits; decodes the files.
-pub fn plan(app: &AppState, req: ConfigureRequest) -> Result<Plan> {
-    let cfg = &app.cfg;
-    if req.files.len() as u64 > cfg.max_files {
-        return Err(Error::PayloadTooLarge(format!(
-            "{} files, the limit is {}",
-            req.files.len(),
-            cfg.max_files
-        )));
+/// Where a configure's files wait between the request and the write
+/// (`<state>/staging/<time>-<random>/<n>`); removed when the configure is done, and any left
+/// by a crash at the next start ([`remove_leftovers`]).
+#[derive(Debug)]
+struct Staging {
+    dir: PathBuf,
+}
+
+impl Staging {
+    fn new(state_dir: &Path) -> std::io::Result<Staging> {
+        let dir = state_dir.join(STAGING).join(format!(
+            "{:013}-{}",
+            crate::fsutil::now_ms(),
+            random_hex(4)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Staging { dir })
     }
-    let mut files = Vec::with_capacity(req.files.len());
-    let mut seen = BTreeSet::new();
-    let mut total: u64 = 0;
-    for spec in req.files {
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The staging directory's name under the state directory.
+const STAGING: &str = "staging";
+
+/// Removes staging directories a crashed runner left; runs at start.
+pub fn remove_leftovers(state_dir: &Path) {
+    let _ = std::fs::remove_dir_all(state_dir.join(STAGING));
+}
+
+/// Reads a configure body as it arrives and checks it: each file is checked (jail, duplicates,
+/// size, the running total and count) the moment its entry is parsed, its bytes go to the
+/// staging directory, and the body itself is cut off past its limit. So a request over a limit
+/// is refused after reading at most one entry past it, and memory holds one file's content at
+/// a time, never the body.
+pub async fn read_plan(app: &Arc<AppState>, body: axum::body::Body) -> Result<Plan> {
+    use futures_util::TryStreamExt;
+    let cfg = &app.cfg;
+    // Base64 grows content by 4/3; allow for JSON around it.
+    let limit = cfg.max_total_bytes.saturating_mul(4) / 3 + (8 << 20);
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    let app = Arc::clone(app);
+    tokio::task::spawn_blocking(move || {
+        let mut body = Counted {
+            inner: std::io::BufReader::with_capacity(64 << 10, reader),
+            left: limit,
+            exceeded: false,
+        };
+        let staging = Staging::new(&app.cfg.state_dir)?;
+        let state = std::cell::RefCell::new(Intake {
+            app: &app,
+            staging: &staging,
+            files: Vec::new(),
+            seen: BTreeSet::new(),
+            total: 0,
+            failure: None,
+        });
+        let mut de = serde_json::Deserializer::from_reader(&mut body);
+        let parsed = serde::de::DeserializeSeed::deserialize(RequestSeed(&state), &mut de)
+            .and_then(|fields| de.end().map(|()| fields));
+        let intake = state.into_inner();
+        let fields = match (parsed, intake.failure) {
+            (_, Some(e)) => return Err(e),
+            (Err(_), None) if body.exceeded => {
+                return Err(Error::PayloadTooLarge(format!(
+                    "the request body is larger than {limit} bytes"
+                )))
+            }
+            (Err(e), None) if e.is_io() => {
+                return Err(Error::InvalidRequest(format!(
+                    "cannot read the request body: {e}"
+                )))
+            }
+            (Err(e), None) => {
+                return Err(Error::InvalidRequest(format!(
+                    "the body is not valid JSON for this route: {e}"
+                )))
+            }
+            (Ok(fields), None) => fields,
+        };
+        let files = intake.files;
+        finish_plan(files, fields, staging)
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?
+}
+
+/// The request body, counted: past `left` bytes reads fail (and `exceeded` is set).
+struct Counted<R> {
+    inner: R,
+    left: u64,
+    exceeded: bool,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            self.exceeded = true;
+            return Err(std::io::Error::other("the request body is too large"));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// What the parse has accepted so far; a check that fails leaves its error in `failure`.
+struct Intake<'a> {
+    app: &'a AppState,
+    staging: &'a Staging,
+    files: Vec<PlannedFile>,
+    seen: BTreeSet<String>,
+    total: u64,
+    failure: Option<Error>,
+}
+
+impl Intake<'_> {
+    /// Checks one file entry and stages its bytes.
+    fn add(&mut self, spec: agentbox_proto::FileSpec) -> Result<()> {
+        let (app, cfg) = (self.app, &self.app.cfg);
+        if self.files.len() as u64 >= cfg.max_files {
+            return Err(Error::PayloadTooLarge(format!(
+                "more than {} files, the limit is {}",
+                cfg.max_files, cfg.max_files
+            )));
+        }
         let rel = app.jail.relative(&spec.path)?;
-        let real = app.jail.resolve_file(&spec.path)?;
+        if rel.as_os_str().is_empty() {
+            return Err(Error::InvalidPath(format!(
+                "{:?} names the workspace itself, not a file in it",
+                spec.path
+            )));
+        }
+        // Checked now (nothing written before every path passed), opened again by descriptor
+        // when written, so a swap in between cannot lead outside either.
+        app.jail.resolve(&spec.path)?;
         let rel = rel.to_string_lossy().into_owned();
-        if !seen.insert(rel.clone()) {
+        if !self.seen.insert(rel.clone()) {
             return Err(Error::InvalidRequest(format!(
                 "{:?} is given more than once",
                 spec.path
@@ -99,8 +234,8 @@ pub fn plan(app: &AppState, req: ConfigureRequest) -> Result<Plan> {
                 cfg.max_file_bytes
             )));
         }
-        total += bytes.len() as u64;
-        if total > cfg.max_total_bytes {
+        self.total += bytes.len() as u64;
+        if self.total > cfg.max_total_bytes {
             return Err(Error::PayloadTooLarge(format!(
                 "the files add up to more than {} bytes",
                 cfg.max_total_bytes
@@ -113,15 +248,100 @@ pub fn plan(app: &AppState, req: ConfigureRequest) -> Result<Plan> {
                 spec.path
             )));
         }
-        files.push(PlannedFile {
+        let staged = self.staging.dir.join(self.files.len().to_string());
+        std::fs::write(&staged, &bytes)
+            .map_err(|e| Error::Internal(format!("staging a file: {e}")))?;
+        self.files.push(PlannedFile {
             rel,
-            real,
-            bytes,
+            staged,
+            size: bytes.len() as u64,
             mode,
         });
+        Ok(())
     }
+}
+
+/// The request's other fields (files go straight to the [`Intake`]).
+#[derive(Default)]
+struct Fields {
+    install: Option<Vec<String>>,
+    entrypoint: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
+    protocol: Option<agentbox_proto::AgentProtocol>,
+}
+
+struct RequestSeed<'s, 'a>(&'s std::cell::RefCell<Intake<'a>>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for RequestSeed<'_, '_> {
+    type Value = Fields;
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Fields, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for RequestSeed<'_, '_> {
+    type Value = Fields;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a configure request object")
+    }
+    fn visit_map<M: serde::de::MapAccess<'de>>(
+        self,
+        mut map: M,
+    ) -> std::result::Result<Fields, M::Error> {
+        let mut fields = Fields::default();
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "files" => map.next_value_seed(FilesSeed(self.0))?,
+                "installCommand" => fields.install = map.next_value()?,
+                "entrypoint" => fields.entrypoint = map.next_value()?,
+                "env" => fields.env = map.next_value()?,
+                "protocol" => fields.protocol = map.next_value()?,
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(fields)
+    }
+}
+
+struct FilesSeed<'s, 'a>(&'s std::cell::RefCell<Intake<'a>>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for FilesSeed<'_, '_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FilesSeed<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of files")
+    }
+    fn visit_seq<S: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: S,
+    ) -> std::result::Result<(), S::Error> {
+        use serde::de::Error as _;
+        while let Some(spec) = seq.next_element::<agentbox_proto::FileSpec>()? {
+            let mut intake = self.0.borrow_mut();
+            if let Err(e) = intake.add(spec) {
+                intake.failure = Some(e);
+                return Err(S::Error::custom("a file was refused"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks the rest of the request and computes the install hash from the staged files.
+fn finish_plan(mut files: Vec<PlannedFile>, req: Fields, staging: Staging) -> Result<Plan> {
     for (name, argv) in [
-        ("installCommand", &req.install_command),
+        ("installCommand", &req.install),
         ("entrypoint", &req.entrypoint),
     ] {
         if let Some(argv) = argv {
@@ -147,47 +367,51 @@ pub fn plan(app: &AppState, req: ConfigureRequest) -> Result<Plan> {
         }
     }
     files.sort_by(|a, b| a.rel.cmp(&b.rel));
-    let hash = install_hash(&files, req.install_command.as_deref());
+    let hash = install_hash(&files, req.install.as_deref())
+        .map_err(|e| Error::Internal(format!("reading a staged file: {e}")))?;
     Ok(Plan {
         files,
-        install: req.install_command,
         protocol: match (&req.entrypoint, req.protocol) {
             (_, Some(p)) => Some(p),
             (Some(_), None) => Some(agentbox_proto::AgentProtocol::Plain),
             (None, None) => None,
         },
+        install: req.install,
         entrypoint: req.entrypoint,
         env: req.env,
         hash,
         live: false,
+        staging,
     })
 }
 
 /// sha256 over a canonical, length-prefixed encoding of the files (sorted by path: path,
-/// mode, bytes) and the install command, so no two different configurations collide.
-fn install_hash(files: &[PlannedFile], install: Option<&[String]>) -> String {
+/// mode, bytes) and the install command, so no two different configurations collide. The
+/// bytes are read back from the staging directory.
+fn install_hash(files: &[PlannedFile], install: Option<&[String]>) -> std::io::Result<String> {
     let mut h = Sha256::new();
-    let mut field = |bytes: &[u8]| {
+    fn field(h: &mut Sha256, bytes: &[u8]) {
         h.update((bytes.len() as u64).to_le_bytes());
         h.update(bytes);
-    };
-    field(b"agentbox-configure-v1");
-    field(&(files.len() as u64).to_le_bytes());
+    }
+    field(&mut h, b"agentbox-configure-v1");
+    field(&mut h, &(files.len() as u64).to_le_bytes());
     for f in files {
-        field(f.rel.as_bytes());
-        field(&f.mode.to_le_bytes());
-        field(&f.bytes);
+        field(&mut h, f.rel.as_bytes());
+        field(&mut h, &f.mode.to_le_bytes());
+        h.update(f.size.to_le_bytes());
+        std::io::copy(&mut std::fs::File::open(&f.staged)?, &mut h)?;
     }
     match install {
-        None => field(b"no-install"),
+        None => field(&mut h, b"no-install"),
         Some(argv) => {
-            field(&(argv.len() as u64).to_le_bytes());
+            field(&mut h, &(argv.len() as u64).to_le_bytes());
             for arg in argv {
-                field(arg.as_bytes());
+                field(&mut h, arg.as_bytes());
             }
         }
     }
-    hex::encode(h.finalize())
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Starts a configure in the background: it holds the configure lock, appends `log` events of
@@ -277,18 +501,21 @@ async fn run(app: &Arc<AppState>, plan: Plan, log: &Arc<EventLog>) -> Result<Con
     }
 
     let files = plan.files;
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+    let _staging = plan.staging;
+    let writer = Arc::clone(app);
+    tokio::task::spawn_blocking(move || -> Result<()> {
         for f in &files {
-            if let Some(parent) = f.real.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            write_atomic(&f.real, &f.bytes, f.mode)?;
+            let at = writer.jail.parent(&f.rel, true)?;
+            let shown = Jail::shown(&at.rel);
+            let mut staged = std::fs::File::open(&f.staged)
+                .map_err(|e| Error::Internal(format!("reading the staged {shown}: {e}")))?;
+            write_atomic_at(at.dir.as_fd(), &at.name, &mut staged, f.mode)
+                .map_err(|e| Error::Internal(format!("writing {shown}: {e}")))?;
         }
         Ok(())
     })
     .await
-    .map_err(|e| Error::Internal(e.to_string()))?
-    .map_err(|e| Error::Internal(format!("writing files: {e}")))?;
+    .map_err(|e| Error::Internal(e.to_string()))??;
 
     let exit_code = match &plan.install {
         None => 0,

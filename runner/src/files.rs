@@ -1,43 +1,37 @@
 //! The files API's domain: listings, byte ranges, streamed atomic uploads, deletes and streamed
-//! archives. Every path arrives here already resolved by [`crate::jail::Jail`].
+//! archives. Every entry arrives here already opened by [`crate::jail::Jail`], and everything
+//! below it is reached with `*at` calls and `O_NOFOLLOW` from that descriptor, never by name
+//! from the root, so a symlink swapped in meanwhile cannot lead outside.
 
-use std::fs::{File, Metadata};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
+use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
-use crate::fsutil::random_hex;
-use crate::jail::WORKSPACE_ALIAS;
+use crate::jail::{temp_name, Jail, Parent};
 
 pub use agentbox_proto::{FileEntry as Entry, FileListing as Listing, WrittenFile as Written};
 
-/// The sandbox path (`/workspace/...`) of a real path inside the workspace.
-pub fn sandbox_path(root: &Path, real: &Path) -> String {
-    match real.strip_prefix(root) {
-        Ok(rel) if rel.as_os_str().is_empty() => WORKSPACE_ALIAS.to_owned(),
-        Ok(rel) => format!("{WORKSPACE_ALIAS}/{}", rel.display()),
-        Err(_) => real.display().to_string(),
-    }
-}
+/// Directory levels an archive or a recursive delete descends (each holds a descriptor).
+pub const MAX_DEPTH: usize = 256;
 
-/// `ls -l` style mode string.
-pub fn mode_string(meta: &Metadata) -> String {
-    let ft = meta.file_type();
-    let kind = if ft.is_dir() {
-        'd'
-    } else if ft.is_symlink() {
-        'l'
-    } else {
-        '-'
+/// `ls -l` style mode string of a raw `st_mode`.
+pub fn mode_string(mode: u32) -> String {
+    let kind = match FileType::from_raw_mode(mode) {
+        FileType::Directory => 'd',
+        FileType::Symlink => 'l',
+        _ => '-',
     };
-    let bits = meta.permissions().mode();
     let mut s = String::with_capacity(10);
     s.push(kind);
     for (shift, chars) in [
@@ -47,67 +41,63 @@ pub fn mode_string(meta: &Metadata) -> String {
     ] {
         for (i, c) in chars.iter().enumerate() {
             let bit = 1 << (shift + 2 - i);
-            s.push(if bits & bit != 0 { *c } else { '-' });
+            s.push(if mode & bit != 0 { *c } else { '-' });
         }
     }
     s
 }
 
-fn entry(root: &Path, path: &Path, meta: &Metadata) -> Entry {
-    let ft = meta.file_type();
-    let kind = if ft.is_symlink() {
-        "symlink"
-    } else if ft.is_dir() {
-        "dir"
-    } else {
-        "file"
+fn entry(rel: &Path, name: &OsStr, st: &Stat) -> Entry {
+    let ft = FileType::from_raw_mode(st.st_mode);
+    let kind = match ft {
+        FileType::Symlink => "symlink",
+        FileType::Directory => "dir",
+        _ => "file",
     };
     Entry {
-        name: path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        path: sandbox_path(root, path),
+        name: name.to_string_lossy().into_owned(),
+        path: Jail::shown(rel),
         kind: kind.into(),
-        is_dir: ft.is_dir(),
-        size: meta.len(),
-        mode: mode_string(meta),
-        mode_bits: meta.permissions().mode() & 0o7777,
-        modified_at: meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs()),
+        is_dir: ft == FileType::Directory,
+        size: st.st_size as u64,
+        mode: mode_string(st.st_mode),
+        mode_bits: st.st_mode & 0o7777,
+        modified_at: st.st_mtime.max(0) as u64,
     }
 }
 
-/// Lists a directory; `hidden` names (the state directory) are left out.
-pub fn list(root: &Path, dir: &Path, hidden: &Path) -> Result<Listing> {
-    let meta = std::fs::metadata(dir).map_err(|e| not_found_or(e, dir, root))?;
-    if !meta.is_dir() {
-        return Err(Error::NotADirectory(sandbox_path(root, dir)));
+fn errno(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+/// The names in an open directory (`.` and `..` left out), sorted.
+fn names(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
+    let mut out = Vec::new();
+    for item in rustix::fs::Dir::read_from(dir).map_err(errno)? {
+        let item = item.map_err(errno)?;
+        let name = OsStr::from_bytes(item.file_name().to_bytes());
+        if name != "." && name != ".." {
+            out.push(name.to_owned());
+        }
     }
+    out.sort();
+    Ok(out)
+}
+
+/// Lists the directory `dir` (at `rel`); reserved directories (the state directory) are left
+/// out.
+pub fn list(jail: &Jail, dir: &OwnedFd, rel: &Path) -> Result<Listing> {
     let mut entries = Vec::new();
-    for item in std::fs::read_dir(dir)? {
-        let item = item?;
-        let path = item.path();
-        if path == hidden {
+    for name in names(dir.as_fd())? {
+        let Ok(st) = rustix::fs::statat(dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        if jail.is_reserved(st.st_dev, st.st_ino) {
             continue;
         }
-        if let Ok(meta) = std::fs::symlink_metadata(&path) {
-            entries.push(entry(root, &path, &meta));
-        }
+        entries.push(entry(&rel.join(&name), &name, &st));
     }
-    entries.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Listing { entries })
-}
-
-fn not_found_or(e: io::Error, path: &Path, root: &Path) -> Error {
-    if e.kind() == io::ErrorKind::NotFound {
-        Error::FileNotFound(sandbox_path(root, path))
-    } else {
-        Error::Internal(format!("{}: {e}", sandbox_path(root, path)))
-    }
 }
 
 /// A byte range `[start, end)` of a file of `len` bytes.
@@ -158,7 +148,7 @@ pub fn parse_range(header: Option<&str>, len: u64) -> std::result::Result<Option
             if last < start {
                 return Ok(None);
             }
-            (last + 1).min(len)
+            last.saturating_add(1).min(len)
         };
         ByteRange { start, end }
     };
@@ -168,39 +158,34 @@ pub fn parse_range(header: Option<&str>, len: u64) -> std::result::Result<Option
     Ok(Some(range))
 }
 
-/// Streams `body` into `target` atomically: a temporary file next to it, fsync, rename. Past
-/// `limit` bytes the temporary file is removed and the previous file is left as it was.
+/// Streams `body` into the entry `target` atomically: a temporary file in the same directory
+/// (opened by descriptor), fsync, rename. Past `limit` bytes, or on any failure, the temporary
+/// file is removed and the previous file is left as it was.
 pub async fn write_stream(
-    root: &Path,
-    target: &Path,
+    target: Parent,
     mut body: impl futures_util::Stream<Item = std::result::Result<Bytes, axum::Error>> + Unpin,
     limit: u64,
 ) -> Result<Written> {
     use futures_util::StreamExt;
+    let shown = Jail::shown(&target.rel);
+    let Parent { dir, name, rel } = target;
     // The entry itself, not what a symlink there points to: a PUT replaces a link.
-    let existing = std::fs::symlink_metadata(target).ok();
-    if existing.as_ref().is_some_and(|m| m.is_dir()) {
-        return Err(Error::IsADirectory(sandbox_path(root, target)));
-    }
-    let mode = existing
-        .as_ref()
-        .filter(|m| m.is_file())
-        .map_or(0o644, |m| m.permissions().mode() & 0o7777);
-    let parent = target
-        .parent()
-        .ok_or_else(|| Error::InvalidPath("no parent directory".into()))?;
-    tokio::fs::create_dir_all(parent).await?;
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.agentbox-upload-{}", random_hex(6)));
+    let existing = rustix::fs::statat(&dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW).ok();
+    let mode = match existing.map(|st| (FileType::from_raw_mode(st.st_mode), st.st_mode)) {
+        Some((FileType::Directory, _)) => return Err(Error::IsADirectory(shown)),
+        Some((FileType::RegularFile, mode)) => mode & 0o7777,
+        _ => 0o644,
+    };
+    let tmp = temp_name(&name, "upload");
+    let fd = rustix::fs::openat(
+        &dir,
+        tmp.as_os_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| Error::Internal(format!("{shown}: {}", errno(e))))?;
     let result = async {
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .await?;
+        let mut file = tokio::fs::File::from_std(File::from(fd));
         let mut hasher = Sha256::new();
         let mut size: u64 = 0;
         while let Some(chunk) = body.next().await {
@@ -216,20 +201,25 @@ pub async fn write_stream(
             hasher.update(&chunk);
             file.write_all(&chunk).await?;
         }
-        file.set_permissions(std::fs::Permissions::from_mode(mode))
-            .await?;
-        file.sync_all().await?;
-        drop(file);
-        tokio::fs::rename(&tmp, target).await?;
+        file.flush().await?;
+        let file = file.into_std().await;
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            rustix::fs::fchmod(&file, Mode::from_raw_mode(mode)).map_err(errno)?;
+            file.sync_all()
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        rustix::fs::renameat(&dir, tmp.as_os_str(), &dir, name.as_os_str())
+            .map_err(|e| Error::Internal(format!("{shown}: {}", errno(e))))?;
         Ok(Written {
-            path: sandbox_path(root, target),
+            path: Jail::shown(&rel),
             size,
             sha256: hex::encode(hasher.finalize()),
         })
     }
     .await;
     if result.is_err() {
-        let _ = tokio::fs::remove_file(&tmp).await;
+        let _ = rustix::fs::unlinkat(&dir, tmp.as_os_str(), AtFlags::empty());
     }
     result
 }
@@ -254,28 +244,66 @@ pub async fn drain(
     .await;
 }
 
-/// Deletes a file, a symlink (not its target) or, with `recursive`, a directory.
-pub fn delete(root: &Path, target: &Path, recursive: bool) -> Result<()> {
-    if target == root {
-        return Err(Error::InvalidPath(
-            "the workspace itself cannot be deleted".into(),
-        ));
+/// Deletes the entry `target`: a file, a symlink (not its target) or, with `recursive`, a
+/// directory with its content (descended by descriptor, never following a symlink).
+pub fn delete(target: &Parent, recursive: bool) -> Result<()> {
+    let shown = Jail::shown(&target.rel);
+    let fail = |e: Errno| match e {
+        Errno::NOENT => Error::FileNotFound(shown.clone()),
+        Errno::NOTEMPTY => Error::DirectoryNotEmpty(shown.clone()),
+        e => Error::Internal(format!("{shown}: {}", errno(e))),
+    };
+    let (dir, name) = (target.dir.as_fd(), target.name.as_os_str());
+    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(fail)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        return rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(fail);
     }
-    let meta = std::fs::symlink_metadata(target).map_err(|e| not_found_or(e, target, root))?;
-    if meta.is_dir() {
-        if recursive {
-            std::fs::remove_dir_all(target)?;
-        } else {
-            std::fs::remove_dir(target).map_err(|e| {
-                if e.raw_os_error() == Some(nix::libc::ENOTEMPTY) {
-                    Error::DirectoryNotEmpty(sandbox_path(root, target))
-                } else {
-                    Error::from(e)
+    if recursive {
+        let fd = open_dir_at(dir, name).map_err(fail)?;
+        empty_dir(fd).map_err(|e| Error::Internal(format!("{shown}: {e}")))?;
+    }
+    rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(fail)
+}
+
+fn open_dir_at(dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Removes everything inside the open directory `top`, depth first, one descriptor per level.
+fn empty_dir(top: OwnedFd) -> io::Result<()> {
+    // Each frame: a directory and the name it has in the frame below (None for `top`).
+    let mut stack: Vec<(OwnedFd, Option<OsString>)> = vec![(top, None)];
+    while let Some((fd, _)) = stack.last() {
+        let mut descend = None;
+        for name in names(fd.as_fd())? {
+            match rustix::fs::unlinkat(fd, name.as_os_str(), AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(Errno::ISDIR | Errno::PERM) => {
+                    descend = Some((open_dir_at(fd.as_fd(), &name).map_err(errno)?, name));
+                    break;
                 }
-            })?;
+                Err(e) => return Err(errno(e)),
+            }
         }
-    } else {
-        std::fs::remove_file(target)?;
+        match descend {
+            Some((child, name)) if stack.len() < MAX_DEPTH => stack.push((child, Some(name))),
+            Some(_) => return Err(io::Error::other("the directory tree is too deep")),
+            None => {
+                let (done, name) = stack.pop().expect("a frame");
+                drop(done);
+                if let (Some(name), Some((parent, _))) = (name, stack.last()) {
+                    match rustix::fs::unlinkat(parent, name.as_os_str(), AtFlags::REMOVEDIR) {
+                        Ok(()) | Err(Errno::NOENT) => {}
+                        Err(e) => return Err(errno(e)),
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -311,9 +339,14 @@ impl Write for ChannelWriter {
     }
 }
 
-/// Starts writing an archive of `dir` on a blocking thread; the receiver yields its bytes.
-/// Nothing is built in memory or on disk first. `hidden` (the state directory) is skipped.
-pub fn archive(dir: PathBuf, hidden: PathBuf, format: Format) -> mpsc::Receiver<io::Result<Bytes>> {
+/// Starts writing an archive of the open directory `dir` on a blocking thread; the receiver
+/// yields its bytes. Nothing is built in memory or on disk first. Reserved directories (the
+/// state directory) are skipped.
+pub fn archive(
+    dir: OwnedFd,
+    hidden: Vec<(u64, u64)>,
+    format: Format,
+) -> mpsc::Receiver<io::Result<Bytes>> {
     let (tx, rx) = mpsc::channel(4);
     let err_tx = tx.clone();
     tokio::task::spawn_blocking(move || {
@@ -322,8 +355,8 @@ pub fn archive(dir: PathBuf, hidden: PathBuf, format: Format) -> mpsc::Receiver<
             buf: Vec::with_capacity(CHUNK),
         };
         let result = match format {
-            Format::Zip => write_zip(&dir, &hidden, writer),
-            Format::Tar => write_tar(&dir, &hidden, writer),
+            Format::Zip => write_zip(dir, &hidden, writer),
+            Format::Tar => write_tar(dir, &hidden, writer),
         };
         if let Err(e) = result {
             if e.kind() != io::ErrorKind::BrokenPipe {
@@ -335,60 +368,114 @@ pub fn archive(dir: PathBuf, hidden: PathBuf, format: Format) -> mpsc::Receiver<
     rx
 }
 
-/// Every entry under `dir` (not following symlinks), parents before children, sorted.
-fn walk(dir: &Path, hidden: &Path) -> io::Result<Vec<(PathBuf, Metadata)>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let mut children: Vec<PathBuf> = std::fs::read_dir(&d)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p != hidden)
-            .collect();
-        children.sort();
-        for path in children.into_iter().rev() {
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(path.clone());
-            }
-            out.push((path, meta));
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
+/// One entry met by [`walk`], opened (a file, a directory) or read (a symlink's target).
+enum Node {
+    Dir,
+    File(File),
+    Link(OsString),
 }
 
-fn write_zip(dir: &Path, hidden: &Path, writer: ChannelWriter) -> io::Result<()> {
-    use zip::write::SimpleFileOptions;
-    let mut zip = zip::ZipWriter::new_stream(writer);
-    for (path, meta) in walk(dir, hidden)? {
-        let Ok(rel) = path.strip_prefix(dir) else {
+/// Visits every entry under `dir` (not following symlinks), parents before children, sorted
+/// by path: each directory is opened `O_NOFOLLOW` from its parent's descriptor, each file read
+/// from a descriptor opened the same way; FIFOs, sockets and devices are skipped.
+fn walk(
+    dir: OwnedFd,
+    hidden: &[(u64, u64)],
+    mut visit: impl FnMut(&Path, &Stat, Node) -> io::Result<()>,
+) -> io::Result<()> {
+    struct Frame {
+        fd: OwnedFd,
+        prefix: PathBuf,
+        /// Names still to visit, in reverse order (the next is popped).
+        pending: Vec<OsString>,
+    }
+    let frame = |fd: OwnedFd, prefix: PathBuf| -> io::Result<Frame> {
+        let mut pending = names(fd.as_fd())?;
+        pending.reverse();
+        Ok(Frame {
+            fd,
+            prefix,
+            pending,
+        })
+    };
+    let mut stack = vec![frame(dir, PathBuf::new())?];
+    while let Some(top) = stack.last_mut() {
+        let Some(name) = top.pending.pop() else {
+            stack.pop();
             continue;
         };
-        let name = rel.to_string_lossy().into_owned();
-        let mut options = SimpleFileOptions::default()
-            .unix_permissions(meta.mode() & 0o7777)
-            .large_file(meta.len() >= 0xffff_0000);
-        if let Some(t) = zip_time(meta.mtime()) {
-            options = options.last_modified_time(t);
+        let rel = top.prefix.join(&name);
+        let at = top.fd.as_fd();
+        let Ok(st) = rustix::fs::statat(at, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        if hidden.contains(&(st.st_dev, st.st_ino)) {
+            continue;
         }
-        if meta.is_dir() {
-            zip.add_directory(format!("{name}/"), options)
-                .map_err(io::Error::other)?;
-        } else if meta.file_type().is_symlink() {
-            let target = std::fs::read_link(&path)?;
-            zip.add_symlink(name, target.to_string_lossy(), options)
-                .map_err(io::Error::other)?;
-        } else if meta.is_file() {
-            zip.start_file(
-                name,
-                options.compression_method(zip::CompressionMethod::Deflated),
-            )
-            .map_err(io::Error::other)?;
-            io::copy(&mut File::open(&path)?, &mut zip)?;
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                let Ok(fd) = open_dir_at(at, &name) else {
+                    continue;
+                };
+                let st = rustix::fs::fstat(&fd).map_err(errno)?;
+                visit(&rel, &st, Node::Dir)?;
+                if stack.len() >= MAX_DEPTH {
+                    return Err(io::Error::other("the directory tree is too deep"));
+                }
+                stack.push(frame(fd, rel)?);
+            }
+            FileType::RegularFile => {
+                let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+                let Ok(fd) = rustix::fs::openat(at, name.as_os_str(), flags, Mode::empty()) else {
+                    continue;
+                };
+                let st = rustix::fs::fstat(&fd).map_err(errno)?;
+                if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile {
+                    visit(&rel, &st, Node::File(File::from(fd)))?;
+                }
+            }
+            FileType::Symlink => {
+                let Ok(target) = rustix::fs::readlinkat(at, name.as_os_str(), Vec::new()) else {
+                    continue;
+                };
+                let target = OsStr::from_bytes(target.as_bytes()).to_owned();
+                visit(&rel, &st, Node::Link(target))?;
+            }
+            _ => {}
         }
     }
+    Ok(())
+}
+
+fn write_zip(dir: OwnedFd, hidden: &[(u64, u64)], writer: ChannelWriter) -> io::Result<()> {
+    use zip::write::SimpleFileOptions;
+    let mut zip = zip::ZipWriter::new_stream(writer);
+    walk(dir, hidden, |rel, st, node| {
+        let name = rel.to_string_lossy().into_owned();
+        let size = st.st_size as u64;
+        let mut options = SimpleFileOptions::default()
+            .unix_permissions(st.st_mode & 0o7777)
+            .large_file(size >= 0xffff_0000);
+        if let Some(t) = zip_time(st.st_mtime) {
+            options = options.last_modified_time(t);
+        }
+        match node {
+            Node::Dir => zip
+                .add_directory(format!("{name}/"), options)
+                .map_err(io::Error::other),
+            Node::Link(target) => zip
+                .add_symlink(name, target.to_string_lossy(), options)
+                .map_err(io::Error::other),
+            Node::File(mut file) => {
+                zip.start_file(
+                    name,
+                    options.compression_method(zip::CompressionMethod::Deflated),
+                )
+                .map_err(io::Error::other)?;
+                io::copy(&mut file, &mut zip).map(drop)
+            }
+        }
+    })?;
     let mut inner = zip.finish().map_err(io::Error::other)?.into_inner();
     inner.flush()
 }
@@ -418,19 +505,39 @@ fn zip_time(secs: i64) -> Option<zip::DateTime> {
     .ok()
 }
 
-fn write_tar(dir: &Path, hidden: &Path, writer: ChannelWriter) -> io::Result<()> {
+fn write_tar(dir: OwnedFd, hidden: &[(u64, u64)], writer: ChannelWriter) -> io::Result<()> {
     let mut tar = tar::Builder::new(writer);
-    tar.follow_symlinks(false);
-    for (path, meta) in walk(dir, hidden)? {
-        let ft = meta.file_type();
-        // Like the zip: files, directories and symlinks; FIFOs, sockets and devices are skipped.
-        if !(ft.is_file() || ft.is_dir() || ft.is_symlink()) {
-            continue;
+    walk(dir, hidden, |rel, st, node| {
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(st.st_mode & 0o7777);
+        header.set_uid(u64::from(st.st_uid));
+        header.set_gid(u64::from(st.st_gid));
+        header.set_mtime(st.st_mtime.max(0) as u64);
+        match node {
+            Node::Dir => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_size(0);
+                tar.append_data(&mut header, rel, io::empty())
+            }
+            Node::Link(target) => {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                tar.append_link(&mut header, rel, Path::new(&target))
+            }
+            Node::File(file) => {
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(st.st_size as u64);
+                // Exactly the size announced, even if the file changes while it is read.
+                let mut body =
+                    io::Read::chain(io::Read::take(file, st.st_size as u64), io::repeat(0));
+                tar.append_data(
+                    &mut header,
+                    rel,
+                    io::Read::take(&mut body, st.st_size as u64),
+                )
+            }
         }
-        if let Ok(rel) = path.strip_prefix(dir) {
-            tar.append_path_with_name(&path, rel)?;
-        }
-    }
+    })?;
     let mut inner = tar.into_inner()?;
     inner.flush()
 }
@@ -471,6 +578,11 @@ mod tests {
         for ignored in ["bytes=5-2", "bytes=x-1", "bytes=7", "bytes=1-y"] {
             assert_eq!(r(ignored), Ok(None), "{ignored}");
         }
+        // The largest last byte does not overflow.
+        assert_eq!(
+            r("bytes=2-18446744073709551615"),
+            Ok(Some(ByteRange { start: 2, end: 100 }))
+        );
         for unsatisfiable in ["bytes=100-", "bytes=-0", "bytes=500-600"] {
             assert_eq!(r(unsatisfiable), Err(()), "{unsatisfiable}");
         }
@@ -498,11 +610,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let f = dir.path().join("f");
         std::fs::write(&f, b"x").expect("write");
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).expect("chmod");
         assert_eq!(
-            mode_string(&std::fs::metadata(&f).expect("meta")),
+            mode_string(std::fs::metadata(&f).expect("meta").mode()),
             "-rw-r-----"
         );
-        assert!(mode_string(&std::fs::metadata(dir.path()).expect("meta")).starts_with('d'));
+        assert!(mode_string(std::fs::metadata(dir.path()).expect("meta").mode()).starts_with('d'));
     }
 }

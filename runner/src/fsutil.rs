@@ -1,7 +1,9 @@
 //! Small filesystem helpers: atomic writes, ids and clocks.
 
+use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -46,6 +48,53 @@ pub fn write_replace(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io:
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// [`write_atomic`] for the entry `name` of the open directory `dir`: the temporary file, the
+/// rename and the directory's fsync all go through the descriptor, never by path.
+pub fn write_atomic_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    content: &mut dyn io::Read,
+    mode: u32,
+) -> io::Result<()> {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    let errno = |e: rustix::io::Errno| io::Error::from_raw_os_error(e.raw_os_error());
+    let tmp = crate::jail::temp_name(name, "write");
+    let fd = rustix::fs::openat(
+        dir,
+        tmp.as_os_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(errno)?;
+    let result = (|| {
+        let mut f = File::from(fd);
+        io::copy(content, &mut f)?;
+        rustix::fs::fchmod(&f, Mode::from_raw_mode(mode)).map_err(errno)?;
+        f.sync_all()?;
+        rustix::fs::renameat(dir, tmp.as_os_str(), dir, name).map_err(errno)?;
+        rustix::fs::fsync(dir)
+            .or_else(|e| {
+                // An O_PATH descriptor cannot be fsynced; open the directory itself for that.
+                if e == rustix::io::Errno::BADF {
+                    let d = rustix::fs::openat(
+                        dir,
+                        ".",
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )?;
+                    rustix::fs::fsync(d)
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(errno)
+    })();
+    if result.is_err() {
+        let _ = rustix::fs::unlinkat(dir, tmp.as_os_str(), AtFlags::empty());
     }
     result
 }

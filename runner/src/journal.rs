@@ -196,16 +196,20 @@ impl Batch<'_> {
         self.inner.next_seq
     }
 
-    /// Appends an event with a JSON payload; returns its sequence number.
+    /// Appends an event with a JSON payload; returns its sequence number. Its bytes count
+    /// towards the cap (so `log` events stop earlier) but it is never dropped.
     pub fn event<T: Serialize>(&mut self, name: &str, data: &T) -> u64 {
         let seq = self.inner.next_seq;
         self.inner.next_seq += 1;
+        let before = self.buf.len();
         sse::push_frame(self.buf, seq, name, data);
+        self.inner.stored += (self.buf.len() - before) as u64;
         seq
     }
 
-    /// Appends a `log` event, unless the journal cap is reached: then the bytes are counted in
-    /// [`EventLog::dropped_bytes`] instead.
+    /// Appends a `log` event, unless its frame would take the journal past the cap (which
+    /// counts journal bytes, as stored on disk, not output bytes: a one-byte line is a frame of
+    /// about 60): then the output bytes are counted in [`EventLog::dropped_bytes`] instead.
     pub fn log(&mut self, stream: Stream, bytes: &[u8], partial: bool) {
         let len = bytes.len() as u64 + u64::from(!partial);
         // Once the cap is hit everything after is dropped, so what is stored is a prefix.
@@ -213,10 +217,17 @@ impl Batch<'_> {
             self.inner.dropped += len;
             return;
         }
-        self.inner.stored += len;
         let seq = self.inner.next_seq;
-        self.inner.next_seq += 1;
+        let before = self.buf.len();
         sse::push_log_frame(self.buf, seq, stream, bytes, partial);
+        let framed = (self.buf.len() - before) as u64;
+        if self.inner.stored + framed > self.cap {
+            self.buf.truncate(before);
+            self.inner.dropped += len;
+            return;
+        }
+        self.inner.next_seq += 1;
+        self.inner.stored += framed;
     }
 }
 
@@ -665,10 +676,13 @@ mod tests {
         assert_eq!(got, (1..=1002).collect::<Vec<_>>());
     }
 
+    /// The cap counts journal bytes (whole frames), not output bytes.
     #[tokio::test]
     async fn cap_counts_instead_of_storing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = EventLog::create(&dir.path().join("j"), 10).expect("create");
+        let path = dir.path().join("j");
+        // One `log` frame of "12345" is about 60 bytes: room for one, not two.
+        let log = EventLog::create(&path, 100).expect("create");
         log.append(|b| {
             b.log(Stream::Stdout, b"12345", false);
             b.log(Stream::Stdout, b"67890", false);
@@ -677,6 +691,8 @@ mod tests {
         assert_eq!(log.dropped_bytes(), 9);
         log.close();
         assert_eq!(ids(&collect(log.subscribe(0).expect("sub")).await), vec![1]);
+        let on_disk = std::fs::metadata(&path).expect("journal").len();
+        assert!(on_disk <= 100, "{on_disk} bytes on disk");
     }
 
     /// A directory and the path of a journal to retire and recycle.

@@ -68,11 +68,16 @@ impl AppState {
         let cfg = Arc::new(cfg);
         let reaper = Reaper::new();
         reaper.start()?;
+        configure::remove_leftovers(&cfg.state_dir);
         let store = ConfigStore::load(cfg.state_dir.join("config.json"))?;
         let invokes = Invokes::recover(Arc::clone(&cfg), Arc::clone(&reaper))?;
-        let jail = Jail::new(cfg.workspace.clone(), vec![cfg.state_dir.clone()]);
+        let jail = Jail::new(cfg.workspace.clone(), vec![cfg.state_dir.clone()])?;
         let token_digest = cfg.token.as_deref().map(server::token_digest);
-        let sessions = Sessions::load(&cfg.state_dir)?;
+        let sessions = Sessions::load(
+            &cfg.state_dir,
+            cfg.retain_sessions,
+            cfg.retain_session_bytes,
+        )?;
         let permissions = Permissions::new(cfg.permission_timeout);
         Ok(Arc::new(Self {
             sessions,

@@ -137,6 +137,21 @@ impl Listener {
     }
 }
 
+impl agentbox_serve::Listener for Listener {
+    type Io = Conn;
+
+    fn widen_backlog(&self) {
+        match self {
+            Listener::Tcp(l) => agentbox_serve::Listener::widen_backlog(l),
+            Listener::Unix(l) => agentbox_serve::Listener::widen_backlog(l),
+        }
+    }
+
+    async fn accept(&mut self) -> std::io::Result<Conn> {
+        Listener::accept(self).await
+    }
+}
+
 /// Takes ownership of inherited descriptor `fd`, after checking that it is open and of `kind`
 /// (so a wrong number is an error, never a descriptor the process owns elsewhere), and sets
 /// close-on-exec on it so that no child inherits it further.

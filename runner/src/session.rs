@@ -248,11 +248,21 @@ fn save_meta(dir: &Path, meta: &Meta) -> io::Result<()> {
 pub struct Sessions {
     dir: PathBuf,
     map: Mutex<BTreeMap<String, Arc<Session>>>,
+    /// Sessions kept (`--retain-sessions`).
+    retain: usize,
+    /// History bytes kept over all sessions (`--retain-session-bytes`).
+    retain_bytes: u64,
+}
+
+/// The bytes a session's history takes on disk.
+fn history_bytes(session: &Session) -> u64 {
+    std::fs::metadata(session.dir.join("events")).map_or(0, |m| m.len())
 }
 
 impl Sessions {
-    /// Loads the sessions kept under `<state>/sessions`.
-    pub fn load(state_dir: &Path) -> io::Result<Arc<Self>> {
+    /// Loads the sessions kept under `<state>/sessions`, keeping at most `retain` of them and
+    /// `retain_bytes` of history (the oldest idle ones are deleted past either).
+    pub fn load(state_dir: &Path, retain: usize, retain_bytes: u64) -> io::Result<Arc<Self>> {
         let dir = state_dir.join("sessions");
         std::fs::create_dir_all(&dir)?;
         let mut map = BTreeMap::new();
@@ -288,10 +298,41 @@ impl Sessions {
             drop(session.log()?);
             map.insert(name.to_owned(), session);
         }
-        Ok(Arc::new(Self {
+        let sessions = Arc::new(Self {
             dir,
             map: Mutex::new(map),
-        }))
+            retain,
+            retain_bytes,
+        });
+        sessions.prune(None);
+        Ok(sessions)
+    }
+
+    /// Deletes the oldest idle sessions (by creation) while more than `--retain-sessions` are
+    /// kept or their histories take more than `--retain-session-bytes`; a session running an
+    /// invoke, and `keep`, are never deleted. Returns how many were deleted.
+    pub fn prune(&self, keep: Option<&str>) -> usize {
+        let all = self.list();
+        let mut count = all.len();
+        let mut bytes: u64 = all.iter().map(|s| history_bytes(s)).sum();
+        let mut deleted = 0;
+        for session in all {
+            if count <= self.retain && bytes <= self.retain_bytes {
+                break;
+            }
+            let id = session.id();
+            if keep == Some(id.as_str()) {
+                continue;
+            }
+            let size = history_bytes(&session);
+            if self.delete(&id).is_ok() {
+                tracing::info!(session = %id, "session deleted: over --retain-sessions or --retain-session-bytes");
+                count -= 1;
+                bytes = bytes.saturating_sub(size);
+                deleted += 1;
+            }
+        }
+        deleted
     }
 
     fn map(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Session>>> {
@@ -329,9 +370,8 @@ impl Sessions {
         // may still hold history: never delete it here.
         if dir.symlink_metadata().is_ok() {
             return Err(Error::SessionExists(format!(
-                "{} exists but is not a loadable session; \
-                 remove it on disk or choose another id",
-                dir.display()
+                "the state directory's sessions/{id} exists but is not a loadable session; \
+                 remove it on disk or choose another id"
             )));
         }
         std::fs::create_dir_all(dir.join("files"))?;

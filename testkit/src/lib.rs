@@ -3,6 +3,7 @@
 //! servers', not an HTTP library's) and percentile summaries.
 #![allow(missing_docs, clippy::unwrap_used)]
 
+pub mod hostile;
 pub mod sse;
 
 use std::io::{BufRead, BufReader, Write};

@@ -9,6 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use rustix::fs::OFlags;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -17,7 +18,7 @@ use agentbox_proto::ErrorBody;
 use super::query;
 use crate::error::{Error, Result};
 use crate::files::{self, Format, Listing, Written};
-use crate::jail::WORKSPACE_ALIAS;
+use crate::jail::{Jail, WORKSPACE_ALIAS};
 use crate::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -38,12 +39,11 @@ pub(super) async fn list_files(
     uri: Uri,
 ) -> Result<Json<Listing>> {
     let q: PathQuery = query(&uri)?;
-    let dir = app
-        .jail
-        .resolve(q.path.as_deref().unwrap_or(WORKSPACE_ALIAS))?;
-    let root = app.jail.root().to_path_buf();
-    let hidden = app.cfg.state_dir.clone();
-    let listing = tokio::task::spawn_blocking(move || files::list(&root, &dir, &hidden))
+    let dir = app.jail.open(
+        q.path.as_deref().unwrap_or(WORKSPACE_ALIAS),
+        OFlags::RDONLY | OFlags::DIRECTORY,
+    )?;
+    let listing = tokio::task::spawn_blocking(move || files::list(&app.jail, &dir.fd, &dir.rel))
         .await
         .map_err(|e| Error::Internal(e.to_string()))??;
     Ok(Json(listing))
@@ -63,27 +63,21 @@ pub(super) async fn read_file(
     Path(path): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    let real = app.jail.resolve_file(&format!("/{path}"))?;
-    let shown = files::sandbox_path(app.jail.root(), &real);
-    // Check the type before opening: opening a FIFO would block until someone writes to it.
-    match tokio::fs::metadata(&real).await {
-        Ok(m) if m.is_dir() => return Err(Error::IsADirectory(shown)),
-        Ok(m) if !m.is_file() => {
-            return Err(Error::InvalidPath(format!("{shown} is not a regular file")))
-        }
-        _ => {}
-    }
-    let mut file = tokio::fs::File::open(&real).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::FileNotFound(shown.clone())
-        } else {
-            Error::from(e)
-        }
-    })?;
-    let meta = file.metadata().await?;
+    // O_NONBLOCK: opening a FIFO must not wait for a writer; the type is checked on what was
+    // opened, so nothing can be swapped in between.
+    let found = app
+        .jail
+        .open(&format!("/{path}"), OFlags::RDONLY | OFlags::NONBLOCK)?;
+    let shown = Jail::shown(&found.rel);
+    let file = std::fs::File::from(found.fd);
+    let meta = file.metadata()?;
     if meta.is_dir() {
         return Err(Error::IsADirectory(shown));
     }
+    if !meta.is_file() {
+        return Err(Error::InvalidPath(format!("{shown} is not a regular file")));
+    }
+    let mut file = tokio::fs::File::from_std(file);
     let len = meta.len();
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, start, count) = match files::parse_range(range, len) {
@@ -129,8 +123,8 @@ pub(super) async fn write_file(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let target = app.jail.resolve_entry(&format!("/{path}"))?;
-    if target == app.jail.root() {
+    let user = format!("/{path}");
+    if app.jail.relative(&user)?.as_os_str().is_empty() {
         return Err(Error::IsADirectory(WORKSPACE_ALIAS.into()));
     }
     let limit = app.cfg.max_upload_bytes;
@@ -145,7 +139,8 @@ pub(super) async fn write_file(
             "uploads are limited to {limit} bytes"
         )));
     }
-    let written = files::write_stream(app.jail.root(), &target, stream, limit).await?;
+    let target = app.jail.parent(&user, true)?;
+    let written = files::write_stream(target, stream, limit).await?;
     Ok((StatusCode::CREATED, Json(written)).into_response())
 }
 
@@ -168,13 +163,10 @@ pub(super) async fn delete_file(
     uri: Uri,
 ) -> Result<StatusCode> {
     let q: DeleteQuery = query(&uri)?;
-    let target = app.jail.resolve_entry(&format!("/{path}"))?;
-    let root = app.jail.root().to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        files::delete(&root, &target, q.recursive.unwrap_or(false))
-    })
-    .await
-    .map_err(|e| Error::Internal(e.to_string()))??;
+    let target = app.jail.parent(&format!("/{path}"), false)?;
+    tokio::task::spawn_blocking(move || files::delete(&target, q.recursive.unwrap_or(false)))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -195,21 +187,16 @@ struct ArchiveQuery {
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody), (status = 404, description = "`file_not_found`.", body = ErrorBody)))]
 pub(super) async fn archive(State(app): State<Arc<AppState>>, uri: Uri) -> Result<Response> {
     let q: ArchiveQuery = query(&uri)?;
-    let dir = app
-        .jail
-        .resolve(q.path.as_deref().unwrap_or(WORKSPACE_ALIAS))?;
-    let shown = files::sandbox_path(app.jail.root(), &dir);
-    match std::fs::metadata(&dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(Error::NotADirectory(shown)),
-        Err(_) => return Err(Error::FileNotFound(shown)),
-    }
+    let dir = app.jail.open(
+        q.path.as_deref().unwrap_or(WORKSPACE_ALIAS),
+        OFlags::RDONLY | OFlags::DIRECTORY,
+    )?;
     let format = q.format.unwrap_or_default();
-    let name = match dir.file_name() {
-        Some(n) if dir != app.jail.root() => n.to_string_lossy().into_owned(),
-        _ => "workspace".to_owned(),
+    let name = match dir.rel.file_name() {
+        Some(n) => n.to_string_lossy().into_owned(),
+        None => "workspace".to_owned(),
     };
-    let rx = files::archive(dir, app.cfg.state_dir.clone(), format);
+    let rx = files::archive(dir.fd, app.jail.reserved_ids(), format);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });

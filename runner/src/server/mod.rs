@@ -74,15 +74,16 @@ pub fn router(app: Arc<AppState>) -> Router {
         .with_state(app)
 }
 
-/// Serves `router` on an already-bound listener until `shutdown` resolves.
-pub async fn serve(
-    listener: crate::listen::Listener,
+/// Serves `router` on an already-bound listener until `shutdown` resolves, with the
+/// connection cap and timeouts of `--max-connections`, `--header-read-timeout` and
+/// `--idle-timeout` (`agentbox_serve`). Any [`agentbox_serve::Listener`] (TCP, Unix) works.
+pub async fn serve<L: agentbox_serve::Listener>(
+    listener: L,
     app: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::TokioExecutor;
     use hyper_util::server::conn::auto;
-    use hyper_util::service::TowerToHyperService;
 
     // HTTP/1.1 for callers, and HTTP/2 with prior knowledge for the control plane, which
     // carries every stream of one runner on one connection: a stream then costs a few hundred
@@ -93,30 +94,8 @@ pub async fn serve(
         .max_concurrent_streams(H2_MAX_STREAMS)
         .initial_connection_window_size(H2_CONN_WINDOW)
         .initial_stream_window_size(H2_STREAM_WINDOW);
-    let service = TowerToHyperService::new(router(app));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let conn = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                // Out of descriptors or a connection reset before accept: keep serving.
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let conn = builder.serve_connection(TokioIo::new(conn), service.clone());
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
-    graceful.shutdown().await;
-    Ok(())
+    let limits = app.cfg.limits;
+    agentbox_serve::serve(listener, router(app), builder, limits, "runner", shutdown).await
 }
 
 /// HTTP/2 limits: streams are cheap, and the control plane may hold thousands open.
@@ -279,16 +258,14 @@ async fn configure_sandbox(
 ) -> Result<Response> {
     require_agent_mode(&app, "/v1/configure")?;
     let q: StreamQuery = query(&uri)?;
-    // Base64 grows content by 4/3; allow for JSON around it.
-    let limit =
-        (app.cfg.max_total_bytes.saturating_mul(4) / 3 + (8 << 20)).min(usize::MAX as u64) as usize;
-    let req: ConfigureRequest = read_json(body, limit).await?;
-    if req.entrypoint.is_none() && app.store.get().entrypoint.is_none() {
+    let plan = configure::read_plan(&app, body)
+        .await?
+        .with_live_output(q.stream == Some(StreamMode::Live));
+    if !plan.has_entrypoint() && app.store.get().entrypoint.is_none() {
         return Err(Error::InvalidRequest(
             "entrypoint is required on the first configure".into(),
         ));
     }
-    let plan = configure::plan(&app, req)?.with_live_output(q.stream == Some(StreamMode::Live));
     let (log, outcome) = configure::start(&app, plan)?;
     if wants_json(&headers) {
         let result = outcome
@@ -391,7 +368,7 @@ async fn invoke(
         acp,
     })?;
     if wants_json(&headers) {
-        return Ok(Json(collect(sub, attachment).await?).into_response());
+        return Ok(Json(collect(sub, attachment, app.cfg.max_json_output).await?).into_response());
     }
     Ok(new_invoke_response(sub, attachment, app.cfg.keepalive).await)
 }
@@ -456,10 +433,8 @@ async fn exec(
         .jail
         .resolve(req.cwd.as_deref().unwrap_or(crate::jail::WORKSPACE_ALIAS))?;
     if !cwd.is_dir() {
-        return Err(Error::NotADirectory(crate::files::sandbox_path(
-            app.jail.root(),
-            &cwd,
-        )));
+        let rel = cwd.strip_prefix(app.jail.root()).unwrap_or(&cwd);
+        return Err(Error::NotADirectory(crate::jail::Jail::shown(rel)));
     }
     let env = req.env.unwrap_or_default();
     if env
@@ -484,7 +459,7 @@ async fn exec(
     })?;
     // The seed's exec answers one JSON document; events only for clients that ask for them.
     if !wants_sse(&headers) {
-        return Ok(Json(collect(sub, attachment).await?).into_response());
+        return Ok(Json(collect(sub, attachment, app.cfg.max_json_output).await?).into_response());
     }
     Ok(new_invoke_response(sub, attachment, app.cfg.keepalive).await)
 }
@@ -511,10 +486,18 @@ fn wants_sse(headers: &HeaderMap) -> bool {
         .is_some_and(|a| a.contains("text/event-stream"))
 }
 
-/// Reads an invoke's events to the end and folds them into one JSON answer.
-async fn collect(mut sub: Subscription, attachment: Attachment) -> Result<InvokeResponse> {
+/// Reads an invoke's events to the end and folds them into one JSON answer, keeping at most
+/// `max` bytes of each stream (`--max-json-output`); past that the stream is marked truncated
+/// and read on without being kept, so the answer's size and the memory it takes are bounded.
+async fn collect(
+    mut sub: Subscription,
+    attachment: Attachment,
+    max: u64,
+) -> Result<InvokeResponse> {
+    let max = usize::try_from(max).unwrap_or(usize::MAX);
     let mut pending: Vec<u8> = Vec::new();
     let mut out: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let mut truncated = [false, false];
     let mut exit: Option<ExitEvent> = None;
     while let Some(chunk) = sub.next().await {
         pending.extend_from_slice(&chunk?);
@@ -525,19 +508,29 @@ async fn collect(mut sub: Subscription, attachment: Attachment) -> Result<Invoke
                     let Ok(log) = serde_json::from_str::<LogEvent>(frame.data) else {
                         continue;
                     };
-                    let buf = &mut out[usize::from(log.stream == Stream::Stderr)];
+                    let which = usize::from(log.stream == Stream::Stderr);
+                    let buf = &mut out[which];
+                    let mut keep = |bytes: &[u8]| {
+                        let room = max.saturating_sub(buf.len());
+                        if bytes.len() > room {
+                            truncated[which] = true;
+                        }
+                        buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                    };
                     // The exact bytes: `dataBase64` when present (`data` is then lossy).
                     if let Some(b64) = log.data_base64 {
                         if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(b64) {
-                            buf.extend_from_slice(&bytes);
+                            keep(&bytes);
                         }
                     } else if let Some(text) = log.data {
-                        buf.extend_from_slice(text.as_bytes());
+                        keep(text.as_bytes());
                     }
                     if !log.partial {
-                        buf.push(b'\n');
+                        keep(b"\n");
                     }
                 }
+                // The journal stopped storing output: which stream lost bytes is not known.
+                event::TRUNCATED => truncated = [true, true],
                 event::EXIT => exit = serde_json::from_str(frame.data).ok(),
                 _ => {}
             }
@@ -556,6 +549,8 @@ async fn collect(mut sub: Subscription, attachment: Attachment) -> Result<Invoke
         reason: exit.reason,
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        stdout_truncated: truncated[0],
+        stderr_truncated: truncated[1],
     })
 }
 

@@ -197,8 +197,21 @@ pub(super) async fn set_config(
         (status = 409, description = "`session_exists`: the id is taken, or a directory of that name exists that did not load as a session (it is kept as it is).", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody)))]
 pub(super) async fn create(State(app): State<Arc<AppState>>, body: Body) -> Result<Response> {
-    let req: CreateSessionRequest = read_json(body, 1 << 20).await?;
+    // An object, not merely something serde can read as the struct (`[null, null]` is one).
+    let req: serde_json::Value = read_json(body, 1 << 20).await?;
+    if !req.is_object() {
+        return Err(Error::InvalidRequest(
+            "the body must be a JSON object: {\"id\"?, \"metadata\"?}".into(),
+        ));
+    }
+    let req: CreateSessionRequest = serde_json::from_value(req).map_err(|e| {
+        Error::InvalidRequest(format!("the body is not valid JSON for this route: {e}"))
+    })?;
     let session = app.sessions.create(req.id, req.metadata)?;
+    let (sessions, keep) = (Arc::clone(&app.sessions), session.id());
+    tokio::task::spawn_blocking(move || sessions.prune(Some(&keep)))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
     Ok((StatusCode::CREATED, Json(session.info())).into_response())
 }
 
