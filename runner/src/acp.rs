@@ -39,9 +39,13 @@ const MAX_LINE: usize = 16 << 20;
 
 type Reply = std::result::Result<Value, Value>;
 
-/// What the agent is started with; a change (a new configure) restarts it.
+/// What the agent is started with; a change (a new configure: other files or install command,
+/// argv, env, or agent definition) restarts it at the session's next turn.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Launch {
+    /// The install hash in force (files and install command): new agent code on disk is a
+    /// change even when argv, env and cwd are the same.
+    pub install_hash: Option<String>,
     /// argv.
     pub argv: Vec<String>,
     /// The complete environment.

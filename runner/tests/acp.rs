@@ -488,3 +488,34 @@ async fn a_prompt_over_16_mib_is_413() {
     let (_, info) = json_of(r.get("/v1/sessions/a").send().await.unwrap()).await;
     assert!(info.get("runningInvokeId").is_none(), "{info}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configure_that_changes_only_files_restarts_the_agent() {
+    let r = setup(&[]).await;
+    let events = r.invoke_sse("?session=a&prompt=hi", "").await;
+    let texts = said(&events);
+    assert!(texts[0].starts_with("echo hi turn 1 pid "), "{texts:?}");
+    let first = pid_in(&texts[0]);
+    // New agent code: same argv, env and cwd, other files (so another install hash).
+    let (status, body) = r
+        .configure_json(json!({
+            "files": [{"path": "acp_agent.py", "content": AGENT.replace("f\"echo {text}", "f\"new {text}")}],
+            "entrypoint": ["python3", "acp_agent.py"],
+            "protocol": "acp",
+        }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["skipped"], false, "{body}");
+    let events = r.invoke_sse("?session=a&prompt=hi", "").await;
+    let texts = said(&events);
+    assert_eq!(texts.len(), 1, "{events:?}");
+    assert!(texts[0].starts_with("new hi turn 1 pid "), "{texts:?}");
+    assert_ne!(pid_in(&texts[0]), first);
+    // The old process is gone.
+    assert!(
+        !common::pid_exists(first.parse().unwrap())
+            || std::fs::read_to_string(format!("/proc/{first}/stat"))
+                .unwrap()
+                .contains(") Z")
+    );
+}

@@ -83,6 +83,7 @@ fn launch(
         app.cfg.workspace.display().to_string(),
     ));
     Launch {
+        install_hash: app.store.get().install_command_hash,
         argv: argv.to_vec(),
         env: full,
         cwd: app.cfg.workspace.clone(),
