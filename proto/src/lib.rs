@@ -781,6 +781,10 @@ pub struct SessionInfo {
     /// Tool kinds answered `always`: later requests of these kinds are allowed by the runner.
     #[serde(default)]
     pub always_allowed: Vec<String>,
+    /// Tool kinds answered `reject_always`: later requests of these kinds are refused by the
+    /// runner.
+    #[serde(default)]
+    pub always_rejected: Vec<String>,
 }
 
 /// `GET /v1/sessions` answer, oldest first.
@@ -854,7 +858,7 @@ pub struct AgentEvent {
 
 /// How a caller answers a permission request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum PermissionReply {
     /// Allow this one call.
     Once,
@@ -862,6 +866,11 @@ pub enum PermissionReply {
     Always,
     /// Refuse.
     Reject,
+    /// Refuse, and refuse every later request of the same tool kind in this session.
+    RejectAlways,
+    /// Nobody chose: the turn was canceled or ended first (journaled only, never sent by a
+    /// client).
+    Cancelled,
 }
 
 impl PermissionReply {
@@ -871,13 +880,51 @@ impl PermissionReply {
             PermissionReply::Once => "once",
             PermissionReply::Always => "always",
             PermissionReply::Reject => "reject",
+            PermissionReply::RejectAlways => "reject_always",
+            PermissionReply::Cancelled => "cancelled",
+        }
+    }
+
+    /// The reply an option of ACP kind `kind` (`allow_once`, `allow_always`, `reject_once`,
+    /// `reject_always`) stands for.
+    pub fn of_option_kind(kind: &str) -> Option<Self> {
+        match kind {
+            "allow_once" => Some(PermissionReply::Once),
+            "allow_always" => Some(PermissionReply::Always),
+            "reject_once" => Some(PermissionReply::Reject),
+            "reject_always" => Some(PermissionReply::RejectAlways),
+            _ => None,
         }
     }
 }
 
+/// One choice the agent offers for a permission request (ACP's `PermissionOption`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PermissionOption {
+    /// The agent's id for it: answer with `{"optionId": ...}` to choose exactly this one.
+    pub option_id: String,
+    /// Its label, for a human.
+    #[serde(default)]
+    pub name: String,
+    /// `allow_once`, `allow_always`, `reject_once` or `reject_always`.
+    pub kind: String,
+}
+
+/// How the runner answered a request itself, without asking anyone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoReply {
+    /// The answer (`always` or `reject_always`).
+    pub reply: PermissionReply,
+    /// Why: `always` (an earlier `always` or `reject_always` for the tool kind).
+    pub by: ReplyOrigin,
+}
+
 /// `permission` event: the agent asks; answer with
 /// `POST /v1/sessions/{sid}/permissions/{permissionId}` or
-/// `POST /v1/invokes/{iid}/permissions/{permissionId}`.
+/// `POST /v1/invokes/{iid}/permissions/{permissionId}` (unless `autoReply` says the runner
+/// already did).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PermissionEvent {
@@ -891,8 +938,17 @@ pub struct PermissionEvent {
     pub tool_call: serde_json::Value,
     /// The tool kind this request counts as for `always` (`toolCall.kind`, or `other`).
     pub tool_kind: String,
-    /// Always `["once", "always", "reject"]`.
+    /// Always `["once", "always", "reject", "reject_always"]`.
     pub available_replies: Vec<PermissionReply>,
+    /// The agent's own options (an ACP agent's, or those an fd-channel agent listed); a reply
+    /// may name one by `optionId`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<PermissionOption>,
+    /// Present when the runner answered the request itself (an earlier `always` or
+    /// `reject_always` for this tool kind): nothing waits for a client; the
+    /// `permission_reply` follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_reply: Option<AutoReply>,
 }
 
 /// Who answered a permission request, and why.
@@ -901,10 +957,12 @@ pub struct PermissionEvent {
 pub enum ReplyOrigin {
     /// A caller, through the API.
     Client,
-    /// The runner: an earlier `always` covered it.
+    /// The runner: an earlier `always` (or `reject_always`) covered it.
     Always,
     /// The runner: nobody answered within the permission timeout; the reply is `reject`.
     Timeout,
+    /// The runner: the turn was canceled (or ended) first; the reply is `cancelled`.
+    Cancel,
 }
 
 /// `permission_reply` event: a request was answered (by a client or by the runner).
@@ -915,6 +973,9 @@ pub struct PermissionReplyEvent {
     pub permission_id: String,
     /// The answer written to the agent.
     pub reply: PermissionReply,
+    /// The agent's option chosen, when the client named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub option_id: Option<String>,
     /// Who answered.
     pub by: ReplyOrigin,
 }
@@ -952,12 +1013,17 @@ pub struct SessionConfigRequest {
     pub options: Option<BTreeMap<String, serde_json::Value>>,
 }
 
-/// `POST /v1/sessions/{sid}/permissions/{pid}` (and the invoke variant) body.
+/// `POST /v1/sessions/{sid}/permissions/{pid}` (and the invoke variant) body: `reply` or
+/// `optionId`, not both.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PermissionReplyRequest {
-    /// `once`, `always` or `reject`.
-    pub reply: PermissionReply,
+    /// `once`, `always`, `reject` or `reject_always`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<PermissionReply>,
+    /// One of the `options` of the `permission` event, chosen as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub option_id: Option<String>,
 }
 
 /// Answer to a permission reply.
@@ -970,6 +1036,9 @@ pub struct PermissionReplyResponse {
     pub invoke_id: InvokeId,
     /// The answer written to the agent.
     pub reply: PermissionReply,
+    /// The agent's option chosen, when the request named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub option_id: Option<String>,
 }
 
 /// OpenAPI schemas of one Server-Sent Events frame (`{id, event, data}`, `data` being the JSON

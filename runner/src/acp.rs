@@ -440,6 +440,7 @@ impl Conn {
                         "id": pid,
                         "title": tool_call.get("title").cloned().unwrap_or(Value::Null),
                         "toolCall": tool_call,
+                        "options": turn.asks().get(&pid).map(|a| a.1.clone()).unwrap_or_default(),
                     }));
                 }
                 None => self.respond(&id, json!({"outcome": {"outcome": "cancelled"}})),
@@ -478,24 +479,34 @@ impl Conn {
 
     /// Answers a permission request of the turn with the option matching `reply`.
     fn answer(&self, turn: &TurnSink, line: &str) {
-        let Ok(reply) = serde_json::from_str::<Value>(line) else {
+        let Ok(message) = serde_json::from_str::<Value>(line) else {
             return;
         };
         let (Some(pid), Some(reply)) = (
-            reply.get("id").and_then(Value::as_str),
-            reply.get("reply").and_then(Value::as_str),
+            message.get("id").and_then(Value::as_str),
+            message.get("reply").and_then(Value::as_str),
         ) else {
             return;
         };
         let Some((id, options)) = turn.asks().remove(pid) else {
             return;
         };
+        // A client that named one of the agent's options gets exactly that one (the channel
+        // checked it was offered).
+        if let Some(option_id) = message.get("optionId").and_then(Value::as_str) {
+            let outcome = json!({"outcome": "selected", "optionId": option_id});
+            self.respond(&id, json!({ "outcome": outcome }));
+            return;
+        }
         // Never grant more than the user gave: `once` is only ever `allow_once`; `always` may
-        // fall back to `allow_once`; `reject` to `reject_always` (it grants nothing). Without a
-        // matching option the answer is `cancelled`, which grants nothing either.
+        // fall back to `allow_once`; `reject` to `reject_always` (it grants nothing), and
+        // `reject_always` to `reject_once`. Without a matching option the answer is
+        // `cancelled`, which grants nothing either.
         let wanted: &[&str] = match reply {
             "once" => &["allow_once"],
             "always" => &["allow_always", "allow_once"],
+            "reject_always" => &["reject_always", "reject_once"],
+            "cancelled" => &[],
             _ => &["reject_once", "reject_always"],
         };
         let chosen = wanted.iter().find_map(|kind| {
@@ -790,7 +801,9 @@ impl Turn {
                     match cancel_at {
                         None if process.stop_reason().is_some() => {
                             conn.send(&json!({"jsonrpc": "2.0", "method": "session/cancel", "params": {"sessionId": conn.acp_session}}));
-                            // A cancel answers every open permission request `cancelled`.
+                            // A cancel answers every open permission request `cancelled`
+                            // (journaled `by: "cancel"`).
+                            sink.external.cancel_pending();
                             let open: Vec<(Value, Vec<Value>)> = sink.asks().drain().map(|(_, v)| v).collect();
                             for (id, _) in open {
                                 conn.respond(&id, json!({"outcome": {"outcome": "cancelled"}}));
@@ -804,6 +817,8 @@ impl Turn {
             }
         };
         *conn.turn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // Requests the agent left open when the turn ended are `cancelled` too.
+        sink.external.cancel_pending();
         let open: Vec<(Value, Vec<Value>)> = sink.asks().drain().map(|(_, v)| v).collect();
         for (id, _) in open {
             conn.respond(&id, json!({"outcome": {"outcome": "cancelled"}}));

@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use agentbox_proto::{
-    session_event, valid_session_id, InvokeId, ReplyOrigin, Sender, SessionEvent, SessionInfo,
+    session_event, valid_session_id, InvokeId, PermissionReply, ReplyOrigin, Sender, SessionEvent,
+    SessionInfo,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -36,6 +37,8 @@ struct Meta {
     metadata: Option<Value>,
     #[serde(default)]
     always_allowed: BTreeSet<String>,
+    #[serde(default)]
+    always_rejected: BTreeSet<String>,
 }
 
 /// One session. Its history is open only while something uses it (an invoke running in the
@@ -108,6 +111,7 @@ impl Session {
             event_count: self.event_count.load(Ordering::SeqCst),
             running_invoke_id: self.running_invoke(),
             always_allowed: meta.always_allowed.into_iter().collect(),
+            always_rejected: meta.always_rejected.into_iter().collect(),
         }
     }
 
@@ -135,16 +139,30 @@ impl Session {
         Ok(Claim(Arc::clone(self), Some(log)))
     }
 
-    /// Whether `kind` was answered `always` in this session.
-    pub fn allows_always(&self, kind: &str) -> bool {
-        self.meta().always_allowed.contains(kind)
+    /// Whether `kind` was answered `reply` (`always` or `reject_always`) in this session.
+    pub fn remembers(&self, kind: &str, reply: PermissionReply) -> bool {
+        let meta = self.meta();
+        match reply {
+            PermissionReply::Always => meta.always_allowed.contains(kind),
+            PermissionReply::RejectAlways => meta.always_rejected.contains(kind),
+            _ => false,
+        }
     }
 
-    /// Remembers an `always` for `kind` (persisted).
-    pub fn allow_always(&self, kind: &str) {
+    /// Remembers an `always` or `reject_always` for `kind` (persisted); the latest one wins.
+    pub fn remember(&self, kind: &str, reply: PermissionReply) {
         let meta = {
-            let mut meta = self.meta();
-            if !meta.always_allowed.insert(kind.to_owned()) {
+            let mut guard = self.meta();
+            let meta = &mut *guard;
+            let (add, remove) = match reply {
+                PermissionReply::Always => (&mut meta.always_allowed, &mut meta.always_rejected),
+                PermissionReply::RejectAlways => {
+                    (&mut meta.always_rejected, &mut meta.always_allowed)
+                }
+                _ => return,
+            };
+            let removed = remove.remove(kind);
+            if !add.insert(kind.to_owned()) && !removed {
                 return;
             }
             meta.clone()
@@ -340,6 +358,7 @@ impl Sessions {
             created_at: now_ms(),
             metadata,
             always_allowed: BTreeSet::new(),
+            always_rejected: BTreeSet::new(),
         };
         save_meta(&dir, &meta)?;
         let session = Arc::new(Session {

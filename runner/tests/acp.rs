@@ -170,7 +170,7 @@ async fn acp_prompt_permission_config_and_cancel() {
     let events = rest_of(resp, buf).await;
     assert_eq!(
         said(&events),
-        vec![format!("refused turn 3 pid {pid} mode ask")]
+        vec![format!("refused (reject) turn 3 pid {pid} mode ask")]
     );
 
     let (resp, buf, _) = turn_until(&r, "write three", "permission").await;
@@ -411,7 +411,10 @@ async fn acp_once_never_selects_allow_always() {
     let events = rest_of(resp, buf).await;
     let texts = said(&events);
     assert_eq!(texts.len(), 1, "{events:?}");
-    assert!(texts[0].starts_with("refused turn 1 "), "{texts:?}");
+    assert!(
+        texts[0].starts_with("refused (cancelled) turn 1 "),
+        "{texts:?}"
+    );
     assert!(!r.workspace.join("acp.txt").exists());
     // `always` may take allow_always.
     let (resp, buf, _) = turn_until(&r, "write! y", "permission").await;
@@ -518,4 +521,142 @@ async fn a_configure_that_changes_only_files_restarts_the_agent() {
                 .unwrap()
                 .contains(") Z")
     );
+}
+
+async fn answer_with(r: &Runner, body: Value) -> (u16, Value) {
+    json_of(
+        r.post("/v1/sessions/a/permissions/acp-1")
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+fn of_kind<'a>(events: &'a [Event], kind: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e.event == kind)
+        .map(|e| &e.data)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acp_permissions_offer_the_agents_options_and_remember_reject_always() {
+    let r = setup(&["--grace", "3s"]).await;
+    // The event carries the agent's own options; a reply may name one.
+    let (resp, buf, events) = turn_until(&r, "write one", "permission").await;
+    let ask = events.last().unwrap().data.clone();
+    assert_eq!(
+        ask["options"],
+        json!([
+            {"optionId": "allow-once", "name": "Allow", "kind": "allow_once"},
+            {"optionId": "allow-always", "name": "Always allow", "kind": "allow_always"},
+            {"optionId": "reject", "name": "Reject", "kind": "reject_once"},
+            {"optionId": "reject-always", "name": "Never", "kind": "reject_always"},
+        ])
+    );
+    assert!(ask.get("autoReply").is_none());
+    let (status, body) = answer_with(&r, json!({"optionId": "nope"})).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    let (status, body) = answer_with(&r, json!({"reply": "once", "optionId": "allow-once"})).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    let (status, body) = answer_with(&r, json!({"optionId": "allow-once"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["reply"].as_str(), body["optionId"].as_str()),
+        (Some("once"), Some("allow-once"))
+    );
+    let events = rest_of(resp, buf).await;
+    assert!(
+        said(&events)[0].starts_with("wrote (allow-once) turn 1 "),
+        "{events:?}"
+    );
+    assert_eq!(
+        of_kind(&events, "permission_reply"),
+        vec![
+            &json!({"permissionId": "acp-1", "reply": "once", "optionId": "allow-once", "by": "client"})
+        ]
+    );
+
+    // reject_always selects the agent's reject_always option and is remembered for `edit`.
+    let (resp, buf, _) = turn_until(&r, "write two", "permission").await;
+    let (status, body) = answer_with(&r, json!({"reply": "reject_always"})).await;
+    assert_eq!(status, 200, "{body}");
+    let events = rest_of(resp, buf).await;
+    assert!(
+        said(&events)[0].starts_with("refused (reject-always) turn 2 "),
+        "{events:?}"
+    );
+    let (_, info) = json_of(r.get("/v1/sessions/a").send().await.unwrap()).await;
+    assert_eq!(info["alwaysRejected"], json!(["edit"]), "{info}");
+    // The next request of that kind is refused by the runner: one `permission` event that says
+    // so (no request waits for a client), then its `permission_reply`.
+    let events = r.invoke_sse("?session=a", "write three").await;
+    let asks = of_kind(&events, "permission");
+    assert_eq!(asks.len(), 1, "{events:?}");
+    assert_eq!(
+        asks[0]["autoReply"],
+        json!({"reply": "reject_always", "by": "always"})
+    );
+    assert_eq!(
+        of_kind(&events, "permission_reply"),
+        vec![&json!({"permissionId": "acp-1", "reply": "reject_always", "by": "always"})]
+    );
+    assert!(
+        said(&events)[0].starts_with("refused (reject-always) turn 3 "),
+        "{events:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(r.workspace.join("acp.txt")).unwrap(),
+        "one\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acp_cancel_answers_a_pending_permission_cancelled() {
+    let r = setup(&["--grace", "3s"]).await;
+    let (resp, buf, events) = turn_until(&r, "write one", "permission").await;
+    let id = events[0].data["invokeId"].as_str().unwrap().to_owned();
+    let cancel = r
+        .post(&format!("/v1/invokes/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 202);
+    let events = rest_of(resp, buf).await;
+    assert_eq!(
+        of_kind(&events, "permission_reply"),
+        vec![&json!({"permissionId": "acp-1", "reply": "cancelled", "by": "cancel"})]
+    );
+    assert!(
+        said(&events)[0].starts_with("refused (cancelled) turn 1 "),
+        "{events:?}"
+    );
+    assert_eq!(exit_event(&events)["reason"], "canceled");
+    assert!(!r.workspace.join("acp.txt").exists());
+    // In the history too, sent by the runner.
+    let (_, page) = json_of(
+        r.get("/v1/sessions/a/events?limit=1000")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let reply = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "permission_reply")
+        .unwrap();
+    assert_eq!(reply["sender"], "runner");
 }

@@ -225,8 +225,9 @@ async fn each_reply_changes_what_the_agent_does() {
     assert_eq!(ask.data["toolCall"]["kind"], "edit");
     assert_eq!(
         ask.data["availableReplies"],
-        json!(["once", "always", "reject"])
+        json!(["once", "always", "reject", "reject_always"])
     );
+    assert!(ask.data.get("autoReply").is_none(), "{ask:?}");
     assert!(ask.data["title"]
         .as_str()
         .unwrap()
@@ -344,6 +345,14 @@ async fn always_is_answered_once_then_applied_by_the_runner() {
         .map(|e| e.data["by"].as_str().unwrap())
         .collect();
     assert_eq!(by, vec!["client", "always", "always"]);
+    // The requests the runner answered itself say so: nothing waits for a client.
+    let auto: Vec<&Value> = events
+        .iter()
+        .filter(|e| e.event == "permission")
+        .map(|e| &e.data["autoReply"])
+        .collect();
+    let always = json!({"reply": "always", "by": "always"});
+    assert_eq!(auto, vec![&Value::Null, &always, &always]);
     let (_, info) = json_of(r.get("/v1/sessions/s2").send().await.unwrap()).await;
     assert_eq!(info["alwaysAllowed"], json!(["edit"]));
 

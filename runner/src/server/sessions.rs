@@ -376,11 +376,7 @@ pub(super) async fn reply_in_session(
             "no permission request {pid:?}: nothing runs in session {id:?}"
         ))
     })?;
-    Ok(Json(app.permissions.answer(
-        invoke.as_str(),
-        &pid,
-        req.reply,
-    )?))
+    Ok(Json(app.permissions.answer(invoke.as_str(), &pid, req)?))
 }
 
 /// Answer a permission request of an invoke
@@ -401,5 +397,5 @@ pub(super) async fn reply_in_invoke(
     body: Body,
 ) -> Result<Json<PermissionReplyResponse>> {
     let req: PermissionReplyRequest = read_json(body, 64 << 10).await?;
-    Ok(Json(app.permissions.answer(&id, &pid, req.reply)?))
+    Ok(Json(app.permissions.answer(&id, &pid, req)?))
 }

@@ -69,6 +69,7 @@ class TestAgent(Agent):
                 PermissionOption(option_id="allow-once", name="Allow", kind="allow_once"),
                 PermissionOption(option_id="allow-always", name="Always allow", kind="allow_always"),
                 PermissionOption(option_id="reject", name="Reject", kind="reject_once"),
+                PermissionOption(option_id="reject-always", name="Never", kind="reject_always"),
             ]
             if text.startswith("write! "):
                 options = options[1:]
@@ -80,7 +81,8 @@ class TestAgent(Agent):
                     f.write(text.split(" ", 1)[1] + "\n")
                 await self.say(session_id, f"wrote ({outcome.option_id}) {tag}")
             else:
-                await self.say(session_id, f"refused {tag}")
+                why = outcome.option_id if outcome.outcome == "selected" else outcome.outcome
+                await self.say(session_id, f"refused ({why}) {tag}")
             return PromptResponse(stop_reason="end_turn")
         if text == "garbage":
             os.write(2, b"bad \xff stderr\n")
