@@ -442,12 +442,12 @@ fn sessions_delete() {}
 #[allow(dead_code)]
 fn sessions_events() {}
 
-/// Set an ACP agent's session config (mode, model, options)
+/// Set an ACP agent's session config (mode, model, thought level, options)
 #[utoipa::path(put, path = "/api/v1/sandboxes/{id}/sessions/{sid}/config", tag = "sessions",
     params(("id" = String, Path, description = "The sandbox id."), ("sid" = String, Path, description = "The session id.")),
     request_body(content = SessionConfigRequest, content_type = "application/json"),
     responses(
-        (status = 200, description = "What the agent answered, per setting.", body = Object),
+        (status = 200, description = "The session with its ACP state after the changes (`acp`).", body = SessionInfo),
         (status = 400, description = "`invalid_request`, `invalid_session_id`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, `session_not_found`.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`.", body = ErrorBody),

@@ -785,6 +785,77 @@ pub struct SessionInfo {
     /// runner.
     #[serde(default)]
     pub always_rejected: Vec<String>,
+    /// The agent the session runs (`POST /v1/sessions {agent}`); absent: the default agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// An ACP agent's session as the runner last knew it (absent before the first turn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acp: Option<AcpSessionState>,
+}
+
+/// An ACP session's state, kept current from the agent's answers (`session/new`,
+/// `session/load`, `session/set_*`) and its `current_mode_update` and `config_option_update`
+/// notifications.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AcpSessionState {
+    /// The agent's id for the session (reused by `session/load`).
+    pub session_id: String,
+    /// The current mode id (`modes.currentModeId`, or the config option of category `mode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// The current model id (`models.currentModelId`, or the config option of category
+    /// `model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The current thought level (the config option of category `thought_level`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thought_level: Option<String>,
+    /// The agent's `modes` (`{currentModeId, availableModes}`), as it sent them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modes: Option<serde_json::Value>,
+    /// The agent's `models` (`{currentModelId, availableModels}`), as it sent them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<serde_json::Value>,
+    /// The agent's `configOptions` with their current values, as it sent them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_options: Option<serde_json::Value>,
+}
+
+impl AcpSessionState {
+    /// Fills `mode`, `model` and `thoughtLevel` from the raw fields.
+    pub fn derive(&mut self) {
+        let option = |category: &str| -> Option<String> {
+            self.config_options
+                .as_ref()?
+                .as_array()?
+                .iter()
+                .find(|o| o.get("category").and_then(|c| c.as_str()) == Some(category))?
+                .get("currentValue")
+                .map(|v| match v.as_str() {
+                    Some(s) => s.to_owned(),
+                    None => v.to_string(),
+                })
+        };
+        let current = |field: &Option<serde_json::Value>, key: &str| -> Option<String> {
+            field.as_ref()?.get(key)?.as_str().map(str::to_owned)
+        };
+        self.mode = current(&self.modes, "currentModeId").or_else(|| option("mode"));
+        self.model = option("model").or_else(|| current(&self.models, "currentModelId"));
+        self.thought_level = option("thought_level");
+    }
+
+    /// The id of the config option of `category`, if the agent offers one.
+    pub fn option_of_category(&self, category: &str) -> Option<String> {
+        self.config_options
+            .as_ref()?
+            .as_array()?
+            .iter()
+            .find(|o| o.get("category").and_then(|c| c.as_str()) == Some(category))?
+            .get("id")?
+            .as_str()
+            .map(str::to_owned)
+    }
 }
 
 /// `GET /v1/sessions` answer, oldest first.
@@ -1002,12 +1073,17 @@ pub struct PromptEvent {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SessionConfigRequest {
-    /// A mode id the agent advertised (`session/set_mode`).
+    /// A mode id the agent advertised (`session/set_mode`, or its config option of category
+    /// `mode` when it offers no modes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
-    /// A model id the agent advertised (`session/set_model`).
+    /// A model id the agent advertised (its config option of category `model`, else
+    /// `session/set_model`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// A thought level the agent advertised (its config option of category `thought_level`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thought_level: Option<String>,
     /// Config option ids to values (`session/set_config_option`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<BTreeMap<String, serde_json::Value>>,

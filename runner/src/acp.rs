@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use agentbox_proto::{
-    event, session_event, AgentEvent, ErrorEvent, ExitReason, InvokeId, Sender, Stream,
+    event, session_event, AcpSessionState, AgentEvent, ErrorEvent, ExitReason, InvokeId, Sender,
+    Stream,
 };
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -139,48 +140,78 @@ impl AcpAgents {
         .await;
     }
 
-    /// Sets mode, model and config options of the session's ACP session; returns what the
-    /// agent answered to each.
+    /// Sets mode, model, thought level and config options of the session's ACP session, in
+    /// that order, keeping the session's state current from each answer; returns the session.
     pub async fn configure(
         &self,
         session: &Arc<Session>,
         launch: &Launch,
         reaper: &Arc<Reaper>,
         req: agentbox_proto::SessionConfigRequest,
-    ) -> Result<Value> {
+    ) -> Result<agentbox_proto::SessionInfo> {
         let conn = self.get_or_start(session, launch, reaper).await?;
         let sid = conn.acp_session.clone();
-        let mut calls: Vec<(&str, &str, Value)> = Vec::new();
-        if let Some(mode) = req.mode {
-            calls.push((
-                "mode",
-                "session/set_mode",
-                json!({"sessionId": sid, "modeId": mode}),
-            ));
-        }
-        if let Some(model) = req.model {
-            calls.push((
-                "model",
-                "session/set_model",
-                json!({"sessionId": sid, "modelId": model}),
-            ));
-        }
-        let mut out = serde_json::Map::new();
-        for (what, method, params) in calls {
-            let answer = conn.request(method, params).await;
-            out.insert(what.into(), answer_json(method, answer)?);
-        }
-        if let Some(options) = req.options {
-            let mut answers = serde_json::Map::new();
-            for (config_id, value) in options {
-                let params = json!({"sessionId": sid, "configId": config_id, "value": value});
-                let answer = conn.request("session/set_config_option", params).await;
-                answers.insert(config_id, answer_json("session/set_config_option", answer)?);
+        let state = session.acp_state().unwrap_or_default();
+        // Through the config option of `category` when the agent offers one.
+        let by_option = |category: &str, value: &str| {
+            state
+                .option_of_category(category)
+                .map(|config_id| (config_id, json!(value)))
+        };
+        let mut options: Vec<(String, Value)> = Vec::new();
+        if let Some(mode) = &req.mode {
+            if state.modes.is_some() {
+                let params = json!({"sessionId": sid, "modeId": mode});
+                let answer = conn.request("session/set_mode", params).await;
+                answer_json("session/set_mode", answer)?;
+                session.update_acp(|s| {
+                    if let Some(modes) = s.as_mut().and_then(|s| s.modes.as_mut()) {
+                        modes["currentModeId"] = json!(mode);
+                    }
+                });
+            } else {
+                options
+                    .push(by_option("mode", mode).ok_or_else(|| {
+                        Error::InvalidRequest("the agent offers no modes".into())
+                    })?);
             }
-            out.insert("options".into(), Value::Object(answers));
         }
-        out.insert("session".into(), conn.new_session.clone());
-        Ok(Value::Object(out))
+        if let Some(model) = &req.model {
+            match by_option("model", model) {
+                Some(option) => options.push(option),
+                None if state.models.is_some() => {
+                    let params = json!({"sessionId": sid, "modelId": model});
+                    let answer = conn.request("session/set_model", params).await;
+                    answer_json("session/set_model", answer)?;
+                    session.update_acp(|s| {
+                        if let Some(models) = s.as_mut().and_then(|s| s.models.as_mut()) {
+                            models["currentModelId"] = json!(model);
+                        }
+                    });
+                }
+                None => return Err(Error::InvalidRequest("the agent offers no models".into())),
+            }
+        }
+        if let Some(level) = &req.thought_level {
+            options.push(by_option("thought_level", level).ok_or_else(|| {
+                Error::InvalidRequest("the agent offers no thought level".into())
+            })?);
+        }
+        options.extend(req.options.unwrap_or_default());
+        for (config_id, value) in options {
+            let params = json!({"sessionId": sid, "configId": config_id, "value": value});
+            let answer = conn.request("session/set_config_option", params).await;
+            let answer = answer_json("session/set_config_option", answer)?;
+            // The answer is the full set of options with their current values.
+            if let Some(all) = answer.get("configOptions").filter(|v| v.is_array()) {
+                session.update_acp(|s| {
+                    if let Some(s) = s.as_mut() {
+                        s.config_options = Some(all.clone());
+                    }
+                });
+            }
+        }
+        Ok(session.info())
     }
 }
 
@@ -204,11 +235,15 @@ struct Conn {
     pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
     next_id: AtomicU64,
     acp_session: String,
-    new_session: Value,
+    /// The agent's `initialize` answer (its capabilities and info).
+    #[allow(dead_code)]
+    init: Value,
     turn: Mutex<Option<Arc<TurnSink>>>,
     session: Arc<Session>,
     process: Arc<Process>,
     dead: watch::Receiver<bool>,
+    /// The agent's exit status, set before `dead` turns true.
+    status: Arc<Mutex<Option<ExitStatus>>>,
 }
 
 /// Where the agent's messages go while a turn runs.
@@ -281,12 +316,15 @@ impl Conn {
             out.clone(),
         ));
         tokio::spawn(read_stderr(stderr, Arc::clone(&conn_cell)));
+        let exit_status: Arc<Mutex<Option<ExitStatus>>> = Arc::default();
         {
             let early = Arc::clone(&early);
             let reaper = Arc::clone(reaper);
+            let exit_status = Arc::clone(&exit_status);
             tokio::task::spawn_blocking(move || {
                 let status: Option<ExitStatus> = exit.wait_forever(&reaper);
                 tracing::info!(?status, "ACP agent exited");
+                *exit_status.lock().unwrap_or_else(|p| p.into_inner()) = status;
                 let _ = dead_tx.send(true);
                 for (_, tx) in early.lock().unwrap_or_else(|p| p.into_inner()).drain() {
                     let _ = tx.send(Err(json!({"code": -32000, "message": "the agent exited"})));
@@ -343,17 +381,30 @@ impl Conn {
             })
             .unwrap_or_default(),
         );
+        session.update_acp(|s| {
+            *s = Some(AcpSessionState {
+                session_id: acp_session.clone(),
+                modes: new_session.get("modes").filter(|v| !v.is_null()).cloned(),
+                models: new_session.get("models").filter(|v| !v.is_null()).cloned(),
+                config_options: new_session
+                    .get("configOptions")
+                    .filter(|v| !v.is_null())
+                    .cloned(),
+                ..Default::default()
+            })
+        });
         let conn = Arc::new(Conn {
             launch: launch.clone(),
             out,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(boot.next_id.load(Ordering::SeqCst)),
             acp_session,
-            new_session,
+            init,
             turn: Mutex::new(None),
             session: Arc::clone(session),
             process,
             dead,
+            status: exit_status,
         });
         // From here on the connection's own table answers responses.
         *conn_cell.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&conn));
@@ -404,6 +455,7 @@ impl Conn {
                     .and_then(|p| p.get("update"))
                     .cloned()
                     .unwrap_or(Value::Null);
+                self.track(&update);
                 let event = AgentEvent {
                     name: update
                         .get("sessionUpdate")
@@ -467,6 +519,33 @@ impl Conn {
                 }
             }
             (None, None) => self.protocol_error("neither a request nor a response", raw.as_bytes()),
+        }
+    }
+
+    /// Keeps the session's state current from the updates that change it.
+    fn track(&self, update: &Value) {
+        match update.get("sessionUpdate").and_then(Value::as_str) {
+            Some("current_mode_update") => {
+                let Some(mode) = update.get("currentModeId").cloned() else {
+                    return;
+                };
+                self.session.update_acp(|s| {
+                    if let Some(s) = s.as_mut() {
+                        s.modes.get_or_insert_with(|| json!({}))["currentModeId"] = mode;
+                    }
+                });
+            }
+            Some("config_option_update") => {
+                let Some(all) = update.get("configOptions").filter(|v| v.is_array()) else {
+                    return;
+                };
+                self.session.update_acp(|s| {
+                    if let Some(s) = s.as_mut() {
+                        s.config_options = Some(all.clone());
+                    }
+                });
+            }
+            _ => {}
         }
     }
 
@@ -726,9 +805,9 @@ impl Turn {
     pub fn run(self, invoke_id: &InvokeId, process: &Arc<Process>, log: &Arc<EventLog>) -> Outcome {
         let started = Instant::now();
         let runtime = self.runtime.clone();
-        let code = runtime.block_on(self.run_async(invoke_id, process, log));
+        let status = runtime.block_on(self.run_async(invoke_id, process, log));
         Outcome {
-            status: Ok(ExitStatus { code, signal: None }),
+            status: Ok(status),
             duration: started.elapsed(),
             stop_reason: process.stop_reason(),
         }
@@ -739,7 +818,7 @@ impl Turn {
         invoke_id: &InvokeId,
         process: &Arc<Process>,
         log: &Arc<EventLog>,
-    ) -> i32 {
+    ) -> ExitStatus {
         let (external, mut replies) = self.setup.open_external(invoke_id, log);
         // The start (up to STARTUP) gives way to a cancel or the invoke's timeout.
         let start = self
@@ -761,7 +840,10 @@ impl Turn {
             // Returning drops the start, which kills the half-started agent; the next turn
             // starts anew.
             external.close();
-            return 137;
+            return ExitStatus {
+                code: 137,
+                signal: None,
+            };
         };
         let conn = match started {
             Ok(conn) => conn,
@@ -776,7 +858,10 @@ impl Turn {
                     )
                 });
                 external.close();
-                return 1;
+                return ExitStatus {
+                    code: 1,
+                    signal: None,
+                };
             }
         };
         let sink = Arc::new(TurnSink {
@@ -823,7 +908,7 @@ impl Turn {
         for (id, _) in open {
             conn.respond(&id, json!({"outcome": {"outcome": "cancelled"}}));
         }
-        let code = match answer {
+        let status = match answer {
             Some(Ok(result)) => {
                 log.append(|b| {
                     b.event(
@@ -834,29 +919,53 @@ impl Turn {
                         },
                     )
                 });
-                0
+                ExitStatus {
+                    code: 0,
+                    signal: None,
+                }
             }
             Some(Err(e)) => {
+                // An agent that died mid-turn: its own exit status is the turn's.
+                let status = match *conn.dead.borrow() {
+                    true => *conn.status.lock().unwrap_or_else(|p| p.into_inner()),
+                    false => None,
+                };
+                let message = match status {
+                    Some(ExitStatus {
+                        signal: Some(signal),
+                        ..
+                    }) => format!("the agent was killed by signal {signal} during the turn"),
+                    Some(ExitStatus { code, .. }) => {
+                        format!("the agent exited with code {code} during the turn")
+                    }
+                    None => format!("session/prompt failed: {e}"),
+                };
                 log.append(|b| {
                     b.event(
                         event::ERROR,
                         &ErrorEvent {
                             phase: Some("acp".into()),
-                            message: format!("session/prompt failed: {e}"),
+                            message,
                         },
                     )
                 });
-                1
+                status.unwrap_or(ExitStatus {
+                    code: 1,
+                    signal: None,
+                })
             }
             None => {
                 // The agent did not end the turn within the grace period: kill its tree.
                 self.agents.stop(&self.session.id()).await;
                 let mut dead = conn.dead.clone();
                 let _ = tokio::time::timeout(Duration::from_secs(5), dead.wait_for(|d| *d)).await;
-                137
+                ExitStatus {
+                    code: 137,
+                    signal: None,
+                }
             }
         };
         sink.external.close();
-        code
+        status
     }
 }

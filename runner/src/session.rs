@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use agentbox_proto::{
-    session_event, valid_session_id, InvokeId, PermissionReply, ReplyOrigin, Sender, SessionEvent,
-    SessionInfo,
+    session_event, valid_session_id, AcpSessionState, InvokeId, PermissionReply, ReplyOrigin,
+    Sender, SessionEvent, SessionInfo,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -39,6 +39,15 @@ struct Meta {
     always_allowed: BTreeSet<String>,
     #[serde(default)]
     always_rejected: BTreeSet<String>,
+    /// The agent chosen at creation (`None`: the default one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent: Option<String>,
+    /// The ACP session's last known state (its id is what `session/load` reuses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    acp: Option<AcpSessionState>,
+    /// MCP servers given at creation, passed to `session/new` and `session/load`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    mcp_servers: Vec<Value>,
 }
 
 /// One session. Its history is open only while something uses it (an invoke running in the
@@ -112,6 +121,11 @@ impl Session {
             running_invoke_id: self.running_invoke(),
             always_allowed: meta.always_allowed.into_iter().collect(),
             always_rejected: meta.always_rejected.into_iter().collect(),
+            agent: meta.agent,
+            acp: meta.acp.map(|mut state| {
+                state.derive();
+                state
+            }),
         }
     }
 
@@ -137,6 +151,37 @@ impl Session {
             )));
         }
         Ok(Claim(Arc::clone(self), Some(log)))
+    }
+
+    /// The agent chosen at creation (`None`: the default one).
+    pub fn agent(&self) -> Option<String> {
+        self.meta().agent.clone()
+    }
+
+    /// MCP servers given at creation.
+    pub fn mcp_servers(&self) -> Vec<Value> {
+        self.meta().mcp_servers.clone()
+    }
+
+    /// The ACP session's last known state.
+    pub fn acp_state(&self) -> Option<AcpSessionState> {
+        self.meta().acp.clone()
+    }
+
+    /// Changes the ACP session's state with `f`; persisted when it changed.
+    pub fn update_acp(&self, f: impl FnOnce(&mut Option<AcpSessionState>)) {
+        let meta = {
+            let mut meta = self.meta();
+            let before = meta.acp.clone();
+            f(&mut meta.acp);
+            if meta.acp == before {
+                return;
+            }
+            meta.clone()
+        };
+        if let Err(e) = save_meta(&self.dir, &meta) {
+            tracing::error!(session = %meta.id, error = %e, "cannot persist the session");
+        }
     }
 
     /// Whether `kind` was answered `reply` (`always` or `reject_always`) in this session.
@@ -328,7 +373,13 @@ impl Sessions {
     }
 
     /// Creates a session.
-    pub fn create(&self, id: Option<String>, metadata: Option<Value>) -> Result<Arc<Session>> {
+    pub fn create(
+        &self,
+        id: Option<String>,
+        metadata: Option<Value>,
+        agent: Option<String>,
+        mcp_servers: Vec<Value>,
+    ) -> Result<Arc<Session>> {
         let id = match id {
             Some(id) => {
                 Self::check_id(&id)?;
@@ -359,6 +410,9 @@ impl Sessions {
             metadata,
             always_allowed: BTreeSet::new(),
             always_rejected: BTreeSet::new(),
+            agent,
+            acp: None,
+            mcp_servers,
         };
         save_meta(&dir, &meta)?;
         let session = Arc::new(Session {

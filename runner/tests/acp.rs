@@ -207,7 +207,7 @@ async fn acp_prompt_permission_config_and_cancel() {
         .unwrap();
     let (status, body) = json_of(resp).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["session"]["modes"]["currentModeId"], "ask");
+    assert_eq!(body["acp"]["mode"], "yolo", "the fresh state: {body}");
     let events = r.invoke_sse("?session=a&prompt=hi", "").await;
     assert_eq!(
         said(&events),
@@ -659,4 +659,105 @@ async fn acp_cancel_answers_a_pending_permission_cancelled() {
         .find(|e| e["type"] == "permission_reply")
         .unwrap();
     assert_eq!(reply["sender"], "runner");
+}
+
+async fn put_config(r: &Runner, body: Value) -> (u16, Value) {
+    json_of(
+        r.client
+            .put(r.url("/v1/sessions/a/config"))
+            .bearer_auth(common::TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acp_session_state_stays_current_and_updates_between_turns_go_out_live() {
+    let r = setup(&[]).await;
+    let (_, info) = json_of(r.get("/v1/sessions/a").send().await.unwrap()).await;
+    assert!(info.get("acp").is_none(), "{info}");
+    let events = r.invoke_sse("?session=a&prompt=hi", "").await;
+    assert_eq!(exit_event(&events)["exitCode"], 0);
+    let (_, info) = json_of(r.get("/v1/sessions/a").send().await.unwrap()).await;
+    let acp = &info["acp"];
+    assert_eq!(acp["sessionId"].as_str().unwrap().len(), 32, "{info}");
+    assert_eq!(
+        (
+            acp["mode"].as_str(),
+            acp["model"].as_str(),
+            acp["thoughtLevel"].as_str()
+        ),
+        (Some("ask"), Some("small"), Some("low")),
+        "{info}"
+    );
+    assert_eq!(acp["modes"]["availableModes"].as_array().unwrap().len(), 2);
+    assert_eq!(acp["configOptions"].as_array().unwrap().len(), 2);
+
+    // Follow the session's history live from here.
+    let count = info["eventCount"].as_u64().unwrap();
+    let mut follow = r
+        .get("/v1/sessions/a/events")
+        .header("accept", "text/event-stream")
+        .header("last-event-id", count.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follow.status(), 200);
+
+    // PUT answers the fresh state.
+    let (status, body) = put_config(&r, json!({"mode": "yolo"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["acp"]["mode"], "yolo", "{body}");
+    assert_eq!(body["acp"]["modes"]["currentModeId"], "yolo", "{body}");
+    // The agent's update between turns reaches the live stream.
+    let mut buf = Vec::new();
+    let events = read_until(&mut follow, &mut buf, |e| {
+        e.event == "agent" && e.data["data"]["name"] == "current_mode_update"
+    })
+    .await;
+    let update = events.last().unwrap();
+    assert_eq!(update.data["data"]["data"]["currentModeId"], "yolo");
+    assert_eq!(update.data["sender"], "agent");
+
+    let (status, body) = put_config(&r, json!({"model": "large", "thoughtLevel": "high"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (
+            body["acp"]["model"].as_str(),
+            body["acp"]["thoughtLevel"].as_str()
+        ),
+        (Some("large"), Some("high")),
+        "{body}"
+    );
+    // A value the agent refuses is a 400 with its reason.
+    let (status, body) = put_config(&r, json!({"options": {"nope": "x"}})).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    let events = r.invoke_sse("?session=a&prompt=state", "").await;
+    assert!(
+        said(&events)[0].starts_with("state model large thought high turn 2 "),
+        "{events:?}"
+    );
+    let (_, info) = json_of(r.get("/v1/sessions/a").send().await.unwrap()).await;
+    assert_eq!(info["acp"]["model"], "large");
+    assert_eq!(info["acp"]["mode"], "yolo");
+
+    // An agent that dies mid-turn: its own exit code, and the next turn starts a new one.
+    let events = r.invoke_sse("?session=a&prompt=crash", "").await;
+    let exit = exit_event(&events);
+    assert_eq!(exit["exitCode"], 7, "{events:?}");
+    let error = events.iter().find(|e| e.event == "error").unwrap();
+    assert!(
+        error.data["message"]
+            .as_str()
+            .unwrap()
+            .contains("exited with code 7"),
+        "{error:?}"
+    );
 }

@@ -151,13 +151,14 @@ async fn read_prompt(body: Body, limit: usize) -> Result<Vec<u8>> {
 
 /// Set an ACP agent's session config
 ///
-/// Mode, model and config options the agent advertised; starts the session's agent if needed.
+/// Mode, model, thought level and config options the agent advertised; starts the session's
+/// agent if needed, and answers the session with its fresh ACP state.
 #[utoipa::path(put, path = "/v1/sessions/{id}/config", tag = "sessions",
     params(("id" = String, Path, description = "The session id: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`.")),
     request_body(content = SessionConfigRequest, content_type = "application/json"),
     responses(
-        (status = 200, description = "What the agent answered, per setting.", body = Object),
-        (status = 400, description = "`invalid_session_id`; `invalid_request`: not an ACP agent, or a bad body.", body = ErrorBody),
+        (status = 200, description = "The session with its ACP state after the changes (`acp`).", body = SessionInfo),
+        (status = 400, description = "`invalid_session_id`; `invalid_request`: not an ACP agent, a bad body, a setting the agent does not offer, or one it refused.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
         (status = 404, description = "`session_not_found`.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody),
@@ -166,7 +167,7 @@ pub(super) async fn set_config(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
     body: Body,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<SessionInfo>> {
     let req: agentbox_proto::SessionConfigRequest = read_json(body, 1 << 20).await?;
     let session = app.sessions.get(&id)?;
     let stored = app.store.get();
@@ -199,7 +200,9 @@ pub(super) async fn set_config(
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody)))]
 pub(super) async fn create(State(app): State<Arc<AppState>>, body: Body) -> Result<Response> {
     let req: CreateSessionRequest = read_json(body, 1 << 20).await?;
-    let session = app.sessions.create(req.id, req.metadata)?;
+    let session = app
+        .sessions
+        .create(req.id, req.metadata, None, Vec::new())?;
     Ok((StatusCode::CREATED, Json(session.info())).into_response())
 }
 
