@@ -9,12 +9,12 @@
 use std::sync::OnceLock;
 
 use agentbox_proto::{
-    AgentEvent, ArchiveFormat, CancelRequest, CancelResponse, ConfigureRequest, ConfigureResult,
-    CreateSessionRequest, ErrorBody, ErrorEvent, ExecRequest, ExitEvent, FileListing, InvokeList,
-    InvokeResponse, InvokeSummary, LogEvent, OnDisconnect, PermissionEvent, PermissionReplyEvent,
-    PermissionReplyRequest, PermissionReplyResponse, ProtocolErrorEvent, SessionConfigRequest,
-    SessionEvent, SessionEventPage, SessionInfo, SessionList, StartEvent, TruncatedEvent,
-    WrittenFile,
+    AgentEvent, AgentList, ArchiveFormat, CancelRequest, CancelResponse, ConfigureRequest,
+    ConfigureResult, CreateSessionRequest, ErrorBody, ErrorEvent, ExecRequest, ExitEvent,
+    FileListing, InvokeList, InvokeResponse, InvokeSummary, LogEvent, OnDisconnect,
+    PermissionEvent, PermissionReplyEvent, PermissionReplyRequest, PermissionReplyResponse,
+    ProtocolErrorEvent, SessionConfigRequest, SessionEvent, SessionEventPage, SessionInfo,
+    SessionList, StartEvent, TruncatedEvent, WrittenFile,
 };
 use serde_json::{json, Value};
 use utoipa::OpenApi;
@@ -50,6 +50,7 @@ use crate::api;
         files_put,
         files_delete,
         archive,
+        agents_list,
         sessions_create,
         sessions_list,
         sessions_get,
@@ -361,13 +362,29 @@ fn files_delete() {}
 #[allow(dead_code)]
 fn archive() {}
 
+/// The sandbox's configured agents
+///
+/// Passed to the runner's `GET /v1/agents`: every agent by name (`default` is the
+/// `entrypoint`), with an ACP agent's advertised capabilities once it has started.
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/agents", tag = "configure",
+    params(("id" = String, Path, description = "The sandbox id.")),
+    responses(
+        (status = 200, description = "The agents.", body = AgentList),
+        (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn agents_list() {}
+
 /// Create a session in the sandbox
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/sessions", tag = "sessions",
     params(("id" = String, Path, description = "The sandbox id.")),
     request_body(content = CreateSessionRequest, content_type = "application/json"),
     responses(
         (status = 201, description = "Created.", body = SessionInfo),
-        (status = 400, description = "`invalid_session_id`, `invalid_request`.", body = ErrorBody),
+        (status = 400, description = "`invalid_session_id`, `invalid_request` (also: an `agent` that is not configured, bad `mcpServers`).", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),

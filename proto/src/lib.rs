@@ -141,6 +141,68 @@ pub struct ConfigureRequest {
     /// that gives an entrypoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<AgentProtocol>,
+    /// Named agents (names as session ids: 1 to 128 of `A-Z a-z 0-9 . _ -`), beside or instead
+    /// of `entrypoint` (which is the agent named `default`); replaces the previous map when
+    /// given. A session picks one with `POST /v1/sessions {agent}`. One install covers them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agents: Option<BTreeMap<String, AgentSpec>>,
+    /// The agent of sessions that name none and of invokes outside a session; kept until the
+    /// next configure that gives `agents`. Defaults to `default` (the `entrypoint`) when there
+    /// is one, else to the only agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_agent: Option<String>,
+    /// MCP servers passed to every ACP agent's `session/new` and `session/load` (ACP's
+    /// `McpServer`: `{name, command, args, env: [{name, value}]}` for stdio, `{type: "http" |
+    /// "sse", name, url, headers: [{name, value}]}`); replaces the previous list when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub mcp_servers: Option<Vec<serde_json::Value>>,
+}
+
+/// One named agent of `configure {"agents": {...}}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentSpec {
+    /// Its argv.
+    pub entrypoint: Vec<String>,
+    /// `plain` (the default) or `acp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<AgentProtocol>,
+    /// Environment on top of the configuration's `env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// MCP servers for this agent's ACP sessions, after the configuration's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub mcp_servers: Option<Vec<serde_json::Value>>,
+}
+
+/// One agent, as `GET /v1/agents` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentInfo {
+    /// Its name (`default` for the configuration's `entrypoint`).
+    pub name: String,
+    /// Its argv.
+    pub entrypoint: Vec<String>,
+    /// How the runner talks to it.
+    pub protocol: AgentProtocol,
+    /// Whether sessions that name no agent get this one.
+    pub default: bool,
+    /// An ACP agent's `agentCapabilities` from its last `initialize`, once one has started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<serde_json::Value>,
+    /// An ACP agent's `agentInfo` from its last `initialize`, if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_info: Option<serde_json::Value>,
+}
+
+/// `GET /v1/agents` answer, by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentList {
+    /// The configured agents.
+    pub items: Vec<AgentInfo>,
 }
 
 /// How the runner talks to the entrypoint.
@@ -164,8 +226,15 @@ pub struct ConfigureResult {
     pub install_exit_code: i32,
     /// True when the hash equalled the last successful install: nothing was written or run.
     pub skipped: bool,
-    /// The entrypoint now in force.
+    /// The entrypoint now in force (the default agent's).
     pub entrypoint: Vec<String>,
+    /// The named agents now in force (with `default` for the `entrypoint`), when there are
+    /// several or any named ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+    /// The default agent's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_agent: Option<String>,
     /// When the configuration in force was last set (RFC 3339).
     pub last_configured_at: String,
     /// How long this configure took.
@@ -760,6 +829,65 @@ pub struct CreateSessionRequest {
     /// Free-form JSON kept with the session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Value>,
+    /// The configured agent to run (`GET /v1/agents`); absent: the default agent at each turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// MCP servers for this session's ACP agent (ACP's `McpServer` objects), after the
+    /// configuration's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub mcp_servers: Option<Vec<serde_json::Value>>,
+}
+
+/// Checks MCP server entries (ACP's `McpServer`): a stdio one has `name`, `command` (and
+/// optional `args`, `env: [{name, value}]`); an `http` or `sse` one has `type`, `name`, `url`
+/// (and optional `headers: [{name, value}]`). At most 64.
+pub fn check_mcp_servers(servers: &[serde_json::Value]) -> Result<(), String> {
+    if servers.len() > 64 {
+        return Err(format!("{} MCP servers, the limit is 64", servers.len()));
+    }
+    let pairs = |v: Option<&serde_json::Value>| match v {
+        None => true,
+        Some(v) => v.as_array().is_some_and(|a| {
+            a.iter().all(|p| {
+                p.get("name").is_some_and(|n| n.is_string())
+                    && p.get("value").is_some_and(|n| n.is_string())
+            })
+        }),
+    };
+    for (i, s) in servers.iter().enumerate() {
+        let name = s.get("name").and_then(|n| n.as_str()).unwrap_or("");
+        if name.is_empty() {
+            return Err(format!("mcpServers[{i}] needs a \"name\""));
+        }
+        let ok = match s.get("type").and_then(|t| t.as_str()) {
+            None | Some("stdio") => {
+                s.get("command")
+                    .and_then(|c| c.as_str())
+                    .is_some_and(|c| !c.is_empty())
+                    && s.get("args").is_none_or(|a| {
+                        a.as_array()
+                            .is_some_and(|a| a.iter().all(|x| x.is_string()))
+                    })
+                    && pairs(s.get("env"))
+            }
+            Some("http" | "sse") => {
+                s.get("url")
+                    .and_then(|u| u.as_str())
+                    .is_some_and(|u| !u.is_empty())
+                    && pairs(s.get("headers"))
+            }
+            Some(_) => false,
+        };
+        if !ok {
+            return Err(format!(
+                "mcpServers[{i}] ({name:?}) is not an ACP McpServer: give command (with args \
+                 and env [{{name, value}}]) for stdio, or type \"http\"/\"sse\" with url (and \
+                 headers [{{name, value}}])"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A session, as `POST /v1/sessions`, `GET /v1/sessions` and `GET /v1/sessions/{id}` show it.
@@ -1065,8 +1193,12 @@ pub struct ProtocolErrorEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PromptEvent {
-    /// The prompt text.
+    /// The prompt text (of a prompt of content blocks: its text blocks, joined by newlines).
     pub text: String,
+    /// The content blocks of a `{"prompt": [...]}` body, as sent to the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub content: Option<Vec<serde_json::Value>>,
 }
 
 /// `PUT /v1/sessions/{id}/config` body (ACP agents): what to set, each optional.

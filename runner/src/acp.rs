@@ -44,6 +44,10 @@ type Reply = std::result::Result<Value, Value>;
 /// argv, env, or agent definition) restarts it at the session's next turn.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Launch {
+    /// The agent's name in the configuration.
+    pub agent: String,
+    /// MCP servers of the agent (the session's own follow them).
+    pub mcp_servers: Vec<Value>,
     /// The install hash in force (files and install command): new agent code on disk is a
     /// change even when argv, env and cwd are the same.
     pub install_hash: Option<String>,
@@ -61,6 +65,8 @@ pub struct AcpAgents {
     /// Per session, a slot locked while its agent starts: a slow start holds up only its own
     /// session.
     map: Mutex<HashMap<String, Slot>>,
+    /// Per agent name, the `initialize` answer of its latest start.
+    known: Mutex<HashMap<String, Value>>,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
@@ -93,8 +99,36 @@ impl AcpAgents {
             *slot = None;
         }
         let conn = Conn::start(session, launch, reaper).await?;
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(launch.agent.clone(), conn.init.clone());
         *slot = Some(Arc::clone(&conn));
         Ok(conn)
+    }
+
+    /// The `initialize` answer of agent `name`'s latest start, if it has started.
+    pub fn initialized(&self, name: &str) -> Option<Value> {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// The session's agent's `promptCapabilities`, starting it if needed.
+    pub async fn prompt_capabilities(
+        &self,
+        session: &Arc<Session>,
+        launch: &Launch,
+        reaper: &Arc<Reaper>,
+    ) -> Result<Value> {
+        let conn = self.get_or_start(session, launch, reaper).await?;
+        Ok(conn
+            .init
+            .pointer("/agentCapabilities/promptCapabilities")
+            .cloned()
+            .unwrap_or(Value::Null))
     }
 
     /// Stops the session's agent, if one runs (session deleted, or a turn it did not end).
@@ -236,7 +270,6 @@ struct Conn {
     next_id: AtomicU64,
     acp_session: String,
     /// The agent's `initialize` answer (its capabilities and info).
-    #[allow(dead_code)]
     init: Value,
     turn: Mutex<Option<Arc<TurnSink>>>,
     session: Arc<Session>,
@@ -356,40 +389,82 @@ impl Conn {
                 version.map_or_else(|| "(none)".to_owned(), Value::to_string)
             )));
         }
-        let new_session = boot
-            .request(
-                "session/new",
-                json!({"cwd": launch.cwd.display().to_string(), "mcpServers": []}),
-                &dead,
-            )
-            .await
-            .map_err(|e| fail("session/new", e))?;
-        let Some(acp_session) = new_session
-            .get("sessionId")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-        else {
-            return Err(fail("session/new", json!("no sessionId")));
+        // The session's MCP servers: the configuration's and the agent's, then the session's.
+        let mut mcp_servers = launch.mcp_servers.clone();
+        mcp_servers.extend(session.mcp_servers());
+        let cwd = launch.cwd.display().to_string();
+        let can_load = init
+            .pointer("/agentCapabilities/loadSession")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let previous = session.acp_state().map(|s| s.session_id);
+        // Continuity: a new process resumes the previous ACP session when the agent can load
+        // one (the updates it replays while loading are already in the history: dropped).
+        let mut continuity = json!({"continuity": "new"});
+        let mut opened: Option<(String, Value)> = None;
+        match (&previous, can_load) {
+            (Some(previous), true) => {
+                let params = json!({"sessionId": previous, "cwd": cwd, "mcpServers": mcp_servers});
+                match boot.request("session/load", params, &dead).await {
+                    Ok(answer) => {
+                        continuity = json!({"continuity": "loaded"});
+                        opened = Some((previous.clone(), answer));
+                    }
+                    Err(e) => {
+                        if *dead.borrow() {
+                            return Err(fail("session/load", e));
+                        }
+                        continuity = json!({"continuity": "new", "reason": format!("session/load of {previous} failed: {e}")});
+                    }
+                }
+            }
+            (Some(_), false) => {
+                continuity = json!({"continuity": "new", "reason": "the agent cannot load sessions (no loadSession capability)"});
+            }
+            (None, _) => {}
+        }
+        let (acp_session, answer) = match opened {
+            Some(opened) => opened,
+            None => {
+                let answer = boot
+                    .request(
+                        "session/new",
+                        json!({"cwd": cwd, "mcpServers": mcp_servers}),
+                        &dead,
+                    )
+                    .await
+                    .map_err(|e| fail("session/new", e))?;
+                let Some(id) = answer
+                    .get("sessionId")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                else {
+                    return Err(fail("session/new", json!("no sessionId")));
+                };
+                (id, answer)
+            }
         };
+        let mut data = json!({"initialize": init, "session": answer, "agent": launch.agent});
+        if let (Some(data), Value::Object(extra)) = (data.as_object_mut(), continuity) {
+            data.extend(extra);
+        }
         session.record(
             Sender::Runner,
             None,
             session_event::AGENT,
             serde_json::to_value(AgentEvent {
                 name: Some("acp_session".into()),
-                data: json!({"initialize": init, "session": new_session}),
+                data,
             })
             .unwrap_or_default(),
         );
+        let field = |name: &str| answer.get(name).filter(|v| !v.is_null()).cloned();
         session.update_acp(|s| {
             *s = Some(AcpSessionState {
                 session_id: acp_session.clone(),
-                modes: new_session.get("modes").filter(|v| !v.is_null()).cloned(),
-                models: new_session.get("models").filter(|v| !v.is_null()).cloned(),
-                config_options: new_session
-                    .get("configOptions")
-                    .filter(|v| !v.is_null())
-                    .cloned(),
+                modes: field("modes"),
+                models: field("models"),
+                config_options: field("configOptions"),
                 ..Default::default()
             })
         });
@@ -792,8 +867,8 @@ pub struct Turn {
     pub setup: AgentSetup,
     /// How to start the agent.
     pub launch: Launch,
-    /// The prompt text.
-    pub prompt: String,
+    /// The prompt's content blocks.
+    pub prompt: Vec<Value>,
     /// Time between `session/cancel` and killing the agent.
     pub grace: Duration,
     /// The runtime (the turn runs on an invoke's own thread).
@@ -873,7 +948,7 @@ impl Turn {
         *conn.turn.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&sink));
         let prompt = json!({
             "sessionId": conn.acp_session,
-            "prompt": [{"type": "text", "text": self.prompt}],
+            "prompt": self.prompt,
         });
         let request = conn.request("session/prompt", prompt);
         tokio::pin!(request);

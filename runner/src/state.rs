@@ -28,6 +28,94 @@ pub struct Stored {
     /// How the runner talks to the entrypoint (`None`: plain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<agentbox_proto::AgentProtocol>,
+    /// Named agents beside the entrypoint (which is the agent `default`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub agents: BTreeMap<String, agentbox_proto::AgentSpec>,
+    /// The default agent's name, when set by a configure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_agent: Option<String>,
+    /// MCP servers for every ACP agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mcp_servers: Vec<serde_json::Value>,
+}
+
+/// The name of the agent the configuration's `entrypoint` is.
+pub const DEFAULT_AGENT: &str = "default";
+
+/// One agent of the configuration in force, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    /// Its name.
+    pub name: String,
+    /// Its argv (as configured, not yet mapped by the jail).
+    pub entrypoint: Vec<String>,
+    /// How the runner talks to it.
+    pub protocol: agentbox_proto::AgentProtocol,
+    /// The configuration's env with the agent's own on top.
+    pub env: BTreeMap<String, String>,
+    /// The configuration's MCP servers, then the agent's.
+    pub mcp_servers: Vec<serde_json::Value>,
+}
+
+impl Stored {
+    /// Every agent, by name: the named ones and `default` (the entrypoint) unless a named one
+    /// takes that name.
+    pub fn agents(&self) -> Vec<Agent> {
+        let mut all: BTreeMap<&str, Agent> = BTreeMap::new();
+        if let Some(entrypoint) = &self.entrypoint {
+            all.insert(
+                DEFAULT_AGENT,
+                Agent {
+                    name: DEFAULT_AGENT.into(),
+                    entrypoint: entrypoint.clone(),
+                    protocol: self.protocol.unwrap_or_default(),
+                    env: self.env.clone(),
+                    mcp_servers: self.mcp_servers.clone(),
+                },
+            );
+        }
+        for (name, spec) in &self.agents {
+            let mut env = self.env.clone();
+            env.extend(spec.env.clone().unwrap_or_default());
+            let mut mcp_servers = self.mcp_servers.clone();
+            mcp_servers.extend(spec.mcp_servers.clone().unwrap_or_default());
+            all.insert(
+                name,
+                Agent {
+                    name: name.clone(),
+                    entrypoint: spec.entrypoint.clone(),
+                    protocol: spec.protocol.unwrap_or_default(),
+                    env,
+                    mcp_servers,
+                },
+            );
+        }
+        all.into_values().collect()
+    }
+
+    /// The default agent's name: the configured one, else `default` (the entrypoint), else the
+    /// only agent.
+    pub fn default_agent(&self) -> Option<String> {
+        if self.default_agent.is_some() {
+            return self.default_agent.clone();
+        }
+        if self.entrypoint.is_some() {
+            return Some(DEFAULT_AGENT.into());
+        }
+        match self.agents.keys().collect::<Vec<_>>()[..] {
+            [only] => Some(only.clone()),
+            _ => None,
+        }
+    }
+
+    /// Agent `name`, or the default one.
+    pub fn agent(&self, name: Option<&str>) -> Option<Agent> {
+        let name = match name {
+            Some(name) => name.to_owned(),
+            None => self.default_agent()?,
+        };
+        self.agents().into_iter().find(|a| a.name == name)
+    }
 }
 
 /// The persisted configuration and the lock that serializes configures.

@@ -2,6 +2,7 @@
 //! requests into calls on [`crate::configure`], [`crate::invoke`] and [`crate::files`] and
 //! errors into responses; nothing below this module sees HTTP.
 
+mod agents;
 mod files;
 mod openapi;
 mod sessions;
@@ -59,6 +60,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         )
         .route("/v1/archive", get(files::archive))
         .merge(sessions::routes())
+        .merge(agents::routes())
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             authenticate,
@@ -269,7 +271,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> 
     responses(
         (status = 200, description = "`log`… then `result` (or `error`) as Server-Sent Events; or the ConfigureResult.",
             content((String = "text/event-stream"), (ConfigureResult = "application/json"))),
-        (status = 400, description = "`invalid_request` (bad JSON, no entrypoint on the first configure), `invalid_path` (a file outside the workspace), `wrong_mode` (code mode).", body = ErrorBody),
+        (status = 400, description = "`invalid_request` (bad JSON, no entrypoint or agents on the first configure, bad agents, a `defaultAgent` that is not one of them, bad `mcpServers`), `invalid_path` (a file outside the workspace), `wrong_mode` (code mode).", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: a file, the total or the file count is over the runner's limits.", body = ErrorBody),
         (status = 422, description = "`install_failed`: the install command could not be started (JSON answer only).", body = ErrorBody)))]
@@ -283,12 +285,10 @@ async fn configure_sandbox(
     let limit =
         (app.cfg.max_total_bytes.saturating_mul(4) / 3 + (8 << 20)).min(usize::MAX as u64) as usize;
     let req: ConfigureRequest = read_json(body, limit).await?;
-    if req.entrypoint.is_none() && app.store.get().entrypoint.is_none() {
-        return Err(Error::InvalidRequest(
-            "entrypoint is required on the first configure".into(),
-        ));
-    }
     let plan = configure::plan(&app, req)?;
+    // No entrypoint or agents on the first configure, a default agent that is not one: 400
+    // before anything is written (checked again under the configure lock).
+    configure::check_next(&app, &plan)?;
     let (log, outcome) = configure::start(&app, plan)?;
     if wants_json(&headers) {
         let result = outcome
@@ -353,28 +353,34 @@ async fn invoke(
             .min(app.cfg.max_timeout),
     };
     let stored = app.store.get();
-    let Some(entrypoint) = stored.entrypoint else {
-        return Err(Error::NotConfigured);
-    };
-    let mut argv = app.jail.map_argv(&entrypoint);
+    // The session's agent, or the default one.
+    let chosen = sessions::agent_of(&app, &stored, q.session.as_deref())?;
+    let mut argv = app.jail.map_argv(&chosen.entrypoint);
     if let Some(prompt) = &q.prompt {
         argv.push(format!("--prompt={prompt}"));
     }
     let agent = sessions::agent_setup(&app, q.session.as_deref(), q.prompt.as_deref())?;
-    let (agent, acp, body) = match stored.protocol {
-        Some(agentbox_proto::AgentProtocol::Acp) => {
-            let plain = &argv[..argv.len() - usize::from(q.prompt.is_some())];
-            let turn =
-                sessions::acp_turn(&app, &stored.env, plain, agent, q.prompt.clone(), body).await?;
+    let (agent, acp, body) = match chosen.protocol {
+        agentbox_proto::AgentProtocol::Acp => {
+            let turn = sessions::acp_turn(
+                &app,
+                &stored,
+                &chosen,
+                agent,
+                q.prompt.clone(),
+                &headers,
+                body,
+            )
+            .await?;
             (None, Some(turn), Body::empty())
         }
-        _ => (Some(agent), None, body),
+        agentbox_proto::AgentProtocol::Plain => (Some(agent), None, body),
     };
     let stdin = Stdin::from_body(body, q.prompt).await?;
     let (sub, attachment) = app.invokes.start(StartRequest {
         kind: InvokeKind::Invoke,
         argv,
-        env: stored.env.into_iter().collect(),
+        env: chosen.env.into_iter().collect(),
         cwd: app.cfg.workspace.clone(),
         timeout,
         stdin,

@@ -16,12 +16,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use serde_json::json;
 
 use super::{query, read_json, sse_response};
 use crate::acp::{Launch, Turn};
 use crate::channel::AgentSetup;
 use crate::error::{Error, Result};
 use crate::sse;
+use crate::state::Stored;
 use crate::AppState;
 
 /// Default and largest page size.
@@ -56,6 +58,7 @@ pub(super) fn agent_setup(
             if let Some(text) = prompt {
                 let data = serde_json::to_value(PromptEvent {
                     text: text.to_owned(),
+                    content: None,
                 })
                 .unwrap_or_default();
                 claim
@@ -71,32 +74,53 @@ pub(super) fn agent_setup(
     })
 }
 
-fn launch(
+/// The agent an invoke in session `session` (or outside any) runs: the session's, or the
+/// default one. 424 `not_configured` before any configure; 424 `agent_failed` when the
+/// session's agent is no longer configured.
+pub(super) fn agent_of(
     app: &AppState,
-    argv: &[String],
-    env: &std::collections::BTreeMap<String, String>,
-) -> Launch {
+    stored: &Stored,
+    session: Option<&str>,
+) -> Result<crate::state::Agent> {
+    let name = match session {
+        Some(id) => app.sessions.get(id)?.agent(),
+        None => None,
+    };
+    match (stored.agent(name.as_deref()), name) {
+        (Some(agent), _) => Ok(agent),
+        (None, Some(name)) => Err(Error::AgentFailed(format!(
+            "the session's agent {name:?} is not configured (any more); configure it or \
+             create a session with another agent"
+        ))),
+        (None, None) => Err(Error::NotConfigured),
+    }
+}
+
+fn launch(app: &AppState, stored: &Stored, agent: &crate::state::Agent) -> Launch {
     let mut full = app.cfg.base_env.clone();
-    full.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    full.extend(agent.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     full.push((
         "AGENTBOX_WORKSPACE".into(),
         app.cfg.workspace.display().to_string(),
     ));
     Launch {
-        install_hash: app.store.get().install_command_hash,
-        argv: argv.to_vec(),
+        agent: agent.name.clone(),
+        install_hash: stored.install_command_hash.clone(),
+        argv: app.jail.map_argv(&agent.entrypoint),
         env: full,
         cwd: app.cfg.workspace.clone(),
+        mcp_servers: agent.mcp_servers.clone(),
     }
 }
 
 /// The prompt turn of an invoke of an ACP agent: `?prompt=`, or else the body, is the prompt.
 pub(super) async fn acp_turn(
     app: &Arc<AppState>,
-    env: &std::collections::BTreeMap<String, String>,
-    argv: &[String],
+    stored: &Stored,
+    chosen: &crate::state::Agent,
     agent: AgentSetup,
     prompt: Option<String>,
+    headers: &HeaderMap,
     body: Body,
 ) -> Result<Turn> {
     let Some(session) = agent.session.as_ref().map(|c| Arc::clone(c.session())) else {
@@ -106,15 +130,70 @@ pub(super) async fn acp_turn(
                 .into(),
         ));
     };
-    let text = match prompt {
-        Some(text) => text,
+    let launch = launch(app, stored, chosen);
+    let json_body = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.trim_start().starts_with("application/json"));
+    let blocks = match prompt {
+        // Recorded in the history by `agent_setup`.
+        Some(text) => vec![json!({"type": "text", "text": text})],
         None => {
             let bytes = read_prompt(body, 16 << 20).await?;
-            let text = String::from_utf8(bytes)
-                .map_err(|_| Error::InvalidRequest("an ACP prompt must be UTF-8 text".into()))?;
-            let data = serde_json::to_value(PromptEvent { text: text.clone() }).unwrap_or_default();
+            let parsed = json_body
+                .then(|| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .flatten()
+                .filter(|v| v.get("prompt").is_some());
+            let (text, content) = match parsed {
+                Some(body) => {
+                    let blocks = content_blocks(&body["prompt"])?;
+                    // What the agent must have advertised for these blocks.
+                    let needs: Vec<(&str, &str)> = blocks
+                        .iter()
+                        .filter_map(|b| match b["type"].as_str() {
+                            Some("image") => Some(("image", "image")),
+                            Some("audio") => Some(("audio", "audio")),
+                            Some("resource") => Some(("resource", "embeddedContext")),
+                            _ => None,
+                        })
+                        .collect();
+                    if !needs.is_empty() {
+                        let caps = app
+                            .acp
+                            .prompt_capabilities(&session, &launch, &app.reaper)
+                            .await?;
+                        if let Some((kind, cap)) = needs
+                            .into_iter()
+                            .find(|(_, cap)| caps.get(*cap).and_then(|v| v.as_bool()) != Some(true))
+                        {
+                            return Err(Error::InvalidRequest(format!(
+                                "the agent {:?} does not accept {kind} blocks (its \
+                                 promptCapabilities.{cap} is not true); send text, \
+                                 resource_link or what it advertises (GET /v1/agents)",
+                                launch.agent
+                            )));
+                        }
+                    }
+                    let text: Vec<&str> = blocks
+                        .iter()
+                        .filter_map(|b| b.get("text").and_then(|t| t.as_str()))
+                        .collect();
+                    (text.join("\n"), Some(blocks))
+                }
+                None => {
+                    let text = String::from_utf8(bytes).map_err(|_| {
+                        Error::InvalidRequest("an ACP prompt must be UTF-8 text".into())
+                    })?;
+                    (text, None)
+                }
+            };
+            let data = serde_json::to_value(PromptEvent {
+                text: text.clone(),
+                content: content.clone(),
+            })
+            .unwrap_or_default();
             session.record(Sender::Client, None, session_event::PROMPT, data);
-            text
+            content.unwrap_or_else(|| vec![json!({"type": "text", "text": text})])
         }
     };
     Ok(Turn {
@@ -122,11 +201,44 @@ pub(super) async fn acp_turn(
         reaper: Arc::clone(&app.reaper),
         session,
         setup: agent,
-        launch: launch(app, argv, env),
-        prompt: text,
+        launch,
+        prompt: blocks,
         grace: app.cfg.grace,
         runtime: tokio::runtime::Handle::current(),
     })
+}
+
+/// Checks the content blocks of a `{"prompt": [...]}` body (ACP's `ContentBlock`s: `text`,
+/// `image`, `audio`, `resource`, `resource_link`, at most 1000).
+fn content_blocks(prompt: &serde_json::Value) -> Result<Vec<serde_json::Value>> {
+    let bad = |i: usize, what: &str| {
+        Error::InvalidRequest(format!("prompt[{i}]: {what} (ACP content blocks: text {{text}}, image {{data, mimeType}}, audio {{data, mimeType}}, resource {{resource: {{uri, text | blob}}}}, resource_link {{uri, name}})"))
+    };
+    let Some(blocks) = prompt
+        .as_array()
+        .filter(|b| !b.is_empty() && b.len() <= 1000)
+    else {
+        return Err(Error::InvalidRequest(
+            "\"prompt\" must be an array of 1 to 1000 content blocks".into(),
+        ));
+    };
+    let is_str = |b: &serde_json::Value, k: &str| b.get(k).is_some_and(|v| v.is_string());
+    for (i, b) in blocks.iter().enumerate() {
+        let ok = match b.get("type").and_then(|t| t.as_str()) {
+            Some("text") => is_str(b, "text"),
+            Some("image" | "audio") => is_str(b, "data") && is_str(b, "mimeType"),
+            Some("resource") => b
+                .get("resource")
+                .is_some_and(|r| is_str(r, "uri") && (is_str(r, "text") || is_str(r, "blob"))),
+            Some("resource_link") => is_str(b, "uri") && is_str(b, "name"),
+            Some(other) => return Err(bad(i, &format!("unknown type {other:?}"))),
+            None => return Err(bad(i, "no \"type\"")),
+        };
+        if !ok {
+            return Err(bad(i, "a required field is missing or not a string"));
+        }
+    }
+    Ok(blocks.clone())
 }
 
 /// The body, up to `limit` bytes (else 413 `payload_too_large`).
@@ -171,15 +283,13 @@ pub(super) async fn set_config(
     let req: agentbox_proto::SessionConfigRequest = read_json(body, 1 << 20).await?;
     let session = app.sessions.get(&id)?;
     let stored = app.store.get();
-    let (Some(entrypoint), Some(agentbox_proto::AgentProtocol::Acp)) =
-        (stored.entrypoint, stored.protocol)
-    else {
+    let chosen = agent_of(&app, &stored, Some(&id))?;
+    if chosen.protocol != agentbox_proto::AgentProtocol::Acp {
         return Err(Error::InvalidRequest(
             "only an ACP agent (configure with \"protocol\": \"acp\") has session config".into(),
         ));
-    };
-    let argv = app.jail.map_argv(&entrypoint);
-    let launch = launch(&app, &argv, &stored.env);
+    }
+    let launch = launch(&app, &stored, &chosen);
     Ok(Json(
         app.acp
             .configure(&session, &launch, &app.reaper, req)
@@ -194,15 +304,26 @@ pub(super) async fn set_config(
     request_body(content = CreateSessionRequest, content_type = "application/json"),
     responses(
         (status = 201, description = "Created.", body = SessionInfo),
-        (status = 400, description = "`invalid_session_id` or `invalid_request`.", body = ErrorBody),
+        (status = 400, description = "`invalid_session_id`; `invalid_request`: a bad body, an `agent` that is not configured, or `mcpServers` that are not ACP `McpServer`s.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
         (status = 409, description = "`session_exists`: the id is taken, or a directory of that name exists that did not load as a session (it is kept as it is).", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody)))]
 pub(super) async fn create(State(app): State<Arc<AppState>>, body: Body) -> Result<Response> {
     let req: CreateSessionRequest = read_json(body, 1 << 20).await?;
+    if let Some(name) = &req.agent {
+        let stored = app.store.get();
+        if stored.agent(Some(name)).is_none() {
+            let names: Vec<String> = stored.agents().into_iter().map(|a| a.name).collect();
+            return Err(Error::InvalidRequest(format!(
+                "no agent {name:?} is configured (the agents are {names:?}; GET /v1/agents)"
+            )));
+        }
+    }
+    let mcp_servers = req.mcp_servers.unwrap_or_default();
+    agentbox_proto::check_mcp_servers(&mcp_servers).map_err(Error::InvalidRequest)?;
     let session = app
         .sessions
-        .create(req.id, req.metadata, None, Vec::new())?;
+        .create(req.id, req.metadata, req.agent, mcp_servers)?;
     Ok((StatusCode::CREATED, Json(session.info())).into_response())
 }
 
