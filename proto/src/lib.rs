@@ -927,8 +927,11 @@ pub struct SessionInfo {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AcpSessionState {
-    /// The agent's id for the session (reused by `session/load`).
+    /// The agent's id for the session (reused by `session/load` of the same agent).
     pub session_id: String,
+    /// The configured agent whose session it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
     /// The current mode id (`modes.currentModeId`, or the config option of category `mode`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,

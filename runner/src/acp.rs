@@ -30,6 +30,8 @@ use crate::journal::EventLog;
 use crate::session::Session;
 use crate::supervisor::{self, ExitStatus, Outcome, Process, Reaper, RunSpec};
 
+/// Agents whose `initialize` answer is remembered (a configuration has at most 65).
+const MAX_KNOWN: usize = 256;
 /// The ACP protocol version the runner speaks.
 const PROTOCOL_VERSION: u64 = 1;
 /// Longest wait for `initialize` and `session/new`.
@@ -99,10 +101,14 @@ impl AcpAgents {
             *slot = None;
         }
         let conn = Conn::start(session, launch, reaper).await?;
-        self.known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(launch.agent.clone(), conn.init.clone());
+        {
+            let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            // Names of agents configured long ago linger here; bounded all the same.
+            if known.len() >= MAX_KNOWN && !known.contains_key(&launch.agent) {
+                known.clear();
+            }
+            known.insert(launch.agent.clone(), conn.init.clone());
+        }
         *slot = Some(Arc::clone(&conn));
         Ok(conn)
     }
@@ -397,7 +403,15 @@ impl Conn {
             .pointer("/agentCapabilities/loadSession")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let previous = session.acp_state().map(|s| s.session_id);
+        // Only the same agent can load its own session.
+        let state = session.acp_state();
+        let other_agent = state
+            .as_ref()
+            .and_then(|s| s.agent.clone())
+            .filter(|a| *a != launch.agent);
+        let previous = state
+            .filter(|_| other_agent.is_none())
+            .map(|s| s.session_id);
         // Continuity: a new process resumes the previous ACP session when the agent can load
         // one (the updates it replays while loading are already in the history: dropped).
         let mut continuity = json!({"continuity": "new"});
@@ -421,7 +435,11 @@ impl Conn {
             (Some(_), false) => {
                 continuity = json!({"continuity": "new", "reason": "the agent cannot load sessions (no loadSession capability)"});
             }
-            (None, _) => {}
+            (None, _) => {
+                if let Some(other) = other_agent {
+                    continuity = json!({"continuity": "new", "reason": format!("the previous ACP session was agent {other:?}'s")});
+                }
+            }
         }
         let (acp_session, answer) = match opened {
             Some(opened) => opened,
@@ -462,6 +480,7 @@ impl Conn {
         session.update_acp(|s| {
             *s = Some(AcpSessionState {
                 session_id: acp_session.clone(),
+                agent: Some(launch.agent.clone()),
                 modes: field("modes"),
                 models: field("models"),
                 config_options: field("configOptions"),

@@ -1131,4 +1131,58 @@ async fn two_agents_in_one_sandbox_serve_two_sessions_at_once() {
     for agent in agents["items"].as_array().unwrap() {
         assert_eq!(agent["capabilities"]["loadSession"], true, "{agent}");
     }
+
+    // Another default agent: the session that named none moves to it, with a new ACP session
+    // (one agent cannot load another's), and says so.
+    let (status, body) = r.configure_json(json!({"defaultAgent": "codex"})).await;
+    assert_eq!(
+        (status, body["defaultAgent"].as_str()),
+        (200, Some("codex")),
+        "{body}"
+    );
+    let events = r.invoke_sse("?session=d1&prompt=recall", "").await;
+    assert!(
+        said(&events)[0].starts_with("[codex] recall  turn 1 "),
+        "{events:?}"
+    );
+    let (_, page) = json_of(
+        r.get("/v1/sessions/d1/events?limit=1000")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let last = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|e| e["type"] == "agent" && e["data"]["name"] == "acp_session")
+        .unwrap();
+    assert_eq!(last["data"]["data"]["agent"], "codex");
+    assert_eq!(last["data"]["data"]["continuity"], "new");
+    assert!(
+        last["data"]["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("claude"),
+        "{last}"
+    );
+    // Removing the session's agent makes its invokes fail with 424 until it is back.
+    let (status, body) = r
+        .configure_json(json!({"agents": {"claude": agent("claude")}}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = json_of(
+        r.post("/v1/invoke?session=c1")
+            .body("hi")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (424, Some("agent_failed")),
+        "{body}"
+    );
 }
