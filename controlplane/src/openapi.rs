@@ -171,7 +171,7 @@ fn configure() {}
         ("timeout" = Option<String>, Query, description = "A Go duration (`90s`, `5m`, `1h30m`)."),
         ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves."),
         ("session" = Option<String>, Query, description = "Run in this session (1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`); one invoke at a time per session.")),
-    request_body(content = String, description = "stdin for the entrypoint, any bytes.", content_type = "application/octet-stream"),
+    request_body(content = String, description = "stdin for the entrypoint, any bytes; for an ACP agent the prompt text, or `{\"prompt\": [content blocks]}` with `Content-Type: application/json`.", content_type = "application/octet-stream"),
     responses(
         (status = 200, description = "Server-Sent Events (ending with `exit`, or with an `error` event from the proxy when the runner went away); or the InvokeResponse.",
             content((String = "text/event-stream"), (InvokeResponse = "application/json"))),
@@ -179,7 +179,7 @@ fn configure() {}
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, or `session_not_found`: no such session.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`, or `session_busy`: the session already runs an invoke.", body = ErrorBody),
-        (status = 424, description = "`not_configured`: configure first.", body = ErrorBody),
+        (status = 424, description = "`not_configured`: configure first; `agent_failed`: the session's agent is no longer configured, or an ACP agent could not be started to learn its prompt capabilities.", body = ErrorBody),
         (status = 429, description = "`concurrency_exceeded` with `Retry-After: 5`.", body = ErrorBody),
         (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]

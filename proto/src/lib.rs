@@ -526,7 +526,7 @@ pub struct Info {
     pub version: String,
     /// `agent` or `code`.
     pub mode: String,
-    /// Whether an entrypoint is configured.
+    /// Whether an entrypoint (or a default agent) is configured.
     pub configured: bool,
     /// Hash of the last successful install.
     #[serde(default, skip_serializing_if = "Option::is_none")]

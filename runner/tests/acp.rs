@@ -1045,6 +1045,13 @@ async fn two_agents_in_one_sandbox_serve_two_sessions_at_once() {
     assert_eq!(body["agents"], json!(["claude", "codex"]));
     assert_eq!(body["defaultAgent"], "claude");
     assert_eq!(body["entrypoint"], json!(["python3", "acp_agent.py"]));
+    let info = r.get_json("/v1/info").await;
+    assert_eq!(info["configured"], true, "{info}");
+    assert_eq!(
+        info["entrypoint"],
+        json!(["python3", "acp_agent.py"]),
+        "{info}"
+    );
     // A default that is not an agent, or several agents and no default, is refused.
     for bad in [
         json!({"agents": {"x": agent("x")}, "defaultAgent": "y"}),

@@ -195,13 +195,15 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     responses((status = 200, description = "The runner's state.", body = Info), (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody)))]
 async fn info(State(app): State<Arc<AppState>>) -> Json<Info> {
     let stored = app.store.get();
+    let default_agent = stored.agent(None);
     let cfg = &app.cfg;
     Json(Info {
         version: env!("CARGO_PKG_VERSION").into(),
         mode: cfg.mode.as_str().into(),
-        configured: stored.entrypoint.is_some(),
+        // The default agent's (the entrypoint, or a named agent).
+        configured: default_agent.is_some(),
+        entrypoint: default_agent.map(|a| a.entrypoint),
         install_command_hash: stored.install_command_hash,
-        entrypoint: stored.entrypoint,
         last_configured_at: stored.last_configured_at,
         inflight: app.invokes.inflight(),
         limits: Limits {
@@ -327,16 +329,16 @@ pub(crate) fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T> {
         ("timeout" = Option<String>, Query, description = "A Go duration (`90s`, `5m`, `1h30m`); capped at `maxTimeoutMs`."),
         ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves (default `linger`)."),
         ("session" = Option<String>, Query, description = "Runs the invoke in this session (created with POST /v1/sessions): the agent channel, permissions and history. Required when the entrypoint is an ACP agent.")),
-    request_body(content = String, description = "stdin for the entrypoint, any bytes; for an ACP agent the prompt (UTF-8, at most 16 MiB) unless `?prompt=` is given.", content_type = "application/octet-stream"),
+    request_body(content = String, description = "stdin for the entrypoint, any bytes; for an ACP agent the prompt (UTF-8, at most 16 MiB) unless `?prompt=` is given, or with `Content-Type: application/json` a body `{\"prompt\": [ACP content blocks]}` (text, image, audio, resource, resource_link).", content_type = "application/octet-stream"),
     responses(
         (status = 200, description = "`start`, `log`…, `exit` as Server-Sent Events; or the InvokeResponse.",
             content((String = "text/event-stream"), (InvokeResponse = "application/json"))),
-        (status = 400, description = "`invalid_request` (bad query; an ACP agent invoked without `?session=`; an ACP prompt that is not UTF-8), `invalid_session_id`, `invalid_timeout`, `wrong_mode` (code mode).", body = ErrorBody),
+        (status = 400, description = "`invalid_request` (bad query; an ACP agent invoked without `?session=`; an ACP prompt that is not UTF-8; malformed content blocks, or blocks the agent's `promptCapabilities` do not allow), `invalid_session_id`, `invalid_timeout`, `wrong_mode` (code mode).", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
         (status = 404, description = "`session_not_found`: no session with the `?session=` id.", body = ErrorBody),
         (status = 409, description = "`session_busy`: another invoke runs in the session.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: an ACP prompt body over 16 MiB.", body = ErrorBody),
-        (status = 424, description = "`not_configured`: no entrypoint has been configured.", body = ErrorBody),
+        (status = 424, description = "`not_configured`: no entrypoint has been configured; `agent_failed`: the session's agent is no longer configured, or an ACP agent could not be started to learn its prompt capabilities.", body = ErrorBody),
         (status = 429, description = "`concurrency_exceeded` with `limit`, `inflight` and `Retry-After: 5`.", body = ErrorBody)))]
 async fn invoke(
     State(app): State<Arc<AppState>>,
