@@ -206,7 +206,7 @@ impl AcpAgents {
                 answer_json("session/set_mode", answer)?;
                 session.update_acp(|s| {
                     if let Some(modes) = s.as_mut().and_then(|s| s.modes.as_mut()) {
-                        modes["currentModeId"] = json!(mode);
+                        set_field(modes, "currentModeId", json!(mode));
                     }
                 });
             } else {
@@ -225,7 +225,7 @@ impl AcpAgents {
                     answer_json("session/set_model", answer)?;
                     session.update_acp(|s| {
                         if let Some(models) = s.as_mut().and_then(|s| s.models.as_mut()) {
-                            models["currentModelId"] = json!(model);
+                            set_field(models, "currentModelId", json!(model));
                         }
                     });
                 }
@@ -252,6 +252,14 @@ impl AcpAgents {
             }
         }
         Ok(session.info())
+    }
+}
+
+/// Sets `key` of `object` when it is one (an agent's malformed `modes` is left as it is; indexing
+/// would panic).
+fn set_field(object: &mut Value, key: &str, value: Value) {
+    if let Some(object) = object.as_object_mut() {
+        object.insert(key.to_owned(), value);
     }
 }
 
@@ -625,7 +633,11 @@ impl Conn {
                 };
                 self.session.update_acp(|s| {
                     if let Some(s) = s.as_mut() {
-                        s.modes.get_or_insert_with(|| json!({}))["currentModeId"] = mode;
+                        set_field(
+                            s.modes.get_or_insert_with(|| json!({})),
+                            "currentModeId",
+                            mode,
+                        );
                     }
                 });
             }
