@@ -461,20 +461,6 @@ impl Channel {
                     .collect()
             })
             .unwrap_or_default();
-        {
-            let mut pending = self.pending();
-            if pending.contains_key(id) {
-                drop(pending);
-                return self.protocol_error(format!("permission id {id:?} was already used"), line);
-            }
-            pending.insert(
-                id.to_owned(),
-                Pending::Waiting {
-                    kind: kind.clone(),
-                    options: options.clone(),
-                },
-            );
-        }
         let remembered = |reply: PermissionReply| match self.session() {
             Some(session) => session.remembers(&kind, reply),
             None => self
@@ -486,6 +472,22 @@ impl Channel {
         let auto = [PermissionReply::Always, PermissionReply::RejectAlways]
             .into_iter()
             .find(|r| remembered(*r));
+        {
+            let mut pending = self.pending();
+            if pending.contains_key(id) {
+                drop(pending);
+                return self.protocol_error(format!("permission id {id:?} was already used"), line);
+            }
+            // One the runner answers itself is answered before anyone can see it.
+            let state = match auto {
+                Some(_) => Pending::Answered,
+                None => Pending::Waiting {
+                    kind: kind.clone(),
+                    options: options.clone(),
+                },
+            };
+            pending.insert(id.to_owned(), state);
+        }
         let event = PermissionEvent {
             permission_id: id.to_owned(),
             title: value
@@ -509,7 +511,7 @@ impl Channel {
         self.log
             .append(|b| b.event(session_event::PERMISSION, &event));
         if let Some(reply) = auto {
-            let _ = self.answer(id, Choice::Reply(reply), ReplyOrigin::Always);
+            self.deliver(id, kind, reply, None, ReplyOrigin::Always);
             return;
         }
         let weak: Weak<Self> = Arc::downgrade(self);
@@ -575,6 +577,20 @@ impl Channel {
             pending.insert(id.to_owned(), Pending::Answered);
             (kind, reply, option_id)
         };
+        self.deliver(id, kind, reply, option_id.clone(), by);
+        Ok((reply, option_id))
+    }
+
+    /// Remembers an `always` or `reject_always`, journals the `permission_reply` and writes the
+    /// reply line, for request `id` (already marked answered).
+    fn deliver(
+        &self,
+        id: &str,
+        kind: String,
+        reply: PermissionReply,
+        option_id: Option<String>,
+        by: ReplyOrigin,
+    ) {
         if matches!(
             reply,
             PermissionReply::Always | PermissionReply::RejectAlways
@@ -617,7 +633,6 @@ impl Channel {
         if let Replies::Sender(tx) = &*replies {
             let _ = tx.send(line);
         }
-        Ok((reply, option_id))
     }
 }
 
