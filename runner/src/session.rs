@@ -27,6 +27,10 @@ use crate::fsutil::{now_ms, random_hex, write_atomic};
 use crate::journal::{EventLog, Mirror};
 use crate::sse;
 
+/// Largest `modes`, `models` or `configOptions` of an agent kept in a session's state (JSON
+/// bytes).
+pub const MAX_AGENT_STATE: usize = 256 << 10;
+
 /// What `session.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -168,12 +172,30 @@ impl Session {
         self.meta().acp.clone()
     }
 
-    /// Changes the ACP session's state with `f`; persisted when it changed.
+    /// Changes the ACP session's state with `f`; persisted when it changed. Each of the
+    /// agent's `modes`, `models` and `configOptions` is kept only up to [`MAX_AGENT_STATE`]
+    /// bytes of JSON (a larger one is dropped, with a warning).
     pub fn update_acp(&self, f: impl FnOnce(&mut Option<AcpSessionState>)) {
         let meta = {
             let mut meta = self.meta();
             let before = meta.acp.clone();
             f(&mut meta.acp);
+            let id = meta.id.clone();
+            if let Some(state) = meta.acp.as_mut() {
+                for (name, field) in [
+                    ("modes", &mut state.modes),
+                    ("models", &mut state.models),
+                    ("configOptions", &mut state.config_options),
+                ] {
+                    let size = field
+                        .as_ref()
+                        .map_or(0, |v| serde_json::to_vec(v).map_or(0, |b| b.len()));
+                    if size > MAX_AGENT_STATE {
+                        tracing::warn!(session = %id, field = name, size, "the agent's session state is too large to keep; dropped");
+                        *field = None;
+                    }
+                }
+            }
             if meta.acp == before {
                 return;
             }
@@ -458,5 +480,37 @@ impl Sessions {
         drop(claim);
         std::fs::remove_dir_all(&session.dir)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn acp_state_is_persisted_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = Sessions::load(dir.path()).unwrap();
+        let session = sessions
+            .create(Some("s".into()), None, Some("codex".into()), Vec::new())
+            .unwrap();
+        let big = Value::String("x".repeat(MAX_AGENT_STATE));
+        session.update_acp(|s| {
+            *s = Some(AcpSessionState {
+                session_id: "acp-1".into(),
+                modes: Some(serde_json::json!({"currentModeId": "ask"})),
+                config_options: Some(Value::Array(vec![big])),
+                ..Default::default()
+            })
+        });
+        let state = session.acp_state().unwrap();
+        assert_eq!(state.config_options, None, "over the bound: dropped");
+        assert!(state.modes.is_some());
+        // Reloaded from session.json, as after a runner restart.
+        let again = Sessions::load(dir.path()).unwrap().get("s").unwrap();
+        assert_eq!(again.acp_state().unwrap().session_id, "acp-1");
+        assert_eq!(again.agent().as_deref(), Some("codex"));
+        assert_eq!(again.info().acp.unwrap().mode.as_deref(), Some("ask"));
     }
 }
