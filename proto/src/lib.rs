@@ -1405,6 +1405,59 @@ mod tests {
     }
 
     #[test]
+    fn mcp_servers_are_checked_as_acp_defines_them() {
+        use serde_json::json;
+        let good = [
+            json!({"name": "fs", "command": "/bin/mcp", "args": ["-v"], "env": [{"name": "K", "value": "v"}]}),
+            json!({"type": "http", "name": "web", "url": "http://x/mcp", "headers": []}),
+            json!({"type": "sse", "name": "s", "url": "http://x/sse"}),
+        ];
+        assert_eq!(check_mcp_servers(&good), Ok(()));
+        for bad in [
+            json!({"command": "/bin/mcp"}),
+            json!({"name": "fs"}),
+            json!({"name": "fs", "command": "/bin/mcp", "args": "-v"}),
+            json!({"name": "fs", "command": "/bin/mcp", "env": {"K": "v"}}),
+            json!({"type": "http", "name": "web"}),
+            json!({"type": "ws", "name": "web", "url": "ws://x"}),
+        ] {
+            assert!(
+                check_mcp_servers(std::slice::from_ref(&bad)).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(check_mcp_servers(&vec![good[0].clone(); 65]).is_err());
+    }
+
+    #[test]
+    fn acp_state_reads_mode_model_and_thought_level() {
+        use serde_json::json;
+        let mut state = AcpSessionState {
+            modes: Some(json!({"currentModeId": "ask"})),
+            models: Some(json!({"currentModelId": "m1"})),
+            config_options: Some(json!([
+                {"id": "t", "category": "thought_level", "currentValue": "high"},
+                {"id": "flag", "type": "boolean", "currentValue": true},
+            ])),
+            ..Default::default()
+        };
+        state.derive();
+        assert_eq!(state.mode.as_deref(), Some("ask"));
+        assert_eq!(state.model.as_deref(), Some("m1"));
+        assert_eq!(state.thought_level.as_deref(), Some("high"));
+        assert_eq!(
+            state.option_of_category("thought_level").as_deref(),
+            Some("t")
+        );
+        // A model option wins over the older `models`.
+        state.config_options =
+            Some(json!([{"id": "mo", "category": "model", "currentValue": "m2"}]));
+        state.derive();
+        assert_eq!(state.model.as_deref(), Some("m2"));
+        assert_eq!(state.thought_level, None);
+    }
+
+    #[test]
     fn exit_reason_wire_names() {
         assert_eq!(
             serde_json::to_string(&ExitReason::RunnerRestarted).expect("encode"),

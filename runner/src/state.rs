@@ -159,3 +159,51 @@ impl ConfigStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use agentbox_proto::{AgentProtocol, AgentSpec};
+
+    fn spec(argv: &str) -> AgentSpec {
+        AgentSpec {
+            entrypoint: vec![argv.into()],
+            protocol: Some(AgentProtocol::Acp),
+            env: Some(BTreeMap::from([("B".into(), "agent".into())])),
+            mcp_servers: Some(vec![serde_json::json!({"name": "own"})]),
+        }
+    }
+
+    #[test]
+    fn agents_are_named_and_the_default_is_resolved() {
+        let mut stored = Stored {
+            entrypoint: Some(vec!["main".into()]),
+            env: BTreeMap::from([("A".into(), "1".into()), ("B".into(), "config".into())]),
+            mcp_servers: vec![serde_json::json!({"name": "shared"})],
+            ..Default::default()
+        };
+        assert_eq!(stored.default_agent().as_deref(), Some(DEFAULT_AGENT));
+        stored.agents.insert("codex".into(), spec("codex-acp"));
+        let names: Vec<String> = stored.agents().into_iter().map(|a| a.name).collect();
+        assert_eq!(names, vec!["codex", "default"]);
+        let codex = stored.agent(Some("codex")).unwrap();
+        assert_eq!(codex.env["A"], "1");
+        assert_eq!(codex.env["B"], "agent", "the agent's env goes on top");
+        assert_eq!(
+            codex.mcp_servers.len(),
+            2,
+            "the configuration's, then its own"
+        );
+        assert_eq!(codex.protocol, AgentProtocol::Acp);
+        assert_eq!(stored.agent(None).unwrap().entrypoint, vec!["main"]);
+        // Without an entrypoint: the only agent, or none when there are several.
+        stored.entrypoint = None;
+        assert_eq!(stored.default_agent().as_deref(), Some("codex"));
+        stored.agents.insert("claude".into(), spec("claude-acp"));
+        assert_eq!(stored.default_agent(), None);
+        stored.default_agent = Some("claude".into());
+        assert_eq!(stored.agent(None).unwrap().entrypoint, vec!["claude-acp"]);
+        assert!(stored.agent(Some("gemini")).is_none());
+    }
+}
