@@ -832,6 +832,11 @@ pub struct CreateSessionRequest {
     /// The configured agent to run (`GET /v1/agents`); absent: the default agent at each turn.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// An ACP agent's working directory for this session (the ACP session's `cwd`): an
+    /// existing directory in the workspace; absent: the workspace. The agent process itself
+    /// runs in the workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
     /// MCP servers for this session's ACP agent (ACP's `McpServer` objects), after the
     /// configuration's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -916,6 +921,10 @@ pub struct SessionInfo {
     /// The agent the session runs (`POST /v1/sessions {agent}`); absent: the default agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// The session's working directory as given (`POST /v1/sessions {cwd}`); absent: the
+    /// workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
     /// An ACP agent's session as the runner last knew it (absent before the first turn).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acp: Option<AcpSessionState>,

@@ -57,8 +57,10 @@ pub struct Launch {
     pub argv: Vec<String>,
     /// The complete environment.
     pub env: Vec<(String, String)>,
-    /// The workspace (cwd and the ACP session's cwd).
+    /// The agent process's working directory: the workspace.
     pub cwd: std::path::PathBuf,
+    /// The ACP session's `cwd` (`session/new`, `session/load`): the session's, or the workspace.
+    pub session_cwd: std::path::PathBuf,
 }
 
 /// The running ACP agents, one per session.
@@ -406,7 +408,7 @@ impl Conn {
         // The session's MCP servers: the configuration's and the agent's, then the session's.
         let mut mcp_servers = launch.mcp_servers.clone();
         mcp_servers.extend(session.mcp_servers());
-        let cwd = launch.cwd.display().to_string();
+        let cwd = launch.session_cwd.display().to_string();
         let can_load = init
             .pointer("/agentCapabilities/loadSession")
             .and_then(Value::as_bool)

@@ -52,6 +52,9 @@ struct Meta {
     /// MCP servers given at creation, passed to `session/new` and `session/load`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     mcp_servers: Vec<Value>,
+    /// The working directory given at creation (a sandbox path, checked again at each use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cwd: Option<String>,
 }
 
 /// One session. Its history is open only while something uses it (an invoke running in the
@@ -126,6 +129,7 @@ impl Session {
             always_allowed: meta.always_allowed.into_iter().collect(),
             always_rejected: meta.always_rejected.into_iter().collect(),
             agent: meta.agent,
+            cwd: meta.cwd,
             acp: meta.acp.map(|mut state| {
                 state.derive();
                 state
@@ -160,6 +164,11 @@ impl Session {
     /// The agent chosen at creation (`None`: the default one).
     pub fn agent(&self) -> Option<String> {
         self.meta().agent.clone()
+    }
+
+    /// The working directory given at creation (a sandbox path).
+    pub fn cwd(&self) -> Option<String> {
+        self.meta().cwd.clone()
     }
 
     /// MCP servers given at creation.
@@ -401,6 +410,7 @@ impl Sessions {
         metadata: Option<Value>,
         agent: Option<String>,
         mcp_servers: Vec<Value>,
+        cwd: Option<String>,
     ) -> Result<Arc<Session>> {
         let id = match id {
             Some(id) => {
@@ -435,6 +445,7 @@ impl Sessions {
             agent,
             acp: None,
             mcp_servers,
+            cwd,
         };
         save_meta(&dir, &meta)?;
         let session = Arc::new(Session {
@@ -493,7 +504,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sessions = Sessions::load(dir.path()).unwrap();
         let session = sessions
-            .create(Some("s".into()), None, Some("codex".into()), Vec::new())
+            .create(
+                Some("s".into()),
+                None,
+                Some("codex".into()),
+                Vec::new(),
+                None,
+            )
             .unwrap();
         let big = Value::String("x".repeat(MAX_AGENT_STATE));
         session.update_acp(|s| {

@@ -1193,3 +1193,60 @@ async fn two_agents_in_one_sandbox_serve_two_sessions_at_once() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cwd_is_the_acp_sessions_cwd() {
+    require_sdk();
+    let r = Runner::start(&[]);
+    let (status, body) = r
+        .configure_json(json!({
+            "files": [{"path": "acp_agent.py", "content": AGENT}, {"path": "sub/keep.txt", "content": ""}],
+            "entrypoint": ["python3", "acp_agent.py"],
+            "protocol": "acp",
+        }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for (cwd, code) in [
+        ("../x", "invalid_path"),
+        ("acp_agent.py", "not_a_directory"),
+    ] {
+        let (status, body) = json_of(
+            r.post("/v1/sessions")
+                .json(&json!({"id": "w", "cwd": cwd}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some(code)),
+            "{cwd}: {body}"
+        );
+    }
+    let (status, info) = json_of(
+        r.post("/v1/sessions")
+            .json(&json!({"id": "a", "cwd": "/workspace/sub"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, info["cwd"].as_str()),
+        (201, Some("/workspace/sub")),
+        "{info}"
+    );
+    let (resp, buf, _) = turn_until(&r, "write here", "permission").await;
+    answer(&r, "once").await;
+    let events = rest_of(resp, buf).await;
+    assert!(
+        said(&events)[0].starts_with("wrote (allow-once) turn 1 "),
+        "{events:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(r.workspace.join("sub/acp.txt")).unwrap(),
+        "here\n"
+    );
+    assert!(!r.workspace.join("acp.txt").exists());
+}

@@ -22,6 +22,7 @@ use super::{query, read_json, sse_response};
 use crate::acp::{Launch, Turn};
 use crate::channel::AgentSetup;
 use crate::error::{Error, Result};
+use crate::session::Session;
 use crate::sse;
 use crate::state::Stored;
 use crate::AppState;
@@ -96,7 +97,33 @@ pub(super) fn agent_of(
     }
 }
 
-fn launch(app: &AppState, stored: &Stored, agent: &crate::state::Agent) -> Launch {
+/// A session's working directory: `cwd` resolved in the jail, an existing directory (400
+/// `invalid_path` / `not_a_directory` otherwise).
+pub(super) fn session_cwd(app: &AppState, cwd: &str) -> Result<std::path::PathBuf> {
+    let real = app.jail.resolve(cwd)?;
+    if !real.is_dir() {
+        return Err(Error::NotADirectory(crate::files::sandbox_path(
+            app.jail.root(),
+            &real,
+        )));
+    }
+    Ok(real)
+}
+
+/// The ACP session's `cwd` for session `session`: its `cwd`, or the workspace.
+pub(super) fn cwd_of(app: &AppState, session: Option<&Arc<Session>>) -> Result<std::path::PathBuf> {
+    match session.and_then(|s| s.cwd()) {
+        Some(cwd) => session_cwd(app, &cwd),
+        None => Ok(app.cfg.workspace.clone()),
+    }
+}
+
+fn launch(
+    app: &AppState,
+    stored: &Stored,
+    agent: &crate::state::Agent,
+    session_cwd: std::path::PathBuf,
+) -> Launch {
     let mut full = app.cfg.base_env.clone();
     full.extend(agent.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     full.push((
@@ -109,6 +136,7 @@ fn launch(app: &AppState, stored: &Stored, agent: &crate::state::Agent) -> Launc
         argv: app.jail.map_argv(&agent.entrypoint),
         env: full,
         cwd: app.cfg.workspace.clone(),
+        session_cwd,
         mcp_servers: agent.mcp_servers.clone(),
     }
 }
@@ -130,7 +158,7 @@ pub(super) async fn acp_turn(
                 .into(),
         ));
     };
-    let launch = launch(app, stored, chosen);
+    let launch = launch(app, stored, chosen, cwd_of(app, Some(&session))?);
     let json_body = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -289,7 +317,7 @@ pub(super) async fn set_config(
             "only an ACP agent (configure with \"protocol\": \"acp\") has session config".into(),
         ));
     }
-    let launch = launch(&app, &stored, &chosen);
+    let launch = launch(&app, &stored, &chosen, cwd_of(&app, Some(&session))?);
     Ok(Json(
         app.acp
             .configure(&session, &launch, &app.reaper, req)
@@ -304,7 +332,7 @@ pub(super) async fn set_config(
     request_body(content = CreateSessionRequest, content_type = "application/json"),
     responses(
         (status = 201, description = "Created.", body = SessionInfo),
-        (status = 400, description = "`invalid_session_id`; `invalid_request`: a bad body, an `agent` that is not configured, or `mcpServers` that are not ACP `McpServer`s.", body = ErrorBody),
+        (status = 400, description = "`invalid_session_id`; `invalid_request`: a bad body, an `agent` that is not configured, or `mcpServers` that are not ACP `McpServer`s; `invalid_path`, `not_a_directory`: a `cwd` outside the workspace or not a directory.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
         (status = 409, description = "`session_exists`: the id is taken, or a directory of that name exists that did not load as a session (it is kept as it is).", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody)))]
@@ -321,9 +349,12 @@ pub(super) async fn create(State(app): State<Arc<AppState>>, body: Body) -> Resu
     }
     let mcp_servers = req.mcp_servers.unwrap_or_default();
     agentbox_proto::check_mcp_servers(&mcp_servers).map_err(Error::InvalidRequest)?;
+    if let Some(cwd) = &req.cwd {
+        session_cwd(&app, cwd)?;
+    }
     let session = app
         .sessions
-        .create(req.id, req.metadata, req.agent, mcp_servers)?;
+        .create(req.id, req.metadata, req.agent, mcp_servers, req.cwd)?;
     Ok((StatusCode::CREATED, Json(session.info())).into_response())
 }
 
