@@ -940,6 +940,7 @@ async fn configure(
         entrypoint: entrypoint.as_deref().map(split_words).transpose()?,
         env: (!env.is_empty()).then_some(env_map),
         protocol: None,
+        ..Default::default()
     };
     let mut sigint = interrupts()?;
     let tty = std::io::stderr().is_terminal() && !cli.json && !cli.quiet;

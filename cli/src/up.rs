@@ -381,6 +381,7 @@ async fn demo(client: &Client) -> Result<u8, ClientError> {
                 entrypoint: Some(vec!["python3".into(), "/workspace/agent.py".into()]),
                 env: None,
                 protocol: None,
+                ..Default::default()
             },
         )
         .await?;

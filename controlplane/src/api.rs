@@ -467,6 +467,7 @@ fn runner_route(method: &Method, rest: &str) -> Option<(String, &'static str)> {
         ("files", _, "PUT") => "files.put",
         ("files", _, "DELETE") => "files.delete",
         ("archive", "", "GET") => "archive",
+        ("agents", "", "GET") => "agents.list",
         ("sessions", "", "POST") => "sessions.create",
         ("sessions", "", "GET") => "sessions.list",
         ("sessions", t, "GET") if segments(t) == 1 => "sessions.get",
@@ -853,6 +854,7 @@ mod tests {
             (&post, "sessions/s1/permissions/p1", "sessions.permission"),
             (&Method::PUT, "sessions/s1/config", "sessions.config"),
             (&post, "invokes/inv-1/permissions/p1", "invokes.permission"),
+            (&get, "agents", "agents.list"),
         ] {
             assert_eq!(
                 runner_route(method, rest),
@@ -868,6 +870,8 @@ mod tests {
             (&post, "sessions/s1/permissions/p1/x"),
             (&post, "invokes/inv-1/other/p1"),
             (&get, "invokes/inv-1/permissions/p1"),
+            (&post, "agents"),
+            (&get, "agents/x"),
         ] {
             assert_eq!(runner_route(method, rest), None, "{method} {rest}");
         }

@@ -9,12 +9,12 @@
 use std::sync::OnceLock;
 
 use agentbox_proto::{
-    AgentEvent, ArchiveFormat, CancelRequest, CancelResponse, ConfigureRequest, ConfigureResult,
-    CreateSessionRequest, ErrorBody, ErrorEvent, ExecRequest, ExitEvent, FileListing, InvokeList,
-    InvokeResponse, InvokeSummary, LogEvent, OnDisconnect, PermissionEvent, PermissionReplyEvent,
-    PermissionReplyRequest, PermissionReplyResponse, ProtocolErrorEvent, SessionConfigRequest,
-    SessionEvent, SessionEventPage, SessionInfo, SessionList, StartEvent, StreamMode,
-    TruncatedEvent, WrittenFile,
+    AgentEvent, AgentList, ArchiveFormat, CancelRequest, CancelResponse, ConfigureRequest,
+    ConfigureResult, CreateSessionRequest, ErrorBody, ErrorEvent, ExecRequest, ExitEvent,
+    FileListing, InvokeList, InvokeResponse, InvokeSummary, LogEvent, OnDisconnect,
+    PermissionEvent, PermissionReplyEvent, PermissionReplyRequest, PermissionReplyResponse,
+    ProtocolErrorEvent, SessionConfigRequest, SessionEvent, SessionEventPage, SessionInfo,
+    SessionList, StartEvent, StreamMode, TruncatedEvent, WrittenFile,
 };
 use serde_json::{json, Value};
 use utoipa::OpenApi;
@@ -50,6 +50,7 @@ use crate::api;
         files_put,
         files_delete,
         archive,
+        agents_list,
         sessions_create,
         sessions_list,
         sessions_get,
@@ -174,7 +175,7 @@ fn configure() {}
         ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves: `cancel` (default, as the seed: closing the stream cancels), `linger` (cancel after the runner's `--linger` without a watcher, time to reattach), `continue`."),
         ("stream" = Option<StreamMode>, Query, description = "`lines` (default, the seed's framing): one `log` event per whole line. `live`: also a fragment without a newline once the output pauses for 25 ms (`partial: true`), for prompts and streamed tokens."),
         ("session" = Option<String>, Query, description = "Run in this session (1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`); one invoke at a time per session.")),
-    request_body(content = String, description = "stdin for the entrypoint, any bytes.", content_type = "application/octet-stream"),
+    request_body(content = String, description = "stdin for the entrypoint, any bytes; for an ACP agent the prompt text, or `{\"prompt\": [content blocks]}` with `Content-Type: application/json`.", content_type = "application/octet-stream"),
     responses(
         (status = 200, description = "Server-Sent Events (ending with `exit`, or with an `error` event from the proxy when the runner went away); or the InvokeResponse.",
             content((String = "text/event-stream"), (InvokeResponse = "application/json"))),
@@ -182,7 +183,7 @@ fn configure() {}
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, or `session_not_found`: no such session.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`, or `session_busy`: the session already runs an invoke.", body = ErrorBody),
-        (status = 424, description = "`not_configured`: configure first.", body = ErrorBody),
+        (status = 424, description = "`not_configured`: configure first; `agent_failed`: the session's agent is no longer configured, or an ACP agent could not be started to learn its prompt capabilities.", body = ErrorBody),
         (status = 429, description = "`concurrency_exceeded` with `Retry-After: 5`.", body = ErrorBody),
         (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
@@ -370,13 +371,29 @@ fn files_delete() {}
 #[allow(dead_code)]
 fn archive() {}
 
+/// The sandbox's configured agents
+///
+/// Passed to the runner's `GET /v1/agents`: every agent by name (`default` is the
+/// `entrypoint`), with an ACP agent's advertised capabilities once it has started.
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/agents", tag = "configure",
+    params(("id" = String, Path, description = "The sandbox id.")),
+    responses(
+        (status = 200, description = "The agents.", body = AgentList),
+        (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`: the runner refused the control plane's runner token.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn agents_list() {}
+
 /// Create a session in the sandbox
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/sessions", tag = "sessions",
     params(("id" = String, Path, description = "The sandbox id.")),
     request_body(content = CreateSessionRequest, content_type = "application/json"),
     responses(
         (status = 201, description = "Created.", body = SessionInfo),
-        (status = 400, description = "`invalid_session_id`, `invalid_request`.", body = ErrorBody),
+        (status = 400, description = "`invalid_session_id`, `invalid_request` (also: an `agent` that is not configured, bad `mcpServers`).", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
@@ -451,12 +468,12 @@ fn sessions_delete() {}
 #[allow(dead_code)]
 fn sessions_events() {}
 
-/// Set an ACP agent's session config (mode, model, options)
+/// Set an ACP agent's session config (mode, model, thought level, options)
 #[utoipa::path(put, path = "/api/v1/sandboxes/{id}/sessions/{sid}/config", tag = "sessions",
     params(("id" = String, Path, description = "The sandbox id."), ("sid" = String, Path, description = "The session id.")),
     request_body(content = SessionConfigRequest, content_type = "application/json"),
     responses(
-        (status = 200, description = "What the agent answered, per setting.", body = Object),
+        (status = 200, description = "The session with its ACP state after the changes (`acp`).", body = SessionInfo),
         (status = 400, description = "`invalid_request`, `invalid_session_id`.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`, `session_not_found`.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`.", body = ErrorBody),

@@ -1610,6 +1610,13 @@ async fn sessions_and_permissions_through_the_proxy() {
     let (code, list) = send(cp.sb(Method::GET, "chat", "/sessions")).await;
     assert_eq!(code, 200, "{list}");
     assert!(list.to_string().contains("\"s1\""), "{list}");
+    // The configured agents pass through too.
+    let (code, agents) = send(cp.sb(Method::GET, "chat", "/agents")).await;
+    assert_eq!(code, 200, "{agents}");
+    assert_eq!(
+        agents["items"],
+        json!([{"name": "default", "entrypoint": ["python3", "agent.py"], "protocol": "plain", "default": true}])
+    );
 
     // Unknown and malformed sessions are refused before anything runs.
     let (code, body) = send(

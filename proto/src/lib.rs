@@ -141,6 +141,68 @@ pub struct ConfigureRequest {
     /// that gives an entrypoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<AgentProtocol>,
+    /// Named agents (names as session ids: 1 to 128 of `A-Z a-z 0-9 . _ -`), beside or instead
+    /// of `entrypoint` (which is the agent named `default`); replaces the previous map when
+    /// given. A session picks one with `POST /v1/sessions {agent}`. One install covers them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agents: Option<BTreeMap<String, AgentSpec>>,
+    /// The agent of sessions that name none and of invokes outside a session; kept until the
+    /// next configure that gives `agents`. Defaults to `default` (the `entrypoint`) when there
+    /// is one, else to the only agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_agent: Option<String>,
+    /// MCP servers passed to every ACP agent's `session/new` and `session/load` (ACP's
+    /// `McpServer`: `{name, command, args, env: [{name, value}]}` for stdio, `{type: "http" |
+    /// "sse", name, url, headers: [{name, value}]}`); replaces the previous list when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub mcp_servers: Option<Vec<serde_json::Value>>,
+}
+
+/// One named agent of `configure {"agents": {...}}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentSpec {
+    /// Its argv.
+    pub entrypoint: Vec<String>,
+    /// `plain` (the default) or `acp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<AgentProtocol>,
+    /// Environment on top of the configuration's `env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// MCP servers for this agent's ACP sessions, after the configuration's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub mcp_servers: Option<Vec<serde_json::Value>>,
+}
+
+/// One agent, as `GET /v1/agents` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentInfo {
+    /// Its name (`default` for the configuration's `entrypoint`).
+    pub name: String,
+    /// Its argv.
+    pub entrypoint: Vec<String>,
+    /// How the runner talks to it.
+    pub protocol: AgentProtocol,
+    /// Whether sessions that name no agent get this one.
+    pub default: bool,
+    /// An ACP agent's `agentCapabilities` from its last `initialize`, once one has started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<serde_json::Value>,
+    /// An ACP agent's `agentInfo` from its last `initialize`, if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_info: Option<serde_json::Value>,
+}
+
+/// `GET /v1/agents` answer, by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentList {
+    /// The configured agents.
+    pub items: Vec<AgentInfo>,
 }
 
 /// How the runner talks to the entrypoint.
@@ -164,8 +226,15 @@ pub struct ConfigureResult {
     pub install_exit_code: i32,
     /// True when the hash equalled the last successful install: nothing was written or run.
     pub skipped: bool,
-    /// The entrypoint now in force.
+    /// The entrypoint now in force (the default agent's).
     pub entrypoint: Vec<String>,
+    /// The named agents now in force (with `default` for the `entrypoint`), when there are
+    /// several or any named ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+    /// The default agent's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_agent: Option<String>,
     /// When the configuration in force was last set (RFC 3339).
     pub last_configured_at: String,
     /// How long this configure took.
@@ -470,7 +539,7 @@ pub struct Info {
     pub version: String,
     /// `agent` or `code`.
     pub mode: String,
-    /// Whether an entrypoint is configured.
+    /// Whether an entrypoint (or a default agent) is configured.
     pub configured: bool,
     /// Hash of the last successful install.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -798,6 +867,70 @@ pub struct CreateSessionRequest {
     /// Free-form JSON kept with the session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Value>,
+    /// The configured agent to run (`GET /v1/agents`); absent: the default agent at each turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// An ACP agent's working directory for this session (the ACP session's `cwd`): an
+    /// existing directory in the workspace; absent: the workspace. The agent process itself
+    /// runs in the workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// MCP servers for this session's ACP agent (ACP's `McpServer` objects), after the
+    /// configuration's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub mcp_servers: Option<Vec<serde_json::Value>>,
+}
+
+/// Checks MCP server entries (ACP's `McpServer`): a stdio one has `name`, `command` (and
+/// optional `args`, `env: [{name, value}]`); an `http` or `sse` one has `type`, `name`, `url`
+/// (and optional `headers: [{name, value}]`). At most 64.
+pub fn check_mcp_servers(servers: &[serde_json::Value]) -> Result<(), String> {
+    if servers.len() > 64 {
+        return Err(format!("{} MCP servers, the limit is 64", servers.len()));
+    }
+    let pairs = |v: Option<&serde_json::Value>| match v {
+        None => true,
+        Some(v) => v.as_array().is_some_and(|a| {
+            a.iter().all(|p| {
+                p.get("name").is_some_and(|n| n.is_string())
+                    && p.get("value").is_some_and(|n| n.is_string())
+            })
+        }),
+    };
+    for (i, s) in servers.iter().enumerate() {
+        let name = s.get("name").and_then(|n| n.as_str()).unwrap_or("");
+        if name.is_empty() {
+            return Err(format!("mcpServers[{i}] needs a \"name\""));
+        }
+        let ok = match s.get("type").and_then(|t| t.as_str()) {
+            None | Some("stdio") => {
+                s.get("command")
+                    .and_then(|c| c.as_str())
+                    .is_some_and(|c| !c.is_empty())
+                    && s.get("args").is_none_or(|a| {
+                        a.as_array()
+                            .is_some_and(|a| a.iter().all(|x| x.is_string()))
+                    })
+                    && pairs(s.get("env"))
+            }
+            Some("http" | "sse") => {
+                s.get("url")
+                    .and_then(|u| u.as_str())
+                    .is_some_and(|u| !u.is_empty())
+                    && pairs(s.get("headers"))
+            }
+            Some(_) => false,
+        };
+        if !ok {
+            return Err(format!(
+                "mcpServers[{i}] ({name:?}) is not an ACP McpServer: give command (with args \
+                 and env [{{name, value}}]) for stdio, or type \"http\"/\"sse\" with url (and \
+                 headers [{{name, value}}])"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A session, as `POST /v1/sessions`, `GET /v1/sessions` and `GET /v1/sessions/{id}` show it.
@@ -819,6 +952,88 @@ pub struct SessionInfo {
     /// Tool kinds answered `always`: later requests of these kinds are allowed by the runner.
     #[serde(default)]
     pub always_allowed: Vec<String>,
+    /// Tool kinds answered `reject_always`: later requests of these kinds are refused by the
+    /// runner.
+    #[serde(default)]
+    pub always_rejected: Vec<String>,
+    /// The agent the session runs (`POST /v1/sessions {agent}`); absent: the default agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The session's working directory as given (`POST /v1/sessions {cwd}`); absent: the
+    /// workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// An ACP agent's session as the runner last knew it (absent before the first turn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acp: Option<AcpSessionState>,
+}
+
+/// An ACP session's state, kept current from the agent's answers (`session/new`,
+/// `session/load`, `session/set_*`) and its `current_mode_update` and `config_option_update`
+/// notifications.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AcpSessionState {
+    /// The agent's id for the session (reused by `session/load` of the same agent).
+    pub session_id: String,
+    /// The configured agent whose session it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The current mode id (`modes.currentModeId`, or the config option of category `mode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// The current model id (`models.currentModelId`, or the config option of category
+    /// `model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The current thought level (the config option of category `thought_level`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thought_level: Option<String>,
+    /// The agent's `modes` (`{currentModeId, availableModes}`), as it sent them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modes: Option<serde_json::Value>,
+    /// The agent's `models` (`{currentModelId, availableModels}`), as it sent them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<serde_json::Value>,
+    /// The agent's `configOptions` with their current values, as it sent them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_options: Option<serde_json::Value>,
+}
+
+impl AcpSessionState {
+    /// Fills `mode`, `model` and `thoughtLevel` from the raw fields.
+    pub fn derive(&mut self) {
+        let option = |category: &str| -> Option<String> {
+            self.config_options
+                .as_ref()?
+                .as_array()?
+                .iter()
+                .find(|o| o.get("category").and_then(|c| c.as_str()) == Some(category))?
+                .get("currentValue")
+                .map(|v| match v.as_str() {
+                    Some(s) => s.to_owned(),
+                    None => v.to_string(),
+                })
+        };
+        let current = |field: &Option<serde_json::Value>, key: &str| -> Option<String> {
+            field.as_ref()?.get(key)?.as_str().map(str::to_owned)
+        };
+        self.mode = current(&self.modes, "currentModeId").or_else(|| option("mode"));
+        self.model = option("model").or_else(|| current(&self.models, "currentModelId"));
+        self.thought_level = option("thought_level");
+    }
+
+    /// The id of the config option of `category`, if the agent offers one.
+    pub fn option_of_category(&self, category: &str) -> Option<String> {
+        self.config_options
+            .as_ref()?
+            .as_array()?
+            .iter()
+            .find(|o| o.get("category").and_then(|c| c.as_str()) == Some(category))?
+            .get("id")?
+            .as_str()
+            .map(str::to_owned)
+    }
 }
 
 /// `GET /v1/sessions` answer, oldest first.
@@ -892,7 +1107,7 @@ pub struct AgentEvent {
 
 /// How a caller answers a permission request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum PermissionReply {
     /// Allow this one call.
     Once,
@@ -900,6 +1115,11 @@ pub enum PermissionReply {
     Always,
     /// Refuse.
     Reject,
+    /// Refuse, and refuse every later request of the same tool kind in this session.
+    RejectAlways,
+    /// Nobody chose: the turn was canceled or ended first (journaled only, never sent by a
+    /// client).
+    Cancelled,
 }
 
 impl PermissionReply {
@@ -909,13 +1129,51 @@ impl PermissionReply {
             PermissionReply::Once => "once",
             PermissionReply::Always => "always",
             PermissionReply::Reject => "reject",
+            PermissionReply::RejectAlways => "reject_always",
+            PermissionReply::Cancelled => "cancelled",
+        }
+    }
+
+    /// The reply an option of ACP kind `kind` (`allow_once`, `allow_always`, `reject_once`,
+    /// `reject_always`) stands for.
+    pub fn of_option_kind(kind: &str) -> Option<Self> {
+        match kind {
+            "allow_once" => Some(PermissionReply::Once),
+            "allow_always" => Some(PermissionReply::Always),
+            "reject_once" => Some(PermissionReply::Reject),
+            "reject_always" => Some(PermissionReply::RejectAlways),
+            _ => None,
         }
     }
 }
 
+/// One choice the agent offers for a permission request (ACP's `PermissionOption`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PermissionOption {
+    /// The agent's id for it: answer with `{"optionId": ...}` to choose exactly this one.
+    pub option_id: String,
+    /// Its label, for a human.
+    #[serde(default)]
+    pub name: String,
+    /// `allow_once`, `allow_always`, `reject_once` or `reject_always`.
+    pub kind: String,
+}
+
+/// How the runner answered a request itself, without asking anyone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoReply {
+    /// The answer (`always` or `reject_always`).
+    pub reply: PermissionReply,
+    /// Why: `always` (an earlier `always` or `reject_always` for the tool kind).
+    pub by: ReplyOrigin,
+}
+
 /// `permission` event: the agent asks; answer with
 /// `POST /v1/sessions/{sid}/permissions/{permissionId}` or
-/// `POST /v1/invokes/{iid}/permissions/{permissionId}`.
+/// `POST /v1/invokes/{iid}/permissions/{permissionId}` (unless `autoReply` says the runner
+/// already did).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PermissionEvent {
@@ -929,8 +1187,17 @@ pub struct PermissionEvent {
     pub tool_call: serde_json::Value,
     /// The tool kind this request counts as for `always` (`toolCall.kind`, or `other`).
     pub tool_kind: String,
-    /// Always `["once", "always", "reject"]`.
+    /// Always `["once", "always", "reject", "reject_always"]`.
     pub available_replies: Vec<PermissionReply>,
+    /// The agent's own options (an ACP agent's, or those an fd-channel agent listed); a reply
+    /// may name one by `optionId`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<PermissionOption>,
+    /// Present when the runner answered the request itself (an earlier `always` or
+    /// `reject_always` for this tool kind): nothing waits for a client; the
+    /// `permission_reply` follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_reply: Option<AutoReply>,
 }
 
 /// Who answered a permission request, and why.
@@ -939,10 +1206,12 @@ pub struct PermissionEvent {
 pub enum ReplyOrigin {
     /// A caller, through the API.
     Client,
-    /// The runner: an earlier `always` covered it.
+    /// The runner: an earlier `always` (or `reject_always`) covered it.
     Always,
     /// The runner: nobody answered within the permission timeout; the reply is `reject`.
     Timeout,
+    /// The runner: the turn was canceled (or ended) first; the reply is `cancelled`.
+    Cancel,
 }
 
 /// `permission_reply` event: a request was answered (by a client or by the runner).
@@ -953,6 +1222,9 @@ pub struct PermissionReplyEvent {
     pub permission_id: String,
     /// The answer written to the agent.
     pub reply: PermissionReply,
+    /// The agent's option chosen, when the client named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub option_id: Option<String>,
     /// Who answered.
     pub by: ReplyOrigin,
 }
@@ -971,31 +1243,45 @@ pub struct ProtocolErrorEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PromptEvent {
-    /// The prompt text.
+    /// The prompt text (of a prompt of content blocks: its text blocks, joined by newlines).
     pub text: String,
+    /// The content blocks of a `{"prompt": [...]}` body, as sent to the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub content: Option<Vec<serde_json::Value>>,
 }
 
 /// `PUT /v1/sessions/{id}/config` body (ACP agents): what to set, each optional.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SessionConfigRequest {
-    /// A mode id the agent advertised (`session/set_mode`).
+    /// A mode id the agent advertised (`session/set_mode`, or its config option of category
+    /// `mode` when it offers no modes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
-    /// A model id the agent advertised (`session/set_model`).
+    /// A model id the agent advertised (its config option of category `model`, else
+    /// `session/set_model`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// A thought level the agent advertised (its config option of category `thought_level`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thought_level: Option<String>,
     /// Config option ids to values (`session/set_config_option`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<BTreeMap<String, serde_json::Value>>,
 }
 
-/// `POST /v1/sessions/{sid}/permissions/{pid}` (and the invoke variant) body.
+/// `POST /v1/sessions/{sid}/permissions/{pid}` (and the invoke variant) body: `reply` or
+/// `optionId`, not both.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PermissionReplyRequest {
-    /// `once`, `always` or `reject`.
-    pub reply: PermissionReply,
+    /// `once`, `always`, `reject` or `reject_always`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<PermissionReply>,
+    /// One of the `options` of the `permission` event, chosen as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub option_id: Option<String>,
 }
 
 /// Answer to a permission reply.
@@ -1008,6 +1294,9 @@ pub struct PermissionReplyResponse {
     pub invoke_id: InvokeId,
     /// The answer written to the agent.
     pub reply: PermissionReply,
+    /// The agent's option chosen, when the request named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub option_id: Option<String>,
 }
 
 /// OpenAPI schemas of one Server-Sent Events frame (`{id, event, data}`, `data` being the JSON
@@ -1160,6 +1449,59 @@ mod tests {
         for bad in ["", ".", "..", "-x", "a/b", "a b", "é", &"x".repeat(129)] {
             assert!(!valid_session_id(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn mcp_servers_are_checked_as_acp_defines_them() {
+        use serde_json::json;
+        let good = [
+            json!({"name": "fs", "command": "/bin/mcp", "args": ["-v"], "env": [{"name": "K", "value": "v"}]}),
+            json!({"type": "http", "name": "web", "url": "http://x/mcp", "headers": []}),
+            json!({"type": "sse", "name": "s", "url": "http://x/sse"}),
+        ];
+        assert_eq!(check_mcp_servers(&good), Ok(()));
+        for bad in [
+            json!({"command": "/bin/mcp"}),
+            json!({"name": "fs"}),
+            json!({"name": "fs", "command": "/bin/mcp", "args": "-v"}),
+            json!({"name": "fs", "command": "/bin/mcp", "env": {"K": "v"}}),
+            json!({"type": "http", "name": "web"}),
+            json!({"type": "ws", "name": "web", "url": "ws://x"}),
+        ] {
+            assert!(
+                check_mcp_servers(std::slice::from_ref(&bad)).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(check_mcp_servers(&vec![good[0].clone(); 65]).is_err());
+    }
+
+    #[test]
+    fn acp_state_reads_mode_model_and_thought_level() {
+        use serde_json::json;
+        let mut state = AcpSessionState {
+            modes: Some(json!({"currentModeId": "ask"})),
+            models: Some(json!({"currentModelId": "m1"})),
+            config_options: Some(json!([
+                {"id": "t", "category": "thought_level", "currentValue": "high"},
+                {"id": "flag", "type": "boolean", "currentValue": true},
+            ])),
+            ..Default::default()
+        };
+        state.derive();
+        assert_eq!(state.mode.as_deref(), Some("ask"));
+        assert_eq!(state.model.as_deref(), Some("m1"));
+        assert_eq!(state.thought_level.as_deref(), Some("high"));
+        assert_eq!(
+            state.option_of_category("thought_level").as_deref(),
+            Some("t")
+        );
+        // A model option wins over the older `models`.
+        state.config_options =
+            Some(json!([{"id": "mo", "category": "model", "currentValue": "m2"}]));
+        state.derive();
+        assert_eq!(state.model.as_deref(), Some("m2"));
+        assert_eq!(state.thought_level, None);
     }
 
     #[test]

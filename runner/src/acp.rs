@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use agentbox_proto::{
-    event, session_event, AgentEvent, ErrorEvent, ExitReason, InvokeId, Sender, Stream,
+    event, session_event, AcpSessionState, AgentEvent, ErrorEvent, ExitReason, InvokeId, Sender,
+    Stream,
 };
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -29,6 +30,8 @@ use crate::journal::EventLog;
 use crate::session::Session;
 use crate::supervisor::{self, ExitStatus, Outcome, Process, Reaper, RunSpec};
 
+/// Agents whose `initialize` answer is remembered (a configuration has at most 65).
+const MAX_KNOWN: usize = 256;
 /// The ACP protocol version the runner speaks.
 const PROTOCOL_VERSION: u64 = 1;
 /// Longest wait for `initialize` and `session/new`.
@@ -39,15 +42,25 @@ const MAX_LINE: usize = 16 << 20;
 
 type Reply = std::result::Result<Value, Value>;
 
-/// What the agent is started with; a change (a new configure) restarts it.
+/// What the agent is started with; a change (a new configure: other files or install command,
+/// argv, env, or agent definition) restarts it at the session's next turn.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Launch {
+    /// The agent's name in the configuration.
+    pub agent: String,
+    /// MCP servers of the agent (the session's own follow them).
+    pub mcp_servers: Vec<Value>,
+    /// The install hash in force (files and install command): new agent code on disk is a
+    /// change even when argv, env and cwd are the same.
+    pub install_hash: Option<String>,
     /// argv.
     pub argv: Vec<String>,
     /// The complete environment.
     pub env: Vec<(String, String)>,
-    /// The workspace (cwd and the ACP session's cwd).
+    /// The agent process's working directory: the workspace.
     pub cwd: std::path::PathBuf,
+    /// The ACP session's `cwd` (`session/new`, `session/load`): the session's, or the workspace.
+    pub session_cwd: std::path::PathBuf,
 }
 
 /// The running ACP agents, one per session.
@@ -56,6 +69,8 @@ pub struct AcpAgents {
     /// Per session, a slot locked while its agent starts: a slow start holds up only its own
     /// session.
     map: Mutex<HashMap<String, Slot>>,
+    /// Per agent name, the `initialize` answer of its latest start.
+    known: Mutex<HashMap<String, Value>>,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<Conn>>>>;
@@ -88,8 +103,40 @@ impl AcpAgents {
             *slot = None;
         }
         let conn = Conn::start(session, launch, reaper).await?;
+        {
+            let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            // Names of agents configured long ago linger here; bounded all the same.
+            if known.len() >= MAX_KNOWN && !known.contains_key(&launch.agent) {
+                known.clear();
+            }
+            known.insert(launch.agent.clone(), conn.init.clone());
+        }
         *slot = Some(Arc::clone(&conn));
         Ok(conn)
+    }
+
+    /// The `initialize` answer of agent `name`'s latest start, if it has started.
+    pub fn initialized(&self, name: &str) -> Option<Value> {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// The session's agent's `promptCapabilities`, starting it if needed.
+    pub async fn prompt_capabilities(
+        &self,
+        session: &Arc<Session>,
+        launch: &Launch,
+        reaper: &Arc<Reaper>,
+    ) -> Result<Value> {
+        let conn = self.get_or_start(session, launch, reaper).await?;
+        Ok(conn
+            .init
+            .pointer("/agentCapabilities/promptCapabilities")
+            .cloned()
+            .unwrap_or(Value::Null))
     }
 
     /// Stops the session's agent, if one runs (session deleted, or a turn it did not end).
@@ -135,48 +182,86 @@ impl AcpAgents {
         .await;
     }
 
-    /// Sets mode, model and config options of the session's ACP session; returns what the
-    /// agent answered to each.
+    /// Sets mode, model, thought level and config options of the session's ACP session, in
+    /// that order, keeping the session's state current from each answer; returns the session.
     pub async fn configure(
         &self,
         session: &Arc<Session>,
         launch: &Launch,
         reaper: &Arc<Reaper>,
         req: agentbox_proto::SessionConfigRequest,
-    ) -> Result<Value> {
+    ) -> Result<agentbox_proto::SessionInfo> {
         let conn = self.get_or_start(session, launch, reaper).await?;
         let sid = conn.acp_session.clone();
-        let mut calls: Vec<(&str, &str, Value)> = Vec::new();
-        if let Some(mode) = req.mode {
-            calls.push((
-                "mode",
-                "session/set_mode",
-                json!({"sessionId": sid, "modeId": mode}),
-            ));
-        }
-        if let Some(model) = req.model {
-            calls.push((
-                "model",
-                "session/set_model",
-                json!({"sessionId": sid, "modelId": model}),
-            ));
-        }
-        let mut out = serde_json::Map::new();
-        for (what, method, params) in calls {
-            let answer = conn.request(method, params).await;
-            out.insert(what.into(), answer_json(method, answer)?);
-        }
-        if let Some(options) = req.options {
-            let mut answers = serde_json::Map::new();
-            for (config_id, value) in options {
-                let params = json!({"sessionId": sid, "configId": config_id, "value": value});
-                let answer = conn.request("session/set_config_option", params).await;
-                answers.insert(config_id, answer_json("session/set_config_option", answer)?);
+        let state = session.acp_state().unwrap_or_default();
+        // Through the config option of `category` when the agent offers one.
+        let by_option = |category: &str, value: &str| {
+            state
+                .option_of_category(category)
+                .map(|config_id| (config_id, json!(value)))
+        };
+        let mut options: Vec<(String, Value)> = Vec::new();
+        if let Some(mode) = &req.mode {
+            if state.modes.is_some() {
+                let params = json!({"sessionId": sid, "modeId": mode});
+                let answer = conn.request("session/set_mode", params).await;
+                answer_json("session/set_mode", answer)?;
+                session.update_acp(|s| {
+                    if let Some(modes) = s.as_mut().and_then(|s| s.modes.as_mut()) {
+                        set_field(modes, "currentModeId", json!(mode));
+                    }
+                });
+            } else {
+                options
+                    .push(by_option("mode", mode).ok_or_else(|| {
+                        Error::InvalidRequest("the agent offers no modes".into())
+                    })?);
             }
-            out.insert("options".into(), Value::Object(answers));
         }
-        out.insert("session".into(), conn.new_session.clone());
-        Ok(Value::Object(out))
+        if let Some(model) = &req.model {
+            match by_option("model", model) {
+                Some(option) => options.push(option),
+                None if state.models.is_some() => {
+                    let params = json!({"sessionId": sid, "modelId": model});
+                    let answer = conn.request("session/set_model", params).await;
+                    answer_json("session/set_model", answer)?;
+                    session.update_acp(|s| {
+                        if let Some(models) = s.as_mut().and_then(|s| s.models.as_mut()) {
+                            set_field(models, "currentModelId", json!(model));
+                        }
+                    });
+                }
+                None => return Err(Error::InvalidRequest("the agent offers no models".into())),
+            }
+        }
+        if let Some(level) = &req.thought_level {
+            options.push(by_option("thought_level", level).ok_or_else(|| {
+                Error::InvalidRequest("the agent offers no thought level".into())
+            })?);
+        }
+        options.extend(req.options.unwrap_or_default());
+        for (config_id, value) in options {
+            let params = json!({"sessionId": sid, "configId": config_id, "value": value});
+            let answer = conn.request("session/set_config_option", params).await;
+            let answer = answer_json("session/set_config_option", answer)?;
+            // The answer is the full set of options with their current values.
+            if let Some(all) = answer.get("configOptions").filter(|v| v.is_array()) {
+                session.update_acp(|s| {
+                    if let Some(s) = s.as_mut() {
+                        s.config_options = Some(all.clone());
+                    }
+                });
+            }
+        }
+        Ok(session.info())
+    }
+}
+
+/// Sets `key` of `object` when it is one (an agent's malformed `modes` is left as it is; indexing
+/// would panic).
+fn set_field(object: &mut Value, key: &str, value: Value) {
+    if let Some(object) = object.as_object_mut() {
+        object.insert(key.to_owned(), value);
     }
 }
 
@@ -200,11 +285,14 @@ struct Conn {
     pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
     next_id: AtomicU64,
     acp_session: String,
-    new_session: Value,
+    /// The agent's `initialize` answer (its capabilities and info).
+    init: Value,
     turn: Mutex<Option<Arc<TurnSink>>>,
     session: Arc<Session>,
     process: Arc<Process>,
     dead: watch::Receiver<bool>,
+    /// The agent's exit status, set before `dead` turns true.
+    status: Arc<Mutex<Option<ExitStatus>>>,
 }
 
 /// Where the agent's messages go while a turn runs.
@@ -278,12 +366,15 @@ impl Conn {
             out.clone(),
         ));
         tokio::spawn(read_stderr(stderr, Arc::clone(&conn_cell)));
+        let exit_status: Arc<Mutex<Option<ExitStatus>>> = Arc::default();
         {
             let early = Arc::clone(&early);
             let reaper = Arc::clone(reaper);
+            let exit_status = Arc::clone(&exit_status);
             tokio::task::spawn_blocking(move || {
                 let status: Option<ExitStatus> = exit.wait_forever(&reaper);
                 tracing::info!(?status, "ACP agent exited");
+                *exit_status.lock().unwrap_or_else(|p| p.into_inner()) = status;
                 let _ = dead_tx.send(true);
                 for (_, tx) in early.lock().unwrap_or_else(|p| p.into_inner()).drain() {
                     let _ = tx.send(Err(json!({"code": -32000, "message": "the agent exited"})));
@@ -315,42 +406,110 @@ impl Conn {
                 version.map_or_else(|| "(none)".to_owned(), Value::to_string)
             )));
         }
-        let new_session = boot
-            .request(
-                "session/new",
-                json!({"cwd": launch.cwd.display().to_string(), "mcpServers": []}),
-                &dead,
-            )
-            .await
-            .map_err(|e| fail("session/new", e))?;
-        let Some(acp_session) = new_session
-            .get("sessionId")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-        else {
-            return Err(fail("session/new", json!("no sessionId")));
+        // The session's MCP servers: the configuration's and the agent's, then the session's.
+        let mut mcp_servers = launch.mcp_servers.clone();
+        mcp_servers.extend(session.mcp_servers());
+        let cwd = launch.session_cwd.display().to_string();
+        let can_load = init
+            .pointer("/agentCapabilities/loadSession")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        // Only the same agent can load its own session.
+        let state = session.acp_state();
+        let other_agent = state
+            .as_ref()
+            .and_then(|s| s.agent.clone())
+            .filter(|a| *a != launch.agent);
+        let previous = state
+            .filter(|_| other_agent.is_none())
+            .map(|s| s.session_id);
+        // Continuity: a new process resumes the previous ACP session when the agent can load
+        // one (the updates it replays while loading are already in the history: dropped).
+        let mut continuity = json!({"continuity": "new"});
+        let mut opened: Option<(String, Value)> = None;
+        match (&previous, can_load) {
+            (Some(previous), true) => {
+                let params = json!({"sessionId": previous, "cwd": cwd, "mcpServers": mcp_servers});
+                match boot.request("session/load", params, &dead).await {
+                    Ok(answer) => {
+                        continuity = json!({"continuity": "loaded"});
+                        opened = Some((previous.clone(), answer));
+                    }
+                    Err(e) => {
+                        if *dead.borrow() {
+                            return Err(fail("session/load", e));
+                        }
+                        continuity = json!({"continuity": "new", "reason": format!("session/load of {previous} failed: {e}")});
+                    }
+                }
+            }
+            (Some(_), false) => {
+                continuity = json!({"continuity": "new", "reason": "the agent cannot load sessions (no loadSession capability)"});
+            }
+            (None, _) => {
+                if let Some(other) = other_agent {
+                    continuity = json!({"continuity": "new", "reason": format!("the previous ACP session was agent {other:?}'s")});
+                }
+            }
+        }
+        let (acp_session, answer) = match opened {
+            Some(opened) => opened,
+            None => {
+                let answer = boot
+                    .request(
+                        "session/new",
+                        json!({"cwd": cwd, "mcpServers": mcp_servers}),
+                        &dead,
+                    )
+                    .await
+                    .map_err(|e| fail("session/new", e))?;
+                let Some(id) = answer
+                    .get("sessionId")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                else {
+                    return Err(fail("session/new", json!("no sessionId")));
+                };
+                (id, answer)
+            }
         };
+        let mut data = json!({"initialize": init, "session": answer, "agent": launch.agent});
+        if let (Some(data), Value::Object(extra)) = (data.as_object_mut(), continuity) {
+            data.extend(extra);
+        }
         session.record(
             Sender::Runner,
             None,
             session_event::AGENT,
             serde_json::to_value(AgentEvent {
                 name: Some("acp_session".into()),
-                data: json!({"initialize": init, "session": new_session}),
+                data,
             })
             .unwrap_or_default(),
         );
+        let field = |name: &str| answer.get(name).filter(|v| !v.is_null()).cloned();
+        session.update_acp(|s| {
+            *s = Some(AcpSessionState {
+                session_id: acp_session.clone(),
+                agent: Some(launch.agent.clone()),
+                modes: field("modes"),
+                models: field("models"),
+                config_options: field("configOptions"),
+                ..Default::default()
+            })
+        });
         let conn = Arc::new(Conn {
             launch: launch.clone(),
             out,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(boot.next_id.load(Ordering::SeqCst)),
             acp_session,
-            new_session,
+            init,
             turn: Mutex::new(None),
             session: Arc::clone(session),
             process,
             dead,
+            status: exit_status,
         });
         // From here on the connection's own table answers responses.
         *conn_cell.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&conn));
@@ -401,6 +560,7 @@ impl Conn {
                     .and_then(|p| p.get("update"))
                     .cloned()
                     .unwrap_or(Value::Null);
+                self.track(&update);
                 let event = AgentEvent {
                     name: update
                         .get("sessionUpdate")
@@ -437,6 +597,7 @@ impl Conn {
                         "id": pid,
                         "title": tool_call.get("title").cloned().unwrap_or(Value::Null),
                         "toolCall": tool_call,
+                        "options": turn.asks().get(&pid).map(|a| a.1.clone()).unwrap_or_default(),
                     }));
                 }
                 None => self.respond(&id, json!({"outcome": {"outcome": "cancelled"}})),
@@ -466,6 +627,37 @@ impl Conn {
         }
     }
 
+    /// Keeps the session's state current from the updates that change it.
+    fn track(&self, update: &Value) {
+        match update.get("sessionUpdate").and_then(Value::as_str) {
+            Some("current_mode_update") => {
+                let Some(mode) = update.get("currentModeId").cloned() else {
+                    return;
+                };
+                self.session.update_acp(|s| {
+                    if let Some(s) = s.as_mut() {
+                        set_field(
+                            s.modes.get_or_insert_with(|| json!({})),
+                            "currentModeId",
+                            mode,
+                        );
+                    }
+                });
+            }
+            Some("config_option_update") => {
+                let Some(all) = update.get("configOptions").filter(|v| v.is_array()) else {
+                    return;
+                };
+                self.session.update_acp(|s| {
+                    if let Some(s) = s.as_mut() {
+                        s.config_options = Some(all.clone());
+                    }
+                });
+            }
+            _ => {}
+        }
+    }
+
     fn protocol_error(&self, message: &str, raw: &[u8]) {
         match self.turn() {
             Some(turn) => turn.external.protocol_error(format!("ACP: {message}"), raw),
@@ -475,24 +667,34 @@ impl Conn {
 
     /// Answers a permission request of the turn with the option matching `reply`.
     fn answer(&self, turn: &TurnSink, line: &str) {
-        let Ok(reply) = serde_json::from_str::<Value>(line) else {
+        let Ok(message) = serde_json::from_str::<Value>(line) else {
             return;
         };
         let (Some(pid), Some(reply)) = (
-            reply.get("id").and_then(Value::as_str),
-            reply.get("reply").and_then(Value::as_str),
+            message.get("id").and_then(Value::as_str),
+            message.get("reply").and_then(Value::as_str),
         ) else {
             return;
         };
         let Some((id, options)) = turn.asks().remove(pid) else {
             return;
         };
+        // A client that named one of the agent's options gets exactly that one (the channel
+        // checked it was offered).
+        if let Some(option_id) = message.get("optionId").and_then(Value::as_str) {
+            let outcome = json!({"outcome": "selected", "optionId": option_id});
+            self.respond(&id, json!({ "outcome": outcome }));
+            return;
+        }
         // Never grant more than the user gave: `once` is only ever `allow_once`; `always` may
-        // fall back to `allow_once`; `reject` to `reject_always` (it grants nothing). Without a
-        // matching option the answer is `cancelled`, which grants nothing either.
+        // fall back to `allow_once`; `reject` to `reject_always` (it grants nothing), and
+        // `reject_always` to `reject_once`. Without a matching option the answer is
+        // `cancelled`, which grants nothing either.
         let wanted: &[&str] = match reply {
             "once" => &["allow_once"],
             "always" => &["allow_always", "allow_once"],
+            "reject_always" => &["reject_always", "reject_once"],
+            "cancelled" => &[],
             _ => &["reject_once", "reject_always"],
         };
         let chosen = wanted.iter().find_map(|kind| {
@@ -699,8 +901,8 @@ pub struct Turn {
     pub setup: AgentSetup,
     /// How to start the agent.
     pub launch: Launch,
-    /// The prompt text.
-    pub prompt: String,
+    /// The prompt's content blocks.
+    pub prompt: Vec<Value>,
     /// Time between `session/cancel` and killing the agent.
     pub grace: Duration,
     /// The runtime (the turn runs on an invoke's own thread).
@@ -712,9 +914,9 @@ impl Turn {
     pub fn run(self, invoke_id: &InvokeId, process: &Arc<Process>, log: &Arc<EventLog>) -> Outcome {
         let started = Instant::now();
         let runtime = self.runtime.clone();
-        let code = runtime.block_on(self.run_async(invoke_id, process, log));
+        let status = runtime.block_on(self.run_async(invoke_id, process, log));
         Outcome {
-            status: Ok(ExitStatus { code, signal: None }),
+            status: Ok(status),
             duration: started.elapsed(),
             stop_reason: process.stop_reason(),
         }
@@ -725,7 +927,7 @@ impl Turn {
         invoke_id: &InvokeId,
         process: &Arc<Process>,
         log: &Arc<EventLog>,
-    ) -> i32 {
+    ) -> ExitStatus {
         let (external, mut replies) = self.setup.open_external(invoke_id, log);
         // The start (up to STARTUP) gives way to a cancel or the invoke's timeout.
         let start = self
@@ -747,7 +949,10 @@ impl Turn {
             // Returning drops the start, which kills the half-started agent; the next turn
             // starts anew.
             external.close();
-            return 137;
+            return ExitStatus {
+                code: 137,
+                signal: None,
+            };
         };
         let conn = match started {
             Ok(conn) => conn,
@@ -762,7 +967,10 @@ impl Turn {
                     )
                 });
                 external.close();
-                return 1;
+                return ExitStatus {
+                    code: 1,
+                    signal: None,
+                };
             }
         };
         let sink = Arc::new(TurnSink {
@@ -774,7 +982,7 @@ impl Turn {
         *conn.turn.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&sink));
         let prompt = json!({
             "sessionId": conn.acp_session,
-            "prompt": [{"type": "text", "text": self.prompt}],
+            "prompt": self.prompt,
         });
         let request = conn.request("session/prompt", prompt);
         tokio::pin!(request);
@@ -787,7 +995,9 @@ impl Turn {
                     match cancel_at {
                         None if process.stop_reason().is_some() => {
                             conn.send(&json!({"jsonrpc": "2.0", "method": "session/cancel", "params": {"sessionId": conn.acp_session}}));
-                            // A cancel answers every open permission request `cancelled`.
+                            // A cancel answers every open permission request `cancelled`
+                            // (journaled `by: "cancel"`).
+                            sink.external.cancel_pending();
                             let open: Vec<(Value, Vec<Value>)> = sink.asks().drain().map(|(_, v)| v).collect();
                             for (id, _) in open {
                                 conn.respond(&id, json!({"outcome": {"outcome": "cancelled"}}));
@@ -801,11 +1011,13 @@ impl Turn {
             }
         };
         *conn.turn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // Requests the agent left open when the turn ended are `cancelled` too.
+        sink.external.cancel_pending();
         let open: Vec<(Value, Vec<Value>)> = sink.asks().drain().map(|(_, v)| v).collect();
         for (id, _) in open {
             conn.respond(&id, json!({"outcome": {"outcome": "cancelled"}}));
         }
-        let code = match answer {
+        let status = match answer {
             Some(Ok(result)) => {
                 log.append(|b| {
                     b.event(
@@ -816,29 +1028,53 @@ impl Turn {
                         },
                     )
                 });
-                0
+                ExitStatus {
+                    code: 0,
+                    signal: None,
+                }
             }
             Some(Err(e)) => {
+                // An agent that died mid-turn: its own exit status is the turn's.
+                let status = match *conn.dead.borrow() {
+                    true => *conn.status.lock().unwrap_or_else(|p| p.into_inner()),
+                    false => None,
+                };
+                let message = match status {
+                    Some(ExitStatus {
+                        signal: Some(signal),
+                        ..
+                    }) => format!("the agent was killed by signal {signal} during the turn"),
+                    Some(ExitStatus { code, .. }) => {
+                        format!("the agent exited with code {code} during the turn")
+                    }
+                    None => format!("session/prompt failed: {e}"),
+                };
                 log.append(|b| {
                     b.event(
                         event::ERROR,
                         &ErrorEvent {
                             phase: Some("acp".into()),
-                            message: format!("session/prompt failed: {e}"),
+                            message,
                         },
                     )
                 });
-                1
+                status.unwrap_or(ExitStatus {
+                    code: 1,
+                    signal: None,
+                })
             }
             None => {
                 // The agent did not end the turn within the grace period: kill its tree.
                 self.agents.stop(&self.session.id()).await;
                 let mut dead = conn.dead.clone();
                 let _ = tokio::time::timeout(Duration::from_secs(5), dead.wait_for(|d| *d)).await;
-                137
+                ExitStatus {
+                    code: 137,
+                    signal: None,
+                }
             }
         };
         sink.external.close();
-        code
+        status
     }
 }

@@ -7,10 +7,12 @@
 //!   and skipped.
 //! - `AGENTBOX_REPLIES_FD` (runner → agent): `{"type":"permission_reply","id":..,"reply":..}`.
 //!
-//! A request is answered by a client (`POST .../permissions/{id}`), by the runner when an
-//! earlier `always` covers its tool kind (`toolCall.kind`, or `other` without one; remembered
-//! per session, or per invoke outside a session), or by the runner with `reject` once
-//! `--permission-timeout` passes. Every answer is journaled as `permission_reply`.
+//! A request is answered by a client (`POST .../permissions/{id}`, a reply or one of the options
+//! the agent listed), by the runner when an earlier `always` or `reject_always` covers its tool
+//! kind (`toolCall.kind`, or `other` without one; remembered per session, or per invoke outside
+//! a session: the `permission` event then carries `autoReply`), by the runner with `reject` once
+//! `--permission-timeout` passes, or `cancelled` when an ACP turn is canceled or ends first
+//! ([`External::cancel_pending`]). Every answer is journaled as `permission_reply`.
 //!
 //! Both descriptors are pipes created close-on-exec; only the spawn of this invoke's entrypoint
 //! clears the flag (see [`crate::supervisor`]). The invoke's output pump reads the events pipe
@@ -18,14 +20,15 @@
 //! `exit` event with no extra task or thread hop; the replies pipe gets a Tokio writer task
 //! only when the first reply is sent.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use agentbox_proto::{
-    session_event, valid_permission_id, AgentEvent, InvokeId, PermissionEvent, PermissionReply,
-    PermissionReplyEvent, PermissionReplyResponse, ProtocolErrorEvent, ReplyOrigin,
+    session_event, valid_permission_id, AgentEvent, AutoReply, InvokeId, PermissionEvent,
+    PermissionOption, PermissionReply, PermissionReplyEvent, PermissionReplyRequest,
+    PermissionReplyResponse, ProtocolErrorEvent, ReplyOrigin,
 };
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
@@ -61,13 +64,32 @@ impl Permissions {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Answers request `permission_id` of the running invoke `invoke_id`.
+    /// Answers request `permission_id` of the running invoke `invoke_id` with a client's
+    /// `reply` or `optionId`.
     pub fn answer(
         &self,
         invoke_id: &str,
         permission_id: &str,
-        reply: PermissionReply,
+        req: PermissionReplyRequest,
     ) -> Result<PermissionReplyResponse> {
+        let choice = match (req.reply, req.option_id) {
+            (Some(PermissionReply::Cancelled), None) => {
+                return Err(Error::InvalidRequest(
+                    "\"cancelled\" is the runner's answer to a canceled turn, not a reply; \
+                     use once, always, reject or reject_always"
+                        .into(),
+                ))
+            }
+            (Some(reply), None) => Choice::Reply(reply),
+            (None, Some(option_id)) => Choice::Option(option_id),
+            _ => {
+                return Err(Error::InvalidRequest(
+                    "give \"reply\" (once, always, reject, reject_always) or \"optionId\" \
+                     (one of the permission event's options), not both"
+                        .into(),
+                ))
+            }
+        };
         let channel = self
             .map()
             .get(&InvokeId(invoke_id.to_owned()))
@@ -77,13 +99,21 @@ impl Permissions {
                     "no permission request {permission_id:?}: invoke {invoke_id:?} is not running"
                 ))
             })?;
-        channel.answer(permission_id, reply, ReplyOrigin::Client)?;
+        let (reply, option_id) = channel.answer(permission_id, choice, ReplyOrigin::Client)?;
         Ok(PermissionReplyResponse {
             permission_id: permission_id.to_owned(),
             invoke_id: channel.invoke_id.clone(),
             reply,
+            option_id,
         })
     }
+}
+
+/// What answers a request: a reply, or one of the agent's own options.
+#[derive(Debug)]
+enum Choice {
+    Reply(PermissionReply),
+    Option(String),
 }
 
 /// What an invoke needs to open its channel.
@@ -141,7 +171,7 @@ impl AgentSetup {
             replies: Mutex::new(Replies::Pipe(Some(replies_w))),
             runtime: tokio::runtime::Handle::current(),
             pending: Mutex::new(HashMap::new()),
-            always_local: Mutex::new(BTreeSet::new()),
+            always_local: Mutex::new(HashSet::new()),
             timeout: self.permissions.timeout,
             claim: Mutex::new(self.session),
         });
@@ -249,7 +279,7 @@ impl AgentSetup {
             replies: Mutex::new(Replies::Sender(tx)),
             runtime: tokio::runtime::Handle::current(),
             pending: Mutex::new(HashMap::new()),
-            always_local: Mutex::new(BTreeSet::new()),
+            always_local: Mutex::new(HashSet::new()),
             timeout: self.permissions.timeout,
             claim: Mutex::new(self.session),
         });
@@ -284,6 +314,25 @@ impl External {
         self.channel.protocol_error(message, line);
     }
 
+    /// Answers every request still waiting `cancelled` (`by: "cancel"`), journaled; the reply
+    /// lines go to the receiver like any other.
+    pub fn cancel_pending(&self) {
+        let waiting: Vec<String> = self
+            .channel
+            .pending()
+            .iter()
+            .filter(|(_, p)| matches!(p, Pending::Waiting { .. }))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in waiting {
+            let _ = self.channel.answer(
+                &id,
+                Choice::Reply(PermissionReply::Cancelled),
+                ReplyOrigin::Cancel,
+            );
+        }
+    }
+
     /// Unregisters the channel and frees the session (before the invoke's `exit`).
     pub fn close(&self) {
         self.channel.release(&self.permissions);
@@ -301,7 +350,10 @@ enum Replies {
 
 #[derive(Debug)]
 enum Pending {
-    Waiting { kind: String },
+    Waiting {
+        kind: String,
+        options: Vec<PermissionOption>,
+    },
     Answered,
 }
 
@@ -314,7 +366,7 @@ struct Channel {
     /// For the tasks a channel starts from the pump's thread (timeouts, the reply writer).
     runtime: tokio::runtime::Handle,
     pending: Mutex<HashMap<String, Pending>>,
-    always_local: Mutex<BTreeSet<String>>,
+    always_local: Mutex<HashSet<(String, PermissionReply)>>,
     timeout: Duration,
     claim: Mutex<Option<Claim>>,
 }
@@ -400,13 +452,41 @@ impl Channel {
             .filter(|k| !k.is_empty() && k.len() <= 64)
             .unwrap_or("other")
             .to_owned();
+        let options: Vec<PermissionOption> = value
+            .get("options")
+            .and_then(Value::as_array)
+            .map(|all| {
+                all.iter()
+                    .filter_map(|o| serde_json::from_value(o.clone()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let remembered = |reply: PermissionReply| match self.session() {
+            Some(session) => session.remembers(&kind, reply),
+            None => self
+                .always_local
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&(kind.clone(), reply)),
+        };
+        let auto = [PermissionReply::Always, PermissionReply::RejectAlways]
+            .into_iter()
+            .find(|r| remembered(*r));
         {
             let mut pending = self.pending();
             if pending.contains_key(id) {
                 drop(pending);
                 return self.protocol_error(format!("permission id {id:?} was already used"), line);
             }
-            pending.insert(id.to_owned(), Pending::Waiting { kind: kind.clone() });
+            // One the runner answers itself is answered before anyone can see it.
+            let state = match auto {
+                Some(_) => Pending::Answered,
+                None => Pending::Waiting {
+                    kind: kind.clone(),
+                    options: options.clone(),
+                },
+            };
+            pending.insert(id.to_owned(), state);
         }
         let event = PermissionEvent {
             permission_id: id.to_owned(),
@@ -420,20 +500,18 @@ impl Channel {
                 PermissionReply::Once,
                 PermissionReply::Always,
                 PermissionReply::Reject,
+                PermissionReply::RejectAlways,
             ],
+            options,
+            auto_reply: auto.map(|reply| AutoReply {
+                reply,
+                by: ReplyOrigin::Always,
+            }),
         };
         self.log
             .append(|b| b.event(session_event::PERMISSION, &event));
-        let always = match self.session() {
-            Some(session) => session.allows_always(&kind),
-            None => self
-                .always_local
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&kind),
-        };
-        if always {
-            let _ = self.answer(id, PermissionReply::Always, ReplyOrigin::Always);
+        if let Some(reply) = auto {
+            self.deliver(id, kind, reply, None, ReplyOrigin::Always);
             return;
         }
         let weak: Weak<Self> = Arc::downgrade(self);
@@ -442,15 +520,26 @@ impl Channel {
         self.runtime.spawn(async move {
             tokio::time::sleep(timeout).await;
             if let Some(channel) = weak.upgrade() {
-                let _ = channel.answer(&id, PermissionReply::Reject, ReplyOrigin::Timeout);
+                let _ = channel.answer(
+                    &id,
+                    Choice::Reply(PermissionReply::Reject),
+                    ReplyOrigin::Timeout,
+                );
             }
         });
     }
 
-    fn answer(&self, id: &str, reply: PermissionReply, by: ReplyOrigin) -> Result<()> {
-        let kind = {
+    /// Answers request `id`: journals the `permission_reply`, remembers an `always` or
+    /// `reject_always`, writes the reply line. Returns the reply and the option chosen.
+    fn answer(
+        &self,
+        id: &str,
+        choice: Choice,
+        by: ReplyOrigin,
+    ) -> Result<(PermissionReply, Option<String>)> {
+        let (kind, reply, option_id) = {
             let mut pending = self.pending();
-            let kind = match pending.get(id) {
+            let (kind, options) = match pending.get(id) {
                 None => {
                     return Err(Error::PermissionNotFound(format!(
                         "invoke {} has no permission request {id:?}",
@@ -462,19 +551,57 @@ impl Channel {
                         "permission request {id:?} was already answered"
                     )))
                 }
-                Some(Pending::Waiting { kind }) => kind.clone(),
+                Some(Pending::Waiting { kind, options }) => (kind.clone(), options),
+            };
+            let (reply, option_id) = match choice {
+                Choice::Reply(reply) => (reply, None),
+                Choice::Option(option_id) => {
+                    let Some(option) = options.iter().find(|o| o.option_id == option_id) else {
+                        let offered: Vec<&str> =
+                            options.iter().map(|o| o.option_id.as_str()).collect();
+                        return Err(Error::InvalidRequest(format!(
+                            "permission request {id:?} offers no option {option_id:?} \
+                             (it offers {offered:?})"
+                        )));
+                    };
+                    let Some(reply) = PermissionReply::of_option_kind(&option.kind) else {
+                        return Err(Error::InvalidRequest(format!(
+                            "option {option_id:?} has kind {:?}, which the runner cannot \
+                             account for; choose another or reply with once, always, reject",
+                            option.kind
+                        )));
+                    };
+                    (reply, Some(option_id))
+                }
             };
             pending.insert(id.to_owned(), Pending::Answered);
-            kind
+            (kind, reply, option_id)
         };
-        if reply == PermissionReply::Always {
+        self.deliver(id, kind, reply, option_id.clone(), by);
+        Ok((reply, option_id))
+    }
+
+    /// Remembers an `always` or `reject_always`, journals the `permission_reply` and writes the
+    /// reply line, for request `id` (already marked answered).
+    fn deliver(
+        &self,
+        id: &str,
+        kind: String,
+        reply: PermissionReply,
+        option_id: Option<String>,
+        by: ReplyOrigin,
+    ) {
+        if matches!(
+            reply,
+            PermissionReply::Always | PermissionReply::RejectAlways
+        ) {
             match self.session() {
-                Some(session) => session.allow_always(&kind),
+                Some(session) => session.remember(&kind, reply),
                 None => {
                     self.always_local
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(kind);
+                        .insert((kind, reply));
                 }
             }
         }
@@ -484,11 +611,16 @@ impl Channel {
                 &PermissionReplyEvent {
                     permission_id: id.to_owned(),
                     reply,
+                    option_id: option_id.clone(),
                     by,
                 },
             )
         });
-        let mut line = json!({"type": "permission_reply", "id": id, "reply": reply}).to_string();
+        let mut message = json!({"type": "permission_reply", "id": id, "reply": reply});
+        if let Some(option_id) = &option_id {
+            message["optionId"] = json!(option_id);
+        }
+        let mut line = message.to_string();
         line.push('\n');
         let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
         if let Replies::Pipe(fd) = &mut *replies {
@@ -501,7 +633,6 @@ impl Channel {
         if let Replies::Sender(tx) = &*replies {
             let _ = tx.send(line);
         }
-        Ok(())
     }
 }
 

@@ -32,6 +32,9 @@ pub struct Plan {
     entrypoint: Option<Vec<String>>,
     env: Option<BTreeMap<String, String>>,
     protocol: Option<agentbox_proto::AgentProtocol>,
+    agents: Option<BTreeMap<String, agentbox_proto::AgentSpec>>,
+    default_agent: Option<String>,
+    mcp_servers: Option<Vec<serde_json::Value>>,
     hash: String,
     /// `?stream=live`: the install's output framed live (see [`crate::supervisor::RunSpec`]).
     live: bool,
@@ -268,6 +271,9 @@ struct Fields {
     entrypoint: Option<Vec<String>>,
     env: Option<BTreeMap<String, String>>,
     protocol: Option<agentbox_proto::AgentProtocol>,
+    agents: Option<BTreeMap<String, agentbox_proto::AgentSpec>>,
+    default_agent: Option<String>,
+    mcp_servers: Option<Vec<serde_json::Value>>,
 }
 
 struct RequestSeed<'s, 'a>(&'s std::cell::RefCell<Intake<'a>>);
@@ -299,6 +305,9 @@ impl<'de> serde::de::Visitor<'de> for RequestSeed<'_, '_> {
                 "entrypoint" => fields.entrypoint = map.next_value()?,
                 "env" => fields.env = map.next_value()?,
                 "protocol" => fields.protocol = map.next_value()?,
+                "agents" => fields.agents = map.next_value()?,
+                "defaultAgent" => fields.default_agent = map.next_value()?,
+                "mcpServers" => fields.mcp_servers = map.next_value()?,
                 _ => {
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
@@ -340,6 +349,7 @@ impl<'de> serde::de::Visitor<'de> for FilesSeed<'_, '_> {
 
 /// Checks the rest of the request and computes the install hash from the staged files.
 fn finish_plan(mut files: Vec<PlannedFile>, req: Fields, staging: Staging) -> Result<Plan> {
+    check_agents(req.agents.as_ref(), req.mcp_servers.as_ref())?;
     for (name, argv) in [
         ("installCommand", &req.install),
         ("entrypoint", &req.entrypoint),
@@ -379,10 +389,139 @@ fn finish_plan(mut files: Vec<PlannedFile>, req: Fields, staging: Staging) -> Re
         install: req.install,
         entrypoint: req.entrypoint,
         env: req.env,
+        agents: req.agents,
+        default_agent: req.default_agent,
+        mcp_servers: req.mcp_servers,
         hash,
         live: false,
         staging,
     })
+}
+
+/// Checks the named agents and MCP servers of a request (at most 64 agents).
+fn check_agents(
+    agents: Option<&BTreeMap<String, agentbox_proto::AgentSpec>>,
+    mcp_servers: Option<&Vec<serde_json::Value>>,
+) -> Result<()> {
+    let bad_env = |env: &BTreeMap<String, String>| {
+        env.keys()
+            .find(|k| k.is_empty() || k.contains(['=', '\0']))
+            .cloned()
+            .or_else(|| {
+                env.iter()
+                    .find(|(_, v)| v.contains('\0'))
+                    .map(|(k, _)| k.clone())
+            })
+    };
+    if let Some(servers) = mcp_servers {
+        agentbox_proto::check_mcp_servers(servers).map_err(Error::InvalidRequest)?;
+    }
+    let Some(agents) = agents else {
+        return Ok(());
+    };
+    if agents.len() > 64 {
+        return Err(Error::InvalidRequest(format!(
+            "{} agents, the limit is 64",
+            agents.len()
+        )));
+    }
+    for (name, spec) in agents {
+        if !agentbox_proto::valid_session_id(name) {
+            return Err(Error::InvalidRequest(format!(
+                "agent name {name:?}: use 1 to 128 of A-Z a-z 0-9 . _ - (not starting with . or -)"
+            )));
+        }
+        if spec.entrypoint.is_empty() || spec.entrypoint[0].is_empty() {
+            return Err(Error::InvalidRequest(format!(
+                "agents.{name}.entrypoint must be a non-empty argv array"
+            )));
+        }
+        if spec.entrypoint.iter().any(|a| a.contains('\0')) {
+            return Err(Error::InvalidRequest(format!(
+                "agents.{name}.entrypoint contains a NUL byte"
+            )));
+        }
+        if let Some(bad) = spec.env.as_ref().and_then(bad_env) {
+            return Err(Error::InvalidRequest(format!(
+                "agents.{name}.env: {bad:?} is not a valid variable name or its value holds a NUL"
+            )));
+        }
+        if let Some(servers) = &spec.mcp_servers {
+            agentbox_proto::check_mcp_servers(servers)
+                .map_err(|e| Error::InvalidRequest(format!("agents.{name}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// The next configuration's agent fields: `agents`, `defaultAgent` and `mcpServers` replace
+/// the stored ones when given; the default agent must exist.
+fn next_config(plan: &Plan, stored: &Stored, env: BTreeMap<String, String>) -> Result<Stored> {
+    let protocol = plan
+        .protocol
+        .or(stored.protocol)
+        .filter(|p| *p == agentbox_proto::AgentProtocol::Acp);
+    let renamed = plan.agents.is_some() || plan.default_agent.is_some();
+    let next = Stored {
+        entrypoint: plan
+            .entrypoint
+            .clone()
+            .or_else(|| stored.entrypoint.clone()),
+        env,
+        protocol,
+        agents: plan.agents.clone().unwrap_or_else(|| stored.agents.clone()),
+        default_agent: if renamed {
+            plan.default_agent.clone()
+        } else {
+            stored.default_agent.clone()
+        },
+        mcp_servers: plan
+            .mcp_servers
+            .clone()
+            .unwrap_or_else(|| stored.mcp_servers.clone()),
+        ..stored.clone()
+    };
+    if next.entrypoint.is_none() && next.agents.is_empty() {
+        return Err(Error::InvalidRequest(
+            "entrypoint (or agents) is required on the first configure".into(),
+        ));
+    }
+    match next.default_agent() {
+        Some(name) if next.agent(Some(&name)).is_some() => Ok(next),
+        Some(name) => Err(Error::InvalidRequest(format!(
+            "defaultAgent {name:?} is not one of the agents"
+        ))),
+        None => Err(Error::InvalidRequest(
+            "with several agents and no entrypoint, name the defaultAgent".into(),
+        )),
+    }
+}
+
+/// Whether `plan` would leave a usable configuration over the one in force now.
+pub fn check_next(app: &AppState, plan: &Plan) -> Result<()> {
+    let stored = app.store.get();
+    let env = plan.env.clone().unwrap_or_else(|| stored.env.clone());
+    next_config(plan, &stored, env).map(|_| ())
+}
+
+/// `entrypoint`, `agents` and `defaultAgent` of a configure's result.
+fn in_force(stored: &Stored) -> (Vec<String>, Vec<String>, Option<String>) {
+    let agents = stored.agents();
+    let default = stored.default_agent();
+    let entrypoint = stored
+        .agent(default.as_deref())
+        .map(|a| a.entrypoint)
+        .unwrap_or_default();
+    let names = if stored.agents.is_empty() {
+        Vec::new()
+    } else {
+        agents.into_iter().map(|a| a.name).collect()
+    };
+    (
+        entrypoint,
+        names,
+        default.filter(|_| !stored.agents.is_empty()),
+    )
 }
 
 /// sha256 over a canonical, length-prefixed encoding of the files (sorted by path: path,
@@ -459,30 +598,14 @@ async fn run(app: &Arc<AppState>, plan: Plan, log: &Arc<EventLog>) -> Result<Con
     let started = Instant::now();
     let _serialized = app.store.lock.lock().await;
     let stored = app.store.get();
-    let entrypoint = plan
-        .entrypoint
-        .clone()
-        .or_else(|| stored.entrypoint.clone())
-        .ok_or_else(|| {
-            Error::InvalidRequest("entrypoint is required on the first configure".into())
-        })?;
     let env = plan.env.clone().unwrap_or_else(|| stored.env.clone());
-    let protocol = plan
-        .protocol
-        .or(stored.protocol)
-        .filter(|p| *p == agentbox_proto::AgentProtocol::Acp);
+    let next = next_config(&plan, &stored, env)?;
 
     if stored.install_command_hash.as_deref() == Some(plan.hash.as_str()) {
-        let changed = stored.entrypoint.as_ref() != Some(&entrypoint)
-            || stored.env != env
-            || stored.protocol != protocol;
-        let in_force = if changed {
+        let in_force_now = if next != stored {
             let next = Stored {
-                entrypoint: Some(entrypoint.clone()),
-                env,
-                protocol,
                 last_configured_at: Some(now_rfc3339()),
-                ..stored
+                ..next
             };
             app.store.save(next.clone())?;
             next
@@ -490,12 +613,15 @@ async fn run(app: &Arc<AppState>, plan: Plan, log: &Arc<EventLog>) -> Result<Con
             stored
         };
         tracing::info!(hash = %plan.hash, "configure skipped: same files and install command");
+        let (entrypoint, agents, default_agent) = in_force(&in_force_now);
         return Ok(ConfigureResult {
             install_command_hash: plan.hash,
             install_exit_code: 0,
             skipped: true,
             entrypoint,
-            last_configured_at: in_force.last_configured_at.unwrap_or_default(),
+            agents,
+            default_agent,
+            last_configured_at: in_force_now.last_configured_at.unwrap_or_default(),
             duration_ms: started.elapsed().as_millis() as u64,
         });
     }
@@ -519,38 +645,43 @@ async fn run(app: &Arc<AppState>, plan: Plan, log: &Arc<EventLog>) -> Result<Con
 
     let exit_code = match &plan.install {
         None => 0,
-        Some(argv) => install(app, argv, &env, log, plan.live).await?,
+        Some(argv) => install(app, argv, &next.env, log, plan.live).await?,
     };
     if exit_code != 0 {
         tracing::warn!(
             exit_code,
             "install failed; the previous configuration stays in force"
         );
+        let (entrypoint, agents, default_agent) = in_force(&stored);
         return Ok(ConfigureResult {
             install_command_hash: plan.hash,
             install_exit_code: exit_code,
             skipped: false,
-            entrypoint: stored.entrypoint.unwrap_or_default(),
+            entrypoint,
+            agents,
+            default_agent,
             // Always a timestamp on the wire: this attempt's when nothing was configured yet.
             last_configured_at: stored.last_configured_at.unwrap_or_else(now_rfc3339),
             duration_ms: started.elapsed().as_millis() as u64,
         });
     }
     let now = now_rfc3339();
-    app.store.save(Stored {
-        entrypoint: Some(entrypoint.clone()),
-        env,
+    let next = Stored {
         install_command: plan.install,
         install_command_hash: Some(plan.hash.clone()),
         last_configured_at: Some(now.clone()),
-        protocol,
-    })?;
+        ..next
+    };
+    app.store.save(next.clone())?;
     tracing::info!(hash = %plan.hash, "configured");
+    let (entrypoint, agents, default_agent) = in_force(&next);
     Ok(ConfigureResult {
         install_command_hash: plan.hash,
         install_exit_code: 0,
         skipped: false,
         entrypoint,
+        agents,
+        default_agent,
         last_configured_at: now,
         duration_ms: started.elapsed().as_millis() as u64,
     })

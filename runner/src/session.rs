@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use agentbox_proto::{
-    session_event, valid_session_id, InvokeId, ReplyOrigin, Sender, SessionEvent, SessionInfo,
+    session_event, valid_session_id, AcpSessionState, InvokeId, PermissionReply, ReplyOrigin,
+    Sender, SessionEvent, SessionInfo,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -25,6 +26,10 @@ use crate::error::{Error, Result};
 use crate::fsutil::{now_ms, random_hex, write_atomic};
 use crate::journal::{EventLog, Mirror};
 use crate::sse;
+
+/// Largest `modes`, `models` or `configOptions` of an agent kept in a session's state (JSON
+/// bytes).
+pub const MAX_AGENT_STATE: usize = 256 << 10;
 
 /// What `session.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +41,20 @@ struct Meta {
     metadata: Option<Value>,
     #[serde(default)]
     always_allowed: BTreeSet<String>,
+    #[serde(default)]
+    always_rejected: BTreeSet<String>,
+    /// The agent chosen at creation (`None`: the default one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent: Option<String>,
+    /// The ACP session's last known state (its id is what `session/load` reuses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    acp: Option<AcpSessionState>,
+    /// MCP servers given at creation, passed to `session/new` and `session/load`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    mcp_servers: Vec<Value>,
+    /// The working directory given at creation (a sandbox path, checked again at each use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cwd: Option<String>,
 }
 
 /// One session. Its history is open only while something uses it (an invoke running in the
@@ -108,6 +127,13 @@ impl Session {
             event_count: self.event_count.load(Ordering::SeqCst),
             running_invoke_id: self.running_invoke(),
             always_allowed: meta.always_allowed.into_iter().collect(),
+            always_rejected: meta.always_rejected.into_iter().collect(),
+            agent: meta.agent,
+            cwd: meta.cwd,
+            acp: meta.acp.map(|mut state| {
+                state.derive();
+                state
+            }),
         }
     }
 
@@ -135,16 +161,84 @@ impl Session {
         Ok(Claim(Arc::clone(self), Some(log)))
     }
 
-    /// Whether `kind` was answered `always` in this session.
-    pub fn allows_always(&self, kind: &str) -> bool {
-        self.meta().always_allowed.contains(kind)
+    /// The agent chosen at creation (`None`: the default one).
+    pub fn agent(&self) -> Option<String> {
+        self.meta().agent.clone()
     }
 
-    /// Remembers an `always` for `kind` (persisted).
-    pub fn allow_always(&self, kind: &str) {
+    /// The working directory given at creation (a sandbox path).
+    pub fn cwd(&self) -> Option<String> {
+        self.meta().cwd.clone()
+    }
+
+    /// MCP servers given at creation.
+    pub fn mcp_servers(&self) -> Vec<Value> {
+        self.meta().mcp_servers.clone()
+    }
+
+    /// The ACP session's last known state.
+    pub fn acp_state(&self) -> Option<AcpSessionState> {
+        self.meta().acp.clone()
+    }
+
+    /// Changes the ACP session's state with `f`; persisted when it changed. Each of the
+    /// agent's `modes`, `models` and `configOptions` is kept only up to [`MAX_AGENT_STATE`]
+    /// bytes of JSON (a larger one is dropped, with a warning).
+    pub fn update_acp(&self, f: impl FnOnce(&mut Option<AcpSessionState>)) {
         let meta = {
             let mut meta = self.meta();
-            if !meta.always_allowed.insert(kind.to_owned()) {
+            let before = meta.acp.clone();
+            f(&mut meta.acp);
+            let id = meta.id.clone();
+            if let Some(state) = meta.acp.as_mut() {
+                for (name, field) in [
+                    ("modes", &mut state.modes),
+                    ("models", &mut state.models),
+                    ("configOptions", &mut state.config_options),
+                ] {
+                    let size = field
+                        .as_ref()
+                        .map_or(0, |v| serde_json::to_vec(v).map_or(0, |b| b.len()));
+                    if size > MAX_AGENT_STATE {
+                        tracing::warn!(session = %id, field = name, size, "the agent's session state is too large to keep; dropped");
+                        *field = None;
+                    }
+                }
+            }
+            if meta.acp == before {
+                return;
+            }
+            meta.clone()
+        };
+        if let Err(e) = save_meta(&self.dir, &meta) {
+            tracing::error!(session = %meta.id, error = %e, "cannot persist the session");
+        }
+    }
+
+    /// Whether `kind` was answered `reply` (`always` or `reject_always`) in this session.
+    pub fn remembers(&self, kind: &str, reply: PermissionReply) -> bool {
+        let meta = self.meta();
+        match reply {
+            PermissionReply::Always => meta.always_allowed.contains(kind),
+            PermissionReply::RejectAlways => meta.always_rejected.contains(kind),
+            _ => false,
+        }
+    }
+
+    /// Remembers an `always` or `reject_always` for `kind` (persisted); the latest one wins.
+    pub fn remember(&self, kind: &str, reply: PermissionReply) {
+        let meta = {
+            let mut guard = self.meta();
+            let meta = &mut *guard;
+            let (add, remove) = match reply {
+                PermissionReply::Always => (&mut meta.always_allowed, &mut meta.always_rejected),
+                PermissionReply::RejectAlways => {
+                    (&mut meta.always_rejected, &mut meta.always_allowed)
+                }
+                _ => return,
+            };
+            let removed = remove.remove(kind);
+            if !add.insert(kind.to_owned()) && !removed {
                 return;
             }
             meta.clone()
@@ -351,7 +445,14 @@ impl Sessions {
     }
 
     /// Creates a session.
-    pub fn create(&self, id: Option<String>, metadata: Option<Value>) -> Result<Arc<Session>> {
+    pub fn create(
+        &self,
+        id: Option<String>,
+        metadata: Option<Value>,
+        agent: Option<String>,
+        mcp_servers: Vec<Value>,
+        cwd: Option<String>,
+    ) -> Result<Arc<Session>> {
         let id = match id {
             Some(id) => {
                 Self::check_id(&id)?;
@@ -380,6 +481,11 @@ impl Sessions {
             created_at: now_ms(),
             metadata,
             always_allowed: BTreeSet::new(),
+            always_rejected: BTreeSet::new(),
+            agent,
+            acp: None,
+            mcp_servers,
+            cwd,
         };
         save_meta(&dir, &meta)?;
         let session = Arc::new(Session {
@@ -425,5 +531,46 @@ impl Sessions {
         drop(claim);
         std::fs::remove_dir_all(&session.dir)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn acp_state_is_persisted_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = Sessions::load(dir.path(), 1000, 1 << 30).unwrap();
+        let session = sessions
+            .create(
+                Some("s".into()),
+                None,
+                Some("codex".into()),
+                Vec::new(),
+                None,
+            )
+            .unwrap();
+        let big = Value::String("x".repeat(MAX_AGENT_STATE));
+        session.update_acp(|s| {
+            *s = Some(AcpSessionState {
+                session_id: "acp-1".into(),
+                modes: Some(serde_json::json!({"currentModeId": "ask"})),
+                config_options: Some(Value::Array(vec![big])),
+                ..Default::default()
+            })
+        });
+        let state = session.acp_state().unwrap();
+        assert_eq!(state.config_options, None, "over the bound: dropped");
+        assert!(state.modes.is_some());
+        // Reloaded from session.json, as after a runner restart.
+        let again = Sessions::load(dir.path(), 1000, 1 << 30)
+            .unwrap()
+            .get("s")
+            .unwrap();
+        assert_eq!(again.acp_state().unwrap().session_id, "acp-1");
+        assert_eq!(again.agent().as_deref(), Some("codex"));
+        assert_eq!(again.info().acp.unwrap().mode.as_deref(), Some("ask"));
     }
 }

@@ -1113,6 +1113,7 @@ async fn openapi_is_served_without_auth_and_names_every_route() {
         ("/v1/sessions/{id}/permissions/{pid}", "post"),
         ("/v1/invokes/{id}/permissions/{pid}", "post"),
         ("/v1/sessions/{id}/config", "put"),
+        ("/v1/agents", "get"),
     ];
     for (path, method) in routes {
         assert!(

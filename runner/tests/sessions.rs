@@ -225,8 +225,9 @@ async fn each_reply_changes_what_the_agent_does() {
     assert_eq!(ask.data["toolCall"]["kind"], "edit");
     assert_eq!(
         ask.data["availableReplies"],
-        json!(["once", "always", "reject"])
+        json!(["once", "always", "reject", "reject_always"])
     );
+    assert!(ask.data.get("autoReply").is_none(), "{ask:?}");
     assert!(ask.data["title"]
         .as_str()
         .unwrap()
@@ -344,6 +345,14 @@ async fn always_is_answered_once_then_applied_by_the_runner() {
         .map(|e| e.data["by"].as_str().unwrap())
         .collect();
     assert_eq!(by, vec!["client", "always", "always"]);
+    // The requests the runner answered itself say so: nothing waits for a client.
+    let auto: Vec<&Value> = events
+        .iter()
+        .filter(|e| e.event == "permission")
+        .map(|e| &e.data["autoReply"])
+        .collect();
+    let always = json!({"reply": "always", "by": "always"});
+    assert_eq!(auto, vec![&Value::Null, &always, &always]);
     let (_, info) = json_of(r.get("/v1/sessions/s2").send().await.unwrap()).await;
     assert_eq!(info["alwaysAllowed"], json!(["edit"]));
 
@@ -712,5 +721,63 @@ async fn creating_over_a_damaged_session_directory_is_refused_and_keeps_it() {
     assert_eq!(
         std::fs::read(damaged.join("session.json")).unwrap(),
         b"{not json"
+    );
+}
+
+#[tokio::test]
+async fn an_fd_agent_lists_options_and_gets_the_chosen_option_id() {
+    let r = Runner::start(&[]);
+    // The agent offers two options of its own and prints the reply line it gets.
+    let script = r#"
+import json, os
+events = os.fdopen(int(os.environ["AGENTBOX_EVENTS_FD"]), "w", buffering=1)
+replies = os.fdopen(int(os.environ["AGENTBOX_REPLIES_FD"]))
+events.write(json.dumps({"type": "permission_request", "id": "p1", "title": "Run it",
+    "toolCall": {"kind": "execute"},
+    "options": [{"optionId": "yes", "name": "Yes", "kind": "allow_once"},
+                {"optionId": "never", "name": "Never", "kind": "reject_always"}]}) + "\n")
+print(replies.readline().strip())
+"#;
+    let (status, body) = r
+        .configure_json(json!({"entrypoint": ["python3", "-c", script]}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    create_session(&r, "s").await;
+    let (resp, buf, events) = start_until_permission(&r, "?session=s", "").await;
+    let ask = &events.last().unwrap().data;
+    assert_eq!(
+        ask["options"],
+        json!([
+            {"optionId": "yes", "name": "Yes", "kind": "allow_once"},
+            {"optionId": "never", "name": "Never", "kind": "reject_always"},
+        ])
+    );
+    let (status, body) = json_of(
+        r.post("/v1/sessions/s/permissions/p1")
+            .json(&json!({"optionId": "never"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["reply"], "reject_always");
+    let events = rest_of(resp, buf).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(stdout_of(&events).trim()).unwrap(),
+        json!({"type": "permission_reply", "id": "p1", "reply": "reject_always", "optionId": "never"})
+    );
+    // Remembered for the kind: the next request of it is refused by the runner.
+    let (_, info) = json_of(r.get("/v1/sessions/s").send().await.unwrap()).await;
+    assert_eq!(info["alwaysRejected"], json!(["execute"]));
+    let events = r.invoke_sse("?session=s", "").await;
+    let ask = events.iter().find(|e| e.event == "permission").unwrap();
+    assert_eq!(
+        ask.data["autoReply"],
+        json!({"reply": "reject_always", "by": "always"})
+    );
+    assert!(
+        stdout_of(&events).contains("\"reply\":\"reject_always\""),
+        "{events:?}"
     );
 }

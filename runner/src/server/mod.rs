@@ -2,6 +2,7 @@
 //! requests into calls on [`crate::configure`], [`crate::invoke`] and [`crate::files`] and
 //! errors into responses; nothing below this module sees HTTP.
 
+mod agents;
 mod files;
 mod openapi;
 mod sessions;
@@ -58,6 +59,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         )
         .route("/v1/archive", get(files::archive))
         .merge(sessions::routes())
+        .merge(agents::routes())
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             authenticate,
@@ -169,13 +171,15 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     responses((status = 200, description = "The runner's state.", body = Info), (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody)))]
 async fn info(State(app): State<Arc<AppState>>) -> Json<Info> {
     let stored = app.store.get();
+    let default_agent = stored.agent(None);
     let cfg = &app.cfg;
     Json(Info {
         version: env!("CARGO_PKG_VERSION").into(),
         mode: cfg.mode.as_str().into(),
-        configured: stored.entrypoint.is_some(),
+        // The default agent's (the entrypoint, or a named agent).
+        configured: default_agent.is_some(),
+        entrypoint: default_agent.map(|a| a.entrypoint),
         install_command_hash: stored.install_command_hash,
-        entrypoint: stored.entrypoint,
         last_configured_at: stored.last_configured_at,
         inflight: app.invokes.inflight(),
         limits: Limits {
@@ -246,7 +250,7 @@ async fn read_json<T: serde::de::DeserializeOwned>(body: Body, limit: usize) -> 
     responses(
         (status = 200, description = "`log`… then `result` (or `error`) as Server-Sent Events; or the ConfigureResult.",
             content((String = "text/event-stream"), (ConfigureResult = "application/json"))),
-        (status = 400, description = "`invalid_request` (bad JSON, no entrypoint on the first configure), `invalid_path` (a file outside the workspace), `wrong_mode` (code mode).", body = ErrorBody),
+        (status = 400, description = "`invalid_request` (bad JSON, no entrypoint or agents on the first configure, bad agents, a `defaultAgent` that is not one of them, bad `mcpServers`), `invalid_path` (a file outside the workspace), `wrong_mode` (code mode).", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: a file, the total or the file count is over the runner's limits.", body = ErrorBody),
         (status = 422, description = "`install_failed`: the install command could not be started (JSON answer only).", body = ErrorBody)))]
@@ -261,11 +265,9 @@ async fn configure_sandbox(
     let plan = configure::read_plan(&app, body)
         .await?
         .with_live_output(q.stream == Some(StreamMode::Live));
-    if !plan.has_entrypoint() && app.store.get().entrypoint.is_none() {
-        return Err(Error::InvalidRequest(
-            "entrypoint is required on the first configure".into(),
-        ));
-    }
+    // No entrypoint or agents on the first configure, a default agent that is not one: 400
+    // before anything is written (checked again under the configure lock).
+    configure::check_next(&app, &plan)?;
     let (log, outcome) = configure::start(&app, plan)?;
     if wants_json(&headers) {
         let result = outcome
@@ -311,16 +313,16 @@ pub(crate) fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T> {
         ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves: `cancel` (default, as the seed: closing the stream cancels), `linger` (cancel after `--linger` without a watcher, time to reattach), `continue`."),
         ("session" = Option<String>, Query, description = "Runs the invoke in this session (created with POST /v1/sessions): the agent channel, permissions and history. Required when the entrypoint is an ACP agent."),
         ("stream" = Option<StreamMode>, Query, description = "`lines` (default, the seed's framing): one `log` event per whole line. `live`: also a fragment without a newline once the output pauses for 25 ms (`partial: true`), for prompts and streamed tokens.")),
-    request_body(content = String, description = "stdin for the entrypoint, any bytes; for an ACP agent the prompt (UTF-8, at most 16 MiB) unless `?prompt=` is given.", content_type = "application/octet-stream"),
+    request_body(content = String, description = "stdin for the entrypoint, any bytes; for an ACP agent the prompt (UTF-8, at most 16 MiB) unless `?prompt=` is given, or with `Content-Type: application/json` a body `{\"prompt\": [ACP content blocks]}` (text, image, audio, resource, resource_link).", content_type = "application/octet-stream"),
     responses(
         (status = 200, description = "`start`, `log`…, `exit` as Server-Sent Events; or the InvokeResponse.",
             content((String = "text/event-stream"), (InvokeResponse = "application/json"))),
-        (status = 400, description = "`invalid_request` (bad query; an ACP agent invoked without `?session=`; an ACP prompt that is not UTF-8), `invalid_session_id`, `invalid_timeout`, `wrong_mode` (code mode).", body = ErrorBody),
+        (status = 400, description = "`invalid_request` (bad query; an ACP agent invoked without `?session=`; an ACP prompt that is not UTF-8; malformed content blocks, or blocks the agent's `promptCapabilities` do not allow), `invalid_session_id`, `invalid_timeout`, `wrong_mode` (code mode).", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
         (status = 404, description = "`session_not_found`: no session with the `?session=` id.", body = ErrorBody),
         (status = 409, description = "`session_busy`: another invoke runs in the session.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: an ACP prompt body over 16 MiB.", body = ErrorBody),
-        (status = 424, description = "`not_configured`: no entrypoint has been configured.", body = ErrorBody),
+        (status = 424, description = "`not_configured`: no entrypoint has been configured; `agent_failed`: the session's agent is no longer configured, or an ACP agent could not be started to learn its prompt capabilities.", body = ErrorBody),
         (status = 429, description = "`concurrency_exceeded` with `limit`, `inflight` and `Retry-After: 5`.", body = ErrorBody)))]
 async fn invoke(
     State(app): State<Arc<AppState>>,
@@ -337,28 +339,34 @@ async fn invoke(
             .min(app.cfg.max_timeout),
     };
     let stored = app.store.get();
-    let Some(entrypoint) = stored.entrypoint else {
-        return Err(Error::NotConfigured);
-    };
-    let mut argv = app.jail.map_argv(&entrypoint);
+    // The session's agent, or the default one.
+    let chosen = sessions::agent_of(&app, &stored, q.session.as_deref())?;
+    let mut argv = app.jail.map_argv(&chosen.entrypoint);
     if let Some(prompt) = &q.prompt {
         argv.push(format!("--prompt={prompt}"));
     }
     let agent = sessions::agent_setup(&app, q.session.as_deref(), q.prompt.as_deref())?;
-    let (agent, acp, body) = match stored.protocol {
-        Some(agentbox_proto::AgentProtocol::Acp) => {
-            let plain = &argv[..argv.len() - usize::from(q.prompt.is_some())];
-            let turn =
-                sessions::acp_turn(&app, &stored.env, plain, agent, q.prompt.clone(), body).await?;
+    let (agent, acp, body) = match chosen.protocol {
+        agentbox_proto::AgentProtocol::Acp => {
+            let turn = sessions::acp_turn(
+                &app,
+                &stored,
+                &chosen,
+                agent,
+                q.prompt.clone(),
+                &headers,
+                body,
+            )
+            .await?;
             (None, Some(turn), Body::empty())
         }
-        _ => (Some(agent), None, body),
+        agentbox_proto::AgentProtocol::Plain => (Some(agent), None, body),
     };
     let stdin = Stdin::from_body(body, q.prompt).await?;
     let (sub, attachment) = app.invokes.start(StartRequest {
         kind: InvokeKind::Invoke,
         argv,
-        env: stored.env.into_iter().collect(),
+        env: chosen.env.into_iter().collect(),
         cwd: app.cfg.workspace.clone(),
         timeout,
         stdin,

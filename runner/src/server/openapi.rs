@@ -7,12 +7,13 @@
 use std::sync::OnceLock;
 
 use agentbox_proto::{
-    AgentEvent, CancelRequest, CancelResponse, ConfigureRequest, ConfigureResult,
-    CreateSessionRequest, ErrorBody, ErrorEvent, ExecRequest, ExitEvent, Health, Info, InvokeList,
-    InvokeResponse, InvokeSummary, LogEvent, PermissionEvent, PermissionReply,
-    PermissionReplyEvent, PermissionReplyRequest, PermissionReplyResponse, PromptEvent,
-    ProtocolErrorEvent, ReplyOrigin, Sender, SessionConfigRequest, SessionEvent, SessionEventPage,
-    SessionInfo, SessionList, StartEvent, TruncatedEvent,
+    AcpSessionState, AgentEvent, AgentInfo, AgentList, AgentSpec, AutoReply, CancelRequest,
+    CancelResponse, ConfigureRequest, ConfigureResult, CreateSessionRequest, ErrorBody, ErrorEvent,
+    ExecRequest, ExitEvent, Health, Info, InvokeList, InvokeResponse, InvokeSummary, LogEvent,
+    PermissionEvent, PermissionOption, PermissionReply, PermissionReplyEvent,
+    PermissionReplyRequest, PermissionReplyResponse, PromptEvent, ProtocolErrorEvent, ReplyOrigin,
+    Sender, SessionConfigRequest, SessionEvent, SessionEventPage, SessionInfo, SessionList,
+    StartEvent, TruncatedEvent,
 };
 use serde_json::{json, Value};
 use utoipa::OpenApi;
@@ -40,6 +41,7 @@ use crate::invoke::{OnDisconnect, StreamMode};
         super::files::write_file,
         super::files::delete_file,
         super::files::archive,
+        super::agents::list_agents,
         super::sessions::create,
         super::sessions::list,
         super::sessions::get_one,
@@ -56,7 +58,8 @@ use crate::invoke::{OnDisconnect, StreamMode};
         CreateSessionRequest, SessionInfo, SessionList, SessionEvent, SessionEventPage, Sender,
         AgentEvent, PermissionEvent, PermissionReply, PermissionReplyEvent, ReplyOrigin,
         ProtocolErrorEvent, PromptEvent, SessionConfigRequest, PermissionReplyRequest,
-        PermissionReplyResponse,
+        PermissionReplyResponse, AgentInfo, AgentList, AgentSpec, AcpSessionState,
+        PermissionOption, AutoReply,
     )),
     tags(
         (name = "meta", description = "Health, runner information and this document."),

@@ -16,12 +16,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use serde_json::json;
 
 use super::{query, read_json, sse_response};
 use crate::acp::{Launch, Turn};
 use crate::channel::AgentSetup;
 use crate::error::{Error, Result};
+use crate::session::Session;
 use crate::sse;
+use crate::state::Stored;
 use crate::AppState;
 
 /// Default and largest page size.
@@ -56,6 +59,7 @@ pub(super) fn agent_setup(
             if let Some(text) = prompt {
                 let data = serde_json::to_value(PromptEvent {
                     text: text.to_owned(),
+                    content: None,
                 })
                 .unwrap_or_default();
                 claim
@@ -71,31 +75,78 @@ pub(super) fn agent_setup(
     })
 }
 
+/// The agent an invoke in session `session` (or outside any) runs: the session's, or the
+/// default one. 424 `not_configured` before any configure; 424 `agent_failed` when the
+/// session's agent is no longer configured.
+pub(super) fn agent_of(
+    app: &AppState,
+    stored: &Stored,
+    session: Option<&str>,
+) -> Result<crate::state::Agent> {
+    let name = match session {
+        Some(id) => app.sessions.get(id)?.agent(),
+        None => None,
+    };
+    match (stored.agent(name.as_deref()), name) {
+        (Some(agent), _) => Ok(agent),
+        (None, Some(name)) => Err(Error::AgentFailed(format!(
+            "the session's agent {name:?} is not configured (any more); configure it or \
+             create a session with another agent"
+        ))),
+        (None, None) => Err(Error::NotConfigured),
+    }
+}
+
+/// A session's working directory: `cwd` resolved in the jail, an existing directory (400
+/// `invalid_path` / `not_a_directory` otherwise).
+pub(super) fn session_cwd(app: &AppState, cwd: &str) -> Result<std::path::PathBuf> {
+    let real = app.jail.resolve(cwd)?;
+    if !real.is_dir() {
+        let rel = real.strip_prefix(app.jail.root()).unwrap_or(&real);
+        return Err(Error::NotADirectory(crate::jail::Jail::shown(rel)));
+    }
+    Ok(real)
+}
+
+/// The ACP session's `cwd` for session `session`: its `cwd`, or the workspace.
+pub(super) fn cwd_of(app: &AppState, session: Option<&Arc<Session>>) -> Result<std::path::PathBuf> {
+    match session.and_then(|s| s.cwd()) {
+        Some(cwd) => session_cwd(app, &cwd),
+        None => Ok(app.cfg.workspace.clone()),
+    }
+}
+
 fn launch(
     app: &AppState,
-    argv: &[String],
-    env: &std::collections::BTreeMap<String, String>,
+    stored: &Stored,
+    agent: &crate::state::Agent,
+    session_cwd: std::path::PathBuf,
 ) -> Launch {
     let mut full = app.cfg.base_env.clone();
-    full.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    full.extend(agent.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     full.push((
         "AGENTBOX_WORKSPACE".into(),
         app.cfg.workspace.display().to_string(),
     ));
     Launch {
-        argv: argv.to_vec(),
+        agent: agent.name.clone(),
+        install_hash: stored.install_command_hash.clone(),
+        argv: app.jail.map_argv(&agent.entrypoint),
         env: full,
         cwd: app.cfg.workspace.clone(),
+        session_cwd,
+        mcp_servers: agent.mcp_servers.clone(),
     }
 }
 
 /// The prompt turn of an invoke of an ACP agent: `?prompt=`, or else the body, is the prompt.
 pub(super) async fn acp_turn(
     app: &Arc<AppState>,
-    env: &std::collections::BTreeMap<String, String>,
-    argv: &[String],
+    stored: &Stored,
+    chosen: &crate::state::Agent,
     agent: AgentSetup,
     prompt: Option<String>,
+    headers: &HeaderMap,
     body: Body,
 ) -> Result<Turn> {
     let Some(session) = agent.session.as_ref().map(|c| Arc::clone(c.session())) else {
@@ -105,15 +156,70 @@ pub(super) async fn acp_turn(
                 .into(),
         ));
     };
-    let text = match prompt {
-        Some(text) => text,
+    let launch = launch(app, stored, chosen, cwd_of(app, Some(&session))?);
+    let json_body = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.trim_start().starts_with("application/json"));
+    let blocks = match prompt {
+        // Recorded in the history by `agent_setup`.
+        Some(text) => vec![json!({"type": "text", "text": text})],
         None => {
             let bytes = read_prompt(body, 16 << 20).await?;
-            let text = String::from_utf8(bytes)
-                .map_err(|_| Error::InvalidRequest("an ACP prompt must be UTF-8 text".into()))?;
-            let data = serde_json::to_value(PromptEvent { text: text.clone() }).unwrap_or_default();
+            let parsed = json_body
+                .then(|| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .flatten()
+                .filter(|v| v.get("prompt").is_some());
+            let (text, content) = match parsed {
+                Some(body) => {
+                    let blocks = content_blocks(&body["prompt"])?;
+                    // What the agent must have advertised for these blocks.
+                    let needs: Vec<(&str, &str)> = blocks
+                        .iter()
+                        .filter_map(|b| match b["type"].as_str() {
+                            Some("image") => Some(("image", "image")),
+                            Some("audio") => Some(("audio", "audio")),
+                            Some("resource") => Some(("resource", "embeddedContext")),
+                            _ => None,
+                        })
+                        .collect();
+                    if !needs.is_empty() {
+                        let caps = app
+                            .acp
+                            .prompt_capabilities(&session, &launch, &app.reaper)
+                            .await?;
+                        if let Some((kind, cap)) = needs
+                            .into_iter()
+                            .find(|(_, cap)| caps.get(*cap).and_then(|v| v.as_bool()) != Some(true))
+                        {
+                            return Err(Error::InvalidRequest(format!(
+                                "the agent {:?} does not accept {kind} blocks (its \
+                                 promptCapabilities.{cap} is not true); send text, \
+                                 resource_link or what it advertises (GET /v1/agents)",
+                                launch.agent
+                            )));
+                        }
+                    }
+                    let text: Vec<&str> = blocks
+                        .iter()
+                        .filter_map(|b| b.get("text").and_then(|t| t.as_str()))
+                        .collect();
+                    (text.join("\n"), Some(blocks))
+                }
+                None => {
+                    let text = String::from_utf8(bytes).map_err(|_| {
+                        Error::InvalidRequest("an ACP prompt must be UTF-8 text".into())
+                    })?;
+                    (text, None)
+                }
+            };
+            let data = serde_json::to_value(PromptEvent {
+                text: text.clone(),
+                content: content.clone(),
+            })
+            .unwrap_or_default();
             session.record(Sender::Client, None, session_event::PROMPT, data);
-            text
+            content.unwrap_or_else(|| vec![json!({"type": "text", "text": text})])
         }
     };
     Ok(Turn {
@@ -121,11 +227,44 @@ pub(super) async fn acp_turn(
         reaper: Arc::clone(&app.reaper),
         session,
         setup: agent,
-        launch: launch(app, argv, env),
-        prompt: text,
+        launch,
+        prompt: blocks,
         grace: app.cfg.grace,
         runtime: tokio::runtime::Handle::current(),
     })
+}
+
+/// Checks the content blocks of a `{"prompt": [...]}` body (ACP's `ContentBlock`s: `text`,
+/// `image`, `audio`, `resource`, `resource_link`, at most 1000).
+fn content_blocks(prompt: &serde_json::Value) -> Result<Vec<serde_json::Value>> {
+    let bad = |i: usize, what: &str| {
+        Error::InvalidRequest(format!("prompt[{i}]: {what} (ACP content blocks: text {{text}}, image {{data, mimeType}}, audio {{data, mimeType}}, resource {{resource: {{uri, text | blob}}}}, resource_link {{uri, name}})"))
+    };
+    let Some(blocks) = prompt
+        .as_array()
+        .filter(|b| !b.is_empty() && b.len() <= 1000)
+    else {
+        return Err(Error::InvalidRequest(
+            "\"prompt\" must be an array of 1 to 1000 content blocks".into(),
+        ));
+    };
+    let is_str = |b: &serde_json::Value, k: &str| b.get(k).is_some_and(|v| v.is_string());
+    for (i, b) in blocks.iter().enumerate() {
+        let ok = match b.get("type").and_then(|t| t.as_str()) {
+            Some("text") => is_str(b, "text"),
+            Some("image" | "audio") => is_str(b, "data") && is_str(b, "mimeType"),
+            Some("resource") => b
+                .get("resource")
+                .is_some_and(|r| is_str(r, "uri") && (is_str(r, "text") || is_str(r, "blob"))),
+            Some("resource_link") => is_str(b, "uri") && is_str(b, "name"),
+            Some(other) => return Err(bad(i, &format!("unknown type {other:?}"))),
+            None => return Err(bad(i, "no \"type\"")),
+        };
+        if !ok {
+            return Err(bad(i, "a required field is missing or not a string"));
+        }
+    }
+    Ok(blocks.clone())
 }
 
 /// The body, up to `limit` bytes (else 413 `payload_too_large`).
@@ -150,13 +289,14 @@ async fn read_prompt(body: Body, limit: usize) -> Result<Vec<u8>> {
 
 /// Set an ACP agent's session config
 ///
-/// Mode, model and config options the agent advertised; starts the session's agent if needed.
+/// Mode, model, thought level and config options the agent advertised; starts the session's
+/// agent if needed, and answers the session with its fresh ACP state.
 #[utoipa::path(put, path = "/v1/sessions/{id}/config", tag = "sessions",
     params(("id" = String, Path, description = "The session id: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`.")),
     request_body(content = SessionConfigRequest, content_type = "application/json"),
     responses(
-        (status = 200, description = "What the agent answered, per setting.", body = Object),
-        (status = 400, description = "`invalid_session_id`; `invalid_request`: not an ACP agent, or a bad body.", body = ErrorBody),
+        (status = 200, description = "The session with its ACP state after the changes (`acp`).", body = SessionInfo),
+        (status = 400, description = "`invalid_session_id`; `invalid_request`: not an ACP agent, a bad body, a setting the agent does not offer, or one it refused.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
         (status = 404, description = "`session_not_found`.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody),
@@ -165,19 +305,17 @@ pub(super) async fn set_config(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
     body: Body,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<SessionInfo>> {
     let req: agentbox_proto::SessionConfigRequest = read_json(body, 1 << 20).await?;
     let session = app.sessions.get(&id)?;
     let stored = app.store.get();
-    let (Some(entrypoint), Some(agentbox_proto::AgentProtocol::Acp)) =
-        (stored.entrypoint, stored.protocol)
-    else {
+    let chosen = agent_of(&app, &stored, Some(&id))?;
+    if chosen.protocol != agentbox_proto::AgentProtocol::Acp {
         return Err(Error::InvalidRequest(
             "only an ACP agent (configure with \"protocol\": \"acp\") has session config".into(),
         ));
-    };
-    let argv = app.jail.map_argv(&entrypoint);
-    let launch = launch(&app, &argv, &stored.env);
+    }
+    let launch = launch(&app, &stored, &chosen, cwd_of(&app, Some(&session))?);
     Ok(Json(
         app.acp
             .configure(&session, &launch, &app.reaper, req)
@@ -192,7 +330,7 @@ pub(super) async fn set_config(
     request_body(content = CreateSessionRequest, content_type = "application/json"),
     responses(
         (status = 201, description = "Created.", body = SessionInfo),
-        (status = 400, description = "`invalid_session_id` or `invalid_request`.", body = ErrorBody),
+        (status = 400, description = "`invalid_session_id`; `invalid_request`: a bad body, an `agent` that is not configured, or `mcpServers` that are not ACP `McpServer`s; `invalid_path`, `not_a_directory`: a `cwd` outside the workspace or not a directory.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
         (status = 409, description = "`session_exists`: the id is taken, or a directory of that name exists that did not load as a session (it is kept as it is).", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody)))]
@@ -201,13 +339,29 @@ pub(super) async fn create(State(app): State<Arc<AppState>>, body: Body) -> Resu
     let req: serde_json::Value = read_json(body, 1 << 20).await?;
     if !req.is_object() {
         return Err(Error::InvalidRequest(
-            "the body must be a JSON object: {\"id\"?, \"metadata\"?}".into(),
+            "the body must be a JSON object: {\"id\"?, \"metadata\"?, \"agent\"?, \"mcpServers\"?, \"cwd\"?}".into(),
         ));
     }
     let req: CreateSessionRequest = serde_json::from_value(req).map_err(|e| {
         Error::InvalidRequest(format!("the body is not valid JSON for this route: {e}"))
     })?;
-    let session = app.sessions.create(req.id, req.metadata)?;
+    if let Some(name) = &req.agent {
+        let stored = app.store.get();
+        if stored.agent(Some(name)).is_none() {
+            let names: Vec<String> = stored.agents().into_iter().map(|a| a.name).collect();
+            return Err(Error::InvalidRequest(format!(
+                "no agent {name:?} is configured (the agents are {names:?}; GET /v1/agents)"
+            )));
+        }
+    }
+    let mcp_servers = req.mcp_servers.unwrap_or_default();
+    agentbox_proto::check_mcp_servers(&mcp_servers).map_err(Error::InvalidRequest)?;
+    if let Some(cwd) = &req.cwd {
+        session_cwd(&app, cwd)?;
+    }
+    let session = app
+        .sessions
+        .create(req.id, req.metadata, req.agent, mcp_servers, req.cwd)?;
     let (sessions, keep) = (Arc::clone(&app.sessions), session.id());
     tokio::task::spawn_blocking(move || sessions.prune(Some(&keep)))
         .await
@@ -388,11 +542,7 @@ pub(super) async fn reply_in_session(
             "no permission request {pid:?}: nothing runs in session {id:?}"
         ))
     })?;
-    Ok(Json(app.permissions.answer(
-        invoke.as_str(),
-        &pid,
-        req.reply,
-    )?))
+    Ok(Json(app.permissions.answer(invoke.as_str(), &pid, req)?))
 }
 
 /// Answer a permission request of an invoke
@@ -413,5 +563,5 @@ pub(super) async fn reply_in_invoke(
     body: Body,
 ) -> Result<Json<PermissionReplyResponse>> {
     let req: PermissionReplyRequest = read_json(body, 64 << 10).await?;
-    Ok(Json(app.permissions.answer(&id, &pid, req.reply)?))
+    Ok(Json(app.permissions.answer(&id, &pid, req)?))
 }
