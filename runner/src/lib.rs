@@ -66,10 +66,11 @@ impl AppState {
         let cfg = Arc::new(cfg);
         let reaper = Reaper::new();
         reaper.start()?;
-        configure::remove_leftovers(&cfg.state_dir);
         let store = ConfigStore::load(cfg.state_dir.join("config.json"))?;
         let invokes = Invokes::recover(Arc::clone(&cfg), Arc::clone(&reaper))?;
         let jail = Jail::new(cfg.workspace.clone(), vec![cfg.state_dir.clone()])?;
+        configure::recover(&cfg, &jail, store.get().install_command_hash.as_deref());
+        files::sweep_temp_files(&jail);
         let token_digest = cfg.token.as_deref().map(server::token_digest);
         let sessions = Sessions::load(
             &cfg.state_dir,
