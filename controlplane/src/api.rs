@@ -513,8 +513,17 @@ async fn to_runner(
         .strip_prefix(&prefix)
         .ok_or_else(|| Error::RouteNotFound(raw.to_owned()))?
         .to_owned();
-    let (path, action) = runner_route(request.method(), &rest)
-        .ok_or_else(|| Error::RouteNotFound(raw.to_owned()))?;
+    let Some((path, action)) = runner_route(request.method(), &rest) else {
+        // A runner route, with another method: 405, as for the control plane's own routes.
+        let known = [Method::GET, Method::POST, Method::PUT, Method::DELETE]
+            .iter()
+            .any(|m| runner_route(m, &rest).is_some());
+        return Err(if known {
+            Error::MethodNotAllowed
+        } else {
+            Error::RouteNotFound(raw.to_owned())
+        });
+    };
     let target = app
         .backend
         .resolve(&name)

@@ -223,3 +223,56 @@ async fn refused_credentials_are_aggregated_and_the_audit_log_rotates() {
         "rotated: {deletes} delete records kept"
     );
 }
+
+/// Defect 9 (control plane): TRACE and a wrong method on a known route answer 405 JSON, also
+/// on the routes passed to a runner; a `Range` with the largest last byte is answered through
+/// the proxy with the rest of the file (it was a 502).
+#[tokio::test]
+async fn methods_and_ranges_through_the_control_plane() {
+    use reqwest::Method;
+    let env = Env::new();
+    let cp = env.start();
+    cp.create("sb", "default").await;
+    let trace = Method::from_bytes(b"TRACE").unwrap();
+    for (method, path) in [
+        (trace.clone(), "/api/v1/sandboxes"),
+        (trace.clone(), "/healthz"),
+        (trace.clone(), "/api/v1/sandboxes/sb/files/workspace/x"),
+        (Method::GET, "/api/v1/sandboxes/sb/invoke"),
+        (Method::GET, "/api/v1/sandboxes/sb/stop"),
+        (Method::PUT, "/api/v1/sandboxes/sb/configure"),
+        (Method::DELETE, "/api/v1/sandboxes/sb/exec"),
+    ] {
+        let resp = cp.admin(method.clone(), path).send().await.unwrap();
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        assert_eq!(status, 405, "{method} {path}: {body}");
+        assert_eq!(
+            body["error"], "method_not_allowed",
+            "{method} {path}: {body}"
+        );
+    }
+    let resp = cp
+        .admin(Method::GET, "/api/v1/sandboxes/sb/nothing")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+
+    let resp = cp
+        .sb(Method::PUT, "sb", "/files/workspace/f.txt")
+        .body("0123456789abcdefghij")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let resp = cp
+        .sb(Method::GET, "sb", "/files/workspace/f.txt")
+        .header("range", "bytes=2-18446744073709551615")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 206);
+    assert_eq!(resp.headers()["content-length"], "18");
+    assert_eq!(resp.bytes().await.unwrap(), &b"23456789abcdefghij"[..]);
+}
