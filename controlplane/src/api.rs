@@ -38,15 +38,23 @@ pub async fn serve<L: agentbox_serve::Listener>(
     let builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     let limits = app.cfg.limits;
-    agentbox_serve::serve(
-        listener,
-        router(app),
-        builder,
-        limits,
-        "control plane",
-        shutdown,
-    )
-    .await
+    // Refused credentials are aggregated per second; write a finished window's count.
+    let flusher = {
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(audit::DENIED_WINDOW);
+            loop {
+                tick.tick().await;
+                app.audit.flush_denied(false);
+            }
+        })
+    };
+    let router = router(Arc::clone(&app));
+    let served =
+        agentbox_serve::serve(listener, router, builder, limits, "control plane", shutdown).await;
+    flusher.abort();
+    app.audit.flush_denied(true);
+    served
 }
 
 /// Routes of the control plane.
@@ -98,21 +106,15 @@ async fn authenticate(
             next.run(request).await
         }
         Err(e) => {
-            app.audit.write(&audit::Record {
-                time: now(),
-                actor: "anonymous",
-                sandbox: None,
-                namespace: None,
-                action: "authenticate",
-                outcome: "denied",
-                status: e.status().as_u16(),
-            });
+            // Aggregated: a flood of bad credentials must not grow the audit log per request.
+            app.audit.denied(e.status().as_u16());
             e.into_response()
         }
     }
 }
 
-fn now() -> String {
+/// The current time for records (RFC 3339).
+pub(crate) fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
@@ -532,13 +534,20 @@ async fn to_runner(
         .strip_prefix(&prefix)
         .ok_or_else(|| Error::RouteNotFound(raw.to_owned()))?
         .to_owned();
-    let (path, action) =
-        runner_route(request.method(), &rest).ok_or_else(|| {
-            match unserved_route(request.method(), &rest) {
-                Some(route) => Error::NotImplemented(route.to_owned()),
-                None => Error::RouteNotFound(raw.to_owned()),
-            }
-        })?;
+    let Some((path, action)) = runner_route(request.method(), &rest) else {
+        if let Some(route) = unserved_route(request.method(), &rest) {
+            return Err(Error::NotImplemented(route.to_owned()));
+        }
+        // A runner route, with another method: 405, as for the control plane's own routes.
+        let known = [Method::GET, Method::POST, Method::PUT, Method::DELETE]
+            .iter()
+            .any(|m| runner_route(m, &rest).is_some());
+        return Err(if known {
+            Error::MethodNotAllowed
+        } else {
+            Error::RouteNotFound(raw.to_owned())
+        });
+    };
     let target = app
         .backend
         .resolve(&name)

@@ -129,6 +129,32 @@ pub struct Args {
     /// A keep-alive connection with no request in progress is closed after this long.
     #[arg(long, env = "AGENTBOX_IDLE_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+    /// The audit log is rotated when it would grow past this (`64MiB`, `512KiB`, bytes).
+    #[arg(long, env = "AGENTBOX_AUDIT_LOG_MAX_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
+    pub audit_log_max_bytes: u64,
+    /// Rotated audit logs kept (`audit.log.1` newest); 0 keeps none.
+    #[arg(long, env = "AGENTBOX_AUDIT_LOG_KEEP", default_value_t = 4)]
+    pub audit_log_keep: usize,
+}
+
+/// A size: bytes, or a number with `KiB`, `MiB` or `GiB`.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |i| text.split_at(i));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 64MiB)"))?;
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Which backend holds the sandboxes.
@@ -200,6 +226,10 @@ pub struct Config {
     pub docker: DockerConfig,
     /// Connection cap and timeouts of the accept loop.
     pub limits: agentbox_serve::Limits,
+    /// Audit log rotation size.
+    pub audit_log_max_bytes: u64,
+    /// Rotated audit logs kept.
+    pub audit_log_keep: usize,
 }
 
 /// Docker backend settings.
@@ -254,6 +284,9 @@ impl Args {
     pub fn into_config(self) -> Result<Config, String> {
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
+        }
+        if self.audit_log_max_bytes < 4096 {
+            return Err("--audit-log-max-bytes must be at least 4096".into());
         }
         if self.header_read_timeout.is_zero() || self.idle_timeout.is_zero() {
             return Err("--header-read-timeout and --idle-timeout must be positive".into());
@@ -389,6 +422,8 @@ impl Args {
                 header_read_timeout: self.header_read_timeout,
                 idle_timeout: self.idle_timeout,
             },
+            audit_log_max_bytes: self.audit_log_max_bytes,
+            audit_log_keep: self.audit_log_keep,
         })
     }
 }

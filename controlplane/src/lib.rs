@@ -96,7 +96,12 @@ impl AppState {
                 .map_err(|e| e.to_string())?,
             ),
         };
-        let audit = audit::Audit::open(cfg.audit_log.as_deref()).map_err(|e| e.to_string())?;
+        let audit = audit::Audit::open(
+            cfg.audit_log.as_deref(),
+            cfg.audit_log_max_bytes,
+            cfg.audit_log_keep,
+        )
+        .map_err(|e| e.to_string())?;
         Ok(Arc::new(Self {
             auth: Authenticator {
                 keys,

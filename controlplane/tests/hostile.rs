@@ -136,3 +136,143 @@ fn header_read_and_idle_timeouts_close_connections() {
         "{idle:?}"
     );
 }
+
+/// Defect 7: a flood of requests with bad credentials adds a few aggregated audit records,
+/// not one per request, and every refusal is still counted; the audit log is rotated by size.
+#[tokio::test]
+async fn refused_credentials_are_aggregated_and_the_audit_log_rotates() {
+    let env = Env::new();
+    let cp = env.start_with(
+        "none",
+        &["--audit-log-max-bytes", "8192", "--audit-log-keep", "2"],
+    );
+    // Authorized actions are each recorded: 200 of them (creates of a taken name), about
+    // 30 KiB, rotate the log.
+    cp.create("taken", "default").await;
+    for _ in 0..200 {
+        let resp = cp
+            .admin(reqwest::Method::POST, "/api/v1/sandboxes")
+            .json(&serde_json::json!({"name": "taken"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 409);
+    }
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let refused = 2_000;
+    for i in 0..refused {
+        let resp = client
+            .get(cp.url("/api/v1/sandboxes"))
+            .header("x-api-key", format!("wrong-{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+    }
+    let flood = started.elapsed();
+    // The last window of refusals is written within a second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let path = env.state.join("audit.log");
+    let mut files = vec![path.clone()];
+    for n in 1..=3 {
+        let mut p = path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        files.push(PathBuf::from(p));
+    }
+    let (mut bytes, mut denied_lines, mut denied_total, mut deletes) = (0, 0, 0, 0);
+    for f in &files[..3] {
+        let text = std::fs::read_to_string(f).unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(&files[0]).unwrap_or_default();
+            panic!("{f:?}: {e}; audit.log: {}", &log[..log.len().min(2000)])
+        });
+        bytes += text.len();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            if v["action"] == "authenticate" {
+                denied_lines += 1;
+                denied_total += v["count"].as_u64().unwrap_or(1);
+            } else if v["action"] == "create" && v["status"] == 409 {
+                deletes += 1;
+            }
+        }
+    }
+    assert!(
+        !files[3].exists(),
+        "only --audit-log-keep rotated files are kept"
+    );
+    eprintln!(
+        "{refused} refused requests in {flood:?}: {denied_lines} audit records; \
+         audit files hold {bytes} bytes"
+    );
+    assert!(bytes <= 3 * 8192, "{bytes} bytes");
+    let allowed = 2 * (flood.as_secs() as usize + 2);
+    assert!(
+        denied_lines <= allowed,
+        "{denied_lines} records for {refused} refusals"
+    );
+    // Every refusal is counted (the refusals came last, so rotation dropped none of them).
+    assert_eq!(
+        denied_total,
+        refused as u64,
+        "{}",
+        std::fs::read_to_string(&files[0]).unwrap()
+    );
+    assert!(
+        deletes > 0 && deletes < 200,
+        "rotated: {deletes} delete records kept"
+    );
+}
+
+/// Defect 9 (control plane): TRACE and a wrong method on a known route answer 405 JSON, also
+/// on the routes passed to a runner; a `Range` with the largest last byte is answered through
+/// the proxy with the rest of the file (it was a 502).
+#[tokio::test]
+async fn methods_and_ranges_through_the_control_plane() {
+    use reqwest::Method;
+    let env = Env::new();
+    let cp = env.start();
+    cp.create("sb", "default").await;
+    let trace = Method::from_bytes(b"TRACE").unwrap();
+    for (method, path) in [
+        (trace.clone(), "/api/v1/sandboxes"),
+        (trace.clone(), "/healthz"),
+        (trace.clone(), "/api/v1/sandboxes/sb/files/workspace/x"),
+        (Method::GET, "/api/v1/sandboxes/sb/invoke"),
+        (Method::GET, "/api/v1/sandboxes/sb/stop"),
+        (Method::PUT, "/api/v1/sandboxes/sb/configure"),
+        (Method::DELETE, "/api/v1/sandboxes/sb/exec"),
+    ] {
+        let resp = cp.admin(method.clone(), path).send().await.unwrap();
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        assert_eq!(status, 405, "{method} {path}: {body}");
+        assert_eq!(
+            body["error"], "method_not_allowed",
+            "{method} {path}: {body}"
+        );
+    }
+    let resp = cp
+        .admin(Method::GET, "/api/v1/sandboxes/sb/nothing")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+
+    let resp = cp
+        .sb(Method::PUT, "sb", "/files/workspace/f.txt")
+        .body("0123456789abcdefghij")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let resp = cp
+        .sb(Method::GET, "sb", "/files/workspace/f.txt")
+        .header("range", "bytes=2-18446744073709551615")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 206);
+    assert_eq!(resp.headers()["content-length"], "18");
+    assert_eq!(resp.bytes().await.unwrap(), &b"23456789abcdefghij"[..]);
+}

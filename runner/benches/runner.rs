@@ -17,8 +17,10 @@
 //! SSE bytes, 1.6× the payload for 100-byte lines).
 //!
 //! Run: `cargo bench -p agentbox-runner --bench runner`. Knobs (environment): `BENCH_ONLY`
-//! (`latency` or `throughput`), `BENCH_N` (invokes, default 2000), `BENCH_BYTES` (stream size,
-//! default 1 GiB), `BENCH_REPEAT` (stream runs, best kept, default 3). The machine should be
+//! (`latency`, `throughput` or `memory`), `BENCH_N` (invokes, default 2000), `BENCH_BYTES`
+//! (stream size, default 1 GiB), `BENCH_REPEAT` (stream runs, best kept, default 3),
+//! `BENCH_CONCURRENT` (running invokes whose RSS is measured, default `100,1000`),
+//! `BENCH_CONFIGURE_MB` (the huge configure body, default 300). The machine should be
 //! otherwise idle: the load average is printed with the table.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -766,6 +768,133 @@ fn bench_throughput(rows: &mut Vec<Row>) {
 
 // ---------------------------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------------------------
+// 3. Memory: runner RSS per running invoke, and the peak of a huge configure body.
+
+/// `VmRSS` / `VmHWM` / `Threads` of a process (kB for the sizes).
+fn proc_status(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn bench_memory(rows: &mut Vec<Row>) {
+    let levels: Vec<usize> = std::env::var("BENCH_CONCURRENT")
+        .unwrap_or_else(|_| "100,1000".into())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    let most = levels.iter().copied().max().unwrap_or(0) as u64;
+    agentbox_testkit::hostile::raise_nofile(most * 8 + 1024);
+    for n in levels {
+        // Each runs long enough for all n to be running at once (spawning 1,000 takes seconds);
+        // the runner's stop cancels them afterwards.
+        println!("== runner RSS with {n} concurrent streaming invokes of `echo; sleep 60; echo`");
+        let cap = (n + 1).to_string();
+        let runner = Runner::start(&["--max-concurrent-invokes", &cap, "--grace", "1s"]);
+        let mut http = Http::connect(runner.addr, &format!("Authorization: Bearer {TOKEN}"));
+        runner.configure(
+            &mut http,
+            &["sh", "-c", "echo started; sleep 60; echo done"],
+        );
+        let pid = runner.pid();
+        let idle = proc_status(pid, "VmRSS:");
+        let request = format!(
+            "POST /v1/invoke HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Content-Length: 0\r\n\r\n"
+        );
+        let mut conns = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut c = std::net::TcpStream::connect(runner.addr).expect("connect");
+            c.write_all(request.as_bytes()).expect("send");
+            conns.push(c);
+        }
+        // Every process has printed its first line: all n are running.
+        let mut buf = vec![0u8; 64 << 10];
+        for c in &mut conns {
+            let mut seen = Vec::new();
+            while memmem::find(&seen, b"started").is_none() {
+                let got = c.read(&mut buf).expect("read");
+                assert!(
+                    got > 0,
+                    "stream ended early: {}",
+                    String::from_utf8_lossy(&seen)
+                );
+                seen.extend_from_slice(&buf[..got]);
+            }
+        }
+        let running = proc_status(pid, "VmRSS:");
+        let threads = proc_status(pid, "Threads:");
+        let per = (running.saturating_sub(idle) as f64) / n as f64;
+        println!(
+            "   idle {idle} KiB, {n} running {running} KiB, {threads} threads: {per:.0} KiB per running invoke"
+        );
+        rows.push(Row {
+            name: format!("runner RSS per running invoke, {n} concurrent"),
+            runner: format!("{per:.0} KiB"),
+            limit: format!("idle {idle} KiB"),
+            ratio: format!("{threads} threads"),
+            goal: "≤ 256 KiB".into(),
+            result: verdict(per <= 256.0).into(),
+        });
+        drop(conns);
+        drop(runner);
+    }
+
+    let total: usize = env_or("BENCH_CONFIGURE_MB", 300) * 1_000_000;
+    println!(
+        "== peak runner RSS of a {} MB configure body of tiny entries",
+        total / 1_000_000
+    );
+    let runner = Runner::start(&[]);
+    let pid = runner.pid();
+    let idle = proc_status(pid, "VmRSS:");
+    let mut c = std::net::TcpStream::connect(runner.addr).expect("connect");
+    let head = format!(
+        "POST /v1/configure HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Accept: application/json\r\nContent-Length: {total}\r\n\r\n"
+    );
+    c.write_all(head.as_bytes()).expect("send");
+    let mut body = Vec::with_capacity(total.min(64 << 20));
+    body.extend_from_slice(br#"{"entrypoint":["true"],"files":["#);
+    let mut i = 0u64;
+    while body.len() + 64 < total {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(format!(r#"{{"path":"f{i:09}","content":""}}"#).as_bytes());
+        i += 1;
+    }
+    body.extend_from_slice(b"]}");
+    body.resize(total, b' ');
+    // The runner answers (413) long before the end; stop sending when it has.
+    let _ = c.set_write_timeout(Some(Duration::from_secs(5)));
+    for chunk in body.chunks(1 << 20) {
+        if c.write_all(chunk).is_err() {
+            break;
+        }
+    }
+    let mut answer = vec![0u8; 4096];
+    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+    let got = c.read(&mut answer).unwrap_or(0);
+    let status = String::from_utf8_lossy(&answer[..got.min(12)]).into_owned();
+    let peak = proc_status(pid, "VmHWM:");
+    println!("   idle {idle} KiB, peak {peak} KiB; answer {status:?}");
+    rows.push(Row {
+        name: format!("runner peak RSS, {} MB configure body", total / 1_000_000),
+        runner: format!("+{} KiB", peak.saturating_sub(idle)),
+        limit: format!("idle {idle} KiB"),
+        ratio: "—".into(),
+        goal: "≤ +64 MiB".into(),
+        result: verdict(peak.saturating_sub(idle) <= 64 << 10).into(),
+    });
+}
+
 fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let started = Instant::now();
@@ -776,6 +905,9 @@ fn main() {
     }
     if only.is_empty() || only == "throughput" {
         bench_throughput(&mut rows);
+    }
+    if only.is_empty() || only == "memory" {
+        bench_memory(&mut rows);
     }
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

@@ -128,8 +128,9 @@ pub struct Args {
     pub idle_timeout: Duration,
     /// Bytes of each of stdout and stderr kept in one JSON answer (exec, and invoke with
     /// `Accept: application/json`); past it `stdoutTruncated`/`stderrTruncated` are set. The
-    /// journal keeps the output up to --journal-max-bytes either way.
-    #[arg(long, env = "AGENTBOX_MAX_JSON_OUTPUT", default_value = "16MiB", value_parser = parse_size)]
+    /// journal keeps the output up to --journal-max-bytes either way. The default keeps one
+    /// answer's memory (both streams, and the JSON of them) well under 64 MiB.
+    #[arg(long, env = "AGENTBOX_MAX_JSON_OUTPUT", default_value = "8MiB", value_parser = parse_size)]
     pub max_json_output: u64,
     /// Sessions kept; past it the oldest idle ones are deleted (checked at start and when a
     /// session is created).

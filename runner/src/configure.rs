@@ -65,7 +65,7 @@ struct PlannedFile {
 
 /// Where a configure's files wait between the request and the write
 /// (`<state>/staging/<time>-<random>/<n>`); removed when the configure is done, and any left
-/// by a crash at the next start ([`remove_leftovers`]).
+/// by a crash at the next start ([`recover`]).
 #[derive(Debug)]
 struct Staging {
     dir: PathBuf,
@@ -92,9 +92,222 @@ impl Drop for Staging {
 /// The staging directory's name under the state directory.
 const STAGING: &str = "staging";
 
-/// Removes staging directories a crashed runner left; runs at start.
-pub fn remove_leftovers(state_dir: &Path) {
-    let _ = std::fs::remove_dir_all(state_dir.join(STAGING));
+/// The manifest of a configure being written: the hash it records once done, and what each
+/// file replaced.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Manifest {
+    hash: String,
+    entries: Vec<Replaced>,
+}
+
+/// What a configure file replaced: `backup` (a hard link or copy of the old file, in the
+/// staging directory), `symlink` (the old entry was that symlink) or nothing (it was new).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Replaced {
+    rel: String,
+    backup: Option<String>,
+    symlink: Option<String>,
+}
+
+const MANIFEST: &str = "manifest.json";
+
+/// The install command running, recorded for the next runner (`installs/running.json`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct RunningInstall {
+    pid: i32,
+    start_time: Option<u64>,
+    marker: String,
+}
+
+const RUNNING_INSTALL: &str = "running.json";
+
+/// Keeps what the entry `at` holds now in `staging` (as `backup-<i>`), for a rollback.
+fn back_up(at: &crate::jail::Parent, staging: &Path, i: usize) -> std::io::Result<Replaced> {
+    use rustix::fs::{AtFlags, FileType};
+    let errno = |e: rustix::io::Errno| std::io::Error::from_raw_os_error(e.raw_os_error());
+    let rel = at.rel.to_string_lossy().into_owned();
+    let st = match rustix::fs::statat(&at.dir, at.name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(rustix::io::Errno::NOENT) => {
+            return Ok(Replaced {
+                rel,
+                backup: None,
+                symlink: None,
+            })
+        }
+        Err(e) => return Err(errno(e)),
+    };
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::Symlink => {
+            let target =
+                rustix::fs::readlinkat(&at.dir, at.name.as_os_str(), Vec::new()).map_err(errno)?;
+            Ok(Replaced {
+                rel,
+                backup: None,
+                symlink: Some(target.to_string_lossy().into_owned()),
+            })
+        }
+        FileType::RegularFile => {
+            let name = format!("backup-{i}");
+            let staging_fd = std::fs::File::open(staging)?;
+            match rustix::fs::linkat(
+                &at.dir,
+                at.name.as_os_str(),
+                &staging_fd,
+                name.as_str(),
+                AtFlags::empty(),
+            ) {
+                Ok(()) => {}
+                // The state directory is on another filesystem: a copy, with its mode.
+                Err(rustix::io::Errno::XDEV) => {
+                    let fd = rustix::fs::openat(
+                        &at.dir,
+                        at.name.as_os_str(),
+                        rustix::fs::OFlags::RDONLY
+                            | rustix::fs::OFlags::NOFOLLOW
+                            | rustix::fs::OFlags::CLOEXEC,
+                        rustix::fs::Mode::empty(),
+                    )
+                    .map_err(errno)?;
+                    let mut old = std::fs::File::from(fd);
+                    let mut copy = std::fs::File::create(staging.join(&name))?;
+                    std::io::copy(&mut old, &mut copy)?;
+                    rustix::fs::fchmod(&copy, rustix::fs::Mode::from_raw_mode(st.st_mode & 0o7777))
+                        .map_err(errno)?;
+                }
+                Err(e) => return Err(errno(e)),
+            }
+            Ok(Replaced {
+                rel,
+                backup: Some(name),
+                symlink: None,
+            })
+        }
+        // A directory (the write will fail and nothing is replaced) or a special file.
+        _ => Ok(Replaced {
+            rel,
+            backup: None,
+            symlink: None,
+        }),
+    }
+}
+
+/// Cleans up after a runner that died: kills the install command it left running (its whole
+/// tree), puts back the files of a configure whose hash was not recorded (so files and hash
+/// change together or not at all), and removes staging directories. Runs at start, before
+/// anything is served.
+pub fn recover(cfg: &crate::config::Config, jail: &Jail, recorded_hash: Option<&str>) {
+    let record = cfg.state_dir.join("installs").join(RUNNING_INSTALL);
+    if let Some(running) = std::fs::read(&record)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<RunningInstall>(&b).ok())
+    {
+        let root = crate::proctree::recorded_root(running.pid, running.start_time);
+        let killed =
+            crate::proctree::signal(root, &running.marker, nix::sys::signal::Signal::SIGKILL);
+        tracing::warn!(
+            killed,
+            "killed the install command a previous runner left running"
+        );
+    }
+    let _ = std::fs::remove_file(&record);
+    // A runner killed right after the spawn may not have written the record: look for the
+    // installs of this workspace by their environment as well.
+    let workspace = format!("AGENTBOX_WORKSPACE={}", cfg.workspace.display());
+    for (pid, marker) in install_processes(workspace.as_bytes()) {
+        let root = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))).map_or(0, |g| {
+            if g.as_raw() == pid {
+                pid
+            } else {
+                0
+            }
+        });
+        let killed = crate::proctree::signal(root, &marker, nix::sys::signal::Signal::SIGKILL);
+        tracing::warn!(
+            pid,
+            killed,
+            "killed an install command a previous runner left running"
+        );
+    }
+    let root = cfg.state_dir.join(STAGING);
+    for dir in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let dir = dir.path();
+        let Some(manifest) = std::fs::read(dir.join(MANIFEST))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+        else {
+            continue;
+        };
+        if recorded_hash == Some(manifest.hash.as_str()) {
+            continue; // Committed: only the cleanup was missed.
+        }
+        let mut restored = 0;
+        for entry in &manifest.entries {
+            if let Err(e) = roll_back(jail, &dir, entry) {
+                tracing::error!(path = %entry.rel, error = %e, "cannot put back a file of an unfinished configure");
+            } else {
+                restored += 1;
+            }
+        }
+        tracing::warn!(
+            restored,
+            "rolled back the files of a configure a previous runner did not finish"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Processes whose environment holds `workspace` and an install marker: (pid, marker).
+fn install_processes(workspace: &[u8]) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let vars = || env.split(|b| *b == 0);
+        if !vars().any(|v| v == workspace) {
+            continue;
+        }
+        if let Some(marker) = vars().find(|v| v.starts_with(b"AGENTBOX_INSTALL_ID=")) {
+            found.push((pid, String::from_utf8_lossy(marker).into_owned()));
+        }
+    }
+    found
+}
+
+fn roll_back(jail: &Jail, staging: &Path, entry: &Replaced) -> Result<()> {
+    use rustix::fs::AtFlags;
+    let io = |e: rustix::io::Errno| Error::Internal(e.to_string());
+    let at = match jail.parent(&entry.rel, false) {
+        Ok(at) => at,
+        Err(Error::FileNotFound(_)) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let name = at.name.as_os_str();
+    match (&entry.backup, &entry.symlink) {
+        (Some(backup), _) => {
+            let staging_fd = std::fs::File::open(staging)?;
+            rustix::fs::renameat(&staging_fd, backup.as_str(), &at.dir, name).map_err(io)
+        }
+        (None, Some(target)) => {
+            match rustix::fs::unlinkat(&at.dir, name, AtFlags::empty()) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(io(e)),
+            }
+            rustix::fs::symlinkat(target.as_str(), &at.dir, name).map_err(io)
+        }
+        (None, None) => match rustix::fs::unlinkat(&at.dir, name, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(io(e)),
+        },
+    }
 }
 
 /// Reads a configure body as it arrives and checks it: each file is checked (jail, duplicates,
@@ -627,9 +840,28 @@ async fn run(app: &Arc<AppState>, plan: Plan, log: &Arc<EventLog>) -> Result<Con
     }
 
     let files = plan.files;
-    let _staging = plan.staging;
+    let staging = plan.staging;
     let writer = Arc::clone(app);
+    let staging_dir = staging.dir.clone();
+    let new_hash = plan.hash.clone();
     tokio::task::spawn_blocking(move || -> Result<()> {
+        // First what the files replace, with the new hash, in the staging directory: a runner
+        // that dies before the new hash is recorded puts it back at its next start.
+        let mut manifest = Manifest {
+            hash: new_hash,
+            entries: Vec::with_capacity(files.len()),
+        };
+        for (i, f) in files.iter().enumerate() {
+            let at = writer.jail.parent(&f.rel, true)?;
+            manifest
+                .entries
+                .push(back_up(&at, &staging_dir, i).map_err(|e| {
+                    Error::Internal(format!("keeping the old {}: {e}", Jail::shown(&at.rel)))
+                })?);
+        }
+        let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
+        crate::fsutil::write_atomic(&staging_dir.join(MANIFEST), &bytes, 0o600)
+            .map_err(|e| Error::Internal(format!("writing the configure manifest: {e}")))?;
         for f in &files {
             let at = writer.jail.parent(&f.rel, true)?;
             let shown = Jail::shown(&at.rel);
@@ -666,6 +898,8 @@ async fn run(app: &Arc<AppState>, plan: Plan, log: &Arc<EventLog>) -> Result<Con
         });
     }
     let now = now_rfc3339();
+    // The new hash and the files now change together: the staging directory (with its
+    // manifest) goes only after this.
     let next = Stored {
         install_command: plan.install,
         install_command_hash: Some(plan.hash.clone()),
@@ -673,6 +907,7 @@ async fn run(app: &Arc<AppState>, plan: Plan, log: &Arc<EventLog>) -> Result<Con
         ..next
     };
     app.store.save(next.clone())?;
+    drop(staging);
     tracing::info!(hash = %plan.hash, "configured");
     let (entrypoint, agents, default_agent) = in_force(&next);
     Ok(ConfigureResult {
@@ -714,14 +949,27 @@ async fn install(
         pass_fds: Default::default(),
         live,
     };
-    let process = Process::new(marker);
+    let process = Process::new(marker.clone());
     let (tx, rx) = oneshot::channel();
     {
         let reaper = Arc::clone(&app.reaper);
         let process = Arc::clone(&process);
         let log = Arc::clone(log);
+        let record = app.cfg.state_dir.join("installs").join(RUNNING_INSTALL);
+        let marker = marker.clone();
         crate::pool::run(move || {
-            let outcome = supervisor::run(&reaper, &spec, &process, &log, None, |_| {});
+            let outcome = supervisor::run(&reaper, &spec, &process, &log, None, |child| {
+                // For the next runner, should this one die first (`recover`).
+                let running = RunningInstall {
+                    pid: child.pid,
+                    start_time: child.start_time,
+                    marker,
+                };
+                if let Ok(bytes) = serde_json::to_vec(&running) {
+                    let _ = crate::fsutil::write_replace(&record, &bytes, 0o600, false);
+                }
+            });
+            let _ = std::fs::remove_file(&record);
             let _ = tx.send(outcome);
         })
         .map_err(|e| Error::Internal(format!("cannot start a thread: {e}")))?;

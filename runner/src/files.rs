@@ -308,6 +308,81 @@ fn empty_dir(top: OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Entries a start-up sweep for temporary files looks at, at most.
+pub const MAX_SWEEP: usize = 200_000;
+
+/// Removes, in the background, the temporary files (`.NAME.agentbox-*`) a runner that died
+/// left in the workspace (uploads and configure writes in progress): the workspace is walked by
+/// descriptor, symlinks not followed, the state directory skipped, at most [`MAX_SWEEP`]
+/// entries and [`MAX_DEPTH`] levels.
+pub fn sweep_temp_files(jail: &Jail) {
+    let Ok(root) = jail.root_fd().try_clone_to_owned() else {
+        return;
+    };
+    let hidden = jail.reserved_ids();
+    let spawned = std::thread::Builder::new()
+        .name("temp-sweep".into())
+        .spawn(move || {
+            let (mut seen, mut removed) = (0usize, 0usize);
+            let Ok(top) = rustix::fs::openat(
+                &root,
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) else {
+                return;
+            };
+            // One frame per level: the directory and its names still to look at.
+            let mut stack = vec![(top, Vec::<OsString>::new(), false)];
+            loop {
+                let depth = stack.len();
+                let Some((dir, pending, listed)) = stack.last_mut() else {
+                    break;
+                };
+                if !*listed {
+                    *pending = names(dir.as_fd()).unwrap_or_default();
+                    pending.reverse();
+                    *listed = true;
+                }
+                let Some(name) = pending.pop() else {
+                    stack.pop();
+                    continue;
+                };
+                seen += 1;
+                if seen > MAX_SWEEP {
+                    tracing::warn!(
+                        removed,
+                        "temporary file sweep stopped at {MAX_SWEEP} entries"
+                    );
+                    return;
+                }
+                let Ok(st) = rustix::fs::statat(&*dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
+                else {
+                    continue;
+                };
+                let ft = FileType::from_raw_mode(st.st_mode);
+                if ft == FileType::RegularFile && crate::jail::is_temp_name(&name) {
+                    if rustix::fs::unlinkat(&*dir, name.as_os_str(), AtFlags::empty()).is_ok() {
+                        removed += 1;
+                    }
+                } else if ft == FileType::Directory
+                    && !hidden.contains(&(st.st_dev, st.st_ino))
+                    && depth < MAX_DEPTH
+                {
+                    if let Ok(child) = open_dir_at(dir.as_fd(), &name) {
+                        stack.push((child, Vec::new(), false));
+                    }
+                }
+            }
+            if removed > 0 {
+                tracing::info!(removed, "removed temporary files a previous runner left");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the temporary file sweep");
+    }
+}
+
 pub use agentbox_proto::ArchiveFormat as Format;
 
 /// A `Write` that hands fixed-size chunks to an async receiver; `write` blocks (on the archive

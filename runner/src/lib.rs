@@ -65,13 +65,20 @@ impl AppState {
     /// Loads persisted state, recovers invokes left by an earlier runner and starts the reaper.
     /// Must run inside the Tokio runtime.
     pub fn start(cfg: Config) -> std::io::Result<Arc<Self>> {
+        // Transparent huge pages off for the runner: with THP `always`, each pump thread's
+        // allocator segment was backed by 2 MiB pages on first touch, about 1.3 MB of RSS per
+        // running invoke instead of ~150 KiB (BENCHMARKS.md). Children inherit the setting.
+        if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+            tracing::debug!(error = %e, "cannot turn transparent huge pages off");
+        }
         let cfg = Arc::new(cfg);
         let reaper = Reaper::new();
         reaper.start()?;
-        configure::remove_leftovers(&cfg.state_dir);
         let store = ConfigStore::load(cfg.state_dir.join("config.json"))?;
         let invokes = Invokes::recover(Arc::clone(&cfg), Arc::clone(&reaper))?;
         let jail = Jail::new(cfg.workspace.clone(), vec![cfg.state_dir.clone()])?;
+        configure::recover(&cfg, &jail, store.get().install_command_hash.as_deref());
+        files::sweep_temp_files(&jail);
         let token_digest = cfg.token.as_deref().map(server::token_digest);
         let sessions = Sessions::load(
             &cfg.state_dir,

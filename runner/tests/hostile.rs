@@ -323,6 +323,17 @@ fn header_read_and_idle_timeouts_close_connections() {
     );
 }
 
+/// Whether `pid` is a live process (not gone, not a zombie waiting for its reaper).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+        })
+        .is_some_and(|zombie| !zombie)
+}
+
 /// Peak resident memory of a process so far (`VmHWM`), and now (`VmRSS`), in bytes.
 fn rss(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -554,4 +565,66 @@ async fn small_defects_of_the_runner() {
         assert!(status.is_client_error(), "{path}: {status} {text}");
         assert!(!text.contains(&host), "{path}: {text}");
     }
+}
+
+/// Defect 8: a runner killed (SIGKILL) while a configure's install runs. Before the fix the
+/// install's tree lived on, its new files stayed under the old hash, and temporary files
+/// stayed forever. The next runner kills the install, puts the old files back (files and hash
+/// change together or not at all) and removes the temporary files.
+#[tokio::test]
+async fn a_crash_during_configure_is_undone_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Runner::start_in(dir.path(), &[]);
+    let (status, body) = r
+        .configure_json(json!({"entrypoint": ["true"], "files": [
+            {"path": "conf.txt", "content": "old"},
+            {"path": "link", "content": "was a file"}]}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let old_hash = body["installCommandHash"].clone();
+    let pidfile = dir.path().join("install.pid");
+    let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
+    let request = r
+        .post("/v1/configure")
+        .json(&json!({"files": [
+                {"path": "conf.txt", "content": "new"},
+                {"path": "fresh/new.txt", "content": "new"}],
+            "installCommand": ["sh", "-c", script]}))
+        .send();
+    let pending = tokio::spawn(async move { drop(request.await) });
+    let pid: i32 = common::wait_for_file(&pidfile).await.parse().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(r.workspace.join("conf.txt")).unwrap(),
+        "new"
+    );
+    std::fs::create_dir_all(r.workspace.join("sub/deeper")).unwrap();
+    let temps = [
+        r.workspace
+            .join("sub/deeper/.data.bin.agentbox-upload-0a1b2c3d4e5f"),
+        r.workspace.join(".conf.txt.agentbox-write-0a1b2c3d4e5f"),
+        r.workspace.join(".old.agentbox-9f8e7d6c5b4a"),
+    ];
+    for t in &temps {
+        std::fs::write(t, b"partial").unwrap();
+    }
+    r.kill9();
+    pending.abort();
+    assert!(alive(pid), "the install outlives the runner");
+
+    let r2 = Runner::start_in(dir.path(), &[]);
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    while (alive(pid) || temps.iter().any(|t| t.exists())) && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!alive(pid), "the install tree was killed");
+    let left: Vec<_> = temps.iter().filter(|t| t.exists()).collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+    assert_eq!(
+        std::fs::read_to_string(r2.workspace.join("conf.txt")).unwrap(),
+        "old"
+    );
+    assert!(!r2.workspace.join("fresh/new.txt").exists());
+    let info = r2.get_json("/v1/info").await;
+    assert_eq!(info["installCommandHash"], old_hash, "{info}");
+    assert!(!r2.workspace.join(".agentbox/staging").exists());
 }

@@ -517,3 +517,68 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_connections: 4,
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(120),
+    };
+
+    #[test]
+    fn deadlines_follow_the_connection_state() {
+        let conn = Conn::new();
+        let accepted = conn.idle_since.load(Ordering::Relaxed);
+        assert_eq!(
+            conn.deadline(&LIMITS),
+            Some(accepted + 10_000),
+            "new: header timeout"
+        );
+        conn.begin();
+        assert_eq!(conn.deadline(&LIMITS), None, "busy: never");
+        conn.end();
+        let idle = conn.idle_since.load(Ordering::Relaxed);
+        assert_eq!(
+            conn.deadline(&LIMITS),
+            Some(idle + 120_000),
+            "idle keep-alive"
+        );
+        conn.reading_since.store(idle + 5, Ordering::Relaxed);
+        assert_eq!(
+            conn.deadline(&LIMITS),
+            Some(idle + 5 + 10_000),
+            "a head on its way"
+        );
+    }
+
+    #[test]
+    fn the_oldest_idle_connection_is_chosen_never_a_busy_one() {
+        let registry = Registry::default();
+        let conns: Vec<Arc<Conn>> = (0..3).map(|_| Conn::new()).collect();
+        for (i, c) in conns.iter().enumerate() {
+            c.idle_since.store(100 - i as u64 * 10, Ordering::Relaxed);
+            registry.insert(Arc::clone(c));
+        }
+        conns[2].begin(); // the oldest is busy
+        assert!(registry.close_oldest_idle());
+        assert!(
+            conns[1].closing.load(Ordering::Relaxed),
+            "oldest idle chosen"
+        );
+        assert_eq!(registry.live(), 2);
+        assert!(registry.close_oldest_idle());
+        assert!(conns[0].closing.load(Ordering::Relaxed));
+        assert!(!registry.close_oldest_idle(), "only a busy one is left");
+        assert!(
+            Limits {
+                max_connections: 1 << 30,
+                ..LIMITS
+            }
+            .effective_max_connections()
+                < 1 << 30
+        );
+    }
+}

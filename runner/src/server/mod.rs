@@ -376,7 +376,7 @@ async fn invoke(
         acp,
     })?;
     if wants_json(&headers) {
-        return Ok(Json(collect(sub, attachment, app.cfg.max_json_output).await?).into_response());
+        return json_answer(&collect(sub, attachment, app.cfg.max_json_output).await?);
     }
     Ok(new_invoke_response(sub, attachment, app.cfg.keepalive).await)
 }
@@ -467,7 +467,7 @@ async fn exec(
     })?;
     // The seed's exec answers one JSON document; events only for clients that ask for them.
     if !wants_sse(&headers) {
-        return Ok(Json(collect(sub, attachment, app.cfg.max_json_output).await?).into_response());
+        return json_answer(&collect(sub, attachment, app.cfg.max_json_output).await?);
     }
     Ok(new_invoke_response(sub, attachment, app.cfg.keepalive).await)
 }
@@ -555,11 +555,30 @@ async fn collect(
         signal: exit.signal,
         duration_ms: exit.duration_ms,
         reason: exit.reason,
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        // Without a copy when the bytes are UTF-8 (the common case): the answer is held once.
+        stdout: utf8_lossy(stdout),
+        stderr: utf8_lossy(stderr),
         stdout_truncated: truncated[0],
         stderr_truncated: truncated[1],
     })
+}
+
+/// The JSON answer of an invoke, serialized into one buffer sized for it up front (axum's
+/// `Json` grows its buffer by doubling: up to twice the answer, on top of the output it holds).
+fn json_answer(answer: &InvokeResponse) -> Result<Response> {
+    let mut body = Vec::with_capacity(answer.stdout.len() + answer.stderr.len() + 1024);
+    serde_json::to_writer(&mut body, answer).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut response = Response::new(Body::from(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
+}
+
+/// `bytes` as a `String`, invalid UTF-8 replaced by U+FFFD; no copy when valid.
+fn utf8_lossy(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Cancel an invoke or exec
