@@ -253,7 +253,9 @@ pub(crate) async fn run(args: &UpArgs, state_dir: &Path, quiet: bool) -> Outcome
             }
             UpBackend::Local => "plain local processes (NOT isolated: --isolation none)",
         };
-        say(&format!("  sandboxes run as {sandboxes}; Ctrl-C stops them"));
+        say(&format!(
+            "  sandboxes run as {sandboxes}; Ctrl-C stops them"
+        ));
     }
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -354,6 +356,9 @@ async fn demo(client: &Client) -> Result<u8, ClientError> {
                 name: "default".into(),
                 kind: Some("ClusterSandboxTemplate".into()),
             }),
+            timeout: None,
+            idle_timeout: None,
+            storage: None,
         })
         .await
     {

@@ -162,7 +162,12 @@ fn readme_and_docs_examples_run_as_written() {
         // The default isolation, as a reader's `agentbox up` has it; pip inside the sandbox
         // finds the wheelhouse, which the template shows it read-only, instead of an index.
         let up = Up::start_with_env(
-            &["--isolation", "namespaces", "--templates-file", templates_arg],
+            &[
+                "--isolation",
+                "namespaces",
+                "--templates-file",
+                templates_arg,
+            ],
             &[],
         );
         for block in blocks {

@@ -37,9 +37,13 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router(app))
+    // Idle stops and lifetime ends, for as long as this control plane serves.
+    let sweeper = tokio::spawn(crate::lifecycle::run(Arc::clone(&app)));
+    let served = axum::serve(listener, router(app))
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    sweeper.abort();
+    served
 }
 
 /// Routes of the control plane.
@@ -58,6 +62,10 @@ pub fn router(app: Arc<AppState>) -> Router {
         )
         .route("/api/v1/sandboxes/{id}/stop", post(stop_sandbox))
         .route("/api/v1/sandboxes/{id}/resume", post(resume_sandbox))
+        .route(
+            "/api/v1/sandboxes/{id}/clone",
+            post(crate::lifecycle::clone_sandbox),
+        )
         .route("/api/v1/sandboxes/{id}/{*rest}", any(to_runner))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
@@ -218,7 +226,7 @@ pub(crate) async fn list_sandboxes(
 }
 
 /// A sandbox the caller may see, or 404 (never 403: others' sandboxes do not exist for them).
-async fn visible(app: &AppState, id: &Identity, name: &str) -> Result<SandboxSummary> {
+pub(crate) async fn visible(app: &AppState, id: &Identity, name: &str) -> Result<SandboxSummary> {
     app.backend
         .get(name)
         .await?
@@ -295,6 +303,8 @@ pub(crate) async fn create_sandbox(
         .get(template_name)
         .cloned()
         .ok_or_else(|| Error::TemplateNotFound(template_name.into()))?;
+    let (timeout, idle_timeout) =
+        crate::lifecycle::timeouts(&req.timeout, &req.idle_timeout, &template)?;
     let result = app
         .backend
         .create(CreateSpec {
@@ -305,6 +315,8 @@ pub(crate) async fn create_sandbox(
                 email: id.email.clone(),
                 display_name: id.name.clone(),
             },
+            timeout,
+            idle_timeout,
         })
         .await;
     audit_action(
@@ -321,7 +333,7 @@ pub(crate) async fn create_sandbox(
 /// Reads a body of at most `limit` bytes; `None` when it is larger. The rest of a larger body
 /// is read (up to 16 MiB, for 2 s) and dropped, so the client receives the 413 instead of a
 /// connection reset while it is still sending.
-async fn read_limited(body: Body, limit: usize) -> Result<Option<Vec<u8>>> {
+pub(crate) async fn read_limited(body: Body, limit: usize) -> Result<Option<Vec<u8>>> {
     let mut stream = body.into_data_stream();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -345,7 +357,7 @@ async fn read_limited(body: Body, limit: usize) -> Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
-fn audit_action<T>(
+pub(crate) fn audit_action<T>(
     app: &AppState,
     id: &Identity,
     sandbox: Option<&str>,
@@ -355,6 +367,7 @@ fn audit_action<T>(
 ) {
     let (outcome, status) = match result {
         Ok(_) if action == "create" => ("ok", 201),
+        Ok(_) if action == "clone" => ("ok", 202),
         Ok(_) => ("ok", 200),
         Err(e) => ("error", e.status().as_u16()),
     };
@@ -506,12 +519,21 @@ async fn to_runner(
         .to_owned();
     let (path, action) = runner_route(request.method(), &rest)
         .ok_or_else(|| Error::RouteNotFound(raw.to_owned()))?;
-    let target = app
+    let mut target = app
         .backend
         .resolve(&name)
         .await?
         .filter(|t| id.can_use(&t.namespace))
         .ok_or_else(|| Error::SandboxNotFound(name.clone()))?;
+    // A sandbox that only slept is woken for the request, never a 409.
+    if target.status == SandboxStatus::Stopped
+        && target.stop_reason == Some(agentbox_proto::StopReason::Idle)
+    {
+        target = crate::lifecycle::wake(&app, &name).await?;
+    }
+    if crate::lifecycle::is_use(action) {
+        app.backend.touch(&name);
+    }
     let kind = match action {
         "configure" => Some(Kind::Configure),
         "invoke" => Some(Kind::Invoke),

@@ -37,6 +37,7 @@ use crate::api;
         api::delete_sandbox,
         api::stop_sandbox,
         api::resume_sandbox,
+        crate::lifecycle::clone_sandbox,
         configure,
         invoke,
         invoke_cancel,

@@ -46,6 +46,27 @@ pub struct Template {
     /// /lib*, /etc).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub read_only_paths: Vec<std::path::PathBuf>,
+    /// The lifetime of its sandboxes when a create sets none (a Go duration, e.g. `8h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// The idle timeout of its sandboxes when a create sets none (a Go duration, e.g. `30m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    /// What the end of a lifetime does: `stop` (the default; the workspace is kept) or
+    /// `delete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_timeout: Option<OnTimeout>,
+}
+
+/// What the end of a sandbox's lifetime does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    /// Stop it, keeping its workspace (`stopReason: timeout`).
+    #[default]
+    Stop,
+    /// Delete it and its workspace.
+    Delete,
 }
 
 /// Processes and threads a local sandbox may have at once when its template sets no
@@ -69,6 +90,14 @@ impl Template {
                 return Err(format!(
                     "egress must be \"none\", \"all\" or a list of hosts, not {other}"
                 ))
+            }
+        }
+        for (field, value) in [
+            ("timeout", &self.timeout),
+            ("idleTimeout", &self.idle_timeout),
+        ] {
+            if let Some(text) = value {
+                crate::lifecycle::check_duration(field, text)?;
             }
         }
         for p in &self.read_only_paths {

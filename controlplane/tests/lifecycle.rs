@@ -1,0 +1,345 @@
+//! Sandboxes only while they are used: `idleTimeout` stops an unused sandbox and the next
+//! request resumes it transparently; `timeout` ends a lifetime (stop or delete); clone copies a
+//! sandbox's workspace and configuration. The real control plane and runners over HTTP.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{assert_error, eventually, exit_event, rebuild, send, Cp, Env};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// Sweeps often, so that a 2 s idle timeout shows within a fraction of a second.
+const FAST: &[&str] = &["--lifecycle-interval", "100ms"];
+
+async fn create(cp: &Cp, body: Value) -> Value {
+    let (status, got) = send(cp.admin(Method::POST, "/api/v1/sandboxes").json(&body)).await;
+    assert_eq!(status, 201, "create {body}: {got}");
+    got
+}
+
+async fn get(cp: &Cp, name: &str) -> (u16, Value) {
+    send(cp.sb(Method::GET, name, "")).await
+}
+
+async fn put_file(cp: &Cp, name: &str, path: &str, content: &str) {
+    let resp = cp
+        .sb(Method::PUT, name, &format!("/files/{path}"))
+        .body(content.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+}
+
+async fn get_file(cp: &Cp, name: &str, path: &str) -> String {
+    let resp = cp
+        .sb(Method::GET, name, &format!("/files/{path}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.text().await.unwrap()
+}
+
+/// Invokes and answers (exit code, stdout).
+async fn invoke(cp: &Cp, name: &str, stdin: &str) -> (i64, String) {
+    let events = cp.invoke(name, stdin.to_owned()).await;
+    let exit = exit_event(&events);
+    (
+        exit["exitCode"].as_i64().unwrap(),
+        String::from_utf8(rebuild(&events, "stdout")).unwrap(),
+    )
+}
+
+/// Waits until the sandbox reads as `status` (and returns it).
+async fn wait_status(cp: &Cp, name: &str, status: &str, within: Duration) -> Value {
+    match eventually(within, || async {
+        let (_, got) = get(cp, name).await;
+        (got["status"] == status).then_some(got)
+    })
+    .await
+    {
+        Some(got) => got,
+        None => panic!("{name} never became {status}: {:?}", get(cp, name).await),
+    }
+}
+
+#[tokio::test]
+async fn an_idle_sandbox_stops_and_the_next_invoke_resumes_it() {
+    let env = Env::new();
+    let cp = env.start_with("none", FAST);
+    let created = create(&cp, json!({"name": "sleepy", "idleTimeout": "2s"})).await;
+    assert_eq!(created["idleTimeout"], "2s", "{created}");
+    assert!(created.get("stopReason").is_none(), "{created}");
+    cp.configure_sh(
+        "sleepy",
+        r#"read x; if [ "$x" = nap ]; then sleep 3; fi; cat "$HOME/note"; echo " $x""#,
+    )
+    .await;
+    put_file(&cp, "sleepy", "workspace/note", "kept").await;
+    assert_eq!(
+        invoke(&cp, "sleepy", "one\n").await,
+        (0, "kept one\n".into())
+    );
+
+    // An invoke that runs longer than the idle timeout is use: it finishes.
+    let (code, out) = invoke(&cp, "sleepy", "nap\n").await;
+    assert_eq!((code, out.as_str()), (0, "kept nap\n"));
+    let (_, got) = get(&cp, "sleepy").await;
+    assert_eq!(
+        got["status"], "Running",
+        "stopped while an invoke ran: {got}"
+    );
+
+    // Unused for 2 s: stopped, workspace kept, the reason shown.
+    let quiet = Instant::now();
+    let pid = env.record("sleepy")["pid"].as_i64().unwrap() as i32;
+    let stopped = wait_status(&cp, "sleepy", "Stopped", Duration::from_secs(15)).await;
+    let after = quiet.elapsed();
+    assert!(
+        after >= Duration::from_millis(1900),
+        "stopped after {after:?}"
+    );
+    assert_eq!(stopped["stopReason"], "idle", "{stopped}");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            (!common::alive(pid)).then_some(())
+        })
+        .await
+        .is_some(),
+        "the runner still runs"
+    );
+    assert!(env.workspace("sleepy").join("note").is_file());
+    let (_, list) = send(cp.admin(Method::GET, "/api/v1/sandboxes?status=stopped")).await;
+    assert_eq!(list["sandboxes"][0]["stopReason"], "idle", "{list}");
+
+    // The next invoke is served, not refused: same workspace, exact output.
+    let woke = Instant::now();
+    assert_eq!(
+        invoke(&cp, "sleepy", "two\n").await,
+        (0, "kept two\n".into())
+    );
+    eprintln!("resume on demand + invoke: {:?}", woke.elapsed());
+    let (_, got) = get(&cp, "sleepy").await;
+    assert_eq!(got["status"], "Running", "{got}");
+    assert!(got.get("stopReason").is_none(), "{got}");
+    assert_ne!(env.record("sleepy")["pid"].as_i64().unwrap() as i32, pid);
+
+    // A file request wakes it too.
+    wait_status(&cp, "sleepy", "Stopped", Duration::from_secs(15)).await;
+    assert_eq!(get_file(&cp, "sleepy", "workspace/note").await, "kept");
+
+    // A sandbox a user stopped stays stopped: 409, and `stopReason: user`.
+    let (status, got) = send(cp.sb(Method::POST, "sleepy", "/stop")).await;
+    assert_eq!((status, &got["stopReason"]), (200, &json!("user")), "{got}");
+    let (status, got) = send(cp.sb(Method::POST, "sleepy", "/invoke").body("x\n")).await;
+    assert_eq!(status, 409, "{got}");
+    assert_error(&got, "sandbox_not_running");
+
+    // Without an idle timeout nothing stops.
+    create(&cp, json!({"name": "awake"})).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, got) = get(&cp, "awake").await;
+    assert_eq!(got["status"], "Running", "{got}");
+}
+
+#[tokio::test]
+async fn a_lifetime_ends_with_a_stop_or_a_delete() {
+    let env = Env::new();
+    let templates = env.root.join("templates.json");
+    std::fs::write(
+        &templates,
+        json!({"templates": [
+            {"name": "brief", "timeout": "2s", "onTimeout": "delete"},
+            {"name": "lazy", "idleTimeout": "1h"},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let mut args: Vec<&str> = FAST.to_vec();
+    let path = templates.display().to_string();
+    args.extend(["--templates-file", &path]);
+    let cp = env.start_with("none", &args);
+
+    // Bad durations are refused before anything starts.
+    for (field, value) in [
+        ("timeout", "5"),
+        ("timeout", "-1s"),
+        ("idleTimeout", "500ms"),
+        ("idleTimeout", "soon"),
+    ] {
+        let (status, got) = send(
+            cp.admin(Method::POST, "/api/v1/sandboxes")
+                .json(&json!({"name": "bad", field: value})),
+        )
+        .await;
+        assert_eq!(status, 400, "{field} {value}: {got}");
+        assert_error(&got, "invalid_request");
+    }
+    assert_eq!(get(&cp, "bad").await.0, 404);
+
+    // The template's default and the request's own value.
+    let lazy = create(
+        &cp,
+        json!({"name": "lazy", "templateRef": {"name": "lazy"}}),
+    )
+    .await;
+    assert_eq!(lazy["idleTimeout"], "1h", "{lazy}");
+    let lazy = create(
+        &cp,
+        json!({"name": "lazy2", "templateRef": {"name": "lazy"}, "idleTimeout": "90s"}),
+    )
+    .await;
+    assert_eq!(lazy["idleTimeout"], "90s", "{lazy}");
+
+    // Lifetime end, default: stopped, workspace kept, not resumed by a request.
+    let started = Instant::now();
+    let short = create(&cp, json!({"name": "short", "timeout": "2s"})).await;
+    assert!(short["expiresAt"].is_string(), "{short}");
+    let stopped = wait_status(&cp, "short", "Stopped", Duration::from_secs(15)).await;
+    assert!(started.elapsed() >= Duration::from_millis(1900));
+    assert_eq!(stopped["stopReason"], "timeout", "{stopped}");
+    assert!(env.workspace("short").is_dir());
+    let (status, got) = send(cp.sb(Method::GET, "short", "/files/")).await;
+    assert_eq!(status, 409, "{got}");
+    // An explicit resume starts a new lifetime.
+    let (status, got) = send(cp.sb(Method::POST, "short", "/resume")).await;
+    assert_eq!((status, &got["status"]), (200, &json!("Running")), "{got}");
+    assert!(got.get("stopReason").is_none(), "{got}");
+    wait_status(&cp, "short", "Stopped", Duration::from_secs(15)).await;
+
+    // Lifetime end of a template that says delete: gone.
+    create(
+        &cp,
+        json!({"name": "gone", "templateRef": {"name": "brief"}}),
+    )
+    .await;
+    let deleted = eventually(Duration::from_secs(15), || async {
+        (get(&cp, "gone").await.0 == 404).then_some(())
+    })
+    .await;
+    assert!(deleted.is_some(), "never deleted");
+    assert!(!env.sandbox_dir("gone").exists());
+    assert!(
+        env.audit_log().contains("\"expire\""),
+        "{}",
+        env.audit_log()
+    );
+}
+
+#[tokio::test]
+async fn a_clone_has_the_workspace_and_configuration_then_diverges() {
+    let env = Env::new();
+    let cp = env.start_with("namespaces", &[]);
+    create(&cp, json!({"name": "src", "timeout": "1h"})).await;
+    let configuration = json!({
+        "installCommand": ["sh", "-c", "echo installed >> /workspace/installs.log"],
+        "entrypoint": ["sh", "-c", "cat /workspace/note"],
+    });
+    let (first, _) = cp.configure("src", configuration.clone()).await;
+    put_file(&cp, "src", "workspace/note", "one").await;
+    put_file(&cp, "src", "workspace/deep/a/b/c.txt", "nested").await;
+    assert_eq!(invoke(&cp, "src", "").await, (0, "one".into()));
+    let (_, src_invokes) = send(cp.sb(Method::GET, "src", "/invokes")).await;
+    let src_invoke = src_invokes["invokes"][0]["invokeId"].clone();
+    assert!(src_invoke.is_string(), "{src_invokes}");
+
+    let (status, clone) = send(
+        cp.sb(Method::POST, "src", "/clone")
+            .json(&json!({"name": "dst"})),
+    )
+    .await;
+    assert_eq!(status, 202, "{clone}");
+    assert_eq!(clone["name"], "dst");
+    assert_eq!(clone["sandboxId"], "dst");
+    assert_eq!(clone["namespace"], "default");
+    assert_eq!(clone["status"], "Running");
+    assert_eq!(clone["clonedFrom"], "src");
+    assert_eq!(clone["timeout"], "1h");
+    assert!(clone["isolated"].as_bool().unwrap(), "{clone}");
+
+    // Equal: the files and the configuration (an invoke works without a configure; the same
+    // configure skips the install).
+    assert_eq!(invoke(&cp, "dst", "").await, (0, "one".into()));
+    assert_eq!(
+        get_file(&cp, "dst", "workspace/deep/a/b/c.txt").await,
+        "nested"
+    );
+    let (again, _) = cp.configure("dst", configuration).await;
+    assert_eq!(again["skipped"], true, "{again}");
+    assert_eq!(again["installCommandHash"], first["installCommandHash"]);
+    assert_eq!(
+        get_file(&cp, "dst", "workspace/installs.log").await,
+        "installed\n"
+    );
+    // Not the source's invokes.
+    let (_, dst_invokes) = send(cp.sb(Method::GET, "dst", "/invokes")).await;
+    assert!(
+        dst_invokes["invokes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["invokeId"] != src_invoke),
+        "{dst_invokes}"
+    );
+    // Its own uid, owning its files.
+    let (src_uid, dst_uid) = (
+        env.record("src")["hostUid"].clone(),
+        env.record("dst")["hostUid"].clone(),
+    );
+    if src_uid.is_u64() {
+        assert_ne!(src_uid, dst_uid);
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(env.workspace("dst").join("deep/a/b/c.txt")).unwrap();
+        assert_eq!(Some(u64::from(meta.uid())), dst_uid.as_u64());
+    }
+
+    // Then they diverge.
+    put_file(&cp, "dst", "workspace/note", "two").await;
+    assert_eq!(invoke(&cp, "dst", "").await, (0, "two".into()));
+    assert_eq!(invoke(&cp, "src", "").await, (0, "one".into()));
+
+    // A stopped source clones too; a name is made up when none is given.
+    send(cp.sb(Method::POST, "src", "/stop")).await;
+    let (status, auto) = send(cp.sb(Method::POST, "src", "/clone")).await;
+    assert_eq!(status, 202, "{auto}");
+    let auto_name = auto["name"].as_str().unwrap().to_owned();
+    assert!(auto_name.starts_with("src-clone-"), "{auto}");
+    assert_eq!(invoke(&cp, &auto_name, "").await, (0, "one".into()));
+
+    // Errors.
+    let (status, got) = send(
+        cp.sb(Method::POST, "src", "/clone")
+            .json(&json!({"name": "dst"})),
+    )
+    .await;
+    assert_eq!(status, 409, "{got}");
+    assert_error(&got, "already_exists");
+    let (status, got) = send(cp.sb(Method::POST, "nope", "/clone").json(&json!({}))).await;
+    assert_eq!(status, 404, "{got}");
+    assert_error(&got, "sandbox_not_found");
+    let (status, got) = send(
+        cp.sb(Method::POST, "src", "/clone")
+            .json(&json!({"name": "Bad_Name"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{got}");
+    assert_error(&got, "invalid_request");
+    let (status, got) = send(cp.sb(Method::POST, "src", "/clone").body("{nope")).await;
+    assert_eq!(status, 400, "{got}");
+    // Not visible to a caller of another namespace.
+    let (status, got) = send(
+        cp.req(
+            Method::POST,
+            "/api/v1/sandboxes/src/clone",
+            Some(common::TEAM_A_KEY),
+        )
+        .json(&json!({"name": "theirs"})),
+    )
+    .await;
+    assert_eq!(status, 404, "{got}");
+    assert!(!env.sandbox_dir("theirs").exists());
+}
