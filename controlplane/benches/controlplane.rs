@@ -9,10 +9,16 @@
 //! 3. 10,000 clients held open through one control plane, each following the events of one of
 //!    four long-running invokes: the control plane's memory per stream; goal: ≤ 32 KiB.
 //!
+//! 4. time-to-interactive: create → first `/bin/true` exec done, for new sandboxes (cold) and
+//!    for sandboxes stopped for being idle (resume on demand), isolated and not; printed beside
+//!    the peers' published figures.
+//!
 //! Run: `cargo build --release --bins && cargo bench -p agentbox-controlplane --bench
 //! controlplane` (it uses target/release/agentbox-runner). Knobs: `BENCH_ONLY`
-//! (`latency|throughput|streams`), `BENCH_N` (2000), `BENCH_BYTES` (1 GiB), `BENCH_STREAMS`
-//! (10000).
+//! (`latency|throughput|streams|ready`), `BENCH_N` (2000), `BENCH_BYTES` (1 GiB),
+//! `BENCH_STREAMS` (10000), `BENCH_READY_N` (100). Quick, without a release build:
+//! `cargo build --bins && BENCH_ONLY=ready BENCH_READY_N=20 cargo test -p
+//! agentbox-controlplane --bench controlplane` (debug binaries, said so in the output).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -43,20 +49,31 @@ impl Drop for ControlPlane {
     }
 }
 
+/// The runner next to this bench's profile directory: `target/release` under `cargo bench`,
+/// `target/debug` under `cargo test --bench` (quick figures of debug binaries).
 fn runner_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let release = exe
+    let profile = exe
         .ancestors()
-        .find(|p| p.ends_with("release"))
-        .expect("benches run from target/release")
+        .find(|p| p.ends_with("release") || p.ends_with("debug"))
+        .expect("benches run from target/release or target/debug")
         .to_path_buf();
-    let bin = release.join("agentbox-runner");
+    let bin = profile.join("agentbox-runner");
     assert!(
         bin.is_file(),
         "{} is missing: run `cargo build --release --bins` first",
         bin.display()
     );
     bin
+}
+
+/// `release` or `debug`: the build the figures are of.
+fn build() -> &'static str {
+    if runner_bin().parent().is_some_and(|p| p.ends_with("debug")) {
+        "debug"
+    } else {
+        "release"
+    }
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -78,6 +95,20 @@ fn sha256_hex(text: &str) -> String {
 }
 
 fn start() -> ControlPlane {
+    let cp = start_with(&["--isolation", "none"]);
+    let mut http = cp.http();
+    let status = http_json(
+        &mut http,
+        "POST",
+        "/api/v1/sandboxes",
+        br#"{"name":"bench","templateRef":{"name":"bench"}}"#,
+    )
+    .0;
+    assert_eq!(status, 201, "create the sandbox");
+    cp
+}
+
+fn start_with(flags: &[&str]) -> ControlPlane {
     let dir = tempfile::tempdir().expect("tempdir");
     let keys = dir.path().join("keys.json");
     std::fs::write(
@@ -97,14 +128,8 @@ fn start() -> ControlPlane {
     .expect("templates");
     let state = dir.path().join("state");
     let mut child = Command::new(env!("CARGO_BIN_EXE_agentbox-controlplane"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--isolation",
-            "none",
-            "--audit-log",
-            "/dev/null",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--audit-log", "/dev/null"])
+        .args(flags)
         .arg("--state-dir")
         .arg(&state)
         .arg("--api-keys-file")
@@ -127,22 +152,12 @@ fn start() -> ControlPlane {
         .expect("listening line")
         .parse()
         .expect("address");
-    let cp = ControlPlane {
+    ControlPlane {
         child,
         addr,
         state,
         _dir: dir,
-    };
-    let mut http = cp.http();
-    let status = http_json(
-        &mut http,
-        "POST",
-        "/api/v1/sandboxes",
-        br#"{"name":"bench","templateRef":{"name":"bench"}}"#,
-    )
-    .0;
-    assert_eq!(status, 201, "create the sandbox");
-    cp
+    }
 }
 
 impl ControlPlane {
@@ -451,10 +466,92 @@ fn http_first_event(http: &mut Http, head: &mut Vec<u8>) -> String {
     text[at..at + text[at..].find('"').expect("end of id")].to_owned()
 }
 
+/// `/bin/true` by exec (JSON answer) in sandbox `name`; asserts it ran.
+fn exec_true(http: &mut Http, name: &str) {
+    let (status, body) = http_json(
+        http,
+        "POST",
+        &format!("/api/v1/sandboxes/{name}/exec"),
+        br#"{"argv":["/bin/true"]}"#,
+    );
+    assert_eq!(status, 200, "exec: {}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).expect("exec json");
+    assert_eq!(v["exitCode"], 0, "{v}");
+}
+
+fn ms(s: &Summary) -> String {
+    format!("p50 {:.1} ms, p99 {:.1} ms", s.p50 / 1e3, s.p99 / 1e3)
+}
+
+/// Time-to-interactive of new sandboxes, and of idle-stopped ones woken by a request, under
+/// `isolation`.
+fn bench_ready(isolation: &str, rows: &mut Vec<[String; 5]>) {
+    let n = env_or("BENCH_READY_N", 100usize);
+    let cp = start_with(&["--isolation", isolation, "--lifecycle-interval", "100ms"]);
+    let mut http = cp.http();
+    let mut cold = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = format!(r#"{{"name":"tti-{i}","idleTimeout":"1s"}}"#);
+        let t0 = Instant::now();
+        let (status, out) = http_json(&mut http, "POST", "/api/v1/sandboxes", body.as_bytes());
+        assert_eq!(status, 201, "create: {}", String::from_utf8_lossy(&out));
+        exec_true(&mut http, &format!("tti-{i}"));
+        cold.push(t0.elapsed());
+    }
+    // All of them idle past 1 s, then woken one by one by the same exec.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, out) = http_json(&mut http, "GET", "/api/v1/sandboxes?status=Stopped", b"");
+        let list: Value = serde_json::from_slice(&out).expect("list");
+        let asleep = list["sandboxes"].as_array().map_or(0, Vec::len);
+        if asleep == n {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {asleep} of {n} went idle");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut woken = Vec::with_capacity(n);
+    for i in 0..n {
+        let t0 = Instant::now();
+        exec_true(&mut http, &format!("tti-{i}"));
+        woken.push(t0.elapsed());
+    }
+    for i in 0..n {
+        let _ = http_json(
+            &mut http,
+            "DELETE",
+            &format!("/api/v1/sandboxes/tti-{i}"),
+            b"",
+        );
+    }
+    let (cold, woken) = (summarize(&cold), summarize(&woken));
+    let build = build();
+    rows.push([
+        format!("time to interactive, local cold, isolation {isolation} ({build} build, {n} sandboxes): create → first `/bin/true` exec done"),
+        ms(&cold),
+        "peers' published: Daytona p50 110 ms (p99 290 ms), E2B p50 440 ms (p99 990 ms)".into(),
+        "—".into(),
+        "—".into(),
+    ]);
+    rows.push([
+        format!("resume on demand from idle, isolation {isolation} ({build} build): exec to a sandbox stopped for idleness, until done"),
+        ms(&woken),
+        "goal p50 ≤ 50 ms".into(),
+        "—".into(),
+        verdict(woken.p50 <= 50e3).into(),
+    ]);
+}
+
 fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let cp = start();
     let mut rows = Vec::new();
+    if only == "ready" {
+        bench_ready("namespaces", &mut rows);
+        bench_ready("none", &mut rows);
+        print_rows(rows);
+        return;
+    }
+    let cp = start();
     if only.is_empty() || only == "latency" {
         bench_latency(&cp, &mut rows);
     }
@@ -464,6 +561,15 @@ fn main() {
     if only.is_empty() || only == "streams" {
         bench_streams(&cp, &mut rows);
     }
+    drop(cp);
+    if only.is_empty() {
+        bench_ready("namespaces", &mut rows);
+        bench_ready("none", &mut rows);
+    }
+    print_rows(rows);
+}
+
+fn print_rows(rows: Vec<[String; 5]>) {
     println!("\n## Control plane (`cargo bench -p agentbox-controlplane --bench controlplane`)\n");
     println!("load average at the end: {}\n", loadavg());
     println!("| figure | measured | limit measured in the same run | ratio | result |");

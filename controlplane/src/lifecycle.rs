@@ -252,6 +252,9 @@ pub async fn sweep(app: &AppState) -> Result<()> {
 }
 
 fn record<T>(app: &AppState, s: &SandboxSummary, action: &str, result: &Result<T>) {
+    if matches!(result, Err(Error::SandboxNotFound(_))) {
+        return; // deleted meanwhile
+    }
     match result {
         Ok(_) => tracing::info!(sandbox = %s.name, action, "lifecycle"),
         Err(e) => tracing::warn!(sandbox = %s.name, action, error = %e, "lifecycle action failed"),

@@ -343,3 +343,56 @@ async fn a_clone_has_the_workspace_and_configuration_then_diverges() {
     assert_eq!(status, 404, "{got}");
     assert!(!env.sandbox_dir("theirs").exists());
 }
+
+/// Many requests wake one sleeping sandbox at once, on two replicas: one runner starts, all are
+/// served; a delete racing them leaves no runner behind.
+#[tokio::test]
+async fn concurrent_wakers_start_one_runner_and_a_racing_delete_leaks_none() {
+    let env = Env::new();
+    let cp = env.start_with("none", FAST);
+    let other = env.start_with("none", FAST);
+    for name in ["crowd", "doomed"] {
+        create(&cp, json!({"name": name, "idleTimeout": "1s"})).await;
+    }
+    for name in ["crowd", "doomed"] {
+        wait_status(&cp, name, "Stopped", Duration::from_secs(15)).await;
+    }
+    let exec = |cp: &Cp, name: &str| {
+        cp.sb(Method::POST, name, "/exec")
+            .json(&json!({"argv": ["sh", "-c", "echo $PPID"]}))
+    };
+    let wakers: Vec<_> = (0..16)
+        .map(|i| send(exec(if i % 2 == 0 { &cp } else { &other }, "crowd")))
+        .collect();
+    let answers = futures_util::future::join_all(wakers).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(body["exitCode"], 0, "{body}");
+    }
+    // Every exec ran under the one runner the record names.
+    let runner = env.record("crowd")["pid"].as_i64().unwrap();
+    let parents: std::collections::BTreeSet<String> = answers
+        .iter()
+        .map(|(_, b)| b["stdout"].as_str().unwrap().trim().to_owned())
+        .collect();
+    assert_eq!(
+        parents.len(),
+        1,
+        "execs ran under several runners: {parents:?}"
+    );
+    assert_eq!(parents.first().unwrap(), &runner.to_string());
+
+    let mut racers: Vec<_> = (0..8).map(|_| send(exec(&other, "doomed"))).collect();
+    racers.push(send(cp.sb(Method::DELETE, "doomed", "")));
+    for (status, body) in futures_util::future::join_all(racers).await {
+        // Served, or gone; a request already on its way to the runner the delete stops may
+        // see it go (502); never a 409 or a 500.
+        assert!([200, 404, 502].contains(&status), "{status} {body}");
+    }
+    assert_eq!(get(&cp, "doomed").await.0, 404);
+    assert!(!env.sandbox_dir("doomed").exists());
+    // The delete ran while (or before) they woke it: no runner of it survives.
+    cp.delete("crowd").await;
+    let left = env.wait_no_tagged(&[cp.pid(), other.pid()], Duration::from_secs(15));
+    assert!(left.is_empty(), "processes left: {left:?}");
+}

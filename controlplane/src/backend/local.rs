@@ -91,6 +91,10 @@ pub struct LocalBackend {
     touched: Mutex<HashMap<String, Instant>>,
 }
 
+/// A deleted sandbox's directory is renamed to this prefix + its name before it is removed
+/// (not a valid sandbox name, so never listed); leftovers of a crash are removed at start.
+const DELETED_PREFIX: &str = ".deleted-";
+
 /// A sandbox's activity is stamped at most this often per replica.
 const TOUCH_EVERY: Duration = Duration::from_millis(500);
 
@@ -685,6 +689,15 @@ impl LocalBackend {
     ) -> std::io::Result<Self> {
         let root = state_dir.join("sandboxes");
         std::fs::create_dir_all(&root)?;
+        for entry in std::fs::read_dir(&root)?.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(DELETED_PREFIX)
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         Ok(Self {
             launch: Launch {
                 root,
@@ -923,19 +936,35 @@ impl Backend for LocalBackend {
     }
 
     async fn delete(&self, name: &str) -> Result<()> {
-        let Some(mut record) = self.read(name)? else {
+        if self.read(name)?.is_none() {
             return Err(Error::SandboxNotFound(name.into()));
-        };
-        record.running = false;
-        self.write(&record).await?;
-        let halted = record.clone();
-        blocking(move || Self::halt(&halted)).await?;
-        let dir = self.launch.root.join(name);
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
-        tracing::info!(sandbox = %name, "sandbox deleted");
-        Ok(())
+        }
+        let (root, name) = (self.launch.root.clone(), name.to_owned());
+        blocking(move || {
+            let dir = root.join(&name);
+            // Under the sandbox's lock, so that no resume (a request waking it, another
+            // replica) starts a runner meanwhile; the directory leaves the name at once (a
+            // rename), and a waiting resume or stop then finds no sandbox.
+            let tomb = root.join(format!("{DELETED_PREFIX}{name}-{}", random_hex(4)));
+            {
+                let _lock = lock_sandbox(&dir, &name)?;
+                let Some(mut record) = read_record(&root, &name)? else {
+                    return Err(Error::SandboxNotFound(name));
+                };
+                record.running = false;
+                write_record(&dir, &record)?;
+                Self::halt(&record);
+                std::fs::rename(&dir, &tomb)?;
+            }
+            // Gone for the API already; what is left (another replica starting may remove
+            // it too) is removed at the next start.
+            if let Err(e) = std::fs::remove_dir_all(&tomb) {
+                tracing::warn!(sandbox = %name, error = %e, "a deleted sandbox's files are left");
+            }
+            tracing::info!(sandbox = %name, "sandbox deleted");
+            Ok(())
+        })
+        .await?
     }
 
     async fn stop(&self, name: &str) -> Result<SandboxSummary> {
