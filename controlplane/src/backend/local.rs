@@ -278,7 +278,7 @@ impl Launch {
                     record.name
                 )));
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         };
         // A start counts as use: the idle time runs from here.
         let _ = std::fs::File::create(dir.join(ACTIVITY_FILE));
