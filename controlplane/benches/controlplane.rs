@@ -95,7 +95,7 @@ fn sha256_hex(text: &str) -> String {
 }
 
 fn start() -> ControlPlane {
-    let cp = start_with(&["--isolation", "none"]);
+    let cp = start_with(&["--isolation", "none"], false);
     let mut http = cp.http();
     let status = http_json(
         &mut http,
@@ -108,7 +108,8 @@ fn start() -> ControlPlane {
     cp
 }
 
-fn start_with(flags: &[&str]) -> ControlPlane {
+/// A control plane with `flags`; `warm`: a template `warm` with a warm pool of 4.
+fn start_with(flags: &[&str], warm: bool) -> ControlPlane {
     let dir = tempfile::tempdir().expect("tempdir");
     let keys = dir.path().join("keys.json");
     std::fs::write(
@@ -122,8 +123,12 @@ fn start_with(flags: &[&str]) -> ControlPlane {
     let templates = dir.path().join("templates.json");
     std::fs::write(
         &templates,
-        r#"{"templates":[{"name":"bench","mode":"agent","maxConcurrentInvokes":64,
-            "runnerArgs":["--journal-max-bytes","2GiB","--retain-bytes","4GiB","--retain-invokes","1"]}]}"#,
+        if warm {
+            r#"{"templates":[{"name":"warm","warmPool":{"size":4}}]}"#
+        } else {
+            r#"{"templates":[{"name":"bench","mode":"agent","maxConcurrentInvokes":64,
+            "runnerArgs":["--journal-max-bytes","2GiB","--retain-bytes","4GiB","--retain-invokes","1"]}]}"#
+        },
     )
     .expect("templates");
     let state = dir.path().join("state");
@@ -196,6 +201,24 @@ impl ControlPlane {
     fn rss_kib(&self) -> u64 {
         rss_kib(self.child.id())
     }
+}
+
+/// The resident memory of `pid` and its descendants.
+fn tree_rss_kib(pid: u32) -> u64 {
+    let children: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                .flat_map(|c| {
+                    c.split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect::<Vec<u32>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    rss_kib(pid) + children.into_iter().map(tree_rss_kib).sum::<u64>()
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -487,8 +510,70 @@ fn ms(s: &Summary) -> String {
 /// `isolation`.
 fn bench_ready(isolation: &str, rows: &mut Vec<[String; 5]>) {
     let n = env_or("BENCH_READY_N", 100usize);
-    let cp = start_with(&["--isolation", isolation, "--lifecycle-interval", "100ms"]);
+    let cp = start_with(
+        &["--isolation", isolation, "--lifecycle-interval", "100ms"],
+        true,
+    );
     let mut http = cp.http();
+    // Warm: each create claims a pooled sandbox; the pool is full again (no refill taking
+    // the CPU) before the next.
+    let pool_full = |http: &mut Http| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, out) = http_json(http, "GET", "/api/v1/warmpool/status", b"");
+            let status: Value = serde_json::from_slice(&out).expect("pool status");
+            if status["pools"][0]["ready"] == 4 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pool never refilled: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    pool_full(&mut http);
+    // Memory: the process tree of an idle pooled sandbox (and, below, of a used one).
+    let pooled_kib = std::fs::read_dir(cp.state.join("sandboxes"))
+        .expect("sandboxes")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".pool-"))
+        .find_map(|e| {
+            let r: Value =
+                serde_json::from_slice(&std::fs::read(e.path().join("sandbox.json")).ok()?).ok()?;
+            Some(tree_rss_kib(r["pid"].as_u64()? as u32))
+        })
+        .unwrap_or(0);
+    let (mut warm, mut claims, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        pool_full(&mut http);
+        let body = format!(r#"{{"name":"warm-{i}","templateRef":{{"name":"warm"}}}}"#);
+        let t0 = Instant::now();
+        let (status, out) = http_json(&mut http, "POST", "/api/v1/sandboxes", body.as_bytes());
+        assert_eq!(status, 201, "create: {}", String::from_utf8_lossy(&out));
+        claims.push(t0.elapsed());
+        exec_true(&mut http, &format!("warm-{i}"));
+        warm.push(t0.elapsed());
+        // The floor: the same exec again, on the now running sandbox.
+        let t1 = Instant::now();
+        exec_true(&mut http, &format!("warm-{i}"));
+        floor.push(t1.elapsed());
+        let created: Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(created["fromWarmPool"], true, "{created}");
+    }
+    let used: Value = serde_json::from_slice(
+        &std::fs::read(cp.state.join("sandboxes/warm-0/sandbox.json")).expect("record"),
+    )
+    .expect("json");
+    let used_kib = tree_rss_kib(used["pid"].as_u64().expect("pid") as u32);
+    for i in 0..n {
+        let _ = http_json(
+            &mut http,
+            "DELETE",
+            &format!("/api/v1/sandboxes/warm-{i}"),
+            b"",
+        );
+    }
     let mut cold = Vec::with_capacity(n);
     for i in 0..n {
         let body = format!(r#"{{"name":"tti-{i}","idleTimeout":"1s"}}"#);
@@ -524,8 +609,28 @@ fn bench_ready(isolation: &str, rows: &mut Vec<[String; 5]>) {
             b"",
         );
     }
-    let (cold, woken) = (summarize(&cold), summarize(&woken));
+    let (cold, woken, warm) = (summarize(&cold), summarize(&woken), summarize(&warm));
+    let (claims, floor) = (summarize(&claims), summarize(&floor));
     let build = build();
+    rows.push([
+        format!("time to interactive, local warm (a pooled sandbox claimed), isolation {isolation} ({build} build, {n} sandboxes)"),
+        format!("{} (the create alone: {})", ms(&warm), ms(&claims)),
+        format!(
+            "the same exec on the running sandbox: {}; goal p50 ≤ 10 ms, p99 ≤ 30 ms",
+            ms(&floor)
+        ),
+        format!("p50 {:.2}×", warm.p50 / floor.p50),
+        verdict(warm.p50 <= 10e3 && warm.p99 <= 30e3).into(),
+    ]);
+    rows.push([
+        format!(
+            "memory of a sandbox's processes, isolation {isolation}: idle pooled / after one exec"
+        ),
+        format!("{pooled_kib} KiB / {used_kib} KiB"),
+        "—".into(),
+        "—".into(),
+        "—".into(),
+    ]);
     rows.push([
         format!("time to interactive, local cold, isolation {isolation} ({build} build, {n} sandboxes): create → first `/bin/true` exec done"),
         ms(&cold),

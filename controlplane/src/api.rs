@@ -39,10 +39,12 @@ pub async fn serve(
     });
     // Idle stops and lifetime ends, for as long as this control plane serves.
     let sweeper = tokio::spawn(crate::lifecycle::run(Arc::clone(&app)));
+    let pools = tokio::spawn(crate::lifecycle::run_pools(Arc::clone(&app)));
     let served = axum::serve(listener, router(app))
         .with_graceful_shutdown(shutdown)
         .await;
     sweeper.abort();
+    pools.abort();
     served
 }
 
@@ -62,6 +64,10 @@ pub fn router(app: Arc<AppState>) -> Router {
         )
         .route("/api/v1/sandboxes/{id}/stop", post(stop_sandbox))
         .route("/api/v1/sandboxes/{id}/resume", post(resume_sandbox))
+        .route(
+            "/api/v1/warmpool/status",
+            get(crate::lifecycle::warm_pool_status),
+        )
         .route(
             "/api/v1/sandboxes/{id}/clone",
             post(crate::lifecycle::clone_sandbox),

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use agentbox_proto::{
     CloneSandboxRequest, CreatedBy, ErrorBody, InvokeList, InvokeState, SandboxStatus,
-    SandboxSummary, StopReason,
+    SandboxSummary, StopReason, WarmPoolStatus,
 };
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -194,6 +194,39 @@ pub async fn run(app: Arc<AppState>) {
             tracing::warn!(error = %e, "lifecycle sweep failed");
         }
     }
+}
+
+/// Keeps the warm pools full: a look every 250 ms (a directory listing when nothing is to
+/// do); after a failed start, the next try waits 5 s.
+pub async fn run_pools(app: Arc<AppState>) {
+    if !app
+        .templates
+        .all()
+        .iter()
+        .any(|t| t.warm_pool.as_ref().is_some_and(|p| p.size > 0))
+    {
+        return;
+    }
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Err(e) = app.backend.refill_pools(app.templates.all()).await {
+            tracing::warn!(error = %e, "cannot refill a warm pool");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+/// Warm pools
+///
+/// Each template's warm pool: its size, how many pooled sandboxes are ready now, and this
+/// control plane's claims since it started (`hits`) and creates that found none ready
+/// (`misses`). Pooled sandboxes are never listed among the sandboxes.
+#[utoipa::path(get, path = "/api/v1/warmpool/status", tag = "sandboxes",
+    responses((status = 200, description = "The warm pools.", body = WarmPoolStatus), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody)))]
+pub(crate) async fn warm_pool_status(State(app): State<Arc<AppState>>) -> Json<WarmPoolStatus> {
+    Json(WarmPoolStatus {
+        pools: app.backend.warm_pools(app.templates.all()),
+    })
 }
 
 /// One look at every sandbox: those past their lifetime end, those idle past their

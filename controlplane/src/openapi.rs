@@ -38,6 +38,7 @@ use crate::api;
         api::stop_sandbox,
         api::resume_sandbox,
         crate::lifecycle::clone_sandbox,
+        crate::lifecycle::warm_pool_status,
         configure,
         invoke,
         invoke_cancel,

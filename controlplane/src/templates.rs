@@ -56,7 +56,24 @@ pub struct Template {
     /// `delete`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_timeout: Option<OnTimeout>,
+    /// Sandboxes kept started and ready for creates to claim (local backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_pool: Option<WarmPool>,
 }
+
+/// A template's warm pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WarmPool {
+    /// How many pooled sandboxes to keep ready, at most [`MAX_WARM_POOL`].
+    pub size: u32,
+    /// A pooled sandbox older than this (a Go duration) is replaced by a fresh one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
+}
+
+/// The largest warm pool of one template.
+pub const MAX_WARM_POOL: u32 = 64;
 
 /// What the end of a sandbox's lifetime does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +115,14 @@ impl Template {
         ] {
             if let Some(text) = value {
                 crate::lifecycle::check_duration(field, text)?;
+            }
+        }
+        if let Some(pool) = &self.warm_pool {
+            if pool.size > MAX_WARM_POOL {
+                return Err(format!("warmPool.size is at most {MAX_WARM_POOL}"));
+            }
+            if let Some(age) = &pool.max_age {
+                crate::lifecycle::check_duration("warmPool.maxAge", age)?;
             }
         }
         for p in &self.read_only_paths {

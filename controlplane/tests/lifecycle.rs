@@ -396,3 +396,193 @@ async fn concurrent_wakers_start_one_runner_and_a_racing_delete_leaks_none() {
     let left = env.wait_no_tagged(&[cp.pid(), other.pid()], Duration::from_secs(15));
     assert!(left.is_empty(), "processes left: {left:?}");
 }
+
+async fn pool_status(cp: &Cp) -> Value {
+    let (status, got) = send(cp.admin(Method::GET, "/api/v1/warmpool/status")).await;
+    assert_eq!(status, 200, "{got}");
+    got["pools"][0].clone()
+}
+
+async fn wait_pool_ready(cp: &Cp, ready: u64) -> Value {
+    match eventually(Duration::from_secs(60), || async {
+        let pool = pool_status(cp).await;
+        (pool["ready"] == ready).then_some(pool)
+    })
+    .await
+    {
+        Some(pool) => pool,
+        None => panic!(
+            "the pool never had {ready} ready: {}",
+            pool_status(cp).await
+        ),
+    }
+}
+
+/// The runner pids of the pooled (unclaimed) sandboxes, from their records.
+fn pool_pids(env: &Env) -> Vec<i32> {
+    let mut out: Vec<i32> = std::fs::read_dir(env.state.join("sandboxes"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".pool-"))
+        .filter(|e| !e.path().join("claimed").exists())
+        .filter_map(|e| {
+            let record: Value =
+                serde_json::from_slice(&std::fs::read(e.path().join("sandbox.json")).ok()?).ok()?;
+            record["pid"].as_i64().map(|p| p as i32)
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+#[tokio::test]
+async fn a_warm_pool_serves_creates_and_refills_and_hands_nothing_out_twice() {
+    let env = Env::new();
+    let templates = env.root.join("templates.json");
+    std::fs::write(
+        &templates,
+        json!({"templates": [{"name": "warm", "warmPool": {"size": 4}}]}).to_string(),
+    )
+    .unwrap();
+    let path = templates.display().to_string();
+    let cp = env.start_with("none", &["--templates-file", &path]);
+    let pool = wait_pool_ready(&cp, 4).await;
+    assert_eq!(
+        (pool["template"].clone(), pool["size"].clone()),
+        (json!("warm"), json!(4))
+    );
+    // Invisible.
+    let (_, list) = send(cp.admin(Method::GET, "/api/v1/sandboxes")).await;
+    assert_eq!(list["sandboxes"], json!([]), "{list}");
+
+    // A claim: running at once, with the request's name and namespace.
+    let first = create(
+        &cp,
+        json!({"name": "first", "namespace": "team-a", "templateRef": {"name": "warm"}}),
+    )
+    .await;
+    assert_eq!(first["fromWarmPool"], true, "{first}");
+    assert_eq!(first["status"], "Running");
+    assert_eq!(first["namespace"], "team-a");
+    put_file(&cp, "first", "workspace/secret", "tenant one").await;
+    let (status, got) = send(
+        cp.sb(Method::POST, "first", "/exec")
+            .json(&json!({"argv": ["cat", "secret"]})),
+    )
+    .await;
+    assert_eq!(
+        (status, got["stdout"].clone()),
+        (200, json!("tenant one")),
+        "{got}"
+    );
+    cp.delete("first").await;
+
+    // 50 creates at once: every one served, no pooled sandbox handed out twice.
+    wait_pool_ready(&cp, 4).await;
+    let creates: Vec<_> = (0..50)
+        .map(|i| {
+            send(
+                cp.admin(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": format!("c{i}"), "templateRef": {"name": "warm"}})),
+            )
+        })
+        .collect();
+    let answers = futures_util::future::join_all(creates).await;
+    let mut warm = 0;
+    for (status, body) in &answers {
+        assert_eq!(*status, 201, "{body}");
+        warm += usize::from(body["fromWarmPool"] == true);
+        assert!(body["fromWarmPool"].is_boolean(), "{body}");
+    }
+    assert!(warm >= 4, "only {warm} of 50 from the pool");
+    let mut pids: Vec<i64> = (0..50)
+        .map(|i| env.record(&format!("c{i}"))["pid"].as_i64().unwrap())
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 50, "a runner serves two sandboxes");
+    // None carries an earlier tenant's data; each is its own.
+    for i in [0usize, 17, 49] {
+        let name = format!("c{i}");
+        let (status, got) = send(
+            cp.sb(Method::POST, &name, "/exec")
+                .json(&json!({"argv": ["ls", "-A"]})),
+        )
+        .await;
+        assert_eq!(status, 200, "{got}");
+        assert!(!got["stdout"].as_str().unwrap().contains("secret"), "{got}");
+    }
+    let (_, list) = send(cp.admin(Method::GET, "/api/v1/sandboxes")).await;
+    assert_eq!(list["sandboxes"].as_array().unwrap().len(), 50, "{list}");
+    let pool = wait_pool_ready(&cp, 4).await;
+    assert_eq!(
+        pool["hits"].as_u64().unwrap() + pool["misses"].as_u64().unwrap(),
+        51,
+        "{pool}"
+    );
+    assert_eq!(pool["hits"].as_u64().unwrap() as usize, warm + 1, "{pool}");
+
+    // Deleted, nothing of them is left but the pool's own runners.
+    for i in 0..50 {
+        cp.delete(&format!("c{i}")).await;
+    }
+    let pooled = pool_pids(&env);
+    assert_eq!(pooled.len(), 4, "{pooled:?}");
+    let mut except = pooled.clone();
+    except.push(cp.pid());
+    let left = env.wait_no_tagged(&except, Duration::from_secs(15));
+    assert!(left.is_empty(), "processes left: {left:?}");
+    let dirs: Vec<String> = std::fs::read_dir(env.state.join("sandboxes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(".pool"))
+        .collect();
+    assert!(dirs.is_empty(), "{dirs:?}");
+}
+
+/// Under the default isolation: a claimed sandbox works, stops, resumes and is deleted with
+/// its pooled directory.
+#[tokio::test]
+async fn an_isolated_pooled_sandbox_lives_like_any_other() {
+    let env = Env::new();
+    let templates = env.root.join("templates.json");
+    std::fs::write(
+        &templates,
+        json!({"templates": [{"name": "warm", "warmPool": {"size": 1, "maxAge": "1h"}}]})
+            .to_string(),
+    )
+    .unwrap();
+    let path = templates.display().to_string();
+    let cp = env.start_with("namespaces", &["--templates-file", &path]);
+    wait_pool_ready(&cp, 1).await;
+    let got = create(&cp, json!({"name": "iso", "templateRef": {"name": "warm"}})).await;
+    assert_eq!(got["fromWarmPool"], true, "{got}");
+    assert!(got["isolated"].as_bool().unwrap(), "{got}");
+    put_file(&cp, "iso", "workspace/note", "mine").await;
+    let exec = || {
+        cp.sb(Method::POST, "iso", "/exec")
+            .json(&json!({"argv": ["cat", "note"]}))
+    };
+    let (status, out) = send(exec()).await;
+    assert_eq!(
+        (status, out["stdout"].clone()),
+        (200, json!("mine")),
+        "{out}"
+    );
+    let (status, _) = send(cp.sb(Method::POST, "iso", "/stop")).await;
+    assert_eq!(status, 200);
+    let (status, got) = send(cp.sb(Method::POST, "iso", "/resume")).await;
+    assert_eq!((status, &got["status"]), (200, &json!("Running")), "{got}");
+    let (status, out) = send(exec()).await;
+    assert_eq!(
+        (status, out["stdout"].clone()),
+        (200, json!("mine")),
+        "{out}"
+    );
+    wait_pool_ready(&cp, 1).await;
+    let real = std::fs::canonicalize(env.sandbox_dir("iso")).unwrap();
+    cp.delete("iso").await;
+    assert!(!real.exists(), "{real:?} is left");
+    assert!(std::fs::symlink_metadata(env.sandbox_dir("iso")).is_err());
+}

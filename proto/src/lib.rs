@@ -719,6 +719,34 @@ pub struct SandboxSummary {
     /// The sandbox it was cloned from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloned_from: Option<String>,
+    /// In a create's answer, when its template has a warm pool: `true` when a pooled sandbox
+    /// (already running) was claimed, `false` when none was ready and it was started cold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_warm_pool: Option<bool>,
+}
+
+/// `GET /api/v1/warmpool/status` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPoolStatus {
+    /// One entry per template with a warm pool.
+    pub pools: Vec<WarmPoolInfo>,
+}
+
+/// One template's warm pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPoolInfo {
+    /// The template.
+    pub template: String,
+    /// How many pooled sandboxes it keeps ready.
+    pub size: u32,
+    /// How many are ready now.
+    pub ready: u32,
+    /// Creates that claimed a pooled sandbox (this control plane, since it started).
+    pub hits: u64,
+    /// Creates that found none ready and started cold (this control plane, since it started).
+    pub misses: u64,
 }
 
 fn isolated_default() -> bool {

@@ -308,6 +308,7 @@ impl DockerBackend {
             idle_timeout: None,
             expires_at: None,
             cloned_from: None,
+            from_warm_pool: None,
         }
     }
 

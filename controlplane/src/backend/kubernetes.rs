@@ -785,6 +785,7 @@ impl KubernetesBackend {
             idle_timeout: None,
             expires_at: None,
             cloned_from: None,
+            from_warm_pool: None,
             name,
         })
     }

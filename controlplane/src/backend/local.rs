@@ -89,7 +89,17 @@ pub struct LocalBackend {
     resolved: Mutex<HashMap<String, Resolved>>,
     /// When this replica last stamped each sandbox's activity file ([`Backend::touch`]).
     touched: Mutex<HashMap<String, Instant>>,
+    /// Warm pool claims per template in this replica: (hits, misses).
+    pool_counts: Mutex<HashMap<String, (u64, u64)>>,
 }
+
+/// A pooled sandbox's directory is this prefix + random hex: not a valid sandbox name, so
+/// never listed. A create claims one by creating its [`CLAIMED`] file (exclusive) and a
+/// symbolic link from the new name to it; its runner keeps running, unaware.
+const POOL_PREFIX: &str = ".pool-";
+
+/// The file that marks a pooled sandbox as claimed (or being retired).
+const CLAIMED: &str = "claimed";
 
 /// A deleted sandbox's directory is renamed to this prefix + its name before it is removed
 /// (not a valid sandbox name, so never listed); leftovers of a crash are removed at start.
@@ -339,6 +349,26 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| Error::Internal(format!("a blocking task failed: {e}")))
 }
 
+/// The unclaimed pooled sandboxes of `template`, oldest first: (directory name, record).
+fn pool_entries(root: &Path, template: &str) -> Vec<(String, Record)> {
+    let Ok(dir) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, Record)> = dir
+        .flatten()
+        .filter_map(|e| {
+            let id = e.file_name().to_str()?.to_owned();
+            if !id.starts_with(POOL_PREFIX) || e.path().join(CLAIMED).exists() {
+                return None;
+            }
+            let record = read_record(root, &id).ok()??;
+            (record.template.name == template).then_some((id, record))
+        })
+        .collect();
+    out.sort_by(|a, b| a.1.created_at.cmp(&b.1.created_at));
+    out
+}
+
 /// Reads `<root>/<name>/sandbox.json`; `None` when there is none.
 fn read_record(root: &Path, name: &str) -> Result<Option<Record>> {
     match std::fs::read(root.join(name).join("sandbox.json")) {
@@ -399,6 +429,117 @@ fn last_activity(root: &Path, name: &str) -> Option<SystemTime> {
         .chain([dir.join(ACTIVITY_FILE)])
         .filter_map(|path| std::fs::metadata(path).ok()?.modified().ok())
         .max()
+}
+
+/// Retires pooled sandboxes that are gone, too old or of an older version of their template,
+/// and starts new ones until each pool has its size. One replica at a time (a `flock` on
+/// `<root>/.pool.lock`; a replica finding it taken skips the round).
+fn refill(launch: &Launch, templates: &[Template]) -> Result<()> {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(launch.root.join(".pool.lock"))?;
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        return Ok(());
+    }
+    // A claim (or retirement) that died between its mark and its link leaves a marked entry
+    // still under its pool name: after a minute, it is retired.
+    for entry in std::fs::read_dir(&launch.root)?.flatten() {
+        let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let mark = entry.path().join(CLAIMED);
+        let stale = std::fs::metadata(&mark)
+            .ok()
+            .and_then(|m| m.modified().ok()?.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(60));
+        if !id.starts_with(POOL_PREFIX) || !stale {
+            continue;
+        }
+        if let Ok(Some(record)) = read_record(&launch.root, &id) {
+            if record.name == id {
+                LocalBackend::halt(&record);
+                let tomb = launch
+                    .root
+                    .join(format!("{DELETED_PREFIX}{id}-{}", random_hex(4)));
+                if std::fs::rename(entry.path(), &tomb).is_ok() {
+                    let _ = std::fs::remove_dir_all(&tomb);
+                }
+            }
+        }
+    }
+    for t in templates {
+        let Some(pool) = &t.warm_pool else { continue };
+        let max_age = pool
+            .max_age
+            .as_deref()
+            .and_then(|a| crate::lifecycle::parse_duration(a).ok());
+        let mut ready = 0;
+        for (id, record) in pool_entries(&launch.root, &t.name) {
+            let old = max_age.is_some_and(|age| {
+                humantime::parse_rfc3339_weak(&record.created_at)
+                    .ok()
+                    .and_then(|at| at.elapsed().ok())
+                    .is_some_and(|e| e > age)
+            });
+            let good = record.template == *t && record.running && record.alive() && !old;
+            if good && ready < pool.size {
+                ready += 1;
+                continue;
+            }
+            // Retire it: marked first, so that no create claims it meanwhile.
+            let dir = launch.root.join(&id);
+            if std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dir.join(CLAIMED))
+                .is_ok()
+            {
+                LocalBackend::halt(&record);
+                let tomb = launch
+                    .root
+                    .join(format!("{DELETED_PREFIX}{id}-{}", random_hex(4)));
+                if std::fs::rename(&dir, &tomb).is_ok() {
+                    let _ = std::fs::remove_dir_all(&tomb);
+                }
+            }
+        }
+        for _ in ready..pool.size {
+            let id = format!("{POOL_PREFIX}{}", random_hex(8));
+            std::fs::create_dir(launch.root.join(&id))?;
+            let mut record = Record {
+                name: id.clone(),
+                namespace: String::new(),
+                template: t.clone(),
+                created_at: now_millis(),
+                created_by: CreatedBy {
+                    email: None,
+                    display_name: None,
+                },
+                running: true,
+                addr: None,
+                pid: None,
+                pid_started: None,
+                token: random_hex(32),
+                message: None,
+                isolated: false,
+                limits_enforced: None,
+                host_uid: None,
+                timeout: None,
+                idle_timeout: None,
+                started_at: None,
+                stop_reason: None,
+                cloned_from: None,
+            };
+            if let Err(e) = launch.start(&mut record) {
+                let _ = std::fs::remove_dir_all(launch.root.join(&id));
+                return Err(e);
+            }
+            write_record(&launch.root.join(&id), &record)?;
+        }
+    }
+    Ok(())
 }
 
 /// The most directory levels [`copy_tree`] descends (two descriptors held per level).
@@ -667,6 +808,7 @@ impl Record {
                 })
                 .map(|t| humantime::format_rfc3339_millis(t).to_string()),
             cloned_from: self.cloned_from.clone(),
+            from_warm_pool: None,
         }
     }
 
@@ -709,6 +851,7 @@ impl LocalBackend {
             create_lock: tokio::sync::Mutex::new(()),
             resolved: Mutex::new(HashMap::new()),
             touched: Mutex::new(HashMap::new()),
+            pool_counts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -751,6 +894,50 @@ impl LocalBackend {
         let dir = self.launch.root.join(&record.name);
         let record = record.clone();
         blocking(move || write_record(&dir, &record)).await?
+    }
+
+    /// Claims a ready pooled sandbox of `spec`'s template for `spec.name`; `None` when none
+    /// is ready.
+    async fn claim(&self, spec: &CreateSpec) -> Result<Option<Record>> {
+        let root = self.launch.root.clone();
+        let spec = spec.clone();
+        blocking(move || {
+            for (id, mut record) in pool_entries(&root, &spec.template.name) {
+                let pool_dir = root.join(&id);
+                if record.template != spec.template || !record.running || !record.alive() {
+                    continue;
+                }
+                // Exactly one claimer (or the refill retiring it) creates the mark.
+                let marked = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(pool_dir.join(CLAIMED));
+                if marked.is_err() {
+                    continue;
+                }
+                let link = root.join(&spec.name);
+                if let Err(e) = std::os::unix::fs::symlink(&id, &link) {
+                    let _ = std::fs::remove_file(pool_dir.join(CLAIMED));
+                    return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        Error::AlreadyExists(spec.name)
+                    } else {
+                        e.into()
+                    });
+                }
+                record.name = spec.name.clone();
+                record.namespace = spec.namespace.clone();
+                record.created_at = now_rfc3339();
+                record.created_by = spec.created_by.clone();
+                record.timeout = spec.timeout.clone();
+                record.idle_timeout = spec.idle_timeout.clone();
+                record.started_at = Some(now_millis());
+                write_record(&pool_dir, &record)?;
+                let _ = std::fs::File::create(pool_dir.join(ACTIVITY_FILE));
+                return Ok(Some(record));
+            }
+            Ok(None)
+        })
+        .await?
     }
 
     /// Stops `name` for `reason` under its lock (see [`Backend::stop_for`]); `None` when
@@ -896,6 +1083,21 @@ impl Backend for LocalBackend {
             .dir(&spec.name)
             .ok_or_else(|| Error::InvalidRequest(format!("{:?} is not a valid name", spec.name)))?;
         let _one_at_a_time = self.create_lock.lock().await;
+        let pooled = spec.template.warm_pool.as_ref().is_some_and(|p| p.size > 0);
+        if pooled {
+            let claimed = self.claim(&spec).await?;
+            let mut counts = self.pool_counts.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = counts.entry(spec.template.name.clone()).or_default();
+            if let Some(record) = claimed {
+                entry.0 += 1;
+                drop(counts);
+                tracing::info!(sandbox = %record.name, "sandbox created from the warm pool");
+                let mut summary = self.summary(&record);
+                summary.from_warm_pool = Some(true);
+                return Ok(summary);
+            }
+            entry.1 += 1;
+        }
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -932,7 +1134,9 @@ impl Backend for LocalBackend {
         }
         self.write(&record).await?;
         tracing::info!(sandbox = %record.name, "sandbox created");
-        Ok(self.summary(&record))
+        let mut summary = self.summary(&record);
+        summary.from_warm_pool = pooled.then_some(false);
+        Ok(summary)
     }
 
     async fn delete(&self, name: &str) -> Result<()> {
@@ -942,6 +1146,11 @@ impl Backend for LocalBackend {
         let (root, name) = (self.launch.root.clone(), name.to_owned());
         blocking(move || {
             let dir = root.join(&name);
+            // A sandbox claimed from the warm pool is a link to the pooled directory.
+            let pooled = std::fs::symlink_metadata(&dir)
+                .is_ok_and(|m| m.file_type().is_symlink())
+                .then(|| std::fs::canonicalize(&dir).ok())
+                .flatten();
             // Under the sandbox's lock, so that no resume (a request waking it, another
             // replica) starts a runner meanwhile; the directory leaves the name at once (a
             // rename), and a waiting resume or stop then finds no sandbox.
@@ -954,7 +1163,13 @@ impl Backend for LocalBackend {
                 record.running = false;
                 write_record(&dir, &record)?;
                 Self::halt(&record);
-                std::fs::rename(&dir, &tomb)?;
+                match &pooled {
+                    Some(real) => {
+                        std::fs::rename(real, &tomb)?;
+                        std::fs::remove_file(&dir)?;
+                    }
+                    None => std::fs::rename(&dir, &tomb)?,
+                }
             }
             // Gone for the API already; what is left (another replica starting may remove
             // it too) is removed at the next start.
@@ -1034,6 +1249,45 @@ impl Backend for LocalBackend {
         })
         .await??;
         Ok(self.summary(&record))
+    }
+
+    async fn refill_pools(&self, templates: &[Template]) -> Result<()> {
+        let pooled: Vec<Template> = templates
+            .iter()
+            .filter(|t| t.warm_pool.as_ref().is_some_and(|p| p.size > 0))
+            .cloned()
+            .collect();
+        if pooled.is_empty() {
+            return Ok(());
+        }
+        let launch = self.launch.clone();
+        blocking(move || refill(&launch, &pooled)).await?
+    }
+
+    fn warm_pools(&self, templates: &[Template]) -> Vec<agentbox_proto::WarmPoolInfo> {
+        let counts = self
+            .pool_counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        templates
+            .iter()
+            .filter_map(|t| {
+                let size = t.warm_pool.as_ref()?.size;
+                let ready = pool_entries(&self.launch.root, &t.name)
+                    .iter()
+                    .filter(|(_, r)| r.template == *t && r.running && r.alive())
+                    .count() as u32;
+                let (hits, misses) = counts.get(&t.name).copied().unwrap_or_default();
+                Some(agentbox_proto::WarmPoolInfo {
+                    template: t.name.clone(),
+                    size,
+                    ready,
+                    hits,
+                    misses,
+                })
+            })
+            .collect()
     }
 
     fn touch(&self, name: &str) {

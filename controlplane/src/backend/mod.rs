@@ -88,6 +88,15 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Notes that a request used the sandbox now (its `lastActivityAt`). Cheap: called on
     /// every proxied request.
     fn touch(&self, _name: &str) {}
+    /// Starts pooled sandboxes until every template's warm pool is full, and replaces those
+    /// past their `maxAge` or gone. Called in the background, never on a request's path.
+    async fn refill_pools(&self, _templates: &[Template]) -> Result<()> {
+        Ok(())
+    }
+    /// The warm pools of `templates`.
+    fn warm_pools(&self, _templates: &[Template]) -> Vec<agentbox_proto::WarmPoolInfo> {
+        Vec::new()
+    }
     /// Creates `name` as a copy of `source`: its workspace and configuration, its template,
     /// namespace and timeouts; started like a create.
     async fn clone_sandbox(
