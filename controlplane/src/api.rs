@@ -1,7 +1,8 @@
 //! The HTTP edge of the control plane: the seed's REST surface under `/api/v1`, and the
 //! per-sandbox routes passed through to the sandbox's runner. Checks run in this order: 401
 //! unauthenticated; 404 sandbox unknown or not visible; 400 configure/invoke on a code-mode
-//! sandbox; 409 not Running; then the runner answers.
+//! sandbox; 409 not Running (one stopped for being idle is resumed instead); then the runner
+//! answers.
 
 use std::sync::Arc;
 use std::time::Instant;

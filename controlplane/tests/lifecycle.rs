@@ -247,6 +247,13 @@ async fn a_clone_has_the_workspace_and_configuration_then_diverges() {
     let src_invoke = src_invokes["invokes"][0]["invokeId"].clone();
     assert!(src_invoke.is_string(), "{src_invokes}");
 
+    // Links stay links (never followed out of the workspace); FIFOs are left out.
+    let (status, out) = send(
+        cp.sb(Method::POST, "src", "/exec")
+            .json(&json!({"argv": ["sh", "-c", "ln -s /etc/passwd link && mkfifo fifo"]})),
+    )
+    .await;
+    assert_eq!((status, out["exitCode"].clone()), (200, json!(0)), "{out}");
     let (status, clone) = send(
         cp.sb(Method::POST, "src", "/clone")
             .json(&json!({"name": "dst"})),
@@ -275,6 +282,12 @@ async fn a_clone_has_the_workspace_and_configuration_then_diverges() {
         get_file(&cp, "dst", "workspace/installs.log").await,
         "installed\n"
     );
+    let dst_ws = env.workspace("dst");
+    assert_eq!(
+        std::fs::read_link(dst_ws.join("link")).unwrap(),
+        std::path::Path::new("/etc/passwd")
+    );
+    assert!(!dst_ws.join("fifo").exists());
     // Not the source's invokes.
     let (_, dst_invokes) = send(cp.sb(Method::GET, "dst", "/invokes")).await;
     assert!(

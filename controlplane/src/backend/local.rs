@@ -624,14 +624,21 @@ fn copy_dir(
                 chown_if(&to, &meta, owner)?;
             }
             FileType::RegularFile => {
+                // Non-blocking, and checked again once open: a file swapped for a FIFO
+                // meanwhile must not hang the copy.
                 let Ok(from) = rustix::fs::openat(
                     src,
                     &name,
-                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
                     Mode::empty(),
                 ) else {
                     continue;
                 };
+                let regular = rustix::fs::fstat(&from)
+                    .is_ok_and(|m| FileType::from_raw_mode(m.st_mode) == FileType::RegularFile);
+                if !regular {
+                    continue;
+                }
                 let to = rustix::fs::openat(
                     dst,
                     &name,
