@@ -186,6 +186,9 @@ fn parse_time(text: Option<&str>) -> Option<SystemTime> {
 
 /// Sweeps every `--lifecycle-interval` until the process ends.
 pub async fn run(app: Arc<AppState>) {
+    if !app.backend.keeps_lifecycle() {
+        return;
+    }
     let mut tick = tokio::time::interval(app.cfg.lifecycle_interval.max(MIN_INTERVAL));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -362,6 +365,18 @@ async fn last_use(app: &AppState, name: &str) -> Result<Use> {
 /// Resumes a sandbox stopped for being idle and answers its new target: the request that
 /// found it asleep waits (at most the runner start timeout and 5 s) and is then served.
 pub async fn wake(app: &AppState, name: &str) -> Result<Target> {
+    // A lifetime that ended while the sandbox slept ends now (a stop answers 409, a delete 404).
+    let expired = app.backend.get(name).await?.is_some_and(|s| {
+        parse_time(s.expires_at.as_deref()).is_some_and(|end| end <= SystemTime::now())
+    });
+    if expired {
+        app.backend.expire(name).await?;
+        return app
+            .backend
+            .resolve(name)
+            .await?
+            .ok_or_else(|| Error::SandboxNotFound(name.into()));
+    }
     let bound = app.cfg.runner_start_timeout + Duration::from_secs(5);
     tokio::time::timeout(bound, app.backend.resume(name))
         .await

@@ -211,6 +211,23 @@ async fn a_lifetime_ends_with_a_stop_or_a_delete() {
     assert!(got.get("stopReason").is_none(), "{got}");
     wait_status(&cp, "short", "Stopped", Duration::from_secs(15)).await;
 
+    // A lifetime also ends while the sandbox sleeps: then a request no longer wakes it.
+    create(
+        &cp,
+        json!({"name": "nap", "timeout": "3s", "idleTimeout": "1s"}),
+    )
+    .await;
+    let asleep = wait_status(&cp, "nap", "Stopped", Duration::from_secs(15)).await;
+    assert_eq!(asleep["stopReason"], "idle", "{asleep}");
+    let ended = eventually(Duration::from_secs(15), || async {
+        let (_, got) = get(&cp, "nap").await;
+        (got["stopReason"] == "timeout").then_some(got)
+    })
+    .await;
+    assert!(ended.is_some(), "{:?}", get(&cp, "nap").await);
+    let (status, got) = send(cp.sb(Method::GET, "nap", "/files/")).await;
+    assert_eq!(status, 409, "{got}");
+
     // Lifetime end of a template that says delete: gone.
     create(
         &cp,

@@ -1297,6 +1297,10 @@ impl Backend for LocalBackend {
             .collect()
     }
 
+    fn keeps_lifecycle(&self) -> bool {
+        true
+    }
+
     fn touch(&self, name: &str) {
         let now = Instant::now();
         {

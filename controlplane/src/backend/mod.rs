@@ -85,6 +85,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
             .await
             .map(|_| ())
     }
+    /// Whether this backend keeps `timeout` and `idleTimeout` (and so needs the lifecycle
+    /// sweep at all; the others' listing would be work for nothing).
+    fn keeps_lifecycle(&self) -> bool {
+        false
+    }
     /// Notes that a request used the sandbox now (its `lastActivityAt`). Cheap: called on
     /// every proxied request.
     fn touch(&self, _name: &str) {}
