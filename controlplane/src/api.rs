@@ -532,9 +532,12 @@ async fn to_runner(
         .await?
         .filter(|t| id.can_use(&t.namespace))
         .ok_or_else(|| Error::SandboxNotFound(name.clone()))?;
-    // A sandbox that only slept is woken for the request, never a 409.
+    // A sandbox that only slept is woken for the request (one the runner would be asked),
+    // never a 409.
+    let wrong_mode = matches!(action, "configure" | "invoke") && target.mode == "code";
     if target.status == SandboxStatus::Stopped
         && target.stop_reason == Some(agentbox_proto::StopReason::Idle)
+        && !wrong_mode
     {
         target = crate::lifecycle::wake(&app, &name).await?;
     }
