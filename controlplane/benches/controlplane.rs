@@ -46,6 +46,23 @@ impl Drop for ControlPlane {
         let _ = http.read_response(&mut |_| {});
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Whatever runs on (the warm pools' sandboxes), by the process groups recorded.
+        for entry in std::fs::read_dir(self.state.join("sandboxes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let pid = std::fs::read(entry.path().join("sandbox.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|r| r["pid"].as_i64());
+            if let Some(pid) = pid.filter(|p| *p > 1) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 }
 

@@ -208,6 +208,10 @@ pub async fn run_pools(app: Arc<AppState>) {
         .iter()
         .any(|t| t.warm_pool.as_ref().is_some_and(|p| p.size > 0))
     {
+        // No pools: once, to stop those an earlier templates file asked for.
+        if let Err(e) = app.backend.refill_pools(app.templates.all()).await {
+            tracing::warn!(error = %e, "cannot empty the warm pools");
+        }
         return;
     }
     loop {

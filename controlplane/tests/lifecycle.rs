@@ -570,6 +570,23 @@ async fn a_warm_pool_serves_creates_and_refills_and_hands_nothing_out_twice() {
         .filter(|n| !n.starts_with(".pool"))
         .collect();
     assert!(dirs.is_empty(), "{dirs:?}");
+
+    // A control plane whose templates no longer ask for the pool empties it.
+    drop(cp);
+    std::fs::write(
+        &templates,
+        json!({"templates": [{"name": "warm"}]}).to_string(),
+    )
+    .unwrap();
+    let cp = env.start_with("none", &["--templates-file", &path]);
+    let emptied = eventually(Duration::from_secs(15), || async {
+        pooled.iter().all(|p| !common::alive(*p)).then_some(())
+    })
+    .await;
+    assert!(emptied.is_some(), "pooled runners left: {pooled:?}");
+    assert!(pool_pids(&env).is_empty());
+    let (_, status) = send(cp.admin(Method::GET, "/api/v1/warmpool/status")).await;
+    assert_eq!(status["pools"], json!([]), "{status}");
 }
 
 /// Under the default isolation: a claimed sandbox works, stops, resumes and is deleted with

@@ -431,6 +431,24 @@ fn last_activity(root: &Path, name: &str) -> Option<SystemTime> {
         .max()
 }
 
+/// Creates a pooled sandbox's [`CLAIMED`] file; false when it exists (somebody else has it).
+fn mark_claimed(dir: &Path) -> bool {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dir.join(CLAIMED))
+        .is_ok()
+}
+
+/// Stops a marked pooled sandbox and removes its directory.
+fn remove_pooled(root: &Path, id: &str, record: &Record) {
+    LocalBackend::halt(record);
+    let tomb = root.join(format!("{DELETED_PREFIX}{id}-{}", random_hex(4)));
+    if std::fs::rename(root.join(id), &tomb).is_ok() {
+        let _ = std::fs::remove_dir_all(&tomb);
+    }
+}
+
 /// Retires pooled sandboxes that are gone, too old or of an older version of their template,
 /// and starts new ones until each pool has its size. One replica at a time (a `flock` on
 /// `<root>/.pool.lock`; a replica finding it taken skips the round).
@@ -449,24 +467,25 @@ fn refill(launch: &Launch, templates: &[Template]) -> Result<()> {
         let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
             continue;
         };
+        if !id.starts_with(POOL_PREFIX) {
+            continue;
+        }
+        let Ok(Some(record)) = read_record(&launch.root, &id) else {
+            continue;
+        };
         let mark = entry.path().join(CLAIMED);
         let stale = std::fs::metadata(&mark)
             .ok()
             .and_then(|m| m.modified().ok()?.elapsed().ok())
             .is_some_and(|age| age > Duration::from_secs(60));
-        if !id.starts_with(POOL_PREFIX) || !stale {
+        if stale && record.name == id {
+            remove_pooled(&launch.root, &id, &record);
             continue;
         }
-        if let Ok(Some(record)) = read_record(&launch.root, &id) {
-            if record.name == id {
-                LocalBackend::halt(&record);
-                let tomb = launch
-                    .root
-                    .join(format!("{DELETED_PREFIX}{id}-{}", random_hex(4)));
-                if std::fs::rename(entry.path(), &tomb).is_ok() {
-                    let _ = std::fs::remove_dir_all(&tomb);
-                }
-            }
+        // The pool of a template that has none any more (or is gone) is emptied.
+        let pooled = templates.iter().any(|t| t.name == record.template.name);
+        if !pooled && !mark.exists() && mark_claimed(&entry.path()) {
+            remove_pooled(&launch.root, &id, &record);
         }
     }
     for t in templates {
@@ -489,20 +508,8 @@ fn refill(launch: &Launch, templates: &[Template]) -> Result<()> {
                 continue;
             }
             // Retire it: marked first, so that no create claims it meanwhile.
-            let dir = launch.root.join(&id);
-            if std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(dir.join(CLAIMED))
-                .is_ok()
-            {
-                LocalBackend::halt(&record);
-                let tomb = launch
-                    .root
-                    .join(format!("{DELETED_PREFIX}{id}-{}", random_hex(4)));
-                if std::fs::rename(&dir, &tomb).is_ok() {
-                    let _ = std::fs::remove_dir_all(&tomb);
-                }
+            if mark_claimed(&launch.root.join(&id)) {
+                remove_pooled(&launch.root, &id, &record);
             }
         }
         for _ in ready..pool.size {
@@ -1264,9 +1271,6 @@ impl Backend for LocalBackend {
             .filter(|t| t.warm_pool.as_ref().is_some_and(|p| p.size > 0))
             .cloned()
             .collect();
-        if pooled.is_empty() {
-            return Ok(());
-        }
         let launch = self.launch.clone();
         blocking(move || refill(&launch, &pooled)).await?
     }
