@@ -170,6 +170,14 @@ enum Command {
         /// Wait until it is Running (at most 2 minutes).
         #[arg(long)]
         wait: bool,
+        /// Its lifetime, e.g. `8h`: then it is stopped (or deleted, per its template)
+        /// [default: the template's, else none].
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Stop it after this long without use, e.g. `30m`; the next request resumes it
+        /// [default: the template's, else never].
+        #[arg(long)]
+        idle_timeout: Option<String>,
     },
     /// List sandboxes.
     List,
@@ -552,6 +560,8 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
             template,
             namespace,
             wait,
+            timeout,
+            idle_timeout,
         } => {
             let mut s = c
                 .create_sandbox(&CreateSandboxRequest {
@@ -561,6 +571,9 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
                         name: template.clone(),
                         kind: Some("ClusterSandboxTemplate".into()),
                     }),
+                    timeout: timeout.clone(),
+                    idle_timeout: idle_timeout.clone(),
+                    storage: None,
                 })
                 .await?;
             let deadline = Instant::now() + Duration::from_secs(120);

@@ -38,7 +38,8 @@ pub(crate) struct UpArgs {
     #[arg(long, value_enum, default_value_t = UpBackend::Local)]
     backend: UpBackend,
     /// Templates besides the built-in `default` and `code`: {"templates": [{"name", "mode",
-    /// "image", "env", "maxConcurrentInvokes", "runnerArgs", "limits"}]} (docs/http-api.md).
+    /// "image", "env", "maxConcurrentInvokes", "runnerArgs", "limits", "timeout",
+    /// "idleTimeout", "onTimeout", "warmPool"}]} (docs/operations.md).
     #[arg(
         long,
         value_name = "FILE",
@@ -356,6 +357,9 @@ async fn demo(client: &Client) -> Result<u8, ClientError> {
                 name: "default".into(),
                 kind: Some("ClusterSandboxTemplate".into()),
             }),
+            timeout: None,
+            idle_timeout: None,
+            storage: None,
         })
         .await
     {

@@ -11,10 +11,16 @@
 //! 4. Local sandboxes isolated (namespaces) beside unisolated: create → Running (goal p50 ≤
 //!    50 ms) and an invoke of `/bin/true` (goal p50 ≤ 1.1× unisolated).
 //!
+//! 4. time-to-interactive: create → first `/bin/true` exec done, for new sandboxes (cold) and
+//!    for sandboxes stopped for being idle (resume on demand), isolated and not; printed beside
+//!    the peers' published figures.
+//!
 //! Run: `cargo build --release --bins && cargo bench -p agentbox-controlplane --bench
 //! controlplane` (it uses target/release/agentbox-runner). Knobs: `BENCH_ONLY`
-//! (`latency|throughput|streams|isolation`), `BENCH_N` (2000), `BENCH_BYTES` (1 GiB),
-//! `BENCH_STREAMS` (10000), `BENCH_SANDBOXES` (40).
+//! (`latency|throughput|streams|isolation|ready`), `BENCH_N` (2000), `BENCH_BYTES` (1 GiB),
+//! `BENCH_STREAMS` (10000), `BENCH_SANDBOXES` (40), `BENCH_READY_N` (100). Quick, without a
+//! release build: `cargo build --bins && BENCH_ONLY=ready BENCH_READY_N=20 cargo test -p
+//! agentbox-controlplane --bench controlplane` (debug binaries, said so in the output).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -42,23 +48,51 @@ impl Drop for ControlPlane {
         let _ = http.read_response(&mut |_| {});
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Whatever runs on (the warm pools' sandboxes), by the process groups recorded.
+        for entry in std::fs::read_dir(self.state.join("sandboxes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let pid = std::fs::read(entry.path().join("sandbox.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|r| r["pid"].as_i64());
+            if let Some(pid) = pid.filter(|p| *p > 1) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 }
 
+/// The runner next to this bench's profile directory: `target/release` under `cargo bench`,
+/// `target/debug` under `cargo test --bench` (quick figures of debug binaries).
 fn runner_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let release = exe
+    let profile = exe
         .ancestors()
-        .find(|p| p.ends_with("release"))
-        .expect("benches run from target/release")
+        .find(|p| p.ends_with("release") || p.ends_with("debug"))
+        .expect("benches run from target/release or target/debug")
         .to_path_buf();
-    let bin = release.join("agentbox-runner");
+    let bin = profile.join("agentbox-runner");
     assert!(
         bin.is_file(),
         "{} is missing: run `cargo build --release --bins` first",
         bin.display()
     );
     bin
+}
+
+/// `release` or `debug`: the build the figures are of.
+fn build() -> &'static str {
+    if runner_bin().parent().is_some_and(|p| p.ends_with("debug")) {
+        "debug"
+    } else {
+        "release"
+    }
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -80,12 +114,27 @@ fn sha256_hex(text: &str) -> String {
 }
 
 fn start() -> ControlPlane {
-    start_with("none")
+    start_bench("none")
 }
 
 /// A control plane whose local sandboxes run with `isolation` (`none` or `namespaces`), with
 /// sandbox `bench` created.
-fn start_with(isolation: &str) -> ControlPlane {
+fn start_bench(isolation: &str) -> ControlPlane {
+    let cp = start_with(&["--isolation", isolation], false);
+    let mut http = cp.http();
+    let status = http_json(
+        &mut http,
+        "POST",
+        "/api/v1/sandboxes",
+        br#"{"name":"bench","templateRef":{"name":"bench"}}"#,
+    )
+    .0;
+    assert_eq!(status, 201, "create the sandbox");
+    cp
+}
+
+/// A control plane with `flags`; `warm`: a template `warm` with a warm pool of 4.
+fn start_with(flags: &[&str], warm: bool) -> ControlPlane {
     let dir = tempfile::tempdir().expect("tempdir");
     let keys = dir.path().join("keys.json");
     std::fs::write(
@@ -99,20 +148,18 @@ fn start_with(isolation: &str) -> ControlPlane {
     let templates = dir.path().join("templates.json");
     std::fs::write(
         &templates,
-        r#"{"templates":[{"name":"bench","mode":"agent","maxConcurrentInvokes":64,
-            "runnerArgs":["--journal-max-bytes","2GiB","--retain-bytes","4GiB","--retain-invokes","1"]}]}"#,
+        if warm {
+            r#"{"templates":[{"name":"warm","warmPool":{"size":4}}]}"#
+        } else {
+            r#"{"templates":[{"name":"bench","mode":"agent","maxConcurrentInvokes":64,
+            "runnerArgs":["--journal-max-bytes","2GiB","--retain-bytes","4GiB","--retain-invokes","1"]}]}"#
+        },
     )
     .expect("templates");
     let state = dir.path().join("state");
     let mut child = Command::new(env!("CARGO_BIN_EXE_agentbox-controlplane"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--isolation",
-            isolation,
-            "--audit-log",
-            "/dev/null",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--audit-log", "/dev/null"])
+        .args(flags)
         .arg("--state-dir")
         .arg(&state)
         .arg("--api-keys-file")
@@ -135,22 +182,12 @@ fn start_with(isolation: &str) -> ControlPlane {
         .expect("listening line")
         .parse()
         .expect("address");
-    let cp = ControlPlane {
+    ControlPlane {
         child,
         addr,
         state,
         _dir: dir,
-    };
-    let mut http = cp.http();
-    let status = http_json(
-        &mut http,
-        "POST",
-        "/api/v1/sandboxes",
-        br#"{"name":"bench","templateRef":{"name":"bench"}}"#,
-    )
-    .0;
-    assert_eq!(status, 201, "create the sandbox");
-    cp
+    }
 }
 
 impl ControlPlane {
@@ -189,6 +226,24 @@ impl ControlPlane {
     fn rss_kib(&self) -> u64 {
         rss_kib(self.child.id())
     }
+}
+
+/// The resident memory of `pid` and its descendants.
+fn tree_rss_kib(pid: u32) -> u64 {
+    let children: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                .flat_map(|c| {
+                    c.split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect::<Vec<u32>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    rss_kib(pid) + children.into_iter().map(tree_rss_kib).sum::<u64>()
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -250,8 +305,8 @@ fn invoke_rounds(http: &mut Http, path: &str, n: usize) -> Vec<Duration> {
 fn bench_isolation(rows: &mut Vec<[String; 5]>) {
     let sandboxes = env_or("BENCH_SANDBOXES", 40usize);
     let n = env_or("BENCH_N", 2000usize) / 2;
-    let isolated = start_with("namespaces");
-    let plain = start_with("none");
+    let isolated = start_bench("namespaces");
+    let plain = start_bench("none");
     let (mut create_iso, mut create_plain) = (Vec::new(), Vec::new());
     for i in 0..sandboxes {
         for (cp, out) in [(&isolated, &mut create_iso), (&plain, &mut create_plain)] {
@@ -522,6 +577,164 @@ fn http_first_event(http: &mut Http, head: &mut Vec<u8>) -> String {
     text[at..at + text[at..].find('"').expect("end of id")].to_owned()
 }
 
+/// `/bin/true` by exec (JSON answer) in sandbox `name`; asserts it ran.
+fn exec_true(http: &mut Http, name: &str) {
+    let (status, body) = http_json(
+        http,
+        "POST",
+        &format!("/api/v1/sandboxes/{name}/exec"),
+        br#"{"argv":["/bin/true"]}"#,
+    );
+    assert_eq!(status, 200, "exec: {}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).expect("exec json");
+    assert_eq!(v["exitCode"], 0, "{v}");
+}
+
+fn ms(s: &Summary) -> String {
+    format!("p50 {:.1} ms, p99 {:.1} ms", s.p50 / 1e3, s.p99 / 1e3)
+}
+
+/// Time-to-interactive of new sandboxes, and of idle-stopped ones woken by a request, under
+/// `isolation`.
+fn bench_ready(isolation: &str, rows: &mut Vec<[String; 5]>) {
+    let n = env_or("BENCH_READY_N", 100usize);
+    let cp = start_with(
+        &["--isolation", isolation, "--lifecycle-interval", "100ms"],
+        true,
+    );
+    let mut http = cp.http();
+    // Warm: each create claims a pooled sandbox; the pool is full again (no refill taking
+    // the CPU) before the next.
+    let pool_full = |http: &mut Http| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, out) = http_json(http, "GET", "/api/v1/warmpool/status", b"");
+            let status: Value = serde_json::from_slice(&out).expect("pool status");
+            if status["pools"][0]["ready"] == 4 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pool never refilled: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    pool_full(&mut http);
+    // Memory: the process tree of an idle pooled sandbox (and, below, of a used one).
+    let pooled_kib = std::fs::read_dir(cp.state.join("sandboxes"))
+        .expect("sandboxes")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".pool-"))
+        .find_map(|e| {
+            let r: Value =
+                serde_json::from_slice(&std::fs::read(e.path().join("sandbox.json")).ok()?).ok()?;
+            Some(tree_rss_kib(r["pid"].as_u64()? as u32))
+        })
+        .unwrap_or(0);
+    let (mut warm, mut claims, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        pool_full(&mut http);
+        let body = format!(r#"{{"name":"warm-{i}","templateRef":{{"name":"warm"}}}}"#);
+        let t0 = Instant::now();
+        let (status, out) = http_json(&mut http, "POST", "/api/v1/sandboxes", body.as_bytes());
+        assert_eq!(status, 201, "create: {}", String::from_utf8_lossy(&out));
+        claims.push(t0.elapsed());
+        exec_true(&mut http, &format!("warm-{i}"));
+        warm.push(t0.elapsed());
+        // The floor: the same exec again, on the now running sandbox.
+        let t1 = Instant::now();
+        exec_true(&mut http, &format!("warm-{i}"));
+        floor.push(t1.elapsed());
+        let created: Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(created["fromWarmPool"], true, "{created}");
+    }
+    let used: Value = serde_json::from_slice(
+        &std::fs::read(cp.state.join("sandboxes/warm-0/sandbox.json")).expect("record"),
+    )
+    .expect("json");
+    let used_kib = tree_rss_kib(used["pid"].as_u64().expect("pid") as u32);
+    for i in 0..n {
+        let _ = http_json(
+            &mut http,
+            "DELETE",
+            &format!("/api/v1/sandboxes/warm-{i}"),
+            b"",
+        );
+    }
+    let mut cold = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = format!(r#"{{"name":"tti-{i}","idleTimeout":"1s"}}"#);
+        let t0 = Instant::now();
+        let (status, out) = http_json(&mut http, "POST", "/api/v1/sandboxes", body.as_bytes());
+        assert_eq!(status, 201, "create: {}", String::from_utf8_lossy(&out));
+        exec_true(&mut http, &format!("tti-{i}"));
+        cold.push(t0.elapsed());
+    }
+    // All of them idle past 1 s, then woken one by one by the same exec.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, out) = http_json(&mut http, "GET", "/api/v1/sandboxes?status=Stopped", b"");
+        let list: Value = serde_json::from_slice(&out).expect("list");
+        let asleep = list["sandboxes"].as_array().map_or(0, Vec::len);
+        if asleep == n {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {asleep} of {n} went idle");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut woken = Vec::with_capacity(n);
+    for i in 0..n {
+        let t0 = Instant::now();
+        exec_true(&mut http, &format!("tti-{i}"));
+        woken.push(t0.elapsed());
+    }
+    for i in 0..n {
+        let _ = http_json(
+            &mut http,
+            "DELETE",
+            &format!("/api/v1/sandboxes/tti-{i}"),
+            b"",
+        );
+    }
+    let (cold, woken, warm) = (summarize(&cold), summarize(&woken), summarize(&warm));
+    let (claims, floor) = (summarize(&claims), summarize(&floor));
+    let build = build();
+    rows.push([
+        format!("time to interactive, local warm (a pooled sandbox claimed), isolation {isolation} ({build} build, {n} sandboxes)"),
+        format!("{} (the create alone: {})", ms(&warm), ms(&claims)),
+        format!(
+            "the same exec on the running sandbox: {}; goal p50 ≤ 10 ms, p99 ≤ 30 ms",
+            ms(&floor)
+        ),
+        format!("p50 {:.2}×", warm.p50 / floor.p50),
+        verdict(warm.p50 <= 10e3 && warm.p99 <= 30e3).into(),
+    ]);
+    rows.push([
+        format!(
+            "memory of a sandbox's processes, isolation {isolation}: idle pooled / after one exec"
+        ),
+        format!("{pooled_kib} KiB / {used_kib} KiB"),
+        "—".into(),
+        "—".into(),
+        "—".into(),
+    ]);
+    rows.push([
+        format!("time to interactive, local cold, isolation {isolation} ({build} build, {n} sandboxes): create → first `/bin/true` exec done"),
+        ms(&cold),
+        "peers' published: Daytona p50 110 ms (p99 290 ms), E2B p50 440 ms (p99 990 ms)".into(),
+        "—".into(),
+        "—".into(),
+    ]);
+    rows.push([
+        format!("resume on demand from idle, isolation {isolation} ({build} build): exec to a sandbox stopped for idleness, until done"),
+        ms(&woken),
+        "goal p50 ≤ 50 ms".into(),
+        "—".into(),
+        verdict(woken.p50 <= 50e3).into(),
+    ]);
+}
+
 fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let mut rows = Vec::new();
@@ -529,6 +742,12 @@ fn main() {
         bench_isolation(&mut rows);
     }
     if only == "isolation" {
+        print_rows(rows);
+        return;
+    }
+    if only == "ready" {
+        bench_ready("namespaces", &mut rows);
+        bench_ready("none", &mut rows);
         print_rows(rows);
         return;
     }
@@ -541,6 +760,11 @@ fn main() {
     }
     if only.is_empty() || only == "streams" {
         bench_streams(&cp, &mut rows);
+    }
+    drop(cp);
+    if only.is_empty() {
+        bench_ready("namespaces", &mut rows);
+        bench_ready("none", &mut rows);
     }
     print_rows(rows);
 }

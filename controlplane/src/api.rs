@@ -1,7 +1,8 @@
 //! The HTTP edge of the control plane: the seed's REST surface under `/api/v1`, and the
 //! per-sandbox routes passed through to the sandbox's runner. Checks run in this order: 401
 //! unauthenticated; 404 sandbox unknown or not visible; 400 configure/invoke on a code-mode
-//! sandbox; 409 not Running; then the runner answers.
+//! sandbox; 409 not Running (one stopped for being idle is resumed instead); then the runner
+//! answers.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,10 +50,15 @@ pub async fn serve<L: agentbox_serve::Listener>(
             }
         })
     };
+    // Idle stops and lifetime ends, and warm pools, for as long as this control plane serves.
+    let sweeper = tokio::spawn(crate::lifecycle::run(Arc::clone(&app)));
+    let pools = tokio::spawn(crate::lifecycle::run_pools(Arc::clone(&app)));
     let router = router(Arc::clone(&app));
     let served =
         agentbox_serve::serve(listener, router, builder, limits, "control plane", shutdown).await;
     flusher.abort();
+    sweeper.abort();
+    pools.abort();
     app.audit.flush_denied(true);
     served
 }
@@ -73,6 +79,14 @@ pub fn router(app: Arc<AppState>) -> Router {
         )
         .route("/api/v1/sandboxes/{id}/stop", post(stop_sandbox))
         .route("/api/v1/sandboxes/{id}/resume", post(resume_sandbox))
+        .route(
+            "/api/v1/warmpool/status",
+            get(crate::lifecycle::warm_pool_status),
+        )
+        .route(
+            "/api/v1/sandboxes/{id}/clone",
+            post(crate::lifecycle::clone_sandbox),
+        )
         .route("/api/v1/sandboxes/{id}/{*rest}", any(to_runner))
         .route("/api/v1/audit/events", get(not_implemented))
         .route("/api/v1/analytics/usage", get(not_implemented))
@@ -229,7 +243,7 @@ pub(crate) async fn list_sandboxes(
 }
 
 /// A sandbox the caller may see, or 404 (never 403: others' sandboxes do not exist for them).
-async fn visible(app: &AppState, id: &Identity, name: &str) -> Result<SandboxSummary> {
+pub(crate) async fn visible(app: &AppState, id: &Identity, name: &str) -> Result<SandboxSummary> {
     app.backend
         .get(name)
         .await?
@@ -306,6 +320,8 @@ pub(crate) async fn create_sandbox(
         .get(template_name)
         .cloned()
         .ok_or_else(|| Error::TemplateNotFound(template_name.into()))?;
+    let (timeout, idle_timeout) =
+        crate::lifecycle::timeouts(&req.timeout, &req.idle_timeout, &template)?;
     let result = app
         .backend
         .create(CreateSpec {
@@ -316,6 +332,8 @@ pub(crate) async fn create_sandbox(
                 email: id.email.clone(),
                 display_name: id.name.clone(),
             },
+            timeout,
+            idle_timeout,
         })
         .await;
     audit_action(
@@ -332,7 +350,7 @@ pub(crate) async fn create_sandbox(
 /// Reads a body of at most `limit` bytes; `None` when it is larger. The rest of a larger body
 /// is read (up to 16 MiB, for 2 s) and dropped, so the client receives the 413 instead of a
 /// connection reset while it is still sending.
-async fn read_limited(body: Body, limit: usize) -> Result<Option<Vec<u8>>> {
+pub(crate) async fn read_limited(body: Body, limit: usize) -> Result<Option<Vec<u8>>> {
     let mut stream = body.into_data_stream();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -356,7 +374,7 @@ async fn read_limited(body: Body, limit: usize) -> Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
-fn audit_action<T>(
+pub(crate) fn audit_action<T>(
     app: &AppState,
     id: &Identity,
     sandbox: Option<&str>,
@@ -366,6 +384,7 @@ fn audit_action<T>(
 ) {
     let (outcome, status) = match result {
         Ok(_) if action == "create" => ("ok", 201),
+        Ok(_) if action == "clone" => ("ok", 202),
         Ok(_) => ("ok", 200),
         Err(e) => ("error", e.status().as_u16()),
     };
@@ -493,7 +512,6 @@ fn runner_route(method: &Method, rest: &str) -> Option<(String, &'static str)> {
 fn unserved_route(method: &Method, rest: &str) -> Option<&'static str> {
     let (head, tail) = rest.split_once('/').unwrap_or((rest, ""));
     Some(match (head, tail, method.as_str()) {
-        ("clone", "", "POST") => "POST /api/v1/sandboxes/{id}/clone",
         ("ports", "", "GET") => "GET /api/v1/sandboxes/{id}/ports",
         ("ports", "", "POST") => "POST /api/v1/sandboxes/{id}/ports",
         ("ports", t, "DELETE") if segments(t) == 1 => "DELETE /api/v1/sandboxes/{id}/ports/{port}",
@@ -548,12 +566,24 @@ async fn to_runner(
             Error::RouteNotFound(raw.to_owned())
         });
     };
-    let target = app
+    let mut target = app
         .backend
         .resolve(&name)
         .await?
         .filter(|t| id.can_use(&t.namespace))
         .ok_or_else(|| Error::SandboxNotFound(name.clone()))?;
+    // A sandbox that only slept is woken for the request (one the runner would be asked),
+    // never a 409.
+    let wrong_mode = matches!(action, "configure" | "invoke") && target.mode == "code";
+    if target.status == SandboxStatus::Stopped
+        && target.stop_reason == Some(agentbox_proto::StopReason::Idle)
+        && !wrong_mode
+    {
+        target = crate::lifecycle::wake(&app, &name).await?;
+    }
+    if crate::lifecycle::is_use(action) {
+        app.backend.touch(&name);
+    }
     let kind = match action {
         "configure" => Some(Kind::Configure),
         "invoke" => Some(Kind::Invoke),

@@ -77,6 +77,11 @@ pub struct Args {
     /// How long a local runner may take to start.
     #[arg(long, env = "AGENTBOX_RUNNER_START_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub runner_start_timeout: Duration,
+    /// How often the control plane looks for sandboxes past their `idleTimeout` or `timeout`
+    /// (each look reads every sandbox's record; every replica looks, and stops are
+    /// idempotent).
+    #[arg(long, env = "AGENTBOX_LIFECYCLE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lifecycle_interval: Duration,
     /// Threads serving requests. 1 (the default): every request, proxied stream and runner
     /// connection on one thread, the shortest path for an invoke (no task handed between
     /// threads); more: a multi-threaded runtime for CPU-heavy loads (many TLS callers, say).
@@ -218,6 +223,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Runner start timeout.
     pub runner_start_timeout: Duration,
+    /// How often idle and expired sandboxes are looked for.
+    pub lifecycle_interval: Duration,
     /// OTLP endpoint.
     pub otlp_endpoint: Option<String>,
     /// Kubernetes backend settings.
@@ -405,6 +412,7 @@ impl Args {
             worker_threads: usize::from(self.worker_threads),
             connect_timeout: self.connect_timeout,
             runner_start_timeout: self.runner_start_timeout,
+            lifecycle_interval: self.lifecycle_interval,
             otlp_endpoint: self.otlp_endpoint,
             kube: KubeConfig {
                 namespace: self.kube_namespace,

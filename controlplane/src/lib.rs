@@ -10,6 +10,7 @@ pub mod backend;
 pub mod config;
 pub mod connector;
 pub mod error;
+pub mod lifecycle;
 pub mod metrics;
 pub mod oidc;
 pub mod openapi;

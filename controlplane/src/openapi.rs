@@ -37,6 +37,8 @@ use crate::api;
         api::delete_sandbox,
         api::stop_sandbox,
         api::resume_sandbox,
+        crate::lifecycle::clone_sandbox,
+        crate::lifecycle::warm_pool_status,
         configure,
         invoke,
         invoke_cancel,

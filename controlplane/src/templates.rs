@@ -48,6 +48,44 @@ pub struct Template {
     /// /lib*, /etc).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub read_only_paths: Vec<std::path::PathBuf>,
+    /// The lifetime of its sandboxes when a create sets none (a Go duration, e.g. `8h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// The idle timeout of its sandboxes when a create sets none (a Go duration, e.g. `30m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    /// What the end of a lifetime does: `stop` (the default; the workspace is kept) or
+    /// `delete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_timeout: Option<OnTimeout>,
+    /// Sandboxes kept started and ready for creates to claim (local backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_pool: Option<WarmPool>,
+}
+
+/// A template's warm pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WarmPool {
+    /// How many pooled sandboxes to keep ready, at most [`MAX_WARM_POOL`].
+    pub size: u32,
+    /// A pooled sandbox older than this (a Go duration) is replaced by a fresh one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
+}
+
+/// The largest warm pool of one template.
+pub const MAX_WARM_POOL: u32 = 64;
+
+/// What the end of a sandbox's lifetime does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    /// Stop it, keeping its workspace (`stopReason: timeout`).
+    #[default]
+    Stop,
+    /// Delete it and its workspace.
+    Delete,
 }
 
 /// Processes and threads a local sandbox may have at once when its template sets no
@@ -71,6 +109,22 @@ impl Template {
                 return Err(format!(
                     "egress must be \"none\", \"all\" or a list of hosts, not {other}"
                 ))
+            }
+        }
+        for (field, value) in [
+            ("timeout", &self.timeout),
+            ("idleTimeout", &self.idle_timeout),
+        ] {
+            if let Some(text) = value {
+                crate::lifecycle::check_duration(field, text)?;
+            }
+        }
+        if let Some(pool) = &self.warm_pool {
+            if pool.size > MAX_WARM_POOL {
+                return Err(format!("warmPool.size is at most {MAX_WARM_POOL}"));
+            }
+            if let Some(age) = &pool.max_age {
+                crate::lifecycle::check_duration("warmPool.maxAge", age)?;
             }
         }
         for p in &self.read_only_paths {

@@ -186,11 +186,6 @@ async fn quickstart_template_and_unserved_routes() {
 
     for (method, path, route) in [
         (
-            Method::POST,
-            "/api/v1/sandboxes/demo-agent/clone",
-            "POST /api/v1/sandboxes/{id}/clone",
-        ),
-        (
             Method::GET,
             "/api/v1/sandboxes/demo-agent/ports",
             "GET /api/v1/sandboxes/{id}/ports",
@@ -340,5 +335,5 @@ fn agenttier_python_sdk_drives_a_real_control_plane() {
                 .ok()
         })
         .expect("no `ok: N checks` line");
-    assert!(count >= 100, "only {count} checks ran");
+    assert!(count >= 96, "only {count} checks ran");
 }

@@ -278,9 +278,13 @@ async def run(client, tag):
     await expect_error(p + "configure in code mode -> 400", APIError,
                        lambda: code.agent.configure(entrypoint=["true"]), status=400)
 
+    # clone: a copy of the sandbox under the name given.
+    cl = await call(sb.clone(name=f"cl-{tag}"))
+    check(p + "clone", cl.name == f"cl-{tag}", cl.name)
+    await call(cl.terminate())
+
     # What agentbox does not serve: 501.
     for name, fn in [
-        ("clone", lambda: sb.clone(name=f"cl-{tag}")),
         ("list_ports", lambda: sb.list_ports()),
         ("forward_port", lambda: sb.forward_port(8080)),
         ("remove_port", lambda: sb.remove_port(8080)),

@@ -233,9 +233,13 @@ async fn last_activity_is_read_off_the_runners_state() {
     let state = env.workspace("busy").join(".agentbox");
     let dirs = [state.clone(), state.join("invokes"), state.join("sessions")];
     assert!(dirs.iter().all(|d| d.is_dir()), "{dirs:?}");
+    // And the file the control plane stamps when it proxies a request.
+    let stamp = env.sandbox_dir("busy").join("activity");
+    assert!(stamp.is_file());
     let touched = std::process::Command::new("touch")
         .args(["-d", "2020-01-01T00:00:00Z"])
         .args(&dirs)
+        .arg(&stamp)
         .status()
         .unwrap();
     assert!(touched.success());

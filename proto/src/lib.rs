@@ -701,6 +701,45 @@ pub struct CreateSandboxRequest {
     /// The template; `default` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_ref: Option<TemplateRef>,
+    /// Most time the sandbox runs, from its create (or explicit resume): a Go duration such as
+    /// `8h`; then it is stopped or deleted (the template's `onTimeout`). Defaults to the
+    /// template's `timeout`; none when neither sets one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// How long the sandbox may go without an invoke, exec, configure, file or session
+    /// request before it is stopped (its workspace kept); the next such request resumes it.
+    /// A Go duration such as `30m`; defaults to the template's `idleTimeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    /// Accepted for AgentTier clients (`{"size": "10Gi"}`) and ignored: a local or Docker
+    /// workspace is bounded by its filesystem.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub storage: Option<serde_json::Value>,
+}
+
+/// `POST /api/v1/sandboxes/{id}/clone` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CloneSandboxRequest {
+    /// The new sandbox's name; `<source>-clone-<unix seconds>` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Accepted for AgentTier clients and ignored (no VolumeSnapshot is taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_class: Option<String>,
+}
+
+/// Why a sandbox is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StopReason {
+    /// Nothing used it for its `idleTimeout`; the next request resumes it.
+    Idle,
+    /// Its `timeout` (lifetime) ended.
+    Timeout,
+    /// Somebody stopped it (`POST .../stop`).
+    User,
 }
 
 /// Who created a sandbox.
@@ -758,6 +797,49 @@ pub struct SandboxSummary {
     /// How a local sandbox's limits are enforced: `cgroup-v2`, `cgroup-v1` or `rlimits`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits_enforced: Option<String>,
+    /// Why it is `Stopped`: `idle` (a request resumes it), `timeout` or `user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<StopReason>,
+    /// Its lifetime, as given on create or by the template (a Go duration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Its idle timeout, as given on create or by the template (a Go duration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+    /// RFC 3339: when its lifetime ends (while it runs and has a `timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// The sandbox it was cloned from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloned_from: Option<String>,
+    /// In a create's answer, when its template has a warm pool: `true` when a pooled sandbox
+    /// (already running) was claimed, `false` when none was ready and it was started cold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_warm_pool: Option<bool>,
+}
+
+/// `GET /api/v1/warmpool/status` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPoolStatus {
+    /// One entry per template with a warm pool.
+    pub pools: Vec<WarmPoolInfo>,
+}
+
+/// One template's warm pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPoolInfo {
+    /// The template.
+    pub template: String,
+    /// How many pooled sandboxes it keeps ready.
+    pub size: u32,
+    /// How many are ready now.
+    pub ready: u32,
+    /// Creates that claimed a pooled sandbox (this control plane, since it started).
+    pub hits: u64,
+    /// Creates that found none ready and started cold (this control plane, since it started).
+    pub misses: u64,
 }
 
 fn isolated_default() -> bool {

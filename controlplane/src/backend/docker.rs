@@ -303,6 +303,12 @@ impl DockerBackend {
             message,
             isolated: true,
             limits_enforced: None,
+            stop_reason: None,
+            timeout: None,
+            idle_timeout: None,
+            expires_at: None,
+            cloned_from: None,
+            from_warm_pool: None,
         }
     }
 
@@ -635,6 +641,7 @@ impl Backend for DockerBackend {
                 mode: labels.get(MODE).cloned().unwrap_or_default(),
                 namespace: labels.get(NAMESPACE).cloned().unwrap_or_default(),
                 template: labels.get(TEMPLATE).cloned().unwrap_or_default(),
+                stop_reason: None,
             })),
             _ => Ok(self.record(name).await?.map(|record| Target {
                 addr: RunnerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
@@ -643,6 +650,7 @@ impl Backend for DockerBackend {
                 mode: record.template.mode,
                 namespace: record.namespace,
                 template: record.template.name,
+                stop_reason: None,
             })),
         }
     }

@@ -780,6 +780,12 @@ impl KubernetesBackend {
             message,
             isolated: true,
             limits_enforced: None,
+            stop_reason: None,
+            timeout: None,
+            idle_timeout: None,
+            expires_at: None,
+            cloned_from: None,
+            from_warm_pool: None,
             name,
         })
     }
@@ -1214,6 +1220,7 @@ impl Backend for KubernetesBackend {
             template: annotation(&*secret, TEMPLATE)
                 .unwrap_or("default")
                 .to_owned(),
+            stop_reason: None,
         }))
     }
 

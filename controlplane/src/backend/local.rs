@@ -13,14 +13,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use agentbox_proto::{CreatedBy, SandboxStatus, SandboxSummary};
+use agentbox_proto::{CreatedBy, SandboxStatus, SandboxSummary, StopReason};
 use nix::poll::{poll, PollFd, PollFlags};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -29,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::{now_rfc3339, random_hex, valid_name, Backend, CreateSpec, RunnerAddr, Target};
 use crate::config::Isolation;
 use crate::error::{Error, Result};
-use crate::templates::{Template, LOCAL_DEFAULT_PIDS};
+use crate::templates::{OnTimeout, Template, LOCAL_DEFAULT_PIDS};
 
 /// What is kept on disk for one sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +62,22 @@ struct Record {
     /// its own, unprivileged); kept so that its workspace stays its own across restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     host_uid: Option<u32>,
+    /// Its lifetime (a Go duration), counted from `started_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    timeout: Option<String>,
+    /// Its idle timeout (a Go duration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    idle_timeout: Option<String>,
+    /// RFC 3339: when its lifetime began (its create, or its last resume that was not a
+    /// resume on demand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    started_at: Option<String>,
+    /// Why it was last stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stop_reason: Option<StopReason>,
+    /// The sandbox it was cloned from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cloned_from: Option<String>,
 }
 
 /// Runner processes on this machine.
@@ -70,7 +87,29 @@ pub struct LocalBackend {
     launch: Launch,
     create_lock: tokio::sync::Mutex<()>,
     resolved: Mutex<HashMap<String, Resolved>>,
+    /// When this replica last stamped each sandbox's activity file ([`Backend::touch`]).
+    touched: Mutex<HashMap<String, Instant>>,
+    /// Warm pool claims per template in this replica: (hits, misses).
+    pool_counts: Mutex<HashMap<String, (u64, u64)>>,
 }
+
+/// A pooled sandbox's directory is this prefix + random hex: not a valid sandbox name, so
+/// never listed. A create claims one by creating its [`CLAIMED`] file (exclusive) and a
+/// symbolic link from the new name to it; its runner keeps running, unaware.
+const POOL_PREFIX: &str = ".pool-";
+
+/// The file that marks a pooled sandbox as claimed (or being retired).
+const CLAIMED: &str = "claimed";
+
+/// A deleted sandbox's directory is renamed to this prefix + its name before it is removed
+/// (not a valid sandbox name, so never listed); leftovers of a crash are removed at start.
+const DELETED_PREFIX: &str = ".deleted-";
+
+/// A sandbox's activity is stamped at most this often per replica.
+const TOUCH_EVERY: Duration = Duration::from_millis(500);
+
+/// The file whose modification time is when a request last used the sandbox.
+const ACTIVITY_FILE: &str = "activity";
 
 /// What starting a runner needs, owned, so that it can run on a blocking thread (a
 /// `spawn_blocking` task works on any runtime; the control plane's has one thread).
@@ -91,6 +130,18 @@ const EGRESS_PROXY: &str = "http://127.0.0.1:3128";
 /// The first host uid given to isolated sandboxes when the control plane runs as root: each
 /// sandbox gets one of its own above it, unprivileged and unused by any distribution.
 const HOST_UID_BASE: u32 = 0x5B00_0000;
+
+/// Now, RFC 3339 to the millisecond (a lifetime's start: seconds would cut up to one off it).
+fn now_millis() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// A host uid of its own for a new isolated sandbox (the control plane runs as root).
+fn new_host_uid() -> Result<u32> {
+    let mut b = [0u8; 4];
+    getrandom::fill(&mut b).map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(HOST_UID_BASE + (u32::from_le_bytes(b) & 0x00ff_ffff))
+}
 
 impl Launch {
     /// The sandbox's environment: nothing of the control plane's own (its secrets stay
@@ -146,9 +197,7 @@ impl Launch {
         let cpu = limits.nano_cpus().map_err(Error::InvalidRequest)?;
         let pids = limits.pids.unwrap_or(LOCAL_DEFAULT_PIDS);
         if rustix::process::geteuid().is_root() && record.host_uid.is_none() {
-            let mut b = [0u8; 4];
-            getrandom::fill(&mut b).map_err(|e| Error::Internal(e.to_string()))?;
-            record.host_uid = Some(HOST_UID_BASE + (u32::from_le_bytes(b) & 0x00ff_ffff));
+            record.host_uid = Some(new_host_uid()?);
         }
         Ok(serde_json::json!({
             "name": record.name,
@@ -239,8 +288,10 @@ impl Launch {
                     record.name
                 )));
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         };
+        // A start counts as use: the idle time runs from here.
+        let _ = std::fs::File::create(dir.join(ACTIVITY_FILE));
         record.addr = Some(addr);
         record.pid = Some(pid);
         record.pid_started = start_time(pid);
@@ -296,6 +347,349 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Internal(format!("a blocking task failed: {e}")))
+}
+
+/// The unclaimed pooled sandboxes of `template`, oldest first: (directory name, record).
+fn pool_entries(root: &Path, template: &str) -> Vec<(String, Record)> {
+    let Ok(dir) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, Record)> = dir
+        .flatten()
+        .filter_map(|e| {
+            let id = e.file_name().to_str()?.to_owned();
+            if !id.starts_with(POOL_PREFIX) || e.path().join(CLAIMED).exists() {
+                return None;
+            }
+            let record = read_record(root, &id).ok()??;
+            (record.template.name == template).then_some((id, record))
+        })
+        .collect();
+    out.sort_by(|a, b| a.1.created_at.cmp(&b.1.created_at));
+    out
+}
+
+/// Reads `<root>/<name>/sandbox.json`; `None` when there is none.
+fn read_record(root: &Path, name: &str) -> Result<Option<Record>> {
+    match std::fs::read(root.join(name).join("sandbox.json")) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::Backend(format!("sandbox {name:?}: bad record: {e}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Replaces the record in `dir`: temp file, fsync, rename.
+fn write_record(dir: &Path, record: &Record) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(record).map_err(|e| Error::Internal(e.to_string()))?;
+    let tmp = dir.join(format!(".sandbox.json.{}", random_hex(4)));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join("sandbox.json"))?;
+    Ok(())
+}
+
+/// Holds the sandbox's `lock` file (`flock`, exclusive) until the returned file is dropped:
+/// stops and resumes of one sandbox never overlap, in one control plane or several sharing
+/// the state directory (a sweep and a request, two requests waking it), so one sandbox never
+/// gets two runners.
+fn lock_sandbox(dir: &Path, name: &str) -> Result<std::fs::File> {
+    let file = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::SandboxNotFound(name.into()))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| Error::Internal(format!("cannot lock sandbox {name:?}: {e}")))?;
+    Ok(file)
+}
+
+/// When sandbox `name` was last used: the newest modification time of the runner's state
+/// directory, its `invokes/` and `sessions/` (an invoke or session started, the
+/// configuration changed), and of the activity file the control plane stamps when it proxies
+/// a request and when the runner starts.
+fn last_activity(root: &Path, name: &str) -> Option<SystemTime> {
+    let dir = root.join(name);
+    let state = dir.join("workspace").join(".agentbox");
+    ["", "invokes", "sessions"]
+        .iter()
+        .map(|sub| state.join(sub))
+        .chain([dir.join(ACTIVITY_FILE)])
+        .filter_map(|path| std::fs::metadata(path).ok()?.modified().ok())
+        .max()
+}
+
+/// Creates a pooled sandbox's [`CLAIMED`] file; false when it exists (somebody else has it).
+fn mark_claimed(dir: &Path) -> bool {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dir.join(CLAIMED))
+        .is_ok()
+}
+
+/// Stops a marked pooled sandbox and removes its directory.
+fn remove_pooled(root: &Path, id: &str, record: &Record) {
+    LocalBackend::halt(record);
+    let tomb = root.join(format!("{DELETED_PREFIX}{id}-{}", random_hex(4)));
+    if std::fs::rename(root.join(id), &tomb).is_ok() {
+        let _ = std::fs::remove_dir_all(&tomb);
+    }
+}
+
+/// Retires pooled sandboxes that are gone, too old or of an older version of their template,
+/// and starts new ones until each pool has its size. One replica at a time (a `flock` on
+/// `<root>/.pool.lock`; a replica finding it taken skips the round).
+fn refill(launch: &Launch, templates: &[Template]) -> Result<()> {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(launch.root.join(".pool.lock"))?;
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        return Ok(());
+    }
+    // A claim (or retirement) that died between its mark and its link leaves a marked entry
+    // still under its pool name: after a minute, it is retired.
+    for entry in std::fs::read_dir(&launch.root)?.flatten() {
+        let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if !id.starts_with(POOL_PREFIX) {
+            continue;
+        }
+        let Ok(Some(record)) = read_record(&launch.root, &id) else {
+            continue;
+        };
+        let mark = entry.path().join(CLAIMED);
+        let stale = std::fs::metadata(&mark)
+            .ok()
+            .and_then(|m| m.modified().ok()?.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(60));
+        if stale && record.name == id {
+            remove_pooled(&launch.root, &id, &record);
+            continue;
+        }
+        // The pool of a template that has none any more (or is gone) is emptied.
+        let pooled = templates.iter().any(|t| t.name == record.template.name);
+        if !pooled && !mark.exists() && mark_claimed(&entry.path()) {
+            remove_pooled(&launch.root, &id, &record);
+        }
+    }
+    for t in templates {
+        let Some(pool) = &t.warm_pool else { continue };
+        let max_age = pool
+            .max_age
+            .as_deref()
+            .and_then(|a| crate::lifecycle::parse_duration(a).ok());
+        let mut ready = 0;
+        for (id, record) in pool_entries(&launch.root, &t.name) {
+            let old = max_age.is_some_and(|age| {
+                humantime::parse_rfc3339_weak(&record.created_at)
+                    .ok()
+                    .and_then(|at| at.elapsed().ok())
+                    .is_some_and(|e| e > age)
+            });
+            let good = record.template == *t && record.running && record.alive() && !old;
+            if good && ready < pool.size {
+                ready += 1;
+                continue;
+            }
+            // Retire it: marked first, so that no create claims it meanwhile.
+            if mark_claimed(&launch.root.join(&id)) {
+                remove_pooled(&launch.root, &id, &record);
+            }
+        }
+        for _ in ready..pool.size {
+            let id = format!("{POOL_PREFIX}{}", random_hex(8));
+            std::fs::create_dir(launch.root.join(&id))?;
+            let mut record = Record {
+                name: id.clone(),
+                namespace: String::new(),
+                template: t.clone(),
+                created_at: now_millis(),
+                created_by: CreatedBy {
+                    email: None,
+                    display_name: None,
+                },
+                running: true,
+                addr: None,
+                pid: None,
+                pid_started: None,
+                token: random_hex(32),
+                message: None,
+                isolated: false,
+                limits_enforced: None,
+                host_uid: None,
+                timeout: None,
+                idle_timeout: None,
+                started_at: None,
+                stop_reason: None,
+                cloned_from: None,
+            };
+            if let Err(e) = launch.start(&mut record) {
+                let _ = std::fs::remove_dir_all(launch.root.join(&id));
+                return Err(e);
+            }
+            write_record(&launch.root.join(&id), &record)?;
+        }
+    }
+    Ok(())
+}
+
+/// The most directory levels [`copy_tree`] descends (two descriptors held per level).
+const COPY_MAX_DEPTH: usize = 128;
+
+/// Copies the directory `from` into the new directory `to`, inside the two parent
+/// directories given as descriptors: directories, regular files (reflinked where the
+/// filesystem can, else copied with `copy_file_range`), symbolic links as links; modes and
+/// file modification times kept; entries owned by `owner.0` become `owner.1`'s. Sockets,
+/// FIFOs and devices are left out, and so is `skip` (a path below `from`). Nothing is ever
+/// followed: every open is relative to its parent's descriptor with `O_NOFOLLOW`, so code in
+/// the source sandbox swapping a directory for a link mid-copy cannot make the control plane
+/// read outside that workspace. Answers the bytes copied.
+fn copy_tree(from: &Path, to: &Path, skip: &Path, owner: Option<(u32, u32)>) -> Result<u64> {
+    use rustix::fs::{Mode, OFlags, CWD};
+    let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let src = rustix::fs::openat(CWD, from, dir_flags, Mode::empty())
+        .map_err(|e| Error::Backend(format!("{}: {e}", from.display())))?;
+    let meta = rustix::fs::fstat(&src).map_err(std::io::Error::from)?;
+    rustix::fs::mkdirat(CWD, to, Mode::from_raw_mode(meta.st_mode & 0o7777))
+        .map_err(std::io::Error::from)?;
+    let dst =
+        rustix::fs::openat(CWD, to, dir_flags, Mode::empty()).map_err(std::io::Error::from)?;
+    chown_if(&dst, &meta, owner)?;
+    let mut bytes = 0;
+    copy_dir(&src, &dst, Path::new(""), skip, owner, 0, &mut bytes)?;
+    Ok(bytes)
+}
+
+fn chown_if(fd: &OwnedFd, meta: &rustix::fs::Stat, owner: Option<(u32, u32)>) -> Result<()> {
+    if let Some((from, to)) = owner.filter(|(from, _)| meta.st_uid == *from) {
+        let id = rustix::process::Uid::from_raw(to);
+        let gid =
+            rustix::process::Gid::from_raw(if meta.st_gid == from { to } else { meta.st_gid });
+        rustix::fs::fchown(fd, Some(id), Some(gid)).map_err(std::io::Error::from)?;
+    }
+    Ok(())
+}
+
+fn copy_dir(
+    src: &OwnedFd,
+    dst: &OwnedFd,
+    rel: &Path,
+    skip: &Path,
+    owner: Option<(u32, u32)>,
+    depth: usize,
+    bytes: &mut u64,
+) -> Result<()> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    if depth > COPY_MAX_DEPTH {
+        return Err(Error::InvalidRequest(format!(
+            "the workspace is nested deeper than {COPY_MAX_DEPTH} directories at {}",
+            rel.display()
+        )));
+    }
+    let io = |e: rustix::io::Errno| Error::from(std::io::Error::from(e));
+    let names: Vec<std::ffi::CString> = rustix::fs::Dir::read_from(src)
+        .map_err(io)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_owned())
+        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+        .collect();
+    for name in names {
+        let child = rel.join(std::ffi::OsStr::from_bytes(name.as_bytes()));
+        if child == skip {
+            continue;
+        }
+        let Ok(meta) = rustix::fs::statat(src, &name, AtFlags::SYMLINK_NOFOLLOW) else {
+            continue; // gone meanwhile
+        };
+        let mode = Mode::from_raw_mode(meta.st_mode & 0o7777);
+        match FileType::from_raw_mode(meta.st_mode) {
+            FileType::Directory => {
+                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                let Ok(from) = rustix::fs::openat(src, &name, flags, Mode::empty()) else {
+                    continue;
+                };
+                rustix::fs::mkdirat(dst, &name, Mode::from_raw_mode(0o700)).map_err(io)?;
+                let to = rustix::fs::openat(dst, &name, flags, Mode::empty()).map_err(io)?;
+                copy_dir(&from, &to, &child, skip, owner, depth + 1, bytes)?;
+                rustix::fs::fchmod(&to, mode).map_err(io)?;
+                chown_if(&to, &meta, owner)?;
+            }
+            FileType::RegularFile => {
+                // Non-blocking, and checked again once open: a file swapped for a FIFO
+                // meanwhile must not hang the copy.
+                let Ok(from) = rustix::fs::openat(
+                    src,
+                    &name,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+                    Mode::empty(),
+                ) else {
+                    continue;
+                };
+                let regular = rustix::fs::fstat(&from)
+                    .is_ok_and(|m| FileType::from_raw_mode(m.st_mode) == FileType::RegularFile);
+                if !regular {
+                    continue;
+                }
+                let to = rustix::fs::openat(
+                    dst,
+                    &name,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(io)?;
+                let (from, to) = (std::fs::File::from(from), std::fs::File::from(to));
+                if rustix::fs::ioctl_ficlone(&to, &from).is_err() {
+                    std::io::copy(&mut &from, &mut &to)?;
+                }
+                *bytes += meta.st_size as u64;
+                let modified = std::time::UNIX_EPOCH
+                    + Duration::new(meta.st_mtime.max(0) as u64, meta.st_mtime_nsec as u32);
+                let _ = to.set_modified(modified);
+                let to = OwnedFd::from(to);
+                rustix::fs::fchmod(&to, mode).map_err(io)?;
+                chown_if(&to, &meta, owner)?;
+            }
+            FileType::Symlink => {
+                let Ok(target) = rustix::fs::readlinkat(src, &name, Vec::new()) else {
+                    continue;
+                };
+                rustix::fs::symlinkat(&target, dst, &name).map_err(io)?;
+                if let Some((from, to)) = owner.filter(|(from, _)| meta.st_uid == *from) {
+                    let gid = if meta.st_gid == from { to } else { meta.st_gid };
+                    rustix::fs::chownat(
+                        dst,
+                        &name,
+                        Some(rustix::process::Uid::from_raw(to)),
+                        Some(rustix::process::Gid::from_raw(gid)),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(io)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// What [`LocalBackend::resolve`] read for a sandbox, kept while its record file is the same
@@ -416,7 +810,27 @@ impl Record {
             message,
             isolated: self.isolated,
             limits_enforced: self.limits_enforced.clone(),
+            stop_reason: self
+                .stop_reason
+                .filter(|_| status == SandboxStatus::Stopped),
+            timeout: self.timeout.clone(),
+            idle_timeout: self.idle_timeout.clone(),
+            expires_at: self
+                .expires_at()
+                .filter(|_| {
+                    status == SandboxStatus::Running || self.stop_reason == Some(StopReason::Idle)
+                })
+                .map(|t| humantime::format_rfc3339_millis(t).to_string()),
+            cloned_from: self.cloned_from.clone(),
+            from_warm_pool: None,
         }
+    }
+
+    /// When its lifetime ends, if it has one.
+    fn expires_at(&self) -> Option<SystemTime> {
+        let lifetime = crate::lifecycle::parse_duration(self.timeout.as_deref()?).ok()?;
+        let start = humantime::parse_rfc3339_weak(self.started_at.as_deref()?).ok()?;
+        start.checked_add(lifetime)
     }
 }
 
@@ -431,6 +845,15 @@ impl LocalBackend {
     ) -> std::io::Result<Self> {
         let root = state_dir.join("sandboxes");
         std::fs::create_dir_all(&root)?;
+        for entry in std::fs::read_dir(&root)?.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(DELETED_PREFIX)
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         Ok(Self {
             launch: Launch {
                 root,
@@ -441,6 +864,8 @@ impl LocalBackend {
             },
             create_lock: tokio::sync::Mutex::new(()),
             resolved: Mutex::new(HashMap::new()),
+            touched: Mutex::new(HashMap::new()),
+            pool_counts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -450,16 +875,7 @@ impl LocalBackend {
     /// when an invoke starts, or the runner sets its time when it reuses a pruned one's) and of `sessions/`.
     fn summary(&self, record: &Record) -> SandboxSummary {
         let mut summary = record.summary();
-        let state = self
-            .launch
-            .root
-            .join(&record.name)
-            .join("workspace")
-            .join(".agentbox");
-        summary.last_activity_at = ["", "invokes", "sessions"]
-            .iter()
-            .filter_map(|sub| std::fs::metadata(state.join(sub)).ok()?.modified().ok())
-            .max()
+        summary.last_activity_at = last_activity(&self.launch.root, &record.name)
             .map(|t| humantime::format_rfc3339_millis(t).to_string());
         summary
     }
@@ -480,34 +896,99 @@ impl LocalBackend {
     }
 
     fn read(&self, name: &str) -> Result<Option<Record>> {
-        let Some(dir) = self.dir(name) else {
+        if !valid_name(name) {
             return Ok(None);
-        };
-        match std::fs::read(dir.join("sandbox.json")) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| Error::Backend(format!("sandbox {name:?}: bad record: {e}"))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
         }
+        read_record(&self.launch.root, name)
     }
 
     /// Replaces `record` on disk (temp file, fsync, rename) on a blocking thread: the fsync
     /// would otherwise stall every stream of the runtime's one thread.
     async fn write(&self, record: &Record) -> Result<()> {
         let dir = self.launch.root.join(&record.name);
-        let bytes =
-            serde_json::to_vec_pretty(record).map_err(|e| Error::Internal(e.to_string()))?;
+        let record = record.clone();
+        blocking(move || write_record(&dir, &record)).await?
+    }
+
+    /// Claims a ready pooled sandbox of `spec`'s template for `spec.name`; `None` when none
+    /// is ready.
+    async fn claim(&self, spec: &CreateSpec) -> Result<Option<Record>> {
+        let root = self.launch.root.clone();
+        let spec = spec.clone();
         blocking(move || {
-            let tmp = dir.join(format!(".sandbox.json.{}", random_hex(4)));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, dir.join("sandbox.json"))?;
-            Ok(())
+            for (id, mut record) in pool_entries(&root, &spec.template.name) {
+                let pool_dir = root.join(&id);
+                if record.template != spec.template || !record.running || !record.alive() {
+                    continue;
+                }
+                // Exactly one claimer (or the refill retiring it) creates the mark.
+                let marked = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(pool_dir.join(CLAIMED));
+                if marked.is_err() {
+                    continue;
+                }
+                let link = root.join(&spec.name);
+                if let Err(e) = std::os::unix::fs::symlink(&id, &link) {
+                    let _ = std::fs::remove_file(pool_dir.join(CLAIMED));
+                    return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        Error::AlreadyExists(spec.name)
+                    } else {
+                        e.into()
+                    });
+                }
+                record.name = spec.name.clone();
+                record.namespace = spec.namespace.clone();
+                record.created_at = now_rfc3339();
+                record.created_by = spec.created_by.clone();
+                record.timeout = spec.timeout.clone();
+                record.idle_timeout = spec.idle_timeout.clone();
+                record.started_at = Some(now_millis());
+                write_record(&pool_dir, &record)?;
+                let _ = std::fs::File::create(pool_dir.join(ACTIVITY_FILE));
+                return Ok(Some(record));
+            }
+            Ok(None)
+        })
+        .await?
+    }
+
+    /// Stops `name` for `reason` under its lock (see [`Backend::stop_for`]); `None` when
+    /// there was nothing to do.
+    async fn stop_locked(
+        &self,
+        name: &str,
+        reason: StopReason,
+        idle_since: SystemTime,
+    ) -> Result<Option<Record>> {
+        if !valid_name(name) {
+            return Err(Error::SandboxNotFound(name.into()));
+        }
+        let root = self.launch.root.clone();
+        let name = name.to_owned();
+        blocking(move || {
+            let dir = root.join(&name);
+            let _lock = lock_sandbox(&dir, &name)?;
+            let Some(mut record) = read_record(&root, &name)? else {
+                return Err(Error::SandboxNotFound(name));
+            };
+            let asleep = !record.running && record.stop_reason == Some(StopReason::Idle);
+            match reason {
+                StopReason::User => {}
+                // A lifetime also ends while the sandbox sleeps.
+                StopReason::Timeout if record.running || asleep => {}
+                StopReason::Idle
+                    if record.running
+                        && last_activity(&root, &name).is_none_or(|t| t <= idle_since) => {}
+                _ => return Ok(None),
+            }
+            LocalBackend::halt(&record);
+            record.running = false;
+            record.addr = None;
+            record.stop_reason = Some(reason);
+            write_record(&dir, &record)?;
+            Ok(Some(record))
         })
         .await?
     }
@@ -616,6 +1097,21 @@ impl Backend for LocalBackend {
             .dir(&spec.name)
             .ok_or_else(|| Error::InvalidRequest(format!("{:?} is not a valid name", spec.name)))?;
         let _one_at_a_time = self.create_lock.lock().await;
+        let pooled = spec.template.warm_pool.as_ref().is_some_and(|p| p.size > 0);
+        if pooled {
+            let claimed = self.claim(&spec).await?;
+            let mut counts = self.pool_counts.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = counts.entry(spec.template.name.clone()).or_default();
+            if let Some(record) = claimed {
+                entry.0 += 1;
+                drop(counts);
+                tracing::info!(sandbox = %record.name, "sandbox created from the warm pool");
+                let mut summary = self.summary(&record);
+                summary.from_warm_pool = Some(true);
+                return Ok(summary);
+            }
+            entry.1 += 1;
+        }
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -638,6 +1134,11 @@ impl Backend for LocalBackend {
             isolated: false,
             limits_enforced: None,
             host_uid: None,
+            timeout: spec.timeout,
+            idle_timeout: spec.idle_timeout,
+            started_at: Some(now_millis()),
+            stop_reason: None,
+            cloned_from: None,
         };
         let (record, started) = self.start(record).await?;
         if let Err(e) = started {
@@ -647,47 +1148,260 @@ impl Backend for LocalBackend {
         }
         self.write(&record).await?;
         tracing::info!(sandbox = %record.name, "sandbox created");
-        Ok(self.summary(&record))
+        let mut summary = self.summary(&record);
+        summary.from_warm_pool = pooled.then_some(false);
+        Ok(summary)
     }
 
     async fn delete(&self, name: &str) -> Result<()> {
-        let Some(mut record) = self.read(name)? else {
+        if self.read(name)?.is_none() {
             return Err(Error::SandboxNotFound(name.into()));
-        };
-        record.running = false;
-        self.write(&record).await?;
-        let halted = record.clone();
-        blocking(move || Self::halt(&halted)).await?;
-        let dir = self.launch.root.join(name);
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))??;
-        tracing::info!(sandbox = %name, "sandbox deleted");
-        Ok(())
+        }
+        let (root, name) = (self.launch.root.clone(), name.to_owned());
+        blocking(move || {
+            let dir = root.join(&name);
+            // A sandbox claimed from the warm pool is a link to the pooled directory.
+            let pooled = std::fs::symlink_metadata(&dir)
+                .is_ok_and(|m| m.file_type().is_symlink())
+                .then(|| std::fs::canonicalize(&dir).ok())
+                .flatten();
+            // Under the sandbox's lock, so that no resume (a request waking it, another
+            // replica) starts a runner meanwhile; the directory leaves the name at once (a
+            // rename), and a waiting resume or stop then finds no sandbox.
+            let tomb = root.join(format!("{DELETED_PREFIX}{name}-{}", random_hex(4)));
+            {
+                let _lock = lock_sandbox(&dir, &name)?;
+                let Some(mut record) = read_record(&root, &name)? else {
+                    return Err(Error::SandboxNotFound(name));
+                };
+                record.running = false;
+                write_record(&dir, &record)?;
+                Self::halt(&record);
+                match &pooled {
+                    Some(real) => {
+                        std::fs::rename(real, &tomb)?;
+                        std::fs::remove_file(&dir)?;
+                    }
+                    None => std::fs::rename(&dir, &tomb)?,
+                }
+            }
+            // Gone for the API already; what is left (another replica starting may remove
+            // it too) is removed at the next start.
+            if let Err(e) = std::fs::remove_dir_all(&tomb) {
+                tracing::warn!(sandbox = %name, error = %e, "a deleted sandbox's files are left");
+            }
+            tracing::info!(sandbox = %name, "sandbox deleted");
+            Ok(())
+        })
+        .await?
     }
 
     async fn stop(&self, name: &str) -> Result<SandboxSummary> {
-        let Some(mut record) = self.read(name)? else {
-            return Err(Error::SandboxNotFound(name.into()));
-        };
-        let halted = record.clone();
-        blocking(move || Self::halt(&halted)).await?;
-        record.running = false;
-        record.addr = None;
-        self.write(&record).await?;
+        let record = self
+            .stop_locked(name, StopReason::User, SystemTime::now())
+            .await?
+            .ok_or_else(|| Error::Internal("a stop by a user always stops".into()))?;
         Ok(self.summary(&record))
     }
 
-    async fn resume(&self, name: &str) -> Result<SandboxSummary> {
+    async fn stop_for(
+        &self,
+        name: &str,
+        reason: StopReason,
+        idle_since: SystemTime,
+    ) -> Result<Option<SandboxSummary>> {
+        Ok(self
+            .stop_locked(name, reason, idle_since)
+            .await?
+            .map(|r| self.summary(&r)))
+    }
+
+    async fn expire(&self, name: &str) -> Result<()> {
         let Some(record) = self.read(name)? else {
-            return Err(Error::SandboxNotFound(name.into()));
+            return Ok(());
         };
-        if record.running && record.alive() {
-            return Ok(self.summary(&record));
+        match record.template.on_timeout.unwrap_or_default() {
+            OnTimeout::Delete => match self.delete(name).await {
+                Err(Error::SandboxNotFound(_)) => Ok(()),
+                other => other,
+            },
+            OnTimeout::Stop => self
+                .stop_locked(name, StopReason::Timeout, SystemTime::now())
+                .await
+                .map(|_| ()),
         }
-        let (record, started) = self.start(record).await?;
+    }
+
+    async fn resume(&self, name: &str) -> Result<SandboxSummary> {
+        if !valid_name(name) {
+            return Err(Error::SandboxNotFound(name.into()));
+        }
+        let (root, launch, name) = (
+            self.launch.root.clone(),
+            self.launch.clone(),
+            name.to_owned(),
+        );
+        let record = blocking(move || {
+            let dir = root.join(&name);
+            let _lock = lock_sandbox(&dir, &name)?;
+            let Some(mut record) = read_record(&root, &name)? else {
+                return Err(Error::SandboxNotFound(name));
+            };
+            if record.running && record.alive() {
+                return Ok(record);
+            }
+            // A resume on demand continues the lifetime; any other starts a new one.
+            if record.stop_reason != Some(StopReason::Idle) || record.started_at.is_none() {
+                record.started_at = Some(now_millis());
+            }
+            let started = launch.start(&mut record);
+            if started.is_ok() {
+                record.stop_reason = None;
+            }
+            write_record(&dir, &record)?;
+            started.map(|()| record)
+        })
+        .await??;
+        Ok(self.summary(&record))
+    }
+
+    async fn refill_pools(&self, templates: &[Template]) -> Result<()> {
+        let pooled: Vec<Template> = templates
+            .iter()
+            .filter(|t| t.warm_pool.as_ref().is_some_and(|p| p.size > 0))
+            .cloned()
+            .collect();
+        let launch = self.launch.clone();
+        blocking(move || refill(&launch, &pooled)).await?
+    }
+
+    fn warm_pools(&self, templates: &[Template]) -> Vec<agentbox_proto::WarmPoolInfo> {
+        let counts = self
+            .pool_counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        templates
+            .iter()
+            .filter_map(|t| {
+                let size = t.warm_pool.as_ref()?.size;
+                let ready = pool_entries(&self.launch.root, &t.name)
+                    .iter()
+                    .filter(|(_, r)| r.template == *t && r.running && r.alive())
+                    .count() as u32;
+                let (hits, misses) = counts.get(&t.name).copied().unwrap_or_default();
+                Some(agentbox_proto::WarmPoolInfo {
+                    template: t.name.clone(),
+                    size,
+                    ready,
+                    hits,
+                    misses,
+                })
+            })
+            .collect()
+    }
+
+    fn keeps_lifecycle(&self) -> bool {
+        true
+    }
+
+    fn touch(&self, name: &str) {
+        let now = Instant::now();
+        {
+            let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+            if touched
+                .get(name)
+                .is_some_and(|t| now.duration_since(*t) < TOUCH_EVERY)
+            {
+                return;
+            }
+            // Bounded: one entry per sandbox used in the last moments.
+            if touched.len() >= 10_000 {
+                touched.retain(|_, t| now.duration_since(*t) < TOUCH_EVERY);
+            }
+            touched.insert(name.to_owned(), now);
+        }
+        let Some(dir) = self.dir(name) else {
+            return;
+        };
+        // Never created here: a deleted sandbox's directory must not come back.
+        if let Ok(f) = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(ACTIVITY_FILE))
+        {
+            let _ = f.set_modified(SystemTime::now());
+        }
+    }
+
+    async fn clone_sandbox(
+        &self,
+        source: &str,
+        name: &str,
+        created_by: CreatedBy,
+    ) -> Result<SandboxSummary> {
+        let Some(src) = self.read(source)? else {
+            return Err(Error::SandboxNotFound(source.into()));
+        };
+        let dir = self
+            .dir(name)
+            .ok_or_else(|| Error::InvalidRequest(format!("{name:?} is not a valid name")))?;
+        let _one_at_a_time = self.create_lock.lock().await;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::AlreadyExists(name.into()))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let host_uid = match src.host_uid {
+            Some(_) if rustix::process::geteuid().is_root() => Some(new_host_uid()?),
+            _ => None,
+        };
+        let record = Record {
+            name: name.to_owned(),
+            namespace: src.namespace.clone(),
+            template: src.template.clone(),
+            created_at: now_rfc3339(),
+            created_by,
+            running: true,
+            addr: None,
+            pid: None,
+            pid_started: None,
+            token: random_hex(32),
+            message: None,
+            isolated: false,
+            limits_enforced: None,
+            host_uid,
+            timeout: src.timeout.clone(),
+            idle_timeout: src.idle_timeout.clone(),
+            started_at: Some(now_millis()),
+            stop_reason: None,
+            cloned_from: Some(source.to_owned()),
+        };
+        // The workspace and the runner's configuration (so a configure with the same install
+        // hash skips the install), not the source's invoke journals.
+        let from = self.launch.root.join(source).join("workspace");
+        let to = dir.join("workspace");
+        let owner = src.host_uid.zip(host_uid);
+        let copied =
+            blocking(move || copy_tree(&from, &to, Path::new(".agentbox/invokes"), owner)).await?;
+        let started = match copied {
+            Ok(bytes) => {
+                tracing::info!(sandbox = %name, source = %source, bytes, "workspace copied");
+                let (record, started) = self.start(record).await?;
+                started.map(|()| record)
+            }
+            Err(e) => Err(e),
+        };
+        let record = match started {
+            Ok(record) => record,
+            Err(e) => {
+                let _ = blocking(move || std::fs::remove_dir_all(dir)).await;
+                return Err(e);
+            }
+        };
         self.write(&record).await?;
-        started?;
+        tracing::info!(sandbox = %record.name, source = %source, "sandbox cloned");
         Ok(self.summary(&record))
     }
 
@@ -739,6 +1453,7 @@ impl Backend for LocalBackend {
             mode: record.template.mode,
             namespace: record.namespace,
             template: record.template.name,
+            stop_reason: record.stop_reason.filter(|_| !record.running),
         };
         if cacheable {
             resolved.insert(

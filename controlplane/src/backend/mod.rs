@@ -1,7 +1,7 @@
 //! Where sandboxes live. The control plane asks a [`Backend`] only for lifecycle operations and
 //! for [`Target`]s (where a sandbox's runner listens); it keeps no state of its own.
 
-use agentbox_proto::{CreatedBy, SandboxStatus, SandboxSummary};
+use agentbox_proto::{CreatedBy, SandboxStatus, SandboxSummary, StopReason};
 
 pub use crate::connector::RunnerAddr;
 use crate::error::Result;
@@ -26,6 +26,8 @@ pub struct Target {
     pub namespace: String,
     /// The template's name (a metrics label).
     pub template: String,
+    /// Why it is stopped; a request to a sandbox stopped for `idle` resumes it.
+    pub stop_reason: Option<StopReason>,
 }
 
 /// What to create.
@@ -39,6 +41,10 @@ pub struct CreateSpec {
     pub template: Template,
     /// The caller.
     pub created_by: CreatedBy,
+    /// Its lifetime (a validated Go duration), from the request or the template.
+    pub timeout: Option<String>,
+    /// Its idle timeout (a validated Go duration), from the request or the template.
+    pub idle_timeout: Option<String>,
 }
 
 /// One small interface per place sandboxes can live.
@@ -56,6 +62,58 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     async fn stop(&self, name: &str) -> Result<SandboxSummary>;
     /// Starts a stopped sandbox again, with the same workspace.
     async fn resume(&self, name: &str) -> Result<SandboxSummary>;
+    /// Stops a sandbox for `reason` (shown as `stopReason`). For [`StopReason::Idle`] the
+    /// backend checks again, under its own lock, that nothing used the sandbox since
+    /// `idle_since`, and answers `Ok(None)` without stopping when something did. Backends
+    /// that keep no reason stop it plainly.
+    async fn stop_for(
+        &self,
+        name: &str,
+        reason: StopReason,
+        _idle_since: std::time::SystemTime,
+    ) -> Result<Option<SandboxSummary>> {
+        if reason == StopReason::Idle {
+            // Without a reason kept, an idle stop could not be resumed on demand.
+            return Ok(None);
+        }
+        self.stop(name).await.map(Some)
+    }
+    /// Ends a sandbox's lifetime: stops it (`stopReason: timeout`) or deletes it, as its
+    /// template's `onTimeout` says.
+    async fn expire(&self, name: &str) -> Result<()> {
+        self.stop_for(name, StopReason::Timeout, std::time::SystemTime::now())
+            .await
+            .map(|_| ())
+    }
+    /// Whether this backend keeps `timeout` and `idleTimeout` (and so needs the lifecycle
+    /// sweep at all; the others' listing would be work for nothing).
+    fn keeps_lifecycle(&self) -> bool {
+        false
+    }
+    /// Notes that a request used the sandbox now (its `lastActivityAt`). Cheap: called on
+    /// every proxied request.
+    fn touch(&self, _name: &str) {}
+    /// Starts pooled sandboxes until every template's warm pool is full, and replaces those
+    /// past their `maxAge` or gone. Called in the background, never on a request's path.
+    async fn refill_pools(&self, _templates: &[Template]) -> Result<()> {
+        Ok(())
+    }
+    /// The warm pools of `templates`.
+    fn warm_pools(&self, _templates: &[Template]) -> Vec<agentbox_proto::WarmPoolInfo> {
+        Vec::new()
+    }
+    /// Creates `name` as a copy of `source`: its workspace and configuration, its template,
+    /// namespace and timeouts; started like a create.
+    async fn clone_sandbox(
+        &self,
+        source: &str,
+        _name: &str,
+        _created_by: CreatedBy,
+    ) -> Result<SandboxSummary> {
+        Err(crate::error::Error::Backend(format!(
+            "sandbox {source:?}: this backend cannot clone sandboxes yet (the local backend can)"
+        )))
+    }
     /// Where the runner is; `None` for an unknown sandbox. Must not be slow: it is on every
     /// request's path.
     async fn resolve(&self, name: &str) -> Result<Option<Target>>;
