@@ -24,6 +24,7 @@ use serde::Deserialize;
 use crate::auth::Identity;
 use crate::backend::{valid_name, CreateSpec};
 use crate::error::{Error, Result};
+use crate::governance::PolicyViolationBody;
 use crate::metrics::{self, Kind};
 use crate::{audit, otel, AppState};
 
@@ -59,6 +60,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/api/v1/sandboxes/{id}/stop", post(stop_sandbox))
         .route("/api/v1/sandboxes/{id}/resume", post(resume_sandbox))
         .route("/api/v1/sandboxes/{id}/{*rest}", any(to_runner))
+        .merge(crate::admin_api::routes())
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             authenticate,
@@ -97,13 +99,14 @@ async fn authenticate(
                 action: "authenticate",
                 outcome: "denied",
                 status: e.status().as_u16(),
+                detail: None,
             });
             e.into_response()
         }
     }
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
@@ -247,7 +250,7 @@ pub(crate) async fn get_sandbox(
     request_body(content = CreateSandboxRequest, content_type = "application/json"),
     responses((status = 201, description = "Created.", body = SandboxSummary),
         (status = 400, description = "`invalid_request`: bad JSON, name, namespace or templateRef.kind.", body = ErrorBody), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the caller may not use the namespace.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the caller may not use the namespace; `policy_violation` (with `violations: [{field, limit, actual}]`): the namespace's governance policy refuses it (counts, template, image, cpu, memory).", body = PolicyViolationBody),
         (status = 404, description = "`template_not_found`.", body = ErrorBody),
         (status = 409, description = "`already_exists`: the name is taken (in any namespace).", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody),
@@ -290,11 +293,44 @@ pub(crate) async fn create_sandbox(
             )));
         }
     }
-    let template = app
+    let mut template = app
         .templates
         .get(template_name)
         .cloned()
         .ok_or_else(|| Error::TemplateNotFound(template_name.into()))?;
+    // Governance: counted under the create lock of every replica sharing the state directory,
+    // held until the sandbox exists (or the create failed).
+    let policy = app.governance.effective(&namespace)?;
+    let _slot = if policy.policy.counts() {
+        Some(app.governance.lock_creates().await?)
+    } else {
+        None
+    };
+    if policy.source.is_some() {
+        let existing = if policy.policy.counts() {
+            app.backend.list().await?
+        } else {
+            Vec::new()
+        };
+        let violations = policy
+            .policy
+            .check_create(&id, &namespace, &template, &existing);
+        crate::admin_api::audit_decision(
+            &app,
+            &id,
+            Some(&req.name),
+            &namespace,
+            "create",
+            &violations,
+        );
+        if !violations.is_empty() {
+            return Err(Error::PolicyViolation {
+                message: format!("creating {:?} in {namespace:?} breaks its policy", req.name),
+                violations,
+            });
+        }
+        policy.policy.apply(&mut template);
+    }
     let result = app
         .backend
         .create(CreateSpec {
@@ -321,7 +357,7 @@ pub(crate) async fn create_sandbox(
 /// Reads a body of at most `limit` bytes; `None` when it is larger. The rest of a larger body
 /// is read (up to 16 MiB, for 2 s) and dropped, so the client receives the 413 instead of a
 /// connection reset while it is still sending.
-async fn read_limited(body: Body, limit: usize) -> Result<Option<Vec<u8>>> {
+pub(crate) async fn read_limited(body: Body, limit: usize) -> Result<Option<Vec<u8>>> {
     let mut stream = body.into_data_stream();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -366,6 +402,7 @@ fn audit_action<T>(
         action,
         outcome,
         status,
+        detail: None,
     });
 }
 
@@ -547,7 +584,12 @@ async fn to_runner(
         }
         ids
     });
-    let path_and_query = match request.uri().query() {
+    let query = if action == "invoke" && checked.is_ok() {
+        crate::admin_api::govern_invoke(&app, &id, &name, &target.namespace, request.uri().query())?
+    } else {
+        request.uri().query().map(str::to_owned)
+    };
+    let path_and_query = match query {
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
@@ -574,6 +616,7 @@ async fn to_runner(
         action,
         outcome: metrics::outcome(status),
         status,
+        detail: None,
     });
     let Some(kind) = kind else {
         return result;

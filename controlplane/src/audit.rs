@@ -27,6 +27,10 @@ pub struct Record<'a> {
     pub outcome: &'a str,
     /// HTTP status.
     pub status: u16,
+    /// What else the action names: a credential's name, the fields of a policy violation
+    /// (never a value of a credential).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a str>,
 }
 
 /// Where audit records go.

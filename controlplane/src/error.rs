@@ -61,6 +61,14 @@ pub enum Error {
     /// The backend failed (500 `backend_error`).
     #[error("{0}")]
     Backend(String),
+    /// The request breaks a governance policy (403 `policy_violation`, with `violations`).
+    #[error("{message}")]
+    PolicyViolation {
+        /// What was refused.
+        message: String,
+        /// Every broken limit.
+        violations: Vec<crate::governance::Violation>,
+    },
     /// Anything else (500 `internal`).
     #[error("{0}")]
     Internal(String),
@@ -71,7 +79,7 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Forbidden(_) | Error::PolicyViolation { .. } => StatusCode::FORBIDDEN,
             Error::RouteNotFound(_) | Error::SandboxNotFound(_) | Error::TemplateNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -90,6 +98,7 @@ impl Error {
         match self {
             Error::Unauthorized(_) => "unauthorized",
             Error::Forbidden(_) => "forbidden",
+            Error::PolicyViolation { .. } => "policy_violation",
             Error::RouteNotFound(_) => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::SandboxNotFound(_) => "sandbox_not_found",
@@ -118,6 +127,18 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         if matches!(self, Error::Internal(_) | Error::Backend(_)) {
             tracing::error!(error = %self, "request failed");
+        }
+        if let Error::PolicyViolation {
+            message,
+            violations,
+        } = self
+        {
+            let body = crate::governance::PolicyViolationBody {
+                error: "policy_violation".into(),
+                message,
+                violations,
+            };
+            return (StatusCode::FORBIDDEN, Json(body)).into_response();
         }
         let body = ErrorBody {
             error: self.code().to_owned(),

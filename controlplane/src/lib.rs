@@ -3,6 +3,7 @@
 //! stream without buffering. It keeps no invoke state, so any number of replicas serve any
 //! request, cancel included.
 
+pub(crate) mod admin_api;
 pub mod api;
 pub mod audit;
 pub mod auth;
@@ -10,6 +11,7 @@ pub mod backend;
 pub mod config;
 pub mod connector;
 pub mod error;
+pub mod governance;
 pub mod metrics;
 pub mod oidc;
 pub mod openapi;
@@ -46,6 +48,8 @@ pub struct AppState {
     pub audit: audit::Audit,
     /// Span export.
     pub tracer: otel::Tracer,
+    /// Governance policies.
+    pub governance: governance::Governance,
 }
 
 impl AppState {
@@ -112,6 +116,9 @@ impl AppState {
             metrics: metrics::Metrics::default(),
             audit,
             tracer: otel::Tracer::new(cfg.otlp_endpoint.clone()),
+            governance: governance::Governance::new(&cfg.state_dir).map_err(|e| {
+                format!("cannot create {}/governance: {e}", cfg.state_dir.display())
+            })?,
             cfg,
         }))
     }

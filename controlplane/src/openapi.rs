@@ -19,7 +19,7 @@ use agentbox_proto::{
 use serde_json::{json, Value};
 use utoipa::OpenApi;
 
-use crate::api;
+use crate::{admin_api, api};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -37,6 +37,12 @@ use crate::api;
         api::delete_sandbox,
         api::stop_sandbox,
         api::resume_sandbox,
+        admin_api::list_policies,
+        admin_api::replace_policies,
+        admin_api::get_policy,
+        admin_api::put_policy,
+        admin_api::delete_policy,
+        admin_api::effective_policy,
         configure,
         invoke,
         invoke_cancel,
@@ -62,7 +68,7 @@ use crate::api;
     components(schemas(
         StartEvent, LogEvent, ExitEvent, ErrorEvent, TruncatedEvent, ConfigureResult, OnDisconnect,
         ArchiveFormat, AgentEvent, PermissionEvent, PermissionReplyEvent, ProtocolErrorEvent,
-        SessionEvent,
+        SessionEvent, crate::governance::PolicyViolationBody, crate::governance::Violation,
     )),
     tags(
         (name = "meta", description = "Health, metrics and this document; no credential needed."),
@@ -73,6 +79,7 @@ use crate::api;
         (name = "invokes", description = "Running the entrypoint, following, reattaching and canceling (passed to the sandbox's runner)."),
         (name = "exec", description = "Ad-hoc commands, journaled like invokes; both modes (passed to the sandbox's runner)."),
         (name = "sessions", description = "Sessions, their histories, permission replies and ACP session config (passed to the sandbox's runner)."),
+        (name = "governance", description = "Per-namespace policies: limits on sandboxes, templates, images, resources, concurrency and timeouts; a request that breaks one gets 403 `policy_violation`."),
         (name = "files", description = "Listing, downloading, uploading and deleting workspace files, and archives; both modes (passed to the sandbox's runner)."),
     )
 )]
@@ -167,7 +174,7 @@ fn configure() {}
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/invoke", tag = "invokes",
     params(("id" = String, Path, description = "The sandbox id."),
         ("prompt" = Option<String>, Query, description = "Passed as `--prompt=<prompt>`; stdin when the body is empty."),
-        ("timeout" = Option<String>, Query, description = "A Go duration (`90s`, `5m`, `1h30m`)."),
+        ("timeout" = Option<String>, Query, description = "A Go duration (`90s`, `5m`, `1h30m`); clamped to the namespace policy's `maxTimeout` (which is also the timeout of an invoke without one)."),
         ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves."),
         ("session" = Option<String>, Query, description = "Run in this session (1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`); one invoke at a time per session.")),
     request_body(content = String, description = "stdin for the entrypoint, any bytes.", content_type = "application/octet-stream"),

@@ -1,0 +1,339 @@
+//! The platform team's routes: governance policies (`/api/v1/governance/...`), and the
+//! governance checks the sandbox routes call. Administrators change policies; a
+//! namespace-scoped caller reads only its own namespaces' policies.
+
+use std::sync::Arc;
+
+use agentbox_proto::ErrorBody;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::Uri;
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+
+use crate::api::now;
+use crate::auth::Identity;
+use crate::backend::valid_name;
+use crate::error::{Error, Result};
+use crate::governance::{EffectivePolicy, Policy, PolicySet, Violation, DEFAULT_NAMESPACE};
+use crate::{audit, AppState};
+
+/// The routes (authenticated by the caller's layer).
+pub(crate) fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route(
+            "/api/v1/governance/policies",
+            get(list_policies).put(replace_policies),
+        )
+        .route(
+            "/api/v1/governance/policies/{namespace}",
+            get(get_policy).put(put_policy).delete(delete_policy),
+        )
+        .route("/api/v1/governance/effective", get(effective_policy))
+}
+
+/// Records a governance decision on `action` (`allowed`, or `denied` with the broken fields).
+pub(crate) fn audit_decision(
+    app: &AppState,
+    id: &Identity,
+    sandbox: Option<&str>,
+    namespace: &str,
+    action: &str,
+    violations: &[Violation],
+) {
+    let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
+    let detail = fields.join(",");
+    let (outcome, status) = if violations.is_empty() {
+        ("allowed", 200)
+    } else {
+        ("denied", 403)
+    };
+    app.audit.write(&audit::Record {
+        time: now(),
+        actor: &id.sub,
+        sandbox,
+        namespace: Some(namespace),
+        action: &format!("governance.{action}"),
+        outcome,
+        status,
+        detail: (!detail.is_empty()).then_some(detail.as_str()),
+    });
+}
+
+/// The query an invoke goes to the runner with: `?timeout=` clamped to the namespace's
+/// `maxTimeout` (set to it when absent).
+pub(crate) fn govern_invoke(
+    app: &AppState,
+    id: &Identity,
+    sandbox: &str,
+    namespace: &str,
+    query: Option<&str>,
+) -> Result<Option<String>> {
+    let effective = app.governance.effective(namespace)?;
+    if effective.source.is_none() {
+        return Ok(query.map(str::to_owned));
+    }
+    let pairs: Vec<&str> = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .collect();
+    let requested = pairs.iter().find_map(|p| p.strip_prefix("timeout="));
+    let clamped = effective.policy.clamp_timeout(requested);
+    let (outcome, detail) = match &clamped {
+        Some(_) => ("clamped", Some("maxTimeout")),
+        None => ("allowed", None),
+    };
+    app.audit.write(&audit::Record {
+        time: now(),
+        actor: &id.sub,
+        sandbox: Some(sandbox),
+        namespace: Some(namespace),
+        action: "governance.invoke",
+        outcome,
+        status: 200,
+        detail,
+    });
+    let Some(timeout) = clamped else {
+        return Ok(query.map(str::to_owned));
+    };
+    let mut out: Vec<String> = pairs
+        .into_iter()
+        .filter(|p| !p.starts_with("timeout="))
+        .map(str::to_owned)
+        .collect();
+    out.push(format!("timeout={timeout}"));
+    Ok(Some(out.join("&")))
+}
+
+fn require_admin(id: &Identity) -> Result<()> {
+    if id.admin {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(
+            "only administrators may change governance policies".into(),
+        ))
+    }
+}
+
+fn check_namespace(namespace: &str) -> Result<()> {
+    if namespace == DEFAULT_NAMESPACE || valid_name(namespace) {
+        Ok(())
+    } else {
+        Err(Error::InvalidRequest(format!(
+            "namespace {namespace:?} must be a DNS label or \"*\""
+        )))
+    }
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(body: Body, what: &str) -> Result<T> {
+    let bytes = crate::api::read_limited(body, 1 << 20)
+        .await?
+        .ok_or_else(|| Error::PayloadTooLarge(format!("{what} is at most 1 MiB")))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::InvalidRequest(format!("the body is not {what}: {e}")))
+}
+
+/// Every policy
+///
+/// Administrators see every namespace's; others only those of their namespaces (and `*`).
+#[utoipa::path(get, path = "/api/v1/governance/policies", tag = "governance",
+    responses((status = 200, description = "`{\"policies\": {namespace: policy}}`; `*` applies to namespaces without their own.", body = PolicySet),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody)))]
+pub(crate) async fn list_policies(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+) -> Result<Json<PolicySet>> {
+    let mut set = app.governance.all()?;
+    set.policies
+        .retain(|ns, _| ns == DEFAULT_NAMESPACE || id.can_use(ns));
+    Ok(Json(set))
+}
+
+/// Replace every policy (administrators)
+#[utoipa::path(put, path = "/api/v1/governance/policies", tag = "governance",
+    request_body(content = PolicySet, content_type = "application/json"),
+    responses((status = 200, description = "The stored policies.", body = PolicySet),
+        (status = 400, description = "`invalid_request`: not a policy set, an unknown field, a bad value.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not an administrator.", body = ErrorBody)))]
+pub(crate) async fn replace_policies(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    body: Body,
+) -> Result<Json<PolicySet>> {
+    let result = async {
+        require_admin(&id)?;
+        let set: PolicySet = read_json(body, "a policy set").await?;
+        for (ns, p) in &set.policies {
+            check_namespace(ns)?;
+            p.validate()
+                .map_err(|e| Error::InvalidRequest(format!("{ns}: {e}")))?;
+        }
+        app.governance
+            .update(move |current| {
+                *current = set;
+                Ok(())
+            })
+            .await
+    }
+    .await;
+    audit_change(&app, &id, None, "governance.policies.put", &result);
+    Ok(Json(result?))
+}
+
+fn audit_change<T>(
+    app: &AppState,
+    id: &Identity,
+    namespace: Option<&str>,
+    action: &str,
+    result: &Result<T>,
+) {
+    let (outcome, status) = match result {
+        Ok(_) => ("ok", 200),
+        Err(e) if e.status().as_u16() == 403 => ("denied", 403),
+        Err(e) => ("error", e.status().as_u16()),
+    };
+    app.audit.write(&audit::Record {
+        time: now(),
+        actor: &id.sub,
+        sandbox: None,
+        namespace,
+        action,
+        outcome,
+        status,
+        detail: None,
+    });
+}
+
+/// One namespace's policy
+#[utoipa::path(get, path = "/api/v1/governance/policies/{namespace}", tag = "governance",
+    params(("namespace" = String, Path, description = "A namespace, or `*`.")),
+    responses((status = 200, description = "The policy.", body = Policy),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no policy for it, or a namespace the caller may not use.", body = ErrorBody)))]
+pub(crate) async fn get_policy(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    Path(namespace): Path<String>,
+) -> Result<Json<Policy>> {
+    let not_found = || Error::RouteNotFound(format!("a policy for namespace {namespace:?}"));
+    if namespace != DEFAULT_NAMESPACE && !id.can_use(&namespace) {
+        return Err(not_found());
+    }
+    app.governance
+        .all()?
+        .policies
+        .remove(&namespace)
+        .map(Json)
+        .ok_or_else(not_found)
+}
+
+/// Set one namespace's policy (administrators)
+#[utoipa::path(put, path = "/api/v1/governance/policies/{namespace}", tag = "governance",
+    params(("namespace" = String, Path, description = "A namespace, or `*` for every namespace without its own.")),
+    request_body(content = Policy, content_type = "application/json"),
+    responses((status = 200, description = "The stored policy.", body = Policy),
+        (status = 400, description = "`invalid_request`: a bad namespace, an unknown field, a bad value.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not an administrator.", body = ErrorBody)))]
+pub(crate) async fn put_policy(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    Path(namespace): Path<String>,
+    body: Body,
+) -> Result<Json<Policy>> {
+    let ns = namespace.clone();
+    let result = async {
+        require_admin(&id)?;
+        check_namespace(&namespace)?;
+        let policy: Policy = read_json(body, "a policy").await?;
+        policy.validate().map_err(Error::InvalidRequest)?;
+        let stored = policy.clone();
+        app.governance
+            .update(move |set| {
+                set.policies.insert(ns, stored);
+                Ok(())
+            })
+            .await?;
+        Ok(policy)
+    }
+    .await;
+    audit_change(
+        &app,
+        &id,
+        Some(&namespace),
+        "governance.policy.put",
+        &result,
+    );
+    Ok(Json(result?))
+}
+
+/// Remove one namespace's policy (administrators)
+#[utoipa::path(delete, path = "/api/v1/governance/policies/{namespace}", tag = "governance",
+    params(("namespace" = String, Path, description = "A namespace, or `*`.")),
+    responses((status = 204, description = "Removed."),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not an administrator.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no policy for it.", body = ErrorBody)))]
+pub(crate) async fn delete_policy(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    Path(namespace): Path<String>,
+) -> Result<axum::http::StatusCode> {
+    let ns = namespace.clone();
+    let result = async {
+        require_admin(&id)?;
+        app.governance
+            .update(move |set| match set.policies.remove(&ns) {
+                Some(_) => Ok(()),
+                None => Err(Error::RouteNotFound(format!(
+                    "a policy for namespace {ns:?}"
+                ))),
+            })
+            .await
+    }
+    .await;
+    audit_change(
+        &app,
+        &id,
+        Some(&namespace),
+        "governance.policy.delete",
+        &result,
+    );
+    result?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// The caller's effective policy
+#[utoipa::path(get, path = "/api/v1/governance/effective", tag = "governance",
+    params(("namespace" = Option<String>, Query, description = "Default: the caller's first namespace, or `default`.")),
+    responses((status = 200, description = "The policy that applies there, and where it comes from.", body = EffectivePolicy),
+        (status = 400, description = "`invalid_request`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a namespace the caller may not use.", body = ErrorBody)))]
+pub(crate) async fn effective_policy(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    uri: Uri,
+) -> Result<Json<EffectivePolicy>> {
+    #[derive(serde::Deserialize)]
+    struct Q {
+        namespace: Option<String>,
+    }
+    let q: Q = axum::extract::Query::try_from_uri(&uri)
+        .map(|q| q.0)
+        .map_err(|e| Error::InvalidRequest(e.body_text()))?;
+    let namespace = q.namespace.unwrap_or_else(|| id.default_namespace());
+    if !valid_name(&namespace) {
+        return Err(Error::InvalidRequest(format!(
+            "namespace {namespace:?} is not a DNS label"
+        )));
+    }
+    if !id.can_use(&namespace) {
+        return Err(Error::Forbidden(format!(
+            "you may not use namespace {namespace:?}"
+        )));
+    }
+    Ok(Json(app.governance.effective(&namespace)?))
+}
