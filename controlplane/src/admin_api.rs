@@ -12,6 +12,7 @@ use axum::routing::get;
 use axum::{Extension, Json, Router};
 
 use crate::api::now;
+use crate::audit::{AuditPage, Filter};
 use crate::auth::Identity;
 use crate::backend::valid_name;
 use crate::error::{Error, Result};
@@ -30,6 +31,7 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
             get(get_policy).put(put_policy).delete(delete_policy),
         )
         .route("/api/v1/governance/effective", get(effective_policy))
+        .route("/api/v1/audit/events", get(audit_events))
 }
 
 /// Records a governance decision on `action` (`allowed`, or `denied` with the broken fields).
@@ -336,4 +338,102 @@ pub(crate) async fn effective_policy(
         )));
     }
     Ok(Json(app.governance.effective(&namespace)?))
+}
+
+/// A time in a query: RFC 3339, or a Go duration meaning that long ago (`1h`).
+fn parse_time(field: &str, text: &str) -> Result<std::time::SystemTime> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(text) {
+        return Ok(t);
+    }
+    crate::governance::parse_go_duration(text)
+        .ok()
+        .and_then(|d| std::time::SystemTime::now().checked_sub(d))
+        .ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "{field} {text:?} must be an RFC 3339 time or a duration such as \"1h\""
+            ))
+        })
+}
+
+/// The audit trail
+///
+/// Newest first, from this control plane's audit log (`--audit-log`, shared by replicas that
+/// share the state directory). Administrators see every record; others only records of
+/// their namespaces. Records hold no argv, stdin, bodies or secrets.
+#[utoipa::path(get, path = "/api/v1/audit/events", tag = "audit",
+    params(("sandbox" = Option<String>, Query, description = "Only this sandbox."),
+        ("actor" = Option<String>, Query, description = "Only this caller (an API key's name, a token's subject)."),
+        ("action" = Option<String>, Query, description = "Only this action; a trailing `*` matches any rest (`governance.*`)."),
+        ("outcome" = Option<String>, Query, description = "Only this outcome: `ok`, `error`, `denied`, `allowed`, `clamped`, ..."),
+        ("since" = Option<String>, Query, description = "At or after: RFC 3339, or a duration meaning that long ago (`1h`)."),
+        ("until" = Option<String>, Query, description = "Before: RFC 3339, or a duration ago."),
+        ("limit" = Option<u32>, Query, description = "At most this many (1 to 1000, default 100)."),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page.")),
+    responses((status = 200, description = "A page; `nextCursor` when older records may follow (one request reads at most 32 MiB of the log, so a page can be short and still have one).", body = AuditPage),
+        (status = 400, description = "`invalid_request`: a bad time, limit or cursor.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`audit_unavailable`: the audit log goes to stderr (`--audit-log -`).", body = ErrorBody)))]
+pub(crate) async fn audit_events(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    uri: Uri,
+) -> Result<Json<AuditPage>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Q {
+        sandbox: Option<String>,
+        actor: Option<String>,
+        action: Option<String>,
+        outcome: Option<String>,
+        since: Option<String>,
+        until: Option<String>,
+        limit: Option<usize>,
+        cursor: Option<String>,
+    }
+    let q: Q = axum::extract::Query::try_from_uri(&uri)
+        .map(|q| q.0)
+        .map_err(|e| Error::InvalidRequest(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(Error::InvalidRequest(format!(
+            "limit {limit} must be from 1 to 1000"
+        )));
+    }
+    let filter = Filter {
+        sandbox: q.sandbox,
+        actor: q.actor,
+        action: q.action,
+        outcome: q.outcome,
+        since: q
+            .since
+            .as_deref()
+            .map(|t| parse_time("since", t))
+            .transpose()?,
+        until: q
+            .until
+            .as_deref()
+            .map(|t| parse_time("until", t))
+            .transpose()?,
+        namespaces: if id.admin {
+            None
+        } else {
+            // `*`: any namespace (still not the records without one).
+            Some(id.namespaces.clone().unwrap_or_else(|| vec!["*".into()]))
+        },
+    };
+    let path = app.cfg.audit_log.clone().ok_or_else(|| {
+        Error::AuditUnavailable(
+            "the audit log goes to stderr (--audit-log -): there is nothing to query here".into(),
+        )
+    })?;
+    let cursor = q.cursor;
+    let page =
+        tokio::task::spawn_blocking(move || audit::query(&path, &filter, cursor.as_deref(), limit))
+            .await
+            .map_err(|e| Error::Internal(format!("a blocking task failed: {e}")))?;
+    match page {
+        Ok(page) => Ok(Json(page)),
+        Err(Ok(message)) => Err(Error::InvalidRequest(message)),
+        Err(Err(e)) => Err(e.into()),
+    }
 }

@@ -69,6 +69,9 @@ pub enum Error {
         /// Every broken limit.
         violations: Vec<crate::governance::Violation>,
     },
+    /// The audit log is not a file this control plane can read (404 `audit_unavailable`).
+    #[error("{0}")]
+    AuditUnavailable(String),
     /// Anything else (500 `internal`).
     #[error("{0}")]
     Internal(String),
@@ -80,9 +83,10 @@ impl Error {
         match self {
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) | Error::PolicyViolation { .. } => StatusCode::FORBIDDEN,
-            Error::RouteNotFound(_) | Error::SandboxNotFound(_) | Error::TemplateNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
+            Error::RouteNotFound(_)
+            | Error::SandboxNotFound(_)
+            | Error::TemplateNotFound(_)
+            | Error::AuditUnavailable(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::InvalidRequest(_) | Error::WrongMode(_) => StatusCode::BAD_REQUEST,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -112,6 +116,7 @@ impl Error {
             Error::RunnerUnauthorized => "runner_unauthorized",
             Error::RunnerTimeout => "runner_timeout",
             Error::Backend(_) => "backend_error",
+            Error::AuditUnavailable(_) => "audit_unavailable",
             Error::Internal(_) => "internal",
         }
     }

@@ -43,6 +43,7 @@ use crate::{admin_api, api};
         admin_api::put_policy,
         admin_api::delete_policy,
         admin_api::effective_policy,
+        admin_api::audit_events,
         configure,
         invoke,
         invoke_cancel,
@@ -80,6 +81,7 @@ use crate::{admin_api, api};
         (name = "exec", description = "Ad-hoc commands, journaled like invokes; both modes (passed to the sandbox's runner)."),
         (name = "sessions", description = "Sessions, their histories, permission replies and ACP session config (passed to the sandbox's runner)."),
         (name = "governance", description = "Per-namespace policies: limits on sandboxes, templates, images, resources, concurrency and timeouts; a request that breaks one gets 403 `policy_violation`."),
+        (name = "audit", description = "The audit trail: who did what to which sandbox, with what outcome; never argv, stdin, bodies or secrets."),
         (name = "files", description = "Listing, downloading, uploading and deleting workspace files, and archives; both modes (passed to the sandbox's runner)."),
     )
 )]
