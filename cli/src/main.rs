@@ -561,6 +561,7 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
                         name: template.clone(),
                         kind: Some("ClusterSandboxTemplate".into()),
                     }),
+                    credentials: Vec::new(),
                 })
                 .await?;
             let deadline = Instant::now() + Duration::from_secs(120);

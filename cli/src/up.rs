@@ -354,6 +354,7 @@ async fn demo(client: &Client) -> Result<u8, ClientError> {
                 name: "default".into(),
                 kind: Some("ClusterSandboxTemplate".into()),
             }),
+            credentials: Vec::new(),
         })
         .await
     {

@@ -15,6 +15,7 @@ use crate::api::now;
 use crate::audit::{AuditPage, Filter};
 use crate::auth::Identity;
 use crate::backend::valid_name;
+use crate::credentials::{CredentialList, PutCredentialRequest};
 use crate::error::{Error, Result};
 use crate::governance::{EffectivePolicy, Policy, PolicySet, Violation, DEFAULT_NAMESPACE};
 use crate::{audit, AppState};
@@ -32,6 +33,11 @@ pub(crate) fn routes() -> Router<Arc<AppState>> {
         )
         .route("/api/v1/governance/effective", get(effective_policy))
         .route("/api/v1/audit/events", get(audit_events))
+        .route("/api/v1/credentials", get(list_credentials))
+        .route(
+            "/api/v1/credentials/{name}",
+            axum::routing::put(put_credential).delete(delete_credential),
+        )
 }
 
 /// Records a governance decision on `action` (`allowed`, or `denied` with the broken fields).
@@ -436,4 +442,165 @@ pub(crate) async fn audit_events(
         Err(Ok(message)) => Err(Error::InvalidRequest(message)),
         Err(Err(e)) => Err(e.into()),
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamespaceQuery {
+    namespace: Option<String>,
+}
+
+/// The namespace of a credential request: `?namespace=`, else the caller's first; one the
+/// caller may use.
+fn credential_namespace(id: &Identity, uri: &Uri) -> Result<String> {
+    let q: NamespaceQuery = axum::extract::Query::try_from_uri(uri)
+        .map(|q| q.0)
+        .map_err(|e| Error::InvalidRequest(e.body_text()))?;
+    let namespace = q.namespace.unwrap_or_else(|| id.default_namespace());
+    if !valid_name(&namespace) {
+        return Err(Error::InvalidRequest(format!(
+            "namespace {namespace:?} is not a DNS label"
+        )));
+    }
+    if !id.can_use(&namespace) {
+        return Err(Error::Forbidden(format!(
+            "you may not use namespace {namespace:?}"
+        )));
+    }
+    Ok(namespace)
+}
+
+fn audit_credential<T>(
+    app: &AppState,
+    id: &Identity,
+    namespace: Option<&str>,
+    action: &str,
+    name: &str,
+    result: &Result<T>,
+) {
+    let (outcome, status) = match result {
+        Ok(_) => ("ok", 200),
+        Err(e) if e.status().as_u16() == 403 => ("denied", 403),
+        Err(e) => ("error", e.status().as_u16()),
+    };
+    app.audit.write(&audit::Record {
+        time: now(),
+        actor: &id.sub,
+        sandbox: None,
+        namespace,
+        action,
+        outcome,
+        status,
+        detail: Some(name),
+    });
+}
+
+/// Credential names
+///
+/// Names, namespaces and times only: no read API returns a value.
+#[utoipa::path(get, path = "/api/v1/credentials", tag = "credentials",
+    params(("namespace" = Option<String>, Query, description = "Only this namespace (default: every namespace the caller may use).")),
+    responses((status = 200, description = "The credentials' names.", body = CredentialList),
+        (status = 400, description = "`invalid_request`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a namespace the caller may not use.", body = ErrorBody)))]
+pub(crate) async fn list_credentials(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    uri: Uri,
+) -> Result<Json<CredentialList>> {
+    let only = if uri.query().is_some_and(|q| q.contains("namespace=")) {
+        Some(credential_namespace(&id, &uri)?)
+    } else {
+        None
+    };
+    let credentials = app
+        .credentials
+        .list(|ns| id.can_use(ns) && only.as_deref().is_none_or(|o| o == ns))?;
+    Ok(Json(CredentialList { credentials }))
+}
+
+/// Set a credential
+///
+/// Administrators, or callers of the namespace. The value is never returned, logged or
+/// audited; sandboxes referencing it get the new value at their next start (create, resume).
+#[utoipa::path(put, path = "/api/v1/credentials/{name}", tag = "credentials",
+    params(("name" = String, Path, description = "A DNS label."),
+        ("namespace" = Option<String>, Query, description = "Default: the caller's first namespace, or `default`.")),
+    request_body(content = PutCredentialRequest, content_type = "application/json"),
+    responses((status = 204, description = "Stored."),
+        (status = 400, description = "`invalid_request`: a bad name, body or value (text of at most 64 KiB; at most 256 per namespace).", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a namespace the caller may not use.", body = ErrorBody)))]
+pub(crate) async fn put_credential(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    Path(name): Path<String>,
+    uri: Uri,
+    body: Body,
+) -> Result<axum::http::StatusCode> {
+    let namespace = match credential_namespace(&id, &uri) {
+        Ok(ns) => ns,
+        Err(e) => {
+            let refused: Result<()> = Err(e);
+            audit_credential(&app, &id, None, "credentials.put", &name, &refused);
+            return refused.map(|()| axum::http::StatusCode::NO_CONTENT);
+        }
+    };
+    let result = async {
+        let bytes = crate::api::read_limited(body, 128 << 10)
+            .await?
+            .ok_or_else(|| Error::PayloadTooLarge("a credential is at most 64 KiB".into()))?;
+        // The error never quotes the body: it may be the secret.
+        let req: PutCredentialRequest = serde_json::from_slice(&bytes).map_err(|_| {
+            Error::InvalidRequest("the body must be {\"value\": \"<text>\"}".into())
+        })?;
+        app.credentials.put(&namespace, &name, req.value).await
+    }
+    .await;
+    audit_credential(
+        &app,
+        &id,
+        Some(&namespace),
+        "credentials.put",
+        &name,
+        &result,
+    );
+    result?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// Delete a credential
+#[utoipa::path(delete, path = "/api/v1/credentials/{name}", tag = "credentials",
+    params(("name" = String, Path, description = "The name."),
+        ("namespace" = Option<String>, Query, description = "Default: the caller's first namespace, or `default`.")),
+    responses((status = 204, description = "Deleted; sandboxes referencing it fail to start until it exists again."),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: a namespace the caller may not use.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such credential.", body = ErrorBody)))]
+pub(crate) async fn delete_credential(
+    State(app): State<Arc<AppState>>,
+    Extension(id): Extension<Identity>,
+    Path(name): Path<String>,
+    uri: Uri,
+) -> Result<axum::http::StatusCode> {
+    let result = match credential_namespace(&id, &uri) {
+        Err(e) => Err(e),
+        Ok(ns) => match app.credentials.delete(&ns, &name).await {
+            Ok(true) => Ok(ns),
+            Ok(false) => Err(Error::RouteNotFound(format!("credential {name:?}"))),
+            Err(e) => Err(e),
+        },
+    };
+    let ns = result.as_ref().ok().cloned();
+    audit_credential(
+        &app,
+        &id,
+        ns.as_deref(),
+        "credentials.delete",
+        &name,
+        &result,
+    );
+    result?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }

@@ -298,6 +298,19 @@ pub(crate) async fn create_sandbox(
         .get(template_name)
         .cloned()
         .ok_or_else(|| Error::TemplateNotFound(template_name.into()))?;
+    // Credentials: by name, from the template and the request, each existing in the namespace.
+    template.credentials.extend(req.credentials.iter().cloned());
+    crate::credentials::validate_refs(&template.credentials).map_err(Error::InvalidRequest)?;
+    if let Some(missing) = template
+        .credentials
+        .iter()
+        .find(|r| !app.credentials.exists(&namespace, &r.name))
+    {
+        return Err(Error::InvalidRequest(format!(
+            "credential {:?} does not exist in namespace {namespace:?}",
+            missing.name
+        )));
+    }
     // Governance: counted under the create lock of every replica sharing the state directory,
     // held until the sandbox exists (or the create failed).
     let policy = app.governance.effective(&namespace)?;

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod connector;
+pub mod credentials;
 pub mod error;
 pub mod governance;
 pub mod metrics;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub tracer: otel::Tracer,
     /// Governance policies.
     pub governance: governance::Governance,
+    /// Named credentials.
+    pub credentials: credentials::Credentials,
 }
 
 impl AppState {
@@ -119,6 +122,7 @@ impl AppState {
             governance: governance::Governance::new(&cfg.state_dir).map_err(|e| {
                 format!("cannot create {}/governance: {e}", cfg.state_dir.display())
             })?,
+            credentials: credentials::Credentials::new(&cfg.state_dir),
             cfg,
         }))
     }

@@ -44,6 +44,9 @@ use crate::{admin_api, api};
         admin_api::delete_policy,
         admin_api::effective_policy,
         admin_api::audit_events,
+        admin_api::list_credentials,
+        admin_api::put_credential,
+        admin_api::delete_credential,
         configure,
         invoke,
         invoke_cancel,
@@ -82,6 +85,7 @@ use crate::{admin_api, api};
         (name = "sessions", description = "Sessions, their histories, permission replies and ACP session config (passed to the sandbox's runner)."),
         (name = "governance", description = "Per-namespace policies: limits on sandboxes, templates, images, resources, concurrency and timeouts; a request that breaks one gets 403 `policy_violation`."),
         (name = "audit", description = "The audit trail: who did what to which sandbox, with what outcome; never argv, stdin, bodies or secrets."),
+        (name = "credentials", description = "Named secrets given to agents by reference (`credentials` on a template or a create request); values are never returned."),
         (name = "files", description = "Listing, downloading, uploading and deleting workspace files, and archives; both modes (passed to the sandbox's runner)."),
     )
 )]

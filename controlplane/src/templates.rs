@@ -46,6 +46,10 @@ pub struct Template {
     /// /lib*, /etc).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub read_only_paths: Vec<std::path::PathBuf>,
+    /// Named credentials its sandboxes' agents get (names only; values are in the control
+    /// plane's credential store).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<agentbox_proto::CredentialRef>,
 }
 
 /// Processes and threads a local sandbox may have at once when its template sets no
