@@ -301,6 +301,11 @@ pub(crate) async fn create_sandbox(
     // Credentials: by name, from the template and the request, each existing in the namespace.
     template.credentials.extend(req.credentials.iter().cloned());
     crate::credentials::validate_refs(&template.credentials).map_err(Error::InvalidRequest)?;
+    if !template.credentials.is_empty() && app.cfg.backend != crate::config::BackendKind::Local {
+        return Err(Error::InvalidRequest(
+            "credentials are delivered by the local backend only, so far".into(),
+        ));
+    }
     if let Some(missing) = template
         .credentials
         .iter()
