@@ -114,6 +114,66 @@ pub(crate) fn govern_invoke(
     Ok(Some(out.join("&")))
 }
 
+/// An exec's body with its `timeout` clamped to the namespace's `maxTimeout` (set to it when
+/// absent). The body is read (at most 1 MiB) only when such a policy applies.
+pub(crate) async fn govern_exec(
+    app: &AppState,
+    id: &Identity,
+    sandbox: &str,
+    namespace: &str,
+    request: axum::extract::Request,
+) -> Result<axum::extract::Request> {
+    let effective = app.governance.effective(namespace)?;
+    let Some(max_text) = effective.policy.max_timeout.clone() else {
+        return Ok(request);
+    };
+    let max = crate::governance::parse_go_duration(&max_text)
+        .map_err(|e| Error::Internal(format!("maxTimeout: {e}")))?;
+    let (mut parts, body) = request.into_parts();
+    let bytes = crate::api::read_limited(body, 1 << 20)
+        .await?
+        .ok_or_else(|| Error::PayloadTooLarge("an exec request is at most 1 MiB".into()))?;
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        // Not JSON: the runner refuses it as it is.
+        return Ok(axum::extract::Request::from_parts(parts, Body::from(bytes)));
+    };
+    // None: no timeout; Some(None): one the runner will refuse as malformed.
+    let requested = match value.get("timeout") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Number(n)) => Some(
+            n.as_f64()
+                .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok()),
+        ),
+        Some(serde_json::Value::String(s)) => Some(crate::governance::parse_go_duration(s).ok()),
+        Some(_) => Some(None),
+    };
+    let over = match requested {
+        None => true,
+        Some(Some(d)) => d > max,
+        Some(None) => false,
+    };
+    let outcome = if over { "clamped" } else { "allowed" };
+    app.audit.write(&audit::Record {
+        time: now(),
+        actor: &id.sub,
+        sandbox: Some(sandbox),
+        namespace: Some(namespace),
+        action: "governance.exec",
+        outcome,
+        status: 200,
+        detail: over.then_some("maxTimeout"),
+    });
+    if over {
+        if let Some(object) = value.as_object_mut() {
+            object.insert("timeout".into(), serde_json::json!(max.as_secs_f64()));
+        }
+    }
+    let bytes = serde_json::to_vec(&value).map_err(|e| Error::Internal(e.to_string()))?;
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.remove(axum::http::header::TRANSFER_ENCODING);
+    Ok(axum::extract::Request::from_parts(parts, Body::from(bytes)))
+}
+
 fn require_admin(id: &Identity) -> Result<()> {
     if id.admin {
         Ok(())

@@ -602,6 +602,10 @@ async fn to_runner(
         }
         ids
     });
+    if action == "exec" && checked.is_ok() {
+        request =
+            crate::admin_api::govern_exec(&app, &id, &name, &target.namespace, request).await?;
+    }
     let query = if action == "invoke" && checked.is_ok() {
         crate::admin_api::govern_invoke(&app, &id, &name, &target.namespace, request.uri().query())?
     } else {

@@ -52,7 +52,8 @@ pub struct Policy {
     /// Clamps the template's `maxConcurrentInvokes` (the runner's cap) at create and resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_invokes_per_sandbox: Option<u32>,
-    /// A Go duration: clamps an invoke's `?timeout=` (and is the timeout of an invoke without one).
+    /// A Go duration: clamps an invoke's `?timeout=` and an exec's `timeout` (and is the
+    /// timeout of one without).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_timeout: Option<String>,
     /// A Go duration: the longest idle timeout a sandbox may have (stored and reported; applied

@@ -273,7 +273,8 @@ fn invokes_cancel() {}
 /// Run a command: `{command, timeout?}` → `{stdout, stderr, exitCode}`
 ///
 /// Passed to the runner's `POST /v1/exec`. Answers one InvokeResponse when the command exits;
-/// with `Accept: text/event-stream`, streams its events instead. Works in both modes.
+/// with `Accept: text/event-stream`, streams its events instead. Works in both modes. Under a
+/// namespace policy with `maxTimeout`, `timeout` is clamped to it (and set to it when absent).
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/exec", tag = "exec",
     params(("id" = String, Path, description = "The sandbox id."),
         ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves.")),

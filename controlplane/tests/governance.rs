@@ -256,6 +256,27 @@ async fn invoke_caps_and_timeouts_are_clamped() {
     assert!(env.audit_log().contains(
         r#""action":"governance.invoke","outcome":"clamped","status":200,"detail":"maxTimeout""#
     ));
+    // An exec's body timeout is clamped too.
+    let (status, body) = send(
+        cp.sb(Method::POST, "s", "/exec")
+            .json(&json!({"command": "sleep 3", "timeout": "1h"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["reason"], "timeout", "{body}");
+    let (status, body) = send(
+        cp.sb(Method::POST, "s", "/exec")
+            .json(&json!({"command": "echo quick", "timeout": 0.5})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (200, Some("completed")),
+        "{body}"
+    );
+    assert!(env
+        .audit_log()
+        .contains(r#""action":"governance.exec","outcome":"clamped""#));
     // Without the policy, the same invoke runs to its end.
     let (status, _) = send(cp.admin(Method::DELETE, &format!("{POLICIES}/default"))).await;
     assert_eq!(status, 204);
