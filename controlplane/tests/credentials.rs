@@ -7,9 +7,9 @@
 
 mod common;
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::Mutex;
 
 use common::*;
 use reqwest::Method;
@@ -21,14 +21,16 @@ const SECRET_FILE: &str =
     r#"{"type":"service_account","private_key":"gcp-3f8a1d6c9e2b4f70a5d8c1e6b9f2a4d7"}"#;
 const ROTATED: &str = "sk-live-rotated-0d4c8e2a6b1f9d3c7e5a";
 
-/// Every response body this test received.
-static BODIES: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+thread_local! {
+    /// Every response body this test received (each test runs on a thread of its own).
+    static BODIES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 async fn call(rb: reqwest::RequestBuilder) -> (u16, Value) {
     let resp = rb.send().await.unwrap();
     let status = resp.status().as_u16();
     let bytes = resp.bytes().await.unwrap();
-    BODIES.lock().unwrap().extend_from_slice(&bytes);
+    BODIES.with(|b| b.borrow_mut().extend_from_slice(&bytes));
     (status, to_json(&bytes))
 }
 
@@ -45,7 +47,7 @@ async fn stdout_of(cp: &Cp, name: &str) -> Vec<String> {
     let resp = cp.sb(Method::POST, name, "/invoke").send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let bytes = resp.bytes().await.unwrap();
-    BODIES.lock().unwrap().extend_from_slice(&bytes);
+    BODIES.with(|b| b.borrow_mut().extend_from_slice(&bytes));
     let events = parse_sse(&bytes);
     assert_eq!(exit_event(&events)["exitCode"], 0, "{events:?}");
     events
@@ -83,7 +85,7 @@ fn contains(hay: &[u8], needle: &str) -> bool {
 }
 
 async fn credentials_reach_the_agent_and_nothing_else(isolation: &str) {
-    BODIES.lock().unwrap().clear();
+    BODIES.with(|b| b.borrow_mut().clear());
     let env = Env::new();
     env.write_keys(&[
         ("admin", ADMIN_KEY, &[], true),
@@ -183,10 +185,26 @@ async fn credentials_reach_the_agent_and_nothing_else(isolation: &str) {
     if isolation == "namespaces" || !rustix::process::geteuid().is_root() {
         assert_eq!(out[2], "read-only");
     }
-    // Another sandbox gets nothing.
-    cp.sandbox_sh("other", "env; ls /run/credentials 2>&1; true")
-        .await;
+    // Another sandbox gets nothing; isolated, it cannot read the first one's files either
+    // (without isolation every sandbox is a plain process of the same user: no such claim).
+    let theft = if isolation == "namespaces" {
+        format!(
+            "cat {} 2>&1;",
+            env.sandbox_dir("agent")
+                .join("credentials/gcp.json")
+                .display()
+        )
+    } else {
+        String::new()
+    };
+    cp.sandbox_sh("other", &format!("env; {theft} true")).await;
     let other = stdout_of(&cp, "other").await.join("\n");
+    if !theft.is_empty() {
+        assert!(
+            other.contains("No such file") || other.contains("Permission denied"),
+            "{other}"
+        );
+    }
     assert!(
         !other.contains("OPENAI_API_KEY") && !other.contains("AGENTBOX_CREDENTIALS_DIR"),
         "{other}"
@@ -265,7 +283,10 @@ async fn credentials_reach_the_agent_and_nothing_else(isolation: &str) {
     );
     assert!(all.iter().any(|(p, _)| p.ends_with("runner.log")));
     assert!(all.iter().any(|(p, _)| p.ends_with("audit.log")));
-    all.push(("response bodies".into(), BODIES.lock().unwrap().clone()));
+    all.push((
+        "response bodies".into(),
+        BODIES.with(|b| b.borrow().clone()),
+    ));
     all.push(("control plane log".into(), log));
     for secret in [
         SECRET_ENV,
