@@ -65,6 +65,7 @@ pub(crate) fn audit_decision(
         outcome,
         status,
         detail: (!detail.is_empty()).then_some(detail.as_str()),
+        ..Default::default()
     });
 }
 
@@ -101,6 +102,7 @@ pub(crate) fn govern_invoke(
         outcome,
         status: 200,
         detail,
+        ..Default::default()
     });
     let Some(timeout) = clamped else {
         return Ok(query.map(str::to_owned));
@@ -162,6 +164,7 @@ pub(crate) async fn govern_exec(
         outcome,
         status: 200,
         detail: over.then_some("maxTimeout"),
+        ..Default::default()
     });
     if over {
         if let Some(object) = value.as_object_mut() {
@@ -271,6 +274,7 @@ fn audit_change<T>(
         outcome,
         status,
         detail: None,
+        ..Default::default()
     });
 }
 
@@ -552,6 +556,7 @@ fn audit_credential<T>(
         outcome,
         status,
         detail: Some(name),
+        ..Default::default()
     });
 }
 

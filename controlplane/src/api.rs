@@ -100,6 +100,7 @@ async fn authenticate(
                 outcome: "denied",
                 status: e.status().as_u16(),
                 detail: None,
+                ..Default::default()
             });
             e.into_response()
         }
@@ -421,6 +422,7 @@ fn audit_action<T>(
         outcome,
         status,
         detail: None,
+        ..Default::default()
     });
 }
 
@@ -639,6 +641,7 @@ async fn to_runner(
         outcome: metrics::outcome(status),
         status,
         detail: None,
+        ..Default::default()
     });
     let Some(kind) = kind else {
         return result;
@@ -655,6 +658,7 @@ async fn to_runner(
     let mut guard = Recorder {
         app: Arc::clone(&app),
         sandbox: name.clone(),
+        namespace: target.namespace.clone(),
         actor: id.sub.clone(),
         kind,
         template: target.template,
@@ -677,6 +681,7 @@ async fn to_runner(
 struct Recorder {
     app: Arc<AppState>,
     sandbox: String,
+    namespace: String,
     actor: String,
     kind: Kind,
     template: String,
@@ -724,6 +729,25 @@ impl StreamStats {
 
     /// The exit code of the stream's closing `exit` event, if it ended with one.
     fn exit_code(&self) -> Option<i64> {
+        self.exit_event()?.get("exitCode")?.as_i64()
+    }
+
+    /// The stream's closing `exit` event, or the JSON answer of an invoke asked for with
+    /// `Accept: application/json` when all of it was kept (at most 2 × [`TAIL_KEEP`] bytes).
+    fn outcome(&self) -> Option<serde_json::Value> {
+        if let Some(exit) = self.exit_event() {
+            return Some(exit);
+        }
+        let whole: &[u8] = match &self.last {
+            Some(last) if last.len() as u64 == self.bytes => last,
+            None if self.tail.len() as u64 == self.bytes => &self.tail,
+            _ => return None,
+        };
+        serde_json::from_slice(whole).ok()
+    }
+
+    /// The stream's closing `exit` event, if it ended with one.
+    fn exit_event(&self) -> Option<serde_json::Value> {
         let window = match &self.last {
             Some(last) => &last[last.len() - TAIL_KEEP..],
             None => &self.tail[..],
@@ -731,10 +755,7 @@ impl StreamStats {
         let start = memchr::memmem::rfind(window, EXIT_MARKER)? + EXIT_MARKER.len();
         let data = &window[start..];
         let end = memchr::memchr(b'\n', data)?;
-        serde_json::from_slice::<serde_json::Value>(&data[..end])
-            .ok()?
-            .get("exitCode")?
-            .as_i64()
+        serde_json::from_slice::<serde_json::Value>(&data[..end]).ok()
     }
 }
 
@@ -787,6 +808,29 @@ impl Drop for Recorder {
                 end: std::time::SystemTime::now(),
                 attributes,
                 error: self.status >= 400 || exit_code.is_some_and(|c| c != 0),
+            });
+        }
+        if self.kind == Kind::Invoke && (200..300).contains(&self.status) {
+            // The end of an invoke's stream: its id, reason and duration (never its output).
+            let exit = self.stats.outcome();
+            let field = |k: &str| {
+                exit.as_ref()
+                    .and_then(|e| e.get(k)?.as_str().map(str::to_owned))
+            };
+            let invoke_id = field("invokeId");
+            // `ended`: no exit seen (the client left first, or a JSON answer too big to keep).
+            let reason = field("reason").unwrap_or_else(|| "ended".into());
+            self.app.audit.write(&audit::Record {
+                time: now(),
+                actor: &self.actor,
+                sandbox: Some(&self.sandbox),
+                namespace: Some(&self.namespace),
+                action: "invoke.end",
+                outcome: &reason,
+                status: self.status,
+                invoke_id: invoke_id.as_deref(),
+                duration_ms: Some(self.started.elapsed().as_millis() as u64),
+                ..Default::default()
             });
         }
         if !self.app.backend.records_outcomes() {

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 /// One audit record.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Record<'a> {
     /// RFC 3339.
@@ -31,6 +31,12 @@ pub struct Record<'a> {
     /// (never a value of a credential).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<&'a str>,
+    /// The invoke (`invoke.end`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invoke_id: Option<&'a str>,
+    /// How long the stream lasted (`invoke.end`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 /// Where audit records go.
@@ -97,6 +103,12 @@ pub struct AuditEvent {
     /// A credential's name, a policy violation's fields.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The invoke, on `invoke.end`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invoke_id: Option<String>,
+    /// How long the invoke's stream lasted, on `invoke.end`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 /// A page of `GET /api/v1/audit/events`.
@@ -304,6 +316,7 @@ mod tests {
                     outcome: "ok",
                     status: 200,
                     detail: None,
+                    ..Default::default()
                 })
                 .unwrap_or_default(),
             );

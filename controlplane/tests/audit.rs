@@ -181,3 +181,47 @@ async fn an_audit_log_on_stderr_cannot_be_queried() {
     assert_eq!(status, 404, "{body}");
     assert_error(&body, "audit_unavailable");
 }
+
+#[tokio::test]
+async fn an_invoke_ends_with_a_record_of_its_id_reason_and_duration() {
+    let env = Env::new();
+    let cp = env.start();
+    cp.sandbox_sh("s", "read -r x; echo \"out-$x\"; sleep 0.2")
+        .await;
+    let events = cp.invoke("s", "canary-0c9d1e\n").await;
+    let sse_id = invoke_id(&events);
+    let (status, answer) = send(
+        cp.sb(Method::POST, "s", "/invoke")
+            .header("accept", "application/json")
+            .body("canary-0c9d1e\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let json_id = answer["invokeId"].as_str().unwrap().to_owned();
+    let resp = cp
+        .sb(Method::POST, "s", "/invoke?timeout=50ms")
+        .body("x\n")
+        .send()
+        .await
+        .unwrap();
+    let timed_out = invoke_id(&parse_sse(&resp.bytes().await.unwrap()));
+    // Recorded when each stream ends, a moment after the client saw it.
+    let ends = eventually(Duration::from_secs(5), || async {
+        let body = page(&cp, ADMIN_KEY, "action=invoke.end").await;
+        let events = body["events"].as_array().unwrap().clone();
+        (events.len() == 3).then_some(events)
+    })
+    .await
+    .expect("three invoke.end records");
+    let by_id = |id: &str| ends.iter().find(|e| e["invokeId"] == id).cloned().unwrap();
+    for id in [&sse_id, &json_id] {
+        let e = by_id(id);
+        assert_eq!(e["outcome"], "completed", "{e}");
+        assert_eq!(e["sandbox"], "s");
+        assert!(e["durationMs"].as_u64().unwrap() >= 200, "{e}");
+    }
+    assert_eq!(by_id(&timed_out)["outcome"], "timeout");
+    // Still never the output or the input.
+    let audit = env.audit_log();
+    assert!(!audit.contains("canary-0c9d1e"), "{audit}");
+}
