@@ -298,6 +298,9 @@ enum Command {
         /// At most this many records (1 to 1000).
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Then print new records as they are written, until Ctrl-C.
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Print a shell completion script (`agentbox completions bash > /etc/bash_completion.d/agentbox`).
     Completions {
@@ -786,36 +789,84 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
             action,
             since,
             limit,
+            follow,
         } => {
-            let mut query = format!("audit/events?limit={limit}");
-            for (key, value) in [
-                ("sandbox", sandbox),
-                ("actor", actor),
-                ("action", action),
-                ("since", since),
-            ] {
+            let mut base = String::new();
+            for (key, value) in [("sandbox", sandbox), ("actor", actor), ("action", action)] {
                 if let Some(v) = value {
-                    query.push_str(&format!("&{key}={}", encode_path(v)));
+                    base.push_str(&format!("&{key}={}", encode_path(v)));
                 }
+            }
+            let line = |e: &serde_json::Value| {
+                if cli.json {
+                    return e.to_string();
+                }
+                let text = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+                format!(
+                    "{} {:<12} {:<24} {:<16} {:<8} {}",
+                    text("time"),
+                    text("actor"),
+                    text("action"),
+                    text("sandbox"),
+                    text("outcome"),
+                    e["status"]
+                )
+            };
+            let mut query = format!("audit/events?limit={limit}{base}");
+            if let Some(v) = since {
+                query.push_str(&format!("&since={}", encode_path(v)));
             }
             let page = c.api_json(reqwest::Method::GET, &query, None).await?;
-            if cli.json {
-                print_json(&page);
-            } else {
-                for e in page["events"].as_array().into_iter().flatten() {
-                    let text = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
-                    outln!(
-                        "{} {:<12} {:<24} {:<16} {:<8} {}",
-                        text("time"),
-                        text("actor"),
-                        text("action"),
-                        text("sandbox"),
-                        text("outcome"),
-                        e["status"]
-                    );
+            let events: Vec<serde_json::Value> =
+                page["events"].as_array().cloned().unwrap_or_default();
+            if !follow {
+                if cli.json {
+                    print_json(&page);
+                } else {
+                    for e in &events {
+                        outln!("{}", line(e));
+                    }
+                }
+                return Ok(0);
+            }
+            // Oldest first, then every new record as it is written (polled each second), one
+            // JSON object per line with --json; until Ctrl-C.
+            for e in events.iter().rev() {
+                outln!("{}", line(e));
+            }
+            let mut newest = events
+                .first()
+                .and_then(|e| e["time"].as_str())
+                .map(str::to_owned);
+            let mut seen: std::collections::HashSet<String> = events
+                .iter()
+                .filter(|e| e["time"].as_str() == newest.as_deref())
+                .map(|e| e.to_string())
+                .collect();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let mut query = format!("audit/events?limit=1000{base}");
+                match &newest {
+                    Some(t) => query.push_str(&format!("&since={}", encode_path(t))),
+                    None => query.push_str("&since=2s"),
+                }
+                let page = c.api_json(reqwest::Method::GET, &query, None).await?;
+                let events: Vec<serde_json::Value> =
+                    page["events"].as_array().cloned().unwrap_or_default();
+                for e in events.iter().rev() {
+                    let text = e.to_string();
+                    if seen.contains(&text) {
+                        continue;
+                    }
+                    outln!("{}", line(e));
+                    let time = e["time"].as_str().map(str::to_owned);
+                    if time != newest {
+                        newest = time;
+                        seen.clear();
+                    }
+                    seen.insert(text);
                 }
             }
-            Ok(0)
         }
         Command::Whoami => {
             let me = c.whoami().await?;

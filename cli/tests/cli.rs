@@ -804,4 +804,22 @@ fn policy_credentials_and_audit_commands() {
     let page = json_of(&out.stdout);
     assert_eq!(page["events"].as_array().unwrap().len(), 2, "{page}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains(secret));
+
+    // --follow prints what happens after it started.
+    let mut follow = up
+        .cmd(&["audit", "--follow", "--action", "delete"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(follow.stdout.take().unwrap());
+    std::thread::sleep(Duration::from_millis(1500));
+    up.run(&["delete", "p1"]).expect_code(0);
+    let mut seen = String::new();
+    let line = wait_line(&lines, &mut seen, Duration::from_secs(20), |l| {
+        l.contains("p1")
+    });
+    assert!(line.contains("delete") && line.contains("ok"), "{line}");
+    let _ = follow.kill();
+    let _ = follow.wait();
 }
