@@ -250,7 +250,7 @@ pub(crate) async fn get_sandbox(
 #[utoipa::path(post, path = "/api/v1/sandboxes", tag = "sandboxes",
     request_body(content = CreateSandboxRequest, content_type = "application/json"),
     responses((status = 201, description = "Created.", body = SandboxSummary),
-        (status = 400, description = "`invalid_request`: bad JSON, name, namespace or templateRef.kind.", body = ErrorBody), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
+        (status = 400, description = "`invalid_request`: bad JSON, name, namespace or templateRef.kind; a bad credential reference, one not in the namespace's store (local backend), or credentials on the Docker backend.", body = ErrorBody), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
         (status = 403, description = "`forbidden`: the caller may not use the namespace; `policy_violation` (with `violations: [{field, limit, actual}]`): the namespace's governance policy refuses it (counts, template, image, cpu, memory).", body = PolicyViolationBody),
         (status = 404, description = "`template_not_found`.", body = ErrorBody),
         (status = 409, description = "`already_exists`: the name is taken (in any namespace).", body = ErrorBody),
@@ -302,16 +302,17 @@ pub(crate) async fn create_sandbox(
     // Credentials: by name, from the template and the request, each existing in the namespace.
     template.credentials.extend(req.credentials.iter().cloned());
     crate::credentials::validate_refs(&template.credentials).map_err(Error::InvalidRequest)?;
-    if !template.credentials.is_empty() && app.cfg.backend != crate::config::BackendKind::Local {
+    let backend = app.cfg.backend;
+    if !template.credentials.is_empty() && backend == crate::config::BackendKind::Docker {
         return Err(Error::InvalidRequest(
-            "credentials are delivered by the local backend only, so far".into(),
+            "the Docker backend does not deliver credentials yet".into(),
         ));
     }
-    if let Some(missing) = template
-        .credentials
-        .iter()
-        .find(|r| !app.credentials.exists(&namespace, &r.name))
-    {
+    // Kubernetes: references to operator-made Secrets (`credential-<namespace>-<name>`), which
+    // the kubelet resolves; the local store is for the local backend.
+    if let Some(missing) = template.credentials.iter().find(|r| {
+        backend == crate::config::BackendKind::Local && !app.credentials.exists(&namespace, &r.name)
+    }) {
         return Err(Error::InvalidRequest(format!(
             "credential {:?} does not exist in namespace {namespace:?}",
             missing.name
