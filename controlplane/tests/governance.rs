@@ -321,3 +321,64 @@ async fn replicas_racing_for_the_last_slot_never_both_win() {
         cp2.delete(&format!("r{trial}-{}", winners[0])).await;
     }
 }
+
+/// The AgentTier Python SDK (installed by .ci/run) raises its `PolicyViolationError`, with the
+/// violations, on what a refused create answers.
+#[tokio::test]
+async fn the_agenttier_sdk_raises_policy_violation_error() {
+    let env = Env::new();
+    let cp = env.start();
+    put_policy(
+        &cp,
+        "team-a",
+        json!({"maxSandboxesTotal": 1, "allowedTemplates": ["code"]}),
+    )
+    .await;
+    let script = r#"
+import json, os, sys
+from agenttier import AgentTierClient, PolicyViolationError
+client = AgentTierClient(api_url=os.environ["CP_URL"])
+client.create_sandbox(template="code", name="sdk-1", namespace="team-a")
+for name, template in [("sdk-2", "code"), ("sdk-3", "default")]:
+    try:
+        client.create_sandbox(template=template, name=name, namespace="team-a")
+        print(json.dumps({"created": name}))
+    except PolicyViolationError as e:
+        print(json.dumps({"refused": name, "message": str(e), "violations": e.violations}))
+"#;
+    let url = cp.url("");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args(["-c", script])
+            .env("CP_URL", url)
+            .env("AGENTTIER_API_KEY", TEAM_A_KEY)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!(lines[0]["refused"], "sdk-2");
+    assert_eq!(
+        lines[0]["violations"],
+        json!([{"field": "maxSandboxesTotal", "limit": 1, "actual": 2}])
+    );
+    assert_eq!(lines[1]["refused"], "sdk-3");
+    let fields: Vec<&str> = lines[1]["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["maxSandboxesTotal", "allowedTemplates"]);
+}
