@@ -206,6 +206,25 @@ impl Client {
         Ok(self.send(rb).await?.json().await?)
     }
 
+    /// A control-plane route answering JSON: `GET`/`PUT`/`DELETE /api/v1/{rest}` (for routes
+    /// without a typed method: governance, credentials, audit). `Null` for an empty answer.
+    pub async fn api_json(
+        &self,
+        method: reqwest::Method,
+        rest: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let mut rb = self.http.request(method, self.api(rest)?);
+        if let Some(body) = body {
+            rb = rb.json(body);
+        }
+        let bytes = self.send(rb).await?.bytes().await?;
+        if bytes.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("not JSON: {e}")))
+    }
+
     /// `GET /api/v1/user/me`.
     pub async fn whoami(&self) -> Result<UserInfo> {
         self.json(self.http.get(self.api("user/me")?)).await

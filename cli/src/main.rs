@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use agentbox_cli::client::{Client, ClientError, EventStream, InvokeOptions};
+use agentbox_cli::client::{encode_path, Client, ClientError, EventStream, InvokeOptions};
 use agentbox_cli::sse::Event;
 use agentbox_proto::{ConfigureRequest, CreateSandboxRequest, ExecRequest, FileSpec, TemplateRef};
 use base64::Engine;
@@ -279,10 +279,93 @@ enum Command {
     },
     /// Who the server thinks you are.
     Whoami,
+    /// Governance policies per namespace (administrators set them).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Named credentials given to agents by reference; values are never shown.
+    Credentials {
+        #[command(subcommand)]
+        command: CredentialsCommand,
+    },
+    /// The audit trail, newest first.
+    Audit {
+        /// Only this sandbox.
+        #[arg(long)]
+        sandbox: Option<String>,
+        /// Only this caller (an API key's name).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only this action (`governance.*` for a prefix).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only records this recent (e.g. 1h, 30m) or since an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many records (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Then print new records as they are written, until Ctrl-C.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Print a shell completion script (`agentbox completions bash > /etc/bash_completion.d/agentbox`).
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Print a namespace's policy (`*`: the default), or every policy.
+    Get {
+        /// The namespace [default: every policy].
+        namespace: Option<String>,
+    },
+    /// Set a namespace's policy from JSON, e.g. '{"maxSandboxesTotal": 10}'.
+    Set {
+        /// The namespace, or `*` for every namespace without its own.
+        namespace: String,
+        /// The policy as JSON, or @FILE to read it from FILE.
+        policy: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CredentialsCommand {
+    /// Set a credential's value from a file or an environment variable (never an argument).
+    Set {
+        /// The credential's name.
+        name: String,
+        /// Read the value from FILE.
+        #[arg(
+            long,
+            conflicts_with = "from_env",
+            required_unless_present = "from_env"
+        )]
+        from_file: Option<std::path::PathBuf>,
+        /// Read the value from the environment variable VAR.
+        #[arg(long)]
+        from_env: Option<String>,
+        /// Its namespace [default: the caller's first].
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+    /// List credentials' names.
+    List {
+        /// Only this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+    /// Delete a credential.
+    Delete {
+        /// The credential's name.
+        name: String,
+        /// Its namespace [default: the caller's first].
+        #[arg(long)]
+        namespace: Option<String>,
     },
 }
 
@@ -574,6 +657,7 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
                     timeout: timeout.clone(),
                     idle_timeout: idle_timeout.clone(),
                     storage: None,
+                    credentials: Vec::new(),
                 })
                 .await?;
             let deadline = Instant::now() + Duration::from_secs(120);
@@ -628,6 +712,174 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
         Command::Resume { name } => {
             show_sandbox(&cli, &c.resume_sandbox(name).await?);
             Ok(0)
+        }
+        Command::Policy { command } => {
+            let value = match command {
+                PolicyCommand::Get { namespace } => {
+                    let rest = match namespace {
+                        Some(ns) => format!("governance/policies/{}", encode_path(ns)),
+                        None => "governance/policies".into(),
+                    };
+                    c.api_json(reqwest::Method::GET, &rest, None).await?
+                }
+                PolicyCommand::Set { namespace, policy } => {
+                    let text = match policy.strip_prefix('@') {
+                        Some(path) => std::fs::read_to_string(path)
+                            .map_err(|e| usage(format!("{path}: {e}")))?,
+                        None => policy.clone(),
+                    };
+                    let body: serde_json::Value = serde_json::from_str(&text)
+                        .map_err(|e| usage(format!("the policy is not JSON: {e}")))?;
+                    let rest = format!("governance/policies/{}", encode_path(namespace));
+                    c.api_json(reqwest::Method::PUT, &rest, Some(&body)).await?
+                }
+            };
+            print_json(&value);
+            Ok(0)
+        }
+        Command::Credentials { command } => {
+            let query = |ns: &Option<String>| {
+                ns.as_ref()
+                    .map(|n| format!("?namespace={}", encode_path(n)))
+                    .unwrap_or_default()
+            };
+            match command {
+                CredentialsCommand::Set {
+                    name,
+                    from_file,
+                    from_env,
+                    namespace,
+                } => {
+                    let value = match (from_file, from_env) {
+                        (Some(path), _) => std::fs::read_to_string(path)
+                            .map_err(|e| usage(format!("{}: {e}", path.display())))?,
+                        (None, Some(var)) => std::env::var(var)
+                            .map_err(|_| usage(format!("${var} is not set (or not UTF-8)")))?,
+                        (None, None) => return Err(usage("give --from-file or --from-env")),
+                    };
+                    let rest = format!("credentials/{}{}", encode_path(name), query(namespace));
+                    c.api_json(
+                        reqwest::Method::PUT,
+                        &rest,
+                        Some(&json!({ "value": value })),
+                    )
+                    .await?;
+                    if !cli.quiet {
+                        outln!("credential {name} set");
+                    }
+                }
+                CredentialsCommand::List { namespace } => {
+                    let list = c
+                        .api_json(
+                            reqwest::Method::GET,
+                            &format!("credentials{}", query(namespace)),
+                            None,
+                        )
+                        .await?;
+                    if cli.json {
+                        print_json(&list);
+                    } else {
+                        for item in list["credentials"].as_array().into_iter().flatten() {
+                            outln!(
+                                "{:<24} {:<16} {}",
+                                item["name"].as_str().unwrap_or(""),
+                                item["namespace"].as_str().unwrap_or(""),
+                                item["updatedAt"].as_str().unwrap_or("")
+                            );
+                        }
+                    }
+                }
+                CredentialsCommand::Delete { name, namespace } => {
+                    let rest = format!("credentials/{}{}", encode_path(name), query(namespace));
+                    c.api_json(reqwest::Method::DELETE, &rest, None).await?;
+                }
+            }
+            Ok(0)
+        }
+        Command::Audit {
+            sandbox,
+            actor,
+            action,
+            since,
+            limit,
+            follow,
+        } => {
+            let mut base = String::new();
+            for (key, value) in [("sandbox", sandbox), ("actor", actor), ("action", action)] {
+                if let Some(v) = value {
+                    base.push_str(&format!("&{key}={}", encode_path(v)));
+                }
+            }
+            let line = |e: &serde_json::Value| {
+                if cli.json {
+                    return e.to_string();
+                }
+                let text = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+                format!(
+                    "{} {:<12} {:<24} {:<16} {:<8} {}",
+                    text("time"),
+                    text("actor"),
+                    text("action"),
+                    text("sandbox"),
+                    text("outcome"),
+                    e["status"]
+                )
+            };
+            let mut query = format!("audit/events?limit={limit}{base}");
+            if let Some(v) = since {
+                query.push_str(&format!("&since={}", encode_path(v)));
+            }
+            let page = c.api_json(reqwest::Method::GET, &query, None).await?;
+            let events: Vec<serde_json::Value> =
+                page["events"].as_array().cloned().unwrap_or_default();
+            if !follow {
+                if cli.json {
+                    print_json(&page);
+                } else {
+                    for e in &events {
+                        outln!("{}", line(e));
+                    }
+                }
+                return Ok(0);
+            }
+            // Oldest first, then every new record as it is written (polled each second), one
+            // JSON object per line with --json; until Ctrl-C.
+            for e in events.iter().rev() {
+                outln!("{}", line(e));
+            }
+            let mut newest = events
+                .first()
+                .and_then(|e| e["time"].as_str())
+                .map(str::to_owned);
+            let mut seen: std::collections::HashSet<String> = events
+                .iter()
+                .filter(|e| e["time"].as_str() == newest.as_deref())
+                .map(|e| e.to_string())
+                .collect();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let mut query = format!("audit/events?limit=1000{base}");
+                match &newest {
+                    Some(t) => query.push_str(&format!("&since={}", encode_path(t))),
+                    None => query.push_str("&since=2s"),
+                }
+                let page = c.api_json(reqwest::Method::GET, &query, None).await?;
+                let events: Vec<serde_json::Value> =
+                    page["events"].as_array().cloned().unwrap_or_default();
+                for e in events.iter().rev() {
+                    let text = e.to_string();
+                    if seen.contains(&text) {
+                        continue;
+                    }
+                    outln!("{}", line(e));
+                    let time = e["time"].as_str().map(str::to_owned);
+                    if time != newest {
+                        newest = time;
+                        seen.clear();
+                    }
+                    seen.insert(text);
+                }
+            }
         }
         Command::Whoami => {
             let me = c.whoami().await?;

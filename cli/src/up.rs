@@ -360,6 +360,7 @@ async fn demo(client: &Client) -> Result<u8, ClientError> {
             timeout: None,
             idle_timeout: None,
             storage: None,
+            credentials: Vec::new(),
         })
         .await
     {

@@ -790,3 +790,80 @@ fn completions_and_version() {
     // Nothing was created in the directory by any of this.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn policy_credentials_and_audit_commands() {
+    let up = Up::start(&[]);
+    let out = up.run(&["policy", "set", "default", r#"{"maxSandboxesTotal": 1}"#]);
+    out.expect_code(0);
+    let out = up.run(&["policy", "get", "default"]);
+    out.expect_code(0);
+    assert_eq!(
+        json_of(&out.stdout),
+        serde_json::json!({"maxSandboxesTotal": 1})
+    );
+    up.create("p1");
+    let out = up.run(&["create", "p2"]);
+    assert_ne!(out.code(), Some(0));
+    assert!(
+        out.stderr_text().contains("policy_violation"),
+        "{}",
+        out.stderr_text()
+    );
+
+    let secret = "cli-secret-5f1d9a2c7e3b8046";
+    let mut cmd = up.cmd(&["credentials", "set", "openai", "--from-env", "MY_SECRET"]);
+    cmd.env("MY_SECRET", secret);
+    let out = common::run_with(cmd, None, Duration::from_secs(30));
+    out.expect_code(0);
+    let file = up.dir.join("gcp.json");
+    std::fs::write(&file, secret).unwrap();
+    up.run(&[
+        "credentials",
+        "set",
+        "gcp",
+        "--from-file",
+        file.to_str().unwrap(),
+    ])
+    .expect_code(0);
+    let out = up.run(&["credentials", "list"]);
+    out.expect_code(0);
+    let listed = out.stdout_text();
+    assert!(
+        listed.contains("openai") && listed.contains("gcp"),
+        "{listed}"
+    );
+    assert!(!listed.contains(secret));
+    assert_ne!(up.run(&["credentials", "set", "x"]).code(), Some(0));
+
+    let out = up.run(&["audit", "--sandbox", "p2", "--since", "1h"]);
+    out.expect_code(0);
+    let audit = out.stdout_text();
+    assert!(
+        audit.contains("governance.create") && audit.contains("denied"),
+        "{audit}"
+    );
+    let out = up.run(&["--json", "audit", "--action", "credentials.*"]);
+    out.expect_code(0);
+    let page = json_of(&out.stdout);
+    assert_eq!(page["events"].as_array().unwrap().len(), 2, "{page}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(secret));
+
+    // --follow prints what happens after it started.
+    let mut follow = up
+        .cmd(&["audit", "--follow", "--action", "delete"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(follow.stdout.take().unwrap());
+    std::thread::sleep(Duration::from_millis(1500));
+    up.run(&["delete", "p1"]).expect_code(0);
+    let mut seen = String::new();
+    let line = wait_line(&lines, &mut seen, Duration::from_secs(20), |l| {
+        l.contains("p1")
+    });
+    assert!(line.contains("delete") && line.contains("ok"), "{line}");
+    let _ = follow.kill();
+    let _ = follow.wait();
+}

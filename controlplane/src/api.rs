@@ -25,6 +25,7 @@ use serde::Deserialize;
 use crate::auth::Identity;
 use crate::backend::{valid_name, CreateSpec};
 use crate::error::{Error, Result};
+use crate::governance::PolicyViolationBody;
 use crate::metrics::{self, Kind};
 use crate::{audit, otel, AppState};
 
@@ -88,8 +89,8 @@ pub fn router(app: Arc<AppState>) -> Router {
             post(crate::lifecycle::clone_sandbox),
         )
         .route("/api/v1/sandboxes/{id}/{*rest}", any(to_runner))
-        .route("/api/v1/audit/events", get(not_implemented))
         .route("/api/v1/analytics/usage", get(not_implemented))
+        .merge(crate::admin_api::routes())
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             authenticate,
@@ -271,8 +272,8 @@ pub(crate) async fn get_sandbox(
 #[utoipa::path(post, path = "/api/v1/sandboxes", tag = "sandboxes",
     request_body(content = CreateSandboxRequest, content_type = "application/json"),
     responses((status = 201, description = "Created.", body = SandboxSummary),
-        (status = 400, description = "`invalid_request`: bad JSON, name, namespace or templateRef.kind.", body = ErrorBody), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
-        (status = 403, description = "`forbidden`: the caller may not use the namespace.", body = ErrorBody),
+        (status = 400, description = "`invalid_request`: bad JSON, name, namespace or templateRef.kind; a bad credential reference, one not in the namespace's store (local backend), or credentials on the Docker backend.", body = ErrorBody), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
+        (status = 403, description = "`forbidden`: the caller may not use the namespace; `policy_violation` (with `violations: [{field, limit, actual}]`): the namespace's governance policy refuses it (counts, template, image, cpu, memory).", body = PolicyViolationBody),
         (status = 404, description = "`template_not_found`.", body = ErrorBody),
         (status = 409, description = "`already_exists`: the name is taken (in any namespace).", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody),
@@ -315,13 +316,65 @@ pub(crate) async fn create_sandbox(
             )));
         }
     }
-    let template = app
+    let mut template = app
         .templates
         .get(template_name)
         .cloned()
         .ok_or_else(|| Error::TemplateNotFound(template_name.into()))?;
     let (timeout, idle_timeout) =
         crate::lifecycle::timeouts(&req.timeout, &req.idle_timeout, &template)?;
+    // Credentials: by name, from the template and the request, each existing in the namespace.
+    template.credentials.extend(req.credentials.iter().cloned());
+    crate::credentials::validate_refs(&template.credentials).map_err(Error::InvalidRequest)?;
+    let backend = app.cfg.backend;
+    if !template.credentials.is_empty() && backend == crate::config::BackendKind::Docker {
+        return Err(Error::InvalidRequest(
+            "the Docker backend does not deliver credentials yet".into(),
+        ));
+    }
+    // Kubernetes: references to operator-made Secrets (`credential-<namespace>-<name>`), which
+    // the kubelet resolves; the local store is for the local backend.
+    if let Some(missing) = template.credentials.iter().find(|r| {
+        backend == crate::config::BackendKind::Local && !app.credentials.exists(&namespace, &r.name)
+    }) {
+        return Err(Error::InvalidRequest(format!(
+            "credential {:?} does not exist in namespace {namespace:?}",
+            missing.name
+        )));
+    }
+    // Governance: counted under the create lock of every replica sharing the state directory,
+    // held until the sandbox exists (or the create failed).
+    let policy = app.governance.effective(&namespace)?;
+    let _slot = if policy.policy.counts() {
+        Some(app.governance.lock_creates().await?)
+    } else {
+        None
+    };
+    if policy.source.is_some() {
+        let existing = if policy.policy.counts() {
+            app.backend.list().await?
+        } else {
+            Vec::new()
+        };
+        let violations = policy
+            .policy
+            .check_create(&id, &namespace, &template, &existing);
+        crate::admin_api::audit_decision(
+            &app,
+            &id,
+            Some(&req.name),
+            &namespace,
+            "create",
+            &violations,
+        );
+        if !violations.is_empty() {
+            return Err(Error::PolicyViolation {
+                message: format!("creating {:?} in {namespace:?} breaks its policy", req.name),
+                violations,
+            });
+        }
+        policy.policy.apply(&mut template);
+    }
     let result = app
         .backend
         .create(CreateSpec {
@@ -396,6 +449,8 @@ pub(crate) fn audit_action<T>(
         action,
         outcome,
         status,
+        detail: None,
+        ..Default::default()
     });
 }
 
@@ -619,7 +674,16 @@ async fn to_runner(
         }
         ids
     });
-    let path_and_query = match request.uri().query() {
+    if action == "exec" && checked.is_ok() {
+        request =
+            crate::admin_api::govern_exec(&app, &id, &name, &target.namespace, request).await?;
+    }
+    let query = if action == "invoke" && checked.is_ok() {
+        crate::admin_api::govern_invoke(&app, &id, &name, &target.namespace, request.uri().query())?
+    } else {
+        request.uri().query().map(str::to_owned)
+    };
+    let path_and_query = match query {
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
@@ -646,6 +710,8 @@ async fn to_runner(
         action,
         outcome: metrics::outcome(status),
         status,
+        detail: None,
+        ..Default::default()
     });
     let Some(kind) = kind else {
         return result;
@@ -662,6 +728,7 @@ async fn to_runner(
     let mut guard = Recorder {
         app: Arc::clone(&app),
         sandbox: name.clone(),
+        namespace: target.namespace.clone(),
         actor: id.sub.clone(),
         kind,
         template: target.template,
@@ -684,6 +751,7 @@ async fn to_runner(
 struct Recorder {
     app: Arc<AppState>,
     sandbox: String,
+    namespace: String,
     actor: String,
     kind: Kind,
     template: String,
@@ -731,6 +799,25 @@ impl StreamStats {
 
     /// The exit code of the stream's closing `exit` event, if it ended with one.
     fn exit_code(&self) -> Option<i64> {
+        self.exit_event()?.get("exitCode")?.as_i64()
+    }
+
+    /// The stream's closing `exit` event, or the JSON answer of an invoke asked for with
+    /// `Accept: application/json` when all of it was kept (at most 2 × [`TAIL_KEEP`] bytes).
+    fn outcome(&self) -> Option<serde_json::Value> {
+        if let Some(exit) = self.exit_event() {
+            return Some(exit);
+        }
+        let whole: &[u8] = match &self.last {
+            Some(last) if last.len() as u64 == self.bytes => last,
+            None if self.tail.len() as u64 == self.bytes => &self.tail,
+            _ => return None,
+        };
+        serde_json::from_slice(whole).ok()
+    }
+
+    /// The stream's closing `exit` event, if it ended with one.
+    fn exit_event(&self) -> Option<serde_json::Value> {
         let window = match &self.last {
             Some(last) => &last[last.len() - TAIL_KEEP..],
             None => &self.tail[..],
@@ -738,10 +825,7 @@ impl StreamStats {
         let start = memchr::memmem::rfind(window, EXIT_MARKER)? + EXIT_MARKER.len();
         let data = &window[start..];
         let end = memchr::memchr(b'\n', data)?;
-        serde_json::from_slice::<serde_json::Value>(&data[..end])
-            .ok()?
-            .get("exitCode")?
-            .as_i64()
+        serde_json::from_slice::<serde_json::Value>(&data[..end]).ok()
     }
 }
 
@@ -794,6 +878,29 @@ impl Drop for Recorder {
                 end: std::time::SystemTime::now(),
                 attributes,
                 error: self.status >= 400 || exit_code.is_some_and(|c| c != 0),
+            });
+        }
+        if self.kind == Kind::Invoke && (200..300).contains(&self.status) {
+            // The end of an invoke's stream: its id, reason and duration (never its output).
+            let exit = self.stats.outcome();
+            let field = |k: &str| {
+                exit.as_ref()
+                    .and_then(|e| e.get(k)?.as_str().map(str::to_owned))
+            };
+            let invoke_id = field("invokeId");
+            // `ended`: no exit seen (the client left first, or a JSON answer too big to keep).
+            let reason = field("reason").unwrap_or_else(|| "ended".into());
+            self.app.audit.write(&audit::Record {
+                time: now(),
+                actor: &self.actor,
+                sandbox: Some(&self.sandbox),
+                namespace: Some(&self.namespace),
+                action: "invoke.end",
+                outcome: &reason,
+                status: self.status,
+                invoke_id: invoke_id.as_deref(),
+                duration_ms: Some(self.started.elapsed().as_millis() as u64),
+                ..Default::default()
             });
         }
         if !self.app.backend.records_outcomes() {

@@ -64,6 +64,17 @@ pub enum Error {
     /// The backend failed (500 `backend_error`).
     #[error("{0}")]
     Backend(String),
+    /// The request breaks a governance policy (403 `policy_violation`, with `violations`).
+    #[error("{message}")]
+    PolicyViolation {
+        /// What was refused.
+        message: String,
+        /// Every broken limit.
+        violations: Vec<crate::governance::Violation>,
+    },
+    /// The audit log is not a file this control plane can read (404 `audit_unavailable`).
+    #[error("{0}")]
+    AuditUnavailable(String),
     /// Anything else (500 `internal`).
     #[error("{0}")]
     Internal(String),
@@ -74,10 +85,11 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Error::Forbidden(_) => StatusCode::FORBIDDEN,
-            Error::RouteNotFound(_) | Error::SandboxNotFound(_) | Error::TemplateNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
+            Error::Forbidden(_) | Error::PolicyViolation { .. } => StatusCode::FORBIDDEN,
+            Error::RouteNotFound(_)
+            | Error::SandboxNotFound(_)
+            | Error::TemplateNotFound(_)
+            | Error::AuditUnavailable(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Error::InvalidRequest(_) | Error::WrongMode(_) => StatusCode::BAD_REQUEST,
@@ -94,6 +106,7 @@ impl Error {
         match self {
             Error::Unauthorized(_) => "unauthorized",
             Error::Forbidden(_) => "forbidden",
+            Error::PolicyViolation { .. } => "policy_violation",
             Error::RouteNotFound(_) => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::NotImplemented(_) => "not_implemented",
@@ -108,6 +121,7 @@ impl Error {
             Error::RunnerUnauthorized => "runner_unauthorized",
             Error::RunnerTimeout => "runner_timeout",
             Error::Backend(_) => "backend_error",
+            Error::AuditUnavailable(_) => "audit_unavailable",
             Error::Internal(_) => "internal",
         }
     }
@@ -123,6 +137,18 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         if matches!(self, Error::Internal(_) | Error::Backend(_)) {
             tracing::error!(error = %self, "request failed");
+        }
+        if let Error::PolicyViolation {
+            message,
+            violations,
+        } = self
+        {
+            let body = crate::governance::PolicyViolationBody {
+                error: "policy_violation".into(),
+                message,
+                violations,
+            };
+            return (StatusCode::FORBIDDEN, Json(body)).into_response();
         }
         let body = ErrorBody {
             error: self.code().to_owned(),

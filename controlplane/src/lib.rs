@@ -3,13 +3,16 @@
 //! stream without buffering. It keeps no invoke state, so any number of replicas serve any
 //! request, cancel included.
 
+pub(crate) mod admin_api;
 pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod connector;
+pub mod credentials;
 pub mod error;
+pub mod governance;
 pub mod lifecycle;
 pub mod metrics;
 pub mod oidc;
@@ -47,6 +50,10 @@ pub struct AppState {
     pub audit: audit::Audit,
     /// Span export.
     pub tracer: otel::Tracer,
+    /// Governance policies.
+    pub governance: governance::Governance,
+    /// Named credentials.
+    pub credentials: credentials::Credentials,
 }
 
 impl AppState {
@@ -118,6 +125,10 @@ impl AppState {
             metrics: metrics::Metrics::default(),
             audit,
             tracer: otel::Tracer::new(cfg.otlp_endpoint.clone()),
+            governance: governance::Governance::new(&cfg.state_dir).map_err(|e| {
+                format!("cannot create {}/governance: {e}", cfg.state_dir.display())
+            })?,
+            credentials: credentials::Credentials::new(&cfg.state_dir),
             cfg,
         }))
     }

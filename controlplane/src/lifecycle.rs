@@ -311,6 +311,7 @@ fn record<T>(app: &AppState, s: &SandboxSummary, action: &str, result: &Result<T
         action,
         outcome,
         status,
+        ..Default::default()
     });
 }
 

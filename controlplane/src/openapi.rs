@@ -19,7 +19,7 @@ use agentbox_proto::{
 use serde_json::{json, Value};
 use utoipa::OpenApi;
 
-use crate::api;
+use crate::{admin_api, api};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -39,6 +39,16 @@ use crate::api;
         api::resume_sandbox,
         crate::lifecycle::clone_sandbox,
         crate::lifecycle::warm_pool_status,
+        admin_api::list_policies,
+        admin_api::replace_policies,
+        admin_api::get_policy,
+        admin_api::put_policy,
+        admin_api::delete_policy,
+        admin_api::effective_policy,
+        admin_api::audit_events,
+        admin_api::list_credentials,
+        admin_api::put_credential,
+        admin_api::delete_credential,
         configure,
         invoke,
         invoke_cancel,
@@ -65,7 +75,7 @@ use crate::api;
     components(schemas(
         StartEvent, LogEvent, ExitEvent, ErrorEvent, TruncatedEvent, ConfigureResult, OnDisconnect,
         StreamMode, ArchiveFormat, AgentEvent, PermissionEvent, PermissionReplyEvent, ProtocolErrorEvent,
-        SessionEvent,
+        SessionEvent, crate::governance::PolicyViolationBody, crate::governance::Violation,
     )),
     tags(
         (name = "meta", description = "Health, metrics and this document; no credential needed."),
@@ -76,6 +86,9 @@ use crate::api;
         (name = "invokes", description = "Running the entrypoint, following, reattaching and canceling (passed to the sandbox's runner)."),
         (name = "exec", description = "Ad-hoc commands, journaled like invokes; both modes (passed to the sandbox's runner)."),
         (name = "sessions", description = "Sessions, their histories, permission replies and ACP session config (passed to the sandbox's runner)."),
+        (name = "governance", description = "Per-namespace policies: limits on sandboxes, templates, images, resources, concurrency and timeouts; a request that breaks one gets 403 `policy_violation`."),
+        (name = "audit", description = "The audit trail: who did what to which sandbox, with what outcome; never argv, stdin, bodies or secrets."),
+        (name = "credentials", description = "Named secrets given to agents by reference (`credentials` on a template or a create request); values are never returned."),
         (name = "files", description = "Listing, downloading, uploading and deleting workspace files, and archives; both modes (passed to the sandbox's runner)."),
     )
 )]
@@ -173,7 +186,7 @@ fn configure() {}
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/invoke", tag = "invokes",
     params(("id" = String, Path, description = "The sandbox id."),
         ("prompt" = Option<String>, Query, description = "Passed as `--prompt=<prompt>`; stdin when the body is empty."),
-        ("timeout" = Option<String>, Query, description = "A Go duration (`90s`, `5m`, `1h30m`)."),
+        ("timeout" = Option<String>, Query, description = "A Go duration (`90s`, `5m`, `1h30m`); clamped to the namespace policy's `maxTimeout` (which is also the timeout of an invoke without one)."),
         ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves: `cancel` (default, as the seed: closing the stream cancels), `linger` (cancel after the runner's `--linger` without a watcher, time to reattach), `continue`."),
         ("stream" = Option<StreamMode>, Query, description = "`lines` (default, the seed's framing): one `log` event per whole line. `live`: also a fragment without a newline once the output pauses for 25 ms (`partial: true`), for prompts and streamed tokens."),
         ("session" = Option<String>, Query, description = "Run in this session (1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`); one invoke at a time per session.")),
@@ -271,7 +284,8 @@ fn invokes_cancel() {}
 /// Run a command: `{command, timeout?}` → `{stdout, stderr, exitCode}`
 ///
 /// Passed to the runner's `POST /v1/exec`. Answers one InvokeResponse when the command exits;
-/// with `Accept: text/event-stream`, streams its events instead. Works in both modes.
+/// with `Accept: text/event-stream`, streams its events instead. Works in both modes. Under a
+/// namespace policy with `maxTimeout`, `timeout` is clamped to it (and set to it when absent).
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/exec", tag = "exec",
     params(("id" = String, Path, description = "The sandbox id."),
         ("onDisconnect" = Option<OnDisconnect>, Query, description = "What happens when the last watcher leaves: `cancel` (default), `linger`, `continue`."),

@@ -61,6 +61,10 @@ pub struct Template {
     /// Sandboxes kept started and ready for creates to claim (local backend).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_pool: Option<WarmPool>,
+    /// Named credentials its sandboxes' agents get (names only; values are in the control
+    /// plane's credential store).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<agentbox_proto::CredentialRef>,
 }
 
 /// A template's warm pool.

@@ -202,11 +202,6 @@ async fn quickstart_template_and_unserved_routes() {
         ),
         (
             Method::GET,
-            "/api/v1/audit/events",
-            "GET /api/v1/audit/events",
-        ),
-        (
-            Method::GET,
             "/api/v1/analytics/usage",
             "GET /api/v1/analytics/usage",
         ),

@@ -853,3 +853,44 @@ async fn unreachable_cluster_is_refused() {
     );
     assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+/// Credentials on Kubernetes are references to operator-made Secrets: the Pod the control plane
+/// posts names `credential-<namespace>-<name>` and holds no value.
+#[tokio::test]
+async fn credentials_become_secret_references() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let cp = start_cp(&fixture, tmp.path(), &["--kube-runner-image", RUNNER_IMAGE]).await;
+    let (code, body) = cp
+        .send(cp.req(Method::POST, "/api/v1/sandboxes").json(&json!({
+        "name": "eps", "namespace": "team-a",
+        "credentials": [
+            {"name": "openai", "env": "OPENAI_API_KEY"},
+            {"name": "gcp", "file": "/run/credentials/gcp.json"},
+        ]})))
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let pod = fixture.get("pods", NS, "sandbox-eps").unwrap();
+    let container = &pod["spec"]["containers"][0];
+    let env = env_of(container);
+    assert_eq!(
+        env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"],
+        json!({"name": "credential-team-a-openai", "key": "value", "optional": false})
+    );
+    assert!(env["OPENAI_API_KEY"].get("value").is_none());
+    let volume = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "credential-gcp")
+        .unwrap();
+    assert_eq!(volume["secret"]["secretName"], "credential-team-a-gcp");
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "credential-gcp")
+        .unwrap();
+    assert_eq!(mount["mountPath"], "/run/credentials/gcp.json");
+    assert_eq!(mount["readOnly"], true);
+}

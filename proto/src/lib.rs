@@ -716,6 +716,24 @@ pub struct CreateSandboxRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub storage: Option<serde_json::Value>,
+    /// Named credentials the agent gets (besides the template's), by name: never values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credentials: Vec<CredentialRef>,
+}
+
+/// A named credential given to a sandbox's agent: as the environment variable `env`, or as the
+/// read-only file `file` (under `/run/credentials/`). Exactly one of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CredentialRef {
+    /// The credential's name (`PUT /api/v1/credentials/{name}` in the sandbox's namespace).
+    pub name: String,
+    /// An environment variable name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    /// A path under `/run/credentials/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 /// `POST /api/v1/sandboxes/{id}/clone` body.

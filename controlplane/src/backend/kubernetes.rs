@@ -501,7 +501,77 @@ fn render_pod(
             ..Probe::default()
         });
     }
+    add_credentials(&mut pod, names, template);
     Ok(pod)
+}
+
+/// The Secret a credential reference names on Kubernetes: `credential-<namespace>-<name>` in
+/// the control plane's namespace, made by the operator (never copied through the control
+/// plane), its value under the key `value`. The namespace in the name keeps one agentbox
+/// namespace from referencing another's.
+pub(crate) fn credential_secret(namespace: &str, name: &str) -> String {
+    format!("credential-{namespace}-{name}")
+}
+
+/// The runner container's `secretKeyRef` variables and read-only secret files (under
+/// `/run/credentials/`) for the template's credential references.
+fn add_credentials(pod: &mut Pod, names: &Names<'_>, template: &Template) {
+    if template.credentials.is_empty() {
+        return;
+    }
+    let Some(spec) = pod.spec.as_mut() else {
+        return;
+    };
+    let index = runner_index(spec);
+    for r in &template.credentials {
+        let secret = credential_secret(names.namespace, &r.name);
+        if let Some(var) = &r.env {
+            let env = spec.containers[index].env.get_or_insert_with(Vec::new);
+            env.retain(|e| &e.name != var);
+            env.push(EnvVar {
+                name: var.clone(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret,
+                        key: "value".into(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            });
+        } else if let Some(base) = r
+            .file
+            .as_deref()
+            .and_then(|f| f.strip_prefix(crate::credentials::FILE_PREFIX))
+        {
+            let volume = format!("credential-{}", r.name);
+            spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+                name: volume.clone(),
+                secret: Some(k8s_openapi::api::core::v1::SecretVolumeSource {
+                    secret_name: Some(secret),
+                    items: Some(vec![k8s_openapi::api::core::v1::KeyToPath {
+                        key: "value".into(),
+                        path: base.into(),
+                        mode: Some(0o400),
+                    }]),
+                    default_mode: Some(0o400),
+                    optional: Some(false),
+                }),
+                ..Volume::default()
+            });
+            spec.containers[index]
+                .volume_mounts
+                .get_or_insert_with(Vec::new)
+                .push(VolumeMount {
+                    name: volume,
+                    mount_path: format!("{}{base}", crate::credentials::FILE_PREFIX),
+                    sub_path: Some(base.into()),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                });
+        }
+    }
 }
 
 fn annotation<'a>(obj: &'a impl ResourceExt, key: &str) -> Option<&'a str> {
@@ -1328,6 +1398,55 @@ mod tests {
             .flatten()
             .map(|e| (e.name.clone(), e.clone()))
             .collect()
+    }
+
+    #[test]
+    fn credentials_are_secret_references_never_values() {
+        let mut t = template();
+        t.credentials = vec![
+            agentbox_proto::CredentialRef {
+                name: "openai".into(),
+                env: Some("OPENAI_API_KEY".into()),
+                file: None,
+            },
+            agentbox_proto::CredentialRef {
+                name: "gcp".into(),
+                env: None,
+                file: Some("/run/credentials/gcp.json".into()),
+            },
+        ];
+        let pod = render_pod(&names(), &t, None, None, "agentbox", None).unwrap();
+        let spec = pod.spec.as_ref().unwrap();
+        let c = &spec.containers[0];
+        let var = &env(c)["OPENAI_API_KEY"];
+        assert!(var.value.is_none());
+        let key = var
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (key.name.as_str(), key.key.as_str()),
+            ("credential-team-a-openai", "value")
+        );
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "credential-gcp")
+            .unwrap();
+        let secret = volume.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("credential-team-a-gcp"));
+        let mount = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "credential-gcp")
+            .unwrap();
+        assert_eq!(mount.mount_path, "/run/credentials/gcp.json");
+        assert_eq!(mount.read_only, Some(true));
     }
 
     #[test]

@@ -235,19 +235,55 @@ impl Launch {
             .stdout(stdout)
             .stderr(stderr)
             .process_group(0);
-        if isolated {
-            let spec = self.spec(record, &dir, &workspace)?;
-            let spec_path = dir.join("sandbox.spec.json");
-            std::fs::write(&spec_path, spec.to_string())?;
-            cmd.arg("sandbox")
-                .arg("--spec")
-                .arg(&spec_path)
-                .stdin(Stdio::piped());
+        // Credentials (crate::credentials): values read at every start, so a start sees the
+        // latest. An isolated sandbox's spec (which assigns its host uid) comes first.
+        let mut _spec_fd = None;
+        let spec = if isolated {
+            Some(self.spec(record, &dir, &workspace)?)
+        } else {
+            None
+        };
+        let creds = crate::credentials::deliver(
+            self.root.parent().unwrap_or(&self.root),
+            &record.namespace,
+            &record.template.credentials,
+            &dir,
+            record.host_uid.filter(|_| isolated),
+        )?;
+        if let Some(mut spec) = spec {
+            if creds.env.is_empty() {
+                let spec_path = dir.join("sandbox.spec.json");
+                std::fs::write(&spec_path, spec.to_string())?;
+                cmd.arg("sandbox").arg("--spec").arg(&spec_path);
+            } else {
+                if let (Some(files), Some(list)) =
+                    (&creds.dir, spec["readOnlyPaths"].as_array_mut())
+                {
+                    list.push(serde_json::json!(files));
+                }
+                if let Some(env) = spec["env"].as_object_mut() {
+                    for (k, v) in &creds.env {
+                        env.insert(k.clone(), serde_json::Value::String(v.clone()));
+                    }
+                }
+                // The spec holds values now: it goes through a memfd (close-on-exec) that the
+                // launcher opens through /proc, never through a file.
+                let fd = crate::credentials::memfd_with(spec.to_string().as_bytes())?;
+                cmd.arg("sandbox").arg("--spec").arg(format!(
+                    "/proc/{}/fd/{}",
+                    std::process::id(),
+                    std::os::fd::AsRawFd::as_raw_fd(&fd)
+                ));
+                let _ = std::fs::remove_file(dir.join("sandbox.spec.json"));
+                _spec_fd = Some(fd);
+            }
+            cmd.stdin(Stdio::piped());
         } else {
             cmd.args(["--listen", "127.0.0.1:0", "--workspace"])
                 .arg(&workspace)
                 .args(Self::runner_args(record))
                 .envs(self.environment(record, &workspace))
+                .envs(&creds.env)
                 .env("AGENTBOX_RUNNER_TOKEN", &record.token)
                 .stdin(Stdio::null());
         }

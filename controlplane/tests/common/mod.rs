@@ -156,11 +156,13 @@ impl Env {
 
     /// Starts `cmd` (a control plane) and reads its `listening on ADDR` line.
     pub fn spawn_command(&self, mut cmd: Command) -> Cp {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        cmd.stderr(Stdio::inherit());
+        self.spawn_command_keeping_stderr(cmd)
+    }
+
+    /// [`Env::spawn_command`] with the command's own stderr (a log file, say).
+    pub fn spawn_command_keeping_stderr(&self, mut cmd: Command) -> Cp {
+        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();

@@ -1,0 +1,492 @@
+//! Governance: per-namespace policies set by administrators, checked at create (counts,
+//! template, image, resources) and applied at invoke (timeout clamp).
+//!
+//! Policies live in one JSON file, `<state-dir>/governance/policies.json` (a map from namespace
+//! to [`Policy`]; `*` is the policy of every namespace without its own), replaced by temp file +
+//! fsync + rename under `<state-dir>/governance/policies.lock`, and re-read by every replica when
+//! its modification time or size changes. Creates that a count limit applies to run one at a
+//! time across every replica sharing the state directory: each holds
+//! `<state-dir>/governance/create.lock` (`flock`) from counting until the sandbox exists, so no
+//! two creates can both take the last slot.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime};
+
+use agentbox_proto::SandboxSummary;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::Identity;
+use crate::error::{Error, Result};
+use crate::templates::{Limits, Template};
+
+/// The namespace whose policy applies to every namespace without one of its own.
+pub const DEFAULT_NAMESPACE: &str = "*";
+
+/// The largest policies file read (a bound on what one PUT can store).
+const MAX_FILE: u64 = 1 << 20;
+
+/// One namespace's policy: every field optional, absent means no limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Policy {
+    /// Sandboxes one caller may have in the namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sandboxes_per_user: Option<u32>,
+    /// Sandboxes the namespace may have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sandboxes_total: Option<u32>,
+    /// Agent-mode sandboxes the namespace may have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_agent_sandboxes: Option<u32>,
+    /// Template names a create may use (`*` at the end matches any rest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_templates: Option<Vec<String>>,
+    /// Image patterns a template's image must match (`*` at the end matches any rest); checked
+    /// where the template names an image (Docker, Kubernetes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_agent_images: Option<Vec<String>>,
+    /// Clamps the template's `maxConcurrentInvokes` (the runner's cap) at create and resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_invokes_per_sandbox: Option<u32>,
+    /// A Go duration: clamps an invoke's `?timeout=` and an exec's `timeout` (and is the
+    /// timeout of one without).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_timeout: Option<String>,
+    /// A Go duration: the longest idle timeout a sandbox may have (stored and reported; applied
+    /// by the idle stop where the backend has one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_idle_timeout: Option<String>,
+    /// CPUs (`"2"`, `"500m"`): a template's `limits.cpu` may not be more; a template without
+    /// one gets this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cpu: Option<String>,
+    /// Memory (`"512Mi"`): a template's `limits.memory` may not be more; a template without
+    /// one gets this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<String>,
+}
+
+/// One broken limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Violation {
+    /// The policy field.
+    pub field: String,
+    /// The policy's value.
+    #[schema(value_type = Object)]
+    pub limit: serde_json::Value,
+    /// What the request would have had.
+    #[schema(value_type = Object)]
+    pub actual: serde_json::Value,
+}
+
+/// The 403 body of a request that breaks a policy (the AgentTier SDK's `PolicyViolationError`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PolicyViolationBody {
+    /// `policy_violation`.
+    pub error: String,
+    /// What was refused.
+    pub message: String,
+    /// Every broken limit.
+    pub violations: Vec<Violation>,
+}
+
+/// Every namespace's policy: `GET`/`PUT /api/v1/governance/policies`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySet {
+    /// Namespace (or `*`) → policy.
+    pub policies: BTreeMap<String, Policy>,
+}
+
+/// The caller's policy: `GET /api/v1/governance/effective`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EffectivePolicy {
+    /// The namespace asked about.
+    pub namespace: String,
+    /// Which entry applies: the namespace, `*`, or none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The policy (empty: no limits).
+    pub policy: Policy,
+}
+
+fn matches(pattern: &str, value: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => value.starts_with(prefix),
+        None => pattern == value,
+    }
+}
+
+/// Parses a Go duration (`90s`, `5m`, `1h30m`, `250ms`), as runners take `?timeout=`.
+pub fn parse_go_duration(text: &str) -> std::result::Result<Duration, String> {
+    let s = text.trim();
+    let mut rest = s;
+    let mut nanos: f64 = 0.0;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let number: f64 = rest[..n]
+            .parse()
+            .map_err(|_| format!("{text:?} is not a Go duration such as \"90s\" or \"1h30m\""))?;
+        rest = &rest[n..];
+        let u = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..u] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => {
+                return Err(format!(
+                    "{text:?} is not a Go duration such as \"90s\" or \"1h30m\""
+                ))
+            }
+        };
+        rest = &rest[u..];
+        nanos += number * scale;
+    }
+    if !nanos.is_finite() || !(1.0..=100.0 * 365.0 * 86400e9).contains(&nanos) {
+        return Err(format!("duration {text:?} is out of range"));
+    }
+    Ok(Duration::from_nanos(nanos as u64))
+}
+
+impl Policy {
+    /// Checks the values' syntax.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for (field, value) in [
+            ("maxTimeout", &self.max_timeout),
+            ("maxIdleTimeout", &self.max_idle_timeout),
+        ] {
+            if let Some(v) = value {
+                parse_go_duration(v).map_err(|e| format!("{field}: {e}"))?;
+            }
+        }
+        let limits = Limits {
+            cpu: self.max_cpu.clone(),
+            memory: self.max_memory.clone(),
+            pids: None,
+        };
+        limits
+            .nano_cpus()
+            .map_err(|e| format!("maxCpu: {e}"))
+            .and_then(|_| limits.memory_bytes().map_err(|e| format!("maxMemory: {e}")))?;
+        Ok(())
+    }
+
+    /// Whether a create needs the sandboxes counted (and so the create lock).
+    pub fn counts(&self) -> bool {
+        self.max_sandboxes_per_user.is_some()
+            || self.max_sandboxes_total.is_some()
+            || self.max_agent_sandboxes.is_some()
+    }
+
+    /// What a create of `template` by `id` in `namespace` breaks, given every sandbox there is.
+    pub fn check_create(
+        &self,
+        id: &Identity,
+        namespace: &str,
+        template: &Template,
+        existing: &[SandboxSummary],
+    ) -> Vec<Violation> {
+        let mut out = Vec::new();
+        let mut over = |field: &str, limit: serde_json::Value, actual: serde_json::Value| {
+            out.push(Violation {
+                field: field.into(),
+                limit,
+                actual,
+            })
+        };
+        let here: Vec<&SandboxSummary> = existing
+            .iter()
+            .filter(|s| s.namespace == namespace)
+            .collect();
+        if let Some(max) = self.max_sandboxes_total {
+            if here.len() as u64 >= u64::from(max) {
+                over("maxSandboxesTotal", max.into(), (here.len() + 1).into());
+            }
+        }
+        if let Some(max) = self
+            .max_agent_sandboxes
+            .filter(|_| template.mode == "agent")
+        {
+            let agents = here.iter().filter(|s| s.mode == "agent").count();
+            if agents as u64 >= u64::from(max) {
+                over("maxAgentSandboxes", max.into(), (agents + 1).into());
+            }
+        }
+        if let Some(max) = self.max_sandboxes_per_user {
+            let mine = here
+                .iter()
+                .filter(|s| {
+                    s.created_by
+                        .as_ref()
+                        .is_some_and(|c| c.email == id.email && c.display_name == id.name)
+                })
+                .count();
+            if mine as u64 >= u64::from(max) {
+                over("maxSandboxesPerUser", max.into(), (mine + 1).into());
+            }
+        }
+        if let Some(allowed) = &self.allowed_templates {
+            if !allowed.iter().any(|p| matches(p, &template.name)) {
+                over(
+                    "allowedTemplates",
+                    serde_json::json!(allowed),
+                    template.name.clone().into(),
+                );
+            }
+        }
+        if let (Some(allowed), Some(image)) = (&self.allowed_agent_images, &template.image) {
+            if !allowed.iter().any(|p| matches(p, image)) {
+                over(
+                    "allowedAgentImages",
+                    serde_json::json!(allowed),
+                    image.clone().into(),
+                );
+            }
+        }
+        let limits = template.limits.clone().unwrap_or_default();
+        let policy = Limits {
+            cpu: self.max_cpu.clone(),
+            memory: self.max_memory.clone(),
+            pids: None,
+        };
+        if let (Ok(Some(max)), Ok(Some(actual))) = (policy.nano_cpus(), limits.nano_cpus()) {
+            if actual > max {
+                over(
+                    "maxCpu",
+                    self.max_cpu.clone().into(),
+                    limits.cpu.clone().into(),
+                );
+            }
+        }
+        if let (Ok(Some(max)), Ok(Some(actual))) = (policy.memory_bytes(), limits.memory_bytes()) {
+            if actual > max {
+                over(
+                    "maxMemory",
+                    self.max_memory.clone().into(),
+                    limits.memory.clone().into(),
+                );
+            }
+        }
+        out
+    }
+
+    /// Clamps what a sandbox starts with: the concurrency cap, and cpu/memory where the
+    /// template sets none.
+    pub fn apply(&self, template: &mut Template) {
+        if let Some(max) = self.max_concurrent_invokes_per_sandbox {
+            template.max_concurrent_invokes =
+                Some(template.max_concurrent_invokes.map_or(max, |n| n.min(max)));
+        }
+        if self.max_cpu.is_some() || self.max_memory.is_some() {
+            let limits = template.limits.get_or_insert_with(Limits::default);
+            if limits.cpu.is_none() {
+                limits.cpu.clone_from(&self.max_cpu);
+            }
+            if limits.memory.is_none() {
+                limits.memory.clone_from(&self.max_memory);
+            }
+        }
+    }
+
+    /// The `?timeout=` an invoke runs with: the caller's, at most `maxTimeout`; `maxTimeout`
+    /// when the caller gave none. `None`: leave the query as it is.
+    pub fn clamp_timeout(&self, requested: Option<&str>) -> Option<String> {
+        let max_text = self.max_timeout.as_deref()?;
+        let max = parse_go_duration(max_text).ok()?;
+        match requested.map(parse_go_duration) {
+            // A malformed timeout is the runner's to refuse.
+            Some(Err(_)) => None,
+            Some(Ok(d)) if d <= max => None,
+            _ => Some(format!("{}ms", max.as_millis().max(1))),
+        }
+    }
+}
+
+/// The policies, on disk in the state directory.
+#[derive(Debug)]
+pub struct Governance {
+    dir: PathBuf,
+    cached: RwLock<(Option<(SystemTime, u64)>, PolicySet)>,
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// An exclusive `flock` on a file, released on drop (when the file closes).
+#[derive(Debug)]
+pub struct Held {
+    _file: std::fs::File,
+}
+
+fn lock_file(path: &Path) -> std::io::Result<Held> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    file.lock()?;
+    Ok(Held { _file: file })
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("a blocking task failed: {e}")))
+}
+
+impl Governance {
+    /// Policies under `state_dir/governance`.
+    pub fn new(state_dir: &Path) -> std::io::Result<Self> {
+        let dir = state_dir.join("governance");
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            dir,
+            cached: RwLock::new((None, PolicySet::default())),
+        })
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("policies.json")
+    }
+
+    fn read_file(path: &Path) -> Result<PolicySet> {
+        match std::fs::metadata(path) {
+            Ok(m) if m.len() > MAX_FILE => {
+                return Err(Error::Internal(format!(
+                    "{} is larger than 1 MiB",
+                    path.display()
+                )))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PolicySet::default()),
+            Err(e) => return Err(e.into()),
+        }
+        let bytes = std::fs::read(path)?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Internal(format!("{}: {e}", path.display())))
+    }
+
+    /// Every policy, as the file holds them now.
+    pub fn all(&self) -> Result<PolicySet> {
+        let path = self.file();
+        let now = stamp(&path);
+        {
+            let cached = self.cached.read().unwrap_or_else(|p| p.into_inner());
+            if cached.0 == now && now.is_some() {
+                return Ok(cached.1.clone());
+            }
+        }
+        let set = Self::read_file(&path)?;
+        *self.cached.write().unwrap_or_else(|p| p.into_inner()) = (now, set.clone());
+        Ok(set)
+    }
+
+    /// The policy of `namespace` and where it comes from.
+    pub fn effective(&self, namespace: &str) -> Result<EffectivePolicy> {
+        let mut set = self.all()?;
+        let (source, policy) = match set.policies.remove(namespace) {
+            Some(p) => (Some(namespace.to_owned()), p),
+            None => match set.policies.remove(DEFAULT_NAMESPACE) {
+                Some(p) => (Some(DEFAULT_NAMESPACE.to_owned()), p),
+                None => (None, Policy::default()),
+            },
+        };
+        Ok(EffectivePolicy {
+            namespace: namespace.to_owned(),
+            source,
+            policy,
+        })
+    }
+
+    /// Changes the policies under the policies lock: `change` gets the current set.
+    pub async fn update(
+        &self,
+        change: impl FnOnce(&mut PolicySet) -> Result<()> + Send + 'static,
+    ) -> Result<PolicySet> {
+        let dir = self.dir.clone();
+        blocking(move || {
+            let _held = lock_file(&dir.join("policies.lock"))?;
+            let path = dir.join("policies.json");
+            let mut set = Self::read_file(&path)?;
+            change(&mut set)?;
+            let bytes =
+                serde_json::to_vec_pretty(&set).map_err(|e| Error::Internal(e.to_string()))?;
+            if bytes.len() as u64 > MAX_FILE {
+                return Err(Error::PayloadTooLarge(
+                    "the policies would be larger than 1 MiB".into(),
+                ));
+            }
+            let tmp = dir.join(format!(".policies.json.{}", std::process::id()));
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(set)
+        })
+        .await?
+    }
+
+    /// Holds the create lock of every replica sharing the state directory.
+    pub async fn lock_creates(&self) -> Result<Held> {
+        let path = self.dir.join("create.lock");
+        Ok(blocking(move || lock_file(&path)).await??)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clamps_timeouts() {
+        let p = Policy {
+            max_timeout: Some("2s".into()),
+            ..Policy::default()
+        };
+        assert_eq!(p.clamp_timeout(None), Some("2000ms".into()));
+        assert_eq!(p.clamp_timeout(Some("1h")), Some("2000ms".into()));
+        assert_eq!(p.clamp_timeout(Some("1s")), None);
+        assert_eq!(p.clamp_timeout(Some("bad")), None);
+        assert_eq!(Policy::default().clamp_timeout(Some("1h")), None);
+    }
+
+    #[test]
+    fn applies_caps() {
+        let p = Policy {
+            max_concurrent_invokes_per_sandbox: Some(2),
+            max_memory: Some("256Mi".into()),
+            ..Policy::default()
+        };
+        let mut t = Template {
+            max_concurrent_invokes: Some(8),
+            ..Template::default()
+        };
+        p.apply(&mut t);
+        assert_eq!(t.max_concurrent_invokes, Some(2));
+        assert_eq!(t.limits.and_then(|l| l.memory), Some("256Mi".into()));
+    }
+
+    #[test]
+    fn patterns() {
+        assert!(matches("ghcr.io/acme/*", "ghcr.io/acme/agent:1"));
+        assert!(!matches("ghcr.io/acme/*", "docker.io/evil"));
+        assert!(matches("default", "default"));
+        assert!(!matches("default", "default2"));
+    }
+}

@@ -1,0 +1,384 @@
+//! Governance policies against the real control plane and real runners: who may set and read
+//! them, each field enforced or clamped, and exact counting when two replicas sharing a state
+//! directory race creates for the last slot.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const POLICIES: &str = "/api/v1/governance/policies";
+
+async fn put_policy(cp: &Cp, namespace: &str, policy: Value) {
+    let (status, body) = send(
+        cp.admin(Method::PUT, &format!("{POLICIES}/{namespace}"))
+            .json(&policy),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+async fn create_as(
+    cp: &Cp,
+    key: &str,
+    name: &str,
+    namespace: &str,
+    template: &str,
+) -> (u16, Value) {
+    send(
+        cp.req(Method::POST, "/api/v1/sandboxes", Some(key)).json(
+            &json!({"name": name, "namespace": namespace, "templateRef": {"name": template}}),
+        ),
+    )
+    .await
+}
+
+#[track_caller]
+fn assert_violation(status: u16, body: &Value, field: &str) {
+    assert_eq!(status, 403, "{body}");
+    assert_error(body, "policy_violation");
+    let violations = body["violations"].as_array().expect("violations");
+    assert!(
+        violations
+            .iter()
+            .any(|v| v["field"] == field && !v["limit"].is_null() && !v["actual"].is_null()),
+        "no {field} violation in {body}"
+    );
+}
+
+#[tokio::test]
+async fn policies_are_set_by_admins_read_per_namespace_and_shared_by_replicas() {
+    let env = Env::new();
+    let cp = env.start();
+    let policy =
+        json!({"maxSandboxesTotal": 3, "allowedTemplates": ["default"], "maxTimeout": "5m"});
+    // A namespace-scoped key may not set policies, not even its own namespace's.
+    let (status, body) = send(
+        cp.req(Method::PUT, &format!("{POLICIES}/team-a"), Some(TEAM_A_KEY))
+            .json(&policy),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_error(&body, "forbidden");
+    // Bad bodies: unknown fields, bad durations and quantities, bad namespaces.
+    for (path, bad) in [
+        ("team-a", json!({"maxSandboxes": 3})),
+        ("team-a", json!({"maxTimeout": "5 minutes"})),
+        ("team-a", json!({"maxMemory": "lots"})),
+        ("Team_A", json!({})),
+    ] {
+        let (status, body) = send(
+            cp.admin(Method::PUT, &format!("{POLICIES}/{path}"))
+                .json(&bad),
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_error(&body, "invalid_request");
+    }
+    put_policy(&cp, "team-a", policy.clone()).await;
+    put_policy(&cp, "team-b", json!({"maxSandboxesTotal": 1})).await;
+    put_policy(&cp, "*", json!({"maxSandboxesTotal": 10})).await;
+    // team-a's key reads team-a's policy and `*`, never team-b's.
+    let (status, body) =
+        send(cp.req(Method::GET, &format!("{POLICIES}/team-a"), Some(TEAM_A_KEY))).await;
+    assert_eq!((status, &body), (200, &policy));
+    let (status, body) =
+        send(cp.req(Method::GET, &format!("{POLICIES}/team-b"), Some(TEAM_A_KEY))).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = send(cp.req(Method::GET, POLICIES, Some(TEAM_A_KEY))).await;
+    assert_eq!(status, 200);
+    let names: Vec<&String> = body["policies"].as_object().unwrap().keys().collect();
+    assert_eq!(names, ["*", "team-a"], "{body}");
+    let (_, body) = send(cp.admin(Method::GET, POLICIES)).await;
+    assert_eq!(body["policies"].as_object().unwrap().len(), 3, "{body}");
+    // Effective: the namespace's own, else `*`; only for namespaces the caller may use.
+    let (status, body) = send(cp.req(
+        Method::GET,
+        "/api/v1/governance/effective",
+        Some(TEAM_A_KEY),
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["namespace"], "team-a");
+    assert_eq!(body["source"], "team-a");
+    assert_eq!(body["policy"], policy);
+    let (_, body) =
+        send(cp.admin(Method::GET, "/api/v1/governance/effective?namespace=other")).await;
+    assert_eq!(body["source"], "*");
+    let (status, _) = send(cp.req(
+        Method::GET,
+        "/api/v1/governance/effective?namespace=team-b",
+        Some(TEAM_A_KEY),
+    ))
+    .await;
+    assert_eq!(status, 403);
+    // Stored in the state directory: a second replica (and a restart) sees them.
+    let cp2 = env.start();
+    let (_, body) = send(cp2.admin(Method::GET, &format!("{POLICIES}/team-b"))).await;
+    assert_eq!(body, json!({"maxSandboxesTotal": 1}));
+    let (status, _) = send(cp2.admin(Method::DELETE, &format!("{POLICIES}/team-b"))).await;
+    assert_eq!(status, 204);
+    let (status, _) = send(cp.admin(Method::GET, &format!("{POLICIES}/team-b"))).await;
+    assert_eq!(status, 404);
+    let (status, _) = send(cp.admin(Method::DELETE, &format!("{POLICIES}/team-b"))).await;
+    assert_eq!(status, 404);
+    // Every change is in the audit log.
+    let audit = env.audit_log();
+    assert!(
+        audit.contains(r#""action":"governance.policy.put","outcome":"denied""#),
+        "{audit}"
+    );
+    assert!(
+        audit.contains(r#""action":"governance.policy.put","outcome":"ok""#),
+        "{audit}"
+    );
+    assert!(
+        audit.contains(r#""action":"governance.policy.delete","outcome":"ok""#),
+        "{audit}"
+    );
+}
+
+#[tokio::test]
+async fn create_limits_are_enforced() {
+    let env = Env::new();
+    let templates = env.root.join("templates.json");
+    std::fs::write(
+        &templates,
+        json!({"templates": [
+            {"name": "big", "mode": "agent", "limits": {"cpu": "4", "memory": "4Gi"}},
+            {"name": "imaged", "mode": "agent", "image": "docker.io/evil/agent:1"},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let cp = env.start_with("none", &["--templates-file", templates.to_str().unwrap()]);
+    put_policy(
+        &cp,
+        "team-a",
+        json!({
+            "maxSandboxesPerUser": 2, "maxAgentSandboxes": 2, "maxSandboxesTotal": 3,
+            "allowedTemplates": ["default", "code", "big", "imaged"],
+            "allowedAgentImages": ["ghcr.io/acme/*"],
+            "maxCpu": "1", "maxMemory": "512Mi",
+        }),
+    )
+    .await;
+    // Per user: team-a's key gets two sandboxes; the administrator (another user) more.
+    for n in ["a1", "a2"] {
+        let (status, body) = create_as(&cp, TEAM_A_KEY, n, "team-a", "default").await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = create_as(&cp, TEAM_A_KEY, "a3", "team-a", "code").await;
+    assert_violation(status, &body, "maxSandboxesPerUser");
+    assert_eq!(body["violations"][0]["limit"], 2);
+    assert_eq!(body["violations"][0]["actual"], 3);
+    // Agent sandboxes: two in the namespace at most; code mode is not counted there.
+    let (status, body) = create_as(&cp, ADMIN_KEY, "a4", "team-a", "default").await;
+    assert_violation(status, &body, "maxAgentSandboxes");
+    let (status, body) = create_as(&cp, ADMIN_KEY, "c1", "team-a", "code").await;
+    assert_eq!(status, 201, "{body}");
+    // Total: three.
+    let (status, body) = create_as(&cp, ADMIN_KEY, "c2", "team-a", "code").await;
+    assert_violation(status, &body, "maxSandboxesTotal");
+    // Templates, images, cpu and memory.
+    put_policy(
+        &cp,
+        "team-c",
+        json!({"allowedTemplates": ["default", "big", "imaged"], "allowedAgentImages": ["ghcr.io/acme/*"],
+               "maxCpu": "1", "maxMemory": "512Mi"}),
+    )
+    .await;
+    let (status, body) = create_as(&cp, ADMIN_KEY, "t1", "team-c", "code").await;
+    assert_violation(status, &body, "allowedTemplates");
+    assert_eq!(body["violations"][0]["actual"], "code");
+    let (status, body) = create_as(&cp, ADMIN_KEY, "t2", "team-c", "imaged").await;
+    assert_violation(status, &body, "allowedAgentImages");
+    let (status, body) = create_as(&cp, ADMIN_KEY, "t3", "team-c", "big").await;
+    assert_violation(status, &body, "maxCpu");
+    assert_violation(status, &body, "maxMemory");
+    assert_eq!(body["violations"].as_array().unwrap().len(), 2, "{body}");
+    // A template without limits gets the policy's.
+    let (status, body) = create_as(&cp, ADMIN_KEY, "t4", "team-c", "default").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        env.record("t4")["template"]["limits"],
+        json!({"cpu": "1", "memory": "512Mi"})
+    );
+    // No policy, no limit: another namespace is unaffected.
+    for n in ["o1", "o2"] {
+        let (status, body) = create_as(&cp, ADMIN_KEY, n, "other", "code").await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // Refused creates left nothing behind; every decision is in the audit log.
+    for refused in ["a3", "a4", "c2", "t1", "t2", "t3"] {
+        assert!(!env.sandbox_dir(refused).exists(), "{refused}");
+    }
+    let audit = env.audit_log();
+    assert!(audit.contains(r#""sandbox":"a3","namespace":"team-a","action":"governance.create","outcome":"denied","status":403,"detail":"maxSandboxesPerUser""#), "{audit}");
+    assert!(audit.contains(r#""sandbox":"a1","namespace":"team-a","action":"governance.create","outcome":"allowed""#), "{audit}");
+    assert!(audit.contains(r#""detail":"maxCpu,maxMemory""#), "{audit}");
+}
+
+#[tokio::test]
+async fn invoke_caps_and_timeouts_are_clamped() {
+    let env = Env::new();
+    let cp = env.start();
+    put_policy(
+        &cp,
+        "default",
+        json!({"maxConcurrentInvokesPerSandbox": 1, "maxTimeout": "1s"}),
+    )
+    .await;
+    cp.sandbox_sh("s", "sleep 3; echo done").await;
+    // One invoke at a time: a second concurrent one is refused by the runner.
+    let first = cp.sb(Method::POST, "s", "/invoke").send();
+    let first = tokio::spawn(first);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = send(cp.sb(Method::POST, "s", "/invoke")).await;
+    assert_eq!(status, 429, "{body}");
+    // `?timeout=1h` is clamped to 1s: the first (no timeout given) and this one stop at 1s.
+    let resp = first.await.unwrap().unwrap();
+    let events = parse_sse(&resp.bytes().await.unwrap());
+    assert_eq!(exit_event(&events)["reason"], "timeout", "{events:?}");
+    assert!(started.elapsed() < Duration::from_millis(2900));
+    let resp = cp
+        .sb(Method::POST, "s", "/invoke?timeout=1h")
+        .send()
+        .await
+        .unwrap();
+    let events = parse_sse(&resp.bytes().await.unwrap());
+    assert_eq!(exit_event(&events)["reason"], "timeout", "{events:?}");
+    assert!(env.audit_log().contains(
+        r#""action":"governance.invoke","outcome":"clamped","status":200,"detail":"maxTimeout""#
+    ));
+    // An exec's body timeout is clamped too.
+    let (status, body) = send(
+        cp.sb(Method::POST, "s", "/exec")
+            .json(&json!({"command": "sleep 3", "timeout": "1h"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["reason"], "timeout", "{body}");
+    let (status, body) = send(
+        cp.sb(Method::POST, "s", "/exec")
+            .json(&json!({"command": "echo quick", "timeout": 0.5})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (200, Some("completed")),
+        "{body}"
+    );
+    assert!(env
+        .audit_log()
+        .contains(r#""action":"governance.exec","outcome":"clamped""#));
+    // Without the policy, the same invoke runs to its end.
+    let (status, _) = send(cp.admin(Method::DELETE, &format!("{POLICIES}/default"))).await;
+    assert_eq!(status, 204);
+    let resp = cp
+        .sb(Method::POST, "s", "/invoke?timeout=1h")
+        .send()
+        .await
+        .unwrap();
+    let events = parse_sse(&resp.bytes().await.unwrap());
+    assert_eq!(exit_event(&events)["reason"], "completed", "{events:?}");
+}
+
+/// Two replicas on one state directory race creates for the last slot: exactly one wins,
+/// every time.
+#[tokio::test]
+async fn replicas_racing_for_the_last_slot_never_both_win() {
+    let env = Env::new();
+    let cp1 = env.start();
+    let cp2 = env.start();
+    put_policy(&cp1, "race", json!({"maxSandboxesTotal": 1})).await;
+    let trials: usize = std::env::var("GOVERNANCE_RACE_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    for trial in 0..trials {
+        let names: Vec<String> = (0..4).map(|i| format!("r{trial}-{i}")).collect();
+        let racers = [&cp1, &cp2, &cp1, &cp2]
+            .into_iter()
+            .zip(&names)
+            .map(|(cp, name)| create_as(cp, ADMIN_KEY, name, "race", "code"));
+        let results = futures_util::future::join_all(racers).await;
+        let winners: Vec<usize> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, (s, _))| *s == 201)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(winners.len(), 1, "trial {trial}: {results:?}");
+        for (status, body) in results.iter().filter(|(s, _)| *s != 201) {
+            assert_violation(*status, body, "maxSandboxesTotal");
+        }
+        cp2.delete(&format!("r{trial}-{}", winners[0])).await;
+    }
+}
+
+/// The AgentTier Python SDK (installed by .ci/run) raises its `PolicyViolationError`, with the
+/// violations, on what a refused create answers.
+#[tokio::test]
+async fn the_agenttier_sdk_raises_policy_violation_error() {
+    let env = Env::new();
+    let cp = env.start();
+    put_policy(
+        &cp,
+        "team-a",
+        json!({"maxSandboxesTotal": 1, "allowedTemplates": ["code"]}),
+    )
+    .await;
+    let script = r#"
+import json, os, sys
+from agenttier import AgentTierClient, PolicyViolationError
+client = AgentTierClient(api_url=os.environ["CP_URL"])
+client.create_sandbox(template="code", name="sdk-1", namespace="team-a")
+for name, template in [("sdk-2", "code"), ("sdk-3", "default")]:
+    try:
+        client.create_sandbox(template=template, name=name, namespace="team-a")
+        print(json.dumps({"created": name}))
+    except PolicyViolationError as e:
+        print(json.dumps({"refused": name, "message": str(e), "violations": e.violations}))
+"#;
+    let url = cp.url("");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args(["-c", script])
+            .env("CP_URL", url)
+            .env("AGENTTIER_API_KEY", TEAM_A_KEY)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert_eq!(lines[0]["refused"], "sdk-2");
+    assert_eq!(
+        lines[0]["violations"],
+        json!([{"field": "maxSandboxesTotal", "limit": 1, "actual": 2}])
+    );
+    assert_eq!(lines[1]["refused"], "sdk-3");
+    let fields: Vec<&str> = lines[1]["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["maxSandboxesTotal", "allowedTemplates"]);
+}
