@@ -976,10 +976,8 @@ mod tests {
             Some(("/v1/files/workspace/a%20b.txt".into(), "files.get"))
         );
         assert_eq!(runner_route(&get, "info"), None);
-        assert_eq!(
-            unserved_route(&post, "clone"),
-            Some("POST /api/v1/sandboxes/{id}/clone")
-        );
+        // Served by the control plane itself now (lifecycle::clone_sandbox), never a runner's.
+        assert_eq!(unserved_route(&post, "clone"), None);
         assert_eq!(
             unserved_route(&Method::DELETE, "ports/8080"),
             Some("DELETE /api/v1/sandboxes/{id}/ports/{port}")
