@@ -319,6 +319,12 @@ pub fn sweep_temp_files(jail: &Jail) {
     let Ok(root) = jail.root_fd().try_clone_to_owned() else {
         return;
     };
+    // Only what is older than this start: uploads already running beside the sweep have
+    // temporary files of their own.
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| (d.as_secs() as i64, i64::from(d.subsec_nanos())))
+        .unwrap_or((i64::MAX, 0));
     let hidden = jail.reserved_ids();
     let spawned = std::thread::Builder::new()
         .name("temp-sweep".into())
@@ -361,7 +367,8 @@ pub fn sweep_temp_files(jail: &Jail) {
                     continue;
                 };
                 let ft = FileType::from_raw_mode(st.st_mode);
-                if ft == FileType::RegularFile && crate::jail::is_temp_name(&name) {
+                let older = (st.st_mtime as i64, st.st_mtime_nsec as i64) < started;
+                if ft == FileType::RegularFile && crate::jail::is_temp_name(&name) && older {
                     if rustix::fs::unlinkat(&*dir, name.as_os_str(), AtFlags::empty()).is_ok() {
                         removed += 1;
                     }
