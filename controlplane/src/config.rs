@@ -211,7 +211,7 @@ pub struct Config {
     pub templates_file: Option<PathBuf>,
     /// The runner binary.
     pub runner_bin: PathBuf,
-    /// Whether local runners run under bubblewrap.
+    /// How local sandboxes are isolated.
     pub isolation: Isolation,
     /// Local sandboxes die with this process.
     pub tie_sandboxes: bool,

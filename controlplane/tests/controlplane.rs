@@ -1,5 +1,5 @@
 //! End-to-end tests of the control plane: the real `agentbox-controlplane` binary, real HTTP,
-//! real local `agentbox-runner` sandboxes (plain processes, and one flow under bubblewrap).
+//! real local `agentbox-runner` sandboxes (plain processes, and flows in Linux namespaces).
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -1029,9 +1029,9 @@ impl LocalBackend {
         .await?
     }
 
-    /// SIGTERM to the runner (it cancels its invokes), SIGKILL to whatever lingers. Under
-    /// bubblewrap the runner sits in a session of its own below the recorded bwrap process, so
-    /// every process group of the recorded process's subtree is signaled, not just its own.
+    /// SIGTERM to the runner (it cancels its invokes), SIGKILL to whatever lingers. An isolated
+    /// runner sits below the recorded launcher (which forwards the TERM), so every process
+    /// group of the recorded process's subtree is signaled, not just its own.
     fn halt(record: &Record) {
         if !record.alive() {
             return;

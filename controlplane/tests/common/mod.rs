@@ -62,7 +62,7 @@ pub const DEFAULT_KEYS: &[KeySpec<'static>] = &[
 ];
 
 /// A temporary directory with a state directory and a keys file. On drop, every process of the
-/// test still running (runners, bubblewrap, invokes, control planes) is stopped.
+/// test still running (launchers, runners, invokes, control planes) is stopped.
 pub struct Env {
     pub root: PathBuf,
     pub state: PathBuf,
