@@ -30,7 +30,7 @@ const VICTIM_SECRET: &str = "victim-workspace-secret-2718281";
 const HOSTILE: &str = r#"
 import glob, json, os, socket, sys
 t = json.load(sys.stdin)
-out = {"read": {}, "connect": {}, "unix": {}, "proxy": {}, "write": {}, "dump": ""}
+out = {"read": {}, "connect": {}, "unix": {}, "proxy": {}, "write": {}}
 for name, path in t["files"].items():
     try:
         with open(path, "rb") as f:
@@ -52,7 +52,9 @@ for top in ("/run", "/workspace", "/tmp", "/dev/shm", "/etc"):
                     dump.append(fh.read(65536).decode("latin-1"))
             except Exception:
                 pass
-out["dump"] = "\n".join(dump)
+# Large (every readable file): left in the workspace for the test to search, not returned.
+with open("/workspace/hostile-dump.txt", "w") as f:
+    f.write("\n".join(dump))
 for name, (host, port) in t["connect"].items():
     try:
         socket.create_connection((host, port), timeout=2).close()
@@ -382,7 +384,8 @@ async fn escape_suite(user: Option<&str>) {
             }
         }
     }
-    let dump = report["dump"].as_str().unwrap();
+    let dump = std::fs::read(env.workspace("attacker").join("hostile-dump.txt")).unwrap();
+    let dump = String::from_utf8_lossy(&dump);
     for (i, s) in secrets.iter().enumerate() {
         if dump.contains(s) {
             leaks.push(format!(
