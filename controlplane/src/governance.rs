@@ -121,45 +121,10 @@ fn matches(pattern: &str, value: &str) -> bool {
     }
 }
 
-/// Parses a Go duration (`90s`, `5m`, `1h30m`, `250ms`), as runners take `?timeout=`.
+/// Parses a Go duration (`90s`, `5m`, `1h30m`, `250ms`), as runners take `?timeout=`: the one
+/// parser of the control plane ([`crate::lifecycle::parse_duration`]).
 pub fn parse_go_duration(text: &str) -> std::result::Result<Duration, String> {
-    let s = text.trim();
-    let mut rest = s;
-    let mut nanos: f64 = 0.0;
-    if rest.is_empty() {
-        return Err("empty duration".into());
-    }
-    while !rest.is_empty() {
-        let n = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let number: f64 = rest[..n]
-            .parse()
-            .map_err(|_| format!("{text:?} is not a Go duration such as \"90s\" or \"1h30m\""))?;
-        rest = &rest[n..];
-        let u = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..u] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => {
-                return Err(format!(
-                    "{text:?} is not a Go duration such as \"90s\" or \"1h30m\""
-                ))
-            }
-        };
-        rest = &rest[u..];
-        nanos += number * scale;
-    }
-    if !nanos.is_finite() || !(1.0..=100.0 * 365.0 * 86400e9).contains(&nanos) {
-        return Err(format!("duration {text:?} is out of range"));
-    }
-    Ok(Duration::from_nanos(nanos as u64))
+    crate::lifecycle::parse_duration(text)
 }
 
 impl Policy {
