@@ -640,6 +640,7 @@ pub(crate) async fn put_credential(
     params(("name" = String, Path, description = "The name."),
         ("namespace" = Option<String>, Query, description = "Default: the caller's first namespace, or `default`.")),
     responses((status = 204, description = "Deleted; sandboxes referencing it fail to start until it exists again."),
+        (status = 400, description = "`invalid_request`: a bad name or namespace.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 403, description = "`forbidden`: a namespace the caller may not use.", body = ErrorBody),
         (status = 404, description = "`not_found`: no such credential.", body = ErrorBody)))]
