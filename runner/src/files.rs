@@ -367,7 +367,7 @@ pub fn sweep_temp_files(jail: &Jail) {
                     continue;
                 };
                 let ft = FileType::from_raw_mode(st.st_mode);
-                let older = (st.st_mtime as i64, st.st_mtime_nsec as i64) < started;
+                let older = (st.st_mtime, st.st_mtime_nsec as i64) < started;
                 if ft == FileType::RegularFile && crate::jail::is_temp_name(&name) && older {
                     if rustix::fs::unlinkat(&*dir, name.as_os_str(), AtFlags::empty()).is_ok() {
                         removed += 1;
