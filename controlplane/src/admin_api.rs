@@ -389,24 +389,7 @@ pub(crate) async fn effective_policy(
     Extension(id): Extension<Identity>,
     uri: Uri,
 ) -> Result<Json<EffectivePolicy>> {
-    #[derive(serde::Deserialize)]
-    struct Q {
-        namespace: Option<String>,
-    }
-    let q: Q = axum::extract::Query::try_from_uri(&uri)
-        .map(|q| q.0)
-        .map_err(|e| Error::InvalidRequest(e.body_text()))?;
-    let namespace = q.namespace.unwrap_or_else(|| id.default_namespace());
-    if !valid_name(&namespace) {
-        return Err(Error::InvalidRequest(format!(
-            "namespace {namespace:?} is not a DNS label"
-        )));
-    }
-    if !id.can_use(&namespace) {
-        return Err(Error::Forbidden(format!(
-            "you may not use namespace {namespace:?}"
-        )));
-    }
+    let namespace = requested_namespace(&id, &uri)?;
     Ok(Json(app.governance.effective(&namespace)?))
 }
 
@@ -514,9 +497,9 @@ struct NamespaceQuery {
     namespace: Option<String>,
 }
 
-/// The namespace of a credential request: `?namespace=`, else the caller's first; one the
-/// caller may use.
-fn credential_namespace(id: &Identity, uri: &Uri) -> Result<String> {
+/// The namespace a credential or effective-policy request names: `?namespace=`, else the
+/// caller's first; one the caller may use.
+fn requested_namespace(id: &Identity, uri: &Uri) -> Result<String> {
     let q: NamespaceQuery = axum::extract::Query::try_from_uri(uri)
         .map(|q| q.0)
         .map_err(|e| Error::InvalidRequest(e.body_text()))?;
@@ -575,7 +558,7 @@ pub(crate) async fn list_credentials(
     uri: Uri,
 ) -> Result<Json<CredentialList>> {
     let only = if uri.query().is_some_and(|q| q.contains("namespace=")) {
-        Some(credential_namespace(&id, &uri)?)
+        Some(requested_namespace(&id, &uri)?)
     } else {
         None
     };
@@ -604,7 +587,7 @@ pub(crate) async fn put_credential(
     uri: Uri,
     body: Body,
 ) -> Result<axum::http::StatusCode> {
-    let namespace = match credential_namespace(&id, &uri) {
+    let namespace = match requested_namespace(&id, &uri) {
         Ok(ns) => ns,
         Err(e) => {
             let refused: Result<()> = Err(e);
@@ -650,7 +633,7 @@ pub(crate) async fn delete_credential(
     Path(name): Path<String>,
     uri: Uri,
 ) -> Result<axum::http::StatusCode> {
-    let result = match credential_namespace(&id, &uri) {
+    let result = match requested_namespace(&id, &uri) {
         Err(e) => Err(e),
         Ok(ns) => match app.credentials.delete(&ns, &name).await {
             Ok(true) => Ok(ns),

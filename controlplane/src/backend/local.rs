@@ -551,29 +551,13 @@ fn refill(launch: &Launch, templates: &[Template]) -> Result<()> {
         for _ in ready..pool.size {
             let id = format!("{POOL_PREFIX}{}", random_hex(8));
             std::fs::create_dir(launch.root.join(&id))?;
+            let created_by = CreatedBy {
+                email: None,
+                display_name: None,
+            };
             let mut record = Record {
-                name: id.clone(),
-                namespace: String::new(),
-                template: t.clone(),
                 created_at: now_millis(),
-                created_by: CreatedBy {
-                    email: None,
-                    display_name: None,
-                },
-                running: true,
-                addr: None,
-                pid: None,
-                pid_started: None,
-                token: random_hex(32),
-                message: None,
-                isolated: false,
-                limits_enforced: None,
-                host_uid: None,
-                timeout: None,
-                idle_timeout: None,
-                started_at: None,
-                stop_reason: None,
-                cloned_from: None,
+                ..Record::fresh(id.clone(), String::new(), t.clone(), created_by)
             };
             if let Err(e) = launch.start(&mut record) {
                 let _ = std::fs::remove_dir_all(launch.root.join(&id));
@@ -781,6 +765,31 @@ enum Liveness {
 }
 
 impl Record {
+    /// A sandbox about to be started for the first time: a fresh token, nothing running yet.
+    fn fresh(name: String, namespace: String, template: Template, created_by: CreatedBy) -> Self {
+        Record {
+            name,
+            namespace,
+            template,
+            created_at: now_rfc3339(),
+            created_by,
+            running: true,
+            addr: None,
+            pid: None,
+            pid_started: None,
+            token: random_hex(32),
+            message: None,
+            isolated: false,
+            limits_enforced: None,
+            host_uid: None,
+            timeout: None,
+            idle_timeout: None,
+            started_at: None,
+            stop_reason: None,
+            cloned_from: None,
+        }
+    }
+
     /// Whether the recorded runner is still that process and running: its pidfd (opened
     /// before the start time is compared, so a reused pid cannot pass) is not readable yet.
     /// The pidfd, not the `/proc` state, tells a dying runner: its main thread reads as a
@@ -1156,25 +1165,10 @@ impl Backend for LocalBackend {
             Err(e) => return Err(e.into()),
         }
         let record = Record {
-            name: spec.name,
-            namespace: spec.namespace,
-            template: spec.template,
-            created_at: now_rfc3339(),
-            created_by: spec.created_by,
-            running: true,
-            addr: None,
-            pid: None,
-            pid_started: None,
-            token: random_hex(32),
-            message: None,
-            isolated: false,
-            limits_enforced: None,
-            host_uid: None,
             timeout: spec.timeout,
             idle_timeout: spec.idle_timeout,
             started_at: Some(now_millis()),
-            stop_reason: None,
-            cloned_from: None,
+            ..Record::fresh(spec.name, spec.namespace, spec.template, spec.created_by)
         };
         let (record, started) = self.start(record).await?;
         if let Err(e) = started {
@@ -1394,25 +1388,17 @@ impl Backend for LocalBackend {
             _ => None,
         };
         let record = Record {
-            name: name.to_owned(),
-            namespace: src.namespace.clone(),
-            template: src.template.clone(),
-            created_at: now_rfc3339(),
-            created_by,
-            running: true,
-            addr: None,
-            pid: None,
-            pid_started: None,
-            token: random_hex(32),
-            message: None,
-            isolated: false,
-            limits_enforced: None,
             host_uid,
             timeout: src.timeout.clone(),
             idle_timeout: src.idle_timeout.clone(),
             started_at: Some(now_millis()),
-            stop_reason: None,
             cloned_from: Some(source.to_owned()),
+            ..Record::fresh(
+                name.to_owned(),
+                src.namespace.clone(),
+                src.template.clone(),
+                created_by,
+            )
         };
         // The workspace and the runner's configuration (so a configure with the same install
         // hash skips the install), not the source's invoke journals.
