@@ -88,3 +88,27 @@ fn sighup_stops_the_sandboxes() {
 fn sigkill_leaves_no_sandbox_behind() {
     stops_everything(Signal::SIGKILL);
 }
+
+/// Where the kernel refuses the namespaces a sandbox needs, `up` refuses to start (exit 64)
+/// and names the fixes, `--isolation none` among them; it writes no key. The refusal is made
+/// real by running `up` in a user namespace that may have no nested ones.
+#[test]
+fn up_refuses_where_namespaces_are_not_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "echo 0 > /proc/sys/user/max_user_namespaces && exec {} up --listen 127.0.0.1:0",
+        common::bin().display()
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-Ur", "sh", "-c", &script])
+        .current_dir(dir.path());
+    let out = common::run_with(cmd, None, Duration::from_secs(30));
+    let stderr = out.stderr_text();
+    assert_eq!(out.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("unprivileged user namespaces"), "{stderr}");
+    assert!(stderr.contains("--isolation none"), "{stderr}");
+    assert!(
+        !dir.path().join(".agentbox/cli.json").exists(),
+        "a refused up saved a key"
+    );
+}

@@ -56,7 +56,7 @@ fn own_cgroups() -> Vec<(String, String)> {
 }
 
 /// Removes the empty cgroups an earlier launcher of the same sandbox left when it was killed
-/// (`agentbox-<name>-<pid>`; a cgroup with processes in it refuses removal).
+/// (`agentbox-<name>-<dir hash>-<pid>`; a cgroup with processes in it refuses removal).
 fn sweep(parent: &Path, leaf: &str) {
     let Some(prefix) = leaf.rsplit_once('-').map(|(p, _)| format!("{p}-")) else {
         return;

@@ -129,8 +129,15 @@ fn launch(spec: &Spec, token: &str, probe: bool) -> Result<ExitCode, String> {
         || spec.limits.pids.is_some()
         || spec.limits.cpu_micros.is_some();
     let cgroup = if limited {
+        // Named by the sandbox's directory too: sandboxes of one name under other state
+        // directories (other control planes) have cgroups of their own, which the sweep of
+        // this one's leftovers (`agentbox-<name>-<dir>-*`) must not touch.
+        let dir = {
+            use sha2::Digest;
+            hex::encode(&sha2::Sha256::digest(spec.dir.as_os_str().as_encoded_bytes())[..4])
+        };
         Cgroup::create(
-            &format!("agentbox-{}-{}", spec.name, std::process::id()),
+            &format!("agentbox-{}-{dir}-{}", spec.name, std::process::id()),
             &spec.limits,
         )
     } else {
