@@ -116,6 +116,68 @@ pub(crate) fn govern_invoke(
     Ok(Some(out.join("&")))
 }
 
+/// `maxConcurrentInvokesPerSandbox` for a sandbox started before the policy (whose runner's
+/// own cap is higher): the runner's count of running invokes (`GET /v1/info`, one request,
+/// only when the namespace's policy sets the field) is checked against the policy, and an
+/// invoke that would pass it is refused (403 `policy_violation`). A sandbox created or
+/// resumed under the policy has the cap in its runner, which refuses exactly (429); this
+/// check is exact but for invokes racing between it and their start.
+pub(crate) async fn govern_concurrency(
+    app: &AppState,
+    id: &Identity,
+    sandbox: &str,
+    target: &crate::backend::Target,
+) -> Result<()> {
+    let effective = app.governance.effective(&target.namespace)?;
+    let Some(cap) = effective.policy.max_concurrent_invokes_per_sandbox else {
+        return Ok(());
+    };
+    use http_body_util::BodyExt;
+    let request = axum::http::Request::get("/v1/info")
+        .body(Body::empty())
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let response = app
+        .proxy
+        .forward(target, "/v1/info", request, false)
+        .await?;
+    if !response.status().is_success() {
+        return Err(Error::RunnerUnreachable(format!(
+            "GET /v1/info answered {}",
+            response.status()
+        )));
+    }
+    let body = http_body_util::Limited::new(response.into_body(), 64 << 10)
+        .collect()
+        .await
+        .map_err(|e| Error::RunnerUnreachable(e.to_string()))?
+        .to_bytes();
+    let info: agentbox_proto::Info = serde_json::from_slice(&body)
+        .map_err(|e| Error::RunnerUnreachable(format!("a bad /v1/info: {e}")))?;
+    if info.limits.max_concurrent_invokes <= u64::from(cap) || info.inflight < u64::from(cap) {
+        return Ok(());
+    }
+    let violations = vec![Violation {
+        field: "maxConcurrentInvokesPerSandbox".into(),
+        limit: cap.into(),
+        actual: (info.inflight + 1).into(),
+    }];
+    audit_decision(
+        app,
+        id,
+        Some(sandbox),
+        &target.namespace,
+        "invoke",
+        &violations,
+    );
+    Err(Error::PolicyViolation {
+        message: format!(
+            "sandbox {sandbox:?} runs {} invokes; its namespace's policy allows {cap} at once",
+            info.inflight
+        ),
+        violations,
+    })
+}
+
 /// An exec's body with its `timeout` clamped to the namespace's `maxTimeout` (set to it when
 /// absent). The body is read (at most 1 MiB) only when such a policy applies.
 pub(crate) async fn govern_exec(
@@ -615,6 +677,7 @@ pub(crate) async fn put_credential(
         &result,
     );
     result?;
+    reach_sandboxes(&app, &namespace, &name).await;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
@@ -650,6 +713,17 @@ pub(crate) async fn delete_credential(
         &name,
         &result,
     );
-    result?;
+    let ns = result?;
+    reach_sandboxes(&app, &ns, &name).await;
     Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// A rotation (or deletion) reaches the sandboxes that reference the credential by their next
+/// invoke ([`crate::backend::Backend::credentials_changed`]). The store changed either way: a
+/// sandbox that could not be reached is logged (by name only) and gets the value at its next
+/// start.
+async fn reach_sandboxes(app: &AppState, namespace: &str, name: &str) {
+    if let Err(e) = app.backend.credentials_changed(namespace, name).await {
+        tracing::warn!(namespace, credential = name, "rotation not delivered: {e}");
+    }
 }

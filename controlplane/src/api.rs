@@ -321,21 +321,17 @@ pub(crate) async fn create_sandbox(
         .get(template_name)
         .cloned()
         .ok_or_else(|| Error::TemplateNotFound(template_name.into()))?;
-    let (timeout, idle_timeout) =
+    let (timeout, mut idle_timeout) =
         crate::lifecycle::timeouts(&req.timeout, &req.idle_timeout, &template)?;
     // Credentials: by name, from the template and the request, each existing in the namespace.
     template.credentials.extend(req.credentials.iter().cloned());
     crate::credentials::validate_refs(&template.credentials).map_err(Error::InvalidRequest)?;
     let backend = app.cfg.backend;
-    if !template.credentials.is_empty() && backend == crate::config::BackendKind::Docker {
-        return Err(Error::InvalidRequest(
-            "the Docker backend does not deliver credentials yet".into(),
-        ));
-    }
     // Kubernetes: references to operator-made Secrets (`credential-<namespace>-<name>`), which
-    // the kubelet resolves; the local store is for the local backend.
+    // the kubelet resolves; the store is for the local and Docker backends.
     if let Some(missing) = template.credentials.iter().find(|r| {
-        backend == crate::config::BackendKind::Local && !app.credentials.exists(&namespace, &r.name)
+        backend != crate::config::BackendKind::Kubernetes
+            && !app.credentials.exists(&namespace, &r.name)
     }) {
         return Err(Error::InvalidRequest(format!(
             "credential {:?} does not exist in namespace {namespace:?}",
@@ -356,9 +352,16 @@ pub(crate) async fn create_sandbox(
         } else {
             Vec::new()
         };
-        let violations = policy
+        let mut violations = policy
             .policy
             .check_create(&id, &namespace, &template, &existing);
+        match policy
+            .policy
+            .clamp_idle_timeout(req.idle_timeout.as_deref(), idle_timeout.take())
+        {
+            Ok(clamped) => idle_timeout = clamped,
+            Err(v) => violations.push(v),
+        }
         crate::admin_api::audit_decision(
             &app,
             &id,
@@ -674,6 +677,9 @@ async fn to_runner(
         }
         ids
     });
+    if matches!(action, "invoke" | "exec") && checked.is_ok() {
+        crate::admin_api::govern_concurrency(&app, &id, &name, &target).await?;
+    }
     if action == "exec" && checked.is_ok() {
         request =
             crate::admin_api::govern_exec(&app, &id, &name, &target.namespace, request).await?;

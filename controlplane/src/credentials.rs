@@ -7,12 +7,19 @@
 //! not encrypted at rest: whoever can read the state directory can read them (as they can the
 //! runner tokens there).
 //!
-//! Delivery (local backend), at every sandbox start (create, resume): `env` references become
-//! variables of the runner's environment (so of every install, invoke and exec); `file`
-//! references are written, read-only, to the sandbox's own `<sandbox-dir>/credentials/`, which
-//! an isolated sandbox sees read-only at the same path, named by `AGENTBOX_CREDENTIALS_DIR`.
-//! The launcher's spec then goes through a memfd instead of `sandbox.spec.json`, so no value
-//! is in a file the sandbox's records are.
+//! Delivery (local and Docker backends): each sandbox that references credentials has a
+//! credentials directory of its own on the host (local: `<sandbox-dir>/credentials/`; Docker:
+//! `<state-dir>/docker-credentials/<scope>/<sandbox>/`), written by [`write_dir`] at every start
+//! and again whenever a credential it references is set or deleted: each `file` reference as a
+//! file named by the reference's base name, the `env` references together as `.env.json`.
+//! An isolated local sandbox and a Docker container see that directory read-only at
+//! `/run/credentials`, so a `file` reference is at exactly the path it names; without isolation
+//! (a plain host process: nothing can be mounted for it) the files stay at the host path,
+//! named by `AGENTBOX_CREDENTIALS_DIR` (set in every case). The runner gets
+//! `--credentials-env <dir>/.env.json` and reads that file afresh for every process it starts
+//! (install, invoke, exec, session), so a rotated value reaches the next invoke without a
+//! restart, and no value is in the runner's own environment, its flags, the launcher's spec,
+//! a container's config or a label.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -97,15 +104,14 @@ pub fn validate_refs(refs: &[CredentialRef]) -> std::result::Result<(), String> 
                 let base = file.strip_prefix(FILE_PREFIX).unwrap_or("");
                 let ok = !base.is_empty()
                     && base.len() <= 128
-                    && base != "."
-                    && base != ".."
+                    && !base.starts_with('.')
                     && base
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
                 if !ok {
                     return Err(format!(
                         "credential {:?}: file {file:?} must be {FILE_PREFIX}<name> \
-                         (letters, digits, '.', '_', '-')",
+                         (letters, digits, '.', '_', '-'; not starting with '.')",
                         r.name
                     ));
                 }
@@ -266,81 +272,110 @@ impl Credentials {
     }
 }
 
-/// What a sandbox start gets of its credentials.
-#[derive(Default)]
-pub struct Delivered {
-    /// Variables for the runner's environment.
-    pub env: BTreeMap<String, String>,
-    /// The directory of the file credentials (to show the sandbox read-only), if any.
-    pub dir: Option<PathBuf>,
+/// The file, in a sandbox's credentials directory, holding its `env` credentials as a JSON
+/// object; the runner reads it afresh for every process it starts (`--credentials-env`).
+pub const ENV_FILE: &str = ".env.json";
+/// Where an isolated local sandbox and a Docker sandbox see their credentials directory.
+pub const INSIDE_DIR: &str = "/run/credentials";
+
+/// How a sandbox's credentials directory is written.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner {
+    /// The uid (and gid) that owns the files, when given (an isolated sandbox's host uid).
+    pub uid: Option<u32>,
+    /// The files' mode: 0400 for an owner that is the agent's, 0444 where the agent's uid is
+    /// unknown (a Docker image's `USER`; the directory's parent is 0700, so only the
+    /// container, through its bind mount, reaches them).
+    pub mode: u32,
 }
 
-impl std::fmt::Debug for Delivered {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivered")
-            .field("env", &self.env.keys().collect::<Vec<_>>())
-            .field("dir", &self.dir)
-            .finish()
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8], owner: Owner) -> Result<()> {
+    let tmp = dir.join(format!(".tmp.{}", crate::backend::random_hex(6)));
+    let result = (|| -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(owner.mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        if let Some(uid) = owner.uid {
+            std::os::unix::fs::chown(&tmp, Some(uid), Some(uid))?;
+        }
+        std::fs::rename(&tmp, dir.join(name))?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
+    result
 }
 
-/// Reads the values `refs` name (from the store of `state_dir`) for a start of the sandbox in
-/// `sandbox_dir`: file credentials are written afresh to `<sandbox_dir>/credentials/` (0400,
-/// owned by `owner` when given), env ones returned.
-pub fn deliver(
+/// Writes the credentials `refs` name (values from the store of `state_dir`) into a
+/// sandbox's credentials directory `dir`: each `file` reference as `dir/<name>`, every `env`
+/// one into `dir/.env.json`, each by temp file + rename, so a sandbox that has the directory
+/// mounted sees every file change whole at its next read (rotation), and the directory itself
+/// is never replaced (a bind mount holds on to it). Entries no reference names are removed.
+/// `strict`: a missing credential is an error (a start) rather than left out (a rotation or a
+/// deletion reaching a running sandbox). Without references the directory is removed and
+/// `false` returned.
+pub fn write_dir(
     state_dir: &Path,
     namespace: &str,
     refs: &[CredentialRef],
-    sandbox_dir: &Path,
-    owner: Option<u32>,
-) -> Result<Delivered> {
-    let store = Credentials::new(state_dir);
-    let files_dir = sandbox_dir.join("credentials");
-    let _ = std::fs::remove_dir_all(&files_dir);
-    let mut out = Delivered::default();
+    dir: &Path,
+    owner: Owner,
+    strict: bool,
+) -> Result<bool> {
     if refs.is_empty() {
-        return Ok(out);
+        let _ = std::fs::remove_dir_all(dir);
+        return Ok(false);
     }
+    let store = Credentials::new(state_dir);
+    let mut env = BTreeMap::new();
+    let mut files = Vec::new();
     for r in refs {
-        let value = store.value(namespace, &r.name)?;
-        if let Some(env) = &r.env {
-            out.env.insert(env.clone(), value);
+        let value = match store.value(namespace, &r.name) {
+            Ok(v) => v,
+            Err(_) if !strict => continue,
+            Err(e) => return Err(e),
+        };
+        if let Some(var) = &r.env {
+            env.insert(var.clone(), value);
         } else if let Some(base) = r.file.as_deref().and_then(|f| f.strip_prefix(FILE_PREFIX)) {
-            std::fs::create_dir_all(&files_dir)?;
-            let path = files_dir.join(base);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o400)
-                .open(&path)?;
-            f.write_all(value.as_bytes())?;
-            if let Some(uid) = owner {
-                std::os::unix::fs::chown(&path, Some(uid), Some(uid))?;
-            }
-            out.dir = Some(files_dir.clone());
+            files.push((base.to_owned(), value));
         }
     }
-    if let Some(dir) = &out.dir {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o500))?;
-        if let Some(uid) = owner {
-            std::os::unix::fs::chown(dir, Some(uid), Some(uid))?;
-        }
-        out.env.insert(
-            "AGENTBOX_CREDENTIALS_DIR".into(),
-            dir.to_string_lossy().into_owned(),
-        );
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(
+        dir,
+        std::fs::Permissions::from_mode(if owner.mode & 0o044 != 0 {
+            0o755
+        } else {
+            0o700
+        }),
+    )?;
+    if let Some(uid) = owner.uid {
+        std::os::unix::fs::chown(dir, Some(uid), Some(uid))?;
     }
-    Ok(out)
+    let env = serde_json::to_vec(&env).map_err(|e| Error::Internal(e.to_string()))?;
+    write_atomically(dir, ENV_FILE, &env, owner)?;
+    for (base, value) in &files {
+        write_atomically(dir, base, value.as_bytes(), owner)?;
+    }
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != ENV_FILE && !name.starts_with(".tmp.") && !files.iter().any(|(b, _)| *b == name)
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(true)
 }
 
-/// A close-on-exec memfd holding `bytes`, read from the start by whoever opens it through
-/// `/proc/<pid>/fd/<n>`.
-pub fn memfd_with(bytes: &[u8]) -> Result<std::os::fd::OwnedFd> {
-    let fd = rustix::fs::memfd_create("agentbox-spec", rustix::fs::MemfdFlags::CLOEXEC)
-        .map_err(|e| Error::Internal(format!("memfd_create: {e}")))?;
-    let mut file = std::fs::File::from(fd);
-    file.write_all(bytes)?;
-    Ok(file.into())
+/// Whether `refs` name the credential `name`.
+pub fn references(refs: &[CredentialRef], name: &str) -> bool {
+    refs.iter().any(|r| r.name == name)
 }
 
 #[cfg(test)]
@@ -373,6 +408,8 @@ mod tests {
             r("a", None, Some("/run/credentials/../x")),
             r("a", None, Some("/run/credentials/..")),
             r("a", None, Some("/run/credentials/")),
+            r("a", None, Some("/run/credentials/.env.json")),
+            r("a", None, Some("/run/credentials/sub/x")),
         ] {
             assert!(
                 validate_refs(std::slice::from_ref(&bad)).is_err(),

@@ -56,8 +56,10 @@ pub struct Policy {
     /// timeout of one without).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_timeout: Option<String>,
-    /// A Go duration: the longest idle timeout a sandbox may have (stored and reported; applied
-    /// by the idle stop where the backend has one).
+    /// A Go duration: the longest idle timeout a sandbox may have. A create asking for a
+    /// longer `idleTimeout` is refused (403); a template's longer default, or none (never
+    /// idle), is clamped to it. Applied by the idle stop where the backend has one (local,
+    /// Docker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_idle_timeout: Option<String>,
     /// CPUs (`"2"`, `"500m"`): a template's `limits.cpu` may not be more; a template without
@@ -267,6 +269,35 @@ impl Policy {
         }
     }
 
+    /// The idle timeout a create gets under `maxIdleTimeout`: `asked` (the request's) longer
+    /// than it is a violation; otherwise `chosen` (the request's, else the template's), at
+    /// most `maxIdleTimeout`, and `maxIdleTimeout` when there is none.
+    pub fn clamp_idle_timeout(
+        &self,
+        asked: Option<&str>,
+        chosen: Option<String>,
+    ) -> std::result::Result<Option<String>, Violation> {
+        let Some(max_text) = self.max_idle_timeout.as_deref() else {
+            return Ok(chosen);
+        };
+        let Ok(max) = parse_go_duration(max_text) else {
+            return Ok(chosen);
+        };
+        if let Some(asked) = asked {
+            if parse_go_duration(asked).is_ok_and(|d| d > max) {
+                return Err(Violation {
+                    field: "maxIdleTimeout".into(),
+                    limit: max_text.into(),
+                    actual: asked.trim().into(),
+                });
+            }
+        }
+        Ok(match chosen {
+            Some(text) if parse_go_duration(&text).is_ok_and(|d| d <= max) => Some(text),
+            _ => Some(max_text.trim().to_owned()),
+        })
+    }
+
     /// The `?timeout=` an invoke runs with: the caller's, at most `maxTimeout`; `maxTimeout`
     /// when the caller gave none. `None`: leave the query as it is.
     pub fn clamp_timeout(&self, requested: Option<&str>) -> Option<String> {
@@ -429,6 +460,32 @@ mod tests {
         assert_eq!(p.clamp_timeout(Some("1s")), None);
         assert_eq!(p.clamp_timeout(Some("bad")), None);
         assert_eq!(Policy::default().clamp_timeout(Some("1h")), None);
+    }
+
+    #[test]
+    fn clamps_idle_timeouts() {
+        let p = Policy {
+            max_idle_timeout: Some("10m".into()),
+            ..Policy::default()
+        };
+        assert_eq!(p.clamp_idle_timeout(None, None), Ok(Some("10m".into())));
+        assert_eq!(
+            p.clamp_idle_timeout(None, Some("1h".into())),
+            Ok(Some("10m".into()))
+        );
+        assert_eq!(
+            p.clamp_idle_timeout(Some("5m"), Some("5m".into())),
+            Ok(Some("5m".into()))
+        );
+        let refused = p
+            .clamp_idle_timeout(Some("2h"), Some("2h".into()))
+            .unwrap_err();
+        assert_eq!(refused.field, "maxIdleTimeout");
+        assert_eq!(refused.actual, "2h");
+        assert_eq!(
+            Policy::default().clamp_idle_timeout(Some("2h"), Some("2h".into())),
+            Ok(Some("2h".into()))
+        );
     }
 
     #[test]

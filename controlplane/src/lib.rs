@@ -69,7 +69,9 @@ impl AppState {
         let backend: Option<Arc<dyn Backend>> = match cfg.backend {
             BackendKind::Kubernetes => Some(Arc::new(KubernetesBackend::connect(&cfg.kube).await?)),
             BackendKind::Docker => Some(Arc::new(
-                DockerBackend::connect(&cfg.docker, cfg.runner_start_timeout).await?,
+                DockerBackend::connect(&cfg.docker, cfg.runner_start_timeout)
+                    .await?
+                    .with_credentials(&cfg.state_dir),
             )),
             BackendKind::Local => None,
         };

@@ -38,10 +38,19 @@ fn sha(text: &str) -> String {
     sha256_hex(text)
 }
 
-/// The agent prints the SHA-256 of what it got, never the value itself.
-const AGENT: &str = r#"printf %s "$OPENAI_API_KEY" | sha256sum | cut -d' ' -f1
-sha256sum < "$AGENTBOX_CREDENTIALS_DIR/gcp.json" | cut -d' ' -f1
-if printf x >> "$AGENTBOX_CREDENTIALS_DIR/gcp.json" 2>/dev/null; then echo writable; else echo read-only; fi"#;
+const ROTATED_FILE: &str = r#"{"private_key":"gcp-rotated-7c2e9a4f1b8d3e6a"}"#;
+
+/// The agent prints the SHA-256 of what it got, never the value itself. `file`: where it
+/// reads the file credential (isolated: exactly the path the reference names).
+fn agent(file: &str) -> String {
+    format!(
+        r#"printf %s "$OPENAI_API_KEY" | sha256sum | cut -d' ' -f1
+sha256sum < "{file}" | cut -d' ' -f1
+if printf x >> "{file}" 2>/dev/null; then echo writable; else echo read-only; fi
+ls -A "$AGENTBOX_CREDENTIALS_DIR" | tr '\n' ' '; echo
+echo "$AGENTBOX_CREDENTIALS_DIR""#
+    )
+}
 
 async fn stdout_of(cp: &Cp, name: &str) -> Vec<String> {
     let resp = cp.sb(Method::POST, name, "/invoke").send().await.unwrap();
@@ -178,9 +187,24 @@ async fn credentials_reach_the_agent_and_nothing_else(isolation: &str) {
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    cp.configure_sh("agent", AGENT).await;
+    let file = if isolation == "namespaces" {
+        "/run/credentials/gcp.json"
+    } else {
+        "$AGENTBOX_CREDENTIALS_DIR/gcp.json"
+    };
+    cp.configure_sh("agent", &agent(file)).await;
     let out = stdout_of(&cp, "agent").await;
     assert_eq!(out[..2], [sha(SECRET_ENV), sha(SECRET_FILE)]);
+    // The directory holds the file and the runner's env file (the agent's own values).
+    assert_eq!(out[3].trim(), ".env.json gcp.json", "{out:?}");
+    if isolation == "namespaces" {
+        assert_eq!(out[4], "/run/credentials");
+    } else {
+        assert_eq!(
+            Path::new(&out[4]),
+            env.sandbox_dir("agent").join("credentials")
+        );
+    }
     // Read-only: mounted so when isolated; without isolation only mode 0400 (root ignores it).
     if isolation == "namespaces" || !rustix::process::geteuid().is_root() {
         assert_eq!(out[2], "read-only");
@@ -223,20 +247,29 @@ async fn credentials_reach_the_agent_and_nothing_else(isolation: &str) {
         assert_eq!(status, 200, "{path}");
     }
 
-    // Rotation: the next start gets the new value.
-    let (status, _) = call(
-        cp.req(Method::PUT, "/api/v1/credentials/openai", Some(TEAM_A_KEY))
-            .json(&json!({"value": ROTATED})),
-    )
-    .await;
-    assert_eq!(status, 204);
+    // Rotation: the very next invoke gets the new values (env and file), no restart; a
+    // restart keeps them.
+    for (name, value) in [("openai", ROTATED), ("gcp", ROTATED_FILE)] {
+        let (status, _) = call(
+            cp.req(
+                Method::PUT,
+                &format!("/api/v1/credentials/{name}"),
+                Some(TEAM_A_KEY),
+            )
+            .json(&json!({"value": value})),
+        )
+        .await;
+        assert_eq!(status, 204);
+    }
+    let out = stdout_of(&cp, "agent").await;
+    assert_eq!(out[..2], [sha(ROTATED), sha(ROTATED_FILE)]);
     for action in ["/stop", "/resume"] {
         let (status, body) = call(cp.sb(Method::POST, "agent", action)).await;
         assert_eq!(status, 200, "{body}");
     }
     let out = stdout_of(&cp, "agent").await;
-    assert_eq!(out[0], sha(ROTATED));
-    // Deleting it: the sandbox no longer starts (and says which credential is missing).
+    assert_eq!(out[..2], [sha(ROTATED), sha(ROTATED_FILE)]);
+    // Deleting one: the next invoke no longer has it (a start would now fail, naming it).
     let (status, _) = call(cp.req(
         Method::DELETE,
         "/api/v1/credentials/openai",
@@ -244,6 +277,8 @@ async fn credentials_reach_the_agent_and_nothing_else(isolation: &str) {
     ))
     .await;
     assert_eq!(status, 204);
+    let out = stdout_of(&cp, "agent").await;
+    assert_eq!(out[..2], [sha(""), sha(ROTATED_FILE)]);
     let (status, _) = call(cp.req(
         Method::DELETE,
         "/api/v1/credentials/openai",
@@ -293,6 +328,7 @@ async fn credentials_reach_the_agent_and_nothing_else(isolation: &str) {
         SECRET_FILE,
         "gcp-3f8a1d6c9e2b4f70a5d8c1e6b9f2a4d7",
         ROTATED,
+        "gcp-rotated-7c2e9a4f1b8d3e6a",
     ] {
         for (path, bytes) in &all {
             assert!(!contains(bytes, secret), "{secret:?} is in {path}");

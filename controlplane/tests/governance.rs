@@ -382,3 +382,145 @@ for name, template in [("sdk-2", "code"), ("sdk-3", "default")]:
         .collect();
     assert_eq!(fields, ["maxSandboxesTotal", "allowedTemplates"]);
 }
+
+/// `maxConcurrentInvokesPerSandbox` reaches a sandbox started before the policy (its runner's
+/// own cap is the template's 16): the control plane counts its running invokes at the next
+/// invoke. `maxIdleTimeout` refuses a longer `idleTimeout` and clamps the template's default.
+#[tokio::test]
+async fn policies_reach_existing_sandboxes_and_idle_timeouts() {
+    let env = Env::new();
+    let cp = env.start();
+    cp.sandbox_sh("old", "sleep 2; echo done").await;
+    put_policy(
+        &cp,
+        "default",
+        json!({"maxConcurrentInvokesPerSandbox": 1, "maxIdleTimeout": "10m"}),
+    )
+    .await;
+    let first = tokio::spawn(cp.sb(Method::POST, "old", "/invoke").send());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Wait until the runner counts the first one.
+    loop {
+        let (_, info) = send(cp.sb(Method::GET, "old", "/invokes")).await;
+        if info["invokes"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|i| i["state"] == "running"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first invoke never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = send(cp.sb(Method::POST, "old", "/invoke")).await;
+    assert_violation(status, &body, "maxConcurrentInvokesPerSandbox");
+    assert_eq!(body["violations"][0]["limit"], 1);
+    assert_eq!(body["violations"][0]["actual"], 2);
+    let resp = first.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let events = parse_sse(&resp.bytes().await.unwrap());
+    assert_eq!(exit_event(&events)["reason"], "completed", "{events:?}");
+    // Once it ended, the next one runs.
+    let events = cp.invoke("old", "").await;
+    assert_eq!(exit_event(&events)["reason"], "completed", "{events:?}");
+    assert!(env.audit_log().contains(
+        r#""sandbox":"old","namespace":"default","action":"governance.invoke","outcome":"denied","status":403,"detail":"maxConcurrentInvokesPerSandbox""#
+    ), "{}", env.audit_log());
+
+    // maxIdleTimeout: a longer one asked for is refused; none, or the template's, is clamped.
+    let (status, body) = send(
+        cp.admin(Method::POST, "/api/v1/sandboxes")
+            .json(&json!({"name": "long", "idleTimeout": "2h", "templateRef": {"name": "code"}})),
+    )
+    .await;
+    assert_violation(status, &body, "maxIdleTimeout");
+    assert_eq!(body["violations"][0]["actual"], "2h");
+    let (status, body) = send(cp.sb(Method::GET, "long", "")).await;
+    assert_eq!(status, 404, "{body}");
+    for (name, asked, want) in [("clamped", None, "10m"), ("short", Some("5m"), "5m")] {
+        let mut req = json!({"name": name, "templateRef": {"name": "code"}});
+        if let Some(asked) = asked {
+            req["idleTimeout"] = json!(asked);
+        }
+        let (status, body) = send(cp.admin(Method::POST, "/api/v1/sandboxes").json(&req)).await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["idleTimeout"], want, "{body}");
+    }
+}
+
+const TEAM_B_KEY: &str = "cpt-team-b-key-1c0ffee5deadbeef";
+
+/// A namespace-B key learns nothing of a namespace-A sandbox through any per-sandbox route:
+/// every answer is byte for byte the one for a name nobody uses. Names are one space per
+/// control plane on this backend, so a create of the taken name is 409 — the same 409 as for
+/// a clash in the caller's own namespace (no namespace, owner or phase in it).
+#[tokio::test]
+async fn another_namespace_cannot_tell_a_taken_name_from_a_free_one() {
+    let env = Env::new();
+    env.write_keys(&[
+        ("admin", ADMIN_KEY, &[], true),
+        ("a", TEAM_A_KEY, &["team-a"], false),
+        ("b", TEAM_B_KEY, &["team-b"], false),
+    ]);
+    let cp = env.start();
+    for (key, name, ns) in [
+        (TEAM_A_KEY, "secret-a", "team-a"),
+        (TEAM_B_KEY, "mine-b", "team-b"),
+    ] {
+        let (status, body) = create_as(&cp, key, name, ns, "default").await;
+        assert_eq!(status, 201, "{body}");
+    }
+    cp.configure_sh("secret-a", "echo hi").await;
+    let routes: &[(Method, &str, Option<Value>)] = &[
+        (Method::GET, "", None),
+        (Method::DELETE, "", None),
+        (Method::POST, "/stop", None),
+        (Method::POST, "/resume", None),
+        (Method::POST, "/clone", Some(json!({"name": "copy-b"}))),
+        (Method::POST, "/invoke", None),
+        (
+            Method::POST,
+            "/configure",
+            Some(json!({"entrypoint": ["true"]})),
+        ),
+        (Method::GET, "/invokes", None),
+        (Method::GET, "/files/?path=/workspace", None),
+        (Method::GET, "/files/x", None),
+        (Method::PUT, "/files/x", None),
+        (Method::POST, "/exec", Some(json!({"command": "true"}))),
+        (Method::GET, "/sessions", None),
+        (Method::GET, "/archive", None),
+    ];
+    for (method, rest, body) in routes {
+        let mut answers = Vec::new();
+        for name in ["secret-a", "never-was"] {
+            let mut req = cp.req(
+                method.clone(),
+                &format!("/api/v1/sandboxes/{name}{rest}"),
+                Some(TEAM_B_KEY),
+            );
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap().replace(name, "NAME");
+            answers.push((status, text));
+        }
+        assert_eq!(answers[0], answers[1], "{method} {rest}");
+        assert_eq!(answers[0].0, 404, "{method} {rest}: {answers:?}");
+    }
+    // The list shows it not.
+    let (_, list) = send(cp.req(Method::GET, "/api/v1/sandboxes", Some(TEAM_B_KEY))).await;
+    assert!(!list.to_string().contains("secret-a"), "{list}");
+    // A create of the taken name: the same 409 as a clash in B's own namespace.
+    let mut answers = Vec::new();
+    for name in ["secret-a", "mine-b"] {
+        let (status, body) = create_as(&cp, TEAM_B_KEY, name, "team-b", "default").await;
+        answers.push((status, body.to_string().replace(name, "NAME")));
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0].0, 409);
+    // A's sandbox is untouched.
+    let events = cp.invoke("secret-a", "").await;
+    assert_eq!(exit_event(&events)["exitCode"], 0, "{events:?}");
+}

@@ -1,6 +1,7 @@
 //! Command-line flags (with `AGENTBOX_*` environment fallbacks), parsed and validated once at
 //! start-up before any port is bound. Handlers only ever see the validated [`Config`].
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -140,6 +141,13 @@ pub struct Args {
     /// (checked at start and when a session is created).
     #[arg(long, env = "AGENTBOX_RETAIN_SESSION_BYTES", default_value = "1GiB", value_parser = parse_size)]
     pub retain_session_bytes: u64,
+    /// A JSON object of environment variables (the sandbox's named credentials), read afresh
+    /// for every process the runner starts (install, invoke, exec, session), so a value the
+    /// control plane rewrites reaches the next one without a restart. A missing file is no
+    /// variables; a file past 16 MiB or not a JSON object of strings is ignored (logged, without
+    /// its content).
+    #[arg(long, env = "AGENTBOX_CREDENTIALS_ENV")]
+    pub credentials_env: Option<PathBuf>,
 }
 
 /// The runner's mode.
@@ -216,6 +224,49 @@ pub struct Config {
     pub retain_sessions: usize,
     /// Session history bytes kept.
     pub retain_session_bytes: u64,
+    /// The credentials' environment file (`--credentials-env`).
+    pub credentials_env: Option<PathBuf>,
+}
+
+/// The largest `--credentials-env` file read.
+const MAX_CREDENTIALS_ENV: u64 = 16 << 20;
+
+impl Config {
+    /// The environment a child starts from: [`Config::base_env`], then the variables of
+    /// `--credentials-env` as the file holds them now.
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        let mut env = self.base_env.clone();
+        let Some(path) = &self.credentials_env else {
+            return env;
+        };
+        let read = || -> Result<BTreeMap<String, String>, String> {
+            let file = match std::fs::File::open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+                Err(e) => return Err(e.kind().to_string()),
+            };
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(file, MAX_CREDENTIALS_ENV + 1),
+                &mut bytes,
+            )
+            .map_err(|e| e.kind().to_string())?;
+            if bytes.len() as u64 > MAX_CREDENTIALS_ENV {
+                return Err("larger than 16 MiB".into());
+            }
+            // Never quote the parser's message: it can hold a part of a value.
+            serde_json::from_slice(&bytes).map_err(|_| "not a JSON object of strings".into())
+        };
+        match read() {
+            Ok(vars) => {
+                env.extend(vars.into_iter().filter(|(k, v)| {
+                    !k.is_empty() && !k.contains(['=', '\0']) && !v.contains('\0')
+                }))
+            }
+            Err(e) => tracing::warn!(path = %path.display(), "credentials env ignored: {e}"),
+        }
+        env
+    }
 }
 
 impl Args {
@@ -309,6 +360,7 @@ impl Args {
             max_json_output: self.max_json_output,
             retain_sessions: self.retain_sessions,
             retain_session_bytes: self.retain_session_bytes,
+            credentials_env: self.credentials_env,
         })
     }
 }

@@ -932,7 +932,7 @@ async fn install(
     live: bool,
 ) -> Result<i32> {
     let id = random_hex(8);
-    let mut full_env = app.cfg.base_env.clone();
+    let mut full_env = app.cfg.child_env();
     full_env.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
     full_env.push(("AGENTBOX_INSTALL_ID".into(), id.clone()));
     full_env.push((

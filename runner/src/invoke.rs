@@ -720,7 +720,7 @@ impl Invokes {
         self.map().insert(id.clone(), Arc::clone(&invoke));
         let attachment = invoke.attach(self);
 
-        let mut env = self.cfg.base_env.clone();
+        let mut env = self.cfg.child_env();
         env.extend(req.env);
         env.push(("AGENTBOX_INVOKE_ID".into(), id.to_string()));
         let (channel, pass_fds) = match channel {

@@ -88,6 +88,9 @@ pub struct DockerBackend {
     image: String,
     scope: String,
     start_timeout: Duration,
+    /// The control plane's state directory: the credential store, and each sandbox's
+    /// credentials directory ([`DockerBackend::with_credentials`]).
+    state_dir: Option<std::path::PathBuf>,
 }
 
 fn engine(e: DockerError) -> Error {
@@ -150,6 +153,7 @@ impl DockerBackend {
             image: cfg.image.clone(),
             scope: cfg.scope.clone(),
             start_timeout,
+            state_dir: None,
         };
         backend.ensure_network().await?;
         Ok(backend)
@@ -339,6 +343,16 @@ impl DockerBackend {
             env.push(format!("AGENTBOX_MAX_CONCURRENT_INVOKES={n}"));
         }
         let name = self.object_name(&record.name);
+        let mut binds = vec![format!("{name}:/workspace")];
+        if let Some(dir) = self.write_credentials(record, true)? {
+            let inside = crate::credentials::INSIDE_DIR;
+            binds.push(format!("{}:{inside}:ro", dir.display()));
+            env.push(format!(
+                "AGENTBOX_CREDENTIALS_ENV={inside}/{}",
+                crate::credentials::ENV_FILE
+            ));
+            env.push(format!("AGENTBOX_CREDENTIALS_DIR={inside}"));
+        }
         let body = ContainerCreateBody {
             image: Some(t.image.clone().unwrap_or_else(|| self.image.clone())),
             env: Some(env),
@@ -346,7 +360,7 @@ impl DockerBackend {
             labels: Some(self.labels(record)),
             hostname: Some(record.name.clone()),
             host_config: Some(HostConfig {
-                binds: Some(vec![format!("{name}:/workspace")]),
+                binds: Some(binds),
                 network_mode: Some(self.network.clone()),
                 nano_cpus: limits.nano_cpus().map_err(Error::InvalidRequest)?,
                 memory: limits.memory_bytes().map_err(Error::InvalidRequest)?,
@@ -437,6 +451,65 @@ async fn healthy(addr: SocketAddr) -> bool {
         .ok()
         .flatten()
         .unwrap_or(false)
+}
+
+/// Credentials (crate::credentials): a sandbox that references any has a host directory,
+/// `<state-dir>/docker-credentials/<scope>/<sandbox>/` (its parents 0700), bind-mounted
+/// read-only at `/run/credentials`; files 0444 there, as the image's `USER` is not known; only
+/// the container reaches them through the mount. The runner reads `.env.json` from it for
+/// every process (`AGENTBOX_CREDENTIALS_ENV`): no value is in the container's config, its
+/// environment as `docker inspect` shows it, or a label.
+impl DockerBackend {
+    /// Uses `state_dir`'s credential store (without it, a create with credentials is refused).
+    pub fn with_credentials(mut self, state_dir: &std::path::Path) -> Self {
+        self.state_dir = Some(state_dir.to_owned());
+        self
+    }
+
+    fn credentials_dir(&self, sandbox: &str) -> Option<std::path::PathBuf> {
+        self.state_dir
+            .as_ref()
+            .map(|d| d.join("docker-credentials").join(&self.scope).join(sandbox))
+    }
+
+    /// Writes the credentials directory of `record` (`strict`: at a start, every credential
+    /// must exist); `Some(dir)` to mount when it references any.
+    fn write_credentials(
+        &self,
+        record: &Record,
+        strict: bool,
+    ) -> Result<Option<std::path::PathBuf>> {
+        let refs = &record.template.credentials;
+        let (Some(state_dir), Some(dir)) = (&self.state_dir, self.credentials_dir(&record.name))
+        else {
+            if refs.is_empty() {
+                return Ok(None);
+            }
+            return Err(Error::Backend(
+                "this Docker backend has no credential store".into(),
+            ));
+        };
+        if let Some(parent) = dir.parent() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir_all(parent)?;
+            for d in [parent, parent.parent().unwrap_or(parent)] {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))?;
+            }
+        }
+        let owner = crate::credentials::Owner {
+            uid: None,
+            mode: 0o444,
+        };
+        let written =
+            crate::credentials::write_dir(state_dir, &record.namespace, refs, &dir, owner, strict)?;
+        Ok(written.then_some(dir))
+    }
+
+    fn remove_credentials(&self, sandbox: &str) {
+        if let Some(dir) = self.credentials_dir(sandbox) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -557,6 +630,7 @@ impl Backend for DockerBackend {
             }
             // A create that failed leaves nothing behind: the name can be used again.
             let _ = self.remove_container(&record.name, 0).await;
+            self.remove_credentials(&record.name);
             let _ = self
                 .docker
                 .remove_volume(&volume, None::<RemoveVolumeOptions>)
@@ -582,6 +656,7 @@ impl Backend for DockerBackend {
             Err(e) if not_found(&e) => {}
             Err(e) => return Err(engine(e)),
         }
+        self.remove_credentials(name);
         tracing::info!(sandbox = %name, "sandbox deleted");
         Ok(())
     }
@@ -608,6 +683,37 @@ impl Backend for DockerBackend {
         self.start(&record).await?;
         let container = self.container(name).await?;
         Ok(self.summary(&record, container.as_ref()))
+    }
+
+    async fn credentials_changed(&self, namespace: &str, name: &str) -> Result<()> {
+        let Some(root) = self
+            .credentials_dir("x")
+            .and_then(|d| d.parent().map(Into::into))
+        else {
+            return Ok(());
+        };
+        let root: std::path::PathBuf = root;
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return Ok(());
+        };
+        let sandboxes: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter(|n| valid_name(n))
+            .collect();
+        for sandbox in sandboxes {
+            let Some(record) = self.record(&sandbox).await? else {
+                continue;
+            };
+            if record.namespace == namespace
+                && crate::credentials::references(&record.template.credentials, name)
+            {
+                if let Err(e) = self.write_credentials(&record, false) {
+                    tracing::warn!(sandbox = %sandbox, "cannot rewrite credentials: {e}");
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn resolve(&self, name: &str) -> Result<Option<Target>> {

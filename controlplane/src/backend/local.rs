@@ -177,12 +177,83 @@ impl Launch {
         env.extend(record.template.env.clone());
         env.insert("AGENTBOX_SANDBOX".into(), record.name.clone());
         env.insert("AGENTBOX_LOG".into(), "info".into());
+        if !record.template.credentials.is_empty() {
+            let dir = self.credentials_seen_at(workspace.parent().unwrap_or(workspace));
+            env.insert(
+                "AGENTBOX_CREDENTIALS_DIR".into(),
+                dir.to_string_lossy().into_owned(),
+            );
+        }
         env
     }
 
+    /// Where the sandbox in `dir` sees its credentials directory: `/run/credentials` when
+    /// isolated, the host path otherwise.
+    fn credentials_seen_at(&self, dir: &Path) -> PathBuf {
+        if self.isolation == Isolation::Namespaces {
+            PathBuf::from(crate::credentials::INSIDE_DIR)
+        } else {
+            dir.join("credentials")
+        }
+    }
+
+    /// (Re)writes the credentials directory of the sandbox in `dir` ([`crate::credentials::write_dir`]).
+    fn write_credentials(&self, record: &Record, dir: &Path, strict: bool) -> Result<bool> {
+        let owner = crate::credentials::Owner {
+            uid: record
+                .host_uid
+                .filter(|_| self.isolation == Isolation::Namespaces),
+            mode: 0o400,
+        };
+        crate::credentials::write_dir(
+            self.root.parent().unwrap_or(&self.root),
+            &record.namespace,
+            &record.template.credentials,
+            &dir.join("credentials"),
+            owner,
+            strict,
+        )
+    }
+
+    /// Rewrites the credentials directory of every sandbox of `namespace` that references
+    /// `name` (a rotation or a deletion): running ones see it at their next process start.
+    fn rewrite_credentials(&self, namespace: &str, name: &str) -> Result<()> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let dir = self.root.join(&id);
+            let Ok(Some(record)) = read_record(&self.root, &id) else {
+                continue;
+            };
+            if record.namespace != namespace
+                || !crate::credentials::references(&record.template.credentials, name)
+                || !dir.join("credentials").is_dir()
+            {
+                continue;
+            }
+            if let Err(e) = self.write_credentials(&record, &dir, false) {
+                tracing::warn!(sandbox = %record.name, "cannot rewrite credentials: {e}");
+            }
+        }
+        Ok(())
+    }
+
     /// The runner's own flags from the template.
-    fn runner_args(record: &Record) -> Vec<String> {
+    fn runner_args(&self, record: &Record, dir: &Path) -> Vec<String> {
         let mut args = vec!["--mode".into(), record.template.mode.clone()];
+        if !record.template.credentials.is_empty() {
+            args.push("--credentials-env".into());
+            args.push(
+                self.credentials_seen_at(dir)
+                    .join(crate::credentials::ENV_FILE)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
         if let Some(n) = record.template.max_concurrent_invokes {
             args.extend(["--max-concurrent-invokes".into(), n.to_string()]);
         }
@@ -203,7 +274,8 @@ impl Launch {
             "name": record.name,
             "dir": dir,
             "workspace": workspace,
-            "runnerArgs": Self::runner_args(record),
+            "runnerArgs": self.runner_args(record, dir),
+            "credentials": (!record.template.credentials.is_empty()).then(|| dir.join("credentials")),
             "env": self.environment(record, workspace),
             "readOnlyPaths": record.template.read_only_paths,
             "egress": record.template.egress.clone().unwrap_or_else(|| serde_json::json!("all")),
@@ -235,55 +307,25 @@ impl Launch {
             .stdout(stdout)
             .stderr(stderr)
             .process_group(0);
-        // Credentials (crate::credentials): values read at every start, so a start sees the
-        // latest. An isolated sandbox's spec (which assigns its host uid) comes first.
-        let mut _spec_fd = None;
+        // Credentials (crate::credentials): written afresh at every start (and again by a
+        // rotation), so a start sees the latest. An isolated sandbox's spec (which assigns its
+        // host uid) comes first. No value is in the spec, the flags or the environment.
         let spec = if isolated {
             Some(self.spec(record, &dir, &workspace)?)
         } else {
             None
         };
-        let creds = crate::credentials::deliver(
-            self.root.parent().unwrap_or(&self.root),
-            &record.namespace,
-            &record.template.credentials,
-            &dir,
-            record.host_uid.filter(|_| isolated),
-        )?;
-        if let Some(mut spec) = spec {
-            if creds.env.is_empty() {
-                let spec_path = dir.join("sandbox.spec.json");
-                std::fs::write(&spec_path, spec.to_string())?;
-                cmd.arg("sandbox").arg("--spec").arg(&spec_path);
-            } else {
-                if let (Some(files), Some(list)) =
-                    (&creds.dir, spec["readOnlyPaths"].as_array_mut())
-                {
-                    list.push(serde_json::json!(files));
-                }
-                if let Some(env) = spec["env"].as_object_mut() {
-                    for (k, v) in &creds.env {
-                        env.insert(k.clone(), serde_json::Value::String(v.clone()));
-                    }
-                }
-                // The spec holds values now: it goes through a memfd (close-on-exec) that the
-                // launcher opens through /proc, never through a file.
-                let fd = crate::credentials::memfd_with(spec.to_string().as_bytes())?;
-                cmd.arg("sandbox").arg("--spec").arg(format!(
-                    "/proc/{}/fd/{}",
-                    std::process::id(),
-                    std::os::fd::AsRawFd::as_raw_fd(&fd)
-                ));
-                let _ = std::fs::remove_file(dir.join("sandbox.spec.json"));
-                _spec_fd = Some(fd);
-            }
+        self.write_credentials(record, &dir, true)?;
+        if let Some(spec) = spec {
+            let spec_path = dir.join("sandbox.spec.json");
+            std::fs::write(&spec_path, spec.to_string())?;
+            cmd.arg("sandbox").arg("--spec").arg(&spec_path);
             cmd.stdin(Stdio::piped());
         } else {
             cmd.args(["--listen", "127.0.0.1:0", "--workspace"])
                 .arg(&workspace)
-                .args(Self::runner_args(record))
+                .args(self.runner_args(record, &dir))
                 .envs(self.environment(record, &workspace))
-                .envs(&creds.env)
                 .env("AGENTBOX_RUNNER_TOKEN", &record.token)
                 .stdin(Stdio::null());
         }
@@ -1425,6 +1467,12 @@ impl Backend for LocalBackend {
         self.write(&record).await?;
         tracing::info!(sandbox = %record.name, source = %source, "sandbox cloned");
         Ok(self.summary(&record))
+    }
+
+    async fn credentials_changed(&self, namespace: &str, name: &str) -> Result<()> {
+        let launch = self.launch.clone();
+        let (namespace, name) = (namespace.to_owned(), name.to_owned());
+        blocking(move || launch.rewrite_credentials(&namespace, &name)).await?
     }
 
     async fn resolve(&self, name: &str) -> Result<Option<Target>> {

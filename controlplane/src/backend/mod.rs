@@ -114,6 +114,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
             "sandbox {source:?}: this backend cannot clone sandboxes yet (the local backend can)"
         )))
     }
+    /// The credential `name` of `namespace` was set or deleted: rewrite it where running
+    /// sandboxes that reference it read it (their credentials directory), so their next
+    /// invoke sees the change. Backends whose credentials are the platform's own (Kubernetes
+    /// Secrets) do nothing.
+    async fn credentials_changed(&self, _namespace: &str, _name: &str) -> Result<()> {
+        Ok(())
+    }
     /// Where the runner is; `None` for an unknown sandbox. Must not be slow: it is on every
     /// request's path.
     async fn resolve(&self, name: &str) -> Result<Option<Target>>;

@@ -65,6 +65,10 @@ pub struct Spec {
     /// Host paths added read-only at the same place inside.
     #[serde(default)]
     pub read_only_paths: Vec<PathBuf>,
+    /// A host directory mounted read-only at `/run/credentials` (the sandbox's named
+    /// credentials, rewritten in place by the control plane when one is rotated).
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
     /// Where the sandbox may connect.
     #[serde(default)]
     pub egress: Egress,

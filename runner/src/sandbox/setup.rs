@@ -446,6 +446,10 @@ fn build_root(
         .filter(|p| p.exists())
         .map(|p| Source::new(None, p).map(|s| (p.clone(), s)))
         .collect::<Result<_, _>>()?;
+    let credentials = match &spec.credentials {
+        Some(dir) => Some(Source::new(None, dir)?),
+        None => None,
+    };
     let base = Path::new("/tmp");
     mount_fs(
         "tmpfs",
@@ -604,6 +608,11 @@ fn build_root(
             &run.join("agentbox/cgroup"),
             read_only() | MsFlags::MS_NOEXEC,
         )?;
+    }
+    if let Some(source) = &credentials {
+        // The directory itself (never replaced by the control plane), so files renamed into
+        // it on the host are seen here at once.
+        source.attach(&run.join("credentials"), read_only() | MsFlags::MS_NOEXEC)?;
     }
     for (path, source) in &extra {
         source.attach(&inside(path), read_only())?;

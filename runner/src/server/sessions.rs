@@ -122,7 +122,7 @@ fn launch(
     agent: &crate::state::Agent,
     session_cwd: std::path::PathBuf,
 ) -> Launch {
-    let mut full = app.cfg.base_env.clone();
+    let mut full = app.cfg.child_env();
     full.extend(agent.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     full.push((
         "AGENTBOX_WORKSPACE".into(),
