@@ -305,7 +305,7 @@ pub(crate) async fn replace_policies(
         }
         app.governance
             .update(move |current| {
-                *current = set;
+                current.clone_from(&set);
                 Ok(())
             })
             .await
@@ -386,7 +386,7 @@ pub(crate) async fn put_policy(
         let stored = policy.clone();
         app.governance
             .update(move |set| {
-                set.policies.insert(ns, stored);
+                set.policies.insert(ns.clone(), stored.clone());
                 Ok(())
             })
             .await?;
@@ -638,7 +638,7 @@ pub(crate) async fn list_credentials(
     params(("name" = String, Path, description = "A DNS label."),
         ("namespace" = Option<String>, Query, description = "Default: the caller's first namespace, or `default`.")),
     request_body(content = PutCredentialRequest, content_type = "application/json"),
-    responses((status = 204, description = "Stored."),
+    responses((status = 204, description = "Stored; sandboxes referencing it (local, Docker) see the new value at their next invoke."),
         (status = 400, description = "`invalid_request`: a bad name, body or value (text of at most 64 KiB; at most 256 per namespace).", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 403, description = "`forbidden`: a namespace the caller may not use.", body = ErrorBody)))]
@@ -685,7 +685,7 @@ pub(crate) async fn put_credential(
 #[utoipa::path(delete, path = "/api/v1/credentials/{name}", tag = "credentials",
     params(("name" = String, Path, description = "The name."),
         ("namespace" = Option<String>, Query, description = "Default: the caller's first namespace, or `default`.")),
-    responses((status = 204, description = "Deleted; sandboxes referencing it fail to start until it exists again."),
+    responses((status = 204, description = "Deleted; running sandboxes referencing it (local, Docker) no longer see it from their next invoke, and fail to start until it exists again."),
         (status = 400, description = "`invalid_request`: a bad name or namespace.", body = ErrorBody),
         (status = 401, description = "`unauthorized`.", body = ErrorBody),
         (status = 403, description = "`forbidden`: a namespace the caller may not use.", body = ErrorBody),

@@ -317,6 +317,128 @@ impl Policy {
 pub struct Governance {
     dir: PathBuf,
     cached: RwLock<(Option<(SystemTime, u64)>, PolicySet)>,
+    /// On Kubernetes: the ConfigMap every replica reads ([`Governance::use_configmap`]).
+    configmap: std::sync::OnceLock<ConfigMapStore>,
+}
+
+/// The ConfigMap holding every policy on Kubernetes (key [`CONFIGMAP_KEY`], the same JSON as
+/// `policies.json`), in the control plane's namespace.
+pub const CONFIGMAP: &str = "agentbox-governance";
+/// The ConfigMap's key.
+pub const CONFIGMAP_KEY: &str = "policies.json";
+/// How often each replica re-reads the ConfigMap: a change made through another replica
+/// applies here within this long (at once in the replica that made it).
+pub const CONFIGMAP_REFRESH: Duration = Duration::from_secs(2);
+
+/// Policies in a ConfigMap: read by every replica (polled every [`CONFIGMAP_REFRESH`]),
+/// changed by read-modify-write with the read `resourceVersion` as the patch's precondition,
+/// retried when another replica wrote in between (409 Conflict).
+#[derive(Debug)]
+struct ConfigMapStore {
+    api: kube::Api<k8s_openapi::api::core::v1::ConfigMap>,
+    cached: RwLock<PolicySet>,
+}
+
+impl ConfigMapStore {
+    /// The set and the ConfigMap's `resourceVersion` (`None`: no ConfigMap yet).
+    async fn read(&self) -> Result<(PolicySet, Option<String>)> {
+        let cm = match self.api.get_opt(CONFIGMAP).await {
+            Ok(cm) => cm,
+            Err(e) => {
+                return Err(Error::Backend(format!(
+                    "reading ConfigMap {CONFIGMAP}: {e}"
+                )))
+            }
+        };
+        let Some(cm) = cm else {
+            return Ok((PolicySet::default(), None));
+        };
+        let text = cm
+            .data
+            .as_ref()
+            .and_then(|d| d.get(CONFIGMAP_KEY))
+            .map_or("", String::as_str);
+        let set = if text.trim().is_empty() {
+            PolicySet::default()
+        } else {
+            serde_json::from_str(text)
+                .map_err(|e| Error::Internal(format!("ConfigMap {CONFIGMAP}: {e}")))?
+        };
+        Ok((set, cm.metadata.resource_version))
+    }
+
+    async fn refresh(&self) -> Result<PolicySet> {
+        let (set, _) = self.read().await?;
+        *self.cached.write().unwrap_or_else(|p| p.into_inner()) = set.clone();
+        Ok(set)
+    }
+
+    async fn update(
+        &self,
+        mut change: impl FnMut(&mut PolicySet) -> Result<()>,
+    ) -> Result<PolicySet> {
+        use kube::api::{Patch, PatchParams, PostParams};
+        for _ in 0..16 {
+            let (mut set, version) = self.read().await?;
+            change(&mut set)?;
+            let text =
+                serde_json::to_string_pretty(&set).map_err(|e| Error::Internal(e.to_string()))?;
+            if text.len() as u64 > MAX_FILE {
+                return Err(Error::PayloadTooLarge(
+                    "the policies would be larger than 1 MiB".into(),
+                ));
+            }
+            let written = match version {
+                Some(version) => {
+                    let patch = serde_json::json!({
+                        "metadata": {"resourceVersion": version},
+                        "data": {CONFIGMAP_KEY: text},
+                    });
+                    self.api
+                        .patch(CONFIGMAP, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .map(|_| ())
+                }
+                None => {
+                    let cm = k8s_openapi::api::core::v1::ConfigMap {
+                        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                            name: Some(CONFIGMAP.into()),
+                            labels: Some(
+                                [(
+                                    "app.kubernetes.io/managed-by".to_owned(),
+                                    "agentbox".to_owned(),
+                                )]
+                                .into(),
+                            ),
+                            ..Default::default()
+                        },
+                        data: Some([(CONFIGMAP_KEY.to_owned(), text)].into()),
+                        ..Default::default()
+                    };
+                    self.api
+                        .create(&PostParams::default(), &cm)
+                        .await
+                        .map(|_| ())
+                }
+            };
+            match written {
+                Ok(()) => {
+                    *self.cached.write().unwrap_or_else(|p| p.into_inner()) = set.clone();
+                    return Ok(set);
+                }
+                // Another replica wrote since the read: read again.
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(e) => {
+                    return Err(Error::Backend(format!(
+                        "writing ConfigMap {CONFIGMAP}: {e}"
+                    )))
+                }
+            }
+        }
+        Err(Error::Backend(format!(
+            "ConfigMap {CONFIGMAP} kept changing under 16 writes in a row"
+        )))
+    }
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -354,7 +476,38 @@ impl Governance {
         Ok(Self {
             dir,
             cached: RwLock::new((None, PolicySet::default())),
+            configmap: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Keeps the policies in ConfigMap [`CONFIGMAP`] of `namespace` from now on (the
+    /// Kubernetes backend: every replica reads it). Reads it once before returning (an
+    /// unreadable ConfigMap stops the start), then every [`CONFIGMAP_REFRESH`] in the
+    /// background while `self` lives.
+    pub async fn use_configmap(
+        self: &std::sync::Arc<Self>,
+        client: kube::Client,
+        namespace: &str,
+    ) -> std::result::Result<(), String> {
+        let store = ConfigMapStore {
+            api: kube::Api::namespaced(client, namespace),
+            cached: RwLock::new(PolicySet::default()),
+        };
+        store.refresh().await.map_err(|e| e.to_string())?;
+        let _ = self.configmap.set(store);
+        let weak = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(CONFIGMAP_REFRESH).await;
+                let Some(this) = weak.upgrade() else { return };
+                if let Some(store) = this.configmap.get() {
+                    if let Err(e) = store.refresh().await {
+                        tracing::warn!("governance policies not refreshed: {e}");
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 
     fn file(&self) -> PathBuf {
@@ -380,6 +533,13 @@ impl Governance {
 
     /// Every policy, as the file holds them now.
     pub fn all(&self) -> Result<PolicySet> {
+        if let Some(store) = self.configmap.get() {
+            return Ok(store
+                .cached
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone());
+        }
         let path = self.file();
         let now = stamp(&path);
         {
@@ -413,8 +573,11 @@ impl Governance {
     /// Changes the policies under the policies lock: `change` gets the current set.
     pub async fn update(
         &self,
-        change: impl FnOnce(&mut PolicySet) -> Result<()> + Send + 'static,
+        mut change: impl FnMut(&mut PolicySet) -> Result<()> + Send + 'static,
     ) -> Result<PolicySet> {
+        if let Some(store) = self.configmap.get() {
+            return store.update(change).await;
+        }
         let dir = self.dir.clone();
         blocking(move || {
             let _held = lock_file(&dir.join("policies.lock"))?;

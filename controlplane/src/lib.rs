@@ -51,7 +51,7 @@ pub struct AppState {
     /// Span export.
     pub tracer: otel::Tracer,
     /// Governance policies.
-    pub governance: governance::Governance,
+    pub governance: Arc<governance::Governance>,
     /// Named credentials.
     pub credentials: credentials::Credentials,
 }
@@ -66,8 +66,13 @@ impl AppState {
     /// Builds the state, first connecting to the backend's platform when it needs that (the
     /// Kubernetes backend's caches are filled, bounded, before this returns).
     pub async fn connect(cfg: Config) -> Result<Arc<Self>, String> {
+        let mut kube = None;
         let backend: Option<Arc<dyn Backend>> = match cfg.backend {
-            BackendKind::Kubernetes => Some(Arc::new(KubernetesBackend::connect(&cfg.kube).await?)),
+            BackendKind::Kubernetes => {
+                let backend = KubernetesBackend::connect(&cfg.kube).await?;
+                kube = Some(backend.client());
+                Some(Arc::new(backend))
+            }
             BackendKind::Docker => Some(Arc::new(
                 DockerBackend::connect(&cfg.docker, cfg.runner_start_timeout)
                     .await?
@@ -75,7 +80,12 @@ impl AppState {
             )),
             BackendKind::Local => None,
         };
-        Self::with_backend(cfg, backend)
+        let state = Self::with_backend(cfg, backend)?;
+        // Kubernetes: policies in a ConfigMap every replica reads, not in a pod's state dir.
+        if let Some((client, namespace)) = kube {
+            state.governance.use_configmap(client, &namespace).await?;
+        }
+        Ok(state)
     }
 
     /// Builds the state around `backend`, or around the configured one when `None`.
@@ -127,9 +137,9 @@ impl AppState {
             metrics: metrics::Metrics::default(),
             audit,
             tracer: otel::Tracer::new(cfg.otlp_endpoint.clone()),
-            governance: governance::Governance::new(&cfg.state_dir).map_err(|e| {
+            governance: Arc::new(governance::Governance::new(&cfg.state_dir).map_err(|e| {
                 format!("cannot create {}/governance: {e}", cfg.state_dir.display())
-            })?,
+            })?),
             credentials: credentials::Credentials::new(&cfg.state_dir),
             cfg,
         }))

@@ -743,3 +743,116 @@ async fn the_runner_drops_into_three_unlike_images() {
     )
     .await;
 }
+
+/// An image of `agentbox-base/python` with *this build's* runner (so the test exercises the
+/// runner of the same commit, not whatever `scripts/images.sh` built last), user 1000.
+fn image_with_this_runner(tag: &str) {
+    let ctx = tempfile::Builder::new()
+        .prefix("cpt-ctx-")
+        .tempdir()
+        .unwrap();
+    std::fs::copy(common::runner_bin(), ctx.path().join("agentbox-runner")).unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM {}\nCOPY agentbox-runner /usr/local/bin/agentbox-runner\n\
+             RUN useradd --uid 1000 --user-group agent && mkdir -p /workspace \
+             && chown agent:agent /workspace\nUSER 1000:1000\nWORKDIR /workspace\n\
+             ENTRYPOINT [\"/usr/local/bin/agentbox-runner\"]\n",
+            "agentbox-base/python:bookworm"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", tag])
+        .arg(ctx.path())
+        .env("DOCKER_BUILDKIT", "0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docker build {tag}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Credentials reach a container as env and as a read-only file at the named path, rotate at
+/// the next invoke without a restart, and are in nothing `docker inspect` shows.
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_reach_the_container_rotate_and_stay_out_of_inspect() {
+    if !docker_ready() {
+        return;
+    }
+    const KEY: &str = "sk-docker-5e1d9c3b7a2f4e6d8c0b";
+    const FILE: &str = "gcp-docker-8a3f6c1e9d2b7f40";
+    const ROTATED: &str = "sk-docker-rotated-2b9e7d4c1a6f";
+    let tag = format!(
+        "agentbox-test/creds-runner:{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    image_with_this_runner(&tag);
+    let mut scope = Scope::new(json!([{"name": "creds", "mode": "agent", "image": tag}]));
+    scope.images.push(tag.clone());
+    let cp = scope.start();
+    for (name, value) in [("openai", KEY), ("gcp", FILE)] {
+        let (status, body) = send(
+            cp.admin(Method::PUT, &format!("/api/v1/credentials/{name}"))
+                .json(&json!({ "value": value })),
+        )
+        .await;
+        assert_eq!(status, 204, "{body}");
+    }
+    let (status, body) = send(cp.admin(Method::POST, "/api/v1/sandboxes").json(&json!({
+        "name": "c1", "templateRef": {"name": "creds"},
+        "credentials": [{"name": "openai", "env": "OPENAI_API_KEY"},
+                        {"name": "gcp", "file": "/run/credentials/gcp.json"}]
+    })))
+    .await;
+    assert_eq!(status, 201, "{body}");
+    cp.configure_sh(
+        "c1",
+        r#"printf %s "$OPENAI_API_KEY" | sha256sum | cut -d' ' -f1
+sha256sum < /run/credentials/gcp.json | cut -d' ' -f1
+if printf x >> /run/credentials/gcp.json 2>/dev/null; then echo writable; else echo read-only; fi"#,
+    )
+    .await;
+    let sha = common::sha256_hex;
+    let lines = |events: &[common::Event]| -> Vec<String> {
+        stdout(events).lines().map(str::to_owned).collect()
+    };
+    let out = lines(&cp.invoke("c1", "").await);
+    assert_eq!(out, [sha(KEY), sha(FILE), "read-only".to_owned()]);
+    // Nothing `docker inspect` shows holds a value: env, labels, command, mounts.
+    let container = scope.container("c1");
+    let inspected = docker(&["inspect", &container]);
+    let volume = docker(&["volume", "inspect", &container]);
+    for secret in [KEY, FILE] {
+        assert!(!inspected.contains(secret), "{secret} in docker inspect");
+        assert!(!volume.contains(secret), "{secret} in the volume's labels");
+    }
+    assert!(inspected.contains(":/run/credentials:ro"), "{inspected}");
+    // Rotation: the next invoke, no restart.
+    let (status, _) = send(
+        cp.admin(Method::PUT, "/api/v1/credentials/openai")
+            .json(&json!({ "value": ROTATED })),
+    )
+    .await;
+    assert_eq!(status, 204);
+    let out = lines(&cp.invoke("c1", "").await);
+    assert_eq!(out[..2], [sha(ROTATED), sha(FILE)]);
+    // Delete removes the host directory.
+    let dir = scope
+        .env
+        .state
+        .join("docker-credentials")
+        .join(&scope.scope)
+        .join("c1");
+    assert!(dir.join(".env.json").is_file());
+    cp.delete("c1").await;
+    assert!(!dir.exists());
+}

@@ -894,3 +894,90 @@ async fn credentials_become_secret_references() {
     assert_eq!(mount["mountPath"], "/run/credentials/gcp.json");
     assert_eq!(mount["readOnly"], true);
 }
+
+/// Policies live in one ConfigMap every replica reads: a policy set through one replica applies
+/// in the other (within its refresh), and replicas writing at once lose no update (the read
+/// `resourceVersion` is the patch's precondition; a conflict is read again and retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_are_one_configmap_shared_by_replicas() {
+    let tmp1 = tempfile::tempdir().unwrap();
+    let tmp2 = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let cp1 = start_cp(
+        &fixture,
+        tmp1.path(),
+        &["--kube-runner-image", RUNNER_IMAGE],
+    )
+    .await;
+    let cp2 = start_cp(
+        &fixture,
+        tmp2.path(),
+        &["--kube-runner-image", RUNNER_IMAGE],
+    )
+    .await;
+    let (code, body) = cp1
+        .send(
+            cp1.req(Method::PUT, "/api/v1/governance/policies/team-a")
+                .json(&json!({"maxSandboxesTotal": 0})),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let cm = fixture
+        .get("configmaps", NS, "agentbox-governance")
+        .unwrap();
+    let stored: Value =
+        serde_json::from_str(cm["data"]["policies.json"].as_str().unwrap()).unwrap();
+    assert_eq!(stored["policies"]["team-a"]["maxSandboxesTotal"], 0);
+    // The other replica applies it within its refresh (2 s): its create is refused.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, body) = cp2
+            .send(cp2.req(Method::POST, "/api/v1/sandboxes").json(&json!({
+                "name": "refused", "namespace": "team-a"})))
+            .await;
+        if code == 403 {
+            assert_eq!(body["error"], "policy_violation", "{body}");
+            assert_eq!(
+                body["violations"][0]["field"], "maxSandboxesTotal",
+                "{body}"
+            );
+            break;
+        }
+        assert_eq!(code, 201, "{body}");
+        let (code, _) = cp2.send(cp2.sb(Method::DELETE, "refused", "")).await;
+        assert_eq!(code, 200);
+        assert!(Instant::now() < deadline, "replica 2 never read the policy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Both replicas write at once, 10 namespaces each: every one is kept.
+    let writes = (0..20).map(|i| {
+        let cp = if i % 2 == 0 { &cp1 } else { &cp2 };
+        cp.send(
+            cp.req(Method::PUT, &format!("/api/v1/governance/policies/ns-{i}"))
+                .json(&json!({"maxSandboxesTotal": i})),
+        )
+    });
+    for (code, body) in futures_util::future::join_all(writes).await {
+        assert_eq!(code, 200, "{body}");
+    }
+    let cm = fixture
+        .get("configmaps", NS, "agentbox-governance")
+        .unwrap();
+    let stored: Value =
+        serde_json::from_str(cm["data"]["policies.json"].as_str().unwrap()).unwrap();
+    for i in 0..20 {
+        assert_eq!(
+            stored["policies"][format!("ns-{i}")]["maxSandboxesTotal"],
+            i,
+            "{stored}"
+        );
+    }
+    assert_eq!(stored["policies"]["team-a"]["maxSandboxesTotal"], 0);
+    // Every write was a precondition patch (or the first create).
+    let patches = fixture
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with("/configmaps/agentbox-governance"))
+        .count();
+    assert!(patches >= 20, "{patches}");
+}

@@ -726,6 +726,11 @@ fn pod_finished(pod: &Pod) -> bool {
 }
 
 impl KubernetesBackend {
+    /// Its client and namespace (for the governance ConfigMap).
+    pub fn client(&self) -> (Client, String) {
+        (self.client.clone(), self.namespace.clone())
+    }
+
     /// Connects to the cluster (`KUBECONFIG`, `~/.kube/config`, else in-cluster), starts the
     /// caches and waits (bounded by `cfg.sync_timeout`) until they hold the first list.
     pub async fn connect(cfg: &KubeConfig) -> Result<Self, String> {

@@ -395,11 +395,26 @@ async fn item(
                 Ok(v) => v,
                 Err(e) => return status(400, "BadRequest", e.to_string()),
             };
-            let Some(mut object) = shared.store.lock().unwrap().objects.get(&key).cloned() else {
+            // Read, check and write under one lock: a `metadata.resourceVersion` in the patch is
+            // a precondition (409 Conflict when the object changed since), as the API server's.
+            let mut store = shared.store.lock().unwrap();
+            let Some(mut object) = store.objects.get(&key).cloned() else {
                 return not_found();
             };
+            if let Some(want) = patch["metadata"]["resourceVersion"].as_str() {
+                if object["metadata"]["resourceVersion"].as_str() != Some(want) {
+                    return status(
+                        409,
+                        "Conflict",
+                        format!("the object has been modified; resourceVersion {want} is stale"),
+                    );
+                }
+            }
             merge(&mut object, &patch);
-            let (object, _) = shared.put(&resource, &namespace, object);
+            let (change, _) = store.put(&resource, &namespace, object);
+            let object = change.object.clone();
+            let _ = shared.changes.send(change);
+            drop(store);
             Json(object).into_response()
         }
         _ => status(405, "MethodNotAllowed", format!("{method} not allowed")),
