@@ -1341,6 +1341,9 @@ impl Backend for LocalBackend {
         let pooled: Vec<Template> = templates
             .iter()
             .filter(|t| t.warm_pool.as_ref().is_some_and(|p| p.size > 0))
+            // Credentials are a namespace's, and a pooled sandbox has none yet: such a
+            // template's creates start cold.
+            .filter(|t| t.credentials.is_empty())
             .cloned()
             .collect();
         let launch = self.launch.clone();
