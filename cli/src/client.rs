@@ -5,8 +5,8 @@
 use std::fmt;
 
 use agentbox_proto::{
-    ConfigureRequest, CreateSandboxRequest, ErrorBody, ExecRequest, InvokeList, InvokeSummary,
-    SandboxList, SandboxSummary, TemplateList, UserInfo,
+    ConfigureRequest, CreateSandboxRequest, ErrorBody, ExecRequest, ForwardedPort, InvokeList,
+    InvokeSummary, PortList, PortRequest, SandboxList, SandboxSummary, TemplateList, UserInfo,
 };
 use serde::de::DeserializeOwned;
 
@@ -223,6 +223,46 @@ impl Client {
             return Ok(serde_json::Value::Null);
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("not JSON: {e}")))
+    }
+
+    /// `GET .../ports`: the forwarded ports.
+    pub async fn list_ports(&self, sandbox: &str) -> Result<Vec<ForwardedPort>> {
+        let list: PortList = self.json(self.http.get(self.url(sandbox, "ports"))).await?;
+        Ok(list.ports)
+    }
+
+    /// `POST .../ports`: forwards `port` of the sandbox (an already forwarded one is
+    /// answered as it is).
+    pub async fn forward_port(
+        &self,
+        sandbox: &str,
+        port: u16,
+        protocol: &str,
+    ) -> Result<ForwardedPort> {
+        let body = PortRequest {
+            port: i64::from(port),
+            protocol: Some(protocol.to_owned()),
+        };
+        self.json(self.http.post(self.url(sandbox, "ports")).json(&body))
+            .await
+    }
+
+    /// `GET .../ports/{port}/tunnel` as an HTTP/1.1 upgrade: a byte stream to the sandbox's
+    /// port (through the control plane and the runner).
+    pub async fn open_tunnel(&self, sandbox: &str, port: u16) -> Result<reqwest::Upgraded> {
+        let rb = self
+            .http
+            .get(self.url(sandbox, &format!("ports/{port}/tunnel")))
+            .header("connection", "upgrade")
+            .header("upgrade", "agentbox-tcp");
+        let resp = self.send(rb).await?;
+        if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ClientError::Protocol(format!(
+                "the tunnel answered {} instead of 101",
+                resp.status()
+            )));
+        }
+        Ok(resp.upgrade().await?)
     }
 
     /// `GET /api/v1/user/me`.
