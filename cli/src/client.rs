@@ -183,10 +183,15 @@ impl Client {
         if resp.status().is_success() {
             return Ok(resp);
         }
+        Err(self.error_of(resp).await)
+    }
+
+    /// The error a non-success answer stands for.
+    async fn error_of(&self, resp: reqwest::Response) -> ClientError {
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         let hint = (status == 401).then(|| self.refusal_hint.clone()).flatten();
-        Err(match serde_json::from_str::<ErrorBody>(&text) {
+        match serde_json::from_str::<ErrorBody>(&text) {
             Ok(body) => ClientError::Api {
                 status,
                 code: body.error,
@@ -199,7 +204,7 @@ impl Client {
                 message: text.chars().take(200).collect(),
                 hint,
             },
-        })
+        }
     }
 
     async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> Result<T> {
@@ -255,14 +260,17 @@ impl Client {
             .get(self.url(sandbox, &format!("ports/{port}/tunnel")))
             .header("connection", "upgrade")
             .header("upgrade", "agentbox-tcp");
-        let resp = self.send(rb).await?;
-        if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+        let resp = self.auth(rb).send().await?;
+        if resp.status() == reqwest::StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(resp.upgrade().await?);
+        }
+        if resp.status().is_success() {
             return Err(ClientError::Protocol(format!(
                 "the tunnel answered {} instead of 101",
                 resp.status()
             )));
         }
-        Ok(resp.upgrade().await?)
+        Err(self.error_of(resp).await)
     }
 
     /// `GET /api/v1/user/me`.
