@@ -613,12 +613,13 @@ fn ports_tunnel() {}
 
 /// The preview proxy
 ///
-/// Any method. Sent to the sandbox's server on the forwarded port as `/{path}?{query}` over
-/// HTTP/1.1, bodies streamed both ways; a WebSocket (any `Upgrade`) is spliced through after
-/// the server's 101. `Authorization`, `X-API-Key` and `Proxy-Authorization` are removed;
-/// `Host` is `localhost:PORT`, with `X-Forwarded-Host` and `X-Forwarded-Prefix`. Other answers
-/// are the server's own. `.../preview/{port}` without the slash redirects (308) to it.
-#[utoipa::path(method(get, post, put, patch, delete), path = "/api/v1/sandboxes/{id}/preview/{port}/{path}", tag = "ports",
+/// Any method (described here as GET). Sent to the sandbox's server on the forwarded port as
+/// `/{path}?{query}` over HTTP/1.1, bodies streamed both ways; a WebSocket (any `Upgrade`) is
+/// spliced through after the server's 101. `Authorization`, `X-API-Key` and
+/// `Proxy-Authorization` are removed; `Host` is `localhost:PORT`, with `X-Forwarded-Host` and
+/// `X-Forwarded-Prefix`. Other answers are the server's own. `.../preview/{port}` without the
+/// slash redirects (308) to it.
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/preview/{port}/{path}", tag = "ports",
     params(("id" = String, Path, description = "The sandbox id."),
         ("port" = u16, Path, description = "A forwarded port, 1-65535."),
         ("path" = String, Path, description = "The path on the sandbox's server, without its leading slash (may be empty).")),
