@@ -503,7 +503,8 @@ fn bench_preview(cp: &ControlPlane, rows: &mut Vec<[String; 5]>) {
     );
     assert_eq!(status, 200, "exec: {}", String::from_utf8_lossy(&out));
     let port_file = cp.state.join("sandboxes/bench/workspace/port");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Python's start can take seconds on a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(60);
     let port: u16 = loop {
         if let Some(p) = std::fs::read_to_string(&port_file)
             .ok()
@@ -511,7 +512,13 @@ fn bench_preview(cp: &ControlPlane, rows: &mut Vec<[String; 5]>) {
         {
             break p;
         }
-        assert!(Instant::now() < deadline, "the file server did not start");
+        assert!(
+            Instant::now() < deadline,
+            "the file server did not start: exec said {}; the workspace holds {:?}",
+            String::from_utf8_lossy(&out),
+            std::fs::read_dir(cp.state.join("sandboxes/bench/workspace"))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let (status, out) = http_json(
