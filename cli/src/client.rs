@@ -5,8 +5,8 @@
 use std::fmt;
 
 use agentbox_proto::{
-    ConfigureRequest, CreateSandboxRequest, ErrorBody, ExecRequest, InvokeList, InvokeSummary,
-    SandboxList, SandboxSummary, TemplateList, UserInfo,
+    ConfigureRequest, CreateSandboxRequest, ErrorBody, ExecRequest, ForwardedPort, InvokeList,
+    InvokeSummary, PortList, PortRequest, SandboxList, SandboxSummary, TemplateList, UserInfo,
 };
 use serde::de::DeserializeOwned;
 
@@ -183,10 +183,15 @@ impl Client {
         if resp.status().is_success() {
             return Ok(resp);
         }
+        Err(self.error_of(resp).await)
+    }
+
+    /// The error a non-success answer stands for.
+    async fn error_of(&self, resp: reqwest::Response) -> ClientError {
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         let hint = (status == 401).then(|| self.refusal_hint.clone()).flatten();
-        Err(match serde_json::from_str::<ErrorBody>(&text) {
+        match serde_json::from_str::<ErrorBody>(&text) {
             Ok(body) => ClientError::Api {
                 status,
                 code: body.error,
@@ -199,7 +204,7 @@ impl Client {
                 message: text.chars().take(200).collect(),
                 hint,
             },
-        })
+        }
     }
 
     async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> Result<T> {
@@ -223,6 +228,49 @@ impl Client {
             return Ok(serde_json::Value::Null);
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("not JSON: {e}")))
+    }
+
+    /// `GET .../ports`: the forwarded ports.
+    pub async fn list_ports(&self, sandbox: &str) -> Result<Vec<ForwardedPort>> {
+        let list: PortList = self.json(self.http.get(self.url(sandbox, "ports"))).await?;
+        Ok(list.ports)
+    }
+
+    /// `POST .../ports`: forwards `port` of the sandbox (an already forwarded one is
+    /// answered as it is).
+    pub async fn forward_port(
+        &self,
+        sandbox: &str,
+        port: u16,
+        protocol: &str,
+    ) -> Result<ForwardedPort> {
+        let body = PortRequest {
+            port: i64::from(port),
+            protocol: Some(protocol.to_owned()),
+        };
+        self.json(self.http.post(self.url(sandbox, "ports")).json(&body))
+            .await
+    }
+
+    /// `GET .../ports/{port}/tunnel` as an HTTP/1.1 upgrade: a byte stream to the sandbox's
+    /// port (through the control plane and the runner).
+    pub async fn open_tunnel(&self, sandbox: &str, port: u16) -> Result<reqwest::Upgraded> {
+        let rb = self
+            .http
+            .get(self.url(sandbox, &format!("ports/{port}/tunnel")))
+            .header("connection", "upgrade")
+            .header("upgrade", "agentbox-tcp");
+        let resp = self.auth(rb).send().await?;
+        if resp.status() == reqwest::StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(resp.upgrade().await?);
+        }
+        if resp.status().is_success() {
+            return Err(ClientError::Protocol(format!(
+                "the tunnel answered {} instead of 101",
+                resp.status()
+            )));
+        }
+        Err(self.error_of(resp).await)
     }
 
     /// `GET /api/v1/user/me`.

@@ -272,6 +272,17 @@ enum Command {
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
+    /// Forward a local port to a port in the sandbox, like `kubectl port-forward`: listens on
+    /// 127.0.0.1:LOCAL and tunnels each connection (any TCP protocol) to 127.0.0.1:REMOTE in
+    /// the sandbox through the control plane. `:REMOTE` or `0:REMOTE` picks a free local port
+    /// and prints it. Forwards the port first if needed. Ctrl-C stops.
+    PortForward {
+        /// The sandbox.
+        name: String,
+        /// LOCAL:REMOTE, `:REMOTE`, or REMOTE (the same port number locally).
+        #[arg(value_name = "LOCAL:REMOTE")]
+        ports: String,
+    },
     /// Move files in and out of a sandbox's workspace.
     Files {
         #[command(subcommand)]
@@ -1020,6 +1031,92 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
             follow(&cli, &c, name, stream, &mut sigint).await
         }
         Command::Files { command } => files(&cli, &c, command).await,
+        Command::PortForward { name, ports } => port_forward(&cli, &c, name, ports).await,
+    }
+}
+
+/// Parses `LOCAL:REMOTE`, `:REMOTE` or `REMOTE` into (local, remote); local 0 picks one.
+fn parse_port_pair(text: &str) -> std::result::Result<(u16, u16), String> {
+    let port = |s: &str, zero: bool| {
+        s.parse::<u16>()
+            .ok()
+            .filter(|p| zero || *p != 0)
+            .ok_or_else(|| format!("{s:?} is not a port (1-65535)"))
+    };
+    match text.split_once(':') {
+        Some(("", remote)) => Ok((0, port(remote, false)?)),
+        Some((local, remote)) => Ok((port(local, true)?, port(remote, false)?)),
+        None => {
+            let p = port(text, false)?;
+            Ok((p, p))
+        }
+    }
+}
+
+/// `agentbox port-forward`: a local listener whose connections are tunnelled to the
+/// sandbox's port, until Ctrl-C.
+async fn port_forward(cli: &Cli, c: &Client, name: &str, ports: &str) -> Outcome {
+    let (local, remote) = parse_port_pair(ports).map_err(|m| Failure {
+        code: exit::USAGE,
+        message: format!("bad LOCAL:REMOTE {ports:?}: {m}"),
+    })?;
+    let mut sigint = interrupts()?;
+    // A port forwarded already (as `tcp`, say) is left as it is.
+    if !c.list_ports(name).await?.iter().any(|p| p.port == remote) {
+        c.forward_port(name, remote, "http").await?;
+    }
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", local))
+        .await
+        .map_err(|e| Failure {
+            code: exit::ERROR,
+            message: format!("cannot listen on 127.0.0.1:{local}: {e}"),
+        })?;
+    let bound = listener.local_addr().map_err(|e| Failure {
+        code: exit::ERROR,
+        message: e.to_string(),
+    })?;
+    if cli.json {
+        print_json(&json!({"local": bound.to_string(), "remote": remote}));
+    } else {
+        println!("Forwarding from {bound} -> {remote}");
+    }
+    let _ = std::io::stdout().flush();
+    loop {
+        let (mut socket, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    if !cli.quiet {
+                        eprintln!("accept failed: {e}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = sigint.recv() => return Ok(0),
+        };
+        let c = c.clone();
+        let name = name.to_owned();
+        let quiet = cli.quiet;
+        tokio::spawn(async move {
+            let _ = socket.set_nodelay(true);
+            match c.open_tunnel(&name, remote).await {
+                Ok(mut tunnel) => {
+                    let _ = tokio::io::copy_bidirectional_with_sizes(
+                        &mut socket,
+                        &mut tunnel,
+                        64 << 10,
+                        64 << 10,
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    if !quiet {
+                        eprintln!("port {remote}: {e}");
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -1062,7 +1159,8 @@ fn command_sandbox(command: &Command) -> Option<&str> {
         | Command::Logs { name, .. }
         | Command::Invokes { name, .. }
         | Command::Cancel { name, .. }
-        | Command::Exec { name, .. } => Some(name),
+        | Command::Exec { name, .. }
+        | Command::PortForward { name, .. } => Some(name),
         Command::Files { command } => Some(match command {
             FilesCommand::Ls { name, .. }
             | FilesCommand::Get { name, .. }

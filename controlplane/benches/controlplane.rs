@@ -8,6 +8,8 @@
 //!    goal: ≥ 0.8× direct.
 //! 3. 10,000 clients held open through one control plane, each following the events of one of
 //!    four long-running invokes: the control plane's memory per stream; goal: ≤ 32 KiB.
+//! 5. A 1 GiB download from a server in the sandbox through the preview proxy, beside the same
+//!    download straight from 127.0.0.1:PORT (the sandbox unisolated); goal: ≥ 0.8× direct.
 //! 4. Local sandboxes isolated (namespaces) beside unisolated: create → Running (goal p50 ≤
 //!    50 ms) and an invoke of `/bin/true` (goal p50 ≤ 1.1× unisolated).
 //!
@@ -17,7 +19,7 @@
 //!
 //! Run: `cargo build --release --bins && cargo bench -p agentbox-controlplane --bench
 //! controlplane` (it uses target/release/agentbox-runner). Knobs: `BENCH_ONLY`
-//! (`latency|throughput|streams|isolation|ready`), `BENCH_N` (2000), `BENCH_BYTES` (1 GiB),
+//! (`latency|throughput|streams|preview|isolation|ready`), `BENCH_N` (2000), `BENCH_BYTES` (1 GiB),
 //! `BENCH_STREAMS` (10000), `BENCH_SANDBOXES` (40), `BENCH_READY_N` (100). Quick, without a
 //! release build: `cargo build --bins && BENCH_ONLY=ready BENCH_READY_N=20 cargo test -p
 //! agentbox-controlplane --bench controlplane` (debug binaries, said so in the output).
@@ -457,6 +459,115 @@ fn bench_throughput(cp: &ControlPlane, rows: &mut Vec<[String; 5]>) {
     ]);
 }
 
+/// A Python file server on an ephemeral port in the sandbox, sending with `sendfile(2)` (so
+/// the direct path is not held back by Python copying); it writes its port to a file.
+const FILE_SERVER: &str = r#"
+import functools, http.server, os, sys
+class H(http.server.SimpleHTTPRequestHandler):
+    def copyfile(self, source, outputfile):
+        self.connection.sendfile(source)
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(H, directory=sys.argv[1]))
+with open(sys.argv[2] + ".tmp", "w") as f:
+    f.write(str(s.server_address[1]))
+os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+s.serve_forever()
+"#;
+
+fn get_once(http: &mut Http, path: &str) -> (u64, Duration) {
+    let t0 = Instant::now();
+    http.send("GET", path, "", b"");
+    let mut bytes = 0u64;
+    let status = http.read_response(&mut |b| bytes += b.len() as u64);
+    assert_eq!(status, 200, "GET {path}");
+    (bytes, t0.elapsed())
+}
+
+/// A download of `BENCH_BYTES` (1 GiB) from a server in an unisolated sandbox, through the
+/// preview proxy (control plane → runner tunnel → 127.0.0.1:PORT) beside straight from the
+/// same server on the host's loopback (`--isolation none`: the sandbox shares it).
+fn bench_preview(cp: &ControlPlane, rows: &mut Vec<[String; 5]>) {
+    let total: u64 = env_or("BENCH_BYTES", 1u64 << 30);
+    let command = format!(
+        "mkdir -p site && truncate -s {total} site/big && cat > srv.py <<'EOF'\n{FILE_SERVER}\nEOF\n\
+         setsid -f python3 srv.py site port >/dev/null 2>&1 </dev/null"
+    );
+    let body = serde_json::json!({ "command": command }).to_string();
+    let mut http = cp.http();
+    let (status, out) = http_json(
+        &mut http,
+        "POST",
+        "/api/v1/sandboxes/bench/exec",
+        body.as_bytes(),
+    );
+    assert_eq!(status, 200, "exec: {}", String::from_utf8_lossy(&out));
+    let port_file = cp.state.join("sandboxes/bench/workspace/port");
+    // Python's start can take seconds on a loaded machine.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let port: u16 = loop {
+        if let Some(p) = std::fs::read_to_string(&port_file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the file server did not start: exec said {}; the workspace holds {:?}",
+            String::from_utf8_lossy(&out),
+            std::fs::read_dir(cp.state.join("sandboxes/bench/workspace"))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (status, out) = http_json(
+        &mut http,
+        "POST",
+        "/api/v1/sandboxes/bench/ports",
+        format!(r#"{{"port":{port}}}"#).as_bytes(),
+    );
+    assert_eq!(status, 201, "forward: {}", String::from_utf8_lossy(&out));
+    let direct_addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let via_path = format!("/api/v1/sandboxes/bench/preview/{port}/big");
+    let mut best_direct = Duration::MAX;
+    let mut best_via = Duration::MAX;
+    for round in 0..4 {
+        let mut direct = Http::connect(direct_addr, "X-Bench: direct");
+        let (bytes_d, d) = get_once(&mut direct, "/big");
+        let mut via = cp.http();
+        let (bytes_v, v) = get_once(&mut via, &via_path);
+        assert!(bytes_d == total && bytes_v == total, "short download");
+        println!(
+            "  round {round}{}: direct {:.0} MB/s, through the preview proxy {:.0} MB/s",
+            if round == 0 { " (warm-up)" } else { "" },
+            total as f64 / d.as_secs_f64() / 1e6,
+            total as f64 / v.as_secs_f64() / 1e6
+        );
+        if round == 0 {
+            continue;
+        }
+        best_direct = best_direct.min(d);
+        best_via = best_via.min(v);
+    }
+    let mbps = |d: Duration| total as f64 / d.as_secs_f64() / 1e6;
+    let ratio = mbps(best_via) / mbps(best_direct);
+    rows.push([
+        format!(
+            "{} MiB download through the preview proxy ({})",
+            total >> 20,
+            build()
+        ),
+        format!("{:.0} MB/s", mbps(best_via)),
+        format!(
+            "direct to 127.0.0.1:PORT (`--isolation none`) {:.0} MB/s",
+            mbps(best_direct)
+        ),
+        format!("{ratio:.2}× direct (goal ≥ 0.8×)"),
+        verdict(ratio >= 0.8).into(),
+    ]);
+}
+
 fn raise_fd_limit(want: u64) -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
@@ -760,6 +871,9 @@ fn main() {
     }
     if only.is_empty() || only == "streams" {
         bench_streams(&cp, &mut rows);
+    }
+    if only.is_empty() || only == "preview" {
+        bench_preview(&cp, &mut rows);
     }
     drop(cp);
     if only.is_empty() {

@@ -565,18 +565,6 @@ fn runner_route(method: &Method, rest: &str) -> Option<(String, &'static str)> {
     Some((path, action))
 }
 
-/// AgentTier's per-sandbox routes that agentbox does not serve, named as AgentTier's
-/// documentation names them: they answer 501 `not_implemented` rather than 404.
-fn unserved_route(method: &Method, rest: &str) -> Option<&'static str> {
-    let (head, tail) = rest.split_once('/').unwrap_or((rest, ""));
-    Some(match (head, tail, method.as_str()) {
-        ("ports", "", "GET") => "GET /api/v1/sandboxes/{id}/ports",
-        ("ports", "", "POST") => "POST /api/v1/sandboxes/{id}/ports",
-        ("ports", t, "DELETE") if segments(t) == 1 => "DELETE /api/v1/sandboxes/{id}/ports/{port}",
-        _ => return None,
-    })
-}
-
 /// AgentTier's routes outside a sandbox that agentbox does not serve: 501 `not_implemented`.
 async fn not_implemented(method: Method, uri: Uri) -> Error {
     Error::NotImplemented(format!("{method} {}", uri.path()))
@@ -610,10 +598,11 @@ async fn to_runner(
         .strip_prefix(&prefix)
         .ok_or_else(|| Error::RouteNotFound(raw.to_owned()))?
         .to_owned();
+    // Ports, their tunnels and the preview proxy: the control plane's own handling.
+    if let Some(route) = crate::ports::route(request.method(), &rest) {
+        return crate::ports::serve(Arc::clone(&app), &id, &name, route, request).await;
+    }
     let Some((path, action)) = runner_route(request.method(), &rest) else {
-        if let Some(route) = unserved_route(request.method(), &rest) {
-            return Err(Error::NotImplemented(route.to_owned()));
-        }
         // A runner route, with another method: 405, as for the control plane's own routes.
         let known = [Method::GET, Method::POST, Method::PUT, Method::DELETE]
             .iter()
@@ -982,14 +971,6 @@ mod tests {
             Some(("/v1/files/workspace/a%20b.txt".into(), "files.get"))
         );
         assert_eq!(runner_route(&get, "info"), None);
-        // Served by the control plane itself now (lifecycle::clone_sandbox), never a runner's.
-        assert_eq!(unserved_route(&post, "clone"), None);
-        assert_eq!(
-            unserved_route(&Method::DELETE, "ports/8080"),
-            Some("DELETE /api/v1/sandboxes/{id}/ports/{port}")
-        );
-        assert_eq!(unserved_route(&get, "clone"), None);
-        assert_eq!(unserved_route(&get, "nothing"), None);
         assert_eq!(runner_route(&get, "invoke"), None);
         assert_eq!(runner_route(&post, "../v1/info"), None);
         assert_eq!(runner_route(&get, "invokes/a/b/events"), None);

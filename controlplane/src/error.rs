@@ -32,6 +32,9 @@ pub enum Error {
     /// Malformed request (400 `invalid_request`).
     #[error("{0}")]
     InvalidRequest(String),
+    /// A port outside 1–65535 (400 `invalid_port`).
+    #[error("{0}")]
+    InvalidPort(String),
     /// The request body is too large (413 `payload_too_large`).
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -92,7 +95,9 @@ impl Error {
             | Error::AuditUnavailable(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
-            Error::InvalidRequest(_) | Error::WrongMode(_) => StatusCode::BAD_REQUEST,
+            Error::InvalidRequest(_) | Error::WrongMode(_) | Error::InvalidPort(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotRunning { .. } | Error::AlreadyExists(_) => StatusCode::CONFLICT,
             Error::RunnerUnreachable(_) | Error::RunnerUnauthorized => StatusCode::BAD_GATEWAY,
@@ -113,6 +118,7 @@ impl Error {
             Error::SandboxNotFound(_) => "sandbox_not_found",
             Error::TemplateNotFound(_) => "template_not_found",
             Error::InvalidRequest(_) => "invalid_request",
+            Error::InvalidPort(_) => "invalid_port",
             Error::WrongMode(_) => "wrong_mode",
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::NotRunning { .. } => "sandbox_not_running",

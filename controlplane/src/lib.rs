@@ -18,8 +18,10 @@ pub mod metrics;
 pub mod oidc;
 pub mod openapi;
 pub mod otel;
+pub mod ports;
 pub mod proxy;
 pub mod templates;
+pub mod upgrade;
 
 use std::sync::Arc;
 

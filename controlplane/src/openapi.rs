@@ -11,10 +11,11 @@ use std::sync::OnceLock;
 use agentbox_proto::{
     AgentEvent, AgentList, ArchiveFormat, CancelRequest, CancelResponse, ConfigureRequest,
     ConfigureResult, CreateSessionRequest, ErrorBody, ErrorEvent, ExecRequest, ExitEvent,
-    FileListing, InvokeList, InvokeResponse, InvokeSummary, LogEvent, OnDisconnect,
+    FileListing, ForwardedPort, InvokeList, InvokeResponse, InvokeSummary, LogEvent, OnDisconnect,
     PermissionEvent, PermissionReplyEvent, PermissionReplyRequest, PermissionReplyResponse,
-    ProtocolErrorEvent, SessionConfigRequest, SessionEvent, SessionEventPage, SessionInfo,
-    SessionList, StartEvent, StreamMode, TruncatedEvent, WrittenFile,
+    PortList, PortRequest, ProtocolErrorEvent, SessionConfigRequest, SessionEvent,
+    SessionEventPage, SessionInfo, SessionList, StartEvent, StreamMode, TruncatedEvent,
+    WrittenFile,
 };
 use serde_json::{json, Value};
 use utoipa::OpenApi;
@@ -71,6 +72,11 @@ use crate::{admin_api, api};
         sessions_config,
         sessions_permission,
         invokes_permission,
+        ports_list,
+        ports_forward,
+        ports_remove,
+        ports_tunnel,
+        preview,
     ),
     components(schemas(
         StartEvent, LogEvent, ExitEvent, ErrorEvent, TruncatedEvent, ConfigureResult, OnDisconnect,
@@ -89,6 +95,7 @@ use crate::{admin_api, api};
         (name = "governance", description = "Per-namespace policies: limits on sandboxes, templates, images, resources, concurrency and timeouts; a request that breaks one gets 403 `policy_violation`."),
         (name = "audit", description = "The audit trail: who did what to which sandbox, with what outcome; never argv, stdin, bodies or secrets."),
         (name = "credentials", description = "Named secrets given to agents by reference (`credentials` on a template or a create request); values are never returned."),
+        (name = "ports", description = "Forwarded ports of a sandbox, the preview proxy (HTTP and WebSockets) and raw TCP tunnels; the sandbox's runner reaches the ports from inside the sandbox's network."),
         (name = "files", description = "Listing, downloading, uploading and deleting workspace files, and archives; both modes (passed to the sandbox's runner)."),
     )
 )]
@@ -532,6 +539,101 @@ fn sessions_permission() {}
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn invokes_permission() {}
+
+/// List forwarded ports
+///
+/// The runner's table, each `http` port with its `previewUrl` (from the request's `Host`, or
+/// `X-Forwarded-Host` and `X-Forwarded-Proto`).
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/ports", tag = "ports",
+    params(("id" = String, Path, description = "The sandbox id.")),
+    responses((status = 200, description = "`{\"ports\": [{port, protocol, previewUrl, internalUrl}]}`.", body = PortList),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn ports_list() {}
+
+/// Forward a port
+///
+/// Kept by the sandbox's runner across its restarts; nothing needs to listen yet. `protocol`:
+/// `http` (default) or `tcp` (tunnel only, no `previewUrl`). At most 64 ports per sandbox.
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/ports", tag = "ports",
+    params(("id" = String, Path, description = "The sandbox id.")),
+    request_body(content = PortRequest, content_type = "application/json"),
+    responses((status = 201, description = "Forwarded.", body = ForwardedPort),
+        (status = 200, description = "It was forwarded already.", body = ForwardedPort),
+        (status = 400, description = "`invalid_port`: outside 1-65535; `invalid_request`: a bad body or protocol.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`; `too_many_ports`.", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: over 4 KiB.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn ports_forward() {}
+
+/// Stop forwarding a port
+///
+/// Tunnels already open (a preview response streaming, a port-forward connection) stay until
+/// they end.
+#[utoipa::path(delete, path = "/api/v1/sandboxes/{id}/ports/{port}", tag = "ports",
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("port" = u16, Path, description = "The port, 1-65535.")),
+    responses((status = 204, description = "No longer forwarded."),
+        (status = 400, description = "`invalid_port`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, `port_not_forwarded`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn ports_remove() {}
+
+/// A raw TCP tunnel to a forwarded port
+///
+/// An HTTP/1.1 upgrade: send `Connection: upgrade` and `Upgrade: agentbox-tcp`. The answer is
+/// 101 once the sandbox's runner is connected to the port (127.0.0.1, then ::1); then the
+/// connection carries the port's bytes both ways. `agentbox port-forward` opens one per local
+/// connection. At most 256 tunnels and preview requests are open per sandbox.
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/ports/{port}/tunnel", tag = "ports",
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("port" = u16, Path, description = "The port, 1-65535.")),
+    responses((status = 101, description = "Connected: raw bytes follow."),
+        (status = 400, description = "`invalid_port`; `invalid_request`: not an `agentbox-tcp` upgrade.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, `port_not_forwarded`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`port_unreachable`: nothing listens on the port; `runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
+        (status = 503, description = "`too_many_tunnels`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn ports_tunnel() {}
+
+/// The preview proxy
+///
+/// Any method (described here as GET). Sent to the sandbox's server on the forwarded port as
+/// `/{path}?{query}` over HTTP/1.1, bodies streamed both ways; a WebSocket (any `Upgrade`) is
+/// spliced through after the server's 101. `Authorization`, `X-API-Key` and
+/// `Proxy-Authorization` are removed; `Host` is `localhost:PORT`, with `X-Forwarded-Host` and
+/// `X-Forwarded-Prefix`. Other answers are the server's own. `.../preview/{port}` without the
+/// slash redirects (308) to it.
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/preview/{port}/{path}", tag = "ports",
+    params(("id" = String, Path, description = "The sandbox id."),
+        ("port" = u16, Path, description = "A forwarded port, 1-65535."),
+        ("path" = String, Path, description = "The path on the sandbox's server, without its leading slash (may be empty).")),
+    responses((status = 200, description = "The sandbox's server's answer, whatever its status.", content_type = "application/octet-stream", body = String),
+        (status = 101, description = "A WebSocket (or other upgrade) the server accepted."),
+        (status = 400, description = "`invalid_port`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`, `port_not_forwarded`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
+        (status = 502, description = "`port_unreachable`: nothing listens; `runner_unreachable`: the server did not answer.", body = ErrorBody),
+        (status = 503, description = "`too_many_tunnels`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn preview() {}
 
 #[cfg(test)]
 mod tests {

@@ -78,6 +78,11 @@ impl Proxy {
         Self { client, connector }
     }
 
+    /// The connector (HTTP/1.1 upgrades open their own connections through it).
+    pub fn connector(&self) -> &RunnerConnector {
+        &self.connector
+    }
+
     /// Sends `req` to `path_and_query` on the runner of `target` and returns its response,
     /// streaming. With `guard`, an event-stream answer whose runner goes away ends with an
     /// `error` event ([`guard_event_stream`]); without it (a session's history, whose frames
@@ -298,7 +303,7 @@ fn names_final(frame: &[u8]) -> bool {
         })
 }
 
-fn strip_connection_listed(headers: &mut axum::http::HeaderMap) {
+pub(crate) fn strip_connection_listed(headers: &mut axum::http::HeaderMap) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

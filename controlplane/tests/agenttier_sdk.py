@@ -283,14 +283,24 @@ async def run(client, tag):
     check(p + "clone", cl.name == f"cl-{tag}", cl.name)
     await call(cl.terminate())
 
-    # What agentbox does not serve: 501.
-    for name, fn in [
-        ("list_ports", lambda: sb.list_ports()),
-        ("forward_port", lambda: sb.forward_port(8080)),
-        ("remove_port", lambda: sb.remove_port(8080)),
-    ]:
-        e = await expect_error(p + f"{name} -> 501", APIError, fn, status=501)
-        check(p + f"{name} names not_implemented", e.body.get("error") == "not_implemented", e.body)
+    # Ports: forward (nothing needs to listen yet), list, remove; the preview URL names the
+    # control plane's preview proxy.
+    fp = await call(sb.forward_port(8080))
+    check(p + "forward_port", fp.port == 8080 and fp.protocol == "http"
+          and fp.preview_url == f"{URL}/api/v1/sandboxes/{sb.id}/preview/8080/"
+          and fp.internal_url == "http://127.0.0.1:8080", fp)
+    again = await call(sb.forward_port(8080))
+    check(p + "forward_port again is the same port", again == fp, again)
+    ports = await call(sb.list_ports())
+    check(p + "list_ports", ports == [fp], ports)
+    await call(sb.remove_port(8080))
+    check(p + "remove_port", await call(sb.list_ports()) == [])
+    await expect_error(p + "remove_port of a port not forwarded -> NotFoundError", NotFoundError,
+                       lambda: sb.remove_port(8080))
+    tcp = await call(sb.forward_port(9000, protocol="tcp"))
+    check(p + "a tcp port has no preview URL", tcp.preview_url is None
+          and tcp.internal_url == "tcp://127.0.0.1:9000", tcp)
+    await call(sb.remove_port(9000))
 
     # Lifecycle: stop (409 on invoke), resume, terminate.
     await call(sb.stop())

@@ -980,4 +980,53 @@ async fn policies_are_one_configmap_shared_by_replicas() {
         .filter(|r| r.method == "PATCH" && r.path.ends_with("/configmaps/agentbox-governance"))
         .count();
     assert!(patches >= 20, "{patches}");
+/// Ports on Kubernetes: no Service is made; the control plane reaches a forwarded port through
+/// the pod's runner, by pod IP, as every request. The runner here stands in for the pod's
+/// container, so its 127.0.0.1 is the pod's: the test's own listener there is the "server in
+/// the pod".
+#[tokio::test]
+async fn ports_reach_the_pod_through_its_runner() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = running("web").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nfrom-k8")
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&head).into_owned()
+    });
+    let (status, body) =
+        r.cp.send(
+            r.cp.sb(Method::POST, "web", "/ports")
+                .json(&json!({ "port": port })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = r.cp.send(r.cp.sb(Method::GET, "web", "/preview/1/")).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"], "port_not_forwarded", "{body}");
+    let resp =
+        r.cp.sb(Method::GET, "web", &format!("/preview/{port}/hello?q=1"))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "from-k8");
+    let head = server.await.unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("get /hello?q=1 http/1.1\r\n"), "{head}");
+    assert!(
+        !head.contains("authorization") && !head.contains("x-api-key"),
+        "{head}"
+    );
 }

@@ -412,6 +412,47 @@ pub struct CancelResponse {
     pub status: String,
 }
 
+/// `POST /v1/ports` (runner) and `POST /api/v1/sandboxes/{id}/ports` body: forward a port of
+/// the sandbox. `port` is read as any integer so that one outside 1–65535 gets a 400
+/// `invalid_port`, not a deserialization error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortRequest {
+    /// The port inside the sandbox (1–65535), on 127.0.0.1 or ::1.
+    pub port: i64,
+    /// `http` (the default: reachable through the preview proxy and the tunnel) or `tcp`
+    /// (the tunnel only; no `previewUrl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+/// A forwarded port (AgentTier's `ForwardedPort`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ForwardedPort {
+    /// The port inside the sandbox.
+    pub port: u16,
+    /// `http` or `tcp`.
+    pub protocol: String,
+    /// The authenticated preview URL on the control plane (`http` ports; set by the control
+    /// plane, absent in a runner's answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_url: Option<String>,
+    /// The address inside the sandbox (`http://127.0.0.1:PORT`, `tcp://127.0.0.1:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_url: Option<String>,
+    /// When it was forwarded (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+}
+
+/// `GET .../ports`: the forwarded ports, by port number.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PortList {
+    /// The ports.
+    pub ports: Vec<ForwardedPort>,
+}
+
 /// `POST /v1/exec` body: run an ad-hoc command (code mode's exec), journaled like an invoke.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -87,6 +87,21 @@ pub enum Error {
     /// The permission request was already answered (409 `permission_answered`).
     #[error("{0}")]
     PermissionAnswered(String),
+    /// A port outside 1–65535 (400 `invalid_port`).
+    #[error("{0}")]
+    InvalidPort(String),
+    /// A port that is not forwarded (404 `port_not_forwarded`).
+    #[error("{0}")]
+    PortNotForwarded(String),
+    /// Nothing listens on a forwarded port (502 `port_unreachable`).
+    #[error("{0}")]
+    PortUnreachable(String),
+    /// Forwarding a port past the cap (409 `too_many_ports`).
+    #[error("{0}")]
+    TooManyPorts(String),
+    /// Opening a tunnel past the cap (503 `too_many_tunnels`).
+    #[error("{0}")]
+    TooManyTunnels(String),
     /// An I/O failure on the runner's side (500 `internal`).
     #[error("{0}")]
     Internal(String),
@@ -117,6 +132,11 @@ impl Error {
             Error::NotConfigured | Error::AgentFailed(_) => StatusCode::FAILED_DEPENDENCY,
             Error::ConcurrencyExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::InstallFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::InvalidPort(_) => StatusCode::BAD_REQUEST,
+            Error::PortNotForwarded(_) => StatusCode::NOT_FOUND,
+            Error::PortUnreachable(_) => StatusCode::BAD_GATEWAY,
+            Error::TooManyPorts(_) => StatusCode::CONFLICT,
+            Error::TooManyTunnels(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -148,6 +168,11 @@ impl Error {
             Error::SessionBusy(_) => "session_busy",
             Error::PermissionNotFound(_) => "permission_not_found",
             Error::PermissionAnswered(_) => "permission_answered",
+            Error::InvalidPort(_) => "invalid_port",
+            Error::PortNotForwarded(_) => "port_not_forwarded",
+            Error::PortUnreachable(_) => "port_unreachable",
+            Error::TooManyPorts(_) => "too_many_ports",
+            Error::TooManyTunnels(_) => "too_many_tunnels",
             Error::Internal(_) => "internal",
         }
     }

@@ -19,6 +19,7 @@ pub mod jail;
 pub mod journal;
 pub mod listen;
 pub mod pool;
+pub mod ports;
 pub mod proctree;
 pub mod sandbox;
 pub mod server;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub permissions: Arc<Permissions>,
     /// ACP agents, one per session.
     pub acp: Arc<acp::AcpAgents>,
+    /// Forwarded ports and open tunnels.
+    pub ports: ports::Ports,
 }
 
 impl AppState {
@@ -90,6 +93,7 @@ impl AppState {
             sessions,
             permissions,
             acp: acp::AcpAgents::new(),
+            ports: ports::Ports::load(&cfg.state_dir),
             cfg,
             jail,
             store,

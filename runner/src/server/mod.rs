@@ -5,6 +5,7 @@
 mod agents;
 mod files;
 mod openapi;
+mod ports;
 mod sessions;
 
 use std::convert::Infallible;
@@ -60,6 +61,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/archive", get(files::archive))
         .merge(sessions::routes())
         .merge(agents::routes())
+        .merge(ports::routes())
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             authenticate,

@@ -9,11 +9,11 @@ use std::sync::OnceLock;
 use agentbox_proto::{
     AcpSessionState, AgentEvent, AgentInfo, AgentList, AgentSpec, AutoReply, CancelRequest,
     CancelResponse, ConfigureRequest, ConfigureResult, CreateSessionRequest, ErrorBody, ErrorEvent,
-    ExecRequest, ExitEvent, Health, Info, InvokeList, InvokeResponse, InvokeSummary, LogEvent,
-    PermissionEvent, PermissionOption, PermissionReply, PermissionReplyEvent,
-    PermissionReplyRequest, PermissionReplyResponse, PromptEvent, ProtocolErrorEvent, ReplyOrigin,
-    Sender, SessionConfigRequest, SessionEvent, SessionEventPage, SessionInfo, SessionList,
-    StartEvent, TruncatedEvent,
+    ExecRequest, ExitEvent, ForwardedPort, Health, Info, InvokeList, InvokeResponse, InvokeSummary,
+    LogEvent, PermissionEvent, PermissionOption, PermissionReply, PermissionReplyEvent,
+    PermissionReplyRequest, PermissionReplyResponse, PortList, PortRequest, PromptEvent,
+    ProtocolErrorEvent, ReplyOrigin, Sender, SessionConfigRequest, SessionEvent, SessionEventPage,
+    SessionInfo, SessionList, StartEvent, TruncatedEvent,
 };
 use serde_json::{json, Value};
 use utoipa::OpenApi;
@@ -50,8 +50,13 @@ use crate::invoke::{OnDisconnect, StreamMode};
         super::sessions::set_config,
         super::sessions::reply_in_session,
         super::sessions::reply_in_invoke,
+        super::ports::list_ports,
+        super::ports::forward_port,
+        super::ports::remove_port,
+        super::ports::open_tunnel,
     ),
     components(schemas(
+        ForwardedPort, PortList, PortRequest,
         ErrorBody, Health, Info, ConfigureRequest, ConfigureResult, StartEvent, LogEvent,
         ExitEvent, ErrorEvent, TruncatedEvent, InvokeResponse, CancelRequest, CancelResponse,
         InvokeSummary, InvokeList, ExecRequest, OnDisconnect, StreamMode, Format, Entry, Listing, Written,
@@ -66,6 +71,7 @@ use crate::invoke::{OnDisconnect, StreamMode};
         (name = "configure", description = "Files, install command, entrypoint and environment."),
         (name = "invokes", description = "Running the entrypoint, following, reattaching and canceling."),
         (name = "exec", description = "Ad-hoc commands, journaled like invokes; available in both modes."),
+        (name = "ports", description = "Forwarded ports: the table, and tunnels (an HTTP/1.1 upgrade to raw TCP) to them."),
         (name = "sessions", description = "Sessions: a persistent history and directory across invokes, permission replies, ACP session config."),
         (name = "files", description = "Listing, downloading, uploading and deleting workspace files, and archives; available in both modes."),
     )
