@@ -131,6 +131,10 @@ impl State {
         let c = counts.entry(template.to_owned()).or_default();
         if hit {
             c.0 += 1;
+            // One fewer ready until the next refill counts again.
+            if let Some(ready) = lock(&self.ready).get_mut(template) {
+                *ready = ready.saturating_sub(1);
+            }
         } else {
             c.1 += 1;
         }
