@@ -17,9 +17,13 @@
 //!    for sandboxes stopped for being idle (resume on demand), isolated and not; printed beside
 //!    the peers' published figures.
 //!
+//! 5. Docker time-to-interactive: a container claimed from a warm pool of 4 (goal p50 ≤ 30 ms)
+//!    and a cold start (goal p50 ≤ 250 ms), image `agentbox/python-agent` (`BENCH_ONLY=docker`,
+//!    `BENCH_DOCKER_N`, default 100).
+//!
 //! Run: `cargo build --release --bins && cargo bench -p agentbox-controlplane --bench
 //! controlplane` (it uses target/release/agentbox-runner). Knobs: `BENCH_ONLY`
-//! (`latency|throughput|streams|preview|isolation|ready`), `BENCH_N` (2000), `BENCH_BYTES` (1 GiB),
+//! (`latency|throughput|streams|preview|isolation|ready|docker`), `BENCH_N` (2000), `BENCH_BYTES` (1 GiB),
 //! `BENCH_STREAMS` (10000), `BENCH_SANDBOXES` (40), `BENCH_READY_N` (100). Quick, without a
 //! release build: `cargo build --bins && BENCH_ONLY=ready BENCH_READY_N=20 cargo test -p
 //! agentbox-controlplane --bench controlplane` (debug binaries, said so in the output).
@@ -137,6 +141,19 @@ fn start_bench(isolation: &str) -> ControlPlane {
 
 /// A control plane with `flags`; `warm`: a template `warm` with a warm pool of 4.
 fn start_with(flags: &[&str], warm: bool) -> ControlPlane {
+    start_with_templates(
+        flags,
+        if warm {
+            r#"{"templates":[{"name":"warm","warmPool":{"size":4}}]}"#
+        } else {
+            r#"{"templates":[{"name":"bench","mode":"agent","maxConcurrentInvokes":64,
+            "runnerArgs":["--journal-max-bytes","2GiB","--retain-bytes","4GiB","--retain-invokes","1"]}]}"#
+        },
+    )
+}
+
+/// A control plane with `flags` and the templates file `templates`.
+fn start_with_templates(flags: &[&str], templates_json: &str) -> ControlPlane {
     let dir = tempfile::tempdir().expect("tempdir");
     let keys = dir.path().join("keys.json");
     std::fs::write(
@@ -148,16 +165,7 @@ fn start_with(flags: &[&str], warm: bool) -> ControlPlane {
     )
     .expect("keys");
     let templates = dir.path().join("templates.json");
-    std::fs::write(
-        &templates,
-        if warm {
-            r#"{"templates":[{"name":"warm","warmPool":{"size":4}}]}"#
-        } else {
-            r#"{"templates":[{"name":"bench","mode":"agent","maxConcurrentInvokes":64,
-            "runnerArgs":["--journal-max-bytes","2GiB","--retain-bytes","4GiB","--retain-invokes","1"]}]}"#
-        },
-    )
-    .expect("templates");
+    std::fs::write(&templates, templates_json).expect("templates");
     let state = dir.path().join("state");
     let mut child = Command::new(env!("CARGO_BIN_EXE_agentbox-controlplane"))
         .args(["--listen", "127.0.0.1:0", "--audit-log", "/dev/null"])
@@ -846,9 +854,148 @@ fn bench_ready(isolation: &str, rows: &mut Vec<[String; 5]>) {
     ]);
 }
 
+/// Removes a Docker bench's containers, volumes and network.
+struct DockerScope {
+    scope: String,
+    network: String,
+}
+
+impl Drop for DockerScope {
+    fn drop(&mut self) {
+        let docker = |args: &[&str]| {
+            Command::new("docker")
+                .args(args)
+                .stderr(Stdio::null())
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        let filter = format!("label=agentbox.dev/scope={}", self.scope);
+        for id in docker(&["ps", "-aq", "--filter", &filter]).split_whitespace() {
+            docker(&["rm", "-f", id]);
+        }
+        for v in docker(&["volume", "ls", "-q", "--filter", &filter]).split_whitespace() {
+            docker(&["volume", "rm", "-f", v]);
+        }
+        docker(&["network", "rm", &self.network]);
+    }
+}
+
+/// Time-to-interactive of Docker sandboxes (image `agentbox/python-agent`): claimed from a
+/// warm pool of 4, and started cold.
+fn bench_docker(rows: &mut Vec<[String; 5]>) {
+    let n = env_or("BENCH_DOCKER_N", 100usize);
+    let image = "agentbox/python-agent:latest";
+    let guard = DockerScope {
+        scope: format!("bench{}", std::process::id()),
+        network: format!("agentbox-bench{}", std::process::id()),
+    };
+    let templates = format!(
+        r#"{{"templates":[{{"name":"dcold","image":"{image}"}},
+        {{"name":"dwarm","image":"{image}","warmPool":{{"size":4}}}}]}}"#
+    );
+    let cp = start_with_templates(
+        &[
+            "--backend",
+            "docker",
+            "--docker-scope",
+            &guard.scope,
+            "--docker-network",
+            &guard.network,
+            "--docker-image",
+            image,
+        ],
+        &templates,
+    );
+    let mut http = cp.http();
+    let pool_full = |http: &mut Http| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, out) = http_json(http, "GET", "/api/v1/warmpool/status", b"");
+            let status: Value = serde_json::from_slice(&out).expect("pool status");
+            if status["pools"][0]["ready"] == 4 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Docker pool never refilled: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let (mut warm, mut claims, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        pool_full(&mut http);
+        let body = format!(r#"{{"name":"dw-{i}","templateRef":{{"name":"dwarm"}}}}"#);
+        let t0 = Instant::now();
+        let (status, out) = http_json(&mut http, "POST", "/api/v1/sandboxes", body.as_bytes());
+        assert_eq!(status, 201, "create: {}", String::from_utf8_lossy(&out));
+        claims.push(t0.elapsed());
+        exec_true(&mut http, &format!("dw-{i}"));
+        warm.push(t0.elapsed());
+        let t1 = Instant::now();
+        exec_true(&mut http, &format!("dw-{i}"));
+        floor.push(t1.elapsed());
+        let created: Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(created["fromWarmPool"], true, "{created}");
+        let _ = http_json(
+            &mut http,
+            "DELETE",
+            &format!("/api/v1/sandboxes/dw-{i}"),
+            b"",
+        );
+    }
+    let mut cold = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = format!(r#"{{"name":"dc-{i}","templateRef":{{"name":"dcold"}}}}"#);
+        let t0 = Instant::now();
+        let (status, out) = http_json(&mut http, "POST", "/api/v1/sandboxes", body.as_bytes());
+        assert_eq!(status, 201, "create: {}", String::from_utf8_lossy(&out));
+        exec_true(&mut http, &format!("dc-{i}"));
+        cold.push(t0.elapsed());
+        let _ = http_json(
+            &mut http,
+            "DELETE",
+            &format!("/api/v1/sandboxes/dc-{i}"),
+            b"",
+        );
+    }
+    drop(cp);
+    drop(guard);
+    let (warm, claims, floor, cold) = (
+        summarize(&warm),
+        summarize(&claims),
+        summarize(&floor),
+        summarize(&cold),
+    );
+    let build = build();
+    rows.push([
+        format!("time to interactive, Docker warm (a pooled container claimed; {build} build, {n} sandboxes)"),
+        format!("{} (the create alone: {})", ms(&warm), ms(&claims)),
+        format!(
+            "the same exec on the running sandbox: {}; goal p50 ≤ 30 ms",
+            ms(&floor)
+        ),
+        format!("p50 {:.2}×", warm.p50 / floor.p50),
+        verdict(warm.p50 <= 30e3).into(),
+    ]);
+    rows.push([
+        format!("time to interactive, Docker cold ({build} build, {n} sandboxes): create → first `/bin/true` exec done"),
+        ms(&cold),
+        "goal p50 ≤ 250 ms; peers' published: Daytona p50 110 ms (p99 290 ms), E2B p50 440 ms (p99 990 ms)".into(),
+        "—".into(),
+        verdict(cold.p50 <= 250e3).into(),
+    ]);
+}
+
 fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let mut rows = Vec::new();
+    if only == "docker" {
+        bench_docker(&mut rows);
+        print_rows(rows);
+        return;
+    }
     if only.is_empty() || only == "isolation" {
         bench_isolation(&mut rows);
     }
@@ -879,6 +1026,7 @@ fn main() {
     if only.is_empty() {
         bench_ready("namespaces", &mut rows);
         bench_ready("none", &mut rows);
+        bench_docker(&mut rows);
     }
     print_rows(rows);
 }

@@ -121,8 +121,9 @@ pub fn is_use(action: &str) -> bool {
 ///
 /// A new sandbox with a copy of the source's workspace (reflinked where the filesystem can)
 /// and runner configuration (a configure with the same install hash skips the install), the
-/// same template, namespace and timeouts. The source may be running or stopped. Local
-/// backend only: Docker and Kubernetes answer 500.
+/// same template, namespace and timeouts. The source may be running or stopped. Local and
+/// Docker backends (Docker: the volume copied through the engine's tar stream); Kubernetes
+/// answers 500.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/clone", tag = "sandboxes",
     params(("id" = String, Path, description = "The source sandbox's id (its name).")),
     request_body(content = CloneSandboxRequest, content_type = "application/json"),

@@ -980,6 +980,8 @@ async fn policies_are_one_configmap_shared_by_replicas() {
         .filter(|r| r.method == "PATCH" && r.path.ends_with("/configmaps/agentbox-governance"))
         .count();
     assert!(patches >= 20, "{patches}");
+}
+
 /// Ports on Kubernetes: no Service is made; the control plane reaches a forwarded port through
 /// the pod's runner, by pod IP, as every request. The runner here stands in for the pod's
 /// container, so its 127.0.0.1 is the pod's: the test's own listener there is the "server in

@@ -840,7 +840,8 @@ pub struct SandboxSummary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
     /// RFC 3339: when an invoke or session last started or the configuration last changed
-    /// (read off the runner's state directory; the local backend only).
+    /// (local backend: read off the runner's state directory; Docker: the requests this
+    /// control plane proxied, the container's start, the create).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_activity_at: Option<String>,
     /// Who created it.

@@ -43,12 +43,15 @@
 //!   10 s), remove it; the volume stays.
 //! * resume: remove a dead container, create and start it again from the volume's record.
 //! * delete: remove the container and the volume.
+//!
+//! Idle stop, lifetimes, warm pools and clone are in [`lifecycle`] (its module documentation
+//! names the objects and labels they add).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use agentbox_proto::{CreatedBy, SandboxStatus, SandboxSummary};
+use agentbox_proto::{CreatedBy, SandboxStatus, SandboxSummary, StopReason};
 use bollard::errors::Error as DockerError;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HostConfig,
@@ -77,6 +80,14 @@ const CREATED_AT: &str = "agentbox.dev/created-at";
 const CREATED_BY: &str = "agentbox.dev/created-by";
 const SPEC: &str = "agentbox.dev/spec";
 const TOKEN: &str = "agentbox.dev/token";
+const TIMEOUT: &str = "agentbox.dev/timeout";
+const IDLE_TIMEOUT: &str = "agentbox.dev/idle-timeout";
+const CLONED_FROM: &str = "agentbox.dev/cloned-from";
+const WORKSPACE: &str = "agentbox.dev/workspace";
+const STARTED_AT: &str = "agentbox.dev/started-at";
+const POOL: &str = "agentbox.dev/pool";
+
+mod lifecycle;
 /// The runner's port in every sandbox container.
 pub const RUNNER_PORT: u16 = 8421;
 
@@ -91,6 +102,8 @@ pub struct DockerBackend {
     /// The control plane's state directory: the credential store, and each sandbox's
     /// credentials directory ([`DockerBackend::with_credentials`]).
     state_dir: Option<std::path::PathBuf>,
+    /// Lifecycle state of this replica (activity stamps, per-sandbox locks, pool counters).
+    life: lifecycle::State,
 }
 
 fn engine(e: DockerError) -> Error {
@@ -116,6 +129,14 @@ struct Record {
     created_at: String,
     created_by: CreatedBy,
     token: String,
+    /// Its lifetime and idle timeout (Go durations).
+    timeout: Option<String>,
+    idle_timeout: Option<String>,
+    /// The sandbox it was cloned from.
+    cloned_from: Option<String>,
+    /// The volume holding its workspace when it is not the record's own (a claimed pooled
+    /// sandbox keeps its pool volume).
+    workspace: Option<String>,
 }
 
 impl Record {
@@ -134,6 +155,10 @@ impl Record {
                     display_name: None,
                 }),
             token: l.get(TOKEN)?.clone(),
+            timeout: l.get(TIMEOUT).cloned(),
+            idle_timeout: l.get(IDLE_TIMEOUT).cloned(),
+            cloned_from: l.get(CLONED_FROM).cloned(),
+            workspace: l.get(WORKSPACE).cloned(),
         })
     }
 }
@@ -154,6 +179,7 @@ impl DockerBackend {
             scope: cfg.scope.clone(),
             start_timeout,
             state_dir: None,
+            life: lifecycle::State::default(),
         };
         backend.ensure_network().await?;
         Ok(backend)
@@ -289,7 +315,28 @@ impl DockerBackend {
         record: &Record,
         container: Option<&ContainerInspectResponse>,
     ) -> SandboxSummary {
+        self.summary_asleep(record, container, None)
+    }
+
+    /// The summary of a sandbox whose container is `container`, or (none) asleep for
+    /// `asleep` (its container kept under a name of its own, see [`lifecycle`]).
+    fn summary_asleep(
+        &self,
+        record: &Record,
+        container: Option<&ContainerInspectResponse>,
+        asleep: Option<(StopReason, &ContainerInspectResponse)>,
+    ) -> SandboxSummary {
         let (status, message, _) = self.phase(container);
+        let stop_reason = match (status, asleep) {
+            (SandboxStatus::Stopped, Some((reason, _))) => Some(reason),
+            (SandboxStatus::Stopped, None) => Some(StopReason::User),
+            _ => None,
+        };
+        let expires_at = match (status, stop_reason) {
+            (SandboxStatus::Running, _) => self.expires_at(record, container),
+            (_, Some(StopReason::Idle)) => self.expires_at(record, asleep.map(|(_, c)| c)),
+            _ => None,
+        };
         SandboxSummary {
             sandbox_id: record.name.clone(),
             name: record.name.clone(),
@@ -302,17 +349,19 @@ impl DockerBackend {
                 .map(|_| self.object_name(&record.name)),
             pvc_name: Some(self.object_name(&record.name)),
             created_at: Some(record.created_at.clone()),
-            last_activity_at: None,
             created_by: Some(record.created_by.clone()),
             message,
             isolated: true,
             limits_enforced: None,
-            stop_reason: None,
-            timeout: None,
-            idle_timeout: None,
-            expires_at: None,
-            cloned_from: None,
+            stop_reason,
+            timeout: record.timeout.clone(),
+            idle_timeout: record.idle_timeout.clone(),
+            expires_at: expires_at.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+            cloned_from: record.cloned_from.clone(),
             from_warm_pool: None,
+            last_activity_at: self
+                .last_activity(record, container)
+                .map(|t| humantime::format_rfc3339_millis(t).to_string()),
         }
     }
 
@@ -327,8 +376,114 @@ impl DockerBackend {
         ])
     }
 
+    /// Creates the volume that records `record` (labels: the record; `409 already_exists`
+    /// when the name is taken, here or by another control plane's concurrent create).
+    async fn make_volume(&self, record: &Record) -> Result<()> {
+        let mut labels = self.labels(record);
+        labels.insert(CREATED_AT.into(), record.created_at.clone());
+        labels.insert(
+            CREATED_BY.into(),
+            serde_json::to_string(&record.created_by)
+                .map_err(|e| Error::Internal(e.to_string()))?,
+        );
+        labels.insert(
+            SPEC.into(),
+            serde_json::to_string(&record.template).map_err(|e| Error::Internal(e.to_string()))?,
+        );
+        labels.insert(TOKEN.into(), record.token.clone());
+        for (key, value) in [
+            (TIMEOUT, &record.timeout),
+            (IDLE_TIMEOUT, &record.idle_timeout),
+            (CLONED_FROM, &record.cloned_from),
+            (WORKSPACE, &record.workspace),
+        ] {
+            if let Some(value) = value {
+                labels.insert(key.into(), value.clone());
+            }
+        }
+        let made = match self
+            .docker
+            .create_volume(VolumeCreateRequest {
+                name: Some(self.object_name(&record.name)),
+                labels: Some(labels),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(made) => made,
+            Err(DockerError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => return Err(Error::AlreadyExists(record.name.clone())),
+            Err(e) => return Err(engine(e)),
+        };
+        // Creating an existing volume returns it: another control plane won the race for the
+        // name, and nothing of its sandbox may be touched.
+        if made.labels.get(TOKEN) != Some(&record.token) {
+            return Err(Error::AlreadyExists(record.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Makes `record`'s volume and starts its container; a failure removes what was made.
+    /// A clone's workspace is copied from container `copy_from` between its container's
+    /// create and its start.
+    async fn create_record(
+        &self,
+        record: &Record,
+        copy_from: Option<&str>,
+    ) -> Result<SandboxSummary> {
+        self.make_volume(record).await?;
+        let volume = self.object_name(&record.name);
+        let started = async {
+            let mut labels = self.labels(record);
+            labels.insert(STARTED_AT.into(), lifecycle::now_millis());
+            let body = self.container_body(record, &record.name, labels)?;
+            self.create_container_named(&volume, &record.name, body)
+                .await?;
+            if let Some(from) = copy_from {
+                self.copy_workspace(from, &volume).await?;
+            }
+            self.start_and_wait(&volume, &record.name).await
+        }
+        .await;
+        if let Err(e) = started {
+            if !matches!(e, Error::AlreadyExists(_)) {
+                // A create that failed leaves nothing behind: the name can be used again.
+                let _ = self.remove_container(&record.name, 0).await;
+                self.remove_credentials(&record.name);
+            }
+            // A container of that name that is someone else's is left alone (the volume
+            // cannot be removed while it is mounted there).
+            let _ = self
+                .docker
+                .remove_volume(&volume, None::<RemoveVolumeOptions>)
+                .await;
+            return Err(e);
+        }
+        tracing::info!(sandbox = %record.name, "sandbox created");
+        let container = self.container(&record.name).await?;
+        Ok(self.summary(record, container.as_ref()))
+    }
+
     /// Creates and starts the container of `record` and waits until its runner answers.
     async fn start(&self, record: &Record) -> Result<()> {
+        let object = self.object_name(&record.name);
+        let mut labels = self.labels(record);
+        labels.insert(STARTED_AT.into(), lifecycle::now_millis());
+        let body = self.container_body(record, &record.name, labels)?;
+        self.create_container_named(&object, &record.name, body)
+            .await?;
+        self.start_and_wait(&object, &record.name).await
+    }
+
+    /// The container of `record`: hostname and `AGENTBOX_SANDBOX` are `host`, its workspace
+    /// the record's volume.
+    fn container_body(
+        &self,
+        record: &Record,
+        host: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<ContainerCreateBody> {
         let t = &record.template;
         let limits = t.limits.clone().unwrap_or_default();
         let mut env: Vec<String> = t.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -337,13 +492,16 @@ impl DockerBackend {
             format!("AGENTBOX_MODE={}", t.mode),
             format!("AGENTBOX_LISTEN=0.0.0.0:{RUNNER_PORT}"),
             "AGENTBOX_WORKSPACE=/workspace".into(),
-            format!("AGENTBOX_SANDBOX={}", record.name),
+            format!("AGENTBOX_SANDBOX={host}"),
         ]);
         if let Some(n) = t.max_concurrent_invokes {
             env.push(format!("AGENTBOX_MAX_CONCURRENT_INVOKES={n}"));
         }
-        let name = self.object_name(&record.name);
-        let mut binds = vec![format!("{name}:/workspace")];
+        let volume = record
+            .workspace
+            .clone()
+            .unwrap_or_else(|| self.object_name(&record.name));
+        let mut binds = vec![format!("{volume}:/workspace")];
         if let Some(dir) = self.write_credentials(record, true)? {
             let inside = crate::credentials::INSIDE_DIR;
             binds.push(format!("{}:{inside}:ro", dir.display()));
@@ -353,12 +511,12 @@ impl DockerBackend {
             ));
             env.push(format!("AGENTBOX_CREDENTIALS_DIR={inside}"));
         }
-        let body = ContainerCreateBody {
+        Ok(ContainerCreateBody {
             image: Some(t.image.clone().unwrap_or_else(|| self.image.clone())),
             env: Some(env),
             cmd: (!t.runner_args.is_empty()).then(|| t.runner_args.clone()),
-            labels: Some(self.labels(record)),
-            hostname: Some(record.name.clone()),
+            labels: Some(labels),
+            hostname: Some(host.to_owned()),
             host_config: Some(HostConfig {
                 binds: Some(binds),
                 network_mode: Some(self.network.clone()),
@@ -371,8 +529,17 @@ impl DockerBackend {
                 ..Default::default()
             }),
             ..Default::default()
-        };
-        let options = CreateContainerOptionsBuilder::new().name(&name).build();
+        })
+    }
+
+    /// Creates (does not start) container `object` of sandbox `sandbox`.
+    async fn create_container_named(
+        &self,
+        object: &str,
+        sandbox: &str,
+        body: ContainerCreateBody,
+    ) -> Result<()> {
+        let options = CreateContainerOptionsBuilder::new().name(object).build();
         self.docker
             .create_container(Some(options), body)
             .await
@@ -380,19 +547,33 @@ impl DockerBackend {
                 DockerError::DockerResponseServerError {
                     status_code: 404,
                     message,
-                } => Error::Backend(format!("sandbox {:?}: {message}", record.name)),
+                } => Error::Backend(format!("sandbox {sandbox:?}: {message}")),
                 DockerError::DockerResponseServerError {
                     status_code: 409, ..
-                } => Error::AlreadyExists(record.name.clone()),
+                } => Error::AlreadyExists(sandbox.to_owned()),
                 e => engine(e),
             })?;
-        self.docker
-            .start_container(&name, None)
-            .await
-            .map_err(engine)?;
+        Ok(())
+    }
+
+    /// Starts container `object` (a no-op when it runs) and waits, bounded by the runner
+    /// start timeout, until its runner answers `/healthz`.
+    async fn start_and_wait(&self, object: &str, sandbox: &str) -> Result<()> {
+        match self.docker.start_container(object, None).await {
+            Ok(()) => {}
+            // 304: it runs already.
+            Err(DockerError::DockerResponseServerError {
+                status_code: 304, ..
+            }) => {}
+            Err(e) => return Err(engine(e)),
+        }
         let deadline = Instant::now() + self.start_timeout;
         loop {
-            let container = self.container(&record.name).await?;
+            let container = match self.docker.inspect_container(object, None).await {
+                Ok(c) => Some(c),
+                Err(e) if not_found(&e) => None,
+                Err(e) => return Err(engine(e)),
+            };
             let (status, message, addr) = self.phase(container.as_ref());
             match (status, addr) {
                 (SandboxStatus::Running, Some(addr)) if healthy(addr).await => return Ok(()),
@@ -400,19 +581,24 @@ impl DockerBackend {
                     if Instant::now() < deadline => {}
                 _ => {
                     return Err(Error::Backend(format!(
-                        "sandbox {:?}: the runner did not start: {}",
-                        record.name,
+                        "sandbox {sandbox:?}: the runner did not start: {}",
                         message.unwrap_or_else(|| "it did not answer /healthz in time".into())
                     )))
                 }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The runner binds within milliseconds of the container's start: poll often.
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
     /// Stops (SIGTERM, SIGKILL after `grace`) and removes the container, if any.
     async fn remove_container(&self, name: &str, grace: i32) -> Result<()> {
-        let object = self.object_name(name);
+        self.remove_object(&self.object_name(name), grace).await
+    }
+
+    /// Stops (SIGTERM, SIGKILL after `grace`) and removes container `object`, if any.
+    async fn remove_object(&self, object: &str, grace: i32) -> Result<()> {
+        let object = object.to_owned();
         if grace > 0 {
             let stop = StopContainerOptionsBuilder::new().t(grace).build();
             match self.docker.stop_container(&object, Some(stop)).await {
@@ -536,21 +722,34 @@ impl Backend for DockerBackend {
             ))
             .await
             .map_err(engine)?;
+        // Containers by name: a claimed pooled sandbox's carries no sandbox label.
+        let names: std::collections::HashSet<String> = containers
+            .iter()
+            .flat_map(|c| c.names.iter().flatten())
+            .map(|n| n.trim_start_matches('/').to_owned())
+            .collect();
         let mut out = Vec::new();
         for volume in &volumes {
             let Some(record) = Record::from_volume(volume) else {
                 continue;
             };
-            let has_container = containers
-                .iter()
-                .any(|c| c.labels.as_ref().and_then(|l| l.get(SANDBOX)) == Some(&record.name));
+            let object = self.object_name(&record.name);
             // The summary's phase needs the container's network settings: inspect it.
-            let container = if has_container {
+            let container = if names.contains(&object) {
                 self.container(&record.name).await?
             } else {
                 None
             };
-            out.push(self.summary(&record, container.as_ref()));
+            let asleep = if container.is_none() {
+                self.asleep_among(&record.name, &names).await?
+            } else {
+                None
+            };
+            out.push(self.summary_asleep(
+                &record,
+                container.as_ref(),
+                asleep.as_ref().map(|(r, c)| (*r, c)),
+            ));
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
@@ -561,7 +760,16 @@ impl Backend for DockerBackend {
             return Ok(None);
         };
         let container = self.container(name).await?;
-        Ok(Some(self.summary(&record, container.as_ref())))
+        let asleep = if container.is_none() {
+            self.asleep(name).await?
+        } else {
+            None
+        };
+        Ok(Some(self.summary_asleep(
+            &record,
+            container.as_ref(),
+            asleep.as_ref().map(|(r, c)| (*r, c)),
+        )))
     }
 
     async fn create(&self, spec: CreateSpec) -> Result<SandboxSummary> {
@@ -577,6 +785,16 @@ impl Backend for DockerBackend {
         if self.record(&spec.name).await?.is_some() {
             return Err(Error::AlreadyExists(spec.name));
         }
+        let pooled = spec.template.warm_pool.as_ref().is_some_and(|p| p.size > 0);
+        if pooled {
+            if let Some(mut summary) = self.claim(&spec).await? {
+                self.life.count(&spec.template.name, true);
+                tracing::info!(sandbox = %spec.name, "sandbox created from the warm pool");
+                summary.from_warm_pool = Some(true);
+                return Ok(summary);
+            }
+            self.life.count(&spec.template.name, false);
+        }
         let record = Record {
             name: spec.name,
             namespace: spec.namespace,
@@ -584,79 +802,39 @@ impl Backend for DockerBackend {
             created_at: now_rfc3339(),
             created_by: spec.created_by,
             token: random_hex(32),
+            timeout: spec.timeout,
+            idle_timeout: spec.idle_timeout,
+            cloned_from: None,
+            workspace: None,
         };
-        let mut labels = self.labels(&record);
-        labels.insert(CREATED_AT.into(), record.created_at.clone());
-        labels.insert(
-            CREATED_BY.into(),
-            serde_json::to_string(&record.created_by)
-                .map_err(|e| Error::Internal(e.to_string()))?,
-        );
-        labels.insert(
-            SPEC.into(),
-            serde_json::to_string(&record.template).map_err(|e| Error::Internal(e.to_string()))?,
-        );
-        labels.insert(TOKEN.into(), record.token.clone());
-        let volume = self.object_name(&record.name);
-        let made = match self
-            .docker
-            .create_volume(VolumeCreateRequest {
-                name: Some(volume.clone()),
-                labels: Some(labels),
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(made) => made,
-            Err(DockerError::DockerResponseServerError {
-                status_code: 409, ..
-            }) => return Err(Error::AlreadyExists(record.name)),
-            Err(e) => return Err(engine(e)),
-        };
-        // Creating an existing volume returns it: another control plane won the race for the
-        // name, and nothing of its sandbox may be touched.
-        if made.labels.get(TOKEN) != Some(&record.token) {
-            return Err(Error::AlreadyExists(record.name));
-        }
-        if let Err(e) = self.start(&record).await {
-            if matches!(e, Error::AlreadyExists(_)) {
-                // A container of that name is someone else's: leave it alone (the volume
-                // cannot be removed while it is mounted there).
-                let _ = self
-                    .docker
-                    .remove_volume(&volume, None::<RemoveVolumeOptions>)
-                    .await;
-                return Err(e);
-            }
-            // A create that failed leaves nothing behind: the name can be used again.
-            let _ = self.remove_container(&record.name, 0).await;
-            self.remove_credentials(&record.name);
-            let _ = self
-                .docker
-                .remove_volume(&volume, None::<RemoveVolumeOptions>)
-                .await;
-            return Err(e);
-        }
-        tracing::info!(sandbox = %record.name, "sandbox created");
-        let container = self.container(&record.name).await?;
-        Ok(self.summary(&record, container.as_ref()))
+        let mut summary = self.create_record(&record, None).await?;
+        summary.from_warm_pool = pooled.then_some(false);
+        Ok(summary)
     }
 
     async fn delete(&self, name: &str) -> Result<()> {
-        if self.record(name).await?.is_none() {
+        let Some(record) = self.record(name).await? else {
             return Err(Error::SandboxNotFound(name.into()));
-        }
+        };
         self.remove_container(name, 0).await?;
-        match self
-            .docker
-            .remove_volume(&self.object_name(name), None::<RemoveVolumeOptions>)
-            .await
+        self.remove_asleep(name).await?;
+        let object = self.object_name(name);
+        for volume in [Some(object.clone()), record.workspace.clone()]
+            .into_iter()
+            .flatten()
         {
-            Ok(()) => {}
-            Err(e) if not_found(&e) => {}
-            Err(e) => return Err(engine(e)),
+            match self
+                .docker
+                .remove_volume(&volume, None::<RemoveVolumeOptions>)
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(engine(e)),
+            }
         }
         self.remove_credentials(name);
+        self.life.forget(name);
         tracing::info!(sandbox = %name, "sandbox deleted");
         Ok(())
     }
@@ -665,7 +843,9 @@ impl Backend for DockerBackend {
         let Some(record) = self.record(name).await? else {
             return Err(Error::SandboxNotFound(name.into()));
         };
+        let _guard = self.life.lock(name).await;
         self.remove_container(name, 10).await?;
+        self.remove_asleep(name).await?;
         Ok(self.summary(&record, None))
     }
 
@@ -673,13 +853,19 @@ impl Backend for DockerBackend {
         let Some(record) = self.record(name).await? else {
             return Err(Error::SandboxNotFound(name.into()));
         };
+        let _guard = self.life.lock(name).await;
         let container = self.container(name).await?;
         if let (SandboxStatus::Running, _, Some(addr)) = self.phase(container.as_ref()) {
             if healthy(addr).await {
                 return Ok(self.summary(&record, container.as_ref()));
             }
         }
+        if container.is_none() && self.wake_asleep(&record).await? {
+            let container = self.container(name).await?;
+            return Ok(self.summary(&record, container.as_ref()));
+        }
         self.remove_container(name, 0).await?;
+        self.remove_asleep(name).await?;
         self.start(&record).await?;
         let container = self.container(name).await?;
         Ok(self.summary(&record, container.as_ref()))
@@ -716,6 +902,53 @@ impl Backend for DockerBackend {
         Ok(())
     }
 
+    async fn stop_for(
+        &self,
+        name: &str,
+        reason: StopReason,
+        idle_since: SystemTime,
+    ) -> Result<Option<SandboxSummary>> {
+        self.sleep(name, reason, idle_since).await
+    }
+
+    async fn expire(&self, name: &str) -> Result<()> {
+        let Some(record) = self.record(name).await? else {
+            return Err(Error::SandboxNotFound(name.into()));
+        };
+        match record.template.on_timeout.unwrap_or_default() {
+            crate::templates::OnTimeout::Delete => self.delete(name).await,
+            crate::templates::OnTimeout::Stop => self
+                .sleep(name, StopReason::Timeout, SystemTime::now())
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    fn keeps_lifecycle(&self) -> bool {
+        true
+    }
+
+    fn touch(&self, name: &str) {
+        self.life.touch(name);
+    }
+
+    async fn refill_pools(&self, templates: &[Template]) -> Result<()> {
+        self.refill(templates).await
+    }
+
+    fn warm_pools(&self, templates: &[Template]) -> Vec<agentbox_proto::WarmPoolInfo> {
+        self.life.pools(templates)
+    }
+
+    async fn clone_sandbox(
+        &self,
+        source: &str,
+        name: &str,
+        created_by: CreatedBy,
+    ) -> Result<SandboxSummary> {
+        self.clone_from(source, name, created_by).await
+    }
+
     async fn resolve(&self, name: &str) -> Result<Option<Target>> {
         if !valid_name(name) {
             return Ok(None);
@@ -737,11 +970,30 @@ impl Backend for DockerBackend {
                     .map(str::to_owned)
             });
         let (status, _, addr) = self.phase(container.as_ref());
+        let addr = RunnerAddr::Tcp(addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))));
         match (labels, token_from_env) {
+            // A claimed pooled sandbox's container is labelled with its pool: its record says
+            // the rest (read once per container).
+            (Some(labels), Some(token)) if labels.contains_key(POOL) => {
+                let id = container
+                    .as_ref()
+                    .and_then(|c| c.id.clone())
+                    .unwrap_or_default();
+                let Some((namespace, mode, template)) = self.claimed_owner(&id, name).await? else {
+                    return Ok(None);
+                };
+                Ok(Some(Target {
+                    addr,
+                    token,
+                    status,
+                    mode,
+                    namespace,
+                    template,
+                    stop_reason: None,
+                }))
+            }
             (Some(labels), Some(token)) => Ok(Some(Target {
-                addr: RunnerAddr::Tcp(
-                    addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
-                ),
+                addr,
                 token,
                 status,
                 mode: labels.get(MODE).cloned().unwrap_or_default(),
@@ -749,15 +1001,24 @@ impl Backend for DockerBackend {
                 template: labels.get(TEMPLATE).cloned().unwrap_or_default(),
                 stop_reason: None,
             })),
-            _ => Ok(self.record(name).await?.map(|record| Target {
-                addr: RunnerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
-                token: record.token,
-                status: SandboxStatus::Stopped,
-                mode: record.template.mode,
-                namespace: record.namespace,
-                template: record.template.name,
-                stop_reason: None,
-            })),
+            _ => {
+                let Some(record) = self.record(name).await? else {
+                    return Ok(None);
+                };
+                let reason = match self.asleep(name).await? {
+                    Some((reason, _)) => reason,
+                    None => StopReason::User,
+                };
+                Ok(Some(Target {
+                    addr,
+                    token: record.token,
+                    status: SandboxStatus::Stopped,
+                    mode: record.template.mode,
+                    namespace: record.namespace,
+                    template: record.template.name,
+                    stop_reason: Some(reason),
+                }))
+            }
         }
     }
 }
