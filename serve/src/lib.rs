@@ -326,7 +326,9 @@ pub async fn serve<L: Listener>(
             io,
             conn: Arc::clone(&conn),
         });
-        let connection = builder.serve_connection(io, service).into_owned();
+        let connection = builder
+            .serve_connection_with_upgrades(io, service)
+            .into_owned();
         let registry = Arc::clone(&registry);
         let stop = stop_rx.clone();
         let (open, all_closed) = (Arc::clone(&open), Arc::clone(&all_closed));
@@ -361,7 +363,12 @@ fn is_connection_error(e: &io::Error) -> bool {
 
 /// Runs one connection until it ends, times out, is chosen to close, or the server stops.
 async fn drive<I>(
-    connection: auto::Connection<'static, TokioIo<Tracked<I>>, RequestService, TokioExecutor>,
+    connection: auto::UpgradeableConnection<
+        'static,
+        TokioIo<Tracked<I>>,
+        RequestService,
+        TokioExecutor,
+    >,
     conn: &Conn,
     limits: &Limits,
     mut stop: watch::Receiver<bool>,

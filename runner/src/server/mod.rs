@@ -5,6 +5,7 @@
 mod agents;
 mod files;
 mod openapi;
+mod processes;
 mod sessions;
 
 use std::convert::Infallible;
@@ -60,6 +61,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/archive", get(files::archive))
         .merge(sessions::routes())
         .merge(agents::routes())
+        .merge(processes::routes())
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             authenticate,
@@ -374,6 +376,7 @@ async fn invoke(
         stream: q.stream.unwrap_or_default(),
         agent,
         acp,
+        process: None,
     })?;
     if wants_json(&headers) {
         return json_answer(&collect(sub, attachment, app.cfg.max_json_output).await?);
@@ -464,6 +467,7 @@ async fn exec(
         stream: q.stream.unwrap_or_default(),
         agent: None,
         acp: None,
+        process: None,
     })?;
     // The seed's exec answers one JSON document; events only for clients that ask for them.
     if !wants_sse(&headers) {
