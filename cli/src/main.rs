@@ -1097,6 +1097,7 @@ fn invoke_row(i: &agentbox_proto::InvokeSummary, width: usize) -> String {
     let kind = match i.kind {
         agentbox_proto::InvokeKind::Invoke => "invoke",
         agentbox_proto::InvokeKind::Exec => "exec",
+        agentbox_proto::InvokeKind::Process => "process",
     };
     let exit = match (i.exit_code, i.reason) {
         (_, Some(reason)) if reason != agentbox_proto::ExitReason::Completed => {

@@ -20,6 +20,7 @@ pub mod openapi;
 pub mod otel;
 pub mod proxy;
 pub mod templates;
+pub mod terminal;
 
 use std::sync::Arc;
 

@@ -78,6 +78,11 @@ impl Proxy {
         Self { client, connector }
     }
 
+    /// The connector (the terminal's HTTP/1.1 upgrade connects through it too).
+    pub fn connector(&self) -> &RunnerConnector {
+        &self.connector
+    }
+
     /// Sends `req` to `path_and_query` on the runner of `target` and returns its response,
     /// streaming. With `guard`, an event-stream answer whose runner goes away ends with an
     /// `error` event ([`guard_event_stream`]); without it (a session's history, whose frames
