@@ -265,6 +265,9 @@ fn record(app: &AppState, sub: &str, name: &str, status: u16, started: std::time
 
 type Failed = (Error, String);
 
+/// Which namespaces the caller may reach, and who it is (for the audit record).
+type Caller = (Box<dyn Fn(&str) -> bool + Send>, String);
+
 /// The query without `ticket` (the runner never sees it).
 fn runner_query(query: Option<&str>) -> String {
     let kept: Vec<&str> = query
@@ -296,26 +299,25 @@ async fn terminal(
         headers.contains_key(header::AUTHORIZATION) || headers.contains_key("x-api-key");
     let query = request.uri().query().map(str::to_owned);
     // Who: credentials as on every route, else a ticket.
-    let (namespace_ok, sub): (Box<dyn Fn(&str) -> bool + Send>, String) =
-        if has_credentials || ticket_of(query.as_deref()).is_none() {
-            let identity = app
-                .auth
-                .authenticate(headers)
-                .await
-                .map_err(|e| (e, String::new()))?;
-            let sub = identity.sub.clone();
-            (Box::new(move |ns: &str| identity.can_use(ns)), sub)
-        } else {
-            let ticket = ticket_of(query.as_deref()).unwrap_or_default();
-            let state_dir = app.cfg.state_dir.clone();
-            let sandbox = name.to_owned();
-            let claims = tokio::task::spawn_blocking(move || redeem(&state_dir, &ticket, &sandbox))
-                .await
-                .map_err(|e| (Error::Internal(e.to_string()), String::new()))?
-                .map_err(|e| (e, String::new()))?;
-            let ns = claims.ns.clone();
-            (Box::new(move |n: &str| n == ns), claims.sub)
-        };
+    let (namespace_ok, sub): Caller = if has_credentials || ticket_of(query.as_deref()).is_none() {
+        let identity = app
+            .auth
+            .authenticate(headers)
+            .await
+            .map_err(|e| (e, String::new()))?;
+        let sub = identity.sub.clone();
+        (Box::new(move |ns: &str| identity.can_use(ns)), sub)
+    } else {
+        let ticket = ticket_of(query.as_deref()).unwrap_or_default();
+        let state_dir = app.cfg.state_dir.clone();
+        let sandbox = name.to_owned();
+        let claims = tokio::task::spawn_blocking(move || redeem(&state_dir, &ticket, &sandbox))
+            .await
+            .map_err(|e| (Error::Internal(e.to_string()), String::new()))?
+            .map_err(|e| (e, String::new()))?;
+        let ns = claims.ns.clone();
+        (Box::new(move |n: &str| n == ns), claims.sub)
+    };
     let fail = |e: Error| (e, sub.clone());
     let is_upgrade = request
         .headers()
