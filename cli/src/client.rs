@@ -106,7 +106,8 @@ pub fn encode_path(path: &str) -> String {
     out
 }
 
-fn encode_query(value: &str) -> String {
+/// Percent-encodes a query value.
+pub fn encode_query(value: &str) -> String {
     let mut out = String::new();
     for b in value.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -390,6 +391,76 @@ impl Client {
     /// Recent invokes.
     pub async fn invokes(&self, sandbox: &str) -> Result<InvokeList> {
         self.json(self.http.get(self.url(sandbox, "invokes"))).await
+    }
+
+    /// Running and recent processes.
+    pub async fn processes(&self, sandbox: &str) -> Result<agentbox_proto::ProcessList> {
+        self.json(self.http.get(self.url(sandbox, "processes")))
+            .await
+    }
+
+    /// Opens the sandbox's terminal WebSocket with `query` (`cols=..&rows=..&argv=..` or
+    /// `process=ID`), authenticated by headers.
+    pub async fn terminal(
+        &self,
+        sandbox: &str,
+        query: &str,
+    ) -> Result<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    > {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = self.url(sandbox, &format!("terminal?{query}"));
+        let url = match &self.base {
+            Base::ControlPlane { .. } => url,
+            Base::Runner { url: base, .. } => format!("{base}/v1/terminal?{query}"),
+        };
+        let url = url
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1);
+        let mut req = url
+            .into_client_request()
+            .map_err(|e| ClientError::Protocol(format!("bad terminal URL: {e}")))?;
+        let (name, value) = match &self.base {
+            Base::ControlPlane { key, .. } => ("x-api-key", key.clone()),
+            Base::Runner { token, .. } => ("authorization", format!("Bearer {token}")),
+        };
+        req.headers_mut().insert(
+            name,
+            value
+                .parse()
+                .map_err(|_| ClientError::Protocol("the key is not a header value".into()))?,
+        );
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let status = resp.status().as_u16();
+                let text = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                let hint = (status == 401).then(|| self.refusal_hint.clone()).flatten();
+                Err(match serde_json::from_str::<ErrorBody>(&text) {
+                    Ok(body) => ClientError::Api {
+                        status,
+                        code: body.error,
+                        message: body.message,
+                        hint,
+                    },
+                    Err(_) => ClientError::Api {
+                        status,
+                        code: "http_error".into(),
+                        message: text.chars().take(200).collect(),
+                        hint,
+                    },
+                })
+            }
+            Err(e) => Err(ClientError::Protocol(format!(
+                "cannot open the terminal: {e}"
+            ))),
+        }
     }
 
     /// Exec, streaming its events, framed live; it lingers when the connection drops, so the

@@ -7,6 +7,7 @@
 //! bad usage.
 
 mod locate;
+mod shell;
 mod up;
 
 use std::collections::BTreeMap;
@@ -238,6 +239,25 @@ enum Command {
         /// Start it, print its id, and leave it running.
         #[arg(long)]
         detach: bool,
+    },
+    /// An interactive terminal in the sandbox: a shell in /workspace, or CMD. Keys (Ctrl-C too)
+    /// go to the remote process and its exit code becomes this command's; the window size
+    /// follows. Ctrl-] detaches (the shell keeps running for the runner's reconnect window,
+    /// 5m by default); --attach ID reattaches and replays what was missed.
+    Shell {
+        /// The sandbox.
+        name: String,
+        /// Reattach to this process (printed on detach; `agentbox ps NAME` lists them).
+        #[arg(long, value_name = "ID", conflicts_with = "command")]
+        attach: Option<String>,
+        /// What to run instead of the shell.
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// List a sandbox's processes (newest first): id, state, pid or exit, tty, command.
+    Ps {
+        /// The sandbox.
+        name: String,
     },
     /// List a sandbox's recent invokes and execs (newest first): id, state, exit, duration.
     Invokes {
@@ -976,6 +996,61 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
             .await?;
             Ok(if *keep { code } else { 0 })
         }
+        Command::Shell {
+            name,
+            attach,
+            command,
+        } => {
+            let ended = shell::run(&c, name, command, attach.as_deref()).await?;
+            let code = match ended {
+                shell::Ended::Exited(code) => code,
+                shell::Ended::Detached(id) => {
+                    eprintln!("\r\ndetached; reattach with: agentbox shell {name} --attach {id}");
+                    0
+                }
+            };
+            // The key-reading thread may sit in a read: leave without waiting for it.
+            let _ = std::io::stdout().flush();
+            std::process::exit(i32::from(code));
+        }
+        Command::Ps { name } => {
+            let list = c.processes(name).await?;
+            if cli.json {
+                print_json(&json!(list));
+            } else if cli.quiet {
+                for p in &list.processes {
+                    outln!("{}", p.id);
+                }
+            } else {
+                outln!(
+                    "{:<34} {:<8} {:<10} {:<8} COMMAND",
+                    "ID",
+                    "STATE",
+                    "PID/EXIT",
+                    "TTY"
+                );
+                for p in &list.processes {
+                    let state = match p.state {
+                        agentbox_proto::InvokeState::Running => "running",
+                        agentbox_proto::InvokeState::Exited => "exited",
+                    };
+                    let pid = match (p.pid, p.exit_code, p.reason) {
+                        (Some(pid), _, _) => pid.to_string(),
+                        (None, _, Some(r)) if r != agentbox_proto::ExitReason::Completed => {
+                            r.as_str().to_owned()
+                        }
+                        (None, Some(code), _) => code.to_string(),
+                        _ => "-".into(),
+                    };
+                    let tty = p
+                        .pty
+                        .map_or("-".to_owned(), |s| format!("{}x{}", s.cols, s.rows));
+                    let cmd = p.argv.as_ref().map_or(String::from("?"), |a| a.join(" "));
+                    outln!("{:<34} {:<8} {:<10} {:<8} {}", p.id, state, pid, tty, cmd);
+                }
+            }
+            Ok(0)
+        }
         Command::Invokes { name, limit } => {
             let list = c.invokes(name).await?;
             let shown = list.invokes.iter().take(*limit);
@@ -1158,6 +1233,8 @@ fn command_sandbox(command: &Command) -> Option<&str> {
         | Command::Invoke { name, .. }
         | Command::Logs { name, .. }
         | Command::Invokes { name, .. }
+        | Command::Shell { name, .. }
+        | Command::Ps { name }
         | Command::Cancel { name, .. }
         | Command::Exec { name, .. }
         | Command::PortForward { name, .. } => Some(name),
@@ -1195,6 +1272,7 @@ fn invoke_row(i: &agentbox_proto::InvokeSummary, width: usize) -> String {
     let kind = match i.kind {
         agentbox_proto::InvokeKind::Invoke => "invoke",
         agentbox_proto::InvokeKind::Exec => "exec",
+        agentbox_proto::InvokeKind::Process => "process",
     };
     let exit = match (i.exit_code, i.reason) {
         (_, Some(reason)) if reason != agentbox_proto::ExitReason::Completed => {

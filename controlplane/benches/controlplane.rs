@@ -21,9 +21,12 @@
 //!    and a cold start (goal p50 ≤ 250 ms), image `agentbox/python-agent` (`BENCH_ONLY=docker`,
 //!    `BENCH_DOCKER_N`, default 100).
 //!
+//! 6. terminal keystroke → echo through the control plane (WebSocket → runner → PTY → `cat`
+//!    in raw mode → back), beside the same `cat` on a local PTY; goal: p50 ≤ 2 ms.
+//!
 //! Run: `cargo build --release --bins && cargo bench -p agentbox-controlplane --bench
 //! controlplane` (it uses target/release/agentbox-runner). Knobs: `BENCH_ONLY`
-//! (`latency|throughput|streams|preview|isolation|ready|docker`), `BENCH_N` (2000), `BENCH_BYTES` (1 GiB),
+//! (`latency|throughput|streams|preview|isolation|ready|docker|terminal`), `BENCH_ECHO_N` (2000), `BENCH_N` (2000), `BENCH_BYTES` (1 GiB),
 //! `BENCH_STREAMS` (10000), `BENCH_SANDBOXES` (40), `BENCH_READY_N` (100). Quick, without a
 //! release build: `cargo build --bins && BENCH_ONLY=ready BENCH_READY_N=20 cargo test -p
 //! agentbox-controlplane --bench controlplane` (debug binaries, said so in the output).
@@ -1010,6 +1013,9 @@ fn main() {
         return;
     }
     let cp = start();
+    if only.is_empty() || only == "terminal" {
+        bench_terminal(&cp, &mut rows);
+    }
     if only.is_empty() || only == "latency" {
         bench_latency(&cp, &mut rows);
     }
@@ -1039,4 +1045,119 @@ fn print_rows(rows: Vec<[String; 5]>) {
     for r in rows {
         println!("| {} | {} | {} | {} | {} |", r[0], r[1], r[2], r[3], r[4]);
     }
+}
+
+/// The byte's echo round trips on a local PTY running `stty raw -echo; exec cat`.
+fn local_pty_echo(n: usize) -> Vec<Duration> {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    use std::io::{Read, Write};
+    use std::os::fd::OwnedFd;
+    let master =
+        openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).expect("pty");
+    grantpt(&master).expect("grantpt");
+    unlockpt(&master).expect("unlockpt");
+    let name = ptsname(&master, Vec::new()).expect("ptsname");
+    let slave: OwnedFd = rustix::fs::open(
+        name.as_c_str(),
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("slave");
+    let mut child = Command::new("sh")
+        .args(["-c", "stty raw -echo; echo ready; exec cat"])
+        .stdin(Stdio::from(slave.try_clone().expect("dup")))
+        .stdout(Stdio::from(slave.try_clone().expect("dup")))
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .expect("sh");
+    let mut master = std::fs::File::from(master);
+    let mut buf = [0u8; 4096];
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        let n = master.read(&mut buf).expect("read");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n + WARMUP {
+        let t = Instant::now();
+        master.write_all(b"a").expect("write");
+        loop {
+            let got = master.read(&mut buf).expect("read");
+            if buf[..got].contains(&b'a') {
+                break;
+            }
+        }
+        if i >= WARMUP {
+            out.push(t.elapsed());
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    out
+}
+
+/// The byte's echo round trips through the control plane's terminal WebSocket.
+fn terminal_echo(cp: &ControlPlane, n: usize) -> Vec<Duration> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        // argv = ["sh","-c","stty raw -echo; echo ready; exec cat"]
+        let argv = "%5B%22sh%22%2C%22-c%22%2C%22stty%20raw%20-echo%3B%20echo%20ready%3B%20exec%20cat%22%5D";
+        let url = format!("ws://{}/api/v1/sandboxes/bench/terminal?argv={argv}", cp.addr);
+        let mut req = url.into_client_request().expect("request");
+        req.headers_mut().insert("x-api-key", KEY.parse().expect("key"));
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("terminal");
+        let mut seen = Vec::new();
+        while !String::from_utf8_lossy(&seen).contains("ready") {
+            if let Some(Ok(Message::Binary(b))) = ws.next().await {
+                seen.extend_from_slice(&b);
+            }
+        }
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n + WARMUP {
+            let t = Instant::now();
+            ws.send(Message::binary(b"a".to_vec())).await.expect("send");
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(b))) if b.contains(&b'a') => break,
+                    Some(Ok(_)) => {}
+                    other => panic!("terminal ended: {other:?}"),
+                }
+            }
+            if i >= WARMUP {
+                out.push(t.elapsed());
+            }
+        }
+        let _ = ws.send(Message::binary(vec![3u8])).await;
+        out
+    })
+}
+
+fn bench_terminal(cp: &ControlPlane, rows: &mut Vec<[String; 5]>) {
+    let n = env_or("BENCH_ECHO_N", 2000usize);
+    // Interleaved in blocks, as the invoke latency.
+    let blocks = 5.min(n);
+    let (mut local, mut via) = (Vec::new(), Vec::new());
+    for _ in 0..blocks {
+        local.extend(local_pty_echo(n / blocks));
+        via.extend(terminal_echo(cp, n / blocks));
+    }
+    let (local, via) = (summarize(&local), summarize(&via));
+    let ms = |s: &Summary| format!("p50 {:.3} ms, p99 {:.3} ms", s.p50 / 1000.0, s.p99 / 1000.0);
+    rows.push([
+        "terminal keystroke → echo via control plane (WebSocket, runner, PTY, `cat`)".into(),
+        ms(&via),
+        format!("local PTY, same `cat`: {}", ms(&local)),
+        format!(
+            "{:.1}× local; p50 {:.3} ms (goal ≤ 2 ms)",
+            via.p50 / local.p50,
+            via.p50 / 1000.0
+        ),
+        verdict(via.p50 <= 2000.0).into(),
+    ]);
 }

@@ -88,6 +88,10 @@ pub fn router(app: Arc<AppState>) -> Router {
             "/api/v1/sandboxes/{id}/clone",
             post(crate::lifecycle::clone_sandbox),
         )
+        .route(
+            "/api/v1/sandboxes/{id}/terminal/ticket",
+            post(crate::terminal::mint_ticket),
+        )
         .route("/api/v1/sandboxes/{id}/{*rest}", any(to_runner))
         .route("/api/v1/analytics/usage", get(not_implemented))
         .merge(crate::admin_api::routes())
@@ -99,6 +103,12 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(render_metrics))
         .route("/openapi.json", get(openapi))
+        // Authenticated by credentials or a ticket, before the upgrade (crate::terminal).
+        .route(
+            "/api/v1/sandboxes/{id}/terminal",
+            get(crate::terminal::open_terminal),
+        )
+        .route("/ws/terminal/{id}", get(crate::terminal::open_terminal))
         .merge(api)
         .fallback(|uri: Uri| async move { Error::RouteNotFound(uri.path().to_owned()) })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
@@ -555,6 +565,18 @@ fn runner_route(method: &Method, rest: &str) -> Option<(String, &'static str)> {
         ("sessions", t, "POST") if is_permission(t) => "sessions.permission",
         ("sessions", t, "PUT") if segments(t) == 2 && t.ends_with("/config") => "sessions.config",
         ("invokes", t, "POST") if is_permission(t) => "invokes.permission",
+        ("processes", "", "POST") => "processes.start",
+        ("processes", "", "GET") => "processes.list",
+        ("processes", t, "GET") if segments(t) == 1 => "processes.get",
+        ("processes", t, "DELETE") if segments(t) == 1 => "processes.kill",
+        ("processes", t, "GET") if segments(t) == 2 && t.ends_with("/events") => "processes.events",
+        ("processes", t, "POST") if segments(t) == 2 => match t.rsplit('/').next() {
+            Some("stdin") => "processes.stdin",
+            Some("signal") => "processes.signal",
+            Some("resize") => "processes.resize",
+            Some("wait") => "processes.wait",
+            _ => return None,
+        },
         _ => return None,
     };
     let path = if head == "files" && tail.is_empty() {

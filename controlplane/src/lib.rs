@@ -21,6 +21,7 @@ pub mod otel;
 pub mod ports;
 pub mod proxy;
 pub mod templates;
+pub mod terminal;
 pub mod upgrade;
 
 use std::sync::Arc;

@@ -113,7 +113,12 @@ pub fn timeouts(
 pub fn is_use(action: &str) -> bool {
     !matches!(
         action,
-        "invokes.list" | "invokes.get" | "sessions.list" | "sessions.get"
+        "invokes.list"
+            | "invokes.get"
+            | "sessions.list"
+            | "sessions.get"
+            | "processes.list"
+            | "processes.get"
     )
 }
 

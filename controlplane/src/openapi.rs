@@ -77,6 +77,18 @@ use crate::{admin_api, api};
         ports_remove,
         ports_tunnel,
         preview,
+        processes_start,
+        processes_list,
+        processes_get,
+        processes_kill,
+        processes_stdin,
+        processes_signal,
+        processes_resize,
+        processes_wait,
+        processes_events,
+        crate::terminal::mint_ticket,
+        crate::terminal::open_terminal,
+        ws_terminal,
     ),
     components(schemas(
         StartEvent, LogEvent, ExitEvent, ErrorEvent, TruncatedEvent, ConfigureResult, OnDisconnect,
@@ -84,6 +96,7 @@ use crate::{admin_api, api};
         SessionEvent, crate::governance::PolicyViolationBody, crate::governance::Violation,
     )),
     tags(
+        (name = "processes", description = "Long-lived processes and pseudo-terminals in a sandbox (passed to the runner)."),
         (name = "meta", description = "Health, metrics and this document; no credential needed."),
         (name = "user", description = "The caller's identity and namespaces."),
         (name = "templates", description = "What sandboxes can be created from."),
@@ -648,3 +661,151 @@ mod tests {
         agentbox_testkit::check_openapi(document(), committed, 4);
     }
 }
+
+/// Start a process
+///
+/// Passed to the runner's `POST /v1/processes`: a long-lived process (`argv` or `command`,
+/// `env`, `cwd`, optional `pty: {cols, rows}`, `tag`, `timeout`). It keeps running when the
+/// caller goes away and counts against the runner's concurrency cap. Audited as
+/// `processes.start` (never its argv).
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/processes", tag = "processes",
+    params(("id" = String, Path, description = "The sandbox id.")),
+    request_body(content = agentbox_proto::ProcessRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Started.", body = agentbox_proto::ProcessSummary),
+        (status = 400, description = "`invalid_request`, `invalid_timeout`, `invalid_path`, `not_a_directory`.", body = ErrorBody),
+        (status = 429, description = "`concurrency_exceeded`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`; `process_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`; `process_exited`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn processes_start() {}
+
+/// Running and recent processes
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/processes", tag = "processes",
+    params(("id" = String, Path, description = "The sandbox id.")),
+    responses((status = 200, description = "Newest first.", body = agentbox_proto::ProcessList),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`; `process_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`; `process_exited`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn processes_list() {}
+
+/// One process
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/processes/{pid}", tag = "processes",
+    params(("id" = String, Path, description = "The sandbox id."), ("pid" = String, Path, description = "The process id.")),
+    responses((status = 200, description = "The process.", body = agentbox_proto::ProcessSummary),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`; `process_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`; `process_exited`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn processes_get() {}
+
+/// Kill a process and its whole tree
+#[utoipa::path(delete, path = "/api/v1/sandboxes/{id}/processes/{pid}", tag = "processes",
+    params(("id" = String, Path, description = "The sandbox id."), ("pid" = String, Path, description = "The process id.")),
+    responses((status = 200, description = "The exited process (reason `canceled`).", body = agentbox_proto::ProcessSummary),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`; `process_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`; `process_exited`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn processes_kill() {}
+
+/// Write to a process's stdin
+///
+/// The body's bytes (at most 1 MiB); `?close=true` closes stdin after them (on a terminal:
+/// `^D`). Never audited beyond the action name.
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/processes/{pid}/stdin", tag = "processes",
+    params(("id" = String, Path, description = "The sandbox id."), ("pid" = String, Path, description = "The process id."),
+        ("close" = Option<bool>, Query, description = "Close stdin after the body.")),
+    request_body(content = String, content_type = "application/octet-stream"),
+    responses((status = 204, description = "Written."),
+        (status = 413, description = "`payload_too_large`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`; `process_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`; `process_exited`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn processes_stdin() {}
+
+/// Send a signal
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/processes/{pid}/signal", tag = "processes",
+    params(("id" = String, Path, description = "The sandbox id."), ("pid" = String, Path, description = "The process id.")),
+    request_body(content = agentbox_proto::SignalRequest, content_type = "application/json"),
+    responses((status = 204, description = "Sent."),
+        (status = 400, description = "`invalid_request`: an unknown signal.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`; `process_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`; `process_exited`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn processes_signal() {}
+
+/// Resize a process's terminal
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/processes/{pid}/resize", tag = "processes",
+    params(("id" = String, Path, description = "The sandbox id."), ("pid" = String, Path, description = "The process id.")),
+    request_body(content = agentbox_proto::PtySize, content_type = "application/json"),
+    responses((status = 204, description = "Resized."),
+        (status = 400, description = "`not_a_terminal`; `invalid_request`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`; `process_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`; `process_exited`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn processes_resize() {}
+
+/// Wait for a process to exit
+#[utoipa::path(post, path = "/api/v1/sandboxes/{id}/processes/{pid}/wait", tag = "processes",
+    params(("id" = String, Path, description = "The sandbox id."), ("pid" = String, Path, description = "The process id."),
+        ("timeout" = Option<String>, Query, description = "How long to wait (default and at most `5m`).")),
+    responses((status = 200, description = "The process, exited unless the wait timed out.", body = agentbox_proto::ProcessSummary),
+        (status = 400, description = "`invalid_timeout`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`; `process_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`; `process_exited`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn processes_wait() {}
+
+/// A process's events
+///
+/// `start`, `log`…, `exit` as Server-Sent Events after `Last-Event-ID` (as an invoke's).
+#[utoipa::path(get, path = "/api/v1/sandboxes/{id}/processes/{pid}/events", tag = "processes",
+    params(("id" = String, Path, description = "The sandbox id."), ("pid" = String, Path, description = "The process id."),
+        ("after" = Option<u64>, Query, description = "Replay events with ids greater than this."),
+        ("Last-Event-ID" = Option<String>, Header, description = "As `after`; wins over it.")),
+    responses((status = 200, description = "Server-Sent Events.", content_type = "text/event-stream", body = String),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`; `process_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`; `process_exited`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn processes_events() {}
+
+/// Open a terminal (the seed's path)
+///
+/// As `GET /api/v1/sandboxes/{id}/terminal`.
+#[utoipa::path(get, path = "/ws/terminal/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox name."),
+        ("ticket" = Option<String>, Query, description = "A ticket from `POST .../terminal/ticket`, instead of headers.")),
+    responses((status = 101, description = "Switching to the WebSocket protocol."),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`sandbox_not_found`; `process_not_found`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running`; `process_exited`.", body = ErrorBody),
+        (status = 502, description = "`runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
+        (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
+#[allow(dead_code)]
+fn ws_terminal() {}

@@ -496,6 +496,8 @@ pub enum InvokeKind {
     Invoke,
     /// `POST /v1/exec`.
     Exec,
+    /// `POST /v1/processes` (or a terminal's shell): long-lived, interactive.
+    Process,
 }
 
 /// Whether an invoke is still running.
@@ -532,6 +534,98 @@ pub struct InvokeSummary {
     pub duration_ms: Option<u64>,
     /// Sequence number of the last event written so far.
     pub last_event_id: u64,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PtySize {
+    /// Columns (1–1000).
+    pub cols: u16,
+    /// Rows (1–1000).
+    pub rows: u16,
+}
+
+/// `POST /v1/processes` body: a long-lived process, optionally on a pseudo-terminal.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessRequest {
+    /// The command as an argv array. Exactly one of `argv` and `command` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
+    /// A shell command, run by `/bin/sh -c`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Extra environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Working directory, inside the workspace (default: the workspace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Run on a pseudo-terminal of this size: stdin, stdout and stderr are the terminal, and
+    /// all output is one stream (`stdout`). Without it, stdin is a pipe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
+    /// A label of the caller's, returned in summaries (at most 256 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// A time limit (seconds, or a Go duration string); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<ExecTimeout>,
+}
+
+/// A process (`POST /v1/processes`, `GET /v1/processes[/{id}]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessSummary {
+    /// The process's id (an invoke id: its events are `GET /v1/invokes/{id}/events` too).
+    pub id: InvokeId,
+    /// Running or exited.
+    pub state: InvokeState,
+    /// The root pid inside the sandbox, while known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// The terminal's size, for a process on a pseudo-terminal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pty: Option<PtySize>,
+    /// The caller's label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// The argv it was started with (not kept across a runner restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
+    /// Milliseconds since the Unix epoch.
+    pub started_at: u64,
+    /// Set once exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Set once exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<ExitReason>,
+    /// Set once exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Sequence number of the last event written so far.
+    pub last_event_id: u64,
+}
+
+/// `GET /v1/processes` answer, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessList {
+    /// Running and recent processes, newest first.
+    pub processes: Vec<ProcessSummary>,
+}
+
+/// `POST /v1/processes/{id}/signal` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SignalRequest {
+    /// A signal name (`SIGINT` or `INT`) or number.
+    pub signal: serde_json::Value,
+    /// Signal the whole process group instead of the root process only.
+    #[serde(default)]
+    pub group: bool,
 }
 
 /// `GET /v1/invokes` answer, newest first.

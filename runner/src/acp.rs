@@ -334,6 +334,7 @@ impl Conn {
             stdin: true,
             pass_fds: Default::default(),
             live: false,
+            pty: None,
         };
         let (child, exit) = supervisor::spawn_stdio(reaper, &spec).map_err(|e| {
             Error::AgentFailed(format!("cannot start the ACP agent {:?}: {e}", launch.argv))

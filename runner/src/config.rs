@@ -107,6 +107,10 @@ pub struct Args {
     /// client attached before it is canceled.
     #[arg(long, env = "AGENTBOX_LINGER", default_value = "30s", value_parser = parse_duration)]
     pub linger: Duration,
+    /// How long a shell started by a terminal WebSocket (`GET /v1/terminal`) keeps running
+    /// with no terminal attached, for a reconnect; then its tree is stopped.
+    #[arg(long, env = "AGENTBOX_TERMINAL_RECONNECT_WINDOW", default_value = "5m", value_parser = parse_duration)]
+    pub terminal_reconnect_window: Duration,
     /// Finished invokes whose journals are kept; older ones are pruned.
     #[arg(long, env = "AGENTBOX_RETAIN_INVOKES", default_value_t = 100)]
     pub retain_invokes: usize,
@@ -206,6 +210,8 @@ pub struct Config {
     pub journal_max_bytes: u64,
     /// Linger period for detached invokes.
     pub linger: Duration,
+    /// Reconnect window of a terminal's shell.
+    pub terminal_reconnect_window: Duration,
     /// Finished invokes kept.
     pub retain_invokes: usize,
     /// Journal bytes kept.
@@ -347,6 +353,7 @@ impl Args {
             max_upload_bytes: self.max_upload_bytes,
             journal_max_bytes: self.journal_max_bytes,
             linger: self.linger,
+            terminal_reconnect_window: self.terminal_reconnect_window,
             retain_invokes: self.retain_invokes,
             retain_bytes: self.retain_bytes,
             permission_timeout: self.permission_timeout,

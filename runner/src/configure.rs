@@ -948,6 +948,7 @@ async fn install(
         stdin: false,
         pass_fds: Default::default(),
         live,
+        pty: None,
     };
     let process = Process::new(marker.clone());
     let (tx, rx) = oneshot::channel();

@@ -102,6 +102,15 @@ pub enum Error {
     /// Opening a tunnel past the cap (503 `too_many_tunnels`).
     #[error("{0}")]
     TooManyTunnels(String),
+    /// No such process (404 `process_not_found`).
+    #[error("{0}")]
+    ProcessNotFound(String),
+    /// The process has exited, or its stdin is closed (409 `process_exited`).
+    #[error("{0}")]
+    ProcessExited(String),
+    /// Resize of a process without a pseudo-terminal (400 `not_a_terminal`).
+    #[error("{0}")]
+    NotATerminal(String),
     /// An I/O failure on the runner's side (500 `internal`).
     #[error("{0}")]
     Internal(String),
@@ -121,7 +130,9 @@ impl Error {
                 StatusCode::NOT_FOUND
             }
             Error::NotADirectory(_) | Error::IsADirectory(_) => StatusCode::BAD_REQUEST,
-            Error::DirectoryNotEmpty(_) => StatusCode::CONFLICT,
+            Error::DirectoryNotEmpty(_) | Error::ProcessExited(_) => StatusCode::CONFLICT,
+            Error::ProcessNotFound(_) => StatusCode::NOT_FOUND,
+            Error::NotATerminal(_) => StatusCode::BAD_REQUEST,
             Error::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::InvalidRequest(_)
@@ -148,6 +159,9 @@ impl Error {
             Error::RouteNotFound(_) => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::InvokeNotFound(_) => "invoke_not_found",
+            Error::ProcessNotFound(_) => "process_not_found",
+            Error::ProcessExited(_) => "process_exited",
+            Error::NotATerminal(_) => "not_a_terminal",
             Error::InvalidRequest(_) => "invalid_request",
             Error::InvalidPath(_) => "invalid_path",
             Error::InvalidTimeout(_) => "invalid_timeout",

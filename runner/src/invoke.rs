@@ -173,6 +173,35 @@ pub struct StartRequest {
     pub agent: Option<crate::channel::AgentSetup>,
     /// For an ACP agent: the prompt turn to run instead of a process.
     pub acp: Option<crate::acp::Turn>,
+    /// A process (`kind: process`): its pseudo-terminal, label, and how long it runs with no
+    /// client attached under `OnDisconnect::Linger` (default `--linger`).
+    pub process: Option<ProcessOptions>,
+}
+
+/// What a long-lived process (`POST /v1/processes`, a terminal's shell) adds to a run.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessOptions {
+    /// Run on a pseudo-terminal of this size.
+    pub pty: Option<agentbox_proto::PtySize>,
+    /// The caller's label.
+    pub tag: Option<String>,
+    /// The linger period (for a terminal's shell: the reconnect window).
+    pub linger: Option<Duration>,
+}
+
+/// The live ends of a process: its stdin (kept open for `POST .../stdin`) and its
+/// pseudo-terminal's master (for resizes).
+#[derive(Debug, Default)]
+struct Interactive {
+    argv: Vec<String>,
+    linger: Option<Duration>,
+    /// The write end of stdin (a copy of the master on a terminal); None once closed. A
+    /// tokio lock: a write waits on a blocking thread while the process does not read.
+    stdin: tokio::sync::Mutex<Option<std::process::ChildStdin>>,
+    master: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// The last event a terminal WebSocket that went away had sent (its reconnect replays
+    /// from after it).
+    terminal_sent: AtomicU64,
 }
 
 /// Persisted summary of an invoke (`<name>.json` next to its journal `<name>.events`, see
@@ -200,6 +229,12 @@ struct Meta {
     /// Sequence number of the last event, once exited.
     #[serde(default)]
     last_event_id: u64,
+    /// A process's terminal size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pty: Option<agentbox_proto::PtySize>,
+    /// A process's label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tag: Option<String>,
 }
 
 impl Meta {
@@ -216,6 +251,8 @@ impl Meta {
             reason: None,
             duration_ms: None,
             last_event_id: 0,
+            pty: None,
+            tag: None,
         }
     }
 }
@@ -245,6 +282,8 @@ pub struct Invoke {
     policy: OnDisconnect,
     attached: AtomicUsize,
     detach_generation: AtomicU64,
+    /// Set for a process started by this runner (`kind: process`).
+    interactive: Option<Interactive>,
 }
 
 impl Invoke {
@@ -255,6 +294,147 @@ impl Invoke {
 
     fn meta(&self) -> MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this is a process (`POST /v1/processes`, a terminal's shell).
+    pub fn is_process(&self) -> bool {
+        self.meta().kind == InvokeKind::Process
+    }
+
+    /// Whether it runs on a pseudo-terminal.
+    pub fn is_terminal(&self) -> bool {
+        self.meta().pty.is_some()
+    }
+
+    /// The process summary.
+    pub fn process_summary(&self) -> agentbox_proto::ProcessSummary {
+        let summary = self.summary();
+        let meta = self.meta().clone();
+        agentbox_proto::ProcessSummary {
+            id: summary.invoke_id,
+            state: summary.state,
+            pid: (summary.state == InvokeState::Running)
+                .then_some(meta.pid)
+                .flatten(),
+            pty: meta.pty,
+            tag: meta.tag,
+            argv: self.interactive.as_ref().map(|i| i.argv.clone()),
+            started_at: summary.started_at,
+            exit_code: summary.exit_code,
+            reason: summary.reason,
+            duration_ms: summary.duration_ms,
+            last_event_id: summary.last_event_id,
+        }
+    }
+
+    fn running_process(&self) -> Result<(&Interactive, Arc<Process>)> {
+        match (&self.interactive, &self.process) {
+            (Some(live), Some(process)) if self.is_running() => Ok((live, Arc::clone(process))),
+            _ => Err(Error::ProcessExited(format!(
+                "process {} has exited",
+                self.id
+            ))),
+        }
+    }
+
+    /// Writes `data` to the process's stdin (on a blocking thread: a process that does not
+    /// read blocks only this write), then closes stdin when `close` (on a terminal, `close`
+    /// sends end-of-file, ^D, instead: the terminal stays).
+    pub async fn write_stdin(&self, data: Bytes, close: bool) -> Result<()> {
+        let (live, _) = self.running_process()?;
+        let terminal = self.is_terminal();
+        let mut slot = live.stdin.lock().await;
+        let Some(stdin) = slot.take() else {
+            return Err(Error::ProcessExited(format!(
+                "the stdin of process {} is closed",
+                self.id
+            )));
+        };
+        let mut data = data.to_vec();
+        if close && terminal {
+            data.push(0x04);
+        }
+        let (stdin, written) = tokio::task::spawn_blocking(move || {
+            use std::io::Write as _;
+            let mut stdin = stdin;
+            let written = stdin.write_all(&data);
+            (stdin, written)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        if !close || terminal {
+            *slot = Some(stdin);
+        }
+        written.map_err(|e| Error::ProcessExited(format!("cannot write to the process: {e}")))
+    }
+
+    /// Sends `signal` to the root process, or its whole process group.
+    pub fn signal(&self, signal: nix::sys::signal::Signal, group: bool) -> Result<()> {
+        let (_, process) = self.running_process()?;
+        let Some(pid) = process.pid() else {
+            return Err(Error::ProcessExited(format!(
+                "process {} has no pid",
+                self.id
+            )));
+        };
+        let pid = nix::unistd::Pid::from_raw(pid);
+        let sent = if group {
+            nix::sys::signal::killpg(pid, signal)
+        } else {
+            nix::sys::signal::kill(pid, signal)
+        };
+        sent.map_err(|e| Error::ProcessExited(format!("cannot signal process {}: {e}", self.id)))
+    }
+
+    /// Resizes its pseudo-terminal (the kernel sends SIGWINCH to its foreground group).
+    pub fn resize(&self, size: agentbox_proto::PtySize) -> Result<()> {
+        if !self.is_terminal() {
+            return Err(Error::NotATerminal(format!(
+                "process {} has no terminal to resize",
+                self.id
+            )));
+        }
+        let (live, _) = self.running_process()?;
+        let master = live.master.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(master) = master.as_ref() else {
+            return Err(Error::ProcessExited(format!(
+                "process {} has exited",
+                self.id
+            )));
+        };
+        crate::spawn::set_pty_size(master, size.cols, size.rows)
+            .map_err(|e| Error::Internal(format!("cannot resize the terminal: {e}")))?;
+        self.meta().pty = Some(size);
+        Ok(())
+    }
+
+    /// The last event a terminal that went away had sent.
+    pub fn terminal_sent(&self) -> u64 {
+        self.interactive
+            .as_ref()
+            .map_or(0, |i| i.terminal_sent.load(Ordering::SeqCst))
+    }
+
+    /// Records the last event a terminal that goes away had sent.
+    pub fn set_terminal_sent(&self, seq: u64) {
+        if let Some(i) = &self.interactive {
+            i.terminal_sent.store(seq, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits until the `exit` event is published, at most `window`; whether it is.
+    pub async fn wait_exit(&self, window: Duration) -> bool {
+        if !self.is_running() {
+            return true;
+        }
+        let Some(log) = self.loaded() else {
+            return !self.is_running();
+        };
+        let Ok(sub) = log.subscribe(0) else {
+            return !self.is_running();
+        };
+        sub.closed_within(window).await;
+        !self.is_running()
     }
 
     /// Whether the exit event has not been written yet.
@@ -429,6 +609,13 @@ pub struct Attachment {
     invokes: Arc<Invokes>,
 }
 
+impl Attachment {
+    /// The invoke watched.
+    pub fn invoke(&self) -> &Arc<Invoke> {
+        &self.invoke
+    }
+}
+
 impl Drop for Attachment {
     fn drop(&mut self) {
         let invoke = &self.invoke;
@@ -452,7 +639,11 @@ impl Drop for Attachment {
             OnDisconnect::Linger => {
                 let generation = invoke.detach_generation.fetch_add(1, Ordering::SeqCst) + 1;
                 let invoke = Arc::clone(invoke);
-                let linger = self.invokes.cfg.linger;
+                let linger = invoke
+                    .interactive
+                    .as_ref()
+                    .and_then(|i| i.linger)
+                    .unwrap_or(self.invokes.cfg.linger);
                 runtime.spawn(async move {
                     tokio::select! {
                         _ = tokio::time::sleep(linger) => {}
@@ -576,6 +767,7 @@ impl Invokes {
                 policy: OnDisconnect::Continue,
                 attached: AtomicUsize::new(0),
                 detach_generation: AtomicU64::new(0),
+                interactive: None,
             });
             if invoke.is_running() {
                 mark_restarted(&invoke)?;
@@ -627,6 +819,24 @@ impl Invokes {
     /// Recent invokes, newest first.
     pub fn list(&self) -> Vec<InvokeSummary> {
         self.map().values().rev().map(|i| i.summary()).collect()
+    }
+
+    /// Looks a process up by the id from a URL.
+    pub fn get_process(&self, id: &str) -> Result<Arc<Invoke>> {
+        match self.map().get(&InvokeId(id.to_owned())) {
+            Some(invoke) if invoke.is_process() => Ok(Arc::clone(invoke)),
+            _ => Err(Error::ProcessNotFound(format!("no process {id:?}"))),
+        }
+    }
+
+    /// Running and recent processes, newest first.
+    pub fn list_processes(&self) -> Vec<agentbox_proto::ProcessSummary> {
+        self.map()
+            .values()
+            .rev()
+            .filter(|i| i.is_process())
+            .map(|i| i.process_summary())
+            .collect()
     }
 
     /// Cancels a running invoke.
@@ -700,10 +910,19 @@ impl Invokes {
         };
         let marker = format!("AGENTBOX_INVOKE_ID={id}");
         let process = Process::new(marker);
+        let mut meta = Meta::running(id.clone(), req.kind, started_at);
+        let options = req.process.unwrap_or_default();
+        meta.pty = options.pty;
+        meta.tag = options.tag;
+        let interactive = (req.kind == InvokeKind::Process).then(|| Interactive {
+            argv: req.argv.clone(),
+            linger: options.linger,
+            ..Interactive::default()
+        });
         let invoke = Arc::new(Invoke {
             id: id.clone(),
             base,
-            meta: Mutex::new(Meta::running(id.clone(), req.kind, started_at)),
+            meta: Mutex::new(meta),
             meta_file: Mutex::new(summary),
             log: Mutex::new(LogRef {
                 strong: Some(Arc::clone(&log)),
@@ -716,6 +935,7 @@ impl Invokes {
             policy: req.on_disconnect,
             attached: AtomicUsize::new(0),
             detach_generation: AtomicU64::new(0),
+            interactive,
         });
         self.map().insert(id.clone(), Arc::clone(&invoke));
         let attachment = invoke.attach(self);
@@ -743,6 +963,7 @@ impl Invokes {
             stdin: true,
             pass_fds: Arc::new(Mutex::new(pass_fds)),
             live: req.stream == StreamMode::Live,
+            pty: options.pty,
         };
         let mut events = channel.map(|c| c.start());
         let (stdin_now, stdin_stream) = match req.stdin {
@@ -761,7 +982,7 @@ impl Invokes {
         let acp = req.acp;
         let deadline = Deadline {
             process: Arc::clone(&process),
-            at: tokio::time::Instant::now() + req.timeout,
+            at: tokio::time::Instant::now().checked_add(req.timeout),
             grace: self.cfg.grace,
         };
         if acp.is_none() {
@@ -1285,16 +1506,20 @@ const BIG_STALE_TAIL: u64 = 4 << 20;
 /// When a running invoke times out.
 struct Deadline {
     process: Arc<Process>,
-    at: tokio::time::Instant,
+    at: Option<tokio::time::Instant>,
     grace: Duration,
 }
 
 impl Deadline {
-    /// Stops the process with reason `timeout` at the deadline, unless it is done by then.
+    /// Stops the process with reason `timeout` at the deadline, unless it is done by then
+    /// (no deadline at all for a timeout too far away to be a time, as a process's none).
     fn start(self) {
+        let Some(at) = self.at else {
+            return;
+        };
         tokio::spawn(async move {
             tokio::select! {
-                _ = tokio::time::sleep_until(self.at) => {
+                _ = tokio::time::sleep_until(at) => {
                     self.process.stop(ExitReason::Timeout, self.grace);
                 }
                 _ = self.process.wait_done() => {}
@@ -1360,6 +1585,7 @@ impl Begin {
             pid,
             start_time,
             stdin,
+            pty,
         } = child;
         {
             let mut meta = self.invoke.meta();
@@ -1370,6 +1596,14 @@ impl Begin {
         // at its next start.
         self.invoke.save_meta_fast(false);
         self.write_start(journal_error);
+        if let Some(live) = &self.invoke.interactive {
+            // A process keeps its stdin for `POST .../stdin` (a fresh lock: never contended).
+            if let Ok(mut slot) = live.stdin.try_lock() {
+                *slot = stdin;
+            }
+            *live.master.lock().unwrap_or_else(|p| p.into_inner()) = pty;
+            return;
+        }
         match (stdin, self.stdin_now.take()) {
             (Some(mut stdin), Some(bytes)) => {
                 // A fresh pipe holds STDIN_INLINE_MAX bytes, so this never blocks; a

@@ -59,6 +59,10 @@ pub struct Request<'a> {
     /// Descriptors the child inherits under their own numbers (all of the runner's are
     /// close-on-exec; the child clears the flag on its own copies of these).
     pub pass: &'a [OwnedFd],
+    /// Run on a new pseudo-terminal of this size (cols, rows): the child starts a session
+    /// (`setsid`) with the terminal as its controlling terminal and as stdin, stdout and
+    /// stderr; `stdin` is then ignored.
+    pub pty: Option<(u16, u16)>,
 }
 
 /// A started child: its pid and the runner's ends of its pipes. Always in a new process group
@@ -73,18 +77,22 @@ pub struct Child {
     pub stdin: Option<ChildStdin>,
     /// The read end of its stdout.
     pub stdout: ChildStdout,
-    /// The read end of its stderr.
+    /// The read end of its stderr (for a pseudo-terminal: a pipe nothing writes to).
     pub stderr: ChildStderr,
+    /// The pseudo-terminal's master (for resizing), when it runs on one; `stdin` and
+    /// `stdout` are copies of it.
+    pub pty: Option<OwnedFd>,
 }
 
 /// The steps of the child, for the error message when one fails.
-const STAGES: [&str; 6] = [
+const STAGES: [&str; 7] = [
     "setpgid",
     "dup2 of stdin, stdout or stderr",
     "inheriting a descriptor",
     "chdir to the working directory",
     "execve",
     "setrlimit",
+    "setsid or TIOCSCTTY",
 ];
 
 /// The address-space limit of every child (0: none), set once at start-up
@@ -142,6 +150,9 @@ struct Plan {
     as_limit: u64,
     /// `RLIMIT_NPROC` for the child, 0 for none.
     nproc_limit: u64,
+    /// The stdio ends are a pseudo-terminal's slave: start a session and make it the
+    /// controlling terminal.
+    pty: bool,
 }
 
 /// Starts `req` in a new process group. An `execve` that fails (no such file, not executable)
@@ -166,14 +177,34 @@ fn spawn_via(req: &Request<'_>, via: u8) -> io::Result<Child> {
     let argv_ptrs = pointers(&argv);
     let envp_ptrs = pointers(&envp);
 
-    let (stdin_child, stdin_parent) = if req.stdin {
-        let (read, write) = pipe()?;
-        (read, Some(write))
-    } else {
-        (dev_null()?, None)
-    };
-    let (stdout_parent, stdout_child) = pipe()?;
-    let (stderr_parent, stderr_child) = pipe()?;
+    let terminal = req
+        .pty
+        .map(|(cols, rows)| open_pty(cols, rows))
+        .transpose()?;
+    let (stdin_child, stdin_parent, stdout_parent, stdout_child, stderr_parent, stderr_child);
+    match &terminal {
+        Some((master, slave)) => {
+            // stdin, stdout and stderr are all the slave; stderr's pipe stays empty.
+            stdin_child = slave.try_clone()?;
+            stdout_child = slave.try_clone()?;
+            stdin_parent = Some(master.try_clone()?);
+            stdout_parent = master.try_clone()?;
+            let (read, write) = pipe()?;
+            drop(write);
+            stderr_parent = read;
+            stderr_child = above_stdio(slave.try_clone()?)?;
+        }
+        None => {
+            (stdin_child, stdin_parent) = if req.stdin {
+                let (read, write) = pipe()?;
+                (read, Some(write))
+            } else {
+                (dev_null()?, None)
+            };
+            (stdout_parent, stdout_child) = pipe()?;
+            (stderr_parent, stderr_child) = pipe()?;
+        }
+    }
     let pass: Vec<RawFd> = req.pass.iter().map(AsRawFd::as_raw_fd).collect();
     let mut plan = Plan {
         path: path.as_ptr(),
@@ -192,6 +223,7 @@ fn spawn_via(req: &Request<'_>, via: u8) -> io::Result<Child> {
         signals_cleared: false,
         as_limit: CHILD_AS_LIMIT.load(Ordering::Relaxed),
         nproc_limit: CHILD_NPROC_LIMIT.load(Ordering::Relaxed),
+        pty: terminal.is_some(),
     };
     let (pid, pidfd) = clone_vfork(&mut plan, via)?;
     if CHILD_OOM_FIRST.load(Ordering::Relaxed) {
@@ -200,6 +232,7 @@ fn spawn_via(req: &Request<'_>, via: u8) -> io::Result<Child> {
     }
     // The spawning thread resumed: the child has exec'd, or exited after a failed step.
     drop((stdin_child, stdout_child, stderr_child));
+    let pty = terminal.map(|(master, _slave)| master);
     let error = plan.error.load(Ordering::Acquire);
     if error != 0 {
         // It has already exited (with 127); reap it so that no zombie is left.
@@ -217,7 +250,37 @@ fn spawn_via(req: &Request<'_>, via: u8) -> io::Result<Child> {
         stdin: stdin_parent.map(ChildStdin::from),
         stdout: ChildStdout::from(stdout_parent),
         stderr: ChildStderr::from(stderr_parent),
+        pty,
     })
+}
+
+/// A new pseudo-terminal of `cols` × `rows`: its master and slave, both close-on-exec and
+/// above the standard descriptors (rustix's safe `openpt`/`grantpt`/`unlockpt`/`ptsname`).
+fn open_pty(cols: u16, rows: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let name = ptsname(&master, Vec::new())?;
+    let slave = rustix::fs::open(
+        name.as_c_str(),
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::NOCTTY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    set_pty_size(&master, cols, rows)?;
+    Ok((above_stdio(master)?, above_stdio(slave)?))
+}
+
+/// Sets a pseudo-terminal's size (`TIOCSWINSZ`; the kernel sends `SIGWINCH` to its
+/// foreground process group when the size changes).
+pub fn set_pty_size(master: &OwnedFd, cols: u16, rows: u16) -> io::Result<()> {
+    let size = rustix::termios::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    Ok(rustix::termios::tcsetwinsize(master, size)?)
 }
 
 /// The file `execve` gets: `program` itself when it has a `/`, else the first executable
@@ -529,7 +592,13 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
                 );
             }
         }
-        if libc::setpgid(0, 0) != 0 {
+        if plan.pty {
+            // A session of its own (also a new process group, its pid) with the terminal
+            // as its controlling terminal.
+            if libc::setsid() < 0 || libc::ioctl(plan.stdio[0], libc::TIOCSCTTY, 0) != 0 {
+                fail(6);
+            }
+        } else if libc::setpgid(0, 0) != 0 {
             fail(0);
         }
         for (target, fd) in plan.stdio.iter().enumerate() {
@@ -612,6 +681,7 @@ mod tests {
                 cwd: &cwd,
                 stdin,
                 pass: &[],
+                pty: None,
             },
             via,
         )?;

@@ -281,6 +281,9 @@ pub struct RunSpec {
     /// [`IDLE_FLUSH`] (see [`LineFramer`]); otherwise only whole lines, long lines' pieces and
     /// the unterminated end.
     pub live: bool,
+    /// Run on a pseudo-terminal of this size; its output is framed raw (see
+    /// [`LineFramer::raw`]).
+    pub pty: Option<agentbox_proto::PtySize>,
 }
 
 /// Shared control of one supervised process tree.
@@ -447,6 +450,7 @@ pub fn spawn_stdio(
         cwd: &spec.cwd,
         stdin: true,
         pass: &[],
+        pty: None,
     })
 }
 
@@ -479,6 +483,8 @@ pub struct Running {
     exit: Exit,
     started: Instant,
     live: bool,
+    /// Output framed as it comes (a terminal's).
+    raw: bool,
 }
 
 /// A process just spawned, as the `on_spawn` of [`start`] and [`run`] gets it.
@@ -489,8 +495,10 @@ pub struct SpawnedChild {
     /// Its start time (see [`proctree::start_time`]), which tells it from a later process
     /// with the same pid.
     pub start_time: Option<u64>,
-    /// The write end of its stdin, when piped.
+    /// The write end of its stdin, when piped (a copy of the terminal's master on a PTY).
     pub stdin: Option<ChildStdin>,
+    /// The pseudo-terminal's master, when it runs on one.
+    pub pty: Option<OwnedFd>,
 }
 
 /// Spawns `spec` (see [`spawn`]); `on_spawn` gets the child (pid, start time, stdin pipe)
@@ -517,6 +525,7 @@ pub fn start(
         pid,
         start_time,
         stdin: child.stdin,
+        pty: child.pty,
     });
     if process.stop_reason().is_some() {
         // A stop raced with the spawn and found no pid to signal.
@@ -529,6 +538,7 @@ pub fn start(
         exit,
         started,
         live: spec.live,
+        raw: spec.pty.is_some(),
     })
 }
 
@@ -617,6 +627,7 @@ pub fn try_finish(
         stdout,
         stderr,
         started,
+        raw,
         ..
     } = running;
     let mut buf = READ_BUF.with_borrow_mut(std::mem::take);
@@ -628,6 +639,7 @@ pub fn try_finish(
     for (i, pipe) in pipes.into_iter().enumerate() {
         let Some(mut pipe) = pipe else { continue };
         let mut framer = LineFramer::new(framer_stream(i));
+        framer.raw = raw;
         // Every writer is gone (POLLHUP): these reads end at the pipe's end, never block.
         while let Ok(n @ 1..) = pipe.read(&mut buf) {
             let data = &buf[..n];
@@ -677,6 +689,7 @@ fn spawn(reaper: &Reaper, spec: &RunSpec) -> SpawnResult {
         cwd: &spec.cwd,
         stdin: spec.stdin,
         pass: &pass,
+        pty: spec.pty.map(|size| (size.cols, size.rows)),
     };
     let before = proctree::boot_ticks();
     let spawned = reaper.spawn_run(&request);
@@ -711,6 +724,7 @@ fn pump_output(
         exit: child_exit,
         started,
         live,
+        raw,
     } = running;
     let mut pipes: [Option<Box<dyn ReadFd>>; 2] = [
         stdout.map(|p| Box::new(p) as Box<dyn ReadFd>),
@@ -723,6 +737,9 @@ fn pump_output(
         LineFramer::new(Stream::Stdout),
         LineFramer::new(Stream::Stderr),
     ];
+    for framer in &mut framers {
+        framer.raw = raw;
+    }
     // One small read buffer per pump thread, kept between invokes (no allocation for a quiet
     // process); it grows to READ_BUF_SIZE for the rest of the invoke once a read fills it.
     let mut buf = READ_BUF.with_borrow_mut(std::mem::take);
@@ -913,6 +930,9 @@ impl<T: Read + AsFd + Send> ReadFd for T {}
 /// pauses.
 #[derive(Debug)]
 pub struct LineFramer {
+    /// Every chunk read becomes `partial` events at once (a terminal's output: prompts and
+    /// echoes have no newline, and a keystroke's echo must not wait).
+    pub raw: bool,
     stream: Stream,
     pending: Vec<u8>,
     pending_since: Option<Instant>,
@@ -922,6 +942,7 @@ impl LineFramer {
     /// A framer for `stream`.
     pub fn new(stream: Stream) -> Self {
         Self {
+            raw: false,
             stream,
             pending: Vec::new(),
             pending_since: None,
@@ -945,6 +966,12 @@ impl LineFramer {
 
     /// Feeds bytes; `emit(bytes, partial)` is called for every complete event.
     pub fn feed(&mut self, mut data: &[u8], emit: &mut impl FnMut(&[u8], bool)) {
+        if self.raw {
+            for piece in data.chunks(MAX_FRAGMENT) {
+                emit(piece, true);
+            }
+            return;
+        }
         if !self.pending.is_empty() {
             match memchr::memchr(b'\n', data) {
                 Some(nl) => {
@@ -1072,6 +1099,7 @@ mod tests {
             stdin: false,
             pass_fds: Arc::default(),
             live: false,
+            pty: None,
         };
         let (_child, exit) = spawn_stdio(&reaper, &spec).expect("spawn");
         assert!(exit.pidfd().is_some(), "no pidfd on this kernel");

@@ -6,6 +6,7 @@ mod agents;
 mod files;
 mod openapi;
 mod ports;
+mod processes;
 mod sessions;
 
 use std::convert::Infallible;
@@ -62,6 +63,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .merge(sessions::routes())
         .merge(agents::routes())
         .merge(ports::routes())
+        .merge(processes::routes())
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             authenticate,
@@ -376,6 +378,7 @@ async fn invoke(
         stream: q.stream.unwrap_or_default(),
         agent,
         acp,
+        process: None,
     })?;
     if wants_json(&headers) {
         return json_answer(&collect(sub, attachment, app.cfg.max_json_output).await?);
@@ -466,6 +469,7 @@ async fn exec(
         stream: q.stream.unwrap_or_default(),
         agent: None,
         acp: None,
+        process: None,
     })?;
     // The seed's exec answers one JSON document; events only for clients that ask for them.
     if !wants_sse(&headers) {

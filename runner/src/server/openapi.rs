@@ -11,9 +11,10 @@ use agentbox_proto::{
     CancelResponse, ConfigureRequest, ConfigureResult, CreateSessionRequest, ErrorBody, ErrorEvent,
     ExecRequest, ExitEvent, ForwardedPort, Health, Info, InvokeList, InvokeResponse, InvokeSummary,
     LogEvent, PermissionEvent, PermissionOption, PermissionReply, PermissionReplyEvent,
-    PermissionReplyRequest, PermissionReplyResponse, PortList, PortRequest, PromptEvent,
-    ProtocolErrorEvent, ReplyOrigin, Sender, SessionConfigRequest, SessionEvent, SessionEventPage,
-    SessionInfo, SessionList, StartEvent, TruncatedEvent,
+    PermissionReplyRequest, PermissionReplyResponse, PortList, PortRequest, ProcessList,
+    ProcessRequest, ProcessSummary, PromptEvent, ProtocolErrorEvent, PtySize, ReplyOrigin, Sender,
+    SessionConfigRequest, SessionEvent, SessionEventPage, SessionInfo, SessionList, SignalRequest,
+    StartEvent, TruncatedEvent,
 };
 use serde_json::{json, Value};
 use utoipa::OpenApi;
@@ -54,6 +55,17 @@ use crate::invoke::{OnDisconnect, StreamMode};
         super::ports::forward_port,
         super::ports::remove_port,
         super::ports::open_tunnel,
+        super::processes::start_process,
+        super::processes::list_processes,
+        super::processes::get_process,
+        super::processes::kill_process,
+        super::processes::write_stdin,
+        super::processes::signal_process,
+        super::processes::resize_process,
+        super::processes::wait_process,
+        super::processes::process_events,
+        super::processes::open_terminal,
+        super::processes::attach_terminal,
     ),
     components(schemas(
         ForwardedPort, PortList, PortRequest,
@@ -64,7 +76,8 @@ use crate::invoke::{OnDisconnect, StreamMode};
         AgentEvent, PermissionEvent, PermissionReply, PermissionReplyEvent, ReplyOrigin,
         ProtocolErrorEvent, PromptEvent, SessionConfigRequest, PermissionReplyRequest,
         PermissionReplyResponse, AgentInfo, AgentList, AgentSpec, AcpSessionState,
-        PermissionOption, AutoReply,
+        PermissionOption, AutoReply, ProcessRequest, ProcessSummary, ProcessList, PtySize,
+        SignalRequest,
     )),
     tags(
         (name = "meta", description = "Health, runner information and this document."),
@@ -73,6 +86,7 @@ use crate::invoke::{OnDisconnect, StreamMode};
         (name = "exec", description = "Ad-hoc commands, journaled like invokes; available in both modes."),
         (name = "ports", description = "Forwarded ports: the table, and tunnels (an HTTP/1.1 upgrade to raw TCP) to them."),
         (name = "sessions", description = "Sessions: a persistent history and directory across invokes, permission replies, ACP session config."),
+        (name = "processes", description = "Long-lived processes: stdin, signals, pseudo-terminals, resize, wait, kill; the terminal WebSocket."),
         (name = "files", description = "Listing, downloading, uploading and deleting workspace files, and archives; available in both modes."),
     )
 )]
