@@ -20,6 +20,7 @@ pub mod journal;
 pub mod listen;
 pub mod pool;
 pub mod proctree;
+pub mod relay;
 pub mod sandbox;
 pub mod server;
 pub mod session;

@@ -51,7 +51,8 @@ use std::time::{Duration, Instant};
 use agentbox_proto::{CreatedBy, SandboxStatus, SandboxSummary};
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HostConfig,
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HealthConfig,
+    HostConfig,
     NetworkCreateRequest, Volume, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
@@ -61,6 +62,7 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::docker_net::SandboxNet;
 use super::{now_rfc3339, random_hex, valid_name, Backend, CreateSpec, RunnerAddr, Target};
 use crate::config::DockerConfig;
 use crate::error::{Error, Result};
@@ -88,6 +90,8 @@ pub struct DockerBackend {
     image: String,
     scope: String,
     start_timeout: Duration,
+    /// `Some` under `--isolation namespaces`: containers without a network (docker_net.rs).
+    net: Option<SandboxNet>,
 }
 
 fn engine(e: DockerError) -> Error {
@@ -150,9 +154,42 @@ impl DockerBackend {
             image: cfg.image.clone(),
             scope: cfg.scope.clone(),
             start_timeout,
+            net: if cfg.isolated {
+                Some(SandboxNet::new(cfg.run_dir.clone())?)
+            } else {
+                None
+            },
         };
-        backend.ensure_network().await?;
+        if backend.net.is_none() {
+            backend.ensure_network().await?;
+        } else {
+            // A restarted control plane serves its running sandboxes' proxies again.
+            let sandboxes = backend
+                .list()
+                .await
+                .map_err(|e| format!("cannot list the sandboxes: {e}"))?;
+            for s in sandboxes.iter().filter(|s| s.status == SandboxStatus::Running) {
+                if let Err(e) = backend.serve_egress(&s.name).await {
+                    tracing::warn!(sandbox = %s.name, error = %e, "cannot serve the egress proxy");
+                }
+            }
+        }
         Ok(backend)
+    }
+
+    /// Serves `name`'s egress proxy unless this process already does (isolated mode only).
+    async fn serve_egress(&self, name: &str) -> Result<()> {
+        let Some(net) = &self.net else {
+            return Ok(());
+        };
+        let object = self.object_name(name);
+        if net.is_served(&object) {
+            return Ok(());
+        }
+        let Some(record) = self.record(name).await? else {
+            return Ok(());
+        };
+        net.serve(&object, name, &record.template)
     }
 
     async fn ensure_network(&self) -> Result<(), String> {
@@ -233,7 +270,7 @@ impl DockerBackend {
     fn phase(
         &self,
         container: Option<&ContainerInspectResponse>,
-    ) -> (SandboxStatus, Option<String>, Option<SocketAddr>) {
+    ) -> (SandboxStatus, Option<String>, Option<RunnerAddr>) {
         let Some(c) = container else {
             return (SandboxStatus::Stopped, None, None);
         };
@@ -246,11 +283,21 @@ impl DockerBackend {
             .and_then(|e| e.ip_address.as_deref())
             .and_then(|ip| ip.parse().ok());
         match state.and_then(|s| s.status) {
+            Some(ContainerStateStatusEnum::RUNNING) if self.net.is_some() => {
+                let socket = c
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.labels.as_ref())
+                    .and_then(|l| l.get(SANDBOX))
+                    .zip(self.net.as_ref())
+                    .map(|(name, net)| net.runner_socket(&self.object_name(name)));
+                (SandboxStatus::Running, None, socket.map(RunnerAddr::unix))
+            }
             Some(ContainerStateStatusEnum::RUNNING) => match ip {
                 Some(ip) => (
                     SandboxStatus::Running,
                     None,
-                    Some(SocketAddr::new(ip, RUNNER_PORT)),
+                    Some(RunnerAddr::Tcp(SocketAddr::new(ip, RUNNER_PORT))),
                 ),
                 None => (
                     SandboxStatus::Error,
@@ -301,7 +348,9 @@ impl DockerBackend {
             last_activity_at: None,
             created_by: Some(record.created_by.clone()),
             message,
-            isolated: true,
+            // Under `--isolation none` the container reaches the host and the networks it
+            // reaches: not isolated as the threat model means it.
+            isolated: self.net.is_some(),
             limits_enforced: None,
             stop_reason: None,
             timeout: None,
@@ -327,27 +376,45 @@ impl DockerBackend {
     async fn start(&self, record: &Record) -> Result<()> {
         let t = &record.template;
         let limits = t.limits.clone().unwrap_or_default();
-        let mut env: Vec<String> = t.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let name = self.object_name(&record.name);
+        let mut env = match &self.net {
+            Some(_) => SandboxNet::env(),
+            None => vec![format!("AGENTBOX_LISTEN=0.0.0.0:{RUNNER_PORT}")],
+        };
+        env.extend(t.env.iter().map(|(k, v)| format!("{k}={v}")));
+        env.extend(memory_events(limits.memory.is_some()));
         env.extend([
             format!("AGENTBOX_RUNNER_TOKEN={}", record.token),
             format!("AGENTBOX_MODE={}", t.mode),
-            format!("AGENTBOX_LISTEN=0.0.0.0:{RUNNER_PORT}"),
             "AGENTBOX_WORKSPACE=/workspace".into(),
             format!("AGENTBOX_SANDBOX={}", record.name),
         ]);
         if let Some(n) = t.max_concurrent_invokes {
             env.push(format!("AGENTBOX_MAX_CONCURRENT_INVOKES={n}"));
         }
-        let name = self.object_name(&record.name);
+        let mut binds = vec![format!("{name}:/workspace")];
+        if let Some(net) = &self.net {
+            binds.push(net.bind(&name));
+        }
         let body = ContainerCreateBody {
             image: Some(t.image.clone().unwrap_or_else(|| self.image.clone())),
             env: Some(env),
             cmd: (!t.runner_args.is_empty()).then(|| t.runner_args.clone()),
             labels: Some(self.labels(record)),
             hostname: Some(record.name.clone()),
+            // An image's own HEALTHCHECK may probe a TCP port the runner no longer listens
+            // on; the control plane asks /healthz itself.
+            healthcheck: self.net.as_ref().map(|_| HealthConfig {
+                test: Some(vec!["NONE".into()]),
+                ..Default::default()
+            }),
             host_config: Some(HostConfig {
-                binds: Some(vec![format!("{name}:/workspace")]),
-                network_mode: Some(self.network.clone()),
+                binds: Some(binds),
+                network_mode: Some(if self.net.is_some() {
+                    "none".into()
+                } else {
+                    self.network.clone()
+                }),
                 nano_cpus: limits.nano_cpus().map_err(Error::InvalidRequest)?,
                 memory: limits.memory_bytes().map_err(Error::InvalidRequest)?,
                 pids_limit: limits.pids.map(i64::from),
@@ -381,7 +448,7 @@ impl DockerBackend {
             let container = self.container(&record.name).await?;
             let (status, message, addr) = self.phase(container.as_ref());
             match (status, addr) {
-                (SandboxStatus::Running, Some(addr)) if healthy(addr).await => return Ok(()),
+                (SandboxStatus::Running, Some(addr)) if healthy(&addr).await => return Ok(()),
                 (SandboxStatus::Running | SandboxStatus::Creating, _)
                     if Instant::now() < deadline => {}
                 _ => {
@@ -420,10 +487,33 @@ impl DockerBackend {
     }
 }
 
+/// `AGENTBOX_OOM_EVENTS` for a container with a memory limit: its cgroup's memory-kill counter
+/// as the container sees it (cgroup v2 or v1, as on this host), so that an invoke killed by
+/// the limit ends with reason `memory_limit`; and its children die before the runner.
+fn memory_events(limited: bool) -> Vec<String> {
+    if !limited {
+        return Vec::new();
+    }
+    let file = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "/sys/fs/cgroup/memory.events"
+    } else {
+        "/sys/fs/cgroup/memory/memory.oom_control"
+    };
+    vec![
+        format!("AGENTBOX_OOM_EVENTS={file}"),
+        "AGENTBOX_CHILDREN_OOM_FIRST=true".into(),
+    ]
+}
+
 /// Whether the runner at `addr` answers `GET /healthz` with 200 within a second.
-async fn healthy(addr: SocketAddr) -> bool {
+async fn healthy(addr: &RunnerAddr) -> bool {
     let probe = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let mut stream: Box<dyn Stream> = match addr {
+            RunnerAddr::Tcp(a) => Box::new(tokio::net::TcpStream::connect(a).await.ok()?),
+            RunnerAddr::Unix { unix } => {
+                Box::new(tokio::net::UnixStream::connect(unix).await.ok()?)
+            }
+        };
         stream
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: runner\r\nConnection: close\r\n\r\n")
             .await
@@ -438,6 +528,9 @@ async fn healthy(addr: SocketAddr) -> bool {
         .flatten()
         .unwrap_or(false)
 }
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for S {}
 
 #[async_trait::async_trait]
 impl Backend for DockerBackend {
@@ -545,7 +638,17 @@ impl Backend for DockerBackend {
         if made.labels.get(TOKEN) != Some(&record.token) {
             return Err(Error::AlreadyExists(record.name));
         }
-        if let Err(e) = self.start(&record).await {
+        let started = match &self.net {
+            Some(net) => {
+                net.reset(&volume);
+                match net.serve(&volume, &record.name, &record.template) {
+                    Ok(()) => self.start(&record).await,
+                    Err(e) => Err(e),
+                }
+            }
+            None => self.start(&record).await,
+        };
+        if let Err(e) = started {
             if matches!(e, Error::AlreadyExists(_)) {
                 // A container of that name is someone else's: leave it alone (the volume
                 // cannot be removed while it is mounted there).
@@ -557,6 +660,9 @@ impl Backend for DockerBackend {
             }
             // A create that failed leaves nothing behind: the name can be used again.
             let _ = self.remove_container(&record.name, 0).await;
+            if let Some(net) = &self.net {
+                net.stop(&volume);
+            }
             let _ = self
                 .docker
                 .remove_volume(&volume, None::<RemoveVolumeOptions>)
@@ -573,6 +679,9 @@ impl Backend for DockerBackend {
             return Err(Error::SandboxNotFound(name.into()));
         }
         self.remove_container(name, 0).await?;
+        if let Some(net) = &self.net {
+            net.stop(&self.object_name(name));
+        }
         match self
             .docker
             .remove_volume(&self.object_name(name), None::<RemoveVolumeOptions>)
@@ -591,6 +700,9 @@ impl Backend for DockerBackend {
             return Err(Error::SandboxNotFound(name.into()));
         };
         self.remove_container(name, 10).await?;
+        if let Some(net) = &self.net {
+            net.stop(&self.object_name(name));
+        }
         Ok(self.summary(&record, None))
     }
 
@@ -600,11 +712,16 @@ impl Backend for DockerBackend {
         };
         let container = self.container(name).await?;
         if let (SandboxStatus::Running, _, Some(addr)) = self.phase(container.as_ref()) {
-            if healthy(addr).await {
+            if healthy(&addr).await {
+                self.serve_egress(name).await?;
                 return Ok(self.summary(&record, container.as_ref()));
             }
         }
         self.remove_container(name, 0).await?;
+        if let Some(net) = &self.net {
+            net.reset(&self.object_name(name));
+            net.serve(&self.object_name(name), name, &record.template)?;
+        }
         self.start(&record).await?;
         let container = self.container(name).await?;
         Ok(self.summary(&record, container.as_ref()))
@@ -631,11 +748,13 @@ impl Backend for DockerBackend {
                     .map(str::to_owned)
             });
         let (status, _, addr) = self.phase(container.as_ref());
+        if status == SandboxStatus::Running && labels.is_some() {
+            // After a restart of this process: serve the proxy again (a map lookup otherwise).
+            self.serve_egress(name).await?;
+        }
         match (labels, token_from_env) {
             (Some(labels), Some(token)) => Ok(Some(Target {
-                addr: RunnerAddr::Tcp(
-                    addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
-                ),
+                addr: addr.unwrap_or_else(|| RunnerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)))),
                 token,
                 status,
                 mode: labels.get(MODE).cloned().unwrap_or_default(),
