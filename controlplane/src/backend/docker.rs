@@ -52,8 +52,7 @@ use agentbox_proto::{CreatedBy, SandboxStatus, SandboxSummary};
 use bollard::errors::Error as DockerError;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HealthConfig,
-    HostConfig,
-    NetworkCreateRequest, Volume, VolumeCreateRequest,
+    HostConfig, NetworkCreateRequest, Volume, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, ListVolumesOptionsBuilder,
@@ -168,7 +167,10 @@ impl DockerBackend {
                 .list()
                 .await
                 .map_err(|e| format!("cannot list the sandboxes: {e}"))?;
-            for s in sandboxes.iter().filter(|s| s.status == SandboxStatus::Running) {
+            for s in sandboxes
+                .iter()
+                .filter(|s| s.status == SandboxStatus::Running)
+            {
                 if let Err(e) = backend.serve_egress(&s.name).await {
                     tracing::warn!(sandbox = %s.name, error = %e, "cannot serve the egress proxy");
                 }
@@ -754,7 +756,8 @@ impl Backend for DockerBackend {
         }
         match (labels, token_from_env) {
             (Some(labels), Some(token)) => Ok(Some(Target {
-                addr: addr.unwrap_or_else(|| RunnerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)))),
+                addr: addr
+                    .unwrap_or_else(|| RunnerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)))),
                 token,
                 status,
                 mode: labels.get(MODE).cloned().unwrap_or_default(),

@@ -150,8 +150,8 @@ impl SandboxNet {
         listener
             .set_nonblocking(true)
             .map_err(|e| io("cannot serve", &dir, e))?;
-        let listener =
-            tokio::net::UnixListener::from_std(listener).map_err(|e| io("cannot serve", &dir, e))?;
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| io("cannot serve", &dir, e))?;
         let proxy: Arc<Proxy> = Proxy::new(policy, format!("sandbox {sandbox}"));
         let task = tokio::spawn(async move {
             loop {
@@ -179,7 +179,9 @@ impl SandboxNet {
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a sandbox's directory"),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a sandbox's directory")
+            }
         }
     }
 }
