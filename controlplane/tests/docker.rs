@@ -886,7 +886,10 @@ async fn a_hostile_agent_gets_nothing_out_of_a_container() {
     };
     let tokens = [token("attacker"), token("victim")];
     assert!(tokens.iter().all(|t| t.len() >= 32), "{tokens:?}");
-    let run_dir = |sandbox: &str| env.state.join("docker").join(scope.container(sandbox));
+    let run_dir = |sandbox: &str| {
+        let digest = common::sha256_hex(&scope.container(sandbox));
+        env.state.join("docker").join(&digest[..16])
+    };
     let victim_runner = run_dir("victim").join("runner.sock");
     assert!(victim_runner.exists(), "{}", victim_runner.display());
 

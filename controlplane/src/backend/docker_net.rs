@@ -13,7 +13,8 @@
 //!   the container to it (`AGENTBOX_EGRESS_RELAY`), and `HTTP(S)_PROXY` point there.
 //!
 //! The directories live under `<state dir>/docker/` (mode 0700, so no other host user reaches a
-//! socket); a sandbox's own directory is writable by the container's user (any uid an image
+//! socket), each named by 16 hex digits of a digest of its container's name (socket paths stay
+//! under the 107 bytes a unix address holds); a sandbox's own directory is writable by the container's user (any uid an image
 //! runs as), which is why the proxy's socket is bound in a private staging directory, made
 //! connectable there and renamed into place: nothing here follows a name the sandbox could
 //! have planted.
@@ -64,6 +65,14 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
 impl SandboxNet {
     /// Keeps the directories under `root` (made, mode 0700).
     pub fn new(root: PathBuf) -> Result<Self, String> {
+        // `<root>/<16 hex>/runner.sock` must fit a unix socket address.
+        if root.as_os_str().len() + 29 > 107 {
+            return Err(format!(
+                "the state directory {} is too long for the Docker sandboxes' sockets \
+                 (at most 71 bytes)",
+                root.parent().unwrap_or(&root).display()
+            ));
+        }
         for dir in [root.clone(), root.join(".staging")] {
             std::fs::create_dir_all(&dir)
                 .and_then(|()| {
@@ -77,8 +86,12 @@ impl SandboxNet {
         })
     }
 
+    /// A sandbox's directory: named by a digest of its container's name, so that socket
+    /// paths stay short (a unix socket's path has at most 107 bytes).
     fn dir(&self, object: &str) -> PathBuf {
-        self.root.join(object)
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(object.as_bytes());
+        self.root.join(hex::encode(&digest[..8]))
     }
 
     /// The runner's socket of the sandbox whose container is `object`, seen from the host.
@@ -138,7 +151,7 @@ impl SandboxNet {
         let staged = self
             .root
             .join(".staging")
-            .join(format!("{object}-{}.sock", random_hex(8)));
+            .join(format!("{}.sock", random_hex(8)));
         let listener = std::os::unix::net::UnixListener::bind(&staged)
             .map_err(|e| io("cannot bind", &staged, e))?;
         let placed = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o666))
