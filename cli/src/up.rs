@@ -29,8 +29,10 @@ pub(crate) struct UpArgs {
     /// Also create a sandbox, configure an example agent, invoke it and show the stream.
     #[arg(long)]
     demo: bool,
-    /// Isolation of local sandboxes: Linux namespaces (the default; refused with the fix named
-    /// where the kernel does not allow them), or none (plain processes, no security boundary).
+    /// Isolation of sandboxes: namespaces (the default; local: Linux namespaces, refused with
+    /// the fix named where the kernel does not allow them; Docker: containers with no network
+    /// but loopback, egress through the template's policy), or none (local: plain processes, no
+    /// security boundary; Docker: a bridge network reaching the host, no egress policy).
     #[arg(long, value_enum, default_value_t = Isolation::Namespaces)]
     isolation: Isolation,
     /// Where sandboxes live: runner processes on this machine, or containers on the local
@@ -238,6 +240,12 @@ pub(crate) async fn run(args: &UpArgs, state_dir: &Path, quiet: bool) -> Outcome
              with no security boundary; code in them can read your files and reach your network"
         );
     }
+    if args.backend == UpBackend::Docker && !isolated {
+        eprintln!(
+            "agentbox: WARNING: --isolation none: containers are on a bridge network; code in \
+             them can reach this machine's ports and your network, with no egress policy"
+        );
+    }
     if !quiet {
         say(&format!("API key: {key}"));
         say(&format!(
@@ -248,7 +256,12 @@ pub(crate) async fn run(args: &UpArgs, state_dir: &Path, quiet: bool) -> Outcome
             say(&format!("  ({} points there)", pointer.display()));
         }
         let sandboxes = match args.backend {
-            UpBackend::Docker => "containers on the local Docker engine",
+            UpBackend::Docker if isolated => {
+                "containers on the local Docker engine (no network, egress through a policy proxy)"
+            }
+            UpBackend::Docker => {
+                "containers on a bridge network of the local Docker engine (NOT isolated: --isolation none)"
+            }
             UpBackend::Local if isolated => {
                 "isolated local processes (Linux namespaces, egress through a policy proxy)"
             }

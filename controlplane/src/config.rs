@@ -59,7 +59,10 @@ pub struct Args {
     /// Isolation of local sandboxes: Linux namespaces (the default: own user, mount, pid,
     /// network, ipc and uts namespaces, a read-only system view, egress only through the
     /// template's policy, cgroup or rlimit limits), or none (plain processes as this user:
-    /// no security boundary, a warning at every start).
+    /// no security boundary, a warning at every start). Docker backend: namespaces gives
+    /// containers no network but loopback and egress only through the template's policy;
+    /// none puts them on the `--docker-network` bridge (they reach the host and what it
+    /// reaches; a warning at every start).
     #[arg(long, env = "AGENTBOX_ISOLATION", value_enum, default_value_t = Isolation::Namespaces)]
     pub isolation: Isolation,
     /// Local sandboxes die with this process (`agentbox up`) instead of outliving a restart.
@@ -107,8 +110,8 @@ pub struct Args {
     /// Kubernetes backend: how long the first list of Pods and Secrets may take at start-up.
     #[arg(long, env = "AGENTBOX_KUBE_SYNC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub kube_sync_timeout: Duration,
-    /// Docker backend: the bridge network of every sandbox (created when missing, with
-    /// inter-container traffic disabled).
+    /// Docker backend with `--isolation none`: the bridge network of every sandbox (created
+    /// when missing, with inter-container traffic disabled).
     #[arg(long, env = "AGENTBOX_DOCKER_NETWORK", default_value = "agentbox")]
     pub docker_network: String,
     /// Docker backend: the image for templates that name none (its entrypoint must be
@@ -248,6 +251,11 @@ pub struct DockerConfig {
     pub image: String,
     /// The label scope (and name prefix) of this control plane's objects.
     pub scope: String,
+    /// `--isolation namespaces`: containers with no network but loopback, runner and egress
+    /// proxy on unix sockets under `run_dir` (docker_net.rs); otherwise the bridge network.
+    pub isolated: bool,
+    /// The sandboxes' socket directories: `<state dir>/docker`.
+    pub run_dir: PathBuf,
 }
 
 /// Kubernetes backend settings.
@@ -397,6 +405,7 @@ impl Args {
             Some(p) => Some(p),
             None => Some(state_dir.join("audit.log")),
         };
+        let docker_run_dir = state_dir.join("docker");
         Ok(Config {
             listen: self.listen,
             state_dir,
@@ -424,6 +433,8 @@ impl Args {
                 network: self.docker_network,
                 image: self.docker_image,
                 scope: self.docker_scope,
+                isolated: self.isolation == Isolation::Namespaces,
+                run_dir: docker_run_dir,
             },
             limits: agentbox_serve::Limits {
                 max_connections: self.max_connections,

@@ -85,6 +85,11 @@ async fn run(config: agentbox_controlplane::config::Config) -> anyhow::Result<()
     {
         tracing::warn!("--isolation none: local sandboxes run as plain processes of this user, with no security boundary; code in them can read this machine's files and reach its network");
     }
+    if app.cfg.backend == agentbox_controlplane::config::BackendKind::Docker
+        && app.cfg.isolation == agentbox_controlplane::config::Isolation::None
+    {
+        tracing::warn!("--isolation none: Docker sandboxes are on a bridge network; code in them can reach this host's ports, metadata addresses and whatever the host reaches, with no egress policy");
+    }
     api::serve(listener, app, shutdown_signal()).await?;
     Ok(())
 }

@@ -16,6 +16,9 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::escape::{
+    self, write_index, TestHost, CLI_SECRET, HOME_SECRET, HOSTILE, HOST_SECRET, VICTIM_SECRET,
+};
 use common::{
     assert_error, exit_event, invoke_id, read_to_end, read_until, rebuild, send, Cp, Env,
 };
@@ -27,6 +30,12 @@ const LANGGRAPH_AGENT: &str = "agentbox/langgraph-agent:latest";
 const RUNNER_IMAGE: &str = "agentbox/runner:latest";
 const DEBIAN: &str = "agentbox-base/debian:bookworm";
 const BUSYBOX: &str = "agentbox-base/busybox:latest";
+
+/// The default image: `AGENTBOX_TEST_PYTHON_AGENT` (an image built from this tree under
+/// another tag, on a machine whose `latest` is someone else's), else [`PYTHON_AGENT`].
+fn agent_image() -> String {
+    std::env::var("AGENTBOX_TEST_PYTHON_AGENT").unwrap_or_else(|_| PYTHON_AGENT.into())
+}
 
 /// `docker ARGS`, asserting success; its stdout, trimmed.
 fn docker(args: &[&str]) -> String {
@@ -118,16 +127,34 @@ impl Scope {
         }
     }
 
+    /// A control plane with the default isolation: containers with no network but loopback.
     fn start(&self) -> Cp {
         self.start_with_timeout("30s")
     }
 
+    /// A control plane with `--isolation none`: containers on the ICC-less bridge network.
+    fn start_bridge(&self) -> Cp {
+        self.env.spawn(&self.args("none", "30s"))
+    }
+
     /// A control plane whose runners must answer `/healthz` within `start_timeout`.
     fn start_with_timeout(&self, start_timeout: &str) -> Cp {
+        self.env.spawn(&self.args("namespaces", start_timeout))
+    }
+
+    fn set_templates(&self, templates: Value) {
+        std::fs::write(
+            self.env.root.join("templates.json"),
+            json!({ "templates": templates }).to_string(),
+        )
+        .unwrap();
+    }
+
+    fn args(&self, isolation: &str, start_timeout: &str) -> Vec<String> {
         let templates = self.env.root.join("templates.json").display().to_string();
-        self.env.start_with(
-            "none",
-            &[
+        let mut args = self.env.args(isolation);
+        args.extend(
+            [
                 "--backend",
                 "docker",
                 "--docker-scope",
@@ -135,13 +162,15 @@ impl Scope {
                 "--docker-network",
                 &self.network,
                 "--docker-image",
-                PYTHON_AGENT,
+                &agent_image(),
                 "--templates-file",
                 &templates,
                 "--runner-start-timeout",
                 start_timeout,
-            ],
-        )
+            ]
+            .map(str::to_owned),
+        );
+        args
     }
 
     fn container(&self, sandbox: &str) -> String {
@@ -233,7 +262,9 @@ async fn lifecycle_keeps_the_workspace_and_applies_limits() {
         "env": {"GREETING": "hi"},
         "limits": {"cpu": "500m", "memory": "256Mi", "pids": 128}
     }, {"name": "missing", "image": "agentbox-test/missing:none"}]));
-    let cp = scope.start();
+    // The bridge network (`--isolation none`): its ICC-less network and the image's own
+    // HEALTHCHECK are checked here; the default isolation in the escape suite below.
+    let cp = scope.start_bridge();
     let started = Instant::now();
     let created = cp.create("life", "limited").await;
     eprintln!("create took {:?}", started.elapsed());
@@ -390,7 +421,9 @@ async fn a_sandbox_cannot_reach_another_sandboxs_runner() {
         return;
     }
     let scope = Scope::new(json!([]));
-    let cp = scope.start();
+    // On the bridge network (`--isolation none`): inter-container traffic is off. With the
+    // default isolation a container has no network at all (the escape suite).
+    let cp = scope.start_bridge();
     cp.create("target", "default").await;
     cp.create("prober", "default").await;
     let target_ip = scope.ip("target");
@@ -742,6 +775,254 @@ async fn the_runner_drops_into_three_unlike_images() {
         "[plan] {'words': ['drop', 'in']}\n[answer] {'answer': '2 word(s): in drop'}\n2 word(s): in drop\n",
     )
     .await;
+}
+
+/// `exec` in a sandbox, JSON answer, status 200.
+async fn exec(cp: &Cp, name: &str, body: Value) -> Value {
+    let (status, out) = send(
+        cp.sb(Method::POST, name, "/exec")
+            .header("accept", "application/json")
+            .json(&body),
+    )
+    .await;
+    assert_eq!(status, 200, "exec in {name}: {out}");
+    out
+}
+
+/// A host path of a sandbox's workspace volume.
+fn volume_dir(scope: &Scope, sandbox: &str) -> std::path::PathBuf {
+    scope
+        .inspect(
+            &scope.container(sandbox),
+            "{{range .Mounts}}{{if eq .Destination \"/workspace\"}}{{.Source}}{{end}}{{end}}",
+        )
+        .into()
+}
+
+/// The escape suite (tests/isolation.rs runs the same hostile agent in local sandboxes) in
+/// containers of the default isolation: what got through must be nothing. Network targets are
+/// this test's own: listeners on the host's loopback and on all its addresses (reached, if at
+/// all, through Docker's bridge gateway), and a test host in a network namespace it creates
+/// (a private 10.213.N.2 and a link-local 169.254.213.2 address) serving a package index,
+/// which the allowlisted template lets through by name and another name does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_agent_gets_nothing_out_of_a_container() {
+    if !docker_ready() {
+        return;
+    }
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the escape suite's test hosts are network namespaces: run the docker suite as root"
+    );
+    let scope = Scope::new(json!([]));
+    let env = &scope.env;
+    let index = env.root.join("index");
+    write_index(&index);
+    let host = TestHost::new(&index, 0);
+    let image = agent_image();
+    scope.set_templates(json!([
+        {"name": "hostile", "mode": "code", "image": image,
+         "limits": {"pids": 64, "memory": "128Mi"}},
+        {"name": "allowlisted", "mode": "code", "image": image,
+         "egress": ["pypi.test", format!("{}/32", host.private)],
+         "extraHosts": {"pypi.test": host.private, "other.test": host.private}},
+    ]));
+    let home = env.root.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("secret.txt"), HOME_SECRET).unwrap();
+    let mut cmd = env.command(&scope.args("namespaces", "30s"));
+    cmd.env("GITHUB_TOKEN", HOST_SECRET)
+        .env("AWS_SECRET_ACCESS_KEY", HOST_SECRET)
+        .env("HOME", &home);
+    let cp = env.spawn_command(cmd);
+    std::fs::write(
+        env.state.join("cli.json"),
+        json!({"apiKey": CLI_SECRET}).to_string(),
+    )
+    .unwrap();
+    let loopback = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let anywhere = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    // The host's address on Docker's default bridge (docker0), where containers on a bridge
+    // network reach the host's ports.
+    let docker0 = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", "docker0"])
+        .output()
+        .unwrap();
+    let docker0 = String::from_utf8_lossy(&docker0.stdout);
+    let gateway = docker0
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        gateway.parse::<std::net::Ipv4Addr>().is_ok(),
+        "docker0: {docker0}"
+    );
+
+    let victim = cp.create("victim", "hostile").await;
+    assert_eq!(victim["isolated"], true, "{victim}");
+    let attacker = cp.create("attacker", "hostile").await;
+    assert_eq!(attacker["isolated"], true, "{attacker}");
+    assert_eq!(
+        scope.inspect(&scope.container("attacker"), "{{.HostConfig.NetworkMode}}"),
+        "none"
+    );
+    let (status, _) = send(
+        cp.sb(Method::PUT, "victim", "/files/workspace/secret.txt")
+            .body(VICTIM_SECRET),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let token = |sandbox: &str| {
+        docker(&[
+            "volume",
+            "inspect",
+            "--format",
+            "{{index .Labels \"agentbox.dev/token\"}}",
+            &scope.container(sandbox),
+        ])
+    };
+    let tokens = [token("attacker"), token("victim")];
+    assert!(tokens.iter().all(|t| t.len() >= 32), "{tokens:?}");
+    let run_dir = |sandbox: &str| {
+        let digest = common::sha256_hex(&scope.container(sandbox));
+        env.state.join("docker").join(&digest[..16])
+    };
+    let victim_runner = run_dir("victim").join("runner.sock");
+    assert!(victim_runner.exists(), "{}", victim_runner.display());
+
+    let outside = env.root.join("written-by-sandbox");
+    let (cp_port, loopback_port, anywhere_port) = (
+        cp.addr.port(),
+        loopback.local_addr().unwrap().port(),
+        anywhere.local_addr().unwrap().port(),
+    );
+    let targets = json!({
+        "files": {
+            "cli.json": env.state.join("cli.json"),
+            "api keys": env.keys_file,
+            "victim workspace": volume_dir(&scope, "victim").join("secret.txt"),
+            "victim workspace in the container's view": "/workspace/../victim/secret.txt",
+            "home file": home.join("secret.txt"),
+            "shadow": "/etc/shadow",
+        },
+        "connect": {
+            "control plane": ["127.0.0.1", cp_port],
+            "host loopback": ["127.0.0.1", loopback_port],
+            "host through the bridge gateway": [gateway, anywhere_port],
+            "control plane through the bridge gateway": [gateway, cp_port],
+            "private test host": [host.private, 8080],
+            "link-local test host": [host.link_local, 8080],
+        },
+        "unix": {
+            "victim runner": victim_runner,
+            "docker engine": "/var/run/docker.sock",
+        },
+        "proxy": {
+            "control plane": ["127.0.0.1", cp_port],
+            "host loopback": ["localhost", loopback_port],
+            "host through the bridge gateway": [gateway, anywhere_port],
+            "private test host": [host.private, 8080],
+            "link-local test host": [host.link_local, 8080],
+            "metadata": ["169.254.169.254", 80],
+            "mapped loopback": ["::ffff:127.0.0.1", cp_port],
+        },
+        "write": {
+            "host path": outside,
+            "etc": "/etc/escaped",
+            "usr": "/usr/escaped",
+            "root": "/escaped",
+        },
+    });
+    let out = exec(
+        &cp,
+        "attacker",
+        json!({"argv": ["python3", "-c", HOSTILE], "stdin": targets.to_string(), "timeout": 60}),
+    )
+    .await;
+    assert_eq!(out["exitCode"], 0, "{out}");
+    let report: Value = serde_json::from_str(out["stdout"].as_str().unwrap()).unwrap();
+    let secrets = [
+        HOST_SECRET,
+        CLI_SECRET,
+        HOME_SECRET,
+        VICTIM_SECRET,
+        &tokens[0],
+        &tokens[1],
+    ];
+    let dump = std::fs::read(volume_dir(&scope, "attacker").join("hostile-dump.txt")).unwrap();
+    assert!(dump.len() > 1000, "the hostile agent dumped too little");
+    let mut leaks = escape::leaks(&report, &String::from_utf8_lossy(&dump), &secrets);
+    if outside.exists() {
+        leaks.push("a file appeared outside the workspace on the host".into());
+    }
+    assert_eq!(leaks, Vec::<String>::new(), "what got through: {leaks:?}");
+    // Its own runner's socket is there (the counting above tried the victim's path).
+    let out = exec(
+        &cp,
+        "attacker",
+        json!({"command": "python3 -c \"import socket; s = socket.socket(socket.AF_UNIX); s.connect('/run/agentbox/runner.sock'); s.sendall(b'GET /healthz HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'); print(s.recv(12).decode())\""}),
+    )
+    .await;
+    assert_eq!(out["stdout"], "HTTP/1.1 200\n", "{out}");
+
+    // A fork bomb is held by the pids limit, and the runner still answers.
+    cp.create("bomb", "hostile").await;
+    let out = exec(
+        &cp,
+        "bomb",
+        json!({"argv": ["python3", "-c", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"], "timeout": 3}),
+    )
+    .await;
+    assert_eq!(out["reason"], "timeout", "{out}");
+    let started = Instant::now();
+    let out = exec(&cp, "bomb", json!({"command": "echo alive"})).await;
+    assert_eq!(out["stdout"], "alive\n", "{out}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A memory hog is killed by the container's memory limit, and told.
+    let out = exec(
+        &cp,
+        "bomb",
+        json!({"argv": ["python3", "-c", "x = bytearray(512 * 1024 * 1024)\nprint('allocated')"], "timeout": 30}),
+    )
+    .await;
+    assert_ne!(out["stdout"], "allocated\n", "{out}");
+    assert_eq!(out["reason"], "memory_limit", "{out}");
+    let out = exec(&cp, "bomb", json!({"command": "echo alive"})).await;
+    assert_eq!(out["stdout"], "alive\n", "{out}");
+
+    // Egress by policy: the allowlisted name reaches the test's package index (a wheel comes
+    // through and imports), another name for the same address is refused.
+    cp.create("pip", "allowlisted").await;
+    let fetch = r#"
+import sys, urllib.request, urllib.error
+def get(url):
+    try:
+        return urllib.request.urlopen(url, timeout=10)
+    except urllib.error.HTTPError as e:
+        return e
+print(get("http://pypi.test:8080/simple/agentbox-probe/").status)
+print(get("http://other.test:8080/simple/agentbox-probe/").status)
+with open("/tmp/probe.whl", "wb") as f:
+    f.write(get("http://pypi.test:8080/files/agentbox_probe-1.0-py3-none-any.whl").read())
+sys.path.insert(0, "/tmp/probe.whl")
+import agentbox_probe
+print(agentbox_probe.VALUE)
+"#;
+    let out = exec(
+        &cp,
+        "pip",
+        json!({"argv": ["python3", "-c", fetch], "timeout": 30}),
+    )
+    .await;
+    assert_eq!(
+        out["stdout"], "200\n403\nserved by the test host\n",
+        "{out}"
+    );
+    drop((loopback, anywhere));
 }
 
 /// An image of `agentbox-base/python` with *this build's* runner (so the test exercises the

@@ -64,6 +64,11 @@ pub struct Args {
     /// the local backend's launcher when a cgroup holds the sandbox.
     #[arg(long, env = "AGENTBOX_CHILDREN_OOM_FIRST")]
     pub children_oom_first: bool,
+    /// A unix socket the runner relays a TCP listener at `127.0.0.1:3128` to: the Docker
+    /// backend's egress proxy, served by the control plane on the host, for a container that
+    /// has no network but loopback. Set by the Docker backend.
+    #[arg(long, env = "AGENTBOX_EGRESS_RELAY")]
+    pub egress_relay: Option<PathBuf>,
     /// Serve without authentication. Only for local experiments.
     #[arg(long, env = "AGENTBOX_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
@@ -220,6 +225,8 @@ pub struct Config {
     pub permission_timeout: Duration,
     /// The sandbox's memory-kill counter (`--oom-events`).
     pub oom_events: Option<PathBuf>,
+    /// The egress proxy's unix socket that `127.0.0.1:3128` relays to (`--egress-relay`).
+    pub egress_relay: Option<PathBuf>,
     /// The environment children start from: the runner's own, minus [`SECRET_ENV`].
     pub base_env: Vec<(String, String)>,
     /// Connection cap and timeouts of the accept loop.
@@ -336,6 +343,7 @@ impl Args {
             .filter(|(k, _)| !SECRET_ENV.contains(&k.as_str()))
             .collect();
         Ok(Config {
+            egress_relay: self.egress_relay,
             listen: self.listen,
             workspace,
             state_dir,

@@ -21,6 +21,7 @@ pub mod listen;
 pub mod pool;
 pub mod ports;
 pub mod proctree;
+pub mod relay;
 pub mod sandbox;
 pub mod server;
 pub mod session;

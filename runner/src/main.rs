@@ -89,7 +89,23 @@ async fn run(config: agentbox_runner::config::Config) -> anyhow::Result<()> {
         tracing::warn!("authentication is off (--insecure-no-auth)");
     }
     let stop = shutdown_signal().context("cannot handle SIGTERM and SIGINT")?;
+    let relay = match &config.egress_relay {
+        Some(target) => Some(
+            agentbox_runner::relay::bind(target.clone())
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} for the egress relay",
+                        agentbox_runner::relay::RELAY_LISTEN
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let app = AppState::start(config).context("cannot load the runner's state")?;
+    if let Some(relay) = relay {
+        tokio::spawn(relay.serve());
+    }
     let listener = agentbox_runner::listen::Listener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

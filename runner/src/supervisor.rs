@@ -388,11 +388,10 @@ impl Process {
         }
         let process = Arc::clone(self);
         tokio::spawn(async move {
+            // One pass over /proc, on this thread: a tree that holds every process the pids
+            // limit allows (a fork bomb in a container) leaves none to spawn a helper thread.
             if let Some(pid) = process.pid() {
-                let signaler = Arc::clone(&process);
-                let _ =
-                    tokio::task::spawn_blocking(move || signaler.signal_tree(pid, Signal::SIGTERM))
-                        .await;
+                process.signal_tree(pid, Signal::SIGTERM);
             }
             if tokio::time::timeout(grace, process.wait_done())
                 .await
@@ -401,7 +400,22 @@ impl Process {
                 return;
             }
             if let Some(pid) = process.pid() {
-                let _ = tokio::task::spawn_blocking(move || process.kill_until_gone(pid)).await;
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+                let killer = Arc::clone(&process);
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("kill-tree".into())
+                        .spawn(move || {
+                            killer.kill_until_gone(pid);
+                            let _ = done_tx.send(());
+                        });
+                match spawned {
+                    Ok(_) => {
+                        let _ = done_rx.await;
+                    }
+                    // No thread to be had (the pids limit is full): kill on this one.
+                    Err(_) => process.kill_until_gone(pid),
+                }
             }
         });
         true

@@ -54,8 +54,8 @@ use std::time::{Duration, Instant, SystemTime};
 use agentbox_proto::{CreatedBy, SandboxStatus, SandboxSummary, StopReason};
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HostConfig,
-    NetworkCreateRequest, Volume, VolumeCreateRequest,
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HealthConfig,
+    HostConfig, NetworkCreateRequest, Volume, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, ListVolumesOptionsBuilder,
@@ -64,6 +64,7 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::docker_net::SandboxNet;
 use super::{now_rfc3339, random_hex, valid_name, Backend, CreateSpec, RunnerAddr, Target};
 use crate::config::DockerConfig;
 use crate::error::{Error, Result};
@@ -104,6 +105,9 @@ pub struct DockerBackend {
     state_dir: Option<std::path::PathBuf>,
     /// Lifecycle state of this replica (activity stamps, per-sandbox locks, pool counters).
     life: lifecycle::State,
+    /// `Some` under `--isolation namespaces`: containers without a network (docker_net.rs),
+    /// each sandbox's directory keyed by its workspace volume ([`DockerBackend::net_key`]).
+    net: Option<SandboxNet>,
 }
 
 fn engine(e: DockerError) -> Error {
@@ -180,9 +184,61 @@ impl DockerBackend {
             start_timeout,
             state_dir: None,
             life: lifecycle::State::default(),
+            net: if cfg.isolated {
+                Some(SandboxNet::new(cfg.run_dir.clone())?)
+            } else {
+                None
+            },
         };
-        backend.ensure_network().await?;
+        if backend.net.is_none() {
+            backend.ensure_network().await?;
+        } else {
+            // A restarted control plane serves its running sandboxes' proxies again.
+            let sandboxes = backend
+                .list()
+                .await
+                .map_err(|e| format!("cannot list the sandboxes: {e}"))?;
+            for s in sandboxes
+                .iter()
+                .filter(|s| s.status == SandboxStatus::Running)
+            {
+                if let Err(e) = backend.serve_egress(&s.name).await {
+                    tracing::warn!(sandbox = %s.name, error = %e, "cannot serve the egress proxy");
+                }
+            }
+        }
         Ok(backend)
+    }
+
+    /// The key of a sandbox's network directory: its workspace volume, which stays the same
+    /// when its container is renamed (a claimed pooled sandbox, one asleep).
+    fn net_key(&self, record: &Record) -> String {
+        record
+            .workspace
+            .clone()
+            .unwrap_or_else(|| self.object_name(&record.name))
+    }
+
+    /// Serves `name`'s egress proxy unless this process already does (isolated mode only).
+    async fn serve_egress(&self, name: &str) -> Result<()> {
+        let Some(net) = &self.net else {
+            return Ok(());
+        };
+        let Some(record) = self.record(name).await? else {
+            return Ok(());
+        };
+        let key = self.net_key(&record);
+        if net.is_served(&key) {
+            return Ok(());
+        }
+        net.serve(&key, name, &record.template)
+    }
+
+    /// Stops serving the proxy of `record` and removes its directory (its container is gone).
+    fn stop_net(&self, record: &Record) {
+        if let Some(net) = &self.net {
+            net.stop(&self.net_key(record));
+        }
     }
 
     async fn ensure_network(&self) -> Result<(), String> {
@@ -263,7 +319,7 @@ impl DockerBackend {
     fn phase(
         &self,
         container: Option<&ContainerInspectResponse>,
-    ) -> (SandboxStatus, Option<String>, Option<SocketAddr>) {
+    ) -> (SandboxStatus, Option<String>, Option<RunnerAddr>) {
         let Some(c) = container else {
             return (SandboxStatus::Stopped, None, None);
         };
@@ -276,11 +332,22 @@ impl DockerBackend {
             .and_then(|e| e.ip_address.as_deref())
             .and_then(|ip| ip.parse().ok());
         match state.and_then(|s| s.status) {
+            // Isolated: the runner's socket is in the directory mounted at /run/agentbox.
+            Some(ContainerStateStatusEnum::RUNNING) if self.net.is_some() => {
+                let socket = c
+                    .mounts
+                    .iter()
+                    .flatten()
+                    .find(|m| m.destination.as_deref() == Some(super::docker_net::RUN_MOUNT))
+                    .and_then(|m| m.source.as_deref())
+                    .map(|dir| std::path::Path::new(dir).join(super::docker_net::RUNNER_SOCKET));
+                (SandboxStatus::Running, None, socket.map(RunnerAddr::unix))
+            }
             Some(ContainerStateStatusEnum::RUNNING) => match ip {
                 Some(ip) => (
                     SandboxStatus::Running,
                     None,
-                    Some(SocketAddr::new(ip, RUNNER_PORT)),
+                    Some(RunnerAddr::Tcp(SocketAddr::new(ip, RUNNER_PORT))),
                 ),
                 None => (
                     SandboxStatus::Error,
@@ -351,7 +418,9 @@ impl DockerBackend {
             created_at: Some(record.created_at.clone()),
             created_by: Some(record.created_by.clone()),
             message,
-            isolated: true,
+            // Under `--isolation none` the container reaches the host and the networks it
+            // reaches: not isolated as the threat model means it.
+            isolated: self.net.is_some(),
             limits_enforced: None,
             stop_reason,
             timeout: record.timeout.clone(),
@@ -434,6 +503,10 @@ impl DockerBackend {
     ) -> Result<SandboxSummary> {
         self.make_volume(record).await?;
         let volume = self.object_name(&record.name);
+        if let Some(net) = &self.net {
+            // What an earlier sandbox of this name may have left (a crash).
+            net.reset(&self.net_key(record));
+        }
         let started = async {
             let mut labels = self.labels(record);
             labels.insert(STARTED_AT.into(), lifecycle::now_millis());
@@ -451,6 +524,7 @@ impl DockerBackend {
                 // A create that failed leaves nothing behind: the name can be used again.
                 let _ = self.remove_container(&record.name, 0).await;
                 self.remove_credentials(&record.name);
+                self.stop_net(record);
             }
             // A container of that name that is someone else's is left alone (the volume
             // cannot be removed while it is mounted there).
@@ -486,11 +560,15 @@ impl DockerBackend {
     ) -> Result<ContainerCreateBody> {
         let t = &record.template;
         let limits = t.limits.clone().unwrap_or_default();
-        let mut env: Vec<String> = t.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut env = match &self.net {
+            Some(_) => SandboxNet::env(),
+            None => vec![format!("AGENTBOX_LISTEN=0.0.0.0:{RUNNER_PORT}")],
+        };
+        env.extend(t.env.iter().map(|(k, v)| format!("{k}={v}")));
+        env.extend(memory_events(limits.memory.is_some()));
         env.extend([
             format!("AGENTBOX_RUNNER_TOKEN={}", record.token),
             format!("AGENTBOX_MODE={}", t.mode),
-            format!("AGENTBOX_LISTEN=0.0.0.0:{RUNNER_PORT}"),
             "AGENTBOX_WORKSPACE=/workspace".into(),
             format!("AGENTBOX_SANDBOX={host}"),
         ]);
@@ -502,6 +580,12 @@ impl DockerBackend {
             .clone()
             .unwrap_or_else(|| self.object_name(&record.name));
         let mut binds = vec![format!("{volume}:/workspace")];
+        if let Some(net) = &self.net {
+            // The container about to be made gets its proxy served first (replacing one
+            // served before for this workspace).
+            net.serve(&volume, host, t)?;
+            binds.push(net.bind(&volume));
+        }
         if let Some(dir) = self.write_credentials(record, true)? {
             let inside = crate::credentials::INSIDE_DIR;
             binds.push(format!("{}:{inside}:ro", dir.display()));
@@ -517,9 +601,19 @@ impl DockerBackend {
             cmd: (!t.runner_args.is_empty()).then(|| t.runner_args.clone()),
             labels: Some(labels),
             hostname: Some(host.to_owned()),
+            // An image's own HEALTHCHECK may probe a TCP port the runner no longer listens
+            // on; the control plane asks /healthz itself.
+            healthcheck: self.net.as_ref().map(|_| HealthConfig {
+                test: Some(vec!["NONE".into()]),
+                ..Default::default()
+            }),
             host_config: Some(HostConfig {
                 binds: Some(binds),
-                network_mode: Some(self.network.clone()),
+                network_mode: Some(if self.net.is_some() {
+                    "none".into()
+                } else {
+                    self.network.clone()
+                }),
                 nano_cpus: limits.nano_cpus().map_err(Error::InvalidRequest)?,
                 memory: limits.memory_bytes().map_err(Error::InvalidRequest)?,
                 pids_limit: limits.pids.map(i64::from),
@@ -576,7 +670,7 @@ impl DockerBackend {
             };
             let (status, message, addr) = self.phase(container.as_ref());
             match (status, addr) {
-                (SandboxStatus::Running, Some(addr)) if healthy(addr).await => return Ok(()),
+                (SandboxStatus::Running, Some(addr)) if healthy(&addr).await => return Ok(()),
                 (SandboxStatus::Running | SandboxStatus::Creating, _)
                     if Instant::now() < deadline => {}
                 _ => {
@@ -620,10 +714,36 @@ impl DockerBackend {
     }
 }
 
+/// `AGENTBOX_OOM_EVENTS` for a container with a memory limit: its cgroup's memory-kill counter
+/// as the container sees it (cgroup v2 or v1, as on this host), so that an invoke killed by
+/// the limit ends with reason `memory_limit`; and its children die before the runner.
+fn memory_events(limited: bool) -> Vec<String> {
+    if !limited {
+        return Vec::new();
+    }
+    let file = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "/sys/fs/cgroup/memory.events"
+    } else {
+        "/sys/fs/cgroup/memory/memory.oom_control"
+    };
+    vec![
+        format!("AGENTBOX_OOM_EVENTS={file}"),
+        "AGENTBOX_CHILDREN_OOM_FIRST=true".into(),
+    ]
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for S {}
+
 /// Whether the runner at `addr` answers `GET /healthz` with 200 within a second.
-async fn healthy(addr: SocketAddr) -> bool {
+async fn healthy(addr: &RunnerAddr) -> bool {
     let probe = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let mut stream: Box<dyn Stream> = match addr {
+            RunnerAddr::Tcp(a) => Box::new(tokio::net::TcpStream::connect(a).await.ok()?),
+            RunnerAddr::Unix { unix } => {
+                Box::new(tokio::net::UnixStream::connect(unix).await.ok()?)
+            }
+        };
         stream
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: runner\r\nConnection: close\r\n\r\n")
             .await
@@ -834,6 +954,7 @@ impl Backend for DockerBackend {
             }
         }
         self.remove_credentials(name);
+        self.stop_net(&record);
         self.life.forget(name);
         tracing::info!(sandbox = %name, "sandbox deleted");
         Ok(())
@@ -846,6 +967,7 @@ impl Backend for DockerBackend {
         let _guard = self.life.lock(name).await;
         self.remove_container(name, 10).await?;
         self.remove_asleep(name).await?;
+        self.stop_net(&record);
         Ok(self.summary(&record, None))
     }
 
@@ -856,11 +978,13 @@ impl Backend for DockerBackend {
         let _guard = self.life.lock(name).await;
         let container = self.container(name).await?;
         if let (SandboxStatus::Running, _, Some(addr)) = self.phase(container.as_ref()) {
-            if healthy(addr).await {
+            if healthy(&addr).await {
+                self.serve_egress(name).await?;
                 return Ok(self.summary(&record, container.as_ref()));
             }
         }
         if container.is_none() && self.wake_asleep(&record).await? {
+            self.serve_egress(name).await?;
             let container = self.container(name).await?;
             return Ok(self.summary(&record, container.as_ref()));
         }
@@ -970,7 +1094,21 @@ impl Backend for DockerBackend {
                     .map(str::to_owned)
             });
         let (status, _, addr) = self.phase(container.as_ref());
-        let addr = RunnerAddr::Tcp(addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))));
+        let addr = addr.unwrap_or_else(|| RunnerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))));
+        if let (Some(net), SandboxStatus::Running, Some(_)) = (&self.net, status, &labels) {
+            // After a restart of this process: serve the proxy again (a map lookup otherwise).
+            let workspace = container
+                .as_ref()
+                .and_then(|c| c.mounts.as_ref())
+                .and_then(|m| {
+                    m.iter()
+                        .find(|m| m.destination.as_deref() == Some("/workspace"))
+                })
+                .and_then(|m| m.name.clone());
+            if !workspace.is_some_and(|w| net.is_served(&w)) {
+                self.serve_egress(name).await?;
+            }
+        }
         match (labels, token_from_env) {
             // A claimed pooled sandbox's container is labelled with its pool: its record says
             // the rest (read once per container).

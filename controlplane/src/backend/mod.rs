@@ -8,6 +8,7 @@ use crate::error::Result;
 use crate::templates::Template;
 
 pub mod docker;
+pub mod docker_net;
 pub mod kubernetes;
 pub mod local;
 

@@ -6,6 +6,8 @@
 //! of them: no runner outlives the test run.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod escape;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -319,7 +320,7 @@ enum Refusal {
 }
 
 impl Refusal {
-    fn write_to(&self, out: &mut TcpStream) {
+    fn write_to(&self, out: &mut impl Write) {
         let (status, code, message) = match self {
             Refusal::Denied(m) => ("403 Forbidden", "egress_denied", m.as_str()),
             Refusal::Unreachable(m) => ("502 Bad Gateway", "egress_unreachable", m.as_str()),
@@ -351,7 +352,7 @@ struct Stats {
 
 impl Stats {
     /// At most 5 refusal lines a second reach the log (a sandbox could otherwise fill it).
-    fn log_refusal(&self, started: Instant, what: &str) {
+    fn log_refusal(&self, started: Instant, label: &str, what: &str) {
         self.refused.fetch_add(1, Ordering::Relaxed);
         let second = started.elapsed().as_secs();
         if self.logged_second.swap(second, Ordering::Relaxed) != second {
@@ -359,9 +360,84 @@ impl Stats {
         }
         if self.logged_in_second.fetch_add(1, Ordering::Relaxed) < 5 {
             eprintln!(
-                "agentbox-runner sandbox: egress refused: {what} ({} refused so far)",
+                "{label}: egress refused: {what} ({} refused so far)",
                 self.refused.load(Ordering::Relaxed)
             );
+        }
+    }
+}
+
+/// A connection from the sandbox: TCP (a local sandbox's proxy listens in its network
+/// namespace) or a unix socket (a Docker sandbox's runner relays to one on the host).
+pub trait Client: Read + Write + Send + Sized + 'static {
+    /// [`TcpStream::set_read_timeout`].
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()>;
+    /// [`TcpStream::try_clone`].
+    fn try_clone(&self) -> std::io::Result<Self>;
+    /// [`TcpStream::shutdown`].
+    fn shutdown(&self, how: Shutdown) -> std::io::Result<()>;
+}
+
+impl Client for TcpStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
+    }
+    fn try_clone(&self) -> std::io::Result<Self> {
+        TcpStream::try_clone(self)
+    }
+    fn shutdown(&self, how: Shutdown) -> std::io::Result<()> {
+        TcpStream::shutdown(self, how)
+    }
+}
+
+impl Client for UnixStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
+    }
+    fn try_clone(&self) -> std::io::Result<Self> {
+        UnixStream::try_clone(self)
+    }
+    fn shutdown(&self, how: Shutdown) -> std::io::Result<()> {
+        UnixStream::shutdown(self, how)
+    }
+}
+
+/// One sandbox's proxy: its policy and its counters, shared by its connections.
+#[derive(Debug)]
+pub struct Proxy {
+    policy: Policy,
+    stats: Stats,
+    started: Instant,
+    label: String,
+}
+
+impl Proxy {
+    /// A proxy applying `policy`; `label` names it in refusal log lines.
+    pub fn new(policy: Policy, label: impl Into<String>) -> Arc<Self> {
+        Arc::new(Proxy {
+            policy,
+            stats: Stats::default(),
+            started: Instant::now(),
+            label: label.into(),
+        })
+    }
+
+    /// Serves `conn` on a thread of its own; answers 503 when [`MAX_CONNECTIONS`] are open.
+    pub fn spawn<C: Client>(self: &Arc<Self>, mut conn: C) {
+        if self.stats.active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            self.stats.active.fetch_sub(1, Ordering::AcqRel);
+            Refusal::Busy.write_to(&mut conn);
+            return;
+        }
+        let proxy = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .stack_size(128 << 10)
+            .spawn(move || {
+                handle(conn, &proxy);
+                proxy.stats.active.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            self.stats.active.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -369,33 +445,18 @@ impl Stats {
 /// Serves `listener` until the process exits: one thread per connection (two while a tunnel
 /// is open), at most [`MAX_CONNECTIONS`] at once.
 pub fn serve(listener: TcpListener, policy: Policy) {
-    let policy = Arc::new(policy);
-    let stats = Arc::new(Stats::default());
-    let started = Instant::now();
+    let proxy = Proxy::new(policy, "agentbox-runner sandbox");
     for conn in listener.incoming() {
-        let Ok(mut conn) = conn else {
+        let Ok(conn) = conn else {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         };
-        if stats.active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            stats.active.fetch_sub(1, Ordering::AcqRel);
-            Refusal::Busy.write_to(&mut conn);
-            continue;
-        }
-        let (policy, stats2) = (Arc::clone(&policy), Arc::clone(&stats));
-        let spawned = std::thread::Builder::new()
-            .stack_size(128 << 10)
-            .spawn(move || {
-                handle(conn, &policy, &stats2, started);
-                stats2.active.fetch_sub(1, Ordering::AcqRel);
-            });
-        if spawned.is_err() {
-            stats.active.fetch_sub(1, Ordering::AcqRel);
-        }
+        proxy.spawn(conn);
     }
 }
 
-fn handle(mut client: TcpStream, policy: &Policy, stats: &Stats, started: Instant) {
+fn handle<C: Client>(mut client: C, proxy: &Proxy) {
+    let (policy, stats, started) = (&proxy.policy, &proxy.stats, proxy.started);
     let _ = client.set_read_timeout(Some(HEAD_TIMEOUT));
     let (head, rest) = match read_head(&mut client) {
         Ok(x) => x,
@@ -415,7 +476,7 @@ fn handle(mut client: TcpStream, policy: &Policy, stats: &Stats, started: Instan
         Ok(a) => a,
         Err(r) => {
             if let Refusal::Denied(m) = &r {
-                stats.log_refusal(started, m);
+                stats.log_refusal(started, &proxy.label, m);
             }
             r.write_to(&mut client);
             return;
@@ -443,7 +504,6 @@ fn handle(mut client: TcpStream, policy: &Policy, stats: &Stats, started: Instan
     };
     let _ = client.set_read_timeout(None);
     let _ = upstream.set_nodelay(true);
-    let _ = client.set_nodelay(true);
     if request.connect {
         if client
             .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -461,7 +521,7 @@ fn handle(mut client: TcpStream, policy: &Policy, stats: &Stats, started: Instan
 }
 
 /// Copies both ways until both directions are closed.
-fn splice(client: TcpStream, upstream: TcpStream) {
+fn splice<C: Client>(client: C, upstream: TcpStream) {
     let (Ok(client2), Ok(upstream2)) = (client.try_clone(), upstream.try_clone()) else {
         return;
     };
@@ -476,14 +536,14 @@ fn splice(client: TcpStream, upstream: TcpStream) {
     }
 }
 
-fn copy_then_close(mut from: TcpStream, mut to: TcpStream) {
+fn copy_then_close<F: Client, T: Client>(mut from: F, mut to: T) {
     let _ = std::io::copy(&mut from, &mut to);
     let _ = to.shutdown(Shutdown::Write);
     let _ = from.shutdown(Shutdown::Read);
 }
 
 /// Reads up to the end of the request head; returns it and whatever followed it.
-fn read_head(client: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>), Refusal> {
+fn read_head(client: &mut impl Read) -> Result<(Vec<u8>, Vec<u8>), Refusal> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {

@@ -446,6 +446,9 @@ impl DockerBackend {
                 if let Some(id) = &c.id {
                     let _ = self.remove_object(id, 0).await;
                 }
+                if let Some(net) = &self.net {
+                    net.stop(pool);
+                }
                 let _ = self
                     .docker
                     .remove_volume(pool, None::<RemoveVolumeOptions>)
@@ -545,6 +548,9 @@ impl DockerBackend {
         }
         for (object, hex) in retire {
             self.remove_object(&object, 0).await?;
+            if let Some(net) = &self.net {
+                net.stop(&format!("{pool}{hex}"));
+            }
             let _ = self
                 .docker
                 .remove_volume(&format!("{pool}{hex}"), None::<RemoveVolumeOptions>)
@@ -624,6 +630,9 @@ impl DockerBackend {
         .await;
         if let Err(e) = started {
             let _ = self.remove_object(&warming, 0).await;
+            if let Some(net) = &self.net {
+                net.stop(&volume);
+            }
             let _ = self
                 .docker
                 .remove_volume(&volume, None::<RemoveVolumeOptions>)
