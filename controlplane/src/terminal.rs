@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use agentbox_proto::{ErrorBody, SandboxStatus};
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use base64::Engine;
@@ -344,67 +344,38 @@ async fn terminal(
     }
     app.backend.touch(name);
     // An HTTP/1.1 connection of its own to the runner, and the upgrade request on it.
-    let authority = app.proxy.connector().authority(&target.addr);
-    let uri: axum::http::Uri = format!("http://{authority}/")
-        .parse()
-        .map_err(|e| fail(Error::Internal(format!("bad runner address: {e}"))))?;
-    let io = tower::Service::call(&mut app.proxy.connector().clone(), uri)
-        .await
-        .map_err(|e| fail(Error::RunnerUnreachable(e.to_string())))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(io)
-        .await
-        .map_err(|e| fail(Error::RunnerUnreachable(e.to_string())))?;
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-    });
-    let mut outgoing = axum::http::Request::builder()
-        .method("GET")
-        .uri(format!("/v1/terminal{}", runner_query(query.as_deref())))
-        .header(header::HOST, "runner")
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, "websocket")
-        .header(
-            header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {}", target.token))
-                .map_err(|_| fail(Error::Internal("runner token is not a header value".into())))?,
-        );
+    let mut headers = HeaderMap::new();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     for name in [
         header::SEC_WEBSOCKET_KEY,
         header::SEC_WEBSOCKET_VERSION,
         header::SEC_WEBSOCKET_PROTOCOL,
     ] {
         if let Some(v) = request.headers().get(&name) {
-            outgoing = outgoing.header(name, v.clone());
+            headers.insert(name, v.clone());
         }
     }
-    let outgoing = outgoing
-        .body(Body::empty())
-        .map_err(|e| fail(Error::Internal(e.to_string())))?;
-    let mut response = sender
-        .send_request(outgoing)
-        .await
-        .map_err(|e| fail(Error::RunnerUnreachable(e.to_string())))?;
-    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        if response.status() == StatusCode::UNAUTHORIZED {
-            return Err(fail(Error::RunnerUnauthorized));
-        }
-        // The runner's JSON error (404 process_not_found, 409 process_exited, ...) as it is.
-        let (parts, body) = response.into_parts();
-        return Ok((Response::from_parts(parts, Body::new(body)), sub));
-    }
-    let runner_upgrade = hyper::upgrade::on(&mut response);
+    let path = format!("/v1/terminal{}", runner_query(query.as_deref()));
+    let (switched, mut runner) =
+        match crate::upgrade::open(app.proxy.connector(), &target, &path, headers)
+            .await
+            .map_err(fail)?
+        {
+            // The runner's JSON error (404 process_not_found, 409 process_exited, ...) as it is.
+            crate::upgrade::Upgrade::Refused(response) => return Ok((response, sub)),
+            crate::upgrade::Upgrade::Switched(headers, io) => (headers, io),
+        };
     let caller_upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
-        let (Ok(runner), Ok(caller)) = (runner_upgrade.await, caller_upgrade.await) else {
+        let Ok(caller) = caller_upgrade.await else {
             return;
         };
-        let mut runner = TokioIo::new(runner);
         let mut caller = TokioIo::new(caller);
         let _ = tokio::io::copy_bidirectional(&mut caller, &mut runner).await;
     });
     let mut answer = Response::new(Body::empty());
     *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    for (name, value) in response.headers() {
+    for (name, value) in &switched {
         if [
             header::CONNECTION,
             header::UPGRADE,
