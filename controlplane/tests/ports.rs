@@ -70,17 +70,6 @@ class H(socketserver.BaseRequestHandler):
 socketserver.ThreadingTCPServer(("127.0.0.1", 7000), H).serve_forever()
 "#;
 
-async fn exec(cp: &Cp, name: &str, command: &str) -> Value {
-    let (status, out) = send(
-        cp.sb(Method::POST, name, "/exec")
-            .header("accept", "application/json")
-            .json(&json!({ "command": command })),
-    )
-    .await;
-    assert_eq!(status, 200, "exec {command:?}: {out}");
-    out
-}
-
 async fn put_file(cp: &Cp, name: &str, path: &str, bytes: Vec<u8>) {
     let (status, body) = send(
         cp.sb(Method::PUT, name, &format!("/files/workspace/{path}"))
@@ -94,14 +83,15 @@ async fn put_file(cp: &Cp, name: &str, path: &str, bytes: Vec<u8>) {
 }
 
 /// Starts `command` in the sandbox in a session of its own, so it outlives the exec.
+/// Starts `command` as a long-lived process of the sandbox (the processes API: it outlives the
+/// request, unlike anything an exec leaves behind, which the exec's end takes with it).
 async fn start_server(cp: &Cp, name: &str, command: &str) {
-    let out = exec(
-        cp,
-        name,
-        &format!("setsid -f {command} >/dev/null 2>&1 </dev/null; echo started"),
+    let (status, body) = send(
+        cp.sb(Method::POST, name, "/processes")
+            .json(&json!({ "command": command })),
     )
     .await;
-    assert!(out.to_string().contains("started"), "{out}");
+    assert_eq!(status, 201, "start {command:?}: {body}");
 }
 
 /// GETs `path` until the sandbox's server answers (not 502 `port_unreachable`).
