@@ -262,6 +262,7 @@ struct StdinQuery {
         ("close" = Option<bool>, Query, description = "Close stdin after the body.")),
     request_body(content = String, description = "Bytes for stdin.", content_type = "application/octet-stream"),
     responses((status = 204, description = "Written."),
+        (status = 400, description = "`invalid_request`: a bad `close` value.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: missing or wrong bearer token.", body = ErrorBody),
         (status = 404, description = "`process_not_found`.", body = ErrorBody),
         (status = 409, description = "`process_exited`: it has exited, or its stdin is closed.", body = ErrorBody),
