@@ -577,6 +577,67 @@ async fn a_container_killed_mid_invoke_ends_the_stream() {
     eprintln!("cli: {:?} {}", out.0, out.1.trim());
 }
 
+/// The control plane keeps a running sandbox's runner address between requests; a change made
+/// behind its back (as by another replica or an operator's `docker stop`) reaches it through the
+/// engine's events, well before the cache's 30 s bound: the next requests see the sandbox as it
+/// is, with no inspect of this replica in between to help.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_behind_the_control_planes_back_is_seen_at_once() {
+    if !docker_ready() {
+        return;
+    }
+    let scope = Scope::new(json!([]));
+    let cp = scope.start();
+    cp.create("kept", "default").await;
+    // Two execs: the first reads the engine and keeps the address, the second uses it.
+    for _ in 0..2 {
+        let got = exec(&cp, "kept", json!({"command": "echo here"})).await;
+        assert_eq!(got["stdout"], "here\n", "{got}");
+    }
+    docker(&["stop", "-t", "0", &scope.container("kept")]);
+    let stopped = Instant::now();
+    let mut unreachable = 0;
+    let seen = loop {
+        let (status, body) = send(
+            cp.sb(Method::POST, "kept", "/exec")
+                .header("accept", "application/json")
+                .json(&json!({"command": "echo here"})),
+        )
+        .await;
+        match status {
+            409 => break body,
+            502 => unreachable += 1,
+            other => panic!("exec after the stop: {other} {body}"),
+        }
+        // The event travels engine → control plane in milliseconds; a kept address would
+        // answer 502 (the runner is gone) for up to 30 s.
+        assert!(
+            stopped.elapsed() < Duration::from_millis(1500) && unreachable <= 5,
+            "the stop was not seen: {unreachable} answers of 502 from a kept address in {:?}",
+            stopped.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_error(&seen, "sandbox_not_running");
+    eprintln!(
+        "stop seen after {:?} ({unreachable} answers of 502 meanwhile)",
+        stopped.elapsed()
+    );
+    // Started again behind its back: served again (the event drops the stopped entry).
+    docker(&["start", &scope.container("kept")]);
+    let served = common::eventually(Duration::from_secs(30), || async {
+        let (status, got) = send(
+            cp.sb(Method::POST, "kept", "/exec")
+                .header("accept", "application/json")
+                .json(&json!({"command": "echo back"})),
+        )
+        .await;
+        (status == 200 && got["stdout"] == "back\n").then_some(())
+    })
+    .await;
+    assert!(served.is_some(), "the restarted container was never served");
+}
+
 /// A create waiting for a slow runner delays no other create; two creates of one name race to
 /// exactly one 201 and one 409.
 #[tokio::test(flavor = "multi_thread")]

@@ -27,7 +27,9 @@
 //! every query filters on it. Nothing else is kept: after a restart the control plane finds its
 //! sandboxes by label.
 //!
-//! # Phases (read on every call from the engine, one inspect per request)
+//! # Phases (read from the engine: an inspect per call, except that a running sandbox's runner
+//! address is kept between requests while the engine's events say nothing changed, see
+//! [`targets`])
 //!
 //! volume without container → `Stopped`; container running with an IP on the network →
 //! `Running`; created or restarting → `Creating`; removing → `Deleting`; exited or dead →
@@ -89,6 +91,7 @@ const STARTED_AT: &str = "agentbox.dev/started-at";
 const POOL: &str = "agentbox.dev/pool";
 
 mod lifecycle;
+mod targets;
 /// The runner's port in every sandbox container.
 pub const RUNNER_PORT: u16 = 8421;
 
@@ -108,6 +111,8 @@ pub struct DockerBackend {
     /// `Some` under `--isolation namespaces`: containers without a network (docker_net.rs),
     /// each sandbox's directory keyed by its workspace volume ([`DockerBackend::net_key`]).
     net: Option<SandboxNet>,
+    /// Running sandboxes' runner addresses, kept true by the engine's events (targets.rs).
+    targets: std::sync::Arc<targets::Targets>,
 }
 
 fn engine(e: DockerError) -> Error {
@@ -184,12 +189,18 @@ impl DockerBackend {
             start_timeout,
             state_dir: None,
             life: lifecycle::State::default(),
+            targets: std::sync::Arc::default(),
             net: if cfg.isolated {
                 Some(SandboxNet::new(cfg.run_dir.clone())?)
             } else {
                 None
             },
         };
+        targets::Targets::watch(
+            &backend.targets,
+            backend.docker.clone(),
+            backend.scope.clone(),
+        );
         if backend.net.is_none() {
             backend.ensure_network().await?;
         } else {
@@ -309,8 +320,23 @@ impl DockerBackend {
             .inspect_container(&self.object_name(name), None)
             .await
         {
-            Ok(c) => Ok(Some(c)),
-            Err(e) if not_found(&e) => Ok(None),
+            Ok(c) => {
+                // What this replica reads it trusts over what it kept (the engine's event may
+                // still be on its way).
+                let running = c
+                    .state
+                    .as_ref()
+                    .and_then(|s| s.status)
+                    .is_some_and(|s| s == ContainerStateStatusEnum::RUNNING);
+                if !running {
+                    self.targets.forget(name);
+                }
+                Ok(Some(c))
+            }
+            Err(e) if not_found(&e) => {
+                self.targets.forget(name);
+                Ok(None)
+            }
             Err(e) => Err(engine(e)),
         }
     }
@@ -687,6 +713,7 @@ impl DockerBackend {
 
     /// Stops (SIGTERM, SIGKILL after `grace`) and removes the container, if any.
     async fn remove_container(&self, name: &str, grace: i32) -> Result<()> {
+        self.targets.forget(name);
         self.remove_object(&self.object_name(name), grace).await
     }
 
@@ -1077,7 +1104,27 @@ impl Backend for DockerBackend {
         if !valid_name(name) {
             return Ok(None);
         }
+        if let Some(target) = self.targets.get(name) {
+            return Ok(Some(target));
+        }
         let container = self.container(name).await?;
+        let target = self.resolve_from(name, container.as_ref()).await?;
+        if let (Some(t), Some(id)) = (&target, container.as_ref().and_then(|c| c.id.as_deref())) {
+            if t.status == SandboxStatus::Running {
+                self.targets.put(name, id, t);
+            }
+        }
+        Ok(target)
+    }
+}
+
+impl DockerBackend {
+    /// [`Backend::resolve`] from an inspect of `name`'s container (`None`: there is none).
+    async fn resolve_from(
+        &self,
+        name: &str,
+        container: Option<&ContainerInspectResponse>,
+    ) -> Result<Option<Target>> {
         // A running container carries everything; otherwise the volume says whether it exists.
         let labels = container
             .as_ref()
@@ -1093,7 +1140,7 @@ impl Backend for DockerBackend {
                     .find_map(|kv| kv.strip_prefix("AGENTBOX_RUNNER_TOKEN="))
                     .map(str::to_owned)
             });
-        let (status, _, addr) = self.phase(container.as_ref());
+        let (status, _, addr) = self.phase(container);
         let addr = addr.unwrap_or_else(|| RunnerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))));
         if let (Some(net), SandboxStatus::Running, Some(_)) = (&self.net, status, &labels) {
             // After a restart of this process: serve the proxy again (a map lookup otherwise).

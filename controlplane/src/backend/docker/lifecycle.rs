@@ -286,6 +286,7 @@ impl DockerBackend {
             return self.stop(name).await.map(Some);
         }
         let _guard = self.life.lock(name).await;
+        self.targets.forget(name);
         let object = self.object_name(name);
         let asleep = self.asleep_name(name, reason);
         match self.container(name).await? {
