@@ -215,7 +215,9 @@ async fn serve_checked(
 }
 
 /// The sandbox must run; one stopped for being idle is woken, as for every runner route.
-async fn running(app: &AppState, name: &str, target: Target) -> Result<Target> {
+/// `target` if it is running; a sandbox stopped for idleness is woken first (bounded, see
+/// [`crate::lifecycle::wake`]); any other phase is 409 `sandbox_not_running`. Notes the use.
+pub(crate) async fn running(app: &AppState, name: &str, target: Target) -> Result<Target> {
     let target = if target.status == SandboxStatus::Stopped
         && target.stop_reason == Some(agentbox_proto::StopReason::Idle)
     {

@@ -19,7 +19,7 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use agentbox_proto::{ErrorBody, SandboxStatus};
+use agentbox_proto::ErrorBody;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -226,7 +226,7 @@ pub async fn mint_ticket(
         (status = 400, description = "`invalid_request`: not a WebSocket upgrade; the runner's 400s.", body = ErrorBody),
         (status = 401, description = "`unauthorized`: no valid credentials or ticket (expired, used, for another sandbox).", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`; the runner's `process_not_found`.", body = ErrorBody),
-        (status = 409, description = "`sandbox_not_running`; the runner's `process_exited`.", body = ErrorBody),
+        (status = 409, description = "`sandbox_not_running` (a sandbox stopped for idleness is woken first, as for any use); the runner's `process_exited`.", body = ErrorBody),
         (status = 502, description = "`runner_unreachable`.", body = ErrorBody)))]
 pub async fn open_terminal(
     State(app): State<Arc<AppState>>,
@@ -336,13 +336,10 @@ async fn terminal(
         .map_err(fail)?
         .filter(|t| namespace_ok(&t.namespace))
         .ok_or_else(|| fail(Error::SandboxNotFound(name.to_owned())))?;
-    if target.status != SandboxStatus::Running {
-        return Err(fail(Error::NotRunning {
-            name: name.to_owned(),
-            status: target.status.as_str(),
-        }));
-    }
-    app.backend.touch(name);
+    // A sandbox that only slept is woken for its terminal, as for any other use.
+    let target = crate::ports::running(&app, name, target)
+        .await
+        .map_err(fail)?;
     // An HTTP/1.1 connection of its own to the runner, and the upgrade request on it.
     let mut headers = HeaderMap::new();
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

@@ -67,6 +67,45 @@ async fn wait_status(cp: &Cp, name: &str, status: &str, within: Duration) -> Val
     }
 }
 
+/// What `sh -c script` prints in a terminal opened through the control plane, once it exits.
+async fn terminal_output(cp: &Cp, name: &str, script: &str) -> String {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let argv = serde_json::to_string(&json!(["sh", "-c", script])).unwrap();
+    let url = format!(
+        "ws://{}/api/v1/sandboxes/{name}/terminal?argv={}",
+        cp.addr,
+        argv.bytes()
+            .map(|b| if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            })
+            .collect::<String>()
+    );
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("x-api-key", common::ADMIN_KEY.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .unwrap_or_else(|e| panic!("terminal of {name}: {e}"));
+    let mut out = Vec::new();
+    let read = async {
+        while let Some(Ok(m)) = ws.next().await {
+            match m {
+                Message::Binary(b) => out.extend_from_slice(&b),
+                Message::Text(t) if t.contains("\"exit\"") => break,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the terminal's command did not end");
+    String::from_utf8_lossy(&out).trim().to_owned()
+}
+
 #[tokio::test]
 async fn an_idle_sandbox_stops_and_the_next_invoke_resumes_it() {
     let env = Env::new();
@@ -131,6 +170,15 @@ async fn an_idle_sandbox_stops_and_the_next_invoke_resumes_it() {
     // A file request wakes it too.
     wait_status(&cp, "sleepy", "Stopped", Duration::from_secs(15)).await;
     assert_eq!(get_file(&cp, "sleepy", "workspace/note").await, "kept");
+
+    // And a terminal: the WebSocket opens on the woken sandbox (never a 409).
+    wait_status(&cp, "sleepy", "Stopped", Duration::from_secs(15)).await;
+    assert_eq!(
+        terminal_output(&cp, "sleepy", "cat \"$HOME/note\"").await,
+        "kept"
+    );
+    let (_, got) = get(&cp, "sleepy").await;
+    assert_eq!(got["status"], "Running", "{got}");
 
     // A sandbox a user stopped stays stopped: 409, and `stopReason: user`.
     let (status, got) = send(cp.sb(Method::POST, "sleepy", "/stop")).await;
