@@ -27,7 +27,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::{now_rfc3339, random_hex, valid_name, Backend, CreateSpec, RunnerAddr, Target};
+use super::{now_rfc3339, random_hex, valid_key, Backend, CreateSpec, RunnerAddr, Target};
 use crate::config::Isolation;
 use crate::error::{Error, Result};
 use crate::templates::{OnTimeout, Template, LOCAL_DEFAULT_PIDS};
@@ -175,7 +175,10 @@ impl Launch {
             env.insert("PIP_BREAK_SYSTEM_PACKAGES".into(), "1".into());
         }
         env.extend(record.template.env.clone());
-        env.insert("AGENTBOX_SANDBOX".into(), record.name.clone());
+        env.insert(
+            "AGENTBOX_SANDBOX".into(),
+            super::display_name(&record.name, &record.namespace).to_owned(),
+        );
         env.insert("AGENTBOX_LOG".into(), "info".into());
         if !record.template.credentials.is_empty() {
             let dir = self.credentials_seen_at(workspace.parent().unwrap_or(workspace));
@@ -968,7 +971,7 @@ impl LocalBackend {
     }
 
     fn dir(&self, name: &str) -> Option<PathBuf> {
-        valid_name(name).then(|| self.launch.root.join(name))
+        valid_key(name).then(|| self.launch.root.join(name))
     }
 
     /// Starts the runner of `record` on a blocking thread; the record comes back updated
@@ -983,7 +986,7 @@ impl LocalBackend {
     }
 
     fn read(&self, name: &str) -> Result<Option<Record>> {
-        if !valid_name(name) {
+        if !valid_key(name) {
             return Ok(None);
         }
         read_record(&self.launch.root, name)
@@ -1049,7 +1052,7 @@ impl LocalBackend {
         reason: StopReason,
         idle_since: SystemTime,
     ) -> Result<Option<Record>> {
-        if !valid_name(name) {
+        if !valid_key(name) {
             return Err(Error::SandboxNotFound(name.into()));
         }
         let root = self.launch.root.clone();
@@ -1305,7 +1308,7 @@ impl Backend for LocalBackend {
     }
 
     async fn resume(&self, name: &str) -> Result<SandboxSummary> {
-        if !valid_name(name) {
+        if !valid_key(name) {
             return Err(Error::SandboxNotFound(name.into()));
         }
         let (root, launch, name) = (
