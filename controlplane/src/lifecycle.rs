@@ -135,7 +135,7 @@ pub fn is_use(action: &str) -> bool {
     responses((status = 202, description = "The new sandbox (`cloneFrom` names the source); `Running` on the local backend.", body = SandboxSummary),
         (status = 400, description = "`invalid_request`: bad JSON or name.", body = ErrorBody), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`: no such source, or in a namespace the caller may not use.", body = ErrorBody),
-        (status = 409, description = "`already_exists`: the name is taken in the source's namespace; `ambiguous_name`: the source's name is in several of the caller's namespaces and none was picked.", body = ErrorBody),
+        (status = 409, description = "`already_exists`: the name is taken in the source's namespace (where the copy is made).", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 64 KiB.", body = ErrorBody),
         (status = 500, description = "`backend_error`: the copy or the start failed, or the backend cannot clone.", body = ErrorBody)))]
 pub(crate) async fn clone_sandbox(
