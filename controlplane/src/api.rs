@@ -875,7 +875,7 @@ async fn to_runner(
         && target.stop_reason == Some(agentbox_proto::StopReason::Idle)
         && !wrong_mode
     {
-        target = crate::lifecycle::wake(&app, &key)
+        target = crate::lifecycle::wake(&app, &key, &name)
             .await
             .map_err(|e| named(e, &key, &name))?;
     }

@@ -386,9 +386,10 @@ async fn last_use(app: &AppState, name: &str) -> Result<Use> {
         }))
 }
 
-/// Resumes a sandbox stopped for being idle and answers its new target: the request that
-/// found it asleep waits (at most the runner start timeout and 5 s) and is then served.
-pub async fn wake(app: &AppState, name: &str) -> Result<Target> {
+/// Resumes the sandbox keyed `name` (shown as `shown`), stopped for being idle, and answers
+/// its new target: the request that found it asleep waits (at most the runner start timeout
+/// and 5 s) and is then served.
+pub async fn wake(app: &AppState, name: &str, shown: &str) -> Result<Target> {
     // A lifetime that ended while the sandbox slept ends now (a stop answers 409, a delete 404).
     let expired = app.backend.get(name).await?.is_some_and(|s| {
         parse_time(s.expires_at.as_deref()).is_some_and(|end| end <= SystemTime::now())
@@ -406,7 +407,7 @@ pub async fn wake(app: &AppState, name: &str) -> Result<Target> {
         .await
         .map_err(|_| {
             Error::Backend(format!(
-                "sandbox {name:?} was idle and did not resume within {}s",
+                "sandbox {shown:?} was idle and did not resume within {}s",
                 bound.as_secs()
             ))
         })??;

@@ -110,7 +110,8 @@ pub(crate) async fn serve(
 ) -> Result<Response> {
     let action = route.action();
     let mut namespace = None;
-    let mut shown = name.to_owned();
+    // Until found: the name asked for (an id `name.namespace` without its namespace).
+    let mut shown = name.split('.').next().unwrap_or_default().to_owned();
     let result = serve_checked(&app, id, name, route, request, &mut namespace, &mut shown).await;
     let status = match &result {
         Ok(r) => r.status().as_u16(),
@@ -235,7 +236,7 @@ async fn running(app: &AppState, key: &str, name: &str, target: Target) -> Resul
     let target = if target.status == SandboxStatus::Stopped
         && target.stop_reason == Some(agentbox_proto::StopReason::Idle)
     {
-        crate::lifecycle::wake(app, key)
+        crate::lifecycle::wake(app, key, name)
             .await
             .map_err(|e| crate::api::named(e, key, name))?
     } else {

@@ -232,7 +232,7 @@ pub async fn open_terminal(
 ) -> Response {
     let started = std::time::Instant::now();
     // The sandbox found (its name and namespace), for the audit record.
-    let mut found = (name.clone(), None);
+    let mut found = (name.split('.').next().unwrap_or_default().to_owned(), None);
     match terminal(&app, &name, request, &mut found).await {
         Ok((response, sub)) => {
             record(&app, &sub, &found, 101, started);

@@ -684,6 +684,23 @@ async fn names_are_per_namespace() {
     let (status, body) = send(cp.sb(Method::GET, "solo", "")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["namespace"], "team-b");
+    // Preview URLs name the namespace (`name.namespace`: a preview's query is its server's),
+    // and are no way into B's sandbox for A.
+    let (status, port) = send(
+        cp.req(
+            Method::POST,
+            "/api/v1/sandboxes/foo/ports",
+            Some(TEAM_B_KEY),
+        )
+        .json(&json!({"port": 8000, "protocol": "http"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{port}");
+    let preview = "/api/v1/sandboxes/foo.team-b/preview/8000/";
+    assert_eq!(port["previewUrl"], format!("http://{}{preview}", cp.addr));
+    let (status, body) = send(cp.req(Method::GET, preview, Some(TEAM_A_KEY))).await;
+    assert_eq!(status, 404, "{body}");
+    assert_error(&body, "sandbox_not_found");
     // A delete in B leaves A's.
     let (status, body) =
         send(cp.req(Method::DELETE, "/api/v1/sandboxes/foo", Some(TEAM_B_KEY))).await;
