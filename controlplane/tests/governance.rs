@@ -773,3 +773,25 @@ async fn sandboxes_keyed_before_names_were_per_namespace_still_resolve() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["namespace"], "team-a");
 }
+
+/// A key (`name.namespace`) whose runner socket path would pass a unix socket's 107 bytes is
+/// refused up front with a 400 that says why, not a failed start.
+#[tokio::test]
+async fn a_name_and_namespace_too_long_for_a_socket_path_are_refused() {
+    let env = Env::new();
+    let cp = env.start_with("namespaces", &[]);
+    let (status, body) = send(cp.admin(Method::POST, "/api/v1/sandboxes").json(&json!({
+        "name": "n".repeat(63), "namespace": "s".repeat(63),
+        "templateRef": {"name": "default"},
+    })))
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_error(&body, "invalid_request");
+    assert!(
+        body["message"].as_str().unwrap().contains("too long"),
+        "{body}"
+    );
+    assert!(!env
+        .sandbox_dir(&format!("{}.{}", "n".repeat(63), "s".repeat(63)))
+        .exists());
+}

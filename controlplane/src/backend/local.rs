@@ -974,6 +974,26 @@ impl LocalBackend {
         valid_key(name).then(|| self.launch.root.join(name))
     }
 
+    /// The directory of a new sandbox keyed `key`: an isolated sandbox's runner listens on
+    /// `<dir>/runner.sock`, and a unix socket's path is at most 107 bytes, which a long name
+    /// and namespace together (or a deep `--state-dir`) can pass.
+    fn new_dir(&self, key: &str) -> Result<PathBuf> {
+        let dir = self
+            .dir(key)
+            .ok_or_else(|| Error::InvalidRequest(format!("{key:?} is not a valid name")))?;
+        let socket = dir.join("runner.sock");
+        if self.launch.isolation == Isolation::Namespaces && socket.as_os_str().len() > 107 {
+            let (name, namespace) = key.split_once('.').unwrap_or((key, "default"));
+            // (The host's path is not the caller's business.)
+            return Err(Error::InvalidRequest(format!(
+                "sandbox {name:?} in namespace {namespace:?}: the name and the namespace are too \
+                 long together for this control plane (its runner's socket path would pass the \
+                 107 bytes of a unix socket path)"
+            )));
+        }
+        Ok(dir)
+    }
+
     /// Starts the runner of `record` on a blocking thread; the record comes back updated
     /// either way, with the start's outcome.
     async fn start(&self, mut record: Record) -> Result<(Record, Result<()>)> {
@@ -1183,9 +1203,7 @@ impl Backend for LocalBackend {
     }
 
     async fn create(&self, spec: CreateSpec) -> Result<SandboxSummary> {
-        let dir = self
-            .dir(&spec.name)
-            .ok_or_else(|| Error::InvalidRequest(format!("{:?} is not a valid name", spec.name)))?;
+        let dir = self.new_dir(&spec.name)?;
         let _one_at_a_time = self.create_lock.lock().await;
         let pooled = spec.template.warm_pool.as_ref().is_some_and(|p| p.size > 0);
         if pooled {
@@ -1420,9 +1438,7 @@ impl Backend for LocalBackend {
         let Some(src) = self.read(source)? else {
             return Err(Error::SandboxNotFound(source.into()));
         };
-        let dir = self
-            .dir(name)
-            .ok_or_else(|| Error::InvalidRequest(format!("{name:?} is not a valid name")))?;
+        let dir = self.new_dir(name)?;
         let _one_at_a_time = self.create_lock.lock().await;
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
