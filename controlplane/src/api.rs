@@ -343,7 +343,10 @@ pub(crate) async fn locate(
         // Every namespace: which ones exist is the backend's to say.
         _ => {
             for s in app.backend.list().await? {
-                if s.namespace == home || display_name(&s.name, &s.namespace) != name {
+                if s.namespace == home
+                    || !id.can_use(&s.namespace)
+                    || display_name(&s.name, &s.namespace) != name
+                {
                     continue;
                 }
                 let target = app
