@@ -91,6 +91,8 @@ pub struct Client {
     http: reqwest::Client,
     base: Base,
     refusal_hint: Option<String>,
+    /// `--namespace`: the namespace of the sandboxes named.
+    namespace: Option<String>,
 }
 
 /// Percent-encodes a sandbox path for a URL, keeping `/`.
@@ -129,6 +131,7 @@ impl Client {
                 key: key.to_owned(),
             },
             refusal_hint: None,
+            namespace: None,
         }
     }
 
@@ -141,6 +144,7 @@ impl Client {
                 token: token.to_owned(),
             },
             refusal_hint: None,
+            namespace: None,
         }
     }
 
@@ -156,9 +160,26 @@ impl Client {
         matches!(self.base, Base::Runner { .. })
     }
 
+    /// Names sandboxes of `namespace` (`--namespace`): names are per namespace, and the id
+    /// `name.namespace` picks one.
+    pub fn with_namespace(mut self, namespace: Option<String>) -> Self {
+        self.namespace = namespace;
+        self
+    }
+
+    /// The id of sandbox `name` in URLs: `name.namespace` with `--namespace`.
+    fn id(&self, name: &str) -> String {
+        match &self.namespace {
+            Some(ns) if !name.contains('.') => format!("{name}.{}", encode_path(ns)),
+            _ => name.to_owned(),
+        }
+    }
+
     fn url(&self, sandbox: &str, rest: &str) -> String {
         match &self.base {
-            Base::ControlPlane { url, .. } => format!("{url}/api/v1/sandboxes/{sandbox}/{rest}"),
+            Base::ControlPlane { url, .. } => {
+                format!("{url}/api/v1/sandboxes/{}/{rest}", self.id(sandbox))
+            }
             Base::Runner { url, .. } => format!("{url}/v1/{rest}"),
         }
     }
@@ -292,33 +313,46 @@ impl Client {
 
     /// `GET /api/v1/sandboxes`.
     pub async fn list_sandboxes(&self) -> Result<Vec<SandboxSummary>> {
-        let list: SandboxList = self.json(self.http.get(self.api("sandboxes")?)).await?;
+        let rest = match &self.namespace {
+            Some(ns) => format!("sandboxes?namespace={}", encode_query(ns)),
+            None => "sandboxes".to_owned(),
+        };
+        let list: SandboxList = self.json(self.http.get(self.api(&rest)?)).await?;
         Ok(list.sandboxes)
     }
 
     /// `GET /api/v1/sandboxes/{name}`.
     pub async fn get_sandbox(&self, name: &str) -> Result<SandboxSummary> {
-        self.json(self.http.get(self.api(&format!("sandboxes/{name}"))?))
-            .await
+        self.json(
+            self.http
+                .get(self.api(&format!("sandboxes/{}", self.id(name)))?),
+        )
+        .await
     }
 
     /// `DELETE /api/v1/sandboxes/{name}`.
     pub async fn delete_sandbox(&self, name: &str) -> Result<SandboxSummary> {
-        self.json(self.http.delete(self.api(&format!("sandboxes/{name}"))?))
-            .await
+        self.json(
+            self.http
+                .delete(self.api(&format!("sandboxes/{}", self.id(name)))?),
+        )
+        .await
     }
 
     /// `POST /api/v1/sandboxes/{name}/stop`.
     pub async fn stop_sandbox(&self, name: &str) -> Result<SandboxSummary> {
-        self.json(self.http.post(self.api(&format!("sandboxes/{name}/stop"))?))
-            .await
+        self.json(
+            self.http
+                .post(self.api(&format!("sandboxes/{}/stop", self.id(name)))?),
+        )
+        .await
     }
 
     /// `POST /api/v1/sandboxes/{name}/resume`.
     pub async fn resume_sandbox(&self, name: &str) -> Result<SandboxSummary> {
         self.json(
             self.http
-                .post(self.api(&format!("sandboxes/{name}/resume"))?),
+                .post(self.api(&format!("sandboxes/{}/resume", self.id(name)))?),
         )
         .await
     }
@@ -573,6 +607,11 @@ mod tests {
         assert_eq!(
             c.url("demo", "invoke"),
             "http://cp:2/api/v1/sandboxes/demo/invoke"
+        );
+        let c = c.with_namespace(Some("team-a".into()));
+        assert_eq!(
+            c.url("demo", "invoke"),
+            "http://cp:2/api/v1/sandboxes/demo.team-a/invoke"
         );
     }
 }

@@ -132,6 +132,19 @@ struct Cli {
         help_heading = GLOBAL
     )]
     output: Output,
+    /// The namespace of the sandbox named: names are per namespace, so a caller of several
+    /// picks one (needed when the name is in more than one) [create's default: the caller's
+    /// first namespace; elsewhere: wherever the name is, the caller's first namespace first].
+    /// With `list` and `credentials list`: only this namespace.
+    #[arg(
+        id = "sandbox_namespace",
+        long = "namespace",
+        global = true,
+        env = "AGENTBOX_NAMESPACE",
+        value_name = "NAMESPACE",
+        help_heading = GLOBAL
+    )]
+    namespace: Option<String>,
     /// The same as -o json.
     #[arg(long, global = true, hide = true)]
     json: bool,
@@ -165,9 +178,6 @@ enum Command {
         /// --templates-file).
         #[arg(long, default_value = "default")]
         template: String,
-        /// The namespace it belongs to [default: the caller's first].
-        #[arg(long)]
-        namespace: Option<String>,
         /// Wait until it is Running (at most 2 minutes).
         #[arg(long)]
         wait: bool,
@@ -380,23 +390,13 @@ enum CredentialsCommand {
         /// Read the value from the environment variable VAR.
         #[arg(long)]
         from_env: Option<String>,
-        /// Its namespace [default: the caller's first].
-        #[arg(long)]
-        namespace: Option<String>,
     },
     /// List credentials' names.
-    List {
-        /// Only this namespace.
-        #[arg(long)]
-        namespace: Option<String>,
-    },
+    List,
     /// Delete a credential.
     Delete {
         /// The credential's name.
         name: String,
-        /// Its namespace [default: the caller's first].
-        #[arg(long)]
-        namespace: Option<String>,
     },
 }
 
@@ -609,7 +609,9 @@ fn client(cli: &Cli, sources: &Sources) -> std::result::Result<Client, Failure> 
     )
     .map_err(usage)?;
     let hint = target.refusal_hint();
-    Ok(Client::control_plane(&target.url, &target.key).with_refusal_hint(hint))
+    Ok(Client::control_plane(&target.url, &target.key)
+        .with_refusal_hint(hint)
+        .with_namespace(cli.namespace.clone()))
 }
 
 /// Prints a line on stdout; when stdout is closed (`agentbox ... | head`), exits quietly the
@@ -672,7 +674,6 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
         Command::Create {
             name,
             template,
-            namespace,
             wait,
             timeout,
             idle_timeout,
@@ -680,7 +681,7 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
             let mut s = c
                 .create_sandbox(&CreateSandboxRequest {
                     name: name.clone(),
-                    namespace: namespace.clone(),
+                    namespace: cli.namespace.clone(),
                     template_ref: Some(TemplateRef {
                         name: template.clone(),
                         kind: Some("ClusterSandboxTemplate".into()),
@@ -774,12 +775,12 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
                     .map(|n| format!("?namespace={}", encode_path(n)))
                     .unwrap_or_default()
             };
+            let namespace = &cli.namespace;
             match command {
                 CredentialsCommand::Set {
                     name,
                     from_file,
                     from_env,
-                    namespace,
                 } => {
                     let value = match (from_file, from_env) {
                         (Some(path), _) => std::fs::read_to_string(path)
@@ -799,7 +800,7 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
                         outln!("credential {name} set");
                     }
                 }
-                CredentialsCommand::List { namespace } => {
+                CredentialsCommand::List => {
                     let list = c
                         .api_json(
                             reqwest::Method::GET,
@@ -820,7 +821,7 @@ async fn run(cli: Cli, sources: Sources) -> Outcome {
                         }
                     }
                 }
-                CredentialsCommand::Delete { name, namespace } => {
+                CredentialsCommand::Delete { name } => {
                     let rest = format!("credentials/{}{}", encode_path(name), query(namespace));
                     c.api_json(reqwest::Method::DELETE, &rest, None).await?;
                 }

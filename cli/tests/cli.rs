@@ -867,3 +867,39 @@ fn policy_credentials_and_audit_commands() {
     let _ = follow.kill();
     let _ = follow.wait();
 }
+
+/// Names are per namespace: `--namespace` creates, picks and lists; a name in two of the
+/// caller's namespaces must be picked.
+#[test]
+fn one_name_in_two_namespaces() {
+    let up = Up::start(&[]);
+    for ns in ["team-a", "team-b"] {
+        let out = up.run(&["create", "twin", "--namespace", ns]);
+        out.expect_code(0);
+        assert_eq!(out.stdout_text(), "twin Running agent\n");
+        up.configure(
+            "twin",
+            "sh -c 'cat mark 2>/dev/null || echo none'",
+            &["--namespace", ns],
+        );
+    }
+    std::fs::write(up.workspace("twin.team-a").join("mark"), b"in a\n").unwrap();
+    let out = up.run(&["invoke", "twin", "--namespace", "team-a"]);
+    out.expect_code(0);
+    assert_eq!(out.stdout, b"in a\n");
+    let out = up.run(&["--namespace", "team-b", "invoke", "twin"]);
+    out.expect_code(0);
+    assert_eq!(out.stdout, b"none\n");
+    // Unpicked, the name is ambiguous: the error says how to pick.
+    assert_one_line_error(&up.run(&["get", "twin"]), 1, "?namespace=");
+    let out = up.run(&["list", "-q", "--namespace", "team-b"]);
+    out.expect_code(0);
+    assert_eq!(out.stdout_text(), "twin\n");
+    up.run(&["delete", "twin", "--namespace", "team-b"])
+        .expect_code(0);
+    // One left: found without picking.
+    let out = up.run(&["invoke", "twin"]);
+    out.expect_code(0);
+    assert_eq!(out.stdout, b"in a\n");
+    assert!(up.stop().success());
+}

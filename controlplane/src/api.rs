@@ -23,7 +23,9 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::auth::Identity;
-use crate::backend::{valid_name, CreateSpec};
+use crate::backend::{
+    display_name, sandbox_key, valid_name, CreateSpec, Target, DEFAULT_NAMESPACE,
+};
 use crate::error::{Error, Result};
 use crate::governance::PolicyViolationBody;
 use crate::metrics::{self, Kind};
@@ -249,17 +251,215 @@ pub(crate) async fn list_sandboxes(
                 .as_ref()
                 .is_none_or(|st| st.eq_ignore_ascii_case(s.status.as_str()))
         })
+        .map(shown)
         .collect();
     Ok(Json(SandboxList { sandboxes }))
 }
 
-/// A sandbox the caller may see, or 404 (never 403: others' sandboxes do not exist for them).
-pub(crate) async fn visible(app: &AppState, id: &Identity, name: &str) -> Result<SandboxSummary> {
-    app.backend
-        .get(name)
+/// A sandbox named in a URL, found for the caller.
+#[derive(Debug)]
+pub(crate) struct Located {
+    /// Its backend key ([`sandbox_key`]; a plain name for a record made before names were
+    /// per namespace).
+    pub key: String,
+    /// Its name, as shown (without the namespace).
+    pub name: String,
+    /// Where its runner is (and its namespace).
+    pub target: Target,
+}
+
+/// The `?namespace=` of a per-sandbox route's query, if any (a DNS label, so taken as
+/// written: an encoded one is no namespace).
+pub(crate) fn namespace_param(query: Option<&str>) -> Option<String> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("namespace="))
+        .map(str::to_owned)
+}
+
+/// `query` without its `namespace` parameter (the runner never sees it).
+pub(crate) fn without_namespace(query: Option<&str>) -> Option<String> {
+    let query = query?;
+    if !query.split('&').any(|p| p.starts_with("namespace=")) {
+        return Some(query.to_owned());
+    }
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.starts_with("namespace="))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+/// Finds the sandbox `raw` (a URL's `{id}`) among those the caller may use. Names are per
+/// namespace, so a name may be held in several: `namespace` (`?namespace=`), or the id
+/// written `name.namespace`, picks one; otherwise the caller's own namespace (where its
+/// creates go; `default` for a caller of every namespace) is looked in first, and a name
+/// held there is that sandbox; otherwise the name must be held in exactly one of the
+/// caller's other namespaces (several: 409 `ambiguous_name`). Every miss is the same 404 as
+/// for a name nobody holds: nothing tells a caller what other namespaces hold. The common
+/// path is one key lookup; only a caller of every namespace whose name is not in `default`
+/// has the backend list its sandboxes.
+pub(crate) async fn locate(
+    app: &AppState,
+    id: &Identity,
+    raw: &str,
+    namespace: Option<&str>,
+) -> Result<Located> {
+    let missing = || Error::SandboxNotFound(raw.to_owned());
+    let (name, namespace) = match raw.split_once('.') {
+        Some((name, ns)) if namespace.is_none_or(|q| q == ns) => (name, Some(ns)),
+        Some(_) => return Err(missing()),
+        None => (raw, namespace),
+    };
+    if !valid_name(name) {
+        return Err(missing());
+    }
+    if let Some(ns) = namespace {
+        if !valid_name(ns) || !id.can_use(ns) {
+            return Err(missing());
+        }
+        return in_namespace(app, name, ns).await?.ok_or_else(missing);
+    }
+    let home = id.default_namespace();
+    if id.can_use(&home) {
+        if let Some(found) = in_namespace(app, name, &home).await? {
+            return Ok(found);
+        }
+    }
+    let mut found = Vec::new();
+    match &id.namespaces {
+        Some(list) if !id.admin => {
+            let mut seen = vec![home.as_str()];
+            for ns in list {
+                if seen.contains(&ns.as_str()) {
+                    continue;
+                }
+                seen.push(ns);
+                if let Some(hit) = in_namespace(app, name, ns).await? {
+                    found.push(hit);
+                }
+            }
+        }
+        // Every namespace: which ones exist is the backend's to say.
+        _ => {
+            for s in app.backend.list().await? {
+                if s.namespace == home
+                    || !id.can_use(&s.namespace)
+                    || display_name(&s.name, &s.namespace) != name
+                {
+                    continue;
+                }
+                let target = app
+                    .backend
+                    .resolve(&s.name)
+                    .await?
+                    .filter(|t| t.namespace == s.namespace);
+                if let Some(target) = target {
+                    found.push(Located {
+                        key: s.name,
+                        name: name.to_owned(),
+                        target,
+                    });
+                }
+            }
+        }
+    }
+    match found.len() {
+        0 => Err(missing()),
+        1 => Ok(found.remove(0)),
+        _ => {
+            let mut namespaces: Vec<String> =
+                found.into_iter().map(|f| f.target.namespace).collect();
+            namespaces.sort();
+            namespaces.dedup();
+            Err(Error::AmbiguousName {
+                name: name.to_owned(),
+                namespaces,
+            })
+        }
+    }
+}
+
+/// The sandbox `name` of `namespace`: by its key, else (outside `default`) a record made
+/// before names were per namespace, keyed by its plain name.
+async fn in_namespace(app: &AppState, name: &str, namespace: &str) -> Result<Option<Located>> {
+    let key = sandbox_key(namespace, name);
+    let mut keys = vec![key];
+    if namespace != DEFAULT_NAMESPACE {
+        keys.push(name.to_owned());
+    }
+    for key in keys {
+        if let Some(target) = app
+            .backend
+            .resolve(&key)
+            .await?
+            .filter(|t| t.namespace == namespace)
+        {
+            return Ok(Some(Located {
+                key,
+                name: name.to_owned(),
+                target,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether `name` is held in `namespace` by a record made before names were per namespace
+/// (keyed by the plain name outside `default`).
+pub(crate) async fn held_by_legacy(app: &AppState, namespace: &str, name: &str) -> Result<bool> {
+    if namespace == DEFAULT_NAMESPACE {
+        return Ok(false);
+    }
+    Ok(app
+        .backend
+        .resolve(name)
         .await?
-        .filter(|s| id.can_use(&s.namespace))
-        .ok_or_else(|| Error::SandboxNotFound(name.into()))
+        .is_some_and(|t| t.namespace == namespace))
+}
+
+/// A summary as the API shows it: the name (and id) without the key's namespace.
+pub(crate) fn shown(mut summary: SandboxSummary) -> SandboxSummary {
+    let name = display_name(&summary.name, &summary.namespace).to_owned();
+    if summary.sandbox_id == summary.name {
+        summary.sandbox_id.clone_from(&name);
+    }
+    if let Some(from) = &mut summary.cloned_from {
+        *from = display_name(from, &summary.namespace).to_owned();
+    }
+    summary.name = name;
+    summary
+}
+
+/// A backend's error about key `key`, as the API shows it: with the name.
+pub(crate) fn named(e: Error, key: &str, name: &str) -> Error {
+    match e {
+        Error::SandboxNotFound(k) if k == key => Error::SandboxNotFound(name.to_owned()),
+        Error::AlreadyExists(k) if k == key => Error::AlreadyExists(name.to_owned()),
+        Error::NotRunning { name: k, status } if k == key => Error::NotRunning {
+            name: name.to_owned(),
+            status,
+        },
+        e => e,
+    }
+}
+
+/// A sandbox the caller may see (its key and summary), or 404 (never 403: others'
+/// sandboxes do not exist for them).
+pub(crate) async fn visible(
+    app: &AppState,
+    id: &Identity,
+    raw: &str,
+    namespace: Option<&str>,
+) -> Result<(Located, SandboxSummary)> {
+    let found = locate(app, id, raw, namespace).await?;
+    let summary = app
+        .backend
+        .get(&found.key)
+        .await?
+        .filter(|s| s.namespace == found.target.namespace)
+        .ok_or_else(|| Error::SandboxNotFound(raw.to_owned()))?;
+    Ok((found, shown(summary)))
 }
 
 /// One sandbox
@@ -271,8 +471,12 @@ pub(crate) async fn get_sandbox(
     State(app): State<Arc<AppState>>,
     Extension(id): Extension<Identity>,
     Path(name): Path<String>,
+    uri: Uri,
 ) -> Result<Json<SandboxSummary>> {
-    Ok(Json(visible(&app, &id, &name).await?))
+    let namespace = namespace_param(uri.query());
+    Ok(Json(
+        visible(&app, &id, &name, namespace.as_deref()).await?.1,
+    ))
 }
 
 /// Create a sandbox
@@ -285,7 +489,7 @@ pub(crate) async fn get_sandbox(
         (status = 400, description = "`invalid_request`: bad JSON, name, namespace or templateRef.kind; a bad credential reference, one not in the namespace's store (local and Docker backends).", body = ErrorBody), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
         (status = 403, description = "`forbidden`: the caller may not use the namespace; `policy_violation` (with `violations: [{field, limit, actual}]`): the namespace's governance policy refuses it (idleTimeout, counts, template, image, cpu, memory).", body = PolicyViolationBody),
         (status = 404, description = "`template_not_found`.", body = ErrorBody),
-        (status = 409, description = "`already_exists`: the name is taken (in any namespace).", body = ErrorBody),
+        (status = 409, description = "`already_exists`: the name is taken in the namespace (names are per namespace: one taken only in another namespace creates fine).", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB.", body = ErrorBody),
         (status = 500, description = "`backend_error`: the sandbox could not be started.", body = ErrorBody)))]
 pub(crate) async fn create_sandbox(
@@ -388,20 +592,28 @@ pub(crate) async fn create_sandbox(
         }
         policy.policy.apply(&mut template);
     }
-    let result = app
-        .backend
-        .create(CreateSpec {
-            name: req.name.clone(),
-            namespace: namespace.clone(),
-            template,
-            created_by: CreatedBy {
-                email: id.email.clone(),
-                display_name: id.name.clone(),
-            },
-            timeout,
-            idle_timeout,
-        })
-        .await;
+    // Names are per namespace: the backend knows the sandbox by its key. A record made
+    // before that, keyed by its plain name, holds the name in its namespace too.
+    let key = sandbox_key(&namespace, &req.name);
+    let result = if held_by_legacy(&app, &namespace, &req.name).await? {
+        Err(Error::AlreadyExists(req.name.clone()))
+    } else {
+        app.backend
+            .create(CreateSpec {
+                name: key.clone(),
+                namespace: namespace.clone(),
+                template,
+                created_by: CreatedBy {
+                    email: id.email.clone(),
+                    display_name: id.name.clone(),
+                },
+                timeout,
+                idle_timeout,
+            })
+            .await
+            .map(shown)
+            .map_err(|e| named(e, &key, &req.name))
+    };
     audit_action(
         &app,
         &id,
@@ -475,13 +687,19 @@ pub(crate) async fn delete_sandbox(
     State(app): State<Arc<AppState>>,
     Extension(id): Extension<Identity>,
     Path(name): Path<String>,
+    uri: Uri,
 ) -> Result<Json<SandboxSummary>> {
-    let mut summary = visible(&app, &id, &name).await?;
-    let result = app.backend.delete(&name).await;
+    let namespace = namespace_param(uri.query());
+    let (found, mut summary) = visible(&app, &id, &name, namespace.as_deref()).await?;
+    let result = app
+        .backend
+        .delete(&found.key)
+        .await
+        .map_err(|e| named(e, &found.key, &found.name));
     audit_action(
         &app,
         &id,
-        Some(&name),
+        Some(&found.name),
         Some(&summary.namespace),
         "delete",
         &result,
@@ -499,18 +717,24 @@ pub(crate) async fn stop_sandbox(
     State(app): State<Arc<AppState>>,
     Extension(id): Extension<Identity>,
     Path(name): Path<String>,
+    uri: Uri,
 ) -> Result<Json<SandboxSummary>> {
-    let summary = visible(&app, &id, &name).await?;
-    let result = app.backend.stop(&name).await;
+    let namespace = namespace_param(uri.query());
+    let (found, summary) = visible(&app, &id, &name, namespace.as_deref()).await?;
+    let result = app
+        .backend
+        .stop(&found.key)
+        .await
+        .map_err(|e| named(e, &found.key, &found.name));
     audit_action(
         &app,
         &id,
-        Some(&name),
+        Some(&found.name),
         Some(&summary.namespace),
         "stop",
         &result,
     );
-    Ok(Json(result?))
+    Ok(Json(shown(result?)))
 }
 
 /// Start a stopped sandbox again
@@ -521,18 +745,24 @@ pub(crate) async fn resume_sandbox(
     State(app): State<Arc<AppState>>,
     Extension(id): Extension<Identity>,
     Path(name): Path<String>,
+    uri: Uri,
 ) -> Result<Json<SandboxSummary>> {
-    let summary = visible(&app, &id, &name).await?;
-    let result = app.backend.resume(&name).await;
+    let namespace = namespace_param(uri.query());
+    let (found, summary) = visible(&app, &id, &name, namespace.as_deref()).await?;
+    let result = app
+        .backend
+        .resume(&found.key)
+        .await
+        .map_err(|e| named(e, &found.key, &found.name));
     audit_action(
         &app,
         &id,
-        Some(&name),
+        Some(&found.name),
         Some(&summary.namespace),
         "resume",
         &result,
     );
-    Ok(Json(result?))
+    Ok(Json(shown(result?)))
 }
 
 /// Maps the rest of a sandbox URL to the runner's path and an audit action name.
@@ -635,12 +865,12 @@ async fn to_runner(
             Error::RouteNotFound(raw.to_owned())
         });
     };
-    let mut target = app
-        .backend
-        .resolve(&name)
-        .await?
-        .filter(|t| id.can_use(&t.namespace))
-        .ok_or_else(|| Error::SandboxNotFound(name.clone()))?;
+    let namespace = namespace_param(request.uri().query());
+    let Located {
+        key,
+        name,
+        mut target,
+    } = locate(&app, &id, &name, namespace.as_deref()).await?;
     // A sandbox that only slept is woken for the request (one the runner would be asked),
     // never a 409.
     let wrong_mode = matches!(action, "configure" | "invoke") && target.mode == "code";
@@ -648,10 +878,12 @@ async fn to_runner(
         && target.stop_reason == Some(agentbox_proto::StopReason::Idle)
         && !wrong_mode
     {
-        target = crate::lifecycle::wake(&app, &name).await?;
+        target = crate::lifecycle::wake(&app, &key, &name)
+            .await
+            .map_err(|e| named(e, &key, &name))?;
     }
     if crate::lifecycle::is_use(action) {
-        app.backend.touch(&name);
+        app.backend.touch(&key);
     }
     let kind = match action {
         "configure" => Some(Kind::Configure),
@@ -695,10 +927,12 @@ async fn to_runner(
         request =
             crate::admin_api::govern_exec(&app, &id, &name, &target.namespace, request).await?;
     }
+    // `?namespace=` picked the sandbox; the runner never sees it.
+    let query = without_namespace(request.uri().query());
     let query = if action == "invoke" && checked.is_ok() {
-        crate::admin_api::govern_invoke(&app, &id, &name, &target.namespace, request.uri().query())?
+        crate::admin_api::govern_invoke(&app, &id, &name, &target.namespace, query.as_deref())?
     } else {
-        request.uri().query().map(str::to_owned)
+        query
     };
     let path_and_query = match query {
         Some(q) => format!("{path}?{q}"),
@@ -745,6 +979,7 @@ async fn to_runner(
     let mut guard = Recorder {
         app: Arc::clone(&app),
         sandbox: name.clone(),
+        key,
         namespace: target.namespace.clone(),
         actor: id.sub.clone(),
         kind,
@@ -768,6 +1003,8 @@ async fn to_runner(
 struct Recorder {
     app: Arc<AppState>,
     sandbox: String,
+    /// The sandbox's backend key.
+    key: String,
     namespace: String,
     actor: String,
     kind: Kind,
@@ -854,7 +1091,7 @@ impl Drop for Recorder {
             self.status,
             self.started.elapsed(),
         );
-        let (app, sandbox, status) = (Arc::clone(&self.app), self.sandbox.clone(), self.status);
+        let (app, sandbox, status) = (Arc::clone(&self.app), self.key.clone(), self.status);
         let action = match self.kind {
             Kind::Invoke => "invoke",
             Kind::Configure => "configure",

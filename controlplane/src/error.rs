@@ -52,6 +52,17 @@ pub enum Error {
     /// The name is taken (409 `already_exists`).
     #[error("sandbox {0:?} already exists")]
     AlreadyExists(String),
+    /// A name held in several of the caller's namespaces, none picked (409 `ambiguous_name`).
+    #[error(
+        "sandbox {name:?} is in namespaces {}: add ?namespace= (or write the id {name}.<namespace>) to pick one",
+        namespaces.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+    )]
+    AmbiguousName {
+        /// The name.
+        name: String,
+        /// The caller's namespaces that hold it.
+        namespaces: Vec<String>,
+    },
     /// The runner cannot be reached (502 `runner_unreachable`).
     #[error("the sandbox's runner cannot be reached: {0}")]
     RunnerUnreachable(String),
@@ -99,7 +110,9 @@ impl Error {
                 StatusCode::BAD_REQUEST
             }
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::NotRunning { .. } | Error::AlreadyExists(_) => StatusCode::CONFLICT,
+            Error::NotRunning { .. } | Error::AlreadyExists(_) | Error::AmbiguousName { .. } => {
+                StatusCode::CONFLICT
+            }
             Error::RunnerUnreachable(_) | Error::RunnerUnauthorized => StatusCode::BAD_GATEWAY,
             Error::RunnerTimeout => StatusCode::GATEWAY_TIMEOUT,
             Error::Backend(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -123,6 +136,7 @@ impl Error {
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::NotRunning { .. } => "sandbox_not_running",
             Error::AlreadyExists(_) => "already_exists",
+            Error::AmbiguousName { .. } => "ambiguous_name",
             Error::RunnerUnreachable(_) => "runner_unreachable",
             Error::RunnerUnauthorized => "runner_unauthorized",
             Error::RunnerTimeout => "runner_timeout",
@@ -201,6 +215,14 @@ mod tests {
             (Error::RunnerUnauthorized, 502, "runner_unauthorized"),
             (Error::RunnerTimeout, 504, "runner_timeout"),
             (Error::NotImplemented("x".into()), 501, "not_implemented"),
+            (
+                Error::AmbiguousName {
+                    name: "s".into(),
+                    namespaces: vec!["a".into(), "b".into()],
+                },
+                409,
+                "ambiguous_name",
+            ),
         ];
         for (e, status, code) in cases {
             assert_eq!(e.status().as_u16(), status);

@@ -18,9 +18,9 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use http_body_util::BodyExt;
 
-use crate::api::{audit_action, read_limited, visible};
+use crate::api::{audit_action, held_by_legacy, named, read_limited, shown, visible};
 use crate::auth::Identity;
-use crate::backend::{valid_name, Target};
+use crate::backend::{display_name, sandbox_key, valid_name, Target};
 use crate::error::{Error, Result};
 use crate::templates::Template;
 use crate::{audit, AppState};
@@ -135,13 +135,14 @@ pub fn is_use(action: &str) -> bool {
     responses((status = 202, description = "The new sandbox (`cloneFrom` names the source); `Running` on the local backend.", body = SandboxSummary),
         (status = 400, description = "`invalid_request`: bad JSON or name.", body = ErrorBody), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`: no such source, or in a namespace the caller may not use.", body = ErrorBody),
-        (status = 409, description = "`already_exists`: the name is taken.", body = ErrorBody),
+        (status = 409, description = "`already_exists`: the name is taken in the source's namespace (where the copy is made).", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 64 KiB.", body = ErrorBody),
         (status = 500, description = "`backend_error`: the copy or the start failed, or the backend cannot clone.", body = ErrorBody)))]
 pub(crate) async fn clone_sandbox(
     State(app): State<Arc<AppState>>,
     Extension(id): Extension<Identity>,
     Path(source): Path<String>,
+    uri: axum::http::Uri,
     body: Body,
 ) -> Result<Response> {
     let bytes = read_limited(body, 64 << 10)
@@ -153,7 +154,9 @@ pub(crate) async fn clone_sandbox(
         serde_json::from_slice(&bytes)
             .map_err(|e| Error::InvalidRequest(format!("the body is not a clone request: {e}")))?
     };
-    let summary = visible(&app, &id, &source).await?;
+    let namespace = crate::api::namespace_param(uri.query());
+    let (found, summary) = visible(&app, &id, &source, namespace.as_deref()).await?;
+    let source = found.name;
     let name = match req.name {
         Some(name) => name,
         None => {
@@ -174,7 +177,17 @@ pub(crate) async fn clone_sandbox(
         email: id.email.clone(),
         display_name: id.name.clone(),
     };
-    let result = app.backend.clone_sandbox(&source, &name, created_by).await;
+    // The copy is in the source's namespace, where its name is taken or not.
+    let key = sandbox_key(&summary.namespace, &name);
+    let result = if held_by_legacy(&app, &summary.namespace, &name).await? {
+        Err(Error::AlreadyExists(name.clone()))
+    } else {
+        app.backend
+            .clone_sandbox(&found.key, &key, created_by)
+            .await
+            .map(shown)
+            .map_err(|e| named(e, &key, &name))
+    };
     audit_action(
         &app,
         &id,
@@ -312,7 +325,7 @@ fn record<T>(app: &AppState, s: &SandboxSummary, action: &str, result: &Result<T
     app.audit.write(&audit::Record {
         time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         actor: "agentbox",
-        sandbox: Some(&s.name),
+        sandbox: Some(display_name(&s.name, &s.namespace)),
         namespace: Some(&s.namespace),
         action,
         outcome,
@@ -373,9 +386,10 @@ async fn last_use(app: &AppState, name: &str) -> Result<Use> {
         }))
 }
 
-/// Resumes a sandbox stopped for being idle and answers its new target: the request that
-/// found it asleep waits (at most the runner start timeout and 5 s) and is then served.
-pub async fn wake(app: &AppState, name: &str) -> Result<Target> {
+/// Resumes the sandbox keyed `name` (shown as `shown`), stopped for being idle, and answers
+/// its new target: the request that found it asleep waits (at most the runner start timeout
+/// and 5 s) and is then served.
+pub async fn wake(app: &AppState, name: &str, shown: &str) -> Result<Target> {
     // A lifetime that ended while the sandbox slept ends now (a stop answers 409, a delete 404).
     let expired = app.backend.get(name).await?.is_some_and(|s| {
         parse_time(s.expires_at.as_deref()).is_some_and(|end| end <= SystemTime::now())
@@ -393,7 +407,7 @@ pub async fn wake(app: &AppState, name: &str) -> Result<Target> {
         .await
         .map_err(|_| {
             Error::Backend(format!(
-                "sandbox {name:?} was idle and did not resume within {}s",
+                "sandbox {shown:?} was idle and did not resume within {}s",
                 bound.as_secs()
             ))
         })??;

@@ -143,6 +143,7 @@ fn finish(doc: &mut Value) {
         "description": "A control plane; it listens on 127.0.0.1:8420 unless started with --listen.",
         "variables": {"host": {"default": "127.0.0.1"}, "port": {"default": "8420"}},
     }]);
+    per_namespace_names(doc);
     doc["security"] = json!([{"apiKeyAuth": []}, {"bearerAuth": []}]);
     doc["components"]["securitySchemes"] = json!({
         "apiKeyAuth": {
@@ -161,6 +162,65 @@ fn finish(doc: &mut Value) {
                 configured OIDC issuer (signature, `exp`, `nbf`, `iss`, `aud`).",
         },
     });
+}
+
+/// Every route of one sandbox finds its `{id}` among the caller's namespaces
+/// (`api::locate`): the id may be `name.namespace`, `?namespace=` picks (not on a preview,
+/// whose query is the sandbox's server's), and a name in several of them is 409
+/// `ambiguous_name`.
+fn per_namespace_names(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        if !(path.starts_with("/api/v1/sandboxes/{id}") || path.starts_with("/ws/terminal/{id}")) {
+            continue;
+        }
+        let preview = path.contains("/preview/");
+        let Some(operations) = item.as_object_mut() else {
+            continue;
+        };
+        for operation in operations.values_mut() {
+            let Some(params) = operation["parameters"].as_array_mut() else {
+                continue;
+            };
+            for p in params.iter_mut() {
+                if p["name"] == "id" && p["in"] == "path" {
+                    p["description"] = json!(
+                        "The sandbox's name (names are per namespace), or `name.namespace` to \
+                         pick its namespace."
+                    );
+                }
+            }
+            if !preview {
+                params.push(json!({
+                    "name": "namespace",
+                    "in": "query",
+                    "required": false,
+                    "schema": {"type": "string"},
+                    "description": "The sandbox's namespace. Without it, the name is looked for \
+                        in the caller's own namespace (where its creates go; `default` for a \
+                        caller of every namespace), then in the caller's other namespaces, \
+                        where it must be in exactly one. Never passed to the runner.",
+                }));
+            }
+            let ambiguous = "`ambiguous_name`: the name is in several of the caller's \
+                namespaces and none was picked (`?namespace=`, or the id `name.namespace`).";
+            let responses = &mut operation["responses"];
+            if let Some(conflict) = responses.get_mut("409") {
+                let before = conflict["description"].as_str().unwrap_or_default();
+                conflict["description"] = json!(format!("{before} {ambiguous}"));
+            } else if let Some(responses) = responses.as_object_mut() {
+                responses.insert(
+                    "409".into(),
+                    json!({
+                        "description": ambiguous,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                    }),
+                );
+            }
+        }
+    }
 }
 
 // The routes passed through to the sandbox's runner. These functions are never called: they

@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hyper_util::rt::TokioIo;
 
+use crate::api::Located;
 use crate::auth::Identity;
 use crate::backend::Target;
 use crate::error::{Error, Result};
@@ -109,7 +110,9 @@ pub(crate) async fn serve(
 ) -> Result<Response> {
     let action = route.action();
     let mut namespace = None;
-    let result = serve_checked(&app, id, name, route, request, &mut namespace).await;
+    // Until found: the name asked for (an id `name.namespace` without its namespace).
+    let mut shown = name.split('.').next().unwrap_or_default().to_owned();
+    let result = serve_checked(&app, id, name, route, request, &mut namespace, &mut shown).await;
     let status = match &result {
         Ok(r) => r.status().as_u16(),
         Err(e) => e.status().as_u16(),
@@ -117,7 +120,7 @@ pub(crate) async fn serve(
     app.audit.write(&audit::Record {
         time: crate::api::now(),
         actor: &id.sub,
-        sandbox: Some(name),
+        sandbox: Some(&shown),
         namespace: namespace.as_deref(),
         action,
         outcome: metrics::outcome(status),
@@ -134,17 +137,23 @@ async fn serve_checked(
     route: Route,
     request: Request,
     namespace: &mut Option<String>,
+    shown: &mut String,
 ) -> Result<Response> {
     if route == Route::WrongMethod {
         return Err(Error::MethodNotAllowed);
     }
-    let target = app
-        .backend
-        .resolve(name)
-        .await?
-        .filter(|t| id.can_use(&t.namespace))
-        .ok_or_else(|| Error::SandboxNotFound(name.to_owned()))?;
+    // A preview's query is its server's: there the id `name.namespace` picks a namespace.
+    let asked = match route {
+        Route::Preview { .. } | Route::PreviewRoot(_) => None,
+        _ => crate::api::namespace_param(request.uri().query()),
+    };
+    let Located { key, name, target } = crate::api::locate(app, id, name, asked.as_deref()).await?;
     *namespace = Some(target.namespace.clone());
+    shown.clone_from(&name);
+    // The id in URLs made here: the name alone in `default`, else `name.namespace`, which
+    // no other namespace's sandbox answers to.
+    let id_in_urls = crate::backend::sandbox_key(&target.namespace, &name);
+    let name = name.as_str();
     // Bad ports before the phase: a 400 says what is wrong with the request itself.
     let port = match &route {
         Route::Remove(p)
@@ -154,15 +163,15 @@ async fn serve_checked(
         _ => None,
     };
     if let (Route::PreviewRoot(_), Some(port)) = (&route, port) {
-        let location = format!("/api/v1/sandboxes/{name}/preview/{port}/");
+        let location = format!("/api/v1/sandboxes/{id_in_urls}/preview/{port}/");
         return Ok((
             StatusCode::PERMANENT_REDIRECT,
             [(header::LOCATION, location)],
         )
             .into_response());
     }
-    let target = running(app, name, target).await?;
-    let base = preview_base(request.headers(), name);
+    let target = running(app, &key, name, target).await?;
+    let base = preview_base(request.headers(), &id_in_urls);
     match route {
         Route::List => {
             let answer = runner_json(app, &target, Method::GET, "/v1/ports", Body::empty()).await?;
@@ -208,20 +217,34 @@ async fn serve_checked(
         }
         Route::Tunnel(_) => tunnel(app, &target, port.unwrap_or_default(), request).await,
         Route::Preview { path, .. } => {
-            preview(app, &target, name, port.unwrap_or_default(), &path, request).await
+            preview(
+                app,
+                &target,
+                &id_in_urls,
+                port.unwrap_or_default(),
+                &path,
+                request,
+            )
+            .await
         }
         Route::PreviewRoot(_) | Route::WrongMethod => Err(Error::MethodNotAllowed),
     }
 }
 
-/// The sandbox must run; one stopped for being idle is woken, as for every runner route.
 /// `target` if it is running; a sandbox stopped for idleness is woken first (bounded, see
 /// [`crate::lifecycle::wake`]); any other phase is 409 `sandbox_not_running`. Notes the use.
-pub(crate) async fn running(app: &AppState, name: &str, target: Target) -> Result<Target> {
+pub(crate) async fn running(
+    app: &AppState,
+    key: &str,
+    name: &str,
+    target: Target,
+) -> Result<Target> {
     let target = if target.status == SandboxStatus::Stopped
         && target.stop_reason == Some(agentbox_proto::StopReason::Idle)
     {
-        crate::lifecycle::wake(app, name).await?
+        crate::lifecycle::wake(app, key, name)
+            .await
+            .map_err(|e| crate::api::named(e, key, name))?
     } else {
         target
     };
@@ -231,7 +254,7 @@ pub(crate) async fn running(app: &AppState, name: &str, target: Target) -> Resul
             status: target.status.as_str(),
         });
     }
-    app.backend.touch(name);
+    app.backend.touch(key);
     Ok(target)
 }
 

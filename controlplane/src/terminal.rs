@@ -184,18 +184,15 @@ pub async fn mint_ticket(
     State(app): State<Arc<AppState>>,
     Extension(id): Extension<Identity>,
     Path(name): Path<String>,
+    uri: axum::http::Uri,
 ) -> Result<Json<Ticket>> {
-    let target = app
-        .backend
-        .resolve(&name)
-        .await?
-        .filter(|t| id.can_use(&t.namespace))
-        .ok_or_else(|| Error::SandboxNotFound(name.clone()))?;
+    let namespace = crate::api::namespace_param(uri.query());
+    let found = crate::api::locate(&app, &id, &name, namespace.as_deref()).await?;
     let mut nonce = [0u8; 16];
     getrandom::fill(&mut nonce).map_err(|e| Error::Internal(format!("no randomness: {e}")))?;
     let claims = Claims {
-        s: name,
-        ns: target.namespace,
+        s: found.name,
+        ns: found.target.namespace,
         sub: id.sub.clone(),
         exp: now_ms() + TICKET_TTL.as_millis() as u64,
         n: hex::encode(nonce),
@@ -234,28 +231,37 @@ pub async fn open_terminal(
     request: Request,
 ) -> Response {
     let started = std::time::Instant::now();
-    match terminal(&app, &name, request).await {
+    // The sandbox found (its name and namespace), for the audit record.
+    let mut found = (name.split('.').next().unwrap_or_default().to_owned(), None);
+    match terminal(&app, &name, request, &mut found).await {
         Ok((response, sub)) => {
-            record(&app, &sub, &name, 101, started);
+            record(&app, &sub, &found, 101, started);
             response
         }
         Err((e, sub)) => {
             if e.status() == StatusCode::UNAUTHORIZED {
                 app.audit.denied(401);
             } else {
-                record(&app, &sub, &name, e.status().as_u16(), started);
+                record(&app, &sub, &found, e.status().as_u16(), started);
             }
             e.into_response()
         }
     }
 }
 
-fn record(app: &AppState, sub: &str, name: &str, status: u16, started: std::time::Instant) {
+fn record(
+    app: &AppState,
+    sub: &str,
+    (name, namespace): &(String, Option<String>),
+    status: u16,
+    started: std::time::Instant,
+) {
     app.audit.write(&crate::audit::Record {
         time: crate::api::now(),
         actor: sub,
         action: "terminal",
         sandbox: Some(name),
+        namespace: namespace.as_deref(),
         outcome: if status == 101 { "ok" } else { "error" },
         status,
         duration_ms: Some(started.elapsed().as_millis() as u64),
@@ -265,15 +271,12 @@ fn record(app: &AppState, sub: &str, name: &str, status: u16, started: std::time
 
 type Failed = (Error, String);
 
-/// Which namespaces the caller may reach, and who it is (for the audit record).
-type Caller = (Box<dyn Fn(&str) -> bool + Send>, String);
-
-/// The query without `ticket` (the runner never sees it).
+/// The query without `ticket` and `namespace` (the runner never sees them).
 fn runner_query(query: Option<&str>) -> String {
     let kept: Vec<&str> = query
         .unwrap_or("")
         .split('&')
-        .filter(|p| !p.is_empty() && !p.starts_with("ticket="))
+        .filter(|p| !p.is_empty() && !p.starts_with("ticket=") && !p.starts_with("namespace="))
         .collect();
     if kept.is_empty() {
         String::new()
@@ -293,31 +296,40 @@ async fn terminal(
     app: &Arc<AppState>,
     name: &str,
     mut request: Request,
+    found: &mut (String, Option<String>),
 ) -> std::result::Result<(Response, String), Failed> {
     let headers = request.headers();
     let has_credentials =
         headers.contains_key(header::AUTHORIZATION) || headers.contains_key("x-api-key");
     let query = request.uri().query().map(str::to_owned);
-    // Who: credentials as on every route, else a ticket.
-    let (namespace_ok, sub): Caller = if has_credentials || ticket_of(query.as_deref()).is_none() {
+    // Who: credentials as on every route, else a ticket (good for its sandbox's namespace).
+    let (identity, namespace) = if has_credentials || ticket_of(query.as_deref()).is_none() {
         let identity = app
             .auth
             .authenticate(headers)
             .await
             .map_err(|e| (e, String::new()))?;
-        let sub = identity.sub.clone();
-        (Box::new(move |ns: &str| identity.can_use(ns)), sub)
+        (identity, crate::api::namespace_param(query.as_deref()))
     } else {
         let ticket = ticket_of(query.as_deref()).unwrap_or_default();
         let state_dir = app.cfg.state_dir.clone();
-        let sandbox = name.to_owned();
+        // The id is the name, or `name.namespace`.
+        let sandbox = name.split('.').next().unwrap_or_default().to_owned();
         let claims = tokio::task::spawn_blocking(move || redeem(&state_dir, &ticket, &sandbox))
             .await
             .map_err(|e| (Error::Internal(e.to_string()), String::new()))?
             .map_err(|e| (e, String::new()))?;
-        let ns = claims.ns.clone();
-        (Box::new(move |n: &str| n == ns), claims.sub)
+        let identity = Identity {
+            sub: claims.sub,
+            name: None,
+            email: None,
+            groups: Vec::new(),
+            namespaces: Some(vec![claims.ns.clone()]),
+            admin: false,
+        };
+        (identity, Some(claims.ns))
     };
+    let sub = identity.sub.clone();
     let fail = |e: Error| (e, sub.clone());
     let is_upgrade = request
         .headers()
@@ -329,15 +341,12 @@ async fn terminal(
             "the terminal is a WebSocket: send an upgrade request".into(),
         )));
     }
-    let target = app
-        .backend
-        .resolve(name)
+    let located = crate::api::locate(app, &identity, name, namespace.as_deref())
         .await
-        .map_err(fail)?
-        .filter(|t| namespace_ok(&t.namespace))
-        .ok_or_else(|| fail(Error::SandboxNotFound(name.to_owned())))?;
+        .map_err(fail)?;
+    *found = (located.name.clone(), Some(located.target.namespace.clone()));
     // A sandbox that only slept is woken for its terminal, as for any other use.
-    let target = crate::ports::running(&app, name, target)
+    let target = crate::ports::running(&app, &located.key, &located.name, located.target)
         .await
         .map_err(fail)?;
     // An HTTP/1.1 connection of its own to the runner, and the upgrade request on it.

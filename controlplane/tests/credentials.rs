@@ -202,7 +202,8 @@ async fn credentials_reach_the_agent_and_nothing_else(isolation: &str) {
     } else {
         assert_eq!(
             Path::new(&out[4]),
-            env.sandbox_dir("agent").join("credentials")
+            // (Keyed `name.namespace` on disk.)
+            env.sandbox_dir("agent.team-a").join("credentials")
         );
     }
     // Read-only: mounted so when isolated; without isolation only mode 0400 (root ignores it).
@@ -214,7 +215,7 @@ async fn credentials_reach_the_agent_and_nothing_else(isolation: &str) {
     let theft = if isolation == "namespaces" {
         format!(
             "cat {} 2>&1;",
-            env.sandbox_dir("agent")
+            env.sandbox_dir("agent.team-a")
                 .join("credentials/gcp.json")
                 .display()
         )

@@ -1198,3 +1198,90 @@ if printf x >> /run/credentials/gcp.json 2>/dev/null; then echo writable; else e
     cp.delete("c1").await;
     assert!(!dir.exists());
 }
+
+const TEAM_B_KEY: &str = "cpt-team-b-key-1c0ffee5deadbeef";
+
+/// An exec (JSON answer) in `name` with `key`; its stdout.
+async fn exec_as(cp: &Cp, key: &str, name: &str, command: &str) -> String {
+    let (status, out) = send(
+        cp.req(
+            Method::POST,
+            &format!("/api/v1/sandboxes/{name}/exec"),
+            Some(key),
+        )
+        .header("accept", "application/json")
+        .json(&json!({ "command": command })),
+    )
+    .await;
+    assert_eq!(status, 200, "exec in {name}: {out}");
+    out["stdout"].as_str().unwrap().to_owned()
+}
+
+/// Names are per namespace on the Docker backend too: `team-a/foo` and `team-b/foo` are two
+/// containers with two volumes, each named `foo` inside (hostname, `AGENTBOX_SANDBOX`).
+#[tokio::test(flavor = "multi_thread")]
+async fn one_name_in_two_namespaces_is_two_sandboxes() {
+    if !docker_ready() {
+        return;
+    }
+    let scope = Scope::new(json!([]));
+    scope.env.write_keys(&[
+        ("admin", common::ADMIN_KEY, &[], true),
+        ("a", common::TEAM_A_KEY, &["team-a"], false),
+        ("b", TEAM_B_KEY, &["team-b"], false),
+    ]);
+    let cp = scope.start();
+    for (key, ns) in [(common::TEAM_A_KEY, "team-a"), (TEAM_B_KEY, "team-b")] {
+        let (status, body) = send(
+            cp.req(Method::POST, "/api/v1/sandboxes", Some(key))
+                .json(&json!({"name": "foo", "namespace": ns, "templateRef": {"name": "default"}})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(
+            (&body["name"], &body["namespace"]),
+            (&json!("foo"), &json!(ns))
+        );
+        // The engine's objects carry the key; the sandbox itself is `foo`.
+        let container = scope.container(&format!("foo.{ns}"));
+        assert_eq!(scope.inspect(&container, "{{.Config.Hostname}}"), "foo");
+    }
+    let (status, body) = send(
+        cp.req(
+            Method::PUT,
+            "/api/v1/sandboxes/foo/files/workspace/mark",
+            Some(common::TEAM_A_KEY),
+        )
+        .body("from-a"),
+    )
+    .await;
+    assert!(status < 300, "{status} {body}");
+    let script = "echo $AGENTBOX_SANDBOX $(cat /etc/hostname) $(cat /workspace/mark 2>/dev/null || echo none)";
+    assert_eq!(
+        exec_as(&cp, common::TEAM_A_KEY, "foo", script).await,
+        "foo foo from-a\n"
+    );
+    assert_eq!(
+        exec_as(&cp, TEAM_B_KEY, "foo", script).await,
+        "foo foo none\n"
+    );
+    // The administrator picks; B's delete leaves A's.
+    let (status, body) = send(cp.sb(Method::GET, "foo", "")).await;
+    assert_eq!(status, 409, "{body}");
+    assert_error(&body, "ambiguous_name");
+    let (status, body) =
+        send(cp.req(Method::DELETE, "/api/v1/sandboxes/foo", Some(TEAM_B_KEY))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        exec_as(&cp, common::TEAM_A_KEY, "foo", script).await,
+        "foo foo from-a\n"
+    );
+    // A namespace named like a stop reason would take a stopped container's name.
+    let (status, body) = send(
+        cp.admin(Method::POST, "/api/v1/sandboxes")
+            .json(&json!({"name": "foo", "namespace": "idle", "templateRef": {"name": "default"}})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    cp.delete("foo.team-a").await;
+}

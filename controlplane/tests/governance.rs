@@ -205,7 +205,7 @@ async fn create_limits_are_enforced() {
     let (status, body) = create_as(&cp, ADMIN_KEY, "t4", "team-c", "default").await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(
-        env.record("t4")["template"]["limits"],
+        env.record("t4.team-c")["template"]["limits"],
         json!({"cpu": "1", "memory": "512Mi"})
     );
     // No policy, no limit: another namespace is unaffected.
@@ -214,9 +214,18 @@ async fn create_limits_are_enforced() {
         assert_eq!(status, 201, "{body}");
     }
     // Refused creates left nothing behind; every decision is in the audit log.
-    for refused in ["a3", "a4", "c2", "t1", "t2", "t3"] {
+    // (Keyed `name.namespace` on disk.)
+    for refused in [
+        "a3.team-a",
+        "a4.team-a",
+        "c2.team-a",
+        "t1.team-c",
+        "t2.team-c",
+        "t3.team-c",
+    ] {
         assert!(!env.sandbox_dir(refused).exists(), "{refused}");
     }
+    assert!(env.sandbox_dir("a1.team-a").exists());
     let audit = env.audit_log();
     assert!(audit.contains(r#""sandbox":"a3","namespace":"team-a","action":"governance.create","outcome":"denied","status":403,"detail":"maxSandboxesPerUser""#), "{audit}");
     assert!(audit.contains(r#""sandbox":"a1","namespace":"team-a","action":"governance.create","outcome":"allowed""#), "{audit}");
@@ -450,9 +459,8 @@ async fn policies_reach_existing_sandboxes_and_idle_timeouts() {
 const TEAM_B_KEY: &str = "cpt-team-b-key-1c0ffee5deadbeef";
 
 /// A namespace-B key learns nothing of a namespace-A sandbox through any per-sandbox route:
-/// every answer is byte for byte the one for a name nobody uses. Names are one space per
-/// control plane on this backend, so a create of the taken name is 409 — the same 409 as for
-/// a clash in the caller's own namespace (no namespace, owner or phase in it).
+/// every answer is byte for byte the one for a name nobody uses. Names are per namespace, so
+/// a create of a name taken only in A succeeds, exactly as a create of a fresh name.
 #[tokio::test]
 async fn another_namespace_cannot_tell_a_taken_name_from_a_free_one() {
     let env = Env::new();
@@ -512,15 +520,278 @@ async fn another_namespace_cannot_tell_a_taken_name_from_a_free_one() {
     // The list shows it not.
     let (_, list) = send(cp.req(Method::GET, "/api/v1/sandboxes", Some(TEAM_B_KEY))).await;
     assert!(!list.to_string().contains("secret-a"), "{list}");
-    // A create of the taken name: the same 409 as a clash in B's own namespace.
+    // A create of the name taken in A: as a create of a fresh name (the summaries differ
+    // only in their times).
     let mut answers = Vec::new();
-    for name in ["secret-a", "mine-b"] {
+    for name in ["secret-a", "fresh-b"] {
         let (status, body) = create_as(&cp, TEAM_B_KEY, name, "team-b", "default").await;
-        answers.push((status, body.to_string().replace(name, "NAME")));
+        assert_eq!(body["name"], name, "{body}");
+        assert_eq!(body["namespace"], "team-b", "{body}");
+        answers.push(status);
     }
-    assert_eq!(answers[0], answers[1]);
-    assert_eq!(answers[0].0, 409);
-    // A's sandbox is untouched.
-    let events = cp.invoke("secret-a", "").await;
+    assert_eq!(answers, [201, 201]);
+    // A clash in B's own namespace is the 409.
+    let (status, body) = create_as(&cp, TEAM_B_KEY, "secret-a", "team-b", "default").await;
+    assert_eq!(status, 409, "{body}");
+    assert_error(&body, "already_exists");
+    // A's sandbox is untouched, and still A's alone.
+    let resp = cp
+        .req(
+            Method::POST,
+            "/api/v1/sandboxes/secret-a/invoke",
+            Some(TEAM_A_KEY),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let events = parse_sse(&resp.bytes().await.unwrap());
     assert_eq!(exit_event(&events)["exitCode"], 0, "{events:?}");
+}
+
+/// Invokes `name` with `key` (and `query`), answering its stdout.
+async fn invoke_as(cp: &Cp, key: &str, name: &str, query: &str) -> String {
+    let resp = cp
+        .req(
+            Method::POST,
+            &format!("/api/v1/sandboxes/{name}/invoke{query}"),
+            Some(key),
+        )
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+    let events = parse_sse(&bytes);
+    assert_eq!(exit_event(&events)["exitCode"], 0, "{events:?}");
+    String::from_utf8(rebuild(&events, "stdout")).unwrap()
+}
+
+/// Names are per namespace: `team-a/foo` and `team-b/foo` are two sandboxes, each with its
+/// own workspace; each namespace's callers see and change only theirs; a caller of every
+/// namespace picks with `?namespace=` (or the id `name.namespace`) and is told when a name
+/// is ambiguous.
+#[tokio::test]
+async fn names_are_per_namespace() {
+    let env = Env::new();
+    env.write_keys(&[
+        ("admin", ADMIN_KEY, &[], true),
+        ("a", TEAM_A_KEY, &["team-a"], false),
+        ("b", TEAM_B_KEY, &["team-b"], false),
+    ]);
+    let cp = env.start();
+    let script = "echo \"$AGENTBOX_SANDBOX:$(cat mark 2>/dev/null || echo none)\"";
+    for (key, ns) in [(TEAM_A_KEY, "team-a"), (TEAM_B_KEY, "team-b")] {
+        let (status, body) = create_as(&cp, key, "foo", ns, "default").await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["name"], "foo", "{body}");
+        assert_eq!(body["sandboxId"], "foo", "{body}");
+        assert_eq!(body["namespace"], ns, "{body}");
+        let (status, body) = send(
+            cp.req(Method::POST, "/api/v1/sandboxes/foo/configure", Some(key))
+                .json(&json!({"entrypoint": ["sh", "-c", script]})),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Two workspaces: a file written in A's is not in B's.
+    let (status, body) = send(
+        cp.req(
+            Method::PUT,
+            "/api/v1/sandboxes/foo/files/workspace/mark",
+            Some(TEAM_A_KEY),
+        )
+        .body("from-a"),
+    )
+    .await;
+    assert!(status < 300, "{status} {body}");
+    assert_eq!(invoke_as(&cp, TEAM_A_KEY, "foo", "").await, "foo:from-a\n");
+    assert_eq!(invoke_as(&cp, TEAM_B_KEY, "foo", "").await, "foo:none\n");
+    let (status, _) = send(cp.req(
+        Method::GET,
+        "/api/v1/sandboxes/foo/files/workspace/mark",
+        Some(TEAM_B_KEY),
+    ))
+    .await;
+    assert_eq!(status, 404);
+    // Each caller's answers are its own sandbox's; its list holds its own only.
+    for (key, ns) in [(TEAM_A_KEY, "team-a"), (TEAM_B_KEY, "team-b")] {
+        let (status, body) = send(cp.req(Method::GET, "/api/v1/sandboxes/foo", Some(key))).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            (&body["name"], &body["namespace"]),
+            (&json!("foo"), &json!(ns))
+        );
+        let (_, list) = send(cp.req(Method::GET, "/api/v1/sandboxes", Some(key))).await;
+        let shown: Vec<(Value, Value)> = list["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["name"].clone(), s["namespace"].clone()))
+            .collect();
+        assert_eq!(shown, [(json!("foo"), json!(ns))], "{list}");
+        // Another namespace named outright is no way in.
+        let other = if ns == "team-a" { "team-b" } else { "team-a" };
+        for path in [
+            format!("/api/v1/sandboxes/foo?namespace={other}"),
+            format!("/api/v1/sandboxes/foo.{other}"),
+        ] {
+            let (status, body) = send(cp.req(Method::GET, &path, Some(key))).await;
+            assert_eq!(status, 404, "{path}: {body}");
+        }
+    }
+    // A caller of every namespace: two sandboxes named foo, so it must pick.
+    let (status, body) = send(cp.sb(Method::GET, "foo", "")).await;
+    assert_eq!(status, 409, "{body}");
+    assert_error(&body, "ambiguous_name");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("team-a") && message.contains("team-b") && message.contains("?namespace="),
+        "{message}"
+    );
+    let (_, list) = send(cp.admin(Method::GET, "/api/v1/sandboxes")).await;
+    let named_foo = list["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == "foo")
+        .count();
+    assert_eq!(named_foo, 2, "{list}");
+    for (path, ns) in [
+        ("/api/v1/sandboxes/foo?namespace=team-a", "team-a"),
+        ("/api/v1/sandboxes/foo.team-b", "team-b"),
+    ] {
+        let (status, body) = send(cp.admin(Method::GET, path)).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(
+            (&body["name"], &body["namespace"]),
+            (&json!("foo"), &json!(ns))
+        );
+    }
+    // `?namespace=` picks on the runner's routes too (and never reaches the runner).
+    assert_eq!(
+        invoke_as(&cp, ADMIN_KEY, "foo", "?namespace=team-a").await,
+        "foo:from-a\n"
+    );
+    assert_eq!(
+        invoke_as(&cp, ADMIN_KEY, "foo.team-b", "").await,
+        "foo:none\n"
+    );
+    // A name in one namespace only resolves without picking.
+    let (status, body) = create_as(&cp, TEAM_B_KEY, "solo", "team-b", "default").await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = send(cp.sb(Method::GET, "solo", "")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["namespace"], "team-b");
+    // Preview URLs name the namespace (`name.namespace`: a preview's query is its server's),
+    // and are no way into B's sandbox for A.
+    let (status, port) = send(
+        cp.req(
+            Method::POST,
+            "/api/v1/sandboxes/foo/ports",
+            Some(TEAM_B_KEY),
+        )
+        .json(&json!({"port": 8000, "protocol": "http"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{port}");
+    let preview = "/api/v1/sandboxes/foo.team-b/preview/8000/";
+    assert_eq!(port["previewUrl"], format!("http://{}{preview}", cp.addr));
+    let (status, body) = send(cp.req(Method::GET, preview, Some(TEAM_A_KEY))).await;
+    assert_eq!(status, 404, "{body}");
+    assert_error(&body, "sandbox_not_found");
+    // A delete in B leaves A's.
+    let (status, body) =
+        send(cp.req(Method::DELETE, "/api/v1/sandboxes/foo", Some(TEAM_B_KEY))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["namespace"], "team-b", "{body}");
+    let (status, _) = send(cp.req(Method::GET, "/api/v1/sandboxes/foo", Some(TEAM_B_KEY))).await;
+    assert_eq!(status, 404);
+    assert_eq!(invoke_as(&cp, TEAM_A_KEY, "foo", "").await, "foo:from-a\n");
+    // Now the administrator's foo is A's alone.
+    let (status, body) = send(cp.sb(Method::GET, "foo", "")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["namespace"], "team-a");
+    // The audit log names sandboxes by name and namespace, never by backend key.
+    let audit = env.audit_log();
+    assert!(!audit.contains("foo.team-"), "{audit}");
+    assert!(
+        audit.lines().any(|l| l.contains("\"delete\"")
+            && l.contains("\"sandbox\":\"foo\"")
+            && l.contains("\"namespace\":\"team-b\"")),
+        "{audit}"
+    );
+}
+
+/// A sandbox made before names were per namespace (keyed by its plain name in a namespace
+/// other than `default`) is still found by its namespace's callers, and still holds its
+/// name there.
+#[tokio::test]
+async fn sandboxes_keyed_before_names_were_per_namespace_still_resolve() {
+    let env = Env::new();
+    env.write_keys(&[
+        ("admin", ADMIN_KEY, &[], true),
+        ("a", TEAM_A_KEY, &["team-a"], false),
+        ("b", TEAM_B_KEY, &["team-b"], false),
+    ]);
+    let cp = env.start();
+    let (status, body) = create_as(&cp, TEAM_A_KEY, "old", "team-a", "default").await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) =
+        send(cp.req(Method::POST, "/api/v1/sandboxes/old/stop", Some(TEAM_A_KEY))).await;
+    assert_eq!(status, 200, "{body}");
+    // What the earlier control plane left: the record under the plain name.
+    let mut record = env.record("old.team-a");
+    record["name"] = json!("old");
+    std::fs::rename(env.sandbox_dir("old.team-a"), env.sandbox_dir("old")).unwrap();
+    std::fs::write(
+        env.sandbox_dir("old").join("sandbox.json"),
+        record.to_string(),
+    )
+    .unwrap();
+    let (status, body) = send(cp.req(Method::GET, "/api/v1/sandboxes/old", Some(TEAM_A_KEY))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["name"], &body["namespace"]),
+        (&json!("old"), &json!("team-a"))
+    );
+    let (status, body) = send(cp.req(
+        Method::POST,
+        "/api/v1/sandboxes/old/resume",
+        Some(TEAM_A_KEY),
+    ))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "Running", "{body}");
+    let (status, body) = create_as(&cp, TEAM_A_KEY, "old", "team-a", "default").await;
+    assert_eq!(status, 409, "{body}");
+    assert_error(&body, "already_exists");
+    let (status, body) = send(cp.req(Method::GET, "/api/v1/sandboxes/old", Some(TEAM_B_KEY))).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = send(cp.sb(Method::GET, "old", "")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["namespace"], "team-a");
+}
+
+/// A key (`name.namespace`) whose runner socket path would pass a unix socket's 107 bytes is
+/// refused up front with a 400 that says why, not a failed start.
+#[tokio::test]
+async fn a_name_and_namespace_too_long_for_a_socket_path_are_refused() {
+    let env = Env::new();
+    let cp = env.start_with("namespaces", &[]);
+    let (status, body) = send(cp.admin(Method::POST, "/api/v1/sandboxes").json(&json!({
+        "name": "n".repeat(63), "namespace": "s".repeat(63),
+        "templateRef": {"name": "default"},
+    })))
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_error(&body, "invalid_request");
+    assert!(
+        body["message"].as_str().unwrap().contains("too long"),
+        "{body}"
+    );
+    assert!(!env
+        .sandbox_dir(&format!("{}.{}", "n".repeat(63), "s".repeat(63)))
+        .exists());
 }

@@ -568,12 +568,12 @@ async fn lifecycle_through_the_api() {
     let (code, body) = cp
         .send(
             cp.req(Method::POST, "/api/v1/sandboxes")
-                .json(&json!({"name": "delta", "namespace": "team-a"})),
+                .json(&json!({"name": "delta", "namespace": "default"})),
         )
         .await;
     assert_eq!(code, 201, "{body}");
     assert_eq!(body["status"], "Creating");
-    assert_eq!(body["namespace"], "team-a");
+    assert_eq!(body["namespace"], "default");
     let secret = fixture.get("secrets", NS, "sandbox-delta").unwrap();
     assert_eq!(
         secret["metadata"]["labels"]["agentbox.dev/sandbox"],
@@ -584,7 +584,7 @@ async fn lifecycle_through_the_api() {
         "agentbox"
     );
     let ann = &secret["metadata"]["annotations"];
-    assert_eq!(ann["agentbox.dev/namespace"], "team-a");
+    assert_eq!(ann["agentbox.dev/namespace"], "default");
     assert_eq!(ann["agentbox.dev/template"], "default");
     assert_eq!(ann["agentbox.dev/mode"], "agent");
     assert!(ann["agentbox.dev/created-at"].is_string());
@@ -870,7 +870,7 @@ async fn credentials_become_secret_references() {
         ]})))
         .await;
     assert_eq!(code, 201, "{body}");
-    let pod = fixture.get("pods", NS, "sandbox-eps").unwrap();
+    let pod = fixture.get("pods", NS, "sandbox-eps.team-a").unwrap();
     let container = &pod["spec"]["containers"][0];
     let env = env_of(container);
     assert_eq!(
@@ -1031,4 +1031,66 @@ async fn ports_reach_the_pod_through_its_runner() {
         !head.contains("authorization") && !head.contains("x-api-key"),
         "{head}"
     );
+}
+
+/// Names are per namespace: one name in two namespaces is two Secrets and two Pods, named and
+/// labelled by their keys (`same.team-a`), each `same` inside; a name and namespace too long
+/// for a label value (63) together are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_name_in_two_namespaces_is_two_sandboxes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let cp = start_cp(&fixture, tmp.path(), &["--kube-runner-image", RUNNER_IMAGE]).await;
+    for ns in ["team-a", "team-b"] {
+        let (code, body) = cp
+            .send(
+                cp.req(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": "same", "namespace": ns})),
+            )
+            .await;
+        assert_eq!(code, 201, "{body}");
+        assert_eq!(
+            (&body["name"], &body["namespace"]),
+            (&json!("same"), &json!(ns))
+        );
+        let key = format!("same.{ns}");
+        let pod = fixture.get("pods", NS, &format!("sandbox-{key}")).unwrap();
+        assert_eq!(pod["metadata"]["labels"]["agentbox.dev/sandbox"], key);
+        let env = env_of(&pod["spec"]["containers"][0]);
+        assert_eq!(env["AGENTBOX_SANDBOX"]["value"], "same");
+    }
+    // The administrator sees both (once its cache has them) and must pick.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, body) = cp.get("same").await;
+        if code == 409 {
+            assert_eq!(body["error"], "ambiguous_name", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ambiguous: {code} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, body) = cp
+        .send(cp.sb(Method::GET, "same", "?namespace=team-b"))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["namespace"], "team-b");
+    let (code, body) = cp
+        .send(
+            cp.req(Method::POST, "/api/v1/sandboxes")
+                .json(&json!({"name": "a".repeat(40), "namespace": "b".repeat(30)})),
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("Kubernetes labels"),
+        "{body}"
+    );
+    let (code, body) = cp.send(cp.sb(Method::DELETE, "same.team-b", "")).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(fixture.get("pods", NS, "sandbox-same.team-b").is_none());
+    assert!(fixture.get("secrets", NS, "sandbox-same.team-a").is_some());
 }

@@ -67,7 +67,9 @@ use bollard::Docker;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::docker_net::SandboxNet;
-use super::{now_rfc3339, random_hex, valid_name, Backend, CreateSpec, RunnerAddr, Target};
+use super::{
+    display_name, now_rfc3339, random_hex, valid_key, Backend, CreateSpec, RunnerAddr, Target,
+};
 use crate::config::DockerConfig;
 use crate::error::{Error, Result};
 use crate::templates::Template;
@@ -301,7 +303,7 @@ impl DockerBackend {
     }
 
     async fn record(&self, name: &str) -> Result<Option<Record>> {
-        if !valid_name(name) {
+        if !valid_key(name) {
             return Ok(None);
         }
         match self.docker.inspect_volume(&self.object_name(name)).await {
@@ -536,7 +538,11 @@ impl DockerBackend {
         let started = async {
             let mut labels = self.labels(record);
             labels.insert(STARTED_AT.into(), lifecycle::now_millis());
-            let body = self.container_body(record, &record.name, labels)?;
+            let body = self.container_body(
+                record,
+                display_name(&record.name, &record.namespace),
+                labels,
+            )?;
             self.create_container_named(&volume, &record.name, body)
                 .await?;
             if let Some(from) = copy_from {
@@ -570,7 +576,11 @@ impl DockerBackend {
         let object = self.object_name(&record.name);
         let mut labels = self.labels(record);
         labels.insert(STARTED_AT.into(), lifecycle::now_millis());
-        let body = self.container_body(record, &record.name, labels)?;
+        let body = self.container_body(
+            record,
+            display_name(&record.name, &record.namespace),
+            labels,
+        )?;
         self.create_container_named(&object, &record.name, body)
             .await?;
         self.start_and_wait(&object, &record.name).await
@@ -920,11 +930,21 @@ impl Backend for DockerBackend {
     }
 
     async fn create(&self, spec: CreateSpec) -> Result<SandboxSummary> {
-        if !valid_name(&spec.name) {
+        if !valid_key(&spec.name) {
             return Err(Error::InvalidRequest(format!(
                 "{:?} is not a valid name",
                 spec.name
             )));
+        }
+        // A stopped container is renamed `<object>.<reason>`: the key `<name>.<namespace>` of
+        // a namespace named like a reason would take another sandbox's stopped name.
+        if let Some((_, namespace)) = spec.name.split_once('.') {
+            if ["idle", "timeout", "stopped"].contains(&namespace) {
+                return Err(Error::InvalidRequest(format!(
+                    "namespace {namespace:?} cannot hold sandboxes on the Docker backend (its \
+                     name is a stop reason in the engine's container names)"
+                )));
+            }
         }
         // No lock: creates run side by side (one waiting for a slow image's /healthz delays no
         // other). Two creates of one name, here or in another replica, are told apart by the
@@ -1036,7 +1056,7 @@ impl Backend for DockerBackend {
         let sandboxes: Vec<String> = entries
             .flatten()
             .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-            .filter(|n| valid_name(n))
+            .filter(|n| valid_key(n))
             .collect();
         for sandbox in sandboxes {
             let Some(record) = self.record(&sandbox).await? else {
@@ -1101,7 +1121,7 @@ impl Backend for DockerBackend {
     }
 
     async fn resolve(&self, name: &str) -> Result<Option<Target>> {
-        if !valid_name(name) {
+        if !valid_key(name) {
             return Ok(None);
         }
         if let Some(target) = self.targets.get(name) {

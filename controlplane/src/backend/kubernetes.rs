@@ -122,7 +122,8 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
-use super::{now_rfc3339, random_hex, valid_name, Backend, CreateSpec, Target};
+// Sandboxes are known by their key (`name` or `name.namespace`, see super::sandbox_key).
+use super::{now_rfc3339, random_hex, valid_key as valid_name, Backend, CreateSpec, Target};
 use crate::config::KubeConfig;
 use crate::error::{Error, Result};
 use crate::templates::Template;
@@ -458,7 +459,10 @@ fn render_pod(
             }),
         },
         env_value("AGENTBOX_MODE", template.mode.clone()),
-        env_value("AGENTBOX_SANDBOX", names.sandbox),
+        env_value(
+            "AGENTBOX_SANDBOX",
+            super::display_name(names.sandbox, names.namespace),
+        ),
     ];
     if let Some(n) = template.max_concurrent_invokes {
         forced.push(env_value("AGENTBOX_MAX_CONCURRENT_INVOKES", n.to_string()));
@@ -1058,6 +1062,9 @@ impl Backend for KubernetesBackend {
                 "{:?} in {:?} is not a valid sandbox name",
                 spec.name, spec.namespace
             )));
+        }
+        if let Some((n, ns)) = spec.name.split_once('.').filter(|_| spec.name.len() > 63) {
+            return Err(Error::InvalidRequest(format!("sandbox {n:?} in namespace {ns:?}: the name and the namespace are too long for Kubernetes labels (at most 62 characters together)")));
         }
         if self.secret(&spec.name).is_some() {
             return Err(Error::AlreadyExists(spec.name));

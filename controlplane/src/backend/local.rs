@@ -27,7 +27,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::{now_rfc3339, random_hex, valid_name, Backend, CreateSpec, RunnerAddr, Target};
+use super::{now_rfc3339, random_hex, valid_key, Backend, CreateSpec, RunnerAddr, Target};
 use crate::config::Isolation;
 use crate::error::{Error, Result};
 use crate::templates::{OnTimeout, Template, LOCAL_DEFAULT_PIDS};
@@ -175,7 +175,10 @@ impl Launch {
             env.insert("PIP_BREAK_SYSTEM_PACKAGES".into(), "1".into());
         }
         env.extend(record.template.env.clone());
-        env.insert("AGENTBOX_SANDBOX".into(), record.name.clone());
+        env.insert(
+            "AGENTBOX_SANDBOX".into(),
+            super::display_name(&record.name, &record.namespace).to_owned(),
+        );
         env.insert("AGENTBOX_LOG".into(), "info".into());
         if !record.template.credentials.is_empty() {
             let dir = self.credentials_seen_at(workspace.parent().unwrap_or(workspace));
@@ -968,7 +971,27 @@ impl LocalBackend {
     }
 
     fn dir(&self, name: &str) -> Option<PathBuf> {
-        valid_name(name).then(|| self.launch.root.join(name))
+        valid_key(name).then(|| self.launch.root.join(name))
+    }
+
+    /// The directory of a new sandbox keyed `key`: an isolated sandbox's runner listens on
+    /// `<dir>/runner.sock`, and a unix socket's path is at most 107 bytes, which a long name
+    /// and namespace together (or a deep `--state-dir`) can pass.
+    fn new_dir(&self, key: &str) -> Result<PathBuf> {
+        let dir = self
+            .dir(key)
+            .ok_or_else(|| Error::InvalidRequest(format!("{key:?} is not a valid name")))?;
+        let socket = dir.join("runner.sock");
+        if self.launch.isolation == Isolation::Namespaces && socket.as_os_str().len() > 107 {
+            let (name, namespace) = key.split_once('.').unwrap_or((key, "default"));
+            // (The host's path is not the caller's business.)
+            return Err(Error::InvalidRequest(format!(
+                "sandbox {name:?} in namespace {namespace:?}: the name and the namespace are too \
+                 long together for this control plane (its runner's socket path would pass the \
+                 107 bytes of a unix socket path)"
+            )));
+        }
+        Ok(dir)
     }
 
     /// Starts the runner of `record` on a blocking thread; the record comes back updated
@@ -983,7 +1006,7 @@ impl LocalBackend {
     }
 
     fn read(&self, name: &str) -> Result<Option<Record>> {
-        if !valid_name(name) {
+        if !valid_key(name) {
             return Ok(None);
         }
         read_record(&self.launch.root, name)
@@ -1049,7 +1072,7 @@ impl LocalBackend {
         reason: StopReason,
         idle_since: SystemTime,
     ) -> Result<Option<Record>> {
-        if !valid_name(name) {
+        if !valid_key(name) {
             return Err(Error::SandboxNotFound(name.into()));
         }
         let root = self.launch.root.clone();
@@ -1180,9 +1203,7 @@ impl Backend for LocalBackend {
     }
 
     async fn create(&self, spec: CreateSpec) -> Result<SandboxSummary> {
-        let dir = self
-            .dir(&spec.name)
-            .ok_or_else(|| Error::InvalidRequest(format!("{:?} is not a valid name", spec.name)))?;
+        let dir = self.new_dir(&spec.name)?;
         let _one_at_a_time = self.create_lock.lock().await;
         let pooled = spec.template.warm_pool.as_ref().is_some_and(|p| p.size > 0);
         if pooled {
@@ -1305,7 +1326,7 @@ impl Backend for LocalBackend {
     }
 
     async fn resume(&self, name: &str) -> Result<SandboxSummary> {
-        if !valid_name(name) {
+        if !valid_key(name) {
             return Err(Error::SandboxNotFound(name.into()));
         }
         let (root, launch, name) = (
@@ -1417,9 +1438,7 @@ impl Backend for LocalBackend {
         let Some(src) = self.read(source)? else {
             return Err(Error::SandboxNotFound(source.into()));
         };
-        let dir = self
-            .dir(name)
-            .ok_or_else(|| Error::InvalidRequest(format!("{name:?} is not a valid name")))?;
+        let dir = self.new_dir(name)?;
         let _one_at_a_time = self.create_lock.lock().await;
         match std::fs::create_dir(&dir) {
             Ok(()) => {}

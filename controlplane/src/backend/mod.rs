@@ -142,6 +142,40 @@ pub fn valid_name(name: &str) -> bool {
     agentbox_proto::valid_sandbox_name(name)
 }
 
+/// The namespace whose sandboxes are keyed by their plain name.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The backend key of sandbox `name` in `namespace`: the name itself in `default` (so every
+/// sandbox of a single-namespace deployment, and every one made before names were per
+/// namespace, keeps its key), else `{name}.{namespace}`. A name is a DNS label and has no
+/// dot, so two (namespace, name) pairs never share a key. Backends know sandboxes only by
+/// key; the API shows the name and the namespace ([`display_name`]), never the key.
+pub fn sandbox_key(namespace: &str, name: &str) -> String {
+    if namespace == DEFAULT_NAMESPACE {
+        name.to_owned()
+    } else {
+        format!("{name}.{namespace}")
+    }
+}
+
+/// The name shown for the sandbox keyed `key` in `namespace`: the key without its
+/// `.{namespace}`. A record made before names were per namespace is keyed by its plain name
+/// in any namespace, and shows it unchanged.
+pub fn display_name<'a>(key: &'a str, namespace: &str) -> &'a str {
+    key.strip_suffix(namespace)
+        .and_then(|k| k.strip_suffix('.'))
+        .filter(|k| !k.is_empty())
+        .unwrap_or(key)
+}
+
+/// Whether `key` can key a sandbox: a name, or `name.namespace`, each a DNS label.
+pub fn valid_key(key: &str) -> bool {
+    match key.split_once('.') {
+        None => valid_name(key),
+        Some((name, namespace)) => valid_name(name) && valid_name(namespace),
+    }
+}
+
 /// `n` random bytes as hex (tokens, temporary names).
 pub(crate) fn random_hex(n: usize) -> String {
     let mut buf = vec![0u8; n];
@@ -157,6 +191,33 @@ pub(crate) fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys() {
+        assert_eq!(sandbox_key("default", "foo"), "foo");
+        assert_eq!(sandbox_key("team-a", "foo"), "foo.team-a");
+        assert_ne!(sandbox_key("team-a", "foo"), sandbox_key("team-b", "foo"));
+        assert_ne!(sandbox_key("team-a", "foo"), sandbox_key("default", "foo"));
+        for (namespace, name) in [("default", "foo"), ("team-a", "foo"), ("a", "b-c")] {
+            let key = sandbox_key(namespace, name);
+            assert!(valid_key(&key), "{key}");
+            assert_eq!(display_name(&key, namespace), name);
+        }
+        // A record keyed by its plain name outside `default` (made before names were per
+        // namespace) shows its key.
+        assert_eq!(display_name("foo", "team-a"), "foo");
+        // Only the record's own namespace is stripped.
+        assert_eq!(display_name("foo.team-a", "team-b"), "foo.team-a");
+        assert_eq!(display_name("xteam-a", "team-a"), "xteam-a");
+        assert_eq!(display_name(".team-a", "team-a"), ".team-a");
+        for bad in [
+            "", ".", "foo.", ".ns", "a.b.c", "Foo.ns", "foo.Ns", "foo..ns",
+        ] {
+            assert!(!valid_key(bad), "{bad}");
+        }
+        assert!(valid_key(&format!("{}.{}", "a".repeat(63), "b".repeat(63))));
+        assert!(!valid_key(&format!("{}.b", "a".repeat(64))));
+    }
 
     #[test]
     fn names() {

@@ -52,7 +52,7 @@ use super::{
     engine, not_found, DockerBackend, Record, CREATED_AT, MANAGED_BY, MANAGER, MODE, POOL, SCOPE,
     SPEC, STARTED_AT, TEMPLATE, TOKEN,
 };
-use crate::backend::{now_rfc3339, random_hex, valid_name};
+use crate::backend::{now_rfc3339, random_hex, valid_key};
 use crate::error::{Error, Result};
 use crate::templates::Template;
 
@@ -650,7 +650,7 @@ impl DockerBackend {
         name: &str,
         created_by: agentbox_proto::CreatedBy,
     ) -> Result<SandboxSummary> {
-        if !valid_name(name) {
+        if !valid_key(name) {
             return Err(Error::InvalidRequest(format!(
                 "{name:?} is not a valid name"
             )));
