@@ -1032,3 +1032,198 @@ async fn ports_reach_the_pod_through_its_runner() {
         "{head}"
     );
 }
+
+/// The create lock, once released (bounded: the release follows the response).
+async fn released_lease(fixture: &Fixture) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lease = fixture.get("leases", NS, "agentbox-create-lock").unwrap();
+        if lease["spec"]["holderIdentity"].is_null() {
+            return lease;
+        }
+        assert!(Instant::now() < deadline, "never released: {lease}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sets the policy of `namespace` through `cps[0]` and waits until every replica applies it.
+async fn set_policy(cps: &[&Cp], namespace: &str, policy: Value) {
+    let (code, body) = cps[0]
+        .send(
+            cps[0]
+                .req(
+                    Method::PUT,
+                    &format!("/api/v1/governance/policies/{namespace}"),
+                )
+                .json(&policy),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let probe = if namespace == "*" {
+        "any-ns"
+    } else {
+        namespace
+    };
+    for cp in cps {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (code, body) = cp
+                .send(cp.req(
+                    Method::GET,
+                    &format!("/api/v1/governance/effective?namespace={probe}"),
+                ))
+                .await;
+            assert_eq!(code, 200, "{body}");
+            if body["policy"] == policy {
+                break;
+            }
+            assert!(Instant::now() < deadline, "a replica never read {policy}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Issue 23: counts are exact across replicas. Two control planes (two processes, each its own
+/// state directory, as two pods) race a create each for the last slot of a namespace
+/// (`maxSandboxesTotal: 1`), once per namespace, as many times as fit in 20 s: exactly one
+/// wins every time (201), the other is refused (403 `policy_violation`), and the fixture holds
+/// exactly one record per namespace. Without the Lease (or with counts from the caches, which
+/// lag the other replica's create) both would win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_racing_for_the_last_slot_exactly_one_wins() {
+    let tmp1 = tempfile::tempdir().unwrap();
+    let tmp2 = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let args = ["--kube-runner-image", RUNNER_IMAGE];
+    let cp1 = start_cp(&fixture, tmp1.path(), &args).await;
+    let cp2 = start_cp(&fixture, tmp2.path(), &args).await;
+    set_policy(&[&cp1, &cp2], "*", json!({"maxSandboxesTotal": 1})).await;
+    let budget = Duration::from_secs(20);
+    let started = Instant::now();
+    let mut trials = 0usize;
+    while started.elapsed() < budget && trials < 1000 {
+        let ns = format!("race-{trials}");
+        let create = |cp: &Cp, name: String| {
+            cp.req(Method::POST, "/api/v1/sandboxes")
+                .json(&json!({"name": name, "namespace": ns}))
+        };
+        let (a, b) = tokio::join!(
+            cp1.send(create(&cp1, format!("a-{trials}"))),
+            cp2.send(create(&cp2, format!("b-{trials}")))
+        );
+        let mut codes = [a.0, b.0];
+        codes.sort_unstable();
+        assert_eq!(codes, [201, 403], "trial {trials}: {a:?} {b:?}");
+        let refused = if a.0 == 403 { &a.1 } else { &b.1 };
+        assert_eq!(refused["error"], "policy_violation", "{refused}");
+        assert_eq!(refused["violations"][0]["field"], "maxSandboxesTotal");
+        trials += 1;
+    }
+    eprintln!(
+        "{trials} races for the last slot in {:.1}s: exactly one winner each",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(trials >= 100, "only {trials} trials ran in {budget:?}");
+    let mut per_ns: BTreeMap<String, usize> = BTreeMap::new();
+    for secret in fixture.list("secrets", NS) {
+        if let Some(ns) = secret["metadata"]["labels"]["agentbox.dev/namespace"].as_str() {
+            *per_ns.entry(ns.to_owned()).or_default() += 1;
+        }
+    }
+    assert_eq!(per_ns.len(), trials);
+    assert!(per_ns.values().all(|&n| n == 1), "{per_ns:?}");
+    // The lock is free at the end, and was taken for every create.
+    let lease = released_lease(&fixture).await;
+    assert!(lease["spec"]["leaseTransitions"].as_u64().unwrap() >= 2 * trials as u64 - 1);
+}
+
+/// A create lock left by a replica that died is taken over once its lease expires (observed
+/// unchanged for its `leaseDurationSeconds`), not before; a live holder's is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_holders_create_lock_is_taken_over_after_its_lease() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let cp = start_cp(&fixture, tmp.path(), &["--kube-runner-image", RUNNER_IMAGE]).await;
+    set_policy(&[&cp], "team-a", json!({"maxSandboxesTotal": 5})).await;
+    fixture.put(
+        "leases",
+        NS,
+        json!({
+            "metadata": {"name": "agentbox-create-lock"},
+            "spec": {
+                "holderIdentity": "dead-replica",
+                "leaseDurationSeconds": 3,
+                "acquireTime": "2026-01-02T03:04:05.000000Z",
+                "renewTime": "2026-01-02T03:04:05.000000Z",
+                "leaseTransitions": 7,
+            },
+        }),
+    );
+    let started = Instant::now();
+    let (code, body) = cp
+        .send(
+            cp.req(Method::POST, "/api/v1/sandboxes")
+                .json(&json!({"name": "after-takeover", "namespace": "team-a"})),
+        )
+        .await;
+    let waited = started.elapsed();
+    assert_eq!(code, 201, "{body}");
+    assert!(
+        waited >= Duration::from_millis(2900),
+        "took a live-looking lock: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    let lease = released_lease(&fixture).await;
+    assert_eq!(lease["spec"]["leaseTransitions"], 8, "{lease}");
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 15, "{lease}");
+    // Taken by a preconditioned patch, released by another.
+    let patches = fixture
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with("/leases/agentbox-create-lock"))
+        .count();
+    assert!(patches >= 2, "{patches}");
+    // A holder that keeps renewing is never taken over: the lease changes every second.
+    fixture.update("leases", NS, "agentbox-create-lock", |l| {
+        l["spec"]["holderIdentity"] = json!("live-replica");
+        l["spec"]["leaseDurationSeconds"] = json!(2);
+    });
+    let renewing = async {
+        for i in 0..6 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            fixture.update("leases", NS, "agentbox-create-lock", |l| {
+                l["spec"]["renewTime"] = json!(format!("2026-01-02T03:04:{i:02}.000000Z"));
+            });
+        }
+        fixture.update("leases", NS, "agentbox-create-lock", |l| {
+            l["spec"]["holderIdentity"] = Value::Null;
+        });
+    };
+    let started = Instant::now();
+    let ((code, body), ()) = tokio::join!(
+        cp.send(
+            cp.req(Method::POST, "/api/v1/sandboxes")
+                .json(&json!({"name": "after-release", "namespace": "team-a"})),
+        ),
+        renewing
+    );
+    assert_eq!(code, 201, "{body}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(4000),
+        "took a renewed lock: {waited:?}"
+    );
+    // Creates that count nothing take no lock.
+    set_policy(&[&cp], "team-b", json!({"allowedTemplates": ["*"]})).await;
+    fixture.update("leases", NS, "agentbox-create-lock", |l| {
+        l["spec"]["holderIdentity"] = json!("live-replica");
+        l["spec"]["leaseDurationSeconds"] = json!(3600);
+    });
+    let (code, body) = cp
+        .send(
+            cp.req(Method::POST, "/api/v1/sandboxes")
+                .json(&json!({"name": "uncounted", "namespace": "team-b"})),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+}

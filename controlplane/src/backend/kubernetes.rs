@@ -91,6 +91,11 @@
 //! | `""`      | `persistentvolumeclaims` | `create`, `delete`                     |
 //! | `""`      | `configmaps`             | `get`                                  |
 //! | `""`      | `events`                 | `create`                               |
+//! | `coordination.k8s.io` | `leases` (`agentbox-create-lock`) | `get`, `create`, `patch` |
+//!
+//! Governance adds `patch` on the ConfigMap `agentbox-governance` and `create` on configmaps,
+//! and the Lease, its create lock ([`crate::governance::LeaseLock`]); under it,
+//! [`Backend::list_for_count`] lists the namespace's Secrets' metadata from the API server.
 //!
 //! No `get` on secrets or pods (reads come from the caches), no `update`, no cluster-scoped
 //! resources. The owner references on Pods and claims set no `blockOwnerDeletion`, so the
@@ -1050,6 +1055,38 @@ impl Backend for KubernetesBackend {
 
     async fn get(&self, name: &str) -> Result<Option<SandboxSummary>> {
         Ok(self.secret(name).and_then(|s| self.summary(&s)))
+    }
+
+    /// A consistent read (no `resourceVersion`: served from etcd, not a watch cache) of the
+    /// namespace's records' metadata only (`PartialObjectMetadataList`: no tokens, no
+    /// `pod.json`), selected by the `agentbox.dev/namespace` label every create sets.
+    async fn list_for_count(&self, namespace: &str) -> Result<Vec<SandboxSummary>> {
+        if !valid_name(namespace) {
+            return Ok(Vec::new());
+        }
+        let params =
+            kube::api::ListParams::default().labels(&format!("{SELECTOR},{NAMESPACE}={namespace}"));
+        let list = self
+            .api::<Secret>()
+            .list_metadata(&params)
+            .await
+            .map_err(|e| api_error("list Secrets", &e))?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter(|m| {
+                m.labels()
+                    .get(SANDBOX)
+                    .is_some_and(|n| valid_name(n) && m.name_any() == object_name(n))
+            })
+            .filter_map(|m| {
+                self.summary(&Secret {
+                    metadata: m.metadata,
+                    ..Secret::default()
+                })
+            })
+            .filter(|s| s.namespace == namespace)
+            .collect())
     }
 
     async fn create(&self, spec: CreateSpec) -> Result<SandboxSummary> {

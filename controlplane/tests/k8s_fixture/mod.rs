@@ -1,8 +1,12 @@
-//! A tiny stand-in for the Kubernetes API server: namespaced core/v1 objects kept as JSON,
-//! served over HTTP exactly the way kube's client and watcher call it: list (with
-//! `resourceVersion` in the list metadata), watch (`?watch=true&resourceVersion=N`, a stream of
-//! JSON lines `{"type", "object"}` starting after N, ending after `timeoutSeconds`), get,
-//! create (POST), delete and merge patch, with equality label selectors and `Status` errors.
+//! A tiny stand-in for the Kubernetes API server (the one mock the Kubernetes tests use):
+//! namespaced core/v1 objects, coordination.k8s.io/v1 Leases and snapshot.storage.k8s.io/v1
+//! VolumeSnapshots kept as JSON, served over HTTP exactly the way kube's client and watcher
+//! call it: list (with `resourceVersion` in the list metadata; metadata only when asked for a
+//! `PartialObjectMetadataList`), watch (`?watch=true&resourceVersion=N`, a stream of JSON lines
+//! `{"type", "object"}` starting after N, ending after `timeoutSeconds`), get, create (POST),
+//! delete, merge patch and replace (PUT), with equality label selectors and `Status` errors. As
+//! the API server, a `metadata.resourceVersion` in a patch or a replace is a precondition: a
+//! stale one is answered 409 Conflict, checked and written under one lock.
 //! Tests change objects directly (as a kubelet or a user would) and read every request made.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
@@ -14,7 +18,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -83,8 +87,19 @@ fn kind_of(resource: &str) -> Option<&'static str> {
         "configmaps" => "ConfigMap",
         "persistentvolumeclaims" => "PersistentVolumeClaim",
         "events" => "Event",
+        "leases" => "Lease",
+        "volumesnapshots" => "VolumeSnapshot",
         _ => return None,
     })
+}
+
+/// The `apiVersion` of a resource's objects.
+fn api_version_of(resource: &str) -> &'static str {
+    match resource {
+        "leases" => "coordination.k8s.io/v1",
+        "volumesnapshots" => "snapshot.storage.k8s.io/v1",
+        _ => "v1",
+    }
 }
 
 fn status(code: u16, reason: &str, message: String) -> Response {
@@ -160,7 +175,7 @@ impl Store {
         let key = (resource.to_owned(), namespace.to_owned(), name);
         self.rv += 1;
         object["kind"] = json!(kind_of(resource).unwrap());
-        object["apiVersion"] = json!("v1");
+        object["apiVersion"] = json!(api_version_of(resource));
         let meta = &mut object["metadata"];
         meta["namespace"] = json!(namespace);
         meta["resourceVersion"] = json!(self.rv.to_string());
@@ -235,6 +250,45 @@ async fn collection(
     State(shared): State<Shared>,
     Path((namespace, resource)): Path<(String, String)>,
     Query(query): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+    method: Method,
+    body: Bytes,
+) -> Response {
+    if api_version_of(&resource) != "v1" {
+        return status(
+            404,
+            "NotFound",
+            format!("{resource} is not in the core group"),
+        );
+    }
+    collection_of(shared, namespace, resource, &query, &headers, method, body)
+}
+
+/// A collection of a named API group (`/apis/{group}/{version}/...`).
+async fn group_collection(
+    State(shared): State<Shared>,
+    Path((group, version, namespace, resource)): Path<(String, String, String, String)>,
+    Query(query): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+    method: Method,
+    body: Bytes,
+) -> Response {
+    if api_version_of(&resource) != format!("{group}/{version}") {
+        return status(
+            404,
+            "NotFound",
+            format!("no {resource} in {group}/{version}"),
+        );
+    }
+    collection_of(shared, namespace, resource, &query, &headers, method, body)
+}
+
+fn collection_of(
+    shared: Shared,
+    namespace: String,
+    resource: String,
+    query: &BTreeMap<String, String>,
+    headers: &HeaderMap,
     method: Method,
     body: Bytes,
 ) -> Response {
@@ -274,7 +328,7 @@ async fn collection(
         return (StatusCode::CREATED, Json(object)).into_response();
     }
     if query.get("watch").map(String::as_str) == Some("true") {
-        return watch(shared, resource, namespace, &query);
+        return watch(shared, resource, namespace, query);
     }
     let store = shared.store.lock().unwrap();
     let items: Vec<Value> = store
@@ -283,9 +337,32 @@ async fn collection(
         .filter(|((r, ns, _), o)| *r == resource && *ns == namespace && selected(o, selector))
         .map(|(_, o)| o.clone())
         .collect();
+    let metadata_only = headers
+        .get("accept")
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("as=PartialObjectMetadataList"));
+    if metadata_only {
+        let items: Vec<Value> = items
+            .into_iter()
+            .map(|o| {
+                json!({
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": o["metadata"],
+                })
+            })
+            .collect();
+        return Json(json!({
+            "kind": "PartialObjectMetadataList",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": store.rv.to_string()},
+            "items": items,
+        }))
+        .into_response();
+    }
     Json(json!({
         "kind": format!("{kind}List"),
-        "apiVersion": "v1",
+        "apiVersion": api_version_of(&resource),
         "metadata": {"resourceVersion": store.rv.to_string()},
         "items": items,
     }))
@@ -372,6 +449,47 @@ async fn item(
     method: Method,
     body: Bytes,
 ) -> Response {
+    if api_version_of(&resource) != "v1" {
+        return status(
+            404,
+            "NotFound",
+            format!("{resource} is not in the core group"),
+        );
+    }
+    item_of(shared, namespace, resource, name, method, body)
+}
+
+/// An object of a named API group (`/apis/{group}/{version}/...`).
+async fn group_item(
+    State(shared): State<Shared>,
+    Path((group, version, namespace, resource, name)): Path<(
+        String,
+        String,
+        String,
+        String,
+        String,
+    )>,
+    method: Method,
+    body: Bytes,
+) -> Response {
+    if api_version_of(&resource) != format!("{group}/{version}") {
+        return status(
+            404,
+            "NotFound",
+            format!("no {resource} in {group}/{version}"),
+        );
+    }
+    item_of(shared, namespace, resource, name, method, body)
+}
+
+fn item_of(
+    shared: Shared,
+    namespace: String,
+    resource: String,
+    name: String,
+    method: Method,
+    body: Bytes,
+) -> Response {
     if kind_of(&resource).is_none() {
         return status(
             404,
@@ -417,6 +535,35 @@ async fn item(
             drop(store);
             Json(object).into_response()
         }
+        Method::PUT => {
+            let mut object: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return status(400, "BadRequest", e.to_string()),
+            };
+            if object["metadata"]["name"].as_str() != Some(name.as_str()) {
+                return status(400, "BadRequest", "metadata.name does not match".into());
+            }
+            let mut store = shared.store.lock().unwrap();
+            let Some(old) = store.objects.get(&key) else {
+                return not_found();
+            };
+            if let Some(want) = object["metadata"]["resourceVersion"].as_str() {
+                if old["metadata"]["resourceVersion"].as_str() != Some(want) {
+                    return status(
+                        409,
+                        "Conflict",
+                        format!("the object has been modified; resourceVersion {want} is stale"),
+                    );
+                }
+            }
+            object["metadata"]["uid"] = old["metadata"]["uid"].clone();
+            object["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"].clone();
+            let (change, _) = store.put(&resource, &namespace, object);
+            let object = change.object.clone();
+            let _ = shared.changes.send(change);
+            drop(store);
+            Json(object).into_response()
+        }
         _ => status(405, "MethodNotAllowed", format!("{method} not allowed")),
     }
 }
@@ -436,7 +583,18 @@ impl Fixture {
             )
             .route(
                 "/api/v1/namespaces/{ns}/{resource}/{name}",
-                get(item).delete(item).patch(item),
+                get(item).delete(item).patch(item).put(item),
+            )
+            .route(
+                "/apis/{group}/{version}/namespaces/{ns}/{resource}",
+                get(group_collection).post(group_collection),
+            )
+            .route(
+                "/apis/{group}/{version}/namespaces/{ns}/{resource}/{name}",
+                get(group_item)
+                    .delete(group_item)
+                    .patch(group_item)
+                    .put(group_item),
             )
             .fallback(|request: Request| async move {
                 status(
