@@ -64,8 +64,8 @@ pub struct Policy {
     pub max_timeout: Option<String>,
     /// A Go duration: the longest idle timeout a sandbox may have. A create asking for a
     /// longer `idleTimeout` is refused (403); a template's longer default, or none (never
-    /// idle), is clamped to it. Applied by the idle stop where the backend has one (local,
-    /// Docker).
+    /// idle), is clamped to it. Applied by the idle stop of every backend (local, Docker,
+    /// Kubernetes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_idle_timeout: Option<String>,
     /// CPUs (`"2"`, `"500m"`): a template's `limits.cpu` may not be more; a template without

@@ -1227,3 +1227,226 @@ async fn dead_holders_create_lock_is_taken_over_after_its_lease() {
         .await;
     assert_eq!(code, 201, "{body}");
 }
+
+/// Plays the kubelet for sandboxes `names`: whenever one's Pod is in the fixture and not
+/// Running, makes it Running and Ready on 127.0.0.1 with its runner on `port`. The one runner
+/// stands in for every pod, so each record's token becomes its token. Never returns.
+async fn kubelet(fixture: &Fixture, names: &[&str], port: u16) {
+    let token = base64::engine::general_purpose::STANDARD.encode(TOKEN);
+    loop {
+        for name in names {
+            let object = format!("sandbox-{name}");
+            let stale = fixture
+                .get("secrets", NS, &object)
+                .is_some_and(|s| s["data"]["token"] != token.as_str());
+            if stale {
+                fixture.update("secrets", NS, &object, |s| {
+                    s["data"]["token"] = json!(token);
+                });
+            }
+            let pending = fixture
+                .get("pods", NS, &object)
+                .is_some_and(|p| p["status"]["phase"] != "Running");
+            if pending {
+                fixture.update("pods", NS, &object, |p| {
+                    p["spec"]["containers"][0]["ports"] =
+                        json!([{"name": "runner", "containerPort": port}]);
+                    p["status"] = json!({
+                        "phase": "Running", "podIP": "127.0.0.1",
+                        "conditions": [{"type": "Ready", "status": "True"}],
+                    });
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Polls `GET` until `name` is Stopped for `reason` (bounded).
+async fn wait_stopped(cp: &Cp, name: &str, reason: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, body) = cp.get(name).await;
+        if code == 200 && body["status"] == "Stopped" {
+            assert_eq!(body["stopReason"], reason, "{body}");
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never stopped: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue 24 on Kubernetes: a sandbox unused for its `idleTimeout` (the template's default) is
+/// stopped by the sweep (its Pod deleted, its record and claim kept, `stopReason: idle`), and the
+/// next invoke resumes it (a new Pod) and is served with the exact output, never a 409; uses
+/// are written on the record (`last-activity`) at most every quarter of the idle timeout. A
+/// `timeout` stops a sandbox for good (`stopReason: timeout`, no resume on demand), or deletes it
+/// when its template says `onTimeout: delete`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_stop_resume_on_demand_and_lifetimes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let (_runner, runner_addr) = start_runner(tmp.path()).await;
+    let templates = tmp.path().join("templates.json");
+    std::fs::write(
+        &templates,
+        json!({"templates": [
+            {"name": "sleepy", "mode": "agent", "idleTimeout": "2s"},
+            {"name": "ttl", "mode": "agent", "timeout": "3s"},
+            {"name": "ttl-delete", "mode": "agent", "timeout": "3s", "onTimeout": "delete"},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    fixture.put(
+        "configmaps",
+        NS,
+        json!({
+            "metadata": {"name": "agentbox-template-sleepy"},
+            "data": {"pvc.json": json!({
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            }).to_string()},
+        }),
+    );
+    let cp = start_cp(
+        &fixture,
+        tmp.path(),
+        &[
+            "--kube-runner-image",
+            RUNNER_IMAGE,
+            "--templates-file",
+            templates.to_str().unwrap(),
+            "--lifecycle-interval",
+            "200ms",
+        ],
+    )
+    .await;
+    let body = async {
+        // Bad durations are refused before anything is made.
+        let (code, body) = cp
+            .send(
+                cp.req(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": "bad", "idleTimeout": "soon"})),
+            )
+            .await;
+        assert_eq!(
+            (code, body["error"].as_str()),
+            (400, Some("invalid_request")),
+            "{body}"
+        );
+        assert!(fixture.get("secrets", NS, "sandbox-bad").is_none());
+        for (name, template) in [
+            ("napper", "sleepy"),
+            ("short", "ttl"),
+            ("gone", "ttl-delete"),
+        ] {
+            let (code, body) = cp
+                .send(
+                    cp.req(Method::POST, "/api/v1/sandboxes")
+                        .json(&json!({"name": name, "templateRef": {"name": template}})),
+                )
+                .await;
+            assert_eq!(code, 201, "{body}");
+        }
+        let secret = fixture.get("secrets", NS, "sandbox-napper").unwrap();
+        let ann = &secret["metadata"]["annotations"];
+        assert_eq!(ann["agentbox.dev/idle-timeout"], "2s");
+        assert!(ann["agentbox.dev/started-at"].is_string());
+        let short = cp.wait_status("short", "Running").await;
+        assert_eq!(short["timeout"], "3s");
+        assert!(short["expiresAt"].is_string(), "{short}");
+        cp.wait_status("napper", "Running").await;
+        configure(&cp, "napper", "cat").await;
+        let writes = || {
+            fixture
+                .requests()
+                .iter()
+                .filter(|r| r.method == "PATCH" && r.path.ends_with("/secrets/sandbox-napper"))
+                .count()
+        };
+        // Past the configure's write: the burst's first request writes again.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let before = writes();
+        let burst = Instant::now();
+        for i in 0..10 {
+            assert_eq!(
+                invoke(&cp, "napper", &format!("n{i}")).await,
+                format!("n{i}").as_bytes()
+            );
+        }
+        let burst = burst.elapsed();
+        tokio::time::sleep(Duration::from_millis(200)).await; // written in the background
+        let written = writes() - before;
+        // One write per 500 ms at most (2s / 4), not one per request.
+        let most = 1 + usize::try_from(burst.as_millis() / 500).unwrap();
+        assert!(
+            (1..=most).contains(&written),
+            "{written} writes in {burst:?}"
+        );
+        let last_use = Instant::now();
+        let ann = &fixture.get("secrets", NS, "sandbox-napper").unwrap()["metadata"]["annotations"];
+        assert!(ann["agentbox.dev/last-activity"].is_string(), "{ann}");
+
+        // Idle: stopped by the sweep, the record and claim kept, the Pod gone.
+        let pod = fixture.get("pods", NS, "sandbox-napper").unwrap();
+        let stopped = wait_stopped(&cp, "napper", "idle").await;
+        assert!(
+            last_use.elapsed() >= Duration::from_millis(1900),
+            "{:?}",
+            last_use.elapsed()
+        );
+        assert_eq!(stopped["idleTimeout"], "2s");
+        assert!(fixture.get("pods", NS, "sandbox-napper").is_none());
+        let ann = fixture.get("secrets", NS, "sandbox-napper").unwrap()["metadata"]["annotations"]
+            .clone();
+        assert_eq!(ann["agentbox.dev/stop-reason"], "idle");
+        assert!(ann["agentbox.dev/stopped"].is_string());
+        assert!(fixture
+            .get("persistentvolumeclaims", NS, "sandbox-napper-workspace")
+            .is_some());
+
+        // Resumed on demand by the next invoke, which is served: a new Pod, the same spec.
+        assert_eq!(invoke(&cp, "napper", "again").await, b"again");
+        let again = fixture.get("pods", NS, "sandbox-napper").unwrap();
+        assert_ne!(again["metadata"]["uid"], pod["metadata"]["uid"]);
+        assert_eq!(
+            again["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+            "sandbox-napper-workspace"
+        );
+        let (code, body) = cp.get("napper").await;
+        assert_eq!(code, 200);
+        assert_eq!(body["status"], "Running", "{body}");
+        assert!(body.get("stopReason").is_none_or(Value::is_null), "{body}");
+        let ann = fixture.get("secrets", NS, "sandbox-napper").unwrap()["metadata"]["annotations"]
+            .clone();
+        assert!(ann.get("agentbox.dev/stopped").is_none(), "{ann}");
+        assert!(ann.get("agentbox.dev/stop-reason").is_none(), "{ann}");
+
+        // Lifetimes: stopped for good (a request is refused, not a resume), or deleted.
+        wait_stopped(&cp, "short", "timeout").await;
+        assert!(fixture.get("pods", NS, "sandbox-short").is_none());
+        let (code, bytes) = cp.post_stream("short", "/invoke", "x".into()).await;
+        assert_eq!(code, 409, "{}", String::from_utf8_lossy(&bytes));
+        assert!(fixture.get("pods", NS, "sandbox-short").is_none());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cp.get("gone").await.0 != 404 {
+            assert!(Instant::now() < deadline, "gone was never deleted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(fixture.get("secrets", NS, "sandbox-gone").is_none());
+        // A user's stop says so, and is not resumed on demand either.
+        let (code, body) = cp.send(cp.sb(Method::POST, "napper", "/stop")).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["stopReason"], "user", "{body}");
+        let (code, _) = cp.post_stream("napper", "/invoke", "x".into()).await;
+        assert_eq!(code, 409);
+    };
+    tokio::select! {
+        () = body => {}
+        () = kubelet(&fixture, &["napper", "short", "gone"], runner_addr.port()) => unreachable!(),
+    }
+}

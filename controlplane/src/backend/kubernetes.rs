@@ -11,8 +11,12 @@
 //! * **Secret `sandbox-<name>`**, the record. Annotations: `agentbox.dev/namespace` (the
 //!   agentbox namespace, i.e. the tenant; not the Kubernetes one), `agentbox.dev/template`,
 //!   `agentbox.dev/mode`, `agentbox.dev/created-at` (RFC 3339), `agentbox.dev/created-by` (JSON
-//!   `{"email", "displayName"}`), `agentbox.dev/pvc` (the claim's name, when there is one) and,
-//!   while stopped, `agentbox.dev/stopped` (when it was stopped). Data: `token`, the sandbox's
+//!   `{"email", "displayName"}`), `agentbox.dev/pvc` (the claim's name, when there is one),
+//!   `agentbox.dev/started-at` (its lifetime's start: the create, or a resume after a stop that
+//!   was not for idleness), `agentbox.dev/timeout`, `agentbox.dev/idle-timeout` and
+//!   `agentbox.dev/on-timeout` (`delete`) when it has them, `agentbox.dev/last-activity` (see
+//!   Lifecycle) and, while stopped, `agentbox.dev/stopped` (when it was stopped) and
+//!   `agentbox.dev/stop-reason` (`idle`, `timeout` or `user`). Data: `token`, the sandbox's
 //!   own random runner token, and `pod.json`, the Pod rendered at creation, so that resume
 //!   recreates exactly the same Pod even if the template changed since.
 //! * **Pod `sandbox-<name>`**, owned by the Secret (an `ownerReference`, so deleting the Secret
@@ -67,7 +71,19 @@
 //! * stop: annotate the Secret `agentbox.dev/stopped`, delete the Pod; the claim is kept.
 //! * resume: remove a Pod that cannot serve (Failed, Succeeded, Unknown) and wait (bounded) for
 //!   a terminating one to go, create the Pod from the Secret's `pod.json`, remove the
-//!   annotation.
+//!   annotations (and, unless it slept for idleness, start a new lifetime). A resume of a
+//!   sandbox asleep for idleness (on demand, by the request that found it so) waits until the
+//!   Pod is Running (or Error), bounded by the caller ([`crate::lifecycle::wake`]).
+//! * idle stop and lifetime end ([`Backend::stop_for`], called by the lifecycle sweep of every
+//!   replica): the same as stop, with `agentbox.dev/stop-reason`, written by a patch
+//!   preconditioned on the cached record's `resourceVersion` (409: it changed since, e.g. a
+//!   resume or a use written by another replica: nothing is done, the next sweep looks again).
+//!   An idle stop is also skipped when this replica saw a use since. A lifetime's end deletes
+//!   instead when the record says `agentbox.dev/on-timeout: delete`.
+//! * activity ([`Backend::touch`], on every proxied request): remembered in memory, and for a
+//!   sandbox with an idle timeout written to `agentbox.dev/last-activity` in the background at
+//!   most every 5 s (a quarter of the idle timeout when shorter, at least 250 ms), so every
+//!   replica's sweep sees uses served by others, up to that interval late.
 //!
 //! **Tokens.** A stop and resume keeps the token (the Pod reads it from the same Secret). To
 //! rotate it: stop, replace the Secret's `token` (e.g. `kubectl patch secret sandbox-NAME
@@ -107,9 +123,9 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use agentbox_proto::{SandboxStatus, SandboxSummary};
+use agentbox_proto::{SandboxStatus, SandboxSummary, StopReason};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
@@ -143,6 +159,21 @@ const CREATED_AT: &str = "agentbox.dev/created-at";
 const CREATED_BY: &str = "agentbox.dev/created-by";
 const STOPPED: &str = "agentbox.dev/stopped";
 const PVC: &str = "agentbox.dev/pvc";
+const STOP_REASON: &str = "agentbox.dev/stop-reason";
+const TIMEOUT: &str = "agentbox.dev/timeout";
+const IDLE_TIMEOUT: &str = "agentbox.dev/idle-timeout";
+const ON_TIMEOUT: &str = "agentbox.dev/on-timeout";
+const STARTED_AT: &str = "agentbox.dev/started-at";
+const LAST_ACTIVITY: &str = "agentbox.dev/last-activity";
+/// The longest a replica waits before writing a sandbox's `last-activity` again (shorter for
+/// short idle timeouts: a quarter of it, at least [`ACTIVITY_WRITE_MIN`]).
+const ACTIVITY_WRITE_MAX: Duration = Duration::from_secs(5);
+const ACTIVITY_WRITE_MIN: Duration = Duration::from_millis(250);
+/// Sandboxes whose activity one replica remembers; past it, the oldest half is forgotten.
+const MAX_TRACKED: usize = 10_000;
+/// How long a resume of a sandbox stopped for being idle waits for its Pod to be Running (the
+/// request that woke it is bounded more tightly by [`crate::lifecycle::wake`]).
+const WAKE_WAIT: Duration = Duration::from_secs(300);
 /// The Secret's key holding the runner token.
 pub const TOKEN_KEY: &str = "token";
 /// The Secret's key holding the rendered Pod, and the ConfigMap's key holding a template's pod.
@@ -201,7 +232,55 @@ pub struct KubernetesBackend {
     pods: Store<Pod>,
     secrets: Store<Secret>,
     instance: String,
+    /// When this replica last saw each sandbox used, and last wrote that down.
+    activity: Mutex<std::collections::HashMap<String, Activity>>,
+    /// One lock per sandbox being stopped or resumed by this replica.
+    locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     _watchers: [AbortOnDrop; 2],
+}
+
+/// One sandbox's use as this replica saw it.
+#[derive(Debug, Clone, Copy)]
+struct Activity {
+    seen: SystemTime,
+    written: Option<Instant>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn parse_time(text: Option<&str>) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(text?).ok()
+}
+
+fn millis(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn stop_reason_of(secret: &Secret) -> Option<StopReason> {
+    annotation(secret, STOPPED)?;
+    Some(match annotation(secret, STOP_REASON) {
+        Some("idle") => StopReason::Idle,
+        Some("timeout") => StopReason::Timeout,
+        _ => StopReason::User,
+    })
+}
+
+fn reason_text(reason: StopReason) -> &'static str {
+    match reason {
+        StopReason::Idle => "idle",
+        StopReason::Timeout => "timeout",
+        StopReason::User => "user",
+    }
+}
+
+/// When the sandbox's lifetime ends: its (re)start plus `timeout`.
+fn expires_at(secret: &Secret) -> Option<SystemTime> {
+    let lifetime = crate::lifecycle::parse_duration(annotation(secret, TIMEOUT)?).ok()?;
+    let start = parse_time(annotation(secret, STARTED_AT))
+        .or_else(|| parse_time(annotation(secret, CREATED_AT)))?;
+    start.checked_add(lifetime)
 }
 
 impl std::fmt::Debug for KubernetesBackend {
@@ -802,6 +881,8 @@ impl KubernetesBackend {
             pods,
             secrets,
             instance,
+            activity: Mutex::default(),
+            locks: Mutex::default(),
             _watchers: [pod_watch, secret_watch],
         })
     }
@@ -855,19 +936,77 @@ impl KubernetesBackend {
                         .as_ref()
                         .map(|t| t.0.to_string())
                 }),
-            last_activity_at: None,
+            last_activity_at: self.last_activity(secret).map(millis),
             created_by: annotation(secret, CREATED_BY).and_then(|j| serde_json::from_str(j).ok()),
             message,
             isolated: true,
             limits_enforced: None,
-            stop_reason: None,
-            timeout: None,
-            idle_timeout: None,
-            expires_at: None,
+            stop_reason: stop_reason_of(secret),
+            timeout: annotation(secret, TIMEOUT).map(str::to_owned),
+            idle_timeout: annotation(secret, IDLE_TIMEOUT).map(str::to_owned),
+            expires_at: expires_at(secret).map(millis),
             cloned_from: None,
             from_warm_pool: None,
             name,
         })
+    }
+
+    /// When sandbox `secret` was last used as far as this replica knows: a request it served,
+    /// the `last-activity` another replica wrote, its (re)start.
+    fn last_activity(&self, secret: &Secret) -> Option<SystemTime> {
+        let name = secret.labels().get(SANDBOX)?;
+        [
+            lock(&self.activity).get(name).map(|a| a.seen),
+            parse_time(annotation(secret, LAST_ACTIVITY)),
+            parse_time(annotation(secret, STARTED_AT)),
+            parse_time(annotation(secret, CREATED_AT)),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+    }
+
+    /// The lock of sandbox `name`'s stops and resumes in this replica.
+    async fn lock_sandbox(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut locks = lock(&self.locks);
+            if locks.len() >= 1000 {
+                locks.retain(|_, m| Arc::strong_count(m) > 1);
+            }
+            Arc::clone(locks.entry(name.to_owned()).or_default())
+        };
+        m.lock_owned().await
+    }
+
+    /// Patches the record's annotations with `resourceVersion` as the precondition (when
+    /// given); `Ok(false)` on a 409 Conflict (it changed since).
+    async fn annotate(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        annotations: serde_json::Value,
+    ) -> Result<bool> {
+        let mut patch = serde_json::json!({"metadata": {"annotations": annotations}});
+        if let Some(version) = version {
+            patch["metadata"]["resourceVersion"] = version.into();
+        }
+        match self
+            .api::<Secret>()
+            .patch(
+                &object_name(name),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_status(&e, 409) => Ok(false),
+            Err(e) if is_status(&e, 404) => Err(Error::SandboxNotFound(name.into())),
+            Err(e) => Err(api_error(
+                format_args!("annotate Secret {}", object_name(name)),
+                &e,
+            )),
+        }
     }
 
     /// The summary from the caches, which `name` must be in.
@@ -995,26 +1134,6 @@ impl KubernetesBackend {
         }
     }
 
-    /// Sets (`Some`) or removes (`None`) the stopped annotation.
-    async fn mark_stopped(&self, name: &str, value: Option<String>) -> Result<()> {
-        let patch = serde_json::json!({"metadata": {"annotations": {STOPPED: value}}});
-        self.api::<Secret>()
-            .patch(
-                &object_name(name),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-            .map_err(|e| {
-                if is_status(&e, 404) {
-                    Error::SandboxNotFound(name.into())
-                } else {
-                    api_error(format_args!("annotate Secret {}", object_name(name)), &e)
-                }
-            })?;
-        Ok(())
-    }
-
     /// Undoes a half-made create, best effort.
     async fn roll_back(&self, name: &str, pvc: bool) {
         let object = object_name(name);
@@ -1128,6 +1247,16 @@ impl Backend for KubernetesBackend {
         if let Some(claim) = &claim {
             annotations.insert(PVC.to_owned(), claim.clone());
         }
+        annotations.insert(STARTED_AT.to_owned(), millis(SystemTime::now()));
+        if let Some(t) = &spec.timeout {
+            annotations.insert(TIMEOUT.to_owned(), t.clone());
+        }
+        if let Some(t) = &spec.idle_timeout {
+            annotations.insert(IDLE_TIMEOUT.to_owned(), t.clone());
+        }
+        if spec.template.on_timeout == Some(crate::templates::OnTimeout::Delete) {
+            annotations.insert(ON_TIMEOUT.to_owned(), "delete".to_owned());
+        }
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(names.object.clone()),
@@ -1240,6 +1369,7 @@ impl Backend for KubernetesBackend {
             return Err(Error::SandboxNotFound(name.into()));
         }
         self.settle(SETTLE, |b| b.secret(name).is_none()).await;
+        lock(&self.activity).remove(name);
         tracing::info!(sandbox = %name, "sandbox deleted");
         Ok(())
     }
@@ -1248,7 +1378,13 @@ impl Backend for KubernetesBackend {
         if self.secret(name).is_none() {
             return Err(Error::SandboxNotFound(name.into()));
         }
-        self.mark_stopped(name, Some(now_rfc3339())).await?;
+        let _guard = self.lock_sandbox(name).await;
+        self.annotate(
+            name,
+            None,
+            serde_json::json!({STOPPED: now_rfc3339(), STOP_REASON: "user"}),
+        )
+        .await?;
         self.delete_object::<Pod>(&object_name(name)).await?;
         self.settle(SETTLE, |b| {
             b.secret(name)
@@ -1262,6 +1398,7 @@ impl Backend for KubernetesBackend {
     }
 
     async fn resume(&self, name: &str) -> Result<SandboxSummary> {
+        let _guard = self.lock_sandbox(name).await;
         let Some(secret) = self.secret(name) else {
             return Err(Error::SandboxNotFound(name.into()));
         };
@@ -1293,8 +1430,17 @@ impl Backend for KubernetesBackend {
         if self.pod(name).is_none() {
             self.create_pod(&secret).await?;
         }
-        if annotation(&*secret, STOPPED).is_some() {
-            self.mark_stopped(name, None).await?;
+        let reason = stop_reason_of(&secret);
+        if reason.is_some() {
+            let now = millis(SystemTime::now());
+            let mut changes = serde_json::json!({
+                STOPPED: null, STOP_REASON: null, LAST_ACTIVITY: now,
+            });
+            // Asleep for idle: the same lifetime goes on; otherwise a new one starts.
+            if reason != Some(StopReason::Idle) {
+                changes[STARTED_AT] = now.into();
+            }
+            self.annotate(name, None, changes).await?;
         }
         self.settle(SETTLE, |b| {
             b.secret(name)
@@ -1302,6 +1448,15 @@ impl Backend for KubernetesBackend {
                 && b.pod(name).is_some()
         })
         .await;
+        // Woken for a request: it is held until the runner can serve it.
+        if reason == Some(StopReason::Idle) {
+            self.settle(WAKE_WAIT, |b| {
+                b.secret(name).is_none_or(|s| {
+                    !matches!(phase(&s, b.pod(name).as_deref()).0, SandboxStatus::Creating)
+                })
+            })
+            .await;
+        }
         tracing::info!(sandbox = %name, "sandbox resumed");
         self.cached_summary(name)
     }
@@ -1332,8 +1487,142 @@ impl Backend for KubernetesBackend {
             template: annotation(&*secret, TEMPLATE)
                 .unwrap_or("default")
                 .to_owned(),
-            stop_reason: None,
+            stop_reason: stop_reason_of(&secret),
         }))
+    }
+
+    /// Stops sandbox `name` for `reason`: the record says so (`stopped`, `stop-reason`) by a
+    /// patch preconditioned on the cached record's `resourceVersion`, so a stop decided on a
+    /// record another replica changed since (a resume, a `last-activity` written) does nothing
+    /// (`Ok(None)`; the next sweep looks again); then the Pod goes. The workspace claim stays.
+    async fn stop_for(
+        &self,
+        name: &str,
+        reason: StopReason,
+        idle_since: SystemTime,
+    ) -> Result<Option<SandboxSummary>> {
+        if reason == StopReason::User {
+            return self.stop(name).await.map(Some);
+        }
+        let _guard = self.lock_sandbox(name).await;
+        let Some(secret) = self.secret(name) else {
+            return Err(Error::SandboxNotFound(name.into()));
+        };
+        if secret.metadata.deletion_timestamp.is_some() {
+            return Ok(None);
+        }
+        let version = secret.metadata.resource_version.clone();
+        match stop_reason_of(&secret) {
+            // Asleep when its lifetime ends: it sleeps on, for `timeout`.
+            Some(StopReason::Idle) if reason == StopReason::Timeout => {
+                if !self
+                    .annotate(
+                        name,
+                        version.as_deref(),
+                        serde_json::json!({STOP_REASON: "timeout"}),
+                    )
+                    .await?
+                {
+                    return Ok(None);
+                }
+            }
+            Some(_) => return Ok(None),
+            None => {
+                if reason == StopReason::Idle
+                    && self.last_activity(&secret).is_some_and(|t| t > idle_since)
+                {
+                    return Ok(None);
+                }
+                let changes = serde_json::json!({
+                    STOPPED: now_rfc3339(), STOP_REASON: reason_text(reason),
+                });
+                if !self.annotate(name, version.as_deref(), changes).await? {
+                    return Ok(None);
+                }
+                self.delete_object::<Pod>(&object_name(name)).await?;
+            }
+        }
+        self.settle(SETTLE, |b| {
+            b.secret(name)
+                .is_some_and(|s| stop_reason_of(&s) == Some(reason))
+                && b.pod(name)
+                    .is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+        })
+        .await;
+        tracing::info!(sandbox = %name, reason = reason_text(reason), "sandbox stopped");
+        self.cached_summary(name).map(Some)
+    }
+
+    async fn expire(&self, name: &str) -> Result<()> {
+        let Some(secret) = self.secret(name) else {
+            return Ok(());
+        };
+        if annotation(&*secret, ON_TIMEOUT) == Some("delete") {
+            return match self.delete(name).await {
+                Err(Error::SandboxNotFound(_)) => Ok(()),
+                other => other,
+            };
+        }
+        self.stop_for(name, StopReason::Timeout, SystemTime::now())
+            .await
+            .map(|_| ())
+    }
+
+    fn keeps_lifecycle(&self) -> bool {
+        true
+    }
+
+    /// Remembers the use and, for a sandbox with an idle timeout, writes it on the record
+    /// (`last-activity`, so every replica's sweep sees it) at most every
+    /// [`ACTIVITY_WRITE_MAX`] (a quarter of its idle timeout when that is shorter, at least
+    /// [`ACTIVITY_WRITE_MIN`]), in the background.
+    fn touch(&self, name: &str) {
+        let Some(secret) = self.secret(name) else {
+            return;
+        };
+        let every = annotation(&*secret, IDLE_TIMEOUT)
+            .and_then(|t| crate::lifecycle::parse_duration(t).ok())
+            .map(|idle| (idle / 4).clamp(ACTIVITY_WRITE_MIN, ACTIVITY_WRITE_MAX));
+        let now = SystemTime::now();
+        let write = {
+            let mut activity = lock(&self.activity);
+            if activity.len() >= MAX_TRACKED && !activity.contains_key(name) {
+                let mut times: Vec<SystemTime> = activity.values().map(|a| a.seen).collect();
+                times.sort_unstable();
+                let cut = times[times.len() / 2];
+                activity.retain(|_, a| a.seen > cut);
+            }
+            let a = activity.entry(name.to_owned()).or_insert(Activity {
+                seen: now,
+                written: None,
+            });
+            a.seen = now;
+            let due = every.is_some_and(|every| a.written.is_none_or(|w| w.elapsed() >= every));
+            if due {
+                a.written = Some(Instant::now());
+            }
+            due
+        };
+        if !write {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let api = self.api::<Secret>();
+        let object = object_name(name);
+        runtime.spawn(async move {
+            let patch =
+                serde_json::json!({"metadata": {"annotations": {LAST_ACTIVITY: millis(now)}}});
+            if let Err(e) = api
+                .patch(&object, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                if !is_status(&e, 404) {
+                    tracing::warn!(secret = %object, error = %e, "cannot record the last activity");
+                }
+            }
+        });
     }
 
     fn records_outcomes(&self) -> bool {
