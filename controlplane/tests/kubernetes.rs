@@ -1379,6 +1379,7 @@ async fn idle_stop_resume_on_demand_and_lifetimes() {
             );
         }
         let burst = burst.elapsed();
+        let last_use = Instant::now();
         tokio::time::sleep(Duration::from_millis(200)).await; // written in the background
         let written = writes() - before;
         // One write per 500 ms at most (2s / 4), not one per request.
@@ -1387,7 +1388,6 @@ async fn idle_stop_resume_on_demand_and_lifetimes() {
             (1..=most).contains(&written),
             "{written} writes in {burst:?}"
         );
-        let last_use = Instant::now();
         let ann = &fixture.get("secrets", NS, "sandbox-napper").unwrap()["metadata"]["annotations"];
         assert!(ann["agentbox.dev/last-activity"].is_string(), "{ann}");
 
@@ -1448,5 +1448,248 @@ async fn idle_stop_resume_on_demand_and_lifetimes() {
     tokio::select! {
         () = body => {}
         () = kubelet(&fixture, &["napper", "short", "gone"], runner_addr.port()) => unreachable!(),
+    }
+}
+
+/// Plays the kubelet for every Pod in the fixture (see [`kubelet`]). Never returns.
+async fn kubelet_all(fixture: &Fixture, port: u16) {
+    let token = base64::engine::general_purpose::STANDARD.encode(TOKEN);
+    loop {
+        for secret in fixture.list("secrets", NS) {
+            if secret["data"]["token"].is_string() && secret["data"]["token"] != token.as_str() {
+                let name = secret["metadata"]["name"].as_str().unwrap().to_owned();
+                fixture.update("secrets", NS, &name, |s| s["data"]["token"] = json!(token));
+            }
+        }
+        for pod in fixture.list("pods", NS) {
+            if pod["status"]["phase"] != "Running" {
+                let name = pod["metadata"]["name"].as_str().unwrap().to_owned();
+                fixture.update("pods", NS, &name, |p| {
+                    p["spec"]["containers"][0]["ports"] =
+                        json!([{"name": "runner", "containerPort": port}]);
+                    p["status"] = json!({
+                        "phase": "Running", "podIP": "127.0.0.1",
+                        "conditions": [{"type": "Ready", "status": "True"}],
+                    });
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits (bounded) until template `pooled` has exactly `n` pooled Pods in the fixture, all
+/// Running, every replica reports `n` ready, and that holds for half a second.
+async fn wait_pool(fixture: &Fixture, cps: &[&Cp], n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stable = 0;
+    loop {
+        let pods: Vec<Value> = fixture
+            .list("pods", NS)
+            .into_iter()
+            .filter(|p| p["metadata"]["labels"]["agentbox.dev/pool"] == "pooled")
+            .collect();
+        let mut ok = pods.len() == n && pods.iter().all(|p| p["status"]["phase"] == "Running");
+        for cp in cps {
+            let (code, body) = cp
+                .send(cp.req(Method::GET, "/api/v1/warmpool/status"))
+                .await;
+            assert_eq!(code, 200, "{body}");
+            ok &= body["pools"][0]["ready"] == n;
+        }
+        stable = if ok { stable + 1 } else { 0 };
+        if stable >= 5 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool never settled at {n}: {} pods",
+            pods.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 24's warm pools on Kubernetes: pooled Pods (labelled `agentbox.dev/pool=<template>`,
+/// each with a Secret of its own token) are kept at the template's size by both replicas,
+/// listed nowhere and counted in no quota; 20 creates at once through two replicas claim them
+/// by relabelling with a `resourceVersion` precondition: no Pod is handed to two sandboxes,
+/// every create succeeds (cold when none is ready), the pool is refilled to its size, and a
+/// claimed sandbox serves at once and is deleted with its pooled objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_claims_across_replicas_never_share_a_pod() {
+    let tmp1 = tempfile::tempdir().unwrap();
+    let tmp2 = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let (_runner, runner_addr) = start_runner(tmp1.path()).await;
+    let templates = tmp1.path().join("templates.json");
+    std::fs::write(
+        &templates,
+        json!({"templates": [{"name": "pooled", "mode": "agent", "warmPool": {"size": 3}}]})
+            .to_string(),
+    )
+    .unwrap();
+    let args = [
+        "--kube-runner-image",
+        RUNNER_IMAGE,
+        "--templates-file",
+        templates.to_str().unwrap(),
+    ];
+    let cp1 = start_cp(&fixture, tmp1.path(), &args).await;
+    let cp2 = start_cp(&fixture, tmp2.path(), &args).await;
+    let body = async {
+        wait_pool(&fixture, &[&cp1, &cp2], 3).await;
+        assert!(
+            cp1.list().await.is_empty(),
+            "pooled sandboxes are not listed"
+        );
+        let pooled = fixture.get(
+            "pods",
+            NS,
+            fixture.list("pods", NS)[0]["metadata"]["name"]
+                .as_str()
+                .unwrap(),
+        );
+        let pooled = pooled.unwrap();
+        assert!(pooled["metadata"]["labels"]
+            .get("agentbox.dev/sandbox")
+            .is_none());
+        assert_eq!(
+            pooled["metadata"]["ownerReferences"][0]["kind"], "Secret",
+            "{pooled}"
+        );
+
+        // Quotas count no pooled sandbox: the namespace's one slot is free, and taken once.
+        set_policy(&[&cp1], "team-p", json!({"maxSandboxesTotal": 1})).await;
+        let (code, body) = cp1
+            .send(cp1.req(Method::POST, "/api/v1/sandboxes").json(
+                &json!({"name": "quota", "namespace": "team-p", "templateRef": {"name": "pooled"}}),
+            ))
+            .await;
+        assert_eq!(code, 201, "{body}");
+        assert_eq!(body["fromWarmPool"], true, "{body}");
+        let (code, body) = cp1
+            .send(cp1.req(Method::POST, "/api/v1/sandboxes").json(
+                &json!({"name": "quota2", "namespace": "team-p", "templateRef": {"name": "pooled"}}),
+            ))
+            .await;
+        assert_eq!(code, 403, "{body}");
+        wait_pool(&fixture, &[&cp1, &cp2], 3).await;
+
+        // 20 creates at once, half through each replica.
+        let creates = (0..20).map(|i| {
+            let cp = if i % 2 == 0 { &cp1 } else { &cp2 };
+            cp.send(
+                cp.req(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": format!("w{i}"), "templateRef": {"name": "pooled"}})),
+            )
+        });
+        let results = futures_util::future::join_all(creates).await;
+        let mut hits = 0;
+        for (code, body) in &results {
+            assert_eq!(*code, 201, "{body}");
+            if body["fromWarmPool"] == true {
+                hits += 1;
+            } else {
+                assert_eq!(body["fromWarmPool"], false, "{body}");
+            }
+        }
+        assert!(hits >= 3, "only {hits} claims with 3 ready");
+        // No Pod serves two sandboxes: each record names its own, labelled for it alone.
+        let mut pods = std::collections::BTreeSet::new();
+        for i in 0..20 {
+            let name = format!("w{i}");
+            let secret = fixture
+                .get("secrets", NS, &format!("sandbox-{name}"))
+                .unwrap();
+            let pod = secret["metadata"]["annotations"]["agentbox.dev/pod"]
+                .as_str()
+                .map_or_else(|| format!("sandbox-{name}"), str::to_owned);
+            let object = fixture.get("pods", NS, &pod).unwrap();
+            assert_eq!(
+                object["metadata"]["labels"]["agentbox.dev/sandbox"],
+                name.as_str()
+            );
+            assert!(object["metadata"]["labels"]
+                .get("agentbox.dev/pool")
+                .is_none());
+            assert!(pods.insert(pod.clone()), "{pod} handed out twice");
+        }
+        assert_eq!(
+            pods.iter().filter(|p| p.starts_with("pool-")).count(),
+            hits,
+            "{pods:?}"
+        );
+        // Back to size, and the claims counted.
+        wait_pool(&fixture, &[&cp1, &cp2], 3).await;
+        let mut claimed = 0;
+        for cp in [&cp1, &cp2] {
+            let (_, status) = cp
+                .send(cp.req(Method::GET, "/api/v1/warmpool/status"))
+                .await;
+            let pool = &status["pools"][0];
+            assert_eq!(
+                (pool["template"].as_str(), pool["size"].as_u64()),
+                (Some("pooled"), Some(3))
+            );
+            claimed += pool["hits"].as_u64().unwrap();
+        }
+        assert_eq!(claimed, hits as u64 + 1, "the 20 and the quota one");
+        assert_eq!(cp2.list().await.len(), 21);
+
+        // A claimed sandbox serves at once, through the pooled Pod, with the pool's token.
+        let (i, _) = results
+            .iter()
+            .enumerate()
+            .find(|(_, (_, b))| b["fromWarmPool"] == true)
+            .unwrap();
+        let name = format!("w{i}");
+        cp1.wait_status(&name, "Running").await;
+        configure(&cp1, &name, "cat").await;
+        assert_eq!(invoke(&cp2, &name, "warm").await, b"warm");
+        // Deleted with its pooled Pod and that Pod's Secret.
+        let pod = fixture
+            .get("secrets", NS, &format!("sandbox-{name}"))
+            .unwrap()["metadata"]["annotations"]["agentbox.dev/pod"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (code, _) = cp1.send(cp1.sb(Method::DELETE, &name, "")).await;
+        assert_eq!(code, 200);
+        assert!(fixture.get("pods", NS, &pod).is_none());
+        assert!(fixture.get("secrets", NS, &pod).is_none());
+        assert!(fixture
+            .get("secrets", NS, &format!("sandbox-{name}"))
+            .is_none());
+        // Another one, stopped and resumed: its own Pod from then on, from its record.
+        let (i, _) = results
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| format!("w{j}") != name)
+            .find(|(_, (_, b))| b["fromWarmPool"] == true)
+            .unwrap();
+        let name = format!("w{i}");
+        let secret = fixture
+            .get("secrets", NS, &format!("sandbox-{name}"))
+            .unwrap();
+        let pod = secret["metadata"]["annotations"]["agentbox.dev/pod"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (code, body) = cp2.send(cp2.sb(Method::POST, &name, "/stop")).await;
+        assert_eq!(code, 200, "{body}");
+        assert!(fixture.get("pods", NS, &pod).is_none());
+        let (code, body) = cp2.send(cp2.sb(Method::POST, &name, "/resume")).await;
+        assert_eq!(code, 200, "{body}");
+        let own = fixture.get("pods", NS, &format!("sandbox-{name}")).unwrap();
+        assert_eq!(
+            own["metadata"]["labels"]["agentbox.dev/sandbox"],
+            name.as_str()
+        );
+        cp1.wait_status(&name, "Running").await;
+    };
+    tokio::select! {
+        () = body => {}
+        () = kubelet_all(&fixture, runner_addr.port()) => unreachable!(),
     }
 }

@@ -85,6 +85,22 @@
 //!   most every 5 s (a quarter of the idle timeout when shorter, at least 250 ms), so every
 //!   replica's sweep sees uses served by others, up to that interval late.
 //!
+//! # Warm pools
+//!
+//! For a template with `warmPool` (and no credentials or `pvc.json`), every replica keeps
+//! `size` pooled sandboxes ([`Backend::refill_pools`], every 250 ms, from the caches): a Secret
+//! `pool-<hex>` (token) and a Pod of that name owned by it, labelled `agentbox.dev/pool=<template>`,
+//! annotated `agentbox.dev/pool-hash` (a hash of the template and its rendered pod). Pooled
+//! objects have no sandbox or namespace label: never listed, never counted. A create of such a
+//! template whose rendering has the same hash claims a Running and Ready one: a merge patch of
+//! the Pod's labels with its cached `resourceVersion` as precondition (409: another create won
+//! it; the next is tried), then the record with the pooled token and `agentbox.dev/pod`
+//! naming the Pod (`KubernetesBackend::pod` follows it), and the pooled Secret handed to the
+//! record (owner reference). A stop deletes that Pod and drops the annotation; resume makes
+//! `sandbox-<name>` from `pod.json` as always. Retiring (another hash, past `maxAge`, failed
+//! for a minute, more than `size`) deletes with the seen `resourceVersion` as precondition,
+//! so a Pod claimed meanwhile is never deleted by a refill.
+//!
 //! **Tokens.** A stop and resume keeps the token (the Pod reads it from the same Secret). To
 //! rotate it: stop, replace the Secret's `token` (e.g. `kubectl patch secret sandbox-NAME
 //! -p '{"stringData":{"token":"NEW"}}'`), resume. The control plane picks up the new token from
@@ -103,7 +119,7 @@
 //! | API group | resource                 | verbs                                  |
 //! |-----------|--------------------------|----------------------------------------|
 //! | `""`      | `secrets`                | `list`, `watch`, `create`, `patch`, `delete` |
-//! | `""`      | `pods`                   | `list`, `watch`, `create`, `delete`    |
+//! | `""`      | `pods`                   | `list`, `watch`, `create`, `patch`, `delete` |
 //! | `""`      | `persistentvolumeclaims` | `create`, `delete`                     |
 //! | `""`      | `configmaps`             | `get`                                  |
 //! | `""`      | `events`                 | `create`                               |
@@ -165,6 +181,14 @@ const IDLE_TIMEOUT: &str = "agentbox.dev/idle-timeout";
 const ON_TIMEOUT: &str = "agentbox.dev/on-timeout";
 const STARTED_AT: &str = "agentbox.dev/started-at";
 const LAST_ACTIVITY: &str = "agentbox.dev/last-activity";
+/// On a pooled Pod and its Secret: the template whose pool it is in.
+const POOL: &str = "agentbox.dev/pool";
+/// On a pooled Pod and its Secret: what it was made from (template and rendered pod).
+const POOL_HASH: &str = "agentbox.dev/pool-hash";
+/// On a record whose Pod was claimed from a pool: that Pod's name (and its Secret's).
+const POD_NAME: &str = "agentbox.dev/pod";
+/// How long the refill reuses a template's rendering (one ConfigMap read per template).
+const POOL_RENDER_TTL: Duration = Duration::from_secs(10);
 /// The longest a replica waits before writing a sandbox's `last-activity` again (shorter for
 /// short idle timeouts: a quarter of it, at least [`ACTIVITY_WRITE_MIN`]).
 const ACTIVITY_WRITE_MAX: Duration = Duration::from_secs(5);
@@ -236,7 +260,21 @@ pub struct KubernetesBackend {
     activity: Mutex<std::collections::HashMap<String, Activity>>,
     /// One lock per sandbox being stopped or resumed by this replica.
     locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per template: this replica's (hits, misses) of its warm pool.
+    pool_counts: Mutex<std::collections::HashMap<String, (u64, u64)>>,
+    /// Per template: when it was rendered for the pool, its parts and its pool hash (`None`:
+    /// it cannot be pooled).
+    pool_renders: Mutex<std::collections::HashMap<String, PoolRender>>,
     _watchers: [AbortOnDrop; 2],
+}
+
+/// A template as its pooled Pods are made.
+#[derive(Debug, Clone)]
+struct PoolRender {
+    at: Instant,
+    template: Template,
+    parts: PodTemplate,
+    hash: Option<String>,
 }
 
 /// One sandbox's use as this replica saw it.
@@ -351,7 +389,7 @@ fn api_error(what: impl std::fmt::Display, e: &kube::Error) -> Error {
 }
 
 /// What a template contributes besides the control plane's [`Template`].
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct PodTemplate {
     /// `pod.json`, when there is one.
     pod: Option<Pod>,
@@ -658,6 +696,66 @@ fn add_credentials(pod: &mut Pod, names: &Names<'_>, template: &Template) {
     }
 }
 
+/// The Pod of pooled sandbox `object` of `template`: the sandbox's pod without a sandbox or
+/// namespace, labelled [`POOL`]; `None` when the template cannot be pooled: its credentials
+/// name a namespace's Secrets, and a workspace claim would have to be made per pooled Pod.
+fn render_pooled(
+    template: &Template,
+    parts: &PodTemplate,
+    fallback_image: Option<&str>,
+    kube_namespace: &str,
+    object: &str,
+) -> Result<Option<Pod>> {
+    if !template.credentials.is_empty() || parts.pvc.is_some() {
+        return Ok(None);
+    }
+    let names = Names {
+        sandbox: object,
+        namespace: "",
+        object: object.to_owned(),
+    };
+    let mut pod = render_pod(
+        &names,
+        template,
+        parts.pod.clone(),
+        fallback_image,
+        kube_namespace,
+        None,
+    )?;
+    let labels = pod.metadata.labels.get_or_insert_with(BTreeMap::new);
+    labels.remove(SANDBOX);
+    labels.remove(NAMESPACE);
+    labels.insert(POOL.to_owned(), template.name.clone());
+    Ok(Some(pod))
+}
+
+/// What a pooled Pod of `template` is made from, as a short hash (of the template, its pool
+/// settings left out, and its rendered pod); `None` when it cannot be pooled.
+fn pool_hash(
+    template: &Template,
+    parts: &PodTemplate,
+    fallback_image: Option<&str>,
+    kube_namespace: &str,
+) -> Result<Option<String>> {
+    use sha2::Digest;
+    let Some(pod) = render_pooled(template, parts, fallback_image, kube_namespace, "pool")? else {
+        return Ok(None);
+    };
+    let mut bare = template.clone();
+    bare.warm_pool = None;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(serde_json::to_vec(&bare).map_err(|e| Error::Internal(e.to_string()))?);
+    hasher.update(serde_json::to_vec(&pod).map_err(|e| Error::Internal(e.to_string()))?);
+    Ok(Some(hex::encode(&hasher.finalize()[..8])))
+}
+
+fn created(obj: &impl ResourceExt) -> Option<SystemTime> {
+    obj.meta()
+        .creation_timestamp
+        .as_ref()
+        .and_then(|t| parse_time(Some(&t.0.to_string())))
+}
+
 fn annotation<'a>(obj: &'a impl ResourceExt, key: &str) -> Option<&'a str> {
     obj.annotations().get(key).map(String::as_str)
 }
@@ -883,6 +981,8 @@ impl KubernetesBackend {
             instance,
             activity: Mutex::default(),
             locks: Mutex::default(),
+            pool_counts: Mutex::default(),
+            pool_renders: Mutex::default(),
             _watchers: [pod_watch, secret_watch],
         })
     }
@@ -909,8 +1009,15 @@ impl KubernetesBackend {
             return None;
         }
         self.pods
-            .get(&ObjectRef::new(&object_name(name)).within(&self.namespace))
+            .get(&ObjectRef::new(&self.pod_object(name)).within(&self.namespace))
             .filter(|p| p.labels().get(SANDBOX).map(String::as_str) == Some(name))
+    }
+
+    /// The name of sandbox `name`'s Pod: `sandbox-<name>`, or the pooled Pod it claimed.
+    fn pod_object(&self, name: &str) -> String {
+        self.secret(name)
+            .and_then(|s| annotation(&*s, POD_NAME).map(str::to_owned))
+            .unwrap_or_else(|| object_name(name))
     }
 
     fn summary(&self, secret: &Secret) -> Option<SandboxSummary> {
@@ -1134,6 +1241,297 @@ impl KubernetesBackend {
         }
     }
 
+    /// The record Secret of a create: its annotations, its runner `token`, and `pod.json`
+    /// (the Pod rendered for it, which resume creates); `pooled` names the pooled Pod it
+    /// claimed, which serves until its first stop.
+    fn record_secret(
+        &self,
+        spec: &CreateSpec,
+        parts: &PodTemplate,
+        claim: Option<&str>,
+        token: Vec<u8>,
+        pooled: Option<&str>,
+    ) -> Result<Secret> {
+        let name = spec.name.as_str();
+        let names = Names {
+            sandbox: name,
+            namespace: &spec.namespace,
+            object: object_name(name),
+        };
+        let pod = render_pod(
+            &names,
+            &spec.template,
+            parts.pod.clone(),
+            self.runner_image.as_deref(),
+            &self.namespace,
+            claim,
+        )?;
+        let pod_json = serde_json::to_vec(&pod).map_err(|e| Error::Internal(e.to_string()))?;
+        let created_by =
+            serde_json::to_string(&spec.created_by).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut annotations = BTreeMap::from([
+            (NAMESPACE.to_owned(), spec.namespace.clone()),
+            (TEMPLATE.to_owned(), spec.template.name.clone()),
+            (MODE.to_owned(), spec.template.mode.clone()),
+            (CREATED_AT.to_owned(), now_rfc3339()),
+            (CREATED_BY.to_owned(), created_by),
+            (STARTED_AT.to_owned(), millis(SystemTime::now())),
+        ]);
+        if let Some(claim) = claim {
+            annotations.insert(PVC.to_owned(), claim.to_owned());
+        }
+        if let Some(pooled) = pooled {
+            annotations.insert(POD_NAME.to_owned(), pooled.to_owned());
+        }
+        if let Some(t) = &spec.timeout {
+            annotations.insert(TIMEOUT.to_owned(), t.clone());
+        }
+        if let Some(t) = &spec.idle_timeout {
+            annotations.insert(IDLE_TIMEOUT.to_owned(), t.clone());
+        }
+        if spec.template.on_timeout == Some(crate::templates::OnTimeout::Delete) {
+            annotations.insert(ON_TIMEOUT.to_owned(), "delete".to_owned());
+        }
+        Ok(Secret {
+            metadata: ObjectMeta {
+                name: Some(names.object.clone()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(labels(&names)),
+                annotations: Some(annotations),
+                ..ObjectMeta::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(BTreeMap::from([
+                (TOKEN_KEY.to_owned(), ByteString(token)),
+                (POD_KEY.to_owned(), ByteString(pod_json)),
+            ])),
+            ..Secret::default()
+        })
+    }
+
+    fn count_pool(&self, template: &str, hit: bool) {
+        let mut counts = lock(&self.pool_counts);
+        let c = counts.entry(template.to_owned()).or_default();
+        if hit {
+            c.0 += 1;
+        } else {
+            c.1 += 1;
+        }
+    }
+
+    /// Claims a ready pooled Pod of the create's template made from the same rendering
+    /// (`hash`) for sandbox `spec.name`: relabels it with its cached `resourceVersion` as the
+    /// precondition (of replicas claiming one Pod at once, one wins; the others get 409 and
+    /// try the next), then records the sandbox with the pooled Pod's token. `None`: none was
+    /// ready.
+    async fn claim(
+        &self,
+        spec: &CreateSpec,
+        parts: &PodTemplate,
+        hash: &str,
+    ) -> Result<Option<SandboxSummary>> {
+        let name = spec.name.as_str();
+        let mut candidates: Vec<Arc<Pod>> = self
+            .pods
+            .state()
+            .into_iter()
+            .filter(|p| {
+                p.labels().get(POOL) == Some(&spec.template.name)
+                    && annotation(&**p, POOL_HASH) == Some(hash)
+                    && pod_phase(p).0 == SandboxStatus::Running
+            })
+            .collect();
+        if candidates.len() > 1 {
+            // From a random one: replicas claiming at once mostly try different Pods.
+            let mut b = [0u8; 4];
+            if getrandom::fill(&mut b).is_ok() {
+                let start = u32::from_le_bytes(b) as usize % candidates.len();
+                candidates.rotate_left(start);
+            }
+        }
+        for pod in candidates {
+            let object = pod.name_any();
+            let Some(token) = self
+                .secrets
+                .get(&ObjectRef::new(&object).within(&self.namespace))
+                .and_then(|s| secret_data(&s, TOKEN_KEY).map(<[u8]>::to_vec))
+            else {
+                continue;
+            };
+            let patch = serde_json::json!({"metadata": {
+                "resourceVersion": pod.resource_version(),
+                "labels": {POOL: null, SANDBOX: name, NAMESPACE: spec.namespace},
+            }});
+            match self
+                .api::<Pod>()
+                .patch(&object, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if is_status(&e, 409) || is_status(&e, 404) => continue,
+                Err(e) => return Err(api_error(format_args!("claim Pod {object}"), &e)),
+            }
+            return self.adopt(spec, parts, &object, token).await.map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Records sandbox `spec.name` as the owner of the pooled Pod `object` it just claimed.
+    async fn adopt(
+        &self,
+        spec: &CreateSpec,
+        parts: &PodTemplate,
+        object: &str,
+        token: Vec<u8>,
+    ) -> Result<SandboxSummary> {
+        let name = spec.name.as_str();
+        let secret = self.record_secret(spec, parts, None, token, Some(object))?;
+        let secret = match self
+            .api::<Secret>()
+            .create(&PostParams::default(), &secret)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                // Nobody else can have it now: it goes.
+                let _ = self.delete_object::<Pod>(object).await;
+                let _ = self.delete_object::<Secret>(object).await;
+                if is_status(&e, 409) {
+                    return Err(Error::AlreadyExists(name.to_owned()));
+                }
+                return Err(api_error(
+                    format_args!("create Secret {}", object_name(name)),
+                    &e,
+                ));
+            }
+        };
+        // Its Secret (and through it the Pod) now belongs to the record: deleting the record
+        // collects them.
+        let patch = serde_json::json!({"metadata": {
+            "labels": {POOL: null},
+            "ownerReferences": [Self::owner(&secret)?],
+        }});
+        if let Err(e) = self
+            .api::<Secret>()
+            .patch(object, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            tracing::warn!(sandbox = %name, secret = %object, error = %e, "cannot hand the pooled Secret to the sandbox");
+        }
+        self.settle(SETTLE, |b| {
+            b.secret(name).is_some() && b.pod(name).is_some()
+        })
+        .await;
+        tracing::info!(sandbox = %name, pod = %object, "sandbox claimed from the warm pool");
+        let mut summary = self
+            .secret(name)
+            .and_then(|s| self.summary(&s))
+            .or_else(|| self.summary(&secret))
+            .ok_or_else(|| Error::Internal("the new Secret has no sandbox label".into()))?;
+        summary.from_warm_pool = Some(true);
+        Ok(summary)
+    }
+
+    /// How `template`'s pooled Pods are made now (its ConfigMap read at most every
+    /// [`POOL_RENDER_TTL`]).
+    async fn pool_render(&self, template: &Template) -> Result<PoolRender> {
+        if let Some(r) = lock(&self.pool_renders).get(&template.name) {
+            if r.at.elapsed() < POOL_RENDER_TTL && r.template == *template {
+                return Ok(r.clone());
+            }
+        }
+        let parts = self.pod_template(template).await?;
+        let hash = pool_hash(
+            template,
+            &parts,
+            self.runner_image.as_deref(),
+            &self.namespace,
+        )?;
+        let render = PoolRender {
+            at: Instant::now(),
+            template: template.clone(),
+            parts,
+            hash,
+        };
+        lock(&self.pool_renders).insert(template.name.clone(), render.clone());
+        Ok(render)
+    }
+
+    /// Starts one pooled sandbox of `render`: a Secret `pool-<hex>` (its token) and a Pod of
+    /// the same name owned by it.
+    async fn start_pooled(&self, render: &PoolRender, hash: &str) -> Result<()> {
+        let object = format!("pool-{}", random_hex(6));
+        let Some(mut pod) = render_pooled(
+            &render.template,
+            &render.parts,
+            self.runner_image.as_deref(),
+            &self.namespace,
+            &object,
+        )?
+        else {
+            return Ok(());
+        };
+        let meta = ObjectMeta {
+            name: Some(object.clone()),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(BTreeMap::from([
+                (MANAGED_BY.to_owned(), MANAGER.to_owned()),
+                (POOL.to_owned(), render.template.name.clone()),
+            ])),
+            annotations: Some(BTreeMap::from([
+                (POOL_HASH.to_owned(), hash.to_owned()),
+                (TEMPLATE.to_owned(), render.template.name.clone()),
+            ])),
+            ..ObjectMeta::default()
+        };
+        let secret = Secret {
+            metadata: meta.clone(),
+            type_: Some("Opaque".into()),
+            data: Some(BTreeMap::from([(
+                TOKEN_KEY.to_owned(),
+                ByteString(random_hex(32).into_bytes()),
+            )])),
+            ..Secret::default()
+        };
+        let secret = self
+            .api::<Secret>()
+            .create(&PostParams::default(), &secret)
+            .await
+            .map_err(|e| api_error(format_args!("create Secret {object}"), &e))?;
+        pod.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(POOL_HASH.to_owned(), hash.to_owned());
+        pod.metadata.owner_references = Some(vec![Self::owner(&secret)?]);
+        if let Err(e) = self.api::<Pod>().create(&PostParams::default(), &pod).await {
+            let _ = self.delete_object::<Secret>(&object).await;
+            return Err(api_error(format_args!("create Pod {object}"), &e));
+        }
+        Ok(())
+    }
+
+    /// Removes pooled Pod `pod` unless it was claimed since this replica saw it (a delete
+    /// preconditioned on its `resourceVersion`), and its Secret.
+    async fn retire(&self, pod: &Pod) -> Result<()> {
+        let object = pod.name_any();
+        let params = DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                resource_version: pod.resource_version(),
+                uid: None,
+            }),
+            ..DeleteParams::background()
+        };
+        match self.api::<Pod>().delete(&object, &params).await {
+            Ok(_) => {}
+            // Claimed meanwhile (409), or gone.
+            Err(e) if is_status(&e, 409) => return Ok(()),
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(api_error(format_args!("delete Pod {object}"), &e)),
+        }
+        self.delete_object::<Secret>(&object).await?;
+        Ok(())
+    }
+
     /// Undoes a half-made create, best effort.
     async fn roll_back(&self, name: &str, pvc: bool) {
         let object = object_name(name);
@@ -1225,56 +1623,30 @@ impl Backend for KubernetesBackend {
             object: object_name(name),
         };
         let parts = self.pod_template(&spec.template).await?;
+        let pooled = spec.template.warm_pool.as_ref().is_some_and(|p| p.size > 0);
+        if pooled {
+            let hash = pool_hash(
+                &spec.template,
+                &parts,
+                self.runner_image.as_deref(),
+                &self.namespace,
+            )?;
+            if let Some(hash) = hash {
+                if let Some(summary) = self.claim(&spec, &parts, &hash).await? {
+                    self.count_pool(&spec.template.name, true);
+                    return Ok(summary);
+                }
+            }
+            self.count_pool(&spec.template.name, false);
+        }
         let claim = parts.pvc.is_some().then(|| pvc_name(name));
-        let pod = render_pod(
-            &names,
-            &spec.template,
-            parts.pod,
-            self.runner_image.as_deref(),
-            &self.namespace,
+        let secret = self.record_secret(
+            &spec,
+            &parts,
             claim.as_deref(),
+            random_hex(32).into_bytes(),
+            None,
         )?;
-        let pod_json = serde_json::to_vec(&pod).map_err(|e| Error::Internal(e.to_string()))?;
-        let created_by =
-            serde_json::to_string(&spec.created_by).map_err(|e| Error::Internal(e.to_string()))?;
-        let mut annotations = BTreeMap::from([
-            (NAMESPACE.to_owned(), spec.namespace.clone()),
-            (TEMPLATE.to_owned(), spec.template.name.clone()),
-            (MODE.to_owned(), spec.template.mode.clone()),
-            (CREATED_AT.to_owned(), now_rfc3339()),
-            (CREATED_BY.to_owned(), created_by),
-        ]);
-        if let Some(claim) = &claim {
-            annotations.insert(PVC.to_owned(), claim.clone());
-        }
-        annotations.insert(STARTED_AT.to_owned(), millis(SystemTime::now()));
-        if let Some(t) = &spec.timeout {
-            annotations.insert(TIMEOUT.to_owned(), t.clone());
-        }
-        if let Some(t) = &spec.idle_timeout {
-            annotations.insert(IDLE_TIMEOUT.to_owned(), t.clone());
-        }
-        if spec.template.on_timeout == Some(crate::templates::OnTimeout::Delete) {
-            annotations.insert(ON_TIMEOUT.to_owned(), "delete".to_owned());
-        }
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(names.object.clone()),
-                namespace: Some(self.namespace.clone()),
-                labels: Some(labels(&names)),
-                annotations: Some(annotations),
-                ..ObjectMeta::default()
-            },
-            type_: Some("Opaque".into()),
-            data: Some(BTreeMap::from([
-                (
-                    TOKEN_KEY.to_owned(),
-                    ByteString(random_hex(32).into_bytes()),
-                ),
-                (POD_KEY.to_owned(), ByteString(pod_json)),
-            ])),
-            ..Secret::default()
-        };
         let secret = match self
             .api::<Secret>()
             .create(&PostParams::default(), &secret)
@@ -1343,10 +1715,15 @@ impl Backend for KubernetesBackend {
             tracing::warn!(sandbox = %name, "created, but the caches do not show it yet");
         }
         tracing::info!(sandbox = %name, namespace = %spec.namespace, "sandbox created");
-        self.secret(name)
+        let mut summary = self
+            .secret(name)
             .and_then(|s| self.summary(&s))
             .or_else(|| self.summary(&secret))
-            .ok_or_else(|| Error::Internal("the new Secret has no sandbox label".into()))
+            .ok_or_else(|| Error::Internal("the new Secret has no sandbox label".into()))?;
+        if pooled {
+            summary.from_warm_pool = Some(false);
+        }
+        Ok(summary)
     }
 
     async fn delete(&self, name: &str) -> Result<()> {
@@ -1359,7 +1736,12 @@ impl Backend for KubernetesBackend {
             // Not (yet) in the cache: clean up whatever is there.
             None => Some(pvc_name(name)),
         };
-        let pod = self.delete_object::<Pod>(&object).await?;
+        let pod_object = self.pod_object(name);
+        let pod = self.delete_object::<Pod>(&pod_object).await?;
+        if pod_object != object {
+            // A claimed pooled Pod's Secret (its token; owned by the record anyway).
+            self.delete_object::<Secret>(&pod_object).await?;
+        }
         let pvc = match claim {
             Some(claim) => self.delete_object::<PersistentVolumeClaim>(&claim).await?,
             None => false,
@@ -1379,13 +1761,14 @@ impl Backend for KubernetesBackend {
             return Err(Error::SandboxNotFound(name.into()));
         }
         let _guard = self.lock_sandbox(name).await;
+        let pod_object = self.pod_object(name);
         self.annotate(
             name,
             None,
-            serde_json::json!({STOPPED: now_rfc3339(), STOP_REASON: "user"}),
+            serde_json::json!({STOPPED: now_rfc3339(), STOP_REASON: "user", POD_NAME: null}),
         )
         .await?;
-        self.delete_object::<Pod>(&object_name(name)).await?;
+        self.delete_object::<Pod>(&pod_object).await?;
         self.settle(SETTLE, |b| {
             b.secret(name)
                 .is_some_and(|s| annotation(&*s, STOPPED).is_some())
@@ -1399,9 +1782,26 @@ impl Backend for KubernetesBackend {
 
     async fn resume(&self, name: &str) -> Result<SandboxSummary> {
         let _guard = self.lock_sandbox(name).await;
-        let Some(secret) = self.secret(name) else {
+        let Some(mut secret) = self.secret(name) else {
             return Err(Error::SandboxNotFound(name.into()));
         };
+        // A pooled Pod it claimed that cannot serve: from now on its own `sandbox-<name>`.
+        if let Some(pooled) = annotation(&*secret, POD_NAME).map(str::to_owned) {
+            let pod = self.pod(name);
+            if pod.is_none_or(|p| p.metadata.deletion_timestamp.is_some() || pod_finished(&p)) {
+                self.delete_object::<Pod>(&pooled).await?;
+                self.annotate(name, None, serde_json::json!({POD_NAME: null}))
+                    .await?;
+                self.settle(SETTLE, |b| {
+                    b.secret(name)
+                        .is_some_and(|s| annotation(&*s, POD_NAME).is_none())
+                })
+                .await;
+                secret = self
+                    .secret(name)
+                    .ok_or_else(|| Error::SandboxNotFound(name.into()))?;
+            }
+        }
         if secret.metadata.deletion_timestamp.is_some() {
             return Err(Error::NotRunning {
                 name: name.into(),
@@ -1533,13 +1933,14 @@ impl Backend for KubernetesBackend {
                 {
                     return Ok(None);
                 }
+                let pod_object = self.pod_object(name);
                 let changes = serde_json::json!({
-                    STOPPED: now_rfc3339(), STOP_REASON: reason_text(reason),
+                    STOPPED: now_rfc3339(), STOP_REASON: reason_text(reason), POD_NAME: null,
                 });
                 if !self.annotate(name, version.as_deref(), changes).await? {
                     return Ok(None);
                 }
-                self.delete_object::<Pod>(&object_name(name)).await?;
+                self.delete_object::<Pod>(&pod_object).await?;
             }
         }
         self.settle(SETTLE, |b| {
@@ -1570,6 +1971,125 @@ impl Backend for KubernetesBackend {
 
     fn keeps_lifecycle(&self) -> bool {
         true
+    }
+
+    /// Every replica refills, from its caches: pooled Pods of a template no longer pooled,
+    /// made from another rendering of it, past `maxAge`, failed or more than `size` are
+    /// retired (a delete preconditioned on the `resourceVersion` seen, so a Pod claimed
+    /// meanwhile stays); fewer than `size` are made up. Two replicas refilling at the same
+    /// moment can start one Pod each for one missing; the next refill retires the extra.
+    async fn refill_pools(&self, templates: &[Template]) -> Result<()> {
+        let mut renders = std::collections::HashMap::new();
+        for t in templates {
+            if t.warm_pool.as_ref().is_some_and(|p| p.size > 0) {
+                let render = self.pool_render(t).await?;
+                if render.hash.is_none() {
+                    tracing::debug!(template = %t.name, "its credentials or workspace claim keep it out of a warm pool");
+                }
+                renders.insert(t.name.clone(), render);
+            }
+        }
+        let now = SystemTime::now();
+        let pooled: Vec<Arc<Pod>> = self
+            .pods
+            .state()
+            .into_iter()
+            .filter(|p| p.labels().contains_key(POOL) && p.metadata.deletion_timestamp.is_none())
+            .collect();
+        let mut live: std::collections::HashMap<String, Vec<Arc<Pod>>> =
+            std::collections::HashMap::new();
+        for pod in pooled {
+            let template = pod.labels().get(POOL).cloned().unwrap_or_default();
+            let keep = renders.get(&template).is_some_and(|r| {
+                let max_age = r
+                    .template
+                    .warm_pool
+                    .as_ref()
+                    .and_then(|p| p.max_age.as_deref())
+                    .and_then(|a| crate::lifecycle::parse_duration(a).ok());
+                r.hash.is_some()
+                    && annotation(&*pod, POOL_HASH) == r.hash.as_deref()
+                    // A broken one is replaced after a while, not four times a second.
+                    && (pod_phase(&pod).0 != SandboxStatus::Error
+                        || created(&*pod).is_none_or(|c| {
+                            now.duration_since(c).unwrap_or_default() < CREATE_GRACE
+                        }))
+                    && max_age.is_none_or(|max| {
+                        created(&*pod)
+                            .is_none_or(|c| now.duration_since(c).unwrap_or_default() < max)
+                    })
+            });
+            if keep {
+                live.entry(template).or_default().push(pod);
+            } else {
+                self.retire(&pod).await?;
+            }
+        }
+        for (name, render) in &renders {
+            let Some(hash) = render.hash.as_deref() else {
+                continue;
+            };
+            let size = render.template.warm_pool.as_ref().map_or(0, |p| p.size) as usize;
+            let mut pods = live.remove(name).unwrap_or_default();
+            if pods.len() > size {
+                // The ones not ready yet go first, then the youngest.
+                pods.sort_by_key(|p| {
+                    (
+                        pod_phase(p).0 == SandboxStatus::Running,
+                        std::cmp::Reverse(created(&**p)),
+                    )
+                });
+                for pod in &pods[..pods.len() - size] {
+                    self.retire(pod).await?;
+                }
+            }
+            for _ in pods.len()..size {
+                self.start_pooled(render, hash).await?;
+            }
+        }
+        // Secrets of pooled Pods that are gone (a failed start, a Pod deleted by hand).
+        for secret in self.secrets.state() {
+            if secret.labels().contains_key(POOL)
+                && secret.metadata.deletion_timestamp.is_none()
+                && self
+                    .pods
+                    .get(&ObjectRef::new(&secret.name_any()).within(&self.namespace))
+                    .is_none()
+                && created(&*secret)
+                    .is_some_and(|c| now.duration_since(c).unwrap_or_default() > CREATE_GRACE)
+            {
+                self.delete_object::<Secret>(&secret.name_any()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ready: the template's pooled Pods Running and Ready in this replica's cache; hits and
+    /// misses: this replica's creates since it started.
+    fn warm_pools(&self, templates: &[Template]) -> Vec<agentbox_proto::WarmPoolInfo> {
+        let pods = self.pods.state();
+        let counts = lock(&self.pool_counts);
+        templates
+            .iter()
+            .filter_map(|t| {
+                let size = t.warm_pool.as_ref()?.size;
+                let ready = pods
+                    .iter()
+                    .filter(|p| {
+                        p.labels().get(POOL) == Some(&t.name)
+                            && pod_phase(p).0 == SandboxStatus::Running
+                    })
+                    .count();
+                let (hits, misses) = counts.get(&t.name).copied().unwrap_or_default();
+                Some(agentbox_proto::WarmPoolInfo {
+                    template: t.name.clone(),
+                    size,
+                    ready: u32::try_from(ready).unwrap_or(u32::MAX),
+                    hits,
+                    misses,
+                })
+            })
+            .collect()
     }
 
     /// Remembers the use and, for a sandbox with an idle timeout, writes it on the record

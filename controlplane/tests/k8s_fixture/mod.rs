@@ -5,8 +5,10 @@
 //! `PartialObjectMetadataList`), watch (`?watch=true&resourceVersion=N`, a stream of JSON lines
 //! `{"type", "object"}` starting after N, ending after `timeoutSeconds`), get, create (POST),
 //! delete, merge patch and replace (PUT), with equality label selectors and `Status` errors. As
-//! the API server, a `metadata.resourceVersion` in a patch or a replace is a precondition: a
-//! stale one is answered 409 Conflict, checked and written under one lock.
+//! the API server, a `metadata.resourceVersion` in a patch or a replace, and
+//! `preconditions.resourceVersion` in a delete's options, is a precondition: a stale one is
+//! answered 409 Conflict, checked and written under one lock. It has no garbage collector:
+//! owner references are kept, not followed.
 //! Tests change objects directly (as a kubelet or a user would) and read every request made.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
@@ -504,10 +506,32 @@ fn item_of(
             Some(o) => Json(o.clone()).into_response(),
             None => not_found(),
         },
-        Method::DELETE => match shared.remove(&resource, &namespace, &name) {
-            Some(o) => Json(o).into_response(),
-            None => not_found(),
-        },
+        Method::DELETE => {
+            // DeleteOptions' `preconditions.resourceVersion`: 409 when the object changed.
+            let want = serde_json::from_slice::<Value>(&body).ok().and_then(|o| {
+                o["preconditions"]["resourceVersion"]
+                    .as_str()
+                    .map(str::to_owned)
+            });
+            let mut store = shared.store.lock().unwrap();
+            if let (Some(want), Some(object)) = (&want, store.objects.get(&key)) {
+                if object["metadata"]["resourceVersion"].as_str() != Some(want.as_str()) {
+                    return status(
+                        409,
+                        "Conflict",
+                        format!("precondition failed: resourceVersion {want} is stale"),
+                    );
+                }
+            }
+            match store.remove(&resource, &namespace, &name) {
+                Some(change) => {
+                    let object = change.object.clone();
+                    let _ = shared.changes.send(change);
+                    Json(object).into_response()
+                }
+                None => not_found(),
+            }
+        }
         Method::PATCH => {
             let patch: Value = match serde_json::from_slice(&body) {
                 Ok(v) => v,
