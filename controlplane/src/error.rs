@@ -52,6 +52,10 @@ pub enum Error {
     /// The name is taken (409 `already_exists`).
     #[error("sandbox {0:?} already exists")]
     AlreadyExists(String),
+    /// The source sandbox's state does not allow a clone, e.g. a Kubernetes workspace that
+    /// is an `emptyDir` (409 `not_cloneable`).
+    #[error("{0}")]
+    NotCloneable(String),
     /// The runner cannot be reached (502 `runner_unreachable`).
     #[error("the sandbox's runner cannot be reached: {0}")]
     RunnerUnreachable(String),
@@ -99,7 +103,9 @@ impl Error {
                 StatusCode::BAD_REQUEST
             }
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::NotRunning { .. } | Error::AlreadyExists(_) => StatusCode::CONFLICT,
+            Error::NotRunning { .. } | Error::AlreadyExists(_) | Error::NotCloneable(_) => {
+                StatusCode::CONFLICT
+            }
             Error::RunnerUnreachable(_) | Error::RunnerUnauthorized => StatusCode::BAD_GATEWAY,
             Error::RunnerTimeout => StatusCode::GATEWAY_TIMEOUT,
             Error::Backend(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -123,6 +129,7 @@ impl Error {
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::NotRunning { .. } => "sandbox_not_running",
             Error::AlreadyExists(_) => "already_exists",
+            Error::NotCloneable(_) => "not_cloneable",
             Error::RunnerUnreachable(_) => "runner_unreachable",
             Error::RunnerUnauthorized => "runner_unauthorized",
             Error::RunnerTimeout => "runner_timeout",
@@ -201,6 +208,7 @@ mod tests {
             (Error::RunnerUnauthorized, 502, "runner_unauthorized"),
             (Error::RunnerTimeout, 504, "runner_timeout"),
             (Error::NotImplemented("x".into()), 501, "not_implemented"),
+            (Error::NotCloneable("x".into()), 409, "not_cloneable"),
         ];
         for (e, status, code) in cases {
             assert_eq!(e.status().as_u16(), status);

@@ -1693,3 +1693,175 @@ async fn warm_pool_claims_across_replicas_never_share_a_pod() {
         () = kubelet_all(&fixture, runner_addr.port()) => unreachable!(),
     }
 }
+
+/// Issue 24's clone on Kubernetes: a VolumeSnapshot (snapshot.storage.k8s.io/v1) of the
+/// source's workspace claim, a new claim restored from it (`dataSource`), the source's Pod made
+/// the clone's (its own name, token Secret, claim), the same template, namespace and timeouts.
+/// What the fixture checks is the objects a real API server would get; no CSI driver copies
+/// data here. A source whose workspace is an `emptyDir` answers 409 `not_cloneable` and leaves
+/// nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_is_a_volume_snapshot_and_a_claim_from_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let (_runner, runner_addr) = start_runner(tmp.path()).await;
+    let templates = tmp.path().join("templates.json");
+    std::fs::write(
+        &templates,
+        json!({"templates": [{"name": "persist", "mode": "agent", "idleTimeout": "1h"}]})
+            .to_string(),
+    )
+    .unwrap();
+    fixture.put(
+        "configmaps",
+        NS,
+        json!({
+            "metadata": {"name": "agentbox-template-persist"},
+            "data": {"pvc.json": json!({
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "csi-snapshots",
+                "resources": {"requests": {"storage": "2Gi"}},
+            }).to_string()},
+        }),
+    );
+    let cp = start_cp(
+        &fixture,
+        tmp.path(),
+        &[
+            "--kube-runner-image",
+            RUNNER_IMAGE,
+            "--templates-file",
+            templates.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let body = async {
+        for (name, template) in [("src", "persist"), ("plain", "default")] {
+            let (code, body) = cp
+                .send(cp.req(Method::POST, "/api/v1/sandboxes").json(
+                    &json!({"name": name, "namespace": "team-c", "templateRef": {"name": template}}),
+                ))
+                .await;
+            assert_eq!(code, 201, "{body}");
+        }
+        cp.wait_status("src", "Running").await;
+        configure(&cp, "src", "cat").await;
+
+        let (code, body) = cp
+            .send(
+                cp.sb(Method::POST, "src", "/clone")
+                    .json(&json!({"name": "copy"})),
+            )
+            .await;
+        assert_eq!(code, 202, "{body}");
+        assert_eq!(body["name"], "copy");
+        assert_eq!(body["namespace"], "team-c");
+        assert_eq!(body["clonedFrom"], "src");
+        assert_eq!(body["templateRef"], "persist");
+        assert_eq!(body["idleTimeout"], "1h");
+        assert_eq!(body["pvcName"], "sandbox-copy-workspace");
+        let snapshot = fixture
+            .get("volumesnapshots", NS, "sandbox-copy-snapshot")
+            .unwrap();
+        assert_eq!(snapshot["apiVersion"], "snapshot.storage.k8s.io/v1");
+        assert_eq!(
+            snapshot["spec"]["source"]["persistentVolumeClaimName"],
+            "sandbox-src-workspace"
+        );
+        let secret = fixture.get("secrets", NS, "sandbox-copy").unwrap();
+        assert_eq!(
+            snapshot["metadata"]["ownerReferences"][0]["uid"],
+            secret["metadata"]["uid"]
+        );
+        let pvc = fixture
+            .get("persistentvolumeclaims", NS, "sandbox-copy-workspace")
+            .unwrap();
+        assert_eq!(
+            pvc["spec"]["dataSource"],
+            json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
+                   "name": "sandbox-copy-snapshot"})
+        );
+        assert_eq!(pvc["spec"]["storageClassName"], "csi-snapshots");
+        assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "2Gi");
+        let source = fixture.get("pods", NS, "sandbox-src").unwrap();
+        let pod = fixture.get("pods", NS, "sandbox-copy").unwrap();
+        assert_eq!(pod["metadata"]["labels"]["agentbox.dev/sandbox"], "copy");
+        assert_eq!(
+            pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+            "sandbox-copy-workspace"
+        );
+        let env = env_of(&pod["spec"]["containers"][0]);
+        assert_eq!(env["AGENTBOX_SANDBOX"]["value"], "copy");
+        assert_eq!(
+            env["AGENTBOX_RUNNER_TOKEN"]["valueFrom"]["secretKeyRef"]["name"],
+            "sandbox-copy"
+        );
+        assert_eq!(
+            pod["spec"]["containers"][0]["image"],
+            source["spec"]["containers"][0]["image"]
+        );
+        let ann = &secret["metadata"]["annotations"];
+        assert_eq!(ann["agentbox.dev/cloned-from"], "src");
+        assert_eq!(ann["agentbox.dev/namespace"], "team-c");
+        // Its own Pod, stored for its resumes (the kubelet here gives every Secret the one
+        // runner's token, so tokens are not compared).
+        assert!(secret["data"]["pod.json"].is_string());
+        // It starts like any sandbox (here the one runner stands in for the restored workspace).
+        cp.wait_status("copy", "Running").await;
+        assert_eq!(invoke(&cp, "copy", "cloned").await, b"cloned");
+
+        // An emptyDir workspace cannot be snapshotted: a clear 409, nothing made.
+        let (code, body) = cp
+            .send(
+                cp.sb(Method::POST, "plain", "/clone")
+                    .json(&json!({"name": "copy2"})),
+            )
+            .await;
+        assert_eq!(code, 409, "{body}");
+        assert_eq!(body["error"], "not_cloneable", "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("emptyDir"),
+            "{body}"
+        );
+        assert!(fixture.get("secrets", NS, "sandbox-copy2").is_none());
+        assert_eq!(fixture.list("volumesnapshots", NS).len(), 1);
+        // Taken name, unknown source.
+        let (code, body) = cp
+            .send(
+                cp.sb(Method::POST, "src", "/clone")
+                    .json(&json!({"name": "plain"})),
+            )
+            .await;
+        assert_eq!(
+            (code, body["error"].as_str()),
+            (409, Some("already_exists")),
+            "{body}"
+        );
+        let (code, body) = cp
+            .send(
+                cp.sb(Method::POST, "nope", "/clone")
+                    .json(&json!({"name": "x"})),
+            )
+            .await;
+        assert_eq!(
+            (code, body["error"].as_str()),
+            (404, Some("sandbox_not_found")),
+            "{body}"
+        );
+
+        // Deleting the clone removes its snapshot and claim; the source's stays.
+        let (code, _) = cp.send(cp.sb(Method::DELETE, "copy", "")).await;
+        assert_eq!(code, 200);
+        assert!(fixture.list("volumesnapshots", NS).is_empty());
+        assert!(fixture
+            .get("persistentvolumeclaims", NS, "sandbox-copy-workspace")
+            .is_none());
+        assert!(fixture
+            .get("persistentvolumeclaims", NS, "sandbox-src-workspace")
+            .is_some());
+    };
+    tokio::select! {
+        () = body => {}
+        () = kubelet_all(&fixture, runner_addr.port()) => unreachable!(),
+    }
+}

@@ -85,6 +85,19 @@
 //!   most every 5 s (a quarter of the idle timeout when shorter, at least 250 ms), so every
 //!   replica's sweep sees uses served by others, up to that interval late.
 //!
+//! # Clone
+//!
+//! **Untested against a real CSI driver** (only against the test fixture's API server).
+//! [`Backend::clone_sandbox`] needs a source with a workspace claim (else 409
+//! `not_cloneable`: an `emptyDir` cannot be snapshotted): it creates the record
+//! `sandbox-<new>` (new token, `agentbox.dev/cloned-from`, `agentbox.dev/snapshot`, the
+//! source's template, namespace and timeouts), a VolumeSnapshot `sandbox-<new>-snapshot`
+//! (snapshot.storage.k8s.io/v1, a `DynamicObject`: no k8s-openapi type; the default
+//! VolumeSnapshotClass) of the source's claim, a claim `sandbox-<new>-workspace` from the
+//! template's `pvc.json` with `dataSource` naming the snapshot, and the source's stored Pod
+//! retargeted to the clone (`retarget_pod`). Snapshot and claim are owned by the record;
+//! delete removes the snapshot too. Any failure undoes what was made.
+//!
 //! # Warm pools
 //!
 //! For a template with `warmPool` (and no credentials or `pvc.json`), every replica keeps
@@ -124,6 +137,7 @@
 //! | `""`      | `configmaps`             | `get`                                  |
 //! | `""`      | `events`                 | `create`                               |
 //! | `coordination.k8s.io` | `leases` (`agentbox-create-lock`) | `get`, `create`, `patch` |
+//! | `snapshot.storage.k8s.io` | `volumesnapshots`  | `create`, `delete`                     |
 //!
 //! Governance adds `patch` on the ConfigMap `agentbox-governance` and `create` on configmaps,
 //! and the Lease, its create lock ([`crate::governance::LeaseLock`]); under it,
@@ -187,6 +201,9 @@ const POOL: &str = "agentbox.dev/pool";
 const POOL_HASH: &str = "agentbox.dev/pool-hash";
 /// On a record whose Pod was claimed from a pool: that Pod's name (and its Secret's).
 const POD_NAME: &str = "agentbox.dev/pod";
+/// On a clone's record: the sandbox it was cloned from, and its VolumeSnapshot.
+const CLONED_FROM: &str = "agentbox.dev/cloned-from";
+const SNAPSHOT: &str = "agentbox.dev/snapshot";
 /// How long the refill reuses a template's rendering (one ConfigMap read per template).
 const POOL_RENDER_TTL: Duration = Duration::from_secs(10);
 /// The longest a replica waits before writing a sandbox's `last-activity` again (shorter for
@@ -749,6 +766,66 @@ fn pool_hash(
     Ok(Some(hex::encode(&hasher.finalize()[..8])))
 }
 
+/// snapshot.storage.k8s.io/v1 VolumeSnapshot (a CRD of the CSI snapshotter; no k8s-openapi
+/// type).
+fn volume_snapshot_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "snapshot.storage.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "snapshot.storage.k8s.io/v1".into(),
+        kind: "VolumeSnapshot".into(),
+        plural: "volumesnapshots".into(),
+    }
+}
+
+/// The name of a clone's VolumeSnapshot of its source's workspace.
+pub fn snapshot_name(sandbox: &str) -> String {
+    format!("sandbox-{sandbox}-snapshot")
+}
+
+/// The Pod `source` was stored with, made sandbox `names.sandbox`'s: its name and labels, its
+/// token's Secret, its `AGENTBOX_SANDBOX`, and its workspace claim `claim`.
+fn retarget_pod(mut pod: Pod, source: &str, names: &Names<'_>, claim: &str) -> Pod {
+    pod.metadata.name = Some(names.object.clone());
+    pod.metadata.uid = None;
+    pod.metadata.resource_version = None;
+    pod.metadata.owner_references = None;
+    pod.metadata.creation_timestamp = None;
+    pod.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .extend(labels(names));
+    pod.status = None;
+    let Some(spec) = pod.spec.as_mut() else {
+        return pod;
+    };
+    for volume in spec.volumes.iter_mut().flatten() {
+        if volume.name == WORKSPACE_VOLUME {
+            if let Some(pvc) = volume.persistent_volume_claim.as_mut() {
+                claim.clone_into(&mut pvc.claim_name);
+            }
+        }
+    }
+    let source_object = object_name(source);
+    for c in &mut spec.containers {
+        for e in c.env.iter_mut().flatten() {
+            if e.name == "AGENTBOX_SANDBOX" {
+                e.value = Some(names.sandbox.to_owned());
+            }
+            if let Some(key) = e
+                .value_from
+                .as_mut()
+                .and_then(|v| v.secret_key_ref.as_mut())
+            {
+                if key.name == source_object {
+                    key.name.clone_from(&names.object);
+                }
+            }
+        }
+    }
+    pod
+}
+
 fn created(obj: &impl ResourceExt) -> Option<SystemTime> {
     obj.meta()
         .creation_timestamp
@@ -1052,7 +1129,7 @@ impl KubernetesBackend {
             timeout: annotation(secret, TIMEOUT).map(str::to_owned),
             idle_timeout: annotation(secret, IDLE_TIMEOUT).map(str::to_owned),
             expires_at: expires_at(secret).map(millis),
-            cloned_from: None,
+            cloned_from: annotation(secret, CLONED_FROM).map(str::to_owned),
             from_warm_pool: None,
             name,
         })
@@ -1532,6 +1609,29 @@ impl KubernetesBackend {
         Ok(())
     }
 
+    fn snapshots(&self) -> Api<kube::api::DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            &self.namespace,
+            &volume_snapshot_resource(),
+        )
+    }
+
+    async fn delete_snapshot(&self, snapshot: &str) -> Result<()> {
+        match self
+            .snapshots()
+            .delete(snapshot, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_status(&e, 404) => Ok(()),
+            Err(e) => Err(api_error(
+                format_args!("delete VolumeSnapshot {snapshot}"),
+                &e,
+            )),
+        }
+    }
+
     /// Undoes a half-made create, best effort.
     async fn roll_back(&self, name: &str, pvc: bool) {
         let object = object_name(name);
@@ -1746,6 +1846,12 @@ impl Backend for KubernetesBackend {
             Some(claim) => self.delete_object::<PersistentVolumeClaim>(&claim).await?,
             None => false,
         };
+        if let Some(snapshot) = self
+            .secret(name)
+            .and_then(|s| annotation(&*s, SNAPSHOT).map(str::to_owned))
+        {
+            self.delete_snapshot(&snapshot).await?;
+        }
         let secret = self.delete_object::<Secret>(&object).await?;
         if !(pod || pvc || secret) {
             return Err(Error::SandboxNotFound(name.into()));
@@ -1971,6 +2077,205 @@ impl Backend for KubernetesBackend {
 
     fn keeps_lifecycle(&self) -> bool {
         true
+    }
+
+    /// A VolumeSnapshot of the source's workspace claim, a new claim from it (`dataSource`),
+    /// and the source's stored Pod made the clone's; see the module's docs. Untested against a
+    /// real CSI driver.
+    async fn clone_sandbox(
+        &self,
+        source: &str,
+        name: &str,
+        created_by: agentbox_proto::CreatedBy,
+    ) -> Result<SandboxSummary> {
+        let Some(src) = self.secret(source) else {
+            return Err(Error::SandboxNotFound(source.into()));
+        };
+        if !valid_name(name) {
+            return Err(Error::InvalidRequest(format!(
+                "{name:?} is not a valid sandbox name"
+            )));
+        }
+        if self.secret(name).is_some() {
+            return Err(Error::AlreadyExists(name.into()));
+        }
+        if src.metadata.deletion_timestamp.is_some() {
+            return Err(Error::NotRunning {
+                name: source.into(),
+                status: SandboxStatus::Deleting.as_str(),
+            });
+        }
+        let Some(source_claim) = annotation(&*src, PVC).map(str::to_owned) else {
+            return Err(Error::NotCloneable(format!(
+                "sandbox {source:?} cannot be cloned: its workspace is an emptyDir, which \
+                 Kubernetes cannot snapshot; a clone needs a template whose ConfigMap has a \
+                 pvc.json (on a StorageClass whose CSI driver supports VolumeSnapshots)"
+            )));
+        };
+        let template_name = annotation(&*src, TEMPLATE).unwrap_or("default").to_owned();
+        let parts = self
+            .pod_template(&Template {
+                name: template_name.clone(),
+                ..Template::default()
+            })
+            .await?;
+        let Some(mut claim_spec) = parts.pvc else {
+            return Err(Error::NotCloneable(format!(
+                "sandbox {source:?} cannot be cloned: the pvc.json of its template {template_name:?} \
+                 is gone, so the new workspace claim has no spec"
+            )));
+        };
+        let stored: Pod = secret_data(&src, POD_KEY)
+            .ok_or_else(|| Error::Backend(format!("Secret {} has no {POD_KEY:?}", src.name_any())))
+            .and_then(|b| {
+                serde_json::from_slice(b).map_err(|e| {
+                    Error::Backend(format!("Secret {}: bad {POD_KEY}: {e}", src.name_any()))
+                })
+            })?;
+        let namespace = annotation(&*src, NAMESPACE).unwrap_or("default").to_owned();
+        let names = Names {
+            sandbox: name,
+            namespace: &namespace,
+            object: object_name(name),
+        };
+        let claim = pvc_name(name);
+        let snapshot = snapshot_name(name);
+        let pod = retarget_pod(stored, source, &names, &claim);
+        let pod_json = serde_json::to_vec(&pod).map_err(|e| Error::Internal(e.to_string()))?;
+        let created_by =
+            serde_json::to_string(&created_by).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut annotations = BTreeMap::from([
+            (NAMESPACE.to_owned(), namespace.clone()),
+            (TEMPLATE.to_owned(), template_name),
+            (
+                MODE.to_owned(),
+                annotation(&*src, MODE).unwrap_or("agent").to_owned(),
+            ),
+            (CREATED_AT.to_owned(), now_rfc3339()),
+            (CREATED_BY.to_owned(), created_by),
+            (STARTED_AT.to_owned(), millis(SystemTime::now())),
+            (PVC.to_owned(), claim.clone()),
+            (CLONED_FROM.to_owned(), source.to_owned()),
+            (SNAPSHOT.to_owned(), snapshot.clone()),
+        ]);
+        for key in [TIMEOUT, IDLE_TIMEOUT, ON_TIMEOUT] {
+            if let Some(v) = annotation(&*src, key) {
+                annotations.insert(key.to_owned(), v.to_owned());
+            }
+        }
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(names.object.clone()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(labels(&names)),
+                annotations: Some(annotations),
+                ..ObjectMeta::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(BTreeMap::from([
+                (
+                    TOKEN_KEY.to_owned(),
+                    ByteString(random_hex(32).into_bytes()),
+                ),
+                (POD_KEY.to_owned(), ByteString(pod_json)),
+            ])),
+            ..Secret::default()
+        };
+        let secret = match self
+            .api::<Secret>()
+            .create(&PostParams::default(), &secret)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) if is_status(&e, 409) => return Err(Error::AlreadyExists(name.into())),
+            Err(e) => {
+                return Err(api_error(
+                    format_args!("create Secret {}", names.object),
+                    &e,
+                ))
+            }
+        };
+        let rest = async {
+            let owner = Self::owner(&secret)?;
+            let mut object = kube::api::DynamicObject::new(&snapshot, &volume_snapshot_resource())
+                .within(&self.namespace)
+                .data(serde_json::json!({
+                    "spec": {"source": {"persistentVolumeClaimName": source_claim}},
+                }));
+            object.metadata.labels = Some(labels(&names));
+            object.metadata.owner_references = Some(vec![owner.clone()]);
+            match self
+                .snapshots()
+                .create(&PostParams::default(), &object)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if is_status(&e, 404) => {
+                    return Err(Error::NotCloneable(format!(
+                        "sandbox {source:?} cannot be cloned: this cluster serves no \
+                         snapshot.storage.k8s.io/v1 VolumeSnapshots (install the CSI snapshot \
+                         controller and CRDs)"
+                    )))
+                }
+                Err(e) => {
+                    return Err(api_error(
+                        format_args!("create VolumeSnapshot {snapshot}"),
+                        &e,
+                    ))
+                }
+            }
+            claim_spec.data_source = Some(k8s_openapi::api::core::v1::TypedLocalObjectReference {
+                api_group: Some("snapshot.storage.k8s.io".into()),
+                kind: "VolumeSnapshot".into(),
+                name: snapshot.clone(),
+            });
+            let pvc = PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some(claim.clone()),
+                    namespace: Some(self.namespace.clone()),
+                    labels: Some(labels(&names)),
+                    owner_references: Some(vec![owner]),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(claim_spec),
+                ..PersistentVolumeClaim::default()
+            };
+            match self
+                .api::<PersistentVolumeClaim>()
+                .create(&PostParams::default(), &pvc)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if is_status(&e, 409) => return Err(Error::AlreadyExists(name.into())),
+                Err(e) => {
+                    return Err(api_error(
+                        format_args!("create PersistentVolumeClaim {claim}"),
+                        &e,
+                    ))
+                }
+            }
+            if !self.create_pod(&secret).await? {
+                return Err(Error::AlreadyExists(name.into()));
+            }
+            Ok(())
+        };
+        if let Err(e) = rest.await {
+            if let Err(e) = self.delete_snapshot(&snapshot).await {
+                tracing::warn!(sandbox = %name, error = %e, "cannot undo the volume snapshot");
+            }
+            self.roll_back(name, !matches!(e, Error::AlreadyExists(_)))
+                .await;
+            return Err(e);
+        }
+        self.settle(SETTLE, |b| {
+            b.secret(name).is_some() && b.pod(name).is_some()
+        })
+        .await;
+        tracing::info!(sandbox = %name, source = %source, "sandbox cloned");
+        self.secret(name)
+            .and_then(|s| self.summary(&s))
+            .or_else(|| self.summary(&secret))
+            .ok_or_else(|| Error::Internal("the new Secret has no sandbox label".into()))
     }
 
     /// Every replica refills, from its caches: pooled Pods of a template no longer pooled,
