@@ -1687,6 +1687,10 @@ async fn warm_pool_claims_across_replicas_never_share_a_pod() {
         let (code, body) = cp2.send(cp2.sb(Method::POST, &name, "/stop")).await;
         assert_eq!(code, 200, "{body}");
         assert!(fixture.get("pods", NS, &pod).is_none());
+        assert!(
+            fixture.get("secrets", NS, &pod).is_none(),
+            "its pooled Secret goes too"
+        );
         let (code, body) = cp2.send(cp2.sb(Method::POST, &name, "/resume")).await;
         assert_eq!(code, 200, "{body}");
         let own = fixture.get("pods", NS, &format!("sandbox-{name}")).unwrap();

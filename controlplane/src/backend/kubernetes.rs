@@ -109,7 +109,8 @@
 //! the Pod's labels with its cached `resourceVersion` as precondition (409: another create won
 //! it; the next is tried), then the record with the pooled token and `agentbox.dev/pod`
 //! naming the Pod (`KubernetesBackend::pod` follows it), and the pooled Secret handed to the
-//! record (owner reference). A stop deletes that Pod and drops the annotation; resume makes
+//! record (owner reference). A stop deletes that Pod and its Secret and drops the annotation;
+//! resume makes
 //! `sandbox-<name>` from `pod.json` as always. Retiring (another hash, past `maxAge`, failed
 //! for a minute, more than `size`) deletes with the seen `resourceVersion` as precondition,
 //! so a Pod claimed meanwhile is never deleted by a refill.
@@ -214,7 +215,7 @@ const ACTIVITY_WRITE_MIN: Duration = Duration::from_millis(250);
 const MAX_TRACKED: usize = 10_000;
 /// How long a resume of a sandbox stopped for being idle waits for its Pod to be Running (the
 /// request that woke it is bounded more tightly by [`crate::lifecycle::wake`]).
-const WAKE_WAIT: Duration = Duration::from_secs(300);
+const WAKE_WAIT: Duration = Duration::from_secs(60);
 /// The Secret's key holding the runner token.
 pub const TOKEN_KEY: &str = "token";
 /// The Secret's key holding the rendered Pod, and the ConfigMap's key holding a template's pod.
@@ -1875,6 +1876,10 @@ impl Backend for KubernetesBackend {
         )
         .await?;
         self.delete_object::<Pod>(&pod_object).await?;
+        if pod_object != object_name(name) {
+            // The claimed pooled Pod's Secret: its token is the record's now.
+            self.delete_object::<Secret>(&pod_object).await?;
+        }
         self.settle(SETTLE, |b| {
             b.secret(name)
                 .is_some_and(|s| annotation(&*s, STOPPED).is_some())
@@ -2047,6 +2052,10 @@ impl Backend for KubernetesBackend {
                     return Ok(None);
                 }
                 self.delete_object::<Pod>(&pod_object).await?;
+                if pod_object != object_name(name) {
+                    // The claimed pooled Pod's Secret: its token is the record's now.
+                    self.delete_object::<Secret>(&pod_object).await?;
+                }
             }
         }
         self.settle(SETTLE, |b| {
