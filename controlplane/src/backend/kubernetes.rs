@@ -81,9 +81,11 @@
 //!   An idle stop is also skipped when this replica saw a use since. A lifetime's end deletes
 //!   instead when the record says `agentbox.dev/on-timeout: delete`.
 //! * activity ([`Backend::touch`], on every proxied request): remembered in memory, and for a
-//!   sandbox with an idle timeout written to `agentbox.dev/last-activity` in the background at
-//!   most every 5 s (a quarter of the idle timeout when shorter, at least 250 ms), so every
-//!   replica's sweep sees uses served by others, up to that interval late.
+//!   sandbox with an idle timeout written to `agentbox.dev/last-activity` in the background:
+//!   at once when nothing was written for 5 s (a quarter of the idle timeout when shorter, at
+//!   least 250 ms), else once at the end of that interval with the latest use; so every
+//!   replica's sweep sees uses served by others at most that interval late, and an idle
+//!   timeout (four intervals or more) is never cut short by it.
 //!
 //! # Clone
 //!
@@ -275,7 +277,7 @@ pub struct KubernetesBackend {
     secrets: Store<Secret>,
     instance: String,
     /// When this replica last saw each sandbox used, and last wrote that down.
-    activity: Mutex<std::collections::HashMap<String, Activity>>,
+    activity: Arc<Mutex<std::collections::HashMap<String, Activity>>>,
     /// One lock per sandbox being stopped or resumed by this replica.
     locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Per template: this replica's (hits, misses) of its warm pool.
@@ -300,6 +302,8 @@ struct PoolRender {
 struct Activity {
     seen: SystemTime,
     written: Option<Instant>,
+    /// A write of the latest use is scheduled (for the end of the current interval).
+    pending: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1057,7 +1061,7 @@ impl KubernetesBackend {
             pods,
             secrets,
             instance,
-            activity: Mutex::default(),
+            activity: Arc::default(),
             locks: Mutex::default(),
             pool_counts: Mutex::default(),
             pool_renders: Mutex::default(),
@@ -2407,9 +2411,11 @@ impl Backend for KubernetesBackend {
     }
 
     /// Remembers the use and, for a sandbox with an idle timeout, writes it on the record
-    /// (`last-activity`, so every replica's sweep sees it) at most every
-    /// [`ACTIVITY_WRITE_MAX`] (a quarter of its idle timeout when that is shorter, at least
-    /// [`ACTIVITY_WRITE_MIN`]), in the background.
+    /// (`last-activity`, so every replica's sweep sees it) in the background: at once when
+    /// nothing was written for [`ACTIVITY_WRITE_MAX`] (a quarter of its idle timeout when that
+    /// is shorter, at least [`ACTIVITY_WRITE_MIN`]), else once at the end of that interval,
+    /// with the latest use then. So the record shows the last use at most that interval late,
+    /// with at most two writes per interval however many requests.
     fn touch(&self, name: &str) {
         let Some(secret) = self.secret(name) else {
             return;
@@ -2418,7 +2424,7 @@ impl Backend for KubernetesBackend {
             .and_then(|t| crate::lifecycle::parse_duration(t).ok())
             .map(|idle| (idle / 4).clamp(ACTIVITY_WRITE_MIN, ACTIVITY_WRITE_MAX));
         let now = SystemTime::now();
-        let write = {
+        let delay = {
             let mut activity = lock(&self.activity);
             if activity.len() >= MAX_TRACKED && !activity.contains_key(name) {
                 let mut times: Vec<SystemTime> = activity.values().map(|a| a.seen).collect();
@@ -2429,25 +2435,49 @@ impl Backend for KubernetesBackend {
             let a = activity.entry(name.to_owned()).or_insert(Activity {
                 seen: now,
                 written: None,
+                pending: false,
             });
             a.seen = now;
-            let due = every.is_some_and(|every| a.written.is_none_or(|w| w.elapsed() >= every));
-            if due {
-                a.written = Some(Instant::now());
+            match (every, a.written) {
+                (None, _) => None,
+                (Some(every), Some(w)) if w.elapsed() < every => {
+                    if a.pending {
+                        None
+                    } else {
+                        a.pending = true;
+                        Some(every.saturating_sub(w.elapsed()))
+                    }
+                }
+                (Some(_), _) => {
+                    a.written = Some(Instant::now());
+                    Some(Duration::ZERO)
+                }
             }
-            due
         };
-        if !write {
+        let Some(delay) = delay else {
             return;
-        }
+        };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let api = self.api::<Secret>();
         let object = object_name(name);
+        let activity = Arc::clone(&self.activity);
+        let name = name.to_owned();
         runtime.spawn(async move {
+            let mut seen = now;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+                let mut activity = lock(&activity);
+                let Some(a) = activity.get_mut(&name) else {
+                    return; // deleted meanwhile
+                };
+                a.pending = false;
+                a.written = Some(Instant::now());
+                seen = a.seen;
+            }
             let patch =
-                serde_json::json!({"metadata": {"annotations": {LAST_ACTIVITY: millis(now)}}});
+                serde_json::json!({"metadata": {"annotations": {LAST_ACTIVITY: millis(seen)}}});
             if let Err(e) = api
                 .patch(&object, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
