@@ -2719,6 +2719,87 @@ mod tests {
     }
 
     #[test]
+    fn pool_hash_follows_the_pod_not_the_pool_size() {
+        let parts = PodTemplate::default();
+        let mut t = template();
+        t.warm_pool = Some(crate::templates::WarmPool {
+            size: 2,
+            max_age: None,
+        });
+        let hash = |t: &Template| pool_hash(t, &parts, None, "agentbox").unwrap();
+        let base = hash(&t).unwrap();
+        t.warm_pool = Some(crate::templates::WarmPool {
+            size: 5,
+            max_age: Some("1h".into()),
+        });
+        assert_eq!(hash(&t).unwrap(), base, "resizing a pool keeps its Pods");
+        t.env.insert("NEW".into(), "1".into());
+        assert_ne!(
+            hash(&t).unwrap(),
+            base,
+            "a changed pod is another rendering"
+        );
+        t.credentials = vec![agentbox_proto::CredentialRef {
+            name: "openai".into(),
+            env: Some("OPENAI_API_KEY".into()),
+            file: None,
+        }];
+        assert_eq!(hash(&t), None, "credentials name a namespace: no pool");
+        let with_claim = PodTemplate {
+            pvc: Some(PersistentVolumeClaimSpec::default()),
+            ..PodTemplate::default()
+        };
+        assert_eq!(
+            pool_hash(&template(), &with_claim, None, "agentbox").unwrap(),
+            None
+        );
+        let pooled = render_pooled(&template(), &parts, None, "agentbox", "pool-ab12")
+            .unwrap()
+            .unwrap();
+        assert_eq!(pooled.labels()[POOL], "default");
+        assert!(!pooled.labels().contains_key(SANDBOX));
+        assert!(!pooled.labels().contains_key(NAMESPACE));
+    }
+
+    #[test]
+    fn a_clone_gets_the_sources_pod_under_its_own_names() {
+        let source = render_pod(
+            &names(),
+            &template(),
+            None,
+            None,
+            "agentbox",
+            Some("sandbox-demo-workspace"),
+        )
+        .unwrap();
+        let clone = Names {
+            sandbox: "copy",
+            namespace: "team-a",
+            object: object_name("copy"),
+        };
+        let pod = retarget_pod(source.clone(), "demo", &clone, "sandbox-copy-workspace");
+        assert_eq!(pod.metadata.name.as_deref(), Some("sandbox-copy"));
+        assert_eq!(pod.labels()[SANDBOX], "copy");
+        let spec = pod.spec.as_ref().unwrap();
+        let c = &spec.containers[0];
+        let env = env(c);
+        assert_eq!(env["AGENTBOX_SANDBOX"].value.as_deref(), Some("copy"));
+        let token = env["AGENTBOX_RUNNER_TOKEN"].value_from.as_ref().unwrap();
+        assert_eq!(token.secret_key_ref.as_ref().unwrap().name, "sandbox-copy");
+        assert_eq!(
+            spec.volumes.as_ref().unwrap()[0]
+                .persistent_volume_claim
+                .as_ref()
+                .unwrap()
+                .claim_name,
+            "sandbox-copy-workspace"
+        );
+        // Everything else is the source's.
+        assert_eq!(c.image, source.spec.as_ref().unwrap().containers[0].image);
+        assert_eq!(c.args, source.spec.as_ref().unwrap().containers[0].args);
+    }
+
+    #[test]
     fn no_image_is_an_error() {
         let mut t = template();
         t.image = None;
