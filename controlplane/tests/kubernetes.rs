@@ -130,7 +130,12 @@ fn cp_command(kubeconfig: &str, dir: &Path, extra: &[&str]) -> Command {
 }
 
 async fn start_cp(fixture: &Fixture, dir: &Path, extra: &[&str]) -> Cp {
-    let mut cmd = cp_command(&fixture.kubeconfig(NS), dir, extra);
+    start_cp_with(&fixture.kubeconfig(NS), dir, extra).await
+}
+
+/// The control plane with kubeconfig `kubeconfig` (e.g. a lagging endpoint's).
+async fn start_cp_with(kubeconfig: &str, dir: &Path, extra: &[&str]) -> Cp {
+    let mut cmd = cp_command(kubeconfig, dir, extra);
     cmd.args(["--kube-sync-timeout", "20s"]);
     let (proc, addr) = spawn_listening(cmd).await;
     Cp {
@@ -1143,6 +1148,44 @@ async fn replicas_racing_for_the_last_slot_exactly_one_wins() {
     // The lock is free at the end, and was taken for every create.
     let lease = released_lease(&fixture).await;
     assert!(lease["spec"]["leaseTransitions"].as_u64().unwrap() >= 2 * trials as u64 - 1);
+}
+
+/// Counts under the create lock are read from the API server, not from the replica's caches:
+/// with the second replica's watches 400 ms late (its caches lag every write by that much),
+/// its create for the slot the first replica took a moment ago is still refused. Counting from
+/// the caches, it would be created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_do_not_trust_a_lagging_cache() {
+    let tmp1 = tempfile::tempdir().unwrap();
+    let tmp2 = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let lagging = fixture.lagging(Duration::from_millis(400)).await;
+    let args = ["--kube-runner-image", RUNNER_IMAGE];
+    let cp1 = start_cp(&fixture, tmp1.path(), &args).await;
+    let cp2 = start_cp_with(&Fixture::kubeconfig_at(lagging, NS), tmp2.path(), &args).await;
+    set_policy(&[&cp1, &cp2], "*", json!({"maxSandboxesTotal": 1})).await;
+    for i in 0..5 {
+        let ns = format!("lag-{i}");
+        let (code, body) = cp1
+            .send(
+                cp1.req(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": format!("first-{i}"), "namespace": ns})),
+            )
+            .await;
+        assert_eq!(code, 201, "{body}");
+        // The lagging replica does not list it yet...
+        let (code, _) = cp2.get(&format!("first-{i}")).await;
+        assert_eq!(code, 404, "the second replica's cache is not lagging");
+        // ...and still counts it.
+        let (code, body) = cp2
+            .send(
+                cp2.req(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": format!("second-{i}"), "namespace": ns})),
+            )
+            .await;
+        assert_eq!(code, 403, "{body}");
+        assert_eq!(body["violations"][0]["field"], "maxSandboxesTotal");
+    }
 }
 
 /// A create lock left by a replica that died is taken over once its lease expires (observed

@@ -46,6 +46,8 @@ impl Req {
 /// One change, as a watch reports it.
 #[derive(Debug, Clone)]
 struct Change {
+    /// When it happened (a lagging endpoint's watches deliver it `watch_delay` later).
+    at: std::time::Instant,
     rv: u64,
     resource: String,
     namespace: String,
@@ -66,6 +68,8 @@ struct Store {
 struct Shared {
     store: Arc<Mutex<Store>>,
     changes: broadcast::Sender<Change>,
+    /// How late this endpoint's watches deliver live changes (zero but on a lagging one).
+    watch_delay: Duration,
 }
 
 /// The fake API server; it stops when dropped.
@@ -73,11 +77,16 @@ pub struct Fixture {
     pub addr: SocketAddr,
     shared: Shared,
     task: tokio::task::JoinHandle<()>,
+    /// Lagging endpoints' servers.
+    more: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for Fixture {
     fn drop(&mut self) {
         self.task.abort();
+        for task in self.more.lock().unwrap().drain(..) {
+            task.abort();
+        }
     }
 }
 
@@ -194,6 +203,7 @@ impl Store {
         }
         self.objects.insert(key, object.clone());
         let change = Change {
+            at: std::time::Instant::now(),
             rv: self.rv,
             resource: resource.to_owned(),
             namespace: namespace.to_owned(),
@@ -210,6 +220,7 @@ impl Store {
         self.rv += 1;
         object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let change = Change {
+            at: std::time::Instant::now(),
             rv: self.rv,
             resource: resource.to_owned(),
             namespace: namespace.to_owned(),
@@ -406,6 +417,7 @@ fn watch(
                 .objects
                 .iter()
                 .map(|((r, ns, _), o)| Change {
+                    at: std::time::Instant::now(),
                     rv: store.rv,
                     resource: r.clone(),
                     namespace: ns.clone(),
@@ -431,10 +443,15 @@ fn watch(
         Ok(Bytes::from(text))
     };
     // A lagging watcher's stream ends; it watches again from its last resourceVersion.
+    let delay = shared.watch_delay;
     let live = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.ok().map(|change| (change, rx))
     })
-    .filter(move |c| std::future::ready(c.rv > last && relevant(c)));
+    .filter(move |c| std::future::ready(c.rv > last && relevant(c)))
+    .then(move |c| async move {
+        tokio::time::sleep_until((c.at + delay).into()).await;
+        c
+    });
     let stream = futures_util::stream::iter(backlog)
         .chain(live)
         .map(move |c| line(&c))
@@ -592,6 +609,45 @@ fn item_of(
     }
 }
 
+/// Serves the API on 127.0.0.1 (a free port).
+async fn serve(shared: Shared) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let app = Router::new()
+        .route(
+            "/api/v1/namespaces/{ns}/{resource}",
+            get(collection).post(collection),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}/{resource}/{name}",
+            get(item).delete(item).patch(item).put(item),
+        )
+        .route(
+            "/apis/{group}/{version}/namespaces/{ns}/{resource}",
+            get(group_collection).post(group_collection),
+        )
+        .route(
+            "/apis/{group}/{version}/namespaces/{ns}/{resource}/{name}",
+            get(group_item)
+                .delete(group_item)
+                .patch(group_item)
+                .put(group_item),
+        )
+        .fallback(|request: Request| async move {
+            status(
+                404,
+                "NotFound",
+                format!("no route for {}", request.uri().path()),
+            )
+        })
+        .layer(middleware::from_fn_with_state(shared.clone(), log_requests))
+        .with_state(shared);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (addr, task)
+}
+
 impl Fixture {
     /// Serves on 127.0.0.1 (a free port).
     pub async fn start() -> Fixture {
@@ -599,50 +655,41 @@ impl Fixture {
         let shared = Shared {
             store: Arc::new(Mutex::new(Store::default())),
             changes,
+            watch_delay: Duration::ZERO,
         };
-        let app = Router::new()
-            .route(
-                "/api/v1/namespaces/{ns}/{resource}",
-                get(collection).post(collection),
-            )
-            .route(
-                "/api/v1/namespaces/{ns}/{resource}/{name}",
-                get(item).delete(item).patch(item).put(item),
-            )
-            .route(
-                "/apis/{group}/{version}/namespaces/{ns}/{resource}",
-                get(group_collection).post(group_collection),
-            )
-            .route(
-                "/apis/{group}/{version}/namespaces/{ns}/{resource}/{name}",
-                get(group_item)
-                    .delete(group_item)
-                    .patch(group_item)
-                    .put(group_item),
-            )
-            .fallback(|request: Request| async move {
-                status(
-                    404,
-                    "NotFound",
-                    format!("no route for {}", request.uri().path()),
-                )
-            })
-            .layer(middleware::from_fn_with_state(shared.clone(), log_requests))
-            .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Fixture { addr, shared, task }
+        let (addr, task) = serve(shared.clone()).await;
+        Fixture {
+            addr,
+            shared,
+            task,
+            more: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Another endpoint of the same API server whose watches deliver every live change
+    /// `delay` late (as a watch cache lagging behind etcd): a client's caches there lag every
+    /// write by that much; its reads and writes do not.
+    pub async fn lagging(&self, delay: Duration) -> SocketAddr {
+        let shared = Shared {
+            watch_delay: delay,
+            ..self.shared.clone()
+        };
+        let (addr, task) = serve(shared).await;
+        self.more.lock().unwrap().push(task);
+        addr
     }
 
     /// A kubeconfig pointing at this fixture, with no credentials.
     pub fn kubeconfig(&self, namespace: &str) -> String {
+        Self::kubeconfig_at(self.addr, namespace)
+    }
+
+    /// A kubeconfig pointing at `addr` (this fixture's, or a lagging endpoint's).
+    pub fn kubeconfig_at(addr: SocketAddr, namespace: &str) -> String {
         json!({
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "fixture", "cluster": {"server": format!("http://{}", self.addr)}}],
+            "clusters": [{"name": "fixture", "cluster": {"server": format!("http://{addr}")}}],
             "users": [{"name": "anonymous", "user": {}}],
             "contexts": [{"name": "fixture", "context": {
                 "cluster": "fixture", "user": "anonymous", "namespace": namespace,
