@@ -65,9 +65,11 @@
 //!
 //! # Lifecycle
 //!
-//! * create: read the template's ConfigMap, create the Secret (`409 already_exists` if it
-//!   exists), the claim, the Pod. Any failure after the Secret undoes what was created.
-//! * delete: delete the Pod, the claim, the Secret.
+//! * create: read the template's ConfigMap, claim a pooled Pod when the template has a warm
+//!   pool (see Warm pools), else create the Secret (`409 already_exists` if it exists), the
+//!   claim, the Pod. Any failure after the Secret undoes what was created.
+//! * delete: delete the Pod (the claimed pooled one and its Secret, if any), the claim, the
+//!   clone's VolumeSnapshot (if any), the Secret.
 //! * stop: annotate the Secret `agentbox.dev/stopped`, delete the Pod; the claim is kept.
 //! * resume: remove a Pod that cannot serve (Failed, Succeeded, Unknown) and wait (bounded) for
 //!   a terminating one to go, create the Pod from the Secret's `pod.json`, remove the
