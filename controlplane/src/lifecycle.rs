@@ -207,13 +207,17 @@ pub async fn run(app: Arc<AppState>) {
 }
 
 /// Keeps the warm pools full: a look every 250 ms (a directory listing when nothing is to
-/// do); after a failed start, the next try waits 5 s.
+/// do; on Kubernetes a look at the caches, and each template's ConfigMap read at most every
+/// 10 s since it may ask for a pool); after a failed start, the next try waits 5 s.
 pub async fn run_pools(app: Arc<AppState>) {
-    if !app
-        .templates
-        .all()
-        .iter()
-        .any(|t| t.warm_pool.as_ref().is_some_and(|p| p.size > 0))
+    // Kubernetes: a template's ConfigMap may ask for a pool too (`warmPool`), at any time.
+    let kubernetes = app.cfg.backend == crate::config::BackendKind::Kubernetes;
+    if !kubernetes
+        && !app
+            .templates
+            .all()
+            .iter()
+            .any(|t| t.warm_pool.as_ref().is_some_and(|p| p.size > 0))
     {
         // No pools: once, to stop those an earlier templates file asked for.
         if let Err(e) = app.backend.refill_pools(app.templates.all()).await {

@@ -813,7 +813,15 @@ async fn request_path_makes_no_api_call() {
         assert_eq!(invoke(&r.cp, "eta", &input).await, input.into_bytes());
     }
     events(&r.fixture, 21).await;
-    let during = r.fixture.requests().split_off(before.len());
+    // Background reads are not on the request path: the governance ConfigMap (every 2 s) and
+    // the templates' ConfigMaps (for a `warmPool`, at most every 10 s).
+    let during: Vec<_> = r
+        .fixture
+        .requests()
+        .split_off(before.len())
+        .into_iter()
+        .filter(|q| !(q.method == "GET" && q.path.contains("/configmaps/")))
+        .collect();
     assert_eq!(during.len(), 20, "{during:?}");
     for q in &during {
         assert_eq!(
@@ -1981,5 +1989,85 @@ async fn uses_served_by_one_replica_keep_the_sandbox_awake_in_another() {
     tokio::select! {
         () = body => {}
         () = kubelet(&fixture, &["shared"], runner_addr.port()) => unreachable!(),
+    }
+}
+
+/// Kubernetes takes a template's warm pool from its ConfigMap too (key `warmPool`, winning over
+/// the templates file): the pool is kept, reported and claimed; a bad one is refused on create
+/// with the ConfigMap named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_from_the_template_configmap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let (_runner, runner_addr) = start_runner(tmp.path()).await;
+    fixture.put(
+        "configmaps",
+        NS,
+        json!({
+            "metadata": {"name": "agentbox-template-default"},
+            "data": {"warmPool": json!({"size": 2}).to_string()},
+        }),
+    );
+    let cp = start_cp(&fixture, tmp.path(), &["--kube-runner-image", RUNNER_IMAGE]).await;
+    let body = async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (code, status) = cp
+                .send(cp.req(Method::GET, "/api/v1/warmpool/status"))
+                .await;
+            assert_eq!(code, 200, "{status}");
+            let pool = status["pools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["template"] == "default")
+                .cloned();
+            if pool
+                .as_ref()
+                .is_some_and(|p| p["size"] == 2 && p["ready"] == 2)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no pool from the ConfigMap: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let pooled = fixture
+            .list("pods", NS)
+            .iter()
+            .filter(|p| p["metadata"]["labels"]["agentbox.dev/pool"] == "default")
+            .count();
+        assert_eq!(pooled, 2);
+        let (code, body) = cp
+            .send(
+                cp.req(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": "from-cm"})),
+            )
+            .await;
+        assert_eq!(code, 201, "{body}");
+        assert_eq!(body["fromWarmPool"], true, "{body}");
+        // A bad warmPool: creates of the template say which ConfigMap and key.
+        fixture.update("configmaps", NS, "agentbox-template-default", |cm| {
+            cm["data"]["warmPool"] = json!(json!({"size": 1000}).to_string());
+        });
+        let (code, body) = cp
+            .send(
+                cp.req(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": "bad-pool"})),
+            )
+            .await;
+        assert_eq!(code, 500, "{body}");
+        assert_eq!(body["error"], "backend_error");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains("agentbox-template-default") && message.contains("warmPool"),
+            "{message}"
+        );
+    };
+    tokio::select! {
+        () = body => {}
+        () = kubelet_all(&fixture, runner_addr.port()) => unreachable!(),
     }
 }

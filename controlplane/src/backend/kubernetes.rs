@@ -41,6 +41,8 @@
 //!   account token (`automountServiceAccountToken: false` unless it says otherwise) and no
 //!   service links.
 //! * key `pvc.json`: a PersistentVolumeClaim (or its spec) for the workspace.
+//! * key `warmPool`: the template's warm pool (`{"size", "maxAge"}`, as in the templates file,
+//!   which it overrides); see Warm pools.
 //!
 //! Without the ConfigMap (or without `pod.json`), the built-in pod is one container `runner`
 //! running the template's `image` (else `--kube-runner-image`) with its entrypoint, which must
@@ -226,6 +228,9 @@ pub const TOKEN_KEY: &str = "token";
 pub const POD_KEY: &str = "pod.json";
 /// The ConfigMap's key holding a template's workspace claim.
 pub const PVC_KEY: &str = "pvc.json";
+/// The ConfigMap's key holding a template's warm pool (`{"size", "maxAge"}`), which wins over
+/// the templates file's `warmPool`.
+pub const WARM_POOL_KEY: &str = "warmPool";
 /// The name of the runner's container port (and preferred name of its container).
 pub const RUNNER: &str = "runner";
 /// The runner's port when the template names none.
@@ -419,6 +424,18 @@ struct PodTemplate {
     pod: Option<Pod>,
     /// `pvc.json`, when there is one.
     pvc: Option<PersistentVolumeClaimSpec>,
+    /// `warmPool`, when there is one.
+    warm_pool: Option<crate::templates::WarmPool>,
+}
+
+/// A template's warm pool: its ConfigMap's `warmPool`, else the templates file's; `None`
+/// when it has none or one of size 0.
+fn pool_of(template: &Template, parts: &PodTemplate) -> Option<crate::templates::WarmPool> {
+    parts
+        .warm_pool
+        .clone()
+        .or_else(|| template.warm_pool.clone())
+        .filter(|p| p.size > 0)
 }
 
 /// Parses `text` as an object of type `Full` whose `spec` is a `Spec`, or as a bare `Spec`.
@@ -1268,7 +1285,29 @@ impl KubernetesBackend {
             .transpose()
             .map_err(|e| bad(PVC_KEY, e))?
             .map(|claim| claim.spec.unwrap_or_default());
-        Ok(PodTemplate { pod, pvc })
+        let warm_pool = data
+            .get(WARM_POOL_KEY)
+            .map(|text| {
+                let pool: crate::templates::WarmPool = serde_json::from_str(text)?;
+                if pool.size > crate::templates::MAX_WARM_POOL {
+                    return Err(serde::de::Error::custom(format!(
+                        "size is at most {}",
+                        crate::templates::MAX_WARM_POOL
+                    )));
+                }
+                if let Some(age) = &pool.max_age {
+                    crate::lifecycle::check_duration("maxAge", age)
+                        .map_err(serde::de::Error::custom)?;
+                }
+                Ok(pool)
+            })
+            .transpose()
+            .map_err(|e| bad(WARM_POOL_KEY, e))?;
+        Ok(PodTemplate {
+            pod,
+            pvc,
+            warm_pool,
+        })
     }
 
     fn owner(secret: &Secret) -> Result<OwnerReference> {
@@ -1730,7 +1769,7 @@ impl Backend for KubernetesBackend {
             object: object_name(name),
         };
         let parts = self.pod_template(&spec.template).await?;
-        let pooled = spec.template.warm_pool.as_ref().is_some_and(|p| p.size > 0);
+        let pooled = pool_of(&spec.template, &parts).is_some();
         if pooled {
             let hash = pool_hash(
                 &spec.template,
@@ -2300,13 +2339,22 @@ impl Backend for KubernetesBackend {
     /// moment can start one Pod each for one missing; the next refill retires the extra.
     async fn refill_pools(&self, templates: &[Template]) -> Result<()> {
         let mut renders = std::collections::HashMap::new();
+        let mut unreadable = std::collections::HashSet::new();
         for t in templates {
-            if t.warm_pool.as_ref().is_some_and(|p| p.size > 0) {
-                let render = self.pool_render(t).await?;
+            // Every template: its ConfigMap (read at most every POOL_RENDER_TTL) may ask.
+            let render = match self.pool_render(t).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(template = %t.name, error = %e, "cannot read the template for its warm pool");
+                    unreadable.insert(t.name.clone());
+                    continue;
+                }
+            };
+            if let Some(pool) = pool_of(&render.template, &render.parts) {
                 if render.hash.is_none() {
                     tracing::debug!(template = %t.name, "its credentials or workspace claim keep it out of a warm pool");
                 }
-                renders.insert(t.name.clone(), render);
+                renders.insert(t.name.clone(), (render, pool));
             }
         }
         let now = SystemTime::now();
@@ -2320,12 +2368,13 @@ impl Backend for KubernetesBackend {
             std::collections::HashMap::new();
         for pod in pooled {
             let template = pod.labels().get(POOL).cloned().unwrap_or_default();
-            let keep = renders.get(&template).is_some_and(|r| {
-                let max_age = r
-                    .template
-                    .warm_pool
-                    .as_ref()
-                    .and_then(|p| p.max_age.as_deref())
+            if unreadable.contains(&template) {
+                continue; // left as it is until its template can be read again
+            }
+            let keep = renders.get(&template).is_some_and(|(r, pool)| {
+                let max_age = pool
+                    .max_age
+                    .as_deref()
                     .and_then(|a| crate::lifecycle::parse_duration(a).ok());
                 r.hash.is_some()
                     && annotation(&*pod, POOL_HASH) == r.hash.as_deref()
@@ -2345,11 +2394,11 @@ impl Backend for KubernetesBackend {
                 self.retire(&pod).await?;
             }
         }
-        for (name, render) in &renders {
+        for (name, (render, pool)) in &renders {
             let Some(hash) = render.hash.as_deref() else {
                 continue;
             };
-            let size = render.template.warm_pool.as_ref().map_or(0, |p| p.size) as usize;
+            let size = pool.size as usize;
             let mut pods = live.remove(name).unwrap_or_default();
             if pods.len() > size {
                 // The ones not ready yet go first, then the youngest.
@@ -2389,10 +2438,15 @@ impl Backend for KubernetesBackend {
     fn warm_pools(&self, templates: &[Template]) -> Vec<agentbox_proto::WarmPoolInfo> {
         let pods = self.pods.state();
         let counts = lock(&self.pool_counts);
+        let renders = lock(&self.pool_renders);
         templates
             .iter()
             .filter_map(|t| {
-                let size = t.warm_pool.as_ref()?.size;
+                let size = renders
+                    .get(&t.name)
+                    .and_then(|r| r.parts.warm_pool.as_ref())
+                    .or(t.warm_pool.as_ref())?
+                    .size;
                 let ready = pods
                     .iter()
                     .filter(|p| {
