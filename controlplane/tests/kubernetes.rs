@@ -2071,3 +2071,129 @@ async fn warm_pool_from_the_template_configmap() {
         () = kubelet_all(&fixture, runner_addr.port()) => unreachable!(),
     }
 }
+
+/// A template with a workspace claim (`pvc.json`) is pooled with a claim per pooled Pod
+/// (`pool-<hex>-workspace`); the claim is handed to the sandbox that claims the Pod (its labels
+/// and owner), outlives the Pod's first stop, is mounted again by the resumed `sandbox-<name>`
+/// Pod, and goes with the sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_with_a_workspace_claim() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let (_runner, runner_addr) = start_runner(tmp.path()).await;
+    let templates = tmp.path().join("templates.json");
+    std::fs::write(
+        &templates,
+        json!({"templates": [{"name": "disk", "mode": "agent", "warmPool": {"size": 1}}]})
+            .to_string(),
+    )
+    .unwrap();
+    fixture.put(
+        "configmaps",
+        NS,
+        json!({
+            "metadata": {"name": "agentbox-template-disk"},
+            "data": {"pvc.json": json!({
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "3Gi"}},
+            }).to_string()},
+        }),
+    );
+    let cp = start_cp(
+        &fixture,
+        tmp.path(),
+        &[
+            "--kube-runner-image",
+            RUNNER_IMAGE,
+            "--templates-file",
+            templates.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let pooled_claims = || -> Vec<Value> {
+        fixture
+            .list("persistentvolumeclaims", NS)
+            .into_iter()
+            .filter(|c| c["metadata"]["labels"]["agentbox.dev/pool"] == "disk")
+            .collect()
+    };
+    let body = async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, status) = cp
+                .send(cp.req(Method::GET, "/api/v1/warmpool/status"))
+                .await;
+            if status["pools"][0]["ready"] == 1 && pooled_claims().len() == 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no pooled claim: {status}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let claim = pooled_claims()[0].clone();
+        let claim_name = claim["metadata"]["name"].as_str().unwrap().to_owned();
+        assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "3Gi");
+        let pod_name = claim_name.strip_suffix("-workspace").unwrap().to_owned();
+        let pod = fixture.get("pods", NS, &pod_name).unwrap();
+        assert_eq!(
+            pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+            claim_name.as_str()
+        );
+
+        let (code, body) = cp
+            .send(cp.req(Method::POST, "/api/v1/sandboxes").json(
+                &json!({"name": "d1", "namespace": "team-d", "templateRef": {"name": "disk"}}),
+            ))
+            .await;
+        assert_eq!(code, 201, "{body}");
+        assert_eq!(body["fromWarmPool"], true, "{body}");
+        assert_eq!(body["pvcName"], claim_name.as_str());
+        let record = fixture.get("secrets", NS, "sandbox-d1").unwrap();
+        let handed = fixture
+            .get("persistentvolumeclaims", NS, &claim_name)
+            .unwrap();
+        assert_eq!(handed["metadata"]["labels"]["agentbox.dev/sandbox"], "d1");
+        assert_eq!(
+            handed["metadata"]["labels"]["agentbox.dev/namespace"],
+            "team-d"
+        );
+        assert!(handed["metadata"]["labels"]
+            .get("agentbox.dev/pool")
+            .is_none());
+        assert_eq!(
+            handed["metadata"]["ownerReferences"][0]["uid"],
+            record["metadata"]["uid"]
+        );
+        // Stopped: the pooled Pod and Secret go, the claim stays; resumed: its own Pod on it.
+        let (code, body) = cp.send(cp.sb(Method::POST, "d1", "/stop")).await;
+        assert_eq!(code, 200, "{body}");
+        assert!(fixture.get("pods", NS, &pod_name).is_none());
+        assert!(fixture.get("secrets", NS, &pod_name).is_none());
+        assert!(fixture
+            .get("persistentvolumeclaims", NS, &claim_name)
+            .is_some());
+        let (code, body) = cp.send(cp.sb(Method::POST, "d1", "/resume")).await;
+        assert_eq!(code, 200, "{body}");
+        let own = fixture.get("pods", NS, "sandbox-d1").unwrap();
+        assert_eq!(
+            own["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+            claim_name.as_str()
+        );
+        cp.wait_status("d1", "Running").await;
+        // The pool made another claim for its next Pod.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pooled_claims().len() != 1 {
+            assert!(Instant::now() < deadline, "the pool was not refilled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_ne!(pooled_claims()[0]["metadata"]["name"], claim_name.as_str());
+        let (code, _) = cp.send(cp.sb(Method::DELETE, "d1", "")).await;
+        assert_eq!(code, 200);
+        assert!(fixture
+            .get("persistentvolumeclaims", NS, &claim_name)
+            .is_none());
+    };
+    tokio::select! {
+        () = body => {}
+        () = kubelet_all(&fixture, runner_addr.port()) => unreachable!(),
+    }
+}

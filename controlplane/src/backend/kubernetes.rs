@@ -106,18 +106,20 @@
 //!
 //! # Warm pools
 //!
-//! For a template with `warmPool` (and no credentials or `pvc.json`), every replica keeps
-//! `size` pooled sandboxes ([`Backend::refill_pools`], every 250 ms, from the caches): a Secret
-//! `pool-<hex>` (token) and a Pod of that name owned by it, labelled `agentbox.dev/pool=<template>`,
-//! annotated `agentbox.dev/pool-hash` (a hash of the template and its rendered pod). Pooled
+//! For a template with `warmPool` (and no credentials), every replica keeps `size` pooled
+//! sandboxes ([`Backend::refill_pools`], every 250 ms, from the caches): a Secret `pool-<hex>`
+//! (token), when the template has a `pvc.json` a claim `pool-<hex>-workspace`, and a Pod
+//! `pool-<hex>` on it, all owned by the Secret and labelled `agentbox.dev/pool=<template>`,
+//! annotated `agentbox.dev/pool-hash` (a hash of the template, its rendered pod and claim). Pooled
 //! objects have no sandbox or namespace label: never listed, never counted. A create of such a
 //! template whose rendering has the same hash claims a Running and Ready one: a merge patch of
 //! the Pod's labels with its cached `resourceVersion` as precondition (409: another create won
 //! it; the next is tried), then the record with the pooled token and `agentbox.dev/pod`
-//! naming the Pod (`KubernetesBackend::pod` follows it), and the pooled Secret handed to the
-//! record (owner reference). A stop deletes that Pod and its Secret and drops the annotation;
-//! resume makes
-//! `sandbox-<name>` from `pod.json` as always. Retiring (another hash, past `maxAge`, failed
+//! naming the Pod (`KubernetesBackend::pod` follows it) and the pooled claim as its
+//! `agentbox.dev/pvc`, and the pooled Secret and claim handed to the record (owner reference;
+//! the claim relabelled too: if that fails the claim is undone, since the claim must outlive
+//! the pooled Secret). A stop deletes that Pod and its Secret and drops the annotation; resume
+//! makes `sandbox-<name>` (on the same claim) from `pod.json` as always. Retiring (another hash, past `maxAge`, failed
 //! for a minute, more than `size`) deletes with the seen `resourceVersion` as precondition,
 //! so a Pod claimed meanwhile is never deleted by a refill.
 //!
@@ -140,7 +142,7 @@
 //! |-----------|--------------------------|----------------------------------------|
 //! | `""`      | `secrets`                | `list`, `watch`, `create`, `patch`, `delete` |
 //! | `""`      | `pods`                   | `list`, `watch`, `create`, `patch`, `delete` |
-//! | `""`      | `persistentvolumeclaims` | `create`, `delete`                     |
+//! | `""`      | `persistentvolumeclaims` | `create`, `patch`, `delete`            |
 //! | `""`      | `configmaps`             | `get`                                  |
 //! | `""`      | `events`                 | `create`                               |
 //! | `coordination.k8s.io` | `leases` (`agentbox-create-lock`) | `get`, `create`, `patch` |
@@ -738,8 +740,9 @@ fn add_credentials(pod: &mut Pod, names: &Names<'_>, template: &Template) {
 }
 
 /// The Pod of pooled sandbox `object` of `template`: the sandbox's pod without a sandbox or
-/// namespace, labelled [`POOL`]; `None` when the template cannot be pooled: its credentials
-/// name a namespace's Secrets, and a workspace claim would have to be made per pooled Pod.
+/// namespace, labelled [`POOL`], its workspace the claim [`pooled_claim`] when the template
+/// has a `pvc.json`; `None` when the template cannot be pooled: its credentials name a
+/// namespace's Secrets.
 fn render_pooled(
     template: &Template,
     parts: &PodTemplate,
@@ -747,7 +750,7 @@ fn render_pooled(
     kube_namespace: &str,
     object: &str,
 ) -> Result<Option<Pod>> {
-    if !template.credentials.is_empty() || parts.pvc.is_some() {
+    if !template.credentials.is_empty() {
         return Ok(None);
     }
     let names = Names {
@@ -755,19 +758,25 @@ fn render_pooled(
         namespace: "",
         object: object.to_owned(),
     };
+    let claim = parts.pvc.is_some().then(|| pooled_claim(object));
     let mut pod = render_pod(
         &names,
         template,
         parts.pod.clone(),
         fallback_image,
         kube_namespace,
-        None,
+        claim.as_deref(),
     )?;
     let labels = pod.metadata.labels.get_or_insert_with(BTreeMap::new);
     labels.remove(SANDBOX);
     labels.remove(NAMESPACE);
     labels.insert(POOL.to_owned(), template.name.clone());
     Ok(Some(pod))
+}
+
+/// The workspace claim of pooled sandbox `object` (when its template has a `pvc.json`).
+fn pooled_claim(object: &str) -> String {
+    format!("{object}-workspace")
 }
 
 /// What a pooled Pod of `template` is made from, as a short hash (of the template, its pool
@@ -787,6 +796,7 @@ fn pool_hash(
     let mut hasher = sha2::Sha256::new();
     hasher.update(serde_json::to_vec(&bare).map_err(|e| Error::Internal(e.to_string()))?);
     hasher.update(serde_json::to_vec(&pod).map_err(|e| Error::Internal(e.to_string()))?);
+    hasher.update(serde_json::to_vec(&parts.pvc).map_err(|e| Error::Internal(e.to_string()))?);
     Ok(Some(hex::encode(&hasher.finalize()[..8])))
 }
 
@@ -1508,7 +1518,8 @@ impl KubernetesBackend {
         token: Vec<u8>,
     ) -> Result<SandboxSummary> {
         let name = spec.name.as_str();
-        let secret = self.record_secret(spec, parts, None, token, Some(object))?;
+        let claim = parts.pvc.is_some().then(|| pooled_claim(object));
+        let secret = self.record_secret(spec, parts, claim.as_deref(), token, Some(object))?;
         let secret = match self
             .api::<Secret>()
             .create(&PostParams::default(), &secret)
@@ -1518,7 +1529,7 @@ impl KubernetesBackend {
             Err(e) => {
                 // Nobody else can have it now: it goes.
                 let _ = self.delete_object::<Pod>(object).await;
-                let _ = self.delete_object::<Secret>(object).await;
+                self.remove_pooled(object).await;
                 if is_status(&e, 409) {
                     return Err(Error::AlreadyExists(name.to_owned()));
                 }
@@ -1540,6 +1551,27 @@ impl KubernetesBackend {
             .await
         {
             tracing::warn!(sandbox = %name, secret = %object, error = %e, "cannot hand the pooled Secret to the sandbox");
+        }
+        // The workspace claim too, and it must be: it outlives the pooled Secret (deleted at
+        // the sandbox's first stop).
+        if let Some(claim) = &claim {
+            let patch = serde_json::json!({"metadata": {
+                "labels": {POOL: null, SANDBOX: name, NAMESPACE: spec.namespace},
+                "ownerReferences": [Self::owner(&secret)?],
+            }});
+            if let Err(e) = self
+                .api::<PersistentVolumeClaim>()
+                .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                let _ = self.delete_object::<Pod>(object).await;
+                self.remove_pooled(object).await;
+                let _ = self.delete_object::<Secret>(&object_name(name)).await;
+                return Err(api_error(
+                    format_args!("hand PersistentVolumeClaim {claim} to sandbox {name:?}"),
+                    &e,
+                ));
+            }
         }
         self.settle(SETTLE, |b| {
             b.secret(name).is_some() && b.pod(name).is_some()
@@ -1626,11 +1658,48 @@ impl KubernetesBackend {
             .get_or_insert_with(BTreeMap::new)
             .insert(POOL_HASH.to_owned(), hash.to_owned());
         pod.metadata.owner_references = Some(vec![Self::owner(&secret)?]);
+        if let Some(claim_spec) = &render.parts.pvc {
+            let claim = pooled_claim(&object);
+            let pvc = PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some(claim.clone()),
+                    owner_references: Some(vec![Self::owner(&secret)?]),
+                    annotations: None,
+                    ..meta.clone()
+                },
+                spec: Some(claim_spec.clone()),
+                ..PersistentVolumeClaim::default()
+            };
+            if let Err(e) = self
+                .api::<PersistentVolumeClaim>()
+                .create(&PostParams::default(), &pvc)
+                .await
+            {
+                let _ = self.delete_object::<Secret>(&object).await;
+                return Err(api_error(
+                    format_args!("create PersistentVolumeClaim {claim}"),
+                    &e,
+                ));
+            }
+        }
         if let Err(e) = self.api::<Pod>().create(&PostParams::default(), &pod).await {
-            let _ = self.delete_object::<Secret>(&object).await;
+            self.remove_pooled(&object).await;
             return Err(api_error(format_args!("create Pod {object}"), &e));
         }
         Ok(())
+    }
+
+    /// Removes a pooled sandbox's Secret and claim (its Pod gone or never made), best effort.
+    async fn remove_pooled(&self, object: &str) {
+        if let Err(e) = self
+            .delete_object::<PersistentVolumeClaim>(&pooled_claim(object))
+            .await
+        {
+            tracing::warn!(pooled = %object, error = %e, "cannot remove a pooled volume claim");
+        }
+        if let Err(e) = self.delete_object::<Secret>(object).await {
+            tracing::warn!(pooled = %object, error = %e, "cannot remove a pooled Secret");
+        }
     }
 
     /// Removes pooled Pod `pod` unless it was claimed since this replica saw it (a delete
@@ -1651,7 +1720,7 @@ impl KubernetesBackend {
             Err(e) if is_status(&e, 404) => {}
             Err(e) => return Err(api_error(format_args!("delete Pod {object}"), &e)),
         }
-        self.delete_object::<Secret>(&object).await?;
+        self.remove_pooled(&object).await;
         Ok(())
     }
 
@@ -2352,7 +2421,7 @@ impl Backend for KubernetesBackend {
             };
             if let Some(pool) = pool_of(&render.template, &render.parts) {
                 if render.hash.is_none() {
-                    tracing::debug!(template = %t.name, "its credentials or workspace claim keep it out of a warm pool");
+                    tracing::debug!(template = %t.name, "its credentials keep it out of a warm pool");
                 }
                 renders.insert(t.name.clone(), (render, pool));
             }
@@ -2427,7 +2496,7 @@ impl Backend for KubernetesBackend {
                 && created(&*secret)
                     .is_some_and(|c| now.duration_since(c).unwrap_or_default() > CREATE_GRACE)
             {
-                self.delete_object::<Secret>(&secret.name_any()).await?;
+                self.remove_pooled(&secret.name_any()).await;
             }
         }
         Ok(())
@@ -2805,9 +2874,15 @@ mod tests {
             pvc: Some(PersistentVolumeClaimSpec::default()),
             ..PodTemplate::default()
         };
+        let claimed = pool_hash(&template(), &with_claim, None, "agentbox").unwrap();
+        assert!(claimed.is_some_and(|h| h != hash(&template()).unwrap()));
+        let pod = render_pooled(&template(), &with_claim, None, "agentbox", "pool-ab12")
+            .unwrap()
+            .unwrap();
+        let volume = &pod.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0];
         assert_eq!(
-            pool_hash(&template(), &with_claim, None, "agentbox").unwrap(),
-            None
+            volume.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "pool-ab12-workspace"
         );
         let pooled = render_pooled(&template(), &parts, None, "agentbox", "pool-ab12")
             .unwrap()
