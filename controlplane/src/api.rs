@@ -562,7 +562,7 @@ pub(crate) async fn create_sandbox(
     };
     if policy.source.is_some() {
         let existing = if policy.policy.counts() {
-            app.backend.list().await?
+            app.backend.list_for_count(&namespace).await?
         } else {
             Vec::new()
         };

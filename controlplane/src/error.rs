@@ -63,6 +63,10 @@ pub enum Error {
         /// The caller's namespaces that hold it.
         namespaces: Vec<String>,
     },
+    /// The source sandbox's state does not allow a clone, e.g. a Kubernetes workspace that
+    /// is an `emptyDir` (409 `not_cloneable`).
+    #[error("{0}")]
+    NotCloneable(String),
     /// The runner cannot be reached (502 `runner_unreachable`).
     #[error("the sandbox's runner cannot be reached: {0}")]
     RunnerUnreachable(String),
@@ -110,7 +114,10 @@ impl Error {
                 StatusCode::BAD_REQUEST
             }
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::NotRunning { .. } | Error::AlreadyExists(_) | Error::AmbiguousName { .. } => {
+            Error::NotRunning { .. }
+            | Error::AlreadyExists(_)
+            | Error::AmbiguousName { .. }
+            | Error::NotCloneable(_) => {
                 StatusCode::CONFLICT
             }
             Error::RunnerUnreachable(_) | Error::RunnerUnauthorized => StatusCode::BAD_GATEWAY,
@@ -137,6 +144,7 @@ impl Error {
             Error::NotRunning { .. } => "sandbox_not_running",
             Error::AlreadyExists(_) => "already_exists",
             Error::AmbiguousName { .. } => "ambiguous_name",
+            Error::NotCloneable(_) => "not_cloneable",
             Error::RunnerUnreachable(_) => "runner_unreachable",
             Error::RunnerUnauthorized => "runner_unauthorized",
             Error::RunnerTimeout => "runner_timeout",
@@ -223,6 +231,7 @@ mod tests {
                 409,
                 "ambiguous_name",
             ),
+            (Error::NotCloneable("x".into()), 409, "not_cloneable"),
         ];
         for (e, status, code) in cases {
             assert_eq!(e.status().as_u16(), status);

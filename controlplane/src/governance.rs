@@ -8,6 +8,12 @@
 //! time across every replica sharing the state directory: each holds
 //! `<state-dir>/governance/create.lock` (`flock`) from counting until the sandbox exists, so no
 //! two creates can both take the last slot.
+//!
+//! On Kubernetes ([`Governance::use_configmap`]) the policies are the ConfigMap
+//! [`CONFIGMAP`], and the create lock is the coordination.k8s.io/v1 Lease [`CREATE_LEASE`],
+//! shared by every replica: see [`LeaseLock`]. Under it, the backend counts from the API
+//! server itself ([`crate::backend::Backend::list_for_count`]), not from a cache that may lag
+//! another replica's create.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -58,8 +64,8 @@ pub struct Policy {
     pub max_timeout: Option<String>,
     /// A Go duration: the longest idle timeout a sandbox may have. A create asking for a
     /// longer `idleTimeout` is refused (403); a template's longer default, or none (never
-    /// idle), is clamped to it. Applied by the idle stop where the backend has one (local,
-    /// Docker).
+    /// idle), is clamped to it. Applied by the idle stop of every backend (local, Docker,
+    /// Kubernetes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_idle_timeout: Option<String>,
     /// CPUs (`"2"`, `"500m"`): a template's `limits.cpu` may not be more; a template without
@@ -319,6 +325,8 @@ pub struct Governance {
     cached: RwLock<(Option<(SystemTime, u64)>, PolicySet)>,
     /// On Kubernetes: the ConfigMap every replica reads ([`Governance::use_configmap`]).
     configmap: std::sync::OnceLock<ConfigMapStore>,
+    /// On Kubernetes: the create lock every replica takes ([`Governance::use_configmap`]).
+    lease: std::sync::OnceLock<std::sync::Arc<LeaseLock>>,
 }
 
 /// The ConfigMap holding every policy on Kubernetes (key [`CONFIGMAP_KEY`], the same JSON as
@@ -441,15 +449,302 @@ impl ConfigMapStore {
     }
 }
 
+/// The Lease every control-plane replica takes around counting and creating on Kubernetes.
+pub const CREATE_LEASE: &str = "agentbox-create-lock";
+/// The holder's `leaseDurationSeconds`: a holder that stops renewing for this long (it died)
+/// loses the lock to the next replica that wants it.
+pub const LEASE_SECONDS: i32 = 15;
+/// How long a create waits for the lock before it fails.
+const LEASE_WAIT: Duration = Duration::from_secs(30);
+/// The longest pause between two looks at a Lease another replica holds.
+const LEASE_POLL_MAX: Duration = Duration::from_millis(100);
+
+/// The create lock across replicas on Kubernetes: the coordination.k8s.io/v1 Lease
+/// [`CREATE_LEASE`] in the control plane's namespace, taken and released like client-go's
+/// leader election takes its lock, by compare-and-swap on the Lease's `resourceVersion`:
+///
+/// * **take**: read the Lease; when it is absent create it (`409 AlreadyExists`: another
+///   replica did first, look again), when it has no `holderIdentity` or its holder's lease has
+///   expired, patch it with `metadata.resourceVersion` as the precondition (`409 Conflict`:
+///   another replica changed it first, look again) to `holderIdentity` = this replica
+///   (`<hostname>-<random>`, unique per process), `acquireTime` = `renewTime` = now,
+///   `leaseDurationSeconds` = [`LEASE_SECONDS`], `leaseTransitions` + 1. Otherwise wait (5 ms
+///   doubling to 100 ms) and look again, at most [`LEASE_WAIT`] (then the create fails with
+///   500 `backend_error`).
+/// * **expiry** is judged as client-go does, without trusting clocks across machines: a held
+///   Lease is expired when this replica has seen the same `resourceVersion` for its
+///   `leaseDurationSeconds` by its own monotonic clock (a live holder renews it every third of
+///   that, which changes the `resourceVersion`). `renewTime` is written for people
+///   (`kubectl get lease`), not read.
+/// * **held**: renewed every `LEASE_SECONDS / 3` (a patch of `renewTime`, preconditioned);
+///   a failed renewal is logged (another replica took it over: this one was presumed dead).
+/// * **release** (when the create returns): a preconditioned patch removing `holderIdentity`,
+///   in the background; until it is done, no other create of this replica starts (creates of
+///   one replica queue on an in-process mutex first, so they do not poll the API server).
+///   If the release fails, the Lease expires after `leaseDurationSeconds`.
+///
+/// Needs `get`, `create` and `patch` on `leases` in the control plane's namespace.
+#[derive(Debug)]
+pub struct LeaseLock {
+    api: kube::Api<k8s_openapi::api::coordination::v1::Lease>,
+    identity: String,
+    local: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The taken [`LeaseLock`]; released in the background when dropped.
+#[derive(Debug)]
+pub struct LeaseHeld {
+    api: kube::Api<k8s_openapi::api::coordination::v1::Lease>,
+    identity: String,
+    version: std::sync::Arc<std::sync::Mutex<String>>,
+    local: Option<tokio::sync::OwnedMutexGuard<()>>,
+    renew: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn micro_now() -> serde_json::Value {
+    serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    ))
+    .unwrap_or(serde_json::Value::Null)
+}
+
+fn lease_error(what: &str, e: &kube::Error) -> Error {
+    Error::Backend(format!("Lease {CREATE_LEASE}: {what}: {e}"))
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+impl LeaseLock {
+    fn new(client: kube::Client, namespace: &str) -> Self {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "agentbox-controlplane".into());
+        Self {
+            api: kube::Api::namespaced(client, namespace),
+            identity: format!("{host}-{}", crate::backend::random_hex(4)),
+            local: std::sync::Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// Takes the Lease (see [`LeaseLock`]), waiting at most [`LEASE_WAIT`].
+    async fn acquire(&self) -> Result<LeaseHeld> {
+        use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+        use kube::api::{Patch, PatchParams, PostParams};
+        let deadline = tokio::time::Instant::now() + LEASE_WAIT;
+        let busy = || {
+            Error::Backend(format!(
+                "the create lock (Lease {CREATE_LEASE}) stayed taken for {}s; try again",
+                LEASE_WAIT.as_secs()
+            ))
+        };
+        let local =
+            tokio::time::timeout_at(deadline, std::sync::Arc::clone(&self.local).lock_owned())
+                .await
+                .map_err(|_| busy())?;
+        let mut observed: Option<(String, tokio::time::Instant)> = None;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let lease = self
+                .api
+                .get_opt(CREATE_LEASE)
+                .await
+                .map_err(|e| lease_error("read", &e))?;
+            let taken = match lease {
+                None => {
+                    let lease = Lease {
+                        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                            name: Some(CREATE_LEASE.into()),
+                            labels: Some(
+                                [(
+                                    "app.kubernetes.io/managed-by".to_owned(),
+                                    "agentbox".to_owned(),
+                                )]
+                                .into(),
+                            ),
+                            ..Default::default()
+                        },
+                        spec: Some(LeaseSpec {
+                            holder_identity: Some(self.identity.clone()),
+                            lease_duration_seconds: Some(LEASE_SECONDS),
+                            acquire_time: serde_json::from_value(micro_now()).ok(),
+                            renew_time: serde_json::from_value(micro_now()).ok(),
+                            lease_transitions: Some(0),
+                            ..LeaseSpec::default()
+                        }),
+                    };
+                    self.api.create(&PostParams::default(), &lease).await
+                }
+                Some(lease) => {
+                    let version = lease.metadata.resource_version.clone().unwrap_or_default();
+                    let spec = lease.spec.unwrap_or_default();
+                    let free = match spec.holder_identity.as_deref().filter(|h| !h.is_empty()) {
+                        None => true,
+                        // Ours, while no create of this replica holds it: a release that failed.
+                        Some(holder) if holder == self.identity => true,
+                        Some(_) => {
+                            let duration = Duration::from_secs(
+                                u64::try_from(spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS))
+                                    .unwrap_or(1)
+                                    .clamp(1, 3600),
+                            );
+                            match &observed {
+                                Some((seen, since)) if *seen == version => {
+                                    since.elapsed() >= duration
+                                }
+                                _ => {
+                                    observed = Some((version.clone(), tokio::time::Instant::now()));
+                                    false
+                                }
+                            }
+                        }
+                    };
+                    if !free {
+                        if tokio::time::Instant::now() + pause > deadline {
+                            return Err(busy());
+                        }
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(LEASE_POLL_MAX);
+                        continue;
+                    }
+                    let patch = serde_json::json!({
+                        "metadata": {"resourceVersion": version},
+                        "spec": {
+                            "holderIdentity": self.identity,
+                            "leaseDurationSeconds": LEASE_SECONDS,
+                            "acquireTime": micro_now(),
+                            "renewTime": micro_now(),
+                            "leaseTransitions": spec.lease_transitions.unwrap_or(0).saturating_add(1),
+                        },
+                    });
+                    self.api
+                        .patch(CREATE_LEASE, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                }
+            };
+            match taken {
+                Ok(lease) => {
+                    let version = std::sync::Arc::new(std::sync::Mutex::new(
+                        lease.metadata.resource_version.unwrap_or_default(),
+                    ));
+                    let renew =
+                        tokio::spawn(renew(self.api.clone(), std::sync::Arc::clone(&version)));
+                    return Ok(LeaseHeld {
+                        api: self.api.clone(),
+                        identity: self.identity.clone(),
+                        version,
+                        local: Some(local),
+                        renew: Some(renew),
+                    });
+                }
+                // Another replica created or changed it first: look again.
+                Err(e) if is_conflict(&e) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(busy());
+                    }
+                }
+                Err(e) => return Err(lease_error("take", &e)),
+            }
+        }
+    }
+}
+
+/// Renews the held Lease every third of its duration.
+async fn renew(
+    api: kube::Api<k8s_openapi::api::coordination::v1::Lease>,
+    version: std::sync::Arc<std::sync::Mutex<String>>,
+) {
+    use kube::api::{Patch, PatchParams};
+    let every = Duration::from_secs(u64::try_from(LEASE_SECONDS / 3).unwrap_or(1).max(1));
+    loop {
+        tokio::time::sleep(every).await;
+        let current = version.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": current},
+            "spec": {"renewTime": micro_now()},
+        });
+        match api
+            .patch(CREATE_LEASE, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(lease) => {
+                *version.lock().unwrap_or_else(|p| p.into_inner()) =
+                    lease.metadata.resource_version.unwrap_or_default();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the create lock (Lease {CREATE_LEASE}); \
+                    another replica may take it over");
+                if is_conflict(&e) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for LeaseHeld {
+    fn drop(&mut self) {
+        if let Some(renew) = self.renew.take() {
+            renew.abort();
+        }
+        let local = self.local.take();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let api = self.api.clone();
+        let identity = self.identity.clone();
+        let version = std::sync::Arc::clone(&self.version);
+        runtime.spawn(async move {
+            use kube::api::{Patch, PatchParams};
+            let mut current = version.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            for _ in 0..4 {
+                let patch = serde_json::json!({
+                    "metadata": {"resourceVersion": current},
+                    "spec": {"holderIdentity": null, "renewTime": micro_now()},
+                });
+                match api
+                    .patch(CREATE_LEASE, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => break,
+                    // A renewal that was cut off may have changed it: still ours?
+                    Err(e) if is_conflict(&e) => match api.get_opt(CREATE_LEASE).await {
+                        Ok(Some(lease))
+                            if lease
+                                .spec
+                                .as_ref()
+                                .and_then(|s| s.holder_identity.as_deref())
+                                == Some(identity.as_str()) =>
+                        {
+                            current = lease.metadata.resource_version.unwrap_or_default();
+                        }
+                        _ => break,
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot release the create lock (Lease \
+                            {CREATE_LEASE}); it expires in {LEASE_SECONDS}s");
+                        break;
+                    }
+                }
+            }
+            drop(local);
+        });
+    }
+}
+
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
 }
 
-/// An exclusive `flock` on a file, released on drop (when the file closes).
+/// The create lock, released on drop: an exclusive `flock` on a file (released when the file
+/// closes), or on Kubernetes the [`CREATE_LEASE`] (released in the background).
 #[derive(Debug)]
 pub struct Held {
-    _file: std::fs::File,
+    _file: Option<std::fs::File>,
+    _lease: Option<LeaseHeld>,
 }
 
 fn lock_file(path: &Path) -> std::io::Result<Held> {
@@ -459,7 +754,10 @@ fn lock_file(path: &Path) -> std::io::Result<Held> {
         .write(true)
         .open(path)?;
     file.lock()?;
-    Ok(Held { _file: file })
+    Ok(Held {
+        _file: Some(file),
+        _lease: None,
+    })
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -477,22 +775,27 @@ impl Governance {
             dir,
             cached: RwLock::new((None, PolicySet::default())),
             configmap: std::sync::OnceLock::new(),
+            lease: std::sync::OnceLock::new(),
         })
     }
 
     /// Keeps the policies in ConfigMap [`CONFIGMAP`] of `namespace` from now on (the
-    /// Kubernetes backend: every replica reads it). Reads it once before returning (an
-    /// unreadable ConfigMap stops the start), then every [`CONFIGMAP_REFRESH`] in the
-    /// background while `self` lives.
+    /// Kubernetes backend: every replica reads it), and takes the create lock as the Lease
+    /// [`CREATE_LEASE`] there. Reads the ConfigMap once before returning (an unreadable
+    /// ConfigMap stops the start), then every [`CONFIGMAP_REFRESH`] in the background while
+    /// `self` lives.
     pub async fn use_configmap(
         self: &std::sync::Arc<Self>,
         client: kube::Client,
         namespace: &str,
     ) -> std::result::Result<(), String> {
         let store = ConfigMapStore {
-            api: kube::Api::namespaced(client, namespace),
+            api: kube::Api::namespaced(client.clone(), namespace),
             cached: RwLock::new(PolicySet::default()),
         };
+        let _ = self
+            .lease
+            .set(std::sync::Arc::new(LeaseLock::new(client, namespace)));
         store.refresh().await.map_err(|e| e.to_string())?;
         let _ = self.configmap.set(store);
         let weak = std::sync::Arc::downgrade(self);
@@ -601,8 +904,15 @@ impl Governance {
         .await?
     }
 
-    /// Holds the create lock of every replica sharing the state directory.
+    /// Holds the create lock of every replica sharing the state directory (on Kubernetes:
+    /// of every replica, the Lease [`CREATE_LEASE`]).
     pub async fn lock_creates(&self) -> Result<Held> {
+        if let Some(lease) = self.lease.get() {
+            return Ok(Held {
+                _file: None,
+                _lease: Some(lease.acquire().await?),
+            });
+        }
         let path = self.dir.join("create.lock");
         Ok(blocking(move || lock_file(&path)).await??)
     }

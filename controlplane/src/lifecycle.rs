@@ -127,15 +127,16 @@ pub fn is_use(action: &str) -> bool {
 /// A new sandbox with a copy of the source's workspace (reflinked where the filesystem can)
 /// and runner configuration (a configure with the same install hash skips the install), the
 /// same template, namespace and timeouts. The source may be running or stopped. Local and
-/// Docker backends (Docker: the volume copied through the engine's tar stream); Kubernetes
-/// answers 500.
+/// Docker backends (Docker: the volume copied through the engine's tar stream); Kubernetes:
+/// a VolumeSnapshot of the source's workspace claim and a new claim from it (untested
+/// against a real CSI driver), `409 not_cloneable` when the workspace is an `emptyDir`.
 #[utoipa::path(post, path = "/api/v1/sandboxes/{id}/clone", tag = "sandboxes",
     params(("id" = String, Path, description = "The source sandbox's id (its name).")),
     request_body(content = CloneSandboxRequest, content_type = "application/json"),
-    responses((status = 202, description = "The new sandbox (`cloneFrom` names the source); `Running` on the local backend.", body = SandboxSummary),
+    responses((status = 202, description = "The new sandbox (`clonedFrom` names the source); `Running` on the local backend, `Creating` on Kubernetes (its claim is restored from the snapshot when the Pod is scheduled).", body = SandboxSummary),
         (status = 400, description = "`invalid_request`: bad JSON or name.", body = ErrorBody), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
         (status = 404, description = "`sandbox_not_found`: no such source, or in a namespace the caller may not use.", body = ErrorBody),
-        (status = 409, description = "`already_exists`: the name is taken in the source's namespace (where the copy is made).", body = ErrorBody),
+        (status = 409, description = "`already_exists`: the name is taken in the source's namespace (where the copy is made); `not_cloneable` (Kubernetes): the source's workspace is an `emptyDir` (its template has no `pvc.json`), or the cluster serves no VolumeSnapshots.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 64 KiB.", body = ErrorBody),
         (status = 500, description = "`backend_error`: the copy or the start failed, or the backend cannot clone.", body = ErrorBody)))]
 pub(crate) async fn clone_sandbox(
@@ -219,13 +220,17 @@ pub async fn run(app: Arc<AppState>) {
 }
 
 /// Keeps the warm pools full: a look every 250 ms (a directory listing when nothing is to
-/// do); after a failed start, the next try waits 5 s.
+/// do; on Kubernetes a look at the caches, and each template's ConfigMap read at most every
+/// 10 s since it may ask for a pool); after a failed start, the next try waits 5 s.
 pub async fn run_pools(app: Arc<AppState>) {
-    if !app
-        .templates
-        .all()
-        .iter()
-        .any(|t| t.warm_pool.as_ref().is_some_and(|p| p.size > 0))
+    // Kubernetes: a template's ConfigMap may ask for a pool too (`warmPool`), at any time.
+    let kubernetes = app.cfg.backend == crate::config::BackendKind::Kubernetes;
+    if !kubernetes
+        && !app
+            .templates
+            .all()
+            .iter()
+            .any(|t| t.warm_pool.as_ref().is_some_and(|p| p.size > 0))
     {
         // No pools: once, to stop those an earlier templates file asked for.
         if let Err(e) = app.backend.refill_pools(app.templates.all()).await {

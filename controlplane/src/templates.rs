@@ -58,7 +58,8 @@ pub struct Template {
     /// `delete`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_timeout: Option<OnTimeout>,
-    /// Sandboxes kept started and ready for creates to claim (local and Docker backends).
+    /// Sandboxes kept started and ready for creates to claim (every backend; not for a
+    /// template with credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_pool: Option<WarmPool>,
     /// Named credentials its sandboxes' agents get (names only; values are in the control

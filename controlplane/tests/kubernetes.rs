@@ -130,7 +130,12 @@ fn cp_command(kubeconfig: &str, dir: &Path, extra: &[&str]) -> Command {
 }
 
 async fn start_cp(fixture: &Fixture, dir: &Path, extra: &[&str]) -> Cp {
-    let mut cmd = cp_command(&fixture.kubeconfig(NS), dir, extra);
+    start_cp_with(&fixture.kubeconfig(NS), dir, extra).await
+}
+
+/// The control plane with kubeconfig `kubeconfig` (e.g. a lagging endpoint's).
+async fn start_cp_with(kubeconfig: &str, dir: &Path, extra: &[&str]) -> Cp {
+    let mut cmd = cp_command(kubeconfig, dir, extra);
     cmd.args(["--kube-sync-timeout", "20s"]);
     let (proc, addr) = spawn_listening(cmd).await;
     Cp {
@@ -808,7 +813,15 @@ async fn request_path_makes_no_api_call() {
         assert_eq!(invoke(&r.cp, "eta", &input).await, input.into_bytes());
     }
     events(&r.fixture, 21).await;
-    let during = r.fixture.requests().split_off(before.len());
+    // Background reads are not on the request path: the governance ConfigMap (every 2 s) and
+    // the templates' ConfigMaps (for a `warmPool`, at most every 10 s).
+    let during: Vec<_> = r
+        .fixture
+        .requests()
+        .split_off(before.len())
+        .into_iter()
+        .filter(|q| !(q.method == "GET" && q.path.contains("/configmaps/")))
+        .collect();
     assert_eq!(during.len(), 20, "{during:?}");
     for q in &during {
         assert_eq!(
@@ -1093,4 +1106,1156 @@ async fn one_name_in_two_namespaces_is_two_sandboxes() {
     assert_eq!(code, 200, "{body}");
     assert!(fixture.get("pods", NS, "sandbox-same.team-b").is_none());
     assert!(fixture.get("secrets", NS, "sandbox-same.team-a").is_some());
+}
+
+/// The create lock, once released (bounded: the release follows the response).
+async fn released_lease(fixture: &Fixture) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lease = fixture.get("leases", NS, "agentbox-create-lock").unwrap();
+        if lease["spec"]["holderIdentity"].is_null() {
+            return lease;
+        }
+        assert!(Instant::now() < deadline, "never released: {lease}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sets the policy of `namespace` through `cps[0]` and waits until every replica applies it.
+async fn set_policy(cps: &[&Cp], namespace: &str, policy: Value) {
+    let (code, body) = cps[0]
+        .send(
+            cps[0]
+                .req(
+                    Method::PUT,
+                    &format!("/api/v1/governance/policies/{namespace}"),
+                )
+                .json(&policy),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let probe = if namespace == "*" {
+        "any-ns"
+    } else {
+        namespace
+    };
+    for cp in cps {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (code, body) = cp
+                .send(cp.req(
+                    Method::GET,
+                    &format!("/api/v1/governance/effective?namespace={probe}"),
+                ))
+                .await;
+            assert_eq!(code, 200, "{body}");
+            if body["policy"] == policy {
+                break;
+            }
+            assert!(Instant::now() < deadline, "a replica never read {policy}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Issue 23: counts are exact across replicas. Two control planes (two processes, each its own
+/// state directory, as two pods) race a create each for the last slot of a namespace
+/// (`maxSandboxesTotal: 1`), once per namespace, as many times as fit in 20 s: exactly one
+/// wins every time (201), the other is refused (403 `policy_violation`), and the fixture holds
+/// exactly one record per namespace. Without the Lease (or with counts from the caches, which
+/// lag the other replica's create) both would win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_racing_for_the_last_slot_exactly_one_wins() {
+    let tmp1 = tempfile::tempdir().unwrap();
+    let tmp2 = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let args = ["--kube-runner-image", RUNNER_IMAGE];
+    let cp1 = start_cp(&fixture, tmp1.path(), &args).await;
+    let cp2 = start_cp(&fixture, tmp2.path(), &args).await;
+    set_policy(&[&cp1, &cp2], "*", json!({"maxSandboxesTotal": 1})).await;
+    // As many trials as fit in 20 s (about 340 on a 2-core machine), or exactly
+    // K8S_RACE_TRIALS of them (`K8S_RACE_TRIALS=1000` passes too, in about a minute).
+    let wanted: Option<usize> = std::env::var("K8S_RACE_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let budget = Duration::from_secs(20);
+    let started = Instant::now();
+    let mut trials = 0usize;
+    while wanted.map_or(started.elapsed() < budget && trials < 1000, |n| trials < n) {
+        let ns = format!("race-{trials}");
+        let create = |cp: &Cp, name: String| {
+            cp.req(Method::POST, "/api/v1/sandboxes")
+                .json(&json!({"name": name, "namespace": ns}))
+        };
+        let (a, b) = tokio::join!(
+            cp1.send(create(&cp1, format!("a-{trials}"))),
+            cp2.send(create(&cp2, format!("b-{trials}")))
+        );
+        let mut codes = [a.0, b.0];
+        codes.sort_unstable();
+        assert_eq!(codes, [201, 403], "trial {trials}: {a:?} {b:?}");
+        let refused = if a.0 == 403 { &a.1 } else { &b.1 };
+        assert_eq!(refused["error"], "policy_violation", "{refused}");
+        assert_eq!(refused["violations"][0]["field"], "maxSandboxesTotal");
+        trials += 1;
+    }
+    eprintln!(
+        "{trials} races for the last slot in {:.1}s: exactly one winner each",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        trials >= wanted.unwrap_or(100),
+        "only {trials} trials ran in {budget:?}"
+    );
+    let mut per_ns: BTreeMap<String, usize> = BTreeMap::new();
+    for secret in fixture.list("secrets", NS) {
+        if let Some(ns) = secret["metadata"]["labels"]["agentbox.dev/namespace"].as_str() {
+            *per_ns.entry(ns.to_owned()).or_default() += 1;
+        }
+    }
+    assert_eq!(per_ns.len(), trials);
+    assert!(per_ns.values().all(|&n| n == 1), "{per_ns:?}");
+    // The lock is free at the end, and was taken for every create.
+    let lease = released_lease(&fixture).await;
+    assert!(lease["spec"]["leaseTransitions"].as_u64().unwrap() >= 2 * trials as u64 - 1);
+}
+
+/// Counts under the create lock are read from the API server, not from the replica's caches:
+/// with the second replica's watches 400 ms late (its caches lag every write by that much),
+/// its create for the slot the first replica took a moment ago is still refused. Counting from
+/// the caches, it would be created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_do_not_trust_a_lagging_cache() {
+    let tmp1 = tempfile::tempdir().unwrap();
+    let tmp2 = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let lagging = fixture.lagging(Duration::from_millis(400)).await;
+    let args = ["--kube-runner-image", RUNNER_IMAGE];
+    let cp1 = start_cp(&fixture, tmp1.path(), &args).await;
+    let cp2 = start_cp_with(&Fixture::kubeconfig_at(lagging, NS), tmp2.path(), &args).await;
+    set_policy(&[&cp1, &cp2], "*", json!({"maxSandboxesTotal": 1})).await;
+    for i in 0..5 {
+        let ns = format!("lag-{i}");
+        let (code, body) = cp1
+            .send(
+                cp1.req(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": format!("first-{i}"), "namespace": ns})),
+            )
+            .await;
+        assert_eq!(code, 201, "{body}");
+        // The lagging replica does not list it yet...
+        let (code, _) = cp2.get(&format!("first-{i}")).await;
+        assert_eq!(code, 404, "the second replica's cache is not lagging");
+        // ...and still counts it.
+        let (code, body) = cp2
+            .send(
+                cp2.req(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": format!("second-{i}"), "namespace": ns})),
+            )
+            .await;
+        assert_eq!(code, 403, "{body}");
+        assert_eq!(body["violations"][0]["field"], "maxSandboxesTotal");
+    }
+}
+
+/// A create lock left by a replica that died is taken over once its lease expires (observed
+/// unchanged for its `leaseDurationSeconds`), not before; a live holder's is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_holders_create_lock_is_taken_over_after_its_lease() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let cp = start_cp(&fixture, tmp.path(), &["--kube-runner-image", RUNNER_IMAGE]).await;
+    set_policy(&[&cp], "team-a", json!({"maxSandboxesTotal": 5})).await;
+    fixture.put(
+        "leases",
+        NS,
+        json!({
+            "metadata": {"name": "agentbox-create-lock"},
+            "spec": {
+                "holderIdentity": "dead-replica",
+                "leaseDurationSeconds": 3,
+                "acquireTime": "2026-01-02T03:04:05.000000Z",
+                "renewTime": "2026-01-02T03:04:05.000000Z",
+                "leaseTransitions": 7,
+            },
+        }),
+    );
+    let started = Instant::now();
+    let (code, body) = cp
+        .send(
+            cp.req(Method::POST, "/api/v1/sandboxes")
+                .json(&json!({"name": "after-takeover", "namespace": "team-a"})),
+        )
+        .await;
+    let waited = started.elapsed();
+    assert_eq!(code, 201, "{body}");
+    assert!(
+        waited >= Duration::from_millis(2900),
+        "took a live-looking lock: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    let lease = released_lease(&fixture).await;
+    assert_eq!(lease["spec"]["leaseTransitions"], 8, "{lease}");
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 15, "{lease}");
+    // Taken by a preconditioned patch, released by another.
+    let patches = fixture
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with("/leases/agentbox-create-lock"))
+        .count();
+    assert!(patches >= 2, "{patches}");
+    // A holder that keeps renewing is never taken over: the lease changes every second.
+    fixture.update("leases", NS, "agentbox-create-lock", |l| {
+        l["spec"]["holderIdentity"] = json!("live-replica");
+        l["spec"]["leaseDurationSeconds"] = json!(2);
+    });
+    let renewing = async {
+        for i in 0..6 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            fixture.update("leases", NS, "agentbox-create-lock", |l| {
+                l["spec"]["renewTime"] = json!(format!("2026-01-02T03:04:{i:02}.000000Z"));
+            });
+        }
+        fixture.update("leases", NS, "agentbox-create-lock", |l| {
+            l["spec"]["holderIdentity"] = Value::Null;
+        });
+    };
+    let started = Instant::now();
+    let ((code, body), ()) = tokio::join!(
+        cp.send(
+            cp.req(Method::POST, "/api/v1/sandboxes")
+                .json(&json!({"name": "after-release", "namespace": "team-a"})),
+        ),
+        renewing
+    );
+    assert_eq!(code, 201, "{body}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(4000),
+        "took a renewed lock: {waited:?}"
+    );
+    // Creates that count nothing take no lock.
+    set_policy(&[&cp], "team-b", json!({"allowedTemplates": ["*"]})).await;
+    fixture.update("leases", NS, "agentbox-create-lock", |l| {
+        l["spec"]["holderIdentity"] = json!("live-replica");
+        l["spec"]["leaseDurationSeconds"] = json!(3600);
+    });
+    let (code, body) = cp
+        .send(
+            cp.req(Method::POST, "/api/v1/sandboxes")
+                .json(&json!({"name": "uncounted", "namespace": "team-b"})),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+}
+
+/// Plays the kubelet for sandboxes `names`: whenever one's Pod is in the fixture and not
+/// Running, makes it Running and Ready on 127.0.0.1 with its runner on `port`. The one runner
+/// stands in for every pod, so each record's token becomes its token. Never returns.
+async fn kubelet(fixture: &Fixture, names: &[&str], port: u16) {
+    let token = base64::engine::general_purpose::STANDARD.encode(TOKEN);
+    loop {
+        for name in names {
+            let object = format!("sandbox-{name}");
+            let stale = fixture
+                .get("secrets", NS, &object)
+                .is_some_and(|s| s["data"]["token"] != token.as_str());
+            if stale {
+                fixture.update("secrets", NS, &object, |s| {
+                    s["data"]["token"] = json!(token);
+                });
+            }
+            let pending = fixture
+                .get("pods", NS, &object)
+                .is_some_and(|p| p["status"]["phase"] != "Running");
+            if pending {
+                fixture.update("pods", NS, &object, |p| {
+                    p["spec"]["containers"][0]["ports"] =
+                        json!([{"name": "runner", "containerPort": port}]);
+                    p["status"] = json!({
+                        "phase": "Running", "podIP": "127.0.0.1",
+                        "conditions": [{"type": "Ready", "status": "True"}],
+                    });
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Polls `GET` until `name` is Stopped for `reason` (bounded).
+async fn wait_stopped(cp: &Cp, name: &str, reason: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, body) = cp.get(name).await;
+        if code == 200 && body["status"] == "Stopped" {
+            assert_eq!(body["stopReason"], reason, "{body}");
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never stopped: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue 24 on Kubernetes: a sandbox unused for its `idleTimeout` (the template's default) is
+/// stopped by the sweep (its Pod deleted, its record and claim kept, `stopReason: idle`), and the
+/// next invoke resumes it (a new Pod) and is served with the exact output, never a 409; uses
+/// are written on the record (`last-activity`) at most twice per quarter of the idle timeout. A
+/// `timeout` stops a sandbox for good (`stopReason: timeout`, no resume on demand), or deletes it
+/// when its template says `onTimeout: delete`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_stop_resume_on_demand_and_lifetimes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let (_runner, runner_addr) = start_runner(tmp.path()).await;
+    let templates = tmp.path().join("templates.json");
+    std::fs::write(
+        &templates,
+        json!({"templates": [
+            {"name": "sleepy", "mode": "agent", "idleTimeout": "2s"},
+            {"name": "ttl", "mode": "agent", "timeout": "3s"},
+            {"name": "ttl-delete", "mode": "agent", "timeout": "3s", "onTimeout": "delete"},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    fixture.put(
+        "configmaps",
+        NS,
+        json!({
+            "metadata": {"name": "agentbox-template-sleepy"},
+            "data": {"pvc.json": json!({
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            }).to_string()},
+        }),
+    );
+    let cp = start_cp(
+        &fixture,
+        tmp.path(),
+        &[
+            "--kube-runner-image",
+            RUNNER_IMAGE,
+            "--templates-file",
+            templates.to_str().unwrap(),
+            "--lifecycle-interval",
+            "200ms",
+        ],
+    )
+    .await;
+    let body = async {
+        // Bad durations are refused before anything is made.
+        let (code, body) = cp
+            .send(
+                cp.req(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": "bad", "idleTimeout": "soon"})),
+            )
+            .await;
+        assert_eq!(
+            (code, body["error"].as_str()),
+            (400, Some("invalid_request")),
+            "{body}"
+        );
+        assert!(fixture.get("secrets", NS, "sandbox-bad").is_none());
+        for (name, template) in [
+            ("napper", "sleepy"),
+            ("short", "ttl"),
+            ("gone", "ttl-delete"),
+        ] {
+            let (code, body) = cp
+                .send(
+                    cp.req(Method::POST, "/api/v1/sandboxes")
+                        .json(&json!({"name": name, "templateRef": {"name": template}})),
+                )
+                .await;
+            assert_eq!(code, 201, "{body}");
+        }
+        let secret = fixture.get("secrets", NS, "sandbox-napper").unwrap();
+        let ann = &secret["metadata"]["annotations"];
+        assert_eq!(ann["agentbox.dev/idle-timeout"], "2s");
+        assert!(ann["agentbox.dev/started-at"].is_string());
+        let short = cp.wait_status("short", "Running").await;
+        assert_eq!(short["timeout"], "3s");
+        assert!(short["expiresAt"].is_string(), "{short}");
+        cp.wait_status("napper", "Running").await;
+        configure(&cp, "napper", "cat").await;
+        let writes = || {
+            fixture
+                .requests()
+                .iter()
+                .filter(|r| r.method == "PATCH" && r.path.ends_with("/secrets/sandbox-napper"))
+                .count()
+        };
+        // Past the configure's write: the burst's first request writes again.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let before = writes();
+        let burst = Instant::now();
+        for i in 0..10 {
+            assert_eq!(
+                invoke(&cp, "napper", &format!("n{i}")).await,
+                format!("n{i}").as_bytes()
+            );
+        }
+        let burst = burst.elapsed();
+        let last_use = Instant::now();
+        tokio::time::sleep(Duration::from_millis(200)).await; // written in the background
+        let written = writes() - before;
+        // Two writes per 500 ms (2s / 4) at most, not one per request.
+        let most = 2 + 2 * usize::try_from(burst.as_millis() / 500).unwrap();
+        assert!(
+            (1..=most).contains(&written),
+            "{written} writes in {burst:?}"
+        );
+        let ann = &fixture.get("secrets", NS, "sandbox-napper").unwrap()["metadata"]["annotations"];
+        assert!(ann["agentbox.dev/last-activity"].is_string(), "{ann}");
+
+        // Idle: stopped by the sweep, the record and claim kept, the Pod gone.
+        let pod = fixture.get("pods", NS, "sandbox-napper").unwrap();
+        let stopped = wait_stopped(&cp, "napper", "idle").await;
+        assert!(
+            last_use.elapsed() >= Duration::from_millis(1900),
+            "{:?}",
+            last_use.elapsed()
+        );
+        assert_eq!(stopped["idleTimeout"], "2s");
+        assert!(fixture.get("pods", NS, "sandbox-napper").is_none());
+        let ann = fixture.get("secrets", NS, "sandbox-napper").unwrap()["metadata"]["annotations"]
+            .clone();
+        assert_eq!(ann["agentbox.dev/stop-reason"], "idle");
+        assert!(ann["agentbox.dev/stopped"].is_string());
+        assert!(fixture
+            .get("persistentvolumeclaims", NS, "sandbox-napper-workspace")
+            .is_some());
+
+        // Resumed on demand by the next invoke, which is served: a new Pod, the same spec.
+        assert_eq!(invoke(&cp, "napper", "again").await, b"again");
+        let again = fixture.get("pods", NS, "sandbox-napper").unwrap();
+        assert_ne!(again["metadata"]["uid"], pod["metadata"]["uid"]);
+        assert_eq!(
+            again["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+            "sandbox-napper-workspace"
+        );
+        let (code, body) = cp.get("napper").await;
+        assert_eq!(code, 200);
+        assert_eq!(body["status"], "Running", "{body}");
+        assert!(body.get("stopReason").is_none_or(Value::is_null), "{body}");
+        let ann = fixture.get("secrets", NS, "sandbox-napper").unwrap()["metadata"]["annotations"]
+            .clone();
+        assert!(ann.get("agentbox.dev/stopped").is_none(), "{ann}");
+        assert!(ann.get("agentbox.dev/stop-reason").is_none(), "{ann}");
+
+        // Lifetimes: stopped for good (a request is refused, not a resume), or deleted.
+        wait_stopped(&cp, "short", "timeout").await;
+        assert!(fixture.get("pods", NS, "sandbox-short").is_none());
+        let (code, bytes) = cp.post_stream("short", "/invoke", "x".into()).await;
+        assert_eq!(code, 409, "{}", String::from_utf8_lossy(&bytes));
+        assert!(fixture.get("pods", NS, "sandbox-short").is_none());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cp.get("gone").await.0 != 404 {
+            assert!(Instant::now() < deadline, "gone was never deleted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(fixture.get("secrets", NS, "sandbox-gone").is_none());
+        // A user's stop says so, and is not resumed on demand either.
+        let (code, body) = cp.send(cp.sb(Method::POST, "napper", "/stop")).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["stopReason"], "user", "{body}");
+        let (code, _) = cp.post_stream("napper", "/invoke", "x".into()).await;
+        assert_eq!(code, 409);
+    };
+    tokio::select! {
+        () = body => {}
+        () = kubelet(&fixture, &["napper", "short", "gone"], runner_addr.port()) => unreachable!(),
+    }
+}
+
+/// Plays the kubelet for every Pod in the fixture (see [`kubelet`]). Never returns.
+async fn kubelet_all(fixture: &Fixture, port: u16) {
+    let token = base64::engine::general_purpose::STANDARD.encode(TOKEN);
+    loop {
+        for secret in fixture.list("secrets", NS) {
+            if secret["data"]["token"].is_string() && secret["data"]["token"] != token.as_str() {
+                let name = secret["metadata"]["name"].as_str().unwrap().to_owned();
+                fixture.update("secrets", NS, &name, |s| s["data"]["token"] = json!(token));
+            }
+        }
+        for pod in fixture.list("pods", NS) {
+            if pod["status"]["phase"] != "Running" {
+                let name = pod["metadata"]["name"].as_str().unwrap().to_owned();
+                fixture.update("pods", NS, &name, |p| {
+                    p["spec"]["containers"][0]["ports"] =
+                        json!([{"name": "runner", "containerPort": port}]);
+                    p["status"] = json!({
+                        "phase": "Running", "podIP": "127.0.0.1",
+                        "conditions": [{"type": "Ready", "status": "True"}],
+                    });
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits (bounded) until template `pooled` has exactly `n` pooled Pods in the fixture, all
+/// Running, every replica reports `n` ready, and that holds for half a second.
+async fn wait_pool(fixture: &Fixture, cps: &[&Cp], n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stable = 0;
+    loop {
+        let pods: Vec<Value> = fixture
+            .list("pods", NS)
+            .into_iter()
+            .filter(|p| p["metadata"]["labels"]["agentbox.dev/pool"] == "pooled")
+            .collect();
+        let mut ok = pods.len() == n && pods.iter().all(|p| p["status"]["phase"] == "Running");
+        for cp in cps {
+            let (code, body) = cp
+                .send(cp.req(Method::GET, "/api/v1/warmpool/status"))
+                .await;
+            assert_eq!(code, 200, "{body}");
+            ok &= body["pools"][0]["ready"] == n;
+        }
+        stable = if ok { stable + 1 } else { 0 };
+        if stable >= 5 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool never settled at {n}: {} pods",
+            pods.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 24's warm pools on Kubernetes: pooled Pods (labelled `agentbox.dev/pool=<template>`,
+/// each with a Secret of its own token) are kept at the template's size by both replicas,
+/// listed nowhere and counted in no quota; 20 creates at once through two replicas claim them
+/// by relabelling with a `resourceVersion` precondition: no Pod is handed to two sandboxes,
+/// every create succeeds (cold when none is ready), the pool is refilled to its size, and a
+/// claimed sandbox serves at once and is deleted with its pooled objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_claims_across_replicas_never_share_a_pod() {
+    let tmp1 = tempfile::tempdir().unwrap();
+    let tmp2 = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let (_runner, runner_addr) = start_runner(tmp1.path()).await;
+    let templates = tmp1.path().join("templates.json");
+    std::fs::write(
+        &templates,
+        json!({"templates": [{"name": "pooled", "mode": "agent", "warmPool": {"size": 3}}]})
+            .to_string(),
+    )
+    .unwrap();
+    let args = [
+        "--kube-runner-image",
+        RUNNER_IMAGE,
+        "--templates-file",
+        templates.to_str().unwrap(),
+    ];
+    let cp1 = start_cp(&fixture, tmp1.path(), &args).await;
+    let cp2 = start_cp(&fixture, tmp2.path(), &args).await;
+    let body = async {
+        wait_pool(&fixture, &[&cp1, &cp2], 3).await;
+        assert!(
+            cp1.list().await.is_empty(),
+            "pooled sandboxes are not listed"
+        );
+        let pooled = fixture.get(
+            "pods",
+            NS,
+            fixture.list("pods", NS)[0]["metadata"]["name"]
+                .as_str()
+                .unwrap(),
+        );
+        let pooled = pooled.unwrap();
+        assert!(pooled["metadata"]["labels"]
+            .get("agentbox.dev/sandbox")
+            .is_none());
+        assert_eq!(
+            pooled["metadata"]["ownerReferences"][0]["kind"], "Secret",
+            "{pooled}"
+        );
+
+        // Quotas count no pooled sandbox: the namespace's one slot is free, and taken once.
+        set_policy(&[&cp1], "team-p", json!({"maxSandboxesTotal": 1})).await;
+        let (code, body) = cp1
+            .send(cp1.req(Method::POST, "/api/v1/sandboxes").json(
+                &json!({"name": "quota", "namespace": "team-p", "templateRef": {"name": "pooled"}}),
+            ))
+            .await;
+        assert_eq!(code, 201, "{body}");
+        assert_eq!(body["fromWarmPool"], true, "{body}");
+        let (code, body) = cp1
+            .send(cp1.req(Method::POST, "/api/v1/sandboxes").json(
+                &json!({"name": "quota2", "namespace": "team-p", "templateRef": {"name": "pooled"}}),
+            ))
+            .await;
+        assert_eq!(code, 403, "{body}");
+        wait_pool(&fixture, &[&cp1, &cp2], 3).await;
+
+        // 20 creates at once, half through each replica.
+        let creates = (0..20).map(|i| {
+            let cp = if i % 2 == 0 { &cp1 } else { &cp2 };
+            cp.send(
+                cp.req(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": format!("w{i}"), "templateRef": {"name": "pooled"}})),
+            )
+        });
+        let results = futures_util::future::join_all(creates).await;
+        let mut hits = 0;
+        for (code, body) in &results {
+            assert_eq!(*code, 201, "{body}");
+            if body["fromWarmPool"] == true {
+                hits += 1;
+            } else {
+                assert_eq!(body["fromWarmPool"], false, "{body}");
+            }
+        }
+        assert!(hits >= 3, "only {hits} claims with 3 ready");
+        // No Pod serves two sandboxes: each record names its own, labelled for it alone.
+        let mut pods = std::collections::BTreeSet::new();
+        for i in 0..20 {
+            let name = format!("w{i}");
+            let secret = fixture
+                .get("secrets", NS, &format!("sandbox-{name}"))
+                .unwrap();
+            let pod = secret["metadata"]["annotations"]["agentbox.dev/pod"]
+                .as_str()
+                .map_or_else(|| format!("sandbox-{name}"), str::to_owned);
+            let object = fixture.get("pods", NS, &pod).unwrap();
+            assert_eq!(
+                object["metadata"]["labels"]["agentbox.dev/sandbox"],
+                name.as_str()
+            );
+            assert!(object["metadata"]["labels"]
+                .get("agentbox.dev/pool")
+                .is_none());
+            assert!(pods.insert(pod.clone()), "{pod} handed out twice");
+        }
+        assert_eq!(
+            pods.iter().filter(|p| p.starts_with("pool-")).count(),
+            hits,
+            "{pods:?}"
+        );
+        // Back to size, and the claims counted.
+        wait_pool(&fixture, &[&cp1, &cp2], 3).await;
+        let mut claimed = 0;
+        for cp in [&cp1, &cp2] {
+            let (_, status) = cp
+                .send(cp.req(Method::GET, "/api/v1/warmpool/status"))
+                .await;
+            let pool = &status["pools"][0];
+            assert_eq!(
+                (pool["template"].as_str(), pool["size"].as_u64()),
+                (Some("pooled"), Some(3))
+            );
+            claimed += pool["hits"].as_u64().unwrap();
+        }
+        assert_eq!(claimed, hits as u64 + 1, "the 20 and the quota one");
+        assert_eq!(cp2.list().await.len(), 21);
+
+        // A claimed sandbox serves at once, through the pooled Pod, with the pool's token.
+        let (i, _) = results
+            .iter()
+            .enumerate()
+            .find(|(_, (_, b))| b["fromWarmPool"] == true)
+            .unwrap();
+        let name = format!("w{i}");
+        cp1.wait_status(&name, "Running").await;
+        configure(&cp1, &name, "cat").await;
+        assert_eq!(invoke(&cp2, &name, "warm").await, b"warm");
+        // Deleted with its pooled Pod and that Pod's Secret.
+        let pod = fixture
+            .get("secrets", NS, &format!("sandbox-{name}"))
+            .unwrap()["metadata"]["annotations"]["agentbox.dev/pod"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (code, _) = cp1.send(cp1.sb(Method::DELETE, &name, "")).await;
+        assert_eq!(code, 200);
+        assert!(fixture.get("pods", NS, &pod).is_none());
+        assert!(fixture.get("secrets", NS, &pod).is_none());
+        assert!(fixture
+            .get("secrets", NS, &format!("sandbox-{name}"))
+            .is_none());
+        // Another one, stopped and resumed: its own Pod from then on, from its record.
+        let (i, _) = results
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| format!("w{j}") != name)
+            .find(|(_, (_, b))| b["fromWarmPool"] == true)
+            .unwrap();
+        let name = format!("w{i}");
+        let secret = fixture
+            .get("secrets", NS, &format!("sandbox-{name}"))
+            .unwrap();
+        let pod = secret["metadata"]["annotations"]["agentbox.dev/pod"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (code, body) = cp2.send(cp2.sb(Method::POST, &name, "/stop")).await;
+        assert_eq!(code, 200, "{body}");
+        assert!(fixture.get("pods", NS, &pod).is_none());
+        assert!(
+            fixture.get("secrets", NS, &pod).is_none(),
+            "its pooled Secret goes too"
+        );
+        let (code, body) = cp2.send(cp2.sb(Method::POST, &name, "/resume")).await;
+        assert_eq!(code, 200, "{body}");
+        let own = fixture.get("pods", NS, &format!("sandbox-{name}")).unwrap();
+        assert_eq!(
+            own["metadata"]["labels"]["agentbox.dev/sandbox"],
+            name.as_str()
+        );
+        cp1.wait_status(&name, "Running").await;
+    };
+    tokio::select! {
+        () = body => {}
+        () = kubelet_all(&fixture, runner_addr.port()) => unreachable!(),
+    }
+}
+
+/// Issue 24's clone on Kubernetes: a VolumeSnapshot (snapshot.storage.k8s.io/v1) of the
+/// source's workspace claim, a new claim restored from it (`dataSource`), the source's Pod made
+/// the clone's (its own name, token Secret, claim), the same template, namespace and timeouts.
+/// What the fixture checks is the objects a real API server would get; no CSI driver copies
+/// data here. A source whose workspace is an `emptyDir` answers 409 `not_cloneable` and leaves
+/// nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_is_a_volume_snapshot_and_a_claim_from_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let (_runner, runner_addr) = start_runner(tmp.path()).await;
+    let templates = tmp.path().join("templates.json");
+    std::fs::write(
+        &templates,
+        json!({"templates": [{"name": "persist", "mode": "agent", "idleTimeout": "1h"}]})
+            .to_string(),
+    )
+    .unwrap();
+    fixture.put(
+        "configmaps",
+        NS,
+        json!({
+            "metadata": {"name": "agentbox-template-persist"},
+            "data": {"pvc.json": json!({
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "csi-snapshots",
+                "resources": {"requests": {"storage": "2Gi"}},
+            }).to_string()},
+        }),
+    );
+    let cp = start_cp(
+        &fixture,
+        tmp.path(),
+        &[
+            "--kube-runner-image",
+            RUNNER_IMAGE,
+            "--templates-file",
+            templates.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let body = async {
+        for (name, template) in [("src", "persist"), ("plain", "default")] {
+            let (code, body) = cp
+                .send(cp.req(Method::POST, "/api/v1/sandboxes").json(
+                    &json!({"name": name, "namespace": "team-c", "templateRef": {"name": template}}),
+                ))
+                .await;
+            assert_eq!(code, 201, "{body}");
+        }
+        cp.wait_status("src", "Running").await;
+        configure(&cp, "src", "cat").await;
+
+        let (code, body) = cp
+            .send(
+                cp.sb(Method::POST, "src", "/clone")
+                    .json(&json!({"name": "copy"})),
+            )
+            .await;
+        assert_eq!(code, 202, "{body}");
+        assert_eq!(body["name"], "copy");
+        assert_eq!(body["namespace"], "team-c");
+        assert_eq!(body["clonedFrom"], "src");
+        assert_eq!(body["templateRef"], "persist");
+        assert_eq!(body["idleTimeout"], "1h");
+        assert_eq!(body["pvcName"], "sandbox-copy-workspace");
+        let snapshot = fixture
+            .get("volumesnapshots", NS, "sandbox-copy-snapshot")
+            .unwrap();
+        assert_eq!(snapshot["apiVersion"], "snapshot.storage.k8s.io/v1");
+        assert_eq!(
+            snapshot["spec"]["source"]["persistentVolumeClaimName"],
+            "sandbox-src-workspace"
+        );
+        let secret = fixture.get("secrets", NS, "sandbox-copy").unwrap();
+        assert_eq!(
+            snapshot["metadata"]["ownerReferences"][0]["uid"],
+            secret["metadata"]["uid"]
+        );
+        let pvc = fixture
+            .get("persistentvolumeclaims", NS, "sandbox-copy-workspace")
+            .unwrap();
+        assert_eq!(
+            pvc["spec"]["dataSource"],
+            json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
+                   "name": "sandbox-copy-snapshot"})
+        );
+        assert_eq!(pvc["spec"]["storageClassName"], "csi-snapshots");
+        assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "2Gi");
+        let source = fixture.get("pods", NS, "sandbox-src").unwrap();
+        let pod = fixture.get("pods", NS, "sandbox-copy").unwrap();
+        assert_eq!(pod["metadata"]["labels"]["agentbox.dev/sandbox"], "copy");
+        assert_eq!(
+            pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+            "sandbox-copy-workspace"
+        );
+        let env = env_of(&pod["spec"]["containers"][0]);
+        assert_eq!(env["AGENTBOX_SANDBOX"]["value"], "copy");
+        assert_eq!(
+            env["AGENTBOX_RUNNER_TOKEN"]["valueFrom"]["secretKeyRef"]["name"],
+            "sandbox-copy"
+        );
+        assert_eq!(
+            pod["spec"]["containers"][0]["image"],
+            source["spec"]["containers"][0]["image"]
+        );
+        let ann = &secret["metadata"]["annotations"];
+        assert_eq!(ann["agentbox.dev/cloned-from"], "src");
+        assert_eq!(ann["agentbox.dev/namespace"], "team-c");
+        // Its own Pod, stored for its resumes (the kubelet here gives every Secret the one
+        // runner's token, so tokens are not compared).
+        assert!(secret["data"]["pod.json"].is_string());
+        // It starts like any sandbox (here the one runner stands in for the restored workspace).
+        cp.wait_status("copy", "Running").await;
+        assert_eq!(invoke(&cp, "copy", "cloned").await, b"cloned");
+
+        // An emptyDir workspace cannot be snapshotted: a clear 409, nothing made.
+        let (code, body) = cp
+            .send(
+                cp.sb(Method::POST, "plain", "/clone")
+                    .json(&json!({"name": "copy2"})),
+            )
+            .await;
+        assert_eq!(code, 409, "{body}");
+        assert_eq!(body["error"], "not_cloneable", "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("emptyDir"),
+            "{body}"
+        );
+        assert!(fixture.get("secrets", NS, "sandbox-copy2").is_none());
+        assert_eq!(fixture.list("volumesnapshots", NS).len(), 1);
+        // Taken name, unknown source.
+        let (code, body) = cp
+            .send(
+                cp.sb(Method::POST, "src", "/clone")
+                    .json(&json!({"name": "plain"})),
+            )
+            .await;
+        assert_eq!(
+            (code, body["error"].as_str()),
+            (409, Some("already_exists")),
+            "{body}"
+        );
+        let (code, body) = cp
+            .send(
+                cp.sb(Method::POST, "nope", "/clone")
+                    .json(&json!({"name": "x"})),
+            )
+            .await;
+        assert_eq!(
+            (code, body["error"].as_str()),
+            (404, Some("sandbox_not_found")),
+            "{body}"
+        );
+
+        // Deleting the clone removes its snapshot and claim; the source's stays.
+        let (code, _) = cp.send(cp.sb(Method::DELETE, "copy", "")).await;
+        assert_eq!(code, 200);
+        assert!(fixture.list("volumesnapshots", NS).is_empty());
+        assert!(fixture
+            .get("persistentvolumeclaims", NS, "sandbox-copy-workspace")
+            .is_none());
+        assert!(fixture
+            .get("persistentvolumeclaims", NS, "sandbox-src-workspace")
+            .is_some());
+    };
+    tokio::select! {
+        () = body => {}
+        () = kubelet_all(&fixture, runner_addr.port()) => unreachable!(),
+    }
+}
+
+/// Uses reach every replica: requests served by one replica (file writes, which the runner's
+/// invoke list does not show) keep another replica's sweep from stopping the sandbox, through
+/// the record's `last-activity`; once they stop, that sweep stops it after `idleTimeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uses_served_by_one_replica_keep_the_sandbox_awake_in_another() {
+    let tmp1 = tempfile::tempdir().unwrap();
+    let tmp2 = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let (_runner, runner_addr) = start_runner(tmp1.path()).await;
+    let image = ["--kube-runner-image", RUNNER_IMAGE];
+    let sweeper = start_cp(
+        &fixture,
+        tmp1.path(),
+        &[image[0], image[1], "--lifecycle-interval", "200ms"],
+    )
+    .await;
+    let server = start_cp(
+        &fixture,
+        tmp2.path(),
+        &[image[0], image[1], "--lifecycle-interval", "1h"],
+    )
+    .await;
+    let body = async {
+        let (code, body) = server
+            .send(
+                server
+                    .req(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": "shared", "idleTimeout": "2s"})),
+            )
+            .await;
+        assert_eq!(code, 201, "{body}");
+        sweeper.wait_status("shared", "Running").await;
+        server.wait_status("shared", "Running").await;
+        let started = Instant::now();
+        let mut last_use = Instant::now();
+        while started.elapsed() < Duration::from_millis(4500) {
+            let resp = server
+                .sb(Method::PUT, "shared", "/files/workspace/note.txt")
+                .body("kept awake")
+                .send()
+                .await
+                .unwrap();
+            assert!(resp.status().is_success(), "{}", resp.status());
+            last_use = Instant::now();
+            let (code, body) = sweeper.get("shared").await;
+            assert_eq!(code, 200);
+            assert_eq!(body["status"], "Running", "stopped while used: {body}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let stopped = wait_stopped(&sweeper, "shared", "idle").await;
+        assert!(
+            last_use.elapsed() >= Duration::from_millis(1900),
+            "{:?}",
+            last_use.elapsed()
+        );
+        assert!(stopped["lastActivityAt"].is_string(), "{stopped}");
+    };
+    tokio::select! {
+        () = body => {}
+        () = kubelet(&fixture, &["shared"], runner_addr.port()) => unreachable!(),
+    }
+}
+
+/// Kubernetes takes a template's warm pool from its ConfigMap too (key `warmPool`, winning over
+/// the templates file): the pool is kept, reported and claimed; a bad one is refused on create
+/// with the ConfigMap named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_from_the_template_configmap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let (_runner, runner_addr) = start_runner(tmp.path()).await;
+    fixture.put(
+        "configmaps",
+        NS,
+        json!({
+            "metadata": {"name": "agentbox-template-default"},
+            "data": {"warmPool": json!({"size": 2}).to_string()},
+        }),
+    );
+    let cp = start_cp(&fixture, tmp.path(), &["--kube-runner-image", RUNNER_IMAGE]).await;
+    let body = async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (code, status) = cp
+                .send(cp.req(Method::GET, "/api/v1/warmpool/status"))
+                .await;
+            assert_eq!(code, 200, "{status}");
+            let pool = status["pools"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["template"] == "default")
+                .cloned();
+            if pool
+                .as_ref()
+                .is_some_and(|p| p["size"] == 2 && p["ready"] == 2)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no pool from the ConfigMap: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let pooled = fixture
+            .list("pods", NS)
+            .iter()
+            .filter(|p| p["metadata"]["labels"]["agentbox.dev/pool"] == "default")
+            .count();
+        assert_eq!(pooled, 2);
+        let (code, body) = cp
+            .send(
+                cp.req(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": "from-cm"})),
+            )
+            .await;
+        assert_eq!(code, 201, "{body}");
+        assert_eq!(body["fromWarmPool"], true, "{body}");
+        // A bad warmPool: creates of the template say which ConfigMap and key.
+        fixture.update("configmaps", NS, "agentbox-template-default", |cm| {
+            cm["data"]["warmPool"] = json!(json!({"size": 1000}).to_string());
+        });
+        let (code, body) = cp
+            .send(
+                cp.req(Method::POST, "/api/v1/sandboxes")
+                    .json(&json!({"name": "bad-pool"})),
+            )
+            .await;
+        assert_eq!(code, 500, "{body}");
+        assert_eq!(body["error"], "backend_error");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains("agentbox-template-default") && message.contains("warmPool"),
+            "{message}"
+        );
+    };
+    tokio::select! {
+        () = body => {}
+        () = kubelet_all(&fixture, runner_addr.port()) => unreachable!(),
+    }
+}
+
+/// A template with a workspace claim (`pvc.json`) is pooled with a claim per pooled Pod
+/// (`pool-<hex>-workspace`); the claim is handed to the sandbox that claims the Pod (its labels
+/// and owner), outlives the Pod's first stop, is mounted again by the resumed `sandbox-<name>`
+/// Pod, and goes with the sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_with_a_workspace_claim() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Fixture::start().await;
+    let (_runner, runner_addr) = start_runner(tmp.path()).await;
+    let templates = tmp.path().join("templates.json");
+    std::fs::write(
+        &templates,
+        json!({"templates": [{"name": "disk", "mode": "agent", "warmPool": {"size": 1}}]})
+            .to_string(),
+    )
+    .unwrap();
+    fixture.put(
+        "configmaps",
+        NS,
+        json!({
+            "metadata": {"name": "agentbox-template-disk"},
+            "data": {"pvc.json": json!({
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "3Gi"}},
+            }).to_string()},
+        }),
+    );
+    let cp = start_cp(
+        &fixture,
+        tmp.path(),
+        &[
+            "--kube-runner-image",
+            RUNNER_IMAGE,
+            "--templates-file",
+            templates.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let pooled_claims = || -> Vec<Value> {
+        fixture
+            .list("persistentvolumeclaims", NS)
+            .into_iter()
+            .filter(|c| c["metadata"]["labels"]["agentbox.dev/pool"] == "disk")
+            .collect()
+    };
+    let body = async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, status) = cp
+                .send(cp.req(Method::GET, "/api/v1/warmpool/status"))
+                .await;
+            if status["pools"][0]["ready"] == 1 && pooled_claims().len() == 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no pooled claim: {status}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let claim = pooled_claims()[0].clone();
+        let claim_name = claim["metadata"]["name"].as_str().unwrap().to_owned();
+        assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "3Gi");
+        let pod_name = claim_name.strip_suffix("-workspace").unwrap().to_owned();
+        let pod = fixture.get("pods", NS, &pod_name).unwrap();
+        assert_eq!(
+            pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+            claim_name.as_str()
+        );
+
+        let (code, body) = cp
+            .send(cp.req(Method::POST, "/api/v1/sandboxes").json(
+                &json!({"name": "d1", "namespace": "team-d", "templateRef": {"name": "disk"}}),
+            ))
+            .await;
+        assert_eq!(code, 201, "{body}");
+        assert_eq!(body["fromWarmPool"], true, "{body}");
+        assert_eq!(body["pvcName"], claim_name.as_str());
+        let record = fixture.get("secrets", NS, "sandbox-d1").unwrap();
+        let handed = fixture
+            .get("persistentvolumeclaims", NS, &claim_name)
+            .unwrap();
+        assert_eq!(handed["metadata"]["labels"]["agentbox.dev/sandbox"], "d1");
+        assert_eq!(
+            handed["metadata"]["labels"]["agentbox.dev/namespace"],
+            "team-d"
+        );
+        assert!(handed["metadata"]["labels"]
+            .get("agentbox.dev/pool")
+            .is_none());
+        assert_eq!(
+            handed["metadata"]["ownerReferences"][0]["uid"],
+            record["metadata"]["uid"]
+        );
+        // Stopped: the pooled Pod and Secret go, the claim stays; resumed: its own Pod on it.
+        let (code, body) = cp.send(cp.sb(Method::POST, "d1", "/stop")).await;
+        assert_eq!(code, 200, "{body}");
+        assert!(fixture.get("pods", NS, &pod_name).is_none());
+        assert!(fixture.get("secrets", NS, &pod_name).is_none());
+        assert!(fixture
+            .get("persistentvolumeclaims", NS, &claim_name)
+            .is_some());
+        let (code, body) = cp.send(cp.sb(Method::POST, "d1", "/resume")).await;
+        assert_eq!(code, 200, "{body}");
+        let own = fixture.get("pods", NS, "sandbox-d1").unwrap();
+        assert_eq!(
+            own["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+            claim_name.as_str()
+        );
+        cp.wait_status("d1", "Running").await;
+        // The pool made another claim for its next Pod.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pooled_claims().len() != 1 {
+            assert!(Instant::now() < deadline, "the pool was not refilled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_ne!(pooled_claims()[0]["metadata"]["name"], claim_name.as_str());
+        let (code, _) = cp.send(cp.sb(Method::DELETE, "d1", "")).await;
+        assert_eq!(code, 200);
+        assert!(fixture
+            .get("persistentvolumeclaims", NS, &claim_name)
+            .is_none());
+    };
+    tokio::select! {
+        () = body => {}
+        () = kubelet_all(&fixture, runner_addr.port()) => unreachable!(),
+    }
 }

@@ -53,6 +53,16 @@ pub struct CreateSpec {
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Every sandbox.
     async fn list(&self) -> Result<Vec<SandboxSummary>>;
+    /// The sandboxes of `namespace` as the platform holds them at this moment: what a create
+    /// counts under the create lock ([`crate::governance::Governance::lock_creates`]). Only
+    /// their name, namespace, mode and `createdBy` need be right. Backends whose `list` reads
+    /// their own store use it; Kubernetes asks the API server, since its caches may not show
+    /// another replica's create yet.
+    async fn list_for_count(&self, namespace: &str) -> Result<Vec<SandboxSummary>> {
+        let mut all = self.list().await?;
+        all.retain(|s| s.namespace == namespace);
+        Ok(all)
+    }
     /// One sandbox, or `None`.
     async fn get(&self, name: &str) -> Result<Option<SandboxSummary>>;
     /// Creates and starts a sandbox ([`crate::error::Error::AlreadyExists`] when taken).

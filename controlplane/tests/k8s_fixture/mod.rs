@@ -1,8 +1,14 @@
-//! A tiny stand-in for the Kubernetes API server: namespaced core/v1 objects kept as JSON,
-//! served over HTTP exactly the way kube's client and watcher call it: list (with
-//! `resourceVersion` in the list metadata), watch (`?watch=true&resourceVersion=N`, a stream of
-//! JSON lines `{"type", "object"}` starting after N, ending after `timeoutSeconds`), get,
-//! create (POST), delete and merge patch, with equality label selectors and `Status` errors.
+//! A tiny stand-in for the Kubernetes API server (the one mock the Kubernetes tests use):
+//! namespaced core/v1 objects, coordination.k8s.io/v1 Leases and snapshot.storage.k8s.io/v1
+//! VolumeSnapshots kept as JSON, served over HTTP exactly the way kube's client and watcher
+//! call it: list (with `resourceVersion` in the list metadata; metadata only when asked for a
+//! `PartialObjectMetadataList`), watch (`?watch=true&resourceVersion=N`, a stream of JSON lines
+//! `{"type", "object"}` starting after N, ending after `timeoutSeconds`), get, create (POST),
+//! delete, merge patch and replace (PUT), with equality label selectors and `Status` errors. As
+//! the API server, a `metadata.resourceVersion` in a patch or a replace, and
+//! `preconditions.resourceVersion` in a delete's options, is a precondition: a stale one is
+//! answered 409 Conflict, checked and written under one lock. It has no garbage collector:
+//! owner references are kept, not followed.
 //! Tests change objects directly (as a kubelet or a user would) and read every request made.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
@@ -14,7 +20,7 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -40,6 +46,8 @@ impl Req {
 /// One change, as a watch reports it.
 #[derive(Debug, Clone)]
 struct Change {
+    /// When it happened (a lagging endpoint's watches deliver it `watch_delay` later).
+    at: std::time::Instant,
     rv: u64,
     resource: String,
     namespace: String,
@@ -60,6 +68,8 @@ struct Store {
 struct Shared {
     store: Arc<Mutex<Store>>,
     changes: broadcast::Sender<Change>,
+    /// How late this endpoint's watches deliver live changes (zero but on a lagging one).
+    watch_delay: Duration,
 }
 
 /// The fake API server; it stops when dropped.
@@ -67,11 +77,16 @@ pub struct Fixture {
     pub addr: SocketAddr,
     shared: Shared,
     task: tokio::task::JoinHandle<()>,
+    /// Lagging endpoints' servers.
+    more: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for Fixture {
     fn drop(&mut self) {
         self.task.abort();
+        for task in self.more.lock().unwrap().drain(..) {
+            task.abort();
+        }
     }
 }
 
@@ -83,8 +98,19 @@ fn kind_of(resource: &str) -> Option<&'static str> {
         "configmaps" => "ConfigMap",
         "persistentvolumeclaims" => "PersistentVolumeClaim",
         "events" => "Event",
+        "leases" => "Lease",
+        "volumesnapshots" => "VolumeSnapshot",
         _ => return None,
     })
+}
+
+/// The `apiVersion` of a resource's objects.
+fn api_version_of(resource: &str) -> &'static str {
+    match resource {
+        "leases" => "coordination.k8s.io/v1",
+        "volumesnapshots" => "snapshot.storage.k8s.io/v1",
+        _ => "v1",
+    }
 }
 
 fn status(code: u16, reason: &str, message: String) -> Response {
@@ -160,7 +186,7 @@ impl Store {
         let key = (resource.to_owned(), namespace.to_owned(), name);
         self.rv += 1;
         object["kind"] = json!(kind_of(resource).unwrap());
-        object["apiVersion"] = json!("v1");
+        object["apiVersion"] = json!(api_version_of(resource));
         let meta = &mut object["metadata"];
         meta["namespace"] = json!(namespace);
         meta["resourceVersion"] = json!(self.rv.to_string());
@@ -177,6 +203,7 @@ impl Store {
         }
         self.objects.insert(key, object.clone());
         let change = Change {
+            at: std::time::Instant::now(),
             rv: self.rv,
             resource: resource.to_owned(),
             namespace: namespace.to_owned(),
@@ -193,6 +220,7 @@ impl Store {
         self.rv += 1;
         object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let change = Change {
+            at: std::time::Instant::now(),
             rv: self.rv,
             resource: resource.to_owned(),
             namespace: namespace.to_owned(),
@@ -235,6 +263,45 @@ async fn collection(
     State(shared): State<Shared>,
     Path((namespace, resource)): Path<(String, String)>,
     Query(query): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+    method: Method,
+    body: Bytes,
+) -> Response {
+    if api_version_of(&resource) != "v1" {
+        return status(
+            404,
+            "NotFound",
+            format!("{resource} is not in the core group"),
+        );
+    }
+    collection_of(shared, namespace, resource, &query, &headers, method, body)
+}
+
+/// A collection of a named API group (`/apis/{group}/{version}/...`).
+async fn group_collection(
+    State(shared): State<Shared>,
+    Path((group, version, namespace, resource)): Path<(String, String, String, String)>,
+    Query(query): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+    method: Method,
+    body: Bytes,
+) -> Response {
+    if api_version_of(&resource) != format!("{group}/{version}") {
+        return status(
+            404,
+            "NotFound",
+            format!("no {resource} in {group}/{version}"),
+        );
+    }
+    collection_of(shared, namespace, resource, &query, &headers, method, body)
+}
+
+fn collection_of(
+    shared: Shared,
+    namespace: String,
+    resource: String,
+    query: &BTreeMap<String, String>,
+    headers: &HeaderMap,
     method: Method,
     body: Bytes,
 ) -> Response {
@@ -274,7 +341,7 @@ async fn collection(
         return (StatusCode::CREATED, Json(object)).into_response();
     }
     if query.get("watch").map(String::as_str) == Some("true") {
-        return watch(shared, resource, namespace, &query);
+        return watch(shared, resource, namespace, query);
     }
     let store = shared.store.lock().unwrap();
     let items: Vec<Value> = store
@@ -283,9 +350,32 @@ async fn collection(
         .filter(|((r, ns, _), o)| *r == resource && *ns == namespace && selected(o, selector))
         .map(|(_, o)| o.clone())
         .collect();
+    let metadata_only = headers
+        .get("accept")
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("as=PartialObjectMetadataList"));
+    if metadata_only {
+        let items: Vec<Value> = items
+            .into_iter()
+            .map(|o| {
+                json!({
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": o["metadata"],
+                })
+            })
+            .collect();
+        return Json(json!({
+            "kind": "PartialObjectMetadataList",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": store.rv.to_string()},
+            "items": items,
+        }))
+        .into_response();
+    }
     Json(json!({
         "kind": format!("{kind}List"),
-        "apiVersion": "v1",
+        "apiVersion": api_version_of(&resource),
         "metadata": {"resourceVersion": store.rv.to_string()},
         "items": items,
     }))
@@ -327,6 +417,7 @@ fn watch(
                 .objects
                 .iter()
                 .map(|((r, ns, _), o)| Change {
+                    at: std::time::Instant::now(),
                     rv: store.rv,
                     resource: r.clone(),
                     namespace: ns.clone(),
@@ -352,10 +443,15 @@ fn watch(
         Ok(Bytes::from(text))
     };
     // A lagging watcher's stream ends; it watches again from its last resourceVersion.
+    let delay = shared.watch_delay;
     let live = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.ok().map(|change| (change, rx))
     })
-    .filter(move |c| std::future::ready(c.rv > last && relevant(c)));
+    .filter(move |c| std::future::ready(c.rv > last && relevant(c)))
+    .then(move |c| async move {
+        tokio::time::sleep_until((c.at + delay).into()).await;
+        c
+    });
     let stream = futures_util::stream::iter(backlog)
         .chain(live)
         .map(move |c| line(&c))
@@ -369,6 +465,47 @@ fn watch(
 async fn item(
     State(shared): State<Shared>,
     Path((namespace, resource, name)): Path<(String, String, String)>,
+    method: Method,
+    body: Bytes,
+) -> Response {
+    if api_version_of(&resource) != "v1" {
+        return status(
+            404,
+            "NotFound",
+            format!("{resource} is not in the core group"),
+        );
+    }
+    item_of(shared, namespace, resource, name, method, body)
+}
+
+/// An object of a named API group (`/apis/{group}/{version}/...`).
+async fn group_item(
+    State(shared): State<Shared>,
+    Path((group, version, namespace, resource, name)): Path<(
+        String,
+        String,
+        String,
+        String,
+        String,
+    )>,
+    method: Method,
+    body: Bytes,
+) -> Response {
+    if api_version_of(&resource) != format!("{group}/{version}") {
+        return status(
+            404,
+            "NotFound",
+            format!("no {resource} in {group}/{version}"),
+        );
+    }
+    item_of(shared, namespace, resource, name, method, body)
+}
+
+fn item_of(
+    shared: Shared,
+    namespace: String,
+    resource: String,
+    name: String,
     method: Method,
     body: Bytes,
 ) -> Response {
@@ -386,10 +523,32 @@ async fn item(
             Some(o) => Json(o.clone()).into_response(),
             None => not_found(),
         },
-        Method::DELETE => match shared.remove(&resource, &namespace, &name) {
-            Some(o) => Json(o).into_response(),
-            None => not_found(),
-        },
+        Method::DELETE => {
+            // DeleteOptions' `preconditions.resourceVersion`: 409 when the object changed.
+            let want = serde_json::from_slice::<Value>(&body).ok().and_then(|o| {
+                o["preconditions"]["resourceVersion"]
+                    .as_str()
+                    .map(str::to_owned)
+            });
+            let mut store = shared.store.lock().unwrap();
+            if let (Some(want), Some(object)) = (&want, store.objects.get(&key)) {
+                if object["metadata"]["resourceVersion"].as_str() != Some(want.as_str()) {
+                    return status(
+                        409,
+                        "Conflict",
+                        format!("precondition failed: resourceVersion {want} is stale"),
+                    );
+                }
+            }
+            match store.remove(&resource, &namespace, &name) {
+                Some(change) => {
+                    let object = change.object.clone();
+                    let _ = shared.changes.send(change);
+                    Json(object).into_response()
+                }
+                None => not_found(),
+            }
+        }
         Method::PATCH => {
             let patch: Value = match serde_json::from_slice(&body) {
                 Ok(v) => v,
@@ -417,8 +576,76 @@ async fn item(
             drop(store);
             Json(object).into_response()
         }
+        Method::PUT => {
+            let mut object: Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return status(400, "BadRequest", e.to_string()),
+            };
+            if object["metadata"]["name"].as_str() != Some(name.as_str()) {
+                return status(400, "BadRequest", "metadata.name does not match".into());
+            }
+            let mut store = shared.store.lock().unwrap();
+            let Some(old) = store.objects.get(&key) else {
+                return not_found();
+            };
+            if let Some(want) = object["metadata"]["resourceVersion"].as_str() {
+                if old["metadata"]["resourceVersion"].as_str() != Some(want) {
+                    return status(
+                        409,
+                        "Conflict",
+                        format!("the object has been modified; resourceVersion {want} is stale"),
+                    );
+                }
+            }
+            object["metadata"]["uid"] = old["metadata"]["uid"].clone();
+            object["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"].clone();
+            let (change, _) = store.put(&resource, &namespace, object);
+            let object = change.object.clone();
+            let _ = shared.changes.send(change);
+            drop(store);
+            Json(object).into_response()
+        }
         _ => status(405, "MethodNotAllowed", format!("{method} not allowed")),
     }
+}
+
+/// Serves the API on 127.0.0.1 (a free port).
+async fn serve(shared: Shared) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let app = Router::new()
+        .route(
+            "/api/v1/namespaces/{ns}/{resource}",
+            get(collection).post(collection),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}/{resource}/{name}",
+            get(item).delete(item).patch(item).put(item),
+        )
+        .route(
+            "/apis/{group}/{version}/namespaces/{ns}/{resource}",
+            get(group_collection).post(group_collection),
+        )
+        .route(
+            "/apis/{group}/{version}/namespaces/{ns}/{resource}/{name}",
+            get(group_item)
+                .delete(group_item)
+                .patch(group_item)
+                .put(group_item),
+        )
+        .fallback(|request: Request| async move {
+            status(
+                404,
+                "NotFound",
+                format!("no route for {}", request.uri().path()),
+            )
+        })
+        .layer(middleware::from_fn_with_state(shared.clone(), log_requests))
+        .with_state(shared);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (addr, task)
 }
 
 impl Fixture {
@@ -428,39 +655,41 @@ impl Fixture {
         let shared = Shared {
             store: Arc::new(Mutex::new(Store::default())),
             changes,
+            watch_delay: Duration::ZERO,
         };
-        let app = Router::new()
-            .route(
-                "/api/v1/namespaces/{ns}/{resource}",
-                get(collection).post(collection),
-            )
-            .route(
-                "/api/v1/namespaces/{ns}/{resource}/{name}",
-                get(item).delete(item).patch(item),
-            )
-            .fallback(|request: Request| async move {
-                status(
-                    404,
-                    "NotFound",
-                    format!("no route for {}", request.uri().path()),
-                )
-            })
-            .layer(middleware::from_fn_with_state(shared.clone(), log_requests))
-            .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Fixture { addr, shared, task }
+        let (addr, task) = serve(shared.clone()).await;
+        Fixture {
+            addr,
+            shared,
+            task,
+            more: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Another endpoint of the same API server whose watches deliver every live change
+    /// `delay` late (as a watch cache lagging behind etcd): a client's caches there lag every
+    /// write by that much; its reads and writes do not.
+    pub async fn lagging(&self, delay: Duration) -> SocketAddr {
+        let shared = Shared {
+            watch_delay: delay,
+            ..self.shared.clone()
+        };
+        let (addr, task) = serve(shared).await;
+        self.more.lock().unwrap().push(task);
+        addr
     }
 
     /// A kubeconfig pointing at this fixture, with no credentials.
     pub fn kubeconfig(&self, namespace: &str) -> String {
+        Self::kubeconfig_at(self.addr, namespace)
+    }
+
+    /// A kubeconfig pointing at `addr` (this fixture's, or a lagging endpoint's).
+    pub fn kubeconfig_at(addr: SocketAddr, namespace: &str) -> String {
         json!({
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "fixture", "cluster": {"server": format!("http://{}", self.addr)}}],
+            "clusters": [{"name": "fixture", "cluster": {"server": format!("http://{addr}")}}],
             "users": [{"name": "anonymous", "user": {}}],
             "contexts": [{"name": "fixture", "context": {
                 "cluster": "fixture", "user": "anonymous", "namespace": namespace,
