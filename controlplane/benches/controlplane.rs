@@ -979,7 +979,15 @@ fn bench_docker(rows: &mut Vec<[String; 5]>) {
     for _ in 0..n.min(20) {
         let t0 = Instant::now();
         let ok = Command::new("docker")
-            .args(["run", "--rm", "--network", "none", "--entrypoint", "/bin/true", image])
+            .args([
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "--entrypoint",
+                "/bin/true",
+                image,
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()

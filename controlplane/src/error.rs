@@ -117,9 +117,7 @@ impl Error {
             Error::NotRunning { .. }
             | Error::AlreadyExists(_)
             | Error::AmbiguousName { .. }
-            | Error::NotCloneable(_) => {
-                StatusCode::CONFLICT
-            }
+            | Error::NotCloneable(_) => StatusCode::CONFLICT,
             Error::RunnerUnreachable(_) | Error::RunnerUnauthorized => StatusCode::BAD_GATEWAY,
             Error::RunnerTimeout => StatusCode::GATEWAY_TIMEOUT,
             Error::Backend(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

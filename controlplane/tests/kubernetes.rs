@@ -1884,49 +1884,57 @@ async fn clone_is_a_volume_snapshot_and_a_claim_from_it() {
         assert_eq!(body["clonedFrom"], "src");
         assert_eq!(body["templateRef"], "persist");
         assert_eq!(body["idleTimeout"], "1h");
-        assert_eq!(body["pvcName"], "sandbox-copy-workspace");
+        assert_eq!(body["pvcName"], "sandbox-copy.team-c-workspace");
         let snapshot = fixture
-            .get("volumesnapshots", NS, "sandbox-copy-snapshot")
+            .get("volumesnapshots", NS, "sandbox-copy.team-c-snapshot")
             .unwrap();
         assert_eq!(snapshot["apiVersion"], "snapshot.storage.k8s.io/v1");
         assert_eq!(
             snapshot["spec"]["source"]["persistentVolumeClaimName"],
-            "sandbox-src-workspace"
+            "sandbox-src.team-c-workspace"
         );
-        let secret = fixture.get("secrets", NS, "sandbox-copy").unwrap();
+        let secret = fixture.get("secrets", NS, "sandbox-copy.team-c").unwrap();
         assert_eq!(
             snapshot["metadata"]["ownerReferences"][0]["uid"],
             secret["metadata"]["uid"]
         );
         let pvc = fixture
-            .get("persistentvolumeclaims", NS, "sandbox-copy-workspace")
+            .get(
+                "persistentvolumeclaims",
+                NS,
+                "sandbox-copy.team-c-workspace",
+            )
             .unwrap();
         assert_eq!(
             pvc["spec"]["dataSource"],
             json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
-                   "name": "sandbox-copy-snapshot"})
+                   "name": "sandbox-copy.team-c-snapshot"})
         );
         assert_eq!(pvc["spec"]["storageClassName"], "csi-snapshots");
         assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "2Gi");
-        let source = fixture.get("pods", NS, "sandbox-src").unwrap();
-        let pod = fixture.get("pods", NS, "sandbox-copy").unwrap();
-        assert_eq!(pod["metadata"]["labels"]["agentbox.dev/sandbox"], "copy");
+        let source = fixture.get("pods", NS, "sandbox-src.team-c").unwrap();
+        let pod = fixture.get("pods", NS, "sandbox-copy.team-c").unwrap();
+        assert_eq!(
+            pod["metadata"]["labels"]["agentbox.dev/sandbox"],
+            "copy.team-c"
+        );
         assert_eq!(
             pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
-            "sandbox-copy-workspace"
+            "sandbox-copy.team-c-workspace"
         );
         let env = env_of(&pod["spec"]["containers"][0]);
         assert_eq!(env["AGENTBOX_SANDBOX"]["value"], "copy");
         assert_eq!(
             env["AGENTBOX_RUNNER_TOKEN"]["valueFrom"]["secretKeyRef"]["name"],
-            "sandbox-copy"
+            "sandbox-copy.team-c"
         );
         assert_eq!(
             pod["spec"]["containers"][0]["image"],
             source["spec"]["containers"][0]["image"]
         );
         let ann = &secret["metadata"]["annotations"];
-        assert_eq!(ann["agentbox.dev/cloned-from"], "src");
+        // The record names the source by its key (the API shows its name).
+        assert_eq!(ann["agentbox.dev/cloned-from"], "src.team-c");
         assert_eq!(ann["agentbox.dev/namespace"], "team-c");
         // Its own Pod, stored for its resumes (the kubelet here gives every Secret the one
         // runner's token, so tokens are not compared).
@@ -1948,7 +1956,7 @@ async fn clone_is_a_volume_snapshot_and_a_claim_from_it() {
             body["message"].as_str().unwrap().contains("emptyDir"),
             "{body}"
         );
-        assert!(fixture.get("secrets", NS, "sandbox-copy2").is_none());
+        assert!(fixture.get("secrets", NS, "sandbox-copy2.team-c").is_none());
         assert_eq!(fixture.list("volumesnapshots", NS).len(), 1);
         // Taken name, unknown source.
         let (code, body) = cp
@@ -1979,10 +1987,14 @@ async fn clone_is_a_volume_snapshot_and_a_claim_from_it() {
         assert_eq!(code, 200);
         assert!(fixture.list("volumesnapshots", NS).is_empty());
         assert!(fixture
-            .get("persistentvolumeclaims", NS, "sandbox-copy-workspace")
+            .get(
+                "persistentvolumeclaims",
+                NS,
+                "sandbox-copy.team-c-workspace"
+            )
             .is_none());
         assert!(fixture
-            .get("persistentvolumeclaims", NS, "sandbox-src-workspace")
+            .get("persistentvolumeclaims", NS, "sandbox-src.team-c-workspace")
             .is_some());
     };
     tokio::select! {
@@ -2209,11 +2221,14 @@ async fn warm_pool_with_a_workspace_claim() {
         assert_eq!(code, 201, "{body}");
         assert_eq!(body["fromWarmPool"], true, "{body}");
         assert_eq!(body["pvcName"], claim_name.as_str());
-        let record = fixture.get("secrets", NS, "sandbox-d1").unwrap();
+        let record = fixture.get("secrets", NS, "sandbox-d1.team-d").unwrap();
         let handed = fixture
             .get("persistentvolumeclaims", NS, &claim_name)
             .unwrap();
-        assert_eq!(handed["metadata"]["labels"]["agentbox.dev/sandbox"], "d1");
+        assert_eq!(
+            handed["metadata"]["labels"]["agentbox.dev/sandbox"],
+            "d1.team-d"
+        );
         assert_eq!(
             handed["metadata"]["labels"]["agentbox.dev/namespace"],
             "team-d"
@@ -2235,7 +2250,7 @@ async fn warm_pool_with_a_workspace_claim() {
             .is_some());
         let (code, body) = cp.send(cp.sb(Method::POST, "d1", "/resume")).await;
         assert_eq!(code, 200, "{body}");
-        let own = fixture.get("pods", NS, "sandbox-d1").unwrap();
+        let own = fixture.get("pods", NS, "sandbox-d1.team-d").unwrap();
         assert_eq!(
             own["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
             claim_name.as_str()

@@ -848,7 +848,7 @@ fn retarget_pod(mut pod: Pod, source: &str, names: &Names<'_>, claim: &str) -> P
     for c in &mut spec.containers {
         for e in c.env.iter_mut().flatten() {
             if e.name == "AGENTBOX_SANDBOX" {
-                e.value = Some(names.sandbox.to_owned());
+                e.value = Some(super::display_name(names.sandbox, names.namespace).to_owned());
             }
             if let Some(key) = e
                 .value_from
