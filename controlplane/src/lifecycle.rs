@@ -135,6 +135,7 @@ pub fn is_use(action: &str) -> bool {
     request_body(content = CloneSandboxRequest, content_type = "application/json"),
     responses((status = 202, description = "The new sandbox (`clonedFrom` names the source); `Running` on the local backend, `Creating` on Kubernetes (its claim is restored from the snapshot when the Pod is scheduled).", body = SandboxSummary),
         (status = 400, description = "`invalid_request`: bad JSON or name.", body = ErrorBody), (status = 401, description = "`unauthorized`: no valid credential.", body = ErrorBody),
+        (status = 403, description = "`policy_violation` (with `violations: [{field, limit, actual}]`): the source namespace's governance policy refuses another sandbox (a clone is counted and checked as a create).", body = crate::governance::PolicyViolationBody),
         (status = 404, description = "`sandbox_not_found`: no such source, or in a namespace the caller may not use.", body = ErrorBody),
         (status = 409, description = "`already_exists`: the name is taken in the source's namespace (where the copy is made); `not_cloneable` (Kubernetes): the source's workspace is an `emptyDir` (its template has no `pvc.json`), or the cluster serves no VolumeSnapshots.", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 64 KiB.", body = ErrorBody),
@@ -178,6 +179,51 @@ pub(crate) async fn clone_sandbox(
         email: id.email.clone(),
         display_name: id.name.clone(),
     };
+    // A clone is a create in the source's namespace: its policy's counts, template and image
+    // are checked as a create's, under the same create lock.
+    let policy = app.governance.effective(&summary.namespace)?;
+    let _slot = if policy.policy.counts() {
+        Some(app.governance.lock_creates().await?)
+    } else {
+        None
+    };
+    if policy.source.is_some() {
+        let template_name = summary.template_ref.as_deref().unwrap_or("default");
+        let template = app
+            .templates
+            .get(template_name)
+            .cloned()
+            .unwrap_or_else(|| Template {
+                name: template_name.to_owned(),
+                mode: summary.mode.clone(),
+                ..Default::default()
+            });
+        let existing = if policy.policy.counts() {
+            app.backend.list_for_count(&summary.namespace).await?
+        } else {
+            Vec::new()
+        };
+        let violations = policy
+            .policy
+            .check_create(&id, &summary.namespace, &template, &existing);
+        crate::admin_api::audit_decision(
+            &app,
+            &id,
+            Some(&name),
+            &summary.namespace,
+            "clone",
+            &violations,
+        );
+        if !violations.is_empty() {
+            return Err(Error::PolicyViolation {
+                message: format!(
+                    "cloning {source:?} as {name:?} in {:?} breaks its policy",
+                    summary.namespace
+                ),
+                violations,
+            });
+        }
+    }
     // The copy is in the source's namespace, where its name is taken or not.
     let key = sandbox_key(&summary.namespace, &name);
     let result = if held_by_legacy(&app, &summary.namespace, &name).await? {

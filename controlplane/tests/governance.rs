@@ -184,6 +184,17 @@ async fn create_limits_are_enforced() {
     // Total: three.
     let (status, body) = create_as(&cp, ADMIN_KEY, "c2", "team-a", "code").await;
     assert_violation(status, &body, "maxSandboxesTotal");
+    // A clone is a create: counted the same (it made a fourth sandbox before).
+    let (status, body) = send(
+        cp.sb(Method::POST, "c1.team-a", "/clone")
+            .json(&json!({"name": "c3"})),
+    )
+    .await;
+    assert_violation(status, &body, "maxSandboxesTotal");
+    assert!(!env.sandbox_dir("c3.team-a").exists());
+    assert!(env
+        .audit_log()
+        .contains(r#""sandbox":"c3","namespace":"team-a","action":"governance.clone","outcome":"denied","status":403"#));
     // Templates, images, cpu and memory.
     put_policy(
         &cp,
