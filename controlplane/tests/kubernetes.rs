@@ -1108,6 +1108,25 @@ async fn one_name_in_two_namespaces_is_two_sandboxes() {
     assert!(fixture.get("secrets", NS, "sandbox-same.team-a").is_some());
 }
 
+/// The template ConfigMap giving template `name` a workspace claim of `size` (of `class`).
+fn put_pvc_template(fixture: &Fixture, name: &str, size: &str, class: Option<&str>) {
+    let mut pvc = json!({
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": size}},
+    });
+    if let Some(class) = class {
+        pvc["storageClassName"] = json!(class);
+    }
+    fixture.put(
+        "configmaps",
+        NS,
+        json!({
+            "metadata": {"name": format!("agentbox-template-{name}")},
+            "data": {"pvc.json": pvc.to_string()},
+        }),
+    );
+}
+
 /// The create lock, once released (bounded: the release follows the response).
 async fn released_lease(fixture: &Fixture) -> Value {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1422,17 +1441,7 @@ async fn idle_stop_resume_on_demand_and_lifetimes() {
         .to_string(),
     )
     .unwrap();
-    fixture.put(
-        "configmaps",
-        NS,
-        json!({
-            "metadata": {"name": "agentbox-template-sleepy"},
-            "data": {"pvc.json": json!({
-                "accessModes": ["ReadWriteOnce"],
-                "resources": {"requests": {"storage": "1Gi"}},
-            }).to_string()},
-        }),
-    );
+    put_pvc_template(&fixture, "sleepy", "1Gi", None);
     let cp = start_cp(
         &fixture,
         tmp.path(),
@@ -1837,18 +1846,7 @@ async fn clone_is_a_volume_snapshot_and_a_claim_from_it() {
             .to_string(),
     )
     .unwrap();
-    fixture.put(
-        "configmaps",
-        NS,
-        json!({
-            "metadata": {"name": "agentbox-template-persist"},
-            "data": {"pvc.json": json!({
-                "accessModes": ["ReadWriteOnce"],
-                "storageClassName": "csi-snapshots",
-                "resources": {"requests": {"storage": "2Gi"}},
-            }).to_string()},
-        }),
-    );
+    put_pvc_template(&fixture, "persist", "2Gi", Some("csi-snapshots"));
     let cp = start_cp(
         &fixture,
         tmp.path(),
@@ -2162,17 +2160,7 @@ async fn warm_pool_with_a_workspace_claim() {
             .to_string(),
     )
     .unwrap();
-    fixture.put(
-        "configmaps",
-        NS,
-        json!({
-            "metadata": {"name": "agentbox-template-disk"},
-            "data": {"pvc.json": json!({
-                "accessModes": ["ReadWriteOnce"],
-                "resources": {"requests": {"storage": "3Gi"}},
-            }).to_string()},
-        }),
-    );
+    put_pvc_template(&fixture, "disk", "3Gi", None);
     let cp = start_cp(
         &fixture,
         tmp.path(),
