@@ -935,7 +935,9 @@ pub struct SandboxSummary {
     pub created_at: Option<String>,
     /// RFC 3339: when an invoke or session last started or the configuration last changed
     /// (local backend: read off the runner's state directory; Docker: the requests this
-    /// control plane proxied, the container's start, the create).
+    /// control plane proxied, the container's start, the create; Kubernetes: the record's
+    /// `agentbox.dev/last-activity` annotation, which every replica writes in the background,
+    /// at most twice per interval of at most 5 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_activity_at: Option<String>,
     /// Who created it.
