@@ -52,45 +52,12 @@ fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// `docker ARGS`, ignoring failures.
-fn docker_quiet(args: &[&str]) -> String {
-    Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
+use common::docker::quiet as docker_quiet;
 
-/// Whether the suite runs: false only with `AGENTBOX_SKIP_DOCKER_TESTS=1`. Otherwise the engine
-/// and every image must be there, or the test fails here.
+/// Whether the suite runs: false only with `AGENTBOX_SKIP_DOCKER_TESTS=1`; otherwise the engine
+/// and every image must be there.
 fn docker_ready() -> bool {
-    if std::env::var("AGENTBOX_SKIP_DOCKER_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!("SKIPPED: AGENTBOX_SKIP_DOCKER_TESTS=1");
-        return false;
-    }
-    let engine = Command::new("docker")
-        .args(["version", "--format", "{{.Server.Version}}"])
-        .output();
-    assert!(
-        engine.as_ref().is_ok_and(|o| o.status.success()),
-        "no Docker engine ({engine:?}); the docker suite needs one (set \
-         AGENTBOX_SKIP_DOCKER_TESTS=1 to skip it on this machine)"
-    );
-    for image in [PYTHON_AGENT, LANGGRAPH_AGENT, RUNNER_IMAGE, DEBIAN, BUSYBOX] {
-        let found = Command::new("docker")
-            .args(["image", "inspect", image])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            found,
-            "image {image} is missing: run scripts/images.sh (or set AGENTBOX_SKIP_DOCKER_TESTS=1)"
-        );
-    }
-    true
+    common::docker::ready(&[PYTHON_AGENT, LANGGRAPH_AGENT, RUNNER_IMAGE, DEBIAN, BUSYBOX])
 }
 
 /// One test's scope: its control planes, network, and on drop the removal of everything
@@ -106,13 +73,7 @@ impl Scope {
     fn new(templates: Value) -> Scope {
         let env = Env::new();
         // `cpt-XXXXXX` → a DNS label, unique per test run.
-        let scope = format!(
-            "t{}",
-            env.tag
-                .trim_start_matches("cpt-")
-                .to_ascii_lowercase()
-                .replace(|c: char| !c.is_ascii_alphanumeric(), "")
-        );
+        let scope = common::docker::scope_name(&env, "t");
         let network = format!("agentbox-test-{scope}");
         std::fs::write(
             env.root.join("templates.json"),
@@ -222,16 +183,7 @@ impl Scope {
 
 impl Drop for Scope {
     fn drop(&mut self) {
-        let filter = format!("label=agentbox.dev/scope={}", self.scope);
-        let containers = docker_quiet(&["ps", "-aq", "--filter", &filter]);
-        for id in containers.split_whitespace() {
-            docker_quiet(&["rm", "-f", "-v", id]);
-        }
-        let volumes = docker_quiet(&["volume", "ls", "-q", "--filter", &filter]);
-        for v in volumes.split_whitespace() {
-            docker_quiet(&["volume", "rm", "-f", v]);
-        }
-        docker_quiet(&["network", "rm", &self.network]);
+        common::docker::remove_scope(&self.scope, &self.network);
         for image in &self.images {
             docker_quiet(&["rmi", "-f", image]);
         }

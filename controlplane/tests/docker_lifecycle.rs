@@ -10,7 +10,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{assert_error, eventually, exit_event, rebuild, send, Cp, Env};
@@ -19,33 +18,10 @@ use serde_json::{json, Value};
 
 const PYTHON_AGENT: &str = "agentbox/python-agent:latest";
 
-fn docker_quiet(args: &[&str]) -> String {
-    Command::new("docker")
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
-}
+use common::docker::quiet as docker_quiet;
 
 fn docker_ready() -> bool {
-    if std::env::var("AGENTBOX_SKIP_DOCKER_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!("SKIPPED: AGENTBOX_SKIP_DOCKER_TESTS=1");
-        return false;
-    }
-    let found = Command::new("docker")
-        .args(["image", "inspect", PYTHON_AGENT])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "no Docker engine or no image {PYTHON_AGENT}: run scripts/images.sh (or set \
-         AGENTBOX_SKIP_DOCKER_TESTS=1)"
-    );
-    true
+    common::docker::ready(&[PYTHON_AGENT])
 }
 
 /// One test's scope; on drop everything labelled with it goes.
@@ -58,13 +34,7 @@ struct Scope {
 impl Scope {
     fn new(templates: Value) -> Scope {
         let env = Env::new();
-        let scope = format!(
-            "l{}",
-            env.tag
-                .trim_start_matches("cpt-")
-                .to_ascii_lowercase()
-                .replace(|c: char| !c.is_ascii_alphanumeric(), "")
-        );
+        let scope = common::docker::scope_name(&env, "l");
         let network = format!("agentbox-test-{scope}");
         std::fs::write(
             env.root.join("templates.json"),
@@ -123,16 +93,7 @@ impl Scope {
 
 impl Drop for Scope {
     fn drop(&mut self) {
-        let filter = format!("label=agentbox.dev/scope={}", self.scope);
-        let containers = docker_quiet(&["ps", "-aq", "--filter", &filter]);
-        for id in containers.split_whitespace() {
-            docker_quiet(&["rm", "-f", "-v", id]);
-        }
-        let volumes = docker_quiet(&["volume", "ls", "-q", "--filter", &filter]);
-        for v in volumes.split_whitespace() {
-            docker_quiet(&["volume", "rm", "-f", v]);
-        }
-        docker_quiet(&["network", "rm", &self.network]);
+        common::docker::remove_scope(&self.scope, &self.network);
     }
 }
 

@@ -6,6 +6,7 @@
 //! of them: no runner outlives the test run.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod docker;
 pub mod escape;
 
 use std::io::{BufRead, BufReader};
