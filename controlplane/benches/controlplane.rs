@@ -765,19 +765,10 @@ fn bench_ready(isolation: &str, rows: &mut Vec<[String; 5]>) {
     let (mut warm, mut claims, mut floor) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
         pool_full(&mut http);
-        let body = format!(r#"{{"name":"warm-{i}","templateRef":{{"name":"warm"}}}}"#);
-        let t0 = Instant::now();
-        let (status, out) = http_json(&mut http, "POST", "/api/v1/sandboxes", body.as_bytes());
-        assert_eq!(status, 201, "create: {}", String::from_utf8_lossy(&out));
-        claims.push(t0.elapsed());
-        exec_true(&mut http, &format!("warm-{i}"));
-        warm.push(t0.elapsed());
-        // The floor: the same exec again, on the now running sandbox.
-        let t1 = Instant::now();
-        exec_true(&mut http, &format!("warm-{i}"));
-        floor.push(t1.elapsed());
-        let created: Value = serde_json::from_slice(&out).expect("json");
-        assert_eq!(created["fromWarmPool"], true, "{created}");
+        let (claim, ready, again) = claim_pooled(&mut http, &format!("warm-{i}"), "warm");
+        claims.push(claim);
+        warm.push(ready);
+        floor.push(again);
     }
     let used: Value = serde_json::from_slice(
         &std::fs::read(cp.state.join("sandboxes/warm-0/sandbox.json")).expect("record"),
@@ -894,6 +885,25 @@ impl Drop for DockerScope {
 
 /// Time-to-interactive of Docker sandboxes (image `agentbox/python-agent`): claimed from a
 /// warm pool of 4, and started cold.
+/// Creates `name` from `template`'s warm pool (asserting it was pooled) and execs `/bin/true`
+/// in it twice: the create's time, the time to interactive (create → first exec done), and the
+/// second exec's (the floor: the same exec on the now running sandbox).
+fn claim_pooled(http: &mut Http, name: &str, template: &str) -> (Duration, Duration, Duration) {
+    let body = format!(r#"{{"name":"{name}","templateRef":{{"name":"{template}"}}}}"#);
+    let t0 = Instant::now();
+    let (status, out) = http_json(http, "POST", "/api/v1/sandboxes", body.as_bytes());
+    assert_eq!(status, 201, "create: {}", String::from_utf8_lossy(&out));
+    let claim = t0.elapsed();
+    exec_true(http, name);
+    let ready = t0.elapsed();
+    let t1 = Instant::now();
+    exec_true(http, name);
+    let again = t1.elapsed();
+    let created: Value = serde_json::from_slice(&out).expect("json");
+    assert_eq!(created["fromWarmPool"], true, "{created}");
+    (claim, ready, again)
+}
+
 fn bench_docker(rows: &mut Vec<[String; 5]>) {
     let n = env_or("BENCH_DOCKER_N", 100usize);
     let image = "agentbox/python-agent:latest";
@@ -937,18 +947,10 @@ fn bench_docker(rows: &mut Vec<[String; 5]>) {
     let (mut warm, mut claims, mut floor) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
         pool_full(&mut http);
-        let body = format!(r#"{{"name":"dw-{i}","templateRef":{{"name":"dwarm"}}}}"#);
-        let t0 = Instant::now();
-        let (status, out) = http_json(&mut http, "POST", "/api/v1/sandboxes", body.as_bytes());
-        assert_eq!(status, 201, "create: {}", String::from_utf8_lossy(&out));
-        claims.push(t0.elapsed());
-        exec_true(&mut http, &format!("dw-{i}"));
-        warm.push(t0.elapsed());
-        let t1 = Instant::now();
-        exec_true(&mut http, &format!("dw-{i}"));
-        floor.push(t1.elapsed());
-        let created: Value = serde_json::from_slice(&out).expect("json");
-        assert_eq!(created["fromWarmPool"], true, "{created}");
+        let (claim, ready, again) = claim_pooled(&mut http, &format!("dw-{i}"), "dwarm");
+        claims.push(claim);
+        warm.push(ready);
+        floor.push(again);
         let _ = http_json(
             &mut http,
             "DELETE",
