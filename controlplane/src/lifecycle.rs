@@ -437,6 +437,34 @@ async fn last_use(app: &AppState, name: &str) -> Result<Use> {
         }))
 }
 
+/// `target` if it is running; a sandbox stopped for idleness is woken first (bounded, see
+/// [`wake`]); any other phase is 409 `sandbox_not_running`. Notes the use.
+/// The ports routes and the terminal use it (the runner routes wake in `api`).
+pub(crate) async fn running(
+    app: &AppState,
+    key: &str,
+    name: &str,
+    target: Target,
+) -> Result<Target> {
+    let target = if target.status == SandboxStatus::Stopped
+        && target.stop_reason == Some(agentbox_proto::StopReason::Idle)
+    {
+        wake(app, key, name)
+            .await
+            .map_err(|e| crate::api::named(e, key, name))?
+    } else {
+        target
+    };
+    if target.status != SandboxStatus::Running {
+        return Err(Error::NotRunning {
+            name: name.to_owned(),
+            status: target.status.as_str(),
+        });
+    }
+    app.backend.touch(key);
+    Ok(target)
+}
+
 /// Resumes the sandbox keyed `name` (shown as `shown`), stopped for being idle, and answers
 /// its new target: the request that found it asleep waits (at most the runner start timeout
 /// and 5 s) and is then served.

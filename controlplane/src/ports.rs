@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use agentbox_proto::{ForwardedPort, PortList, PortRequest, SandboxStatus};
+use agentbox_proto::{ForwardedPort, PortList, PortRequest};
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
@@ -170,7 +170,7 @@ async fn serve_checked(
         )
             .into_response());
     }
-    let target = running(app, &key, name, target).await?;
+    let target = crate::lifecycle::running(app, &key, name, target).await?;
     let base = preview_base(request.headers(), &id_in_urls);
     match route {
         Route::List => {
@@ -229,33 +229,6 @@ async fn serve_checked(
         }
         Route::PreviewRoot(_) | Route::WrongMethod => Err(Error::MethodNotAllowed),
     }
-}
-
-/// `target` if it is running; a sandbox stopped for idleness is woken first (bounded, see
-/// [`crate::lifecycle::wake`]); any other phase is 409 `sandbox_not_running`. Notes the use.
-pub(crate) async fn running(
-    app: &AppState,
-    key: &str,
-    name: &str,
-    target: Target,
-) -> Result<Target> {
-    let target = if target.status == SandboxStatus::Stopped
-        && target.stop_reason == Some(agentbox_proto::StopReason::Idle)
-    {
-        crate::lifecycle::wake(app, key, name)
-            .await
-            .map_err(|e| crate::api::named(e, key, name))?
-    } else {
-        target
-    };
-    if target.status != SandboxStatus::Running {
-        return Err(Error::NotRunning {
-            name: name.to_owned(),
-            status: target.status.as_str(),
-        });
-    }
-    app.backend.touch(key);
-    Ok(target)
 }
 
 /// Sends a small request to the runner; a 2xx answer is read (bounded), any other is

@@ -346,7 +346,7 @@ async fn terminal(
         .map_err(fail)?;
     *found = (located.name.clone(), Some(located.target.namespace.clone()));
     // A sandbox that only slept is woken for its terminal, as for any other use.
-    let target = crate::ports::running(app, &located.key, &located.name, located.target)
+    let target = crate::lifecycle::running(app, &located.key, &located.name, located.target)
         .await
         .map_err(fail)?;
     // An HTTP/1.1 connection of its own to the runner, and the upgrade request on it.
