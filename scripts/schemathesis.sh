@@ -27,14 +27,18 @@ for f in ("runner/openapi.json", "controlplane/openapi.json"):
 PY
 
 work=$(mktemp -d /tmp/agentbox-st.XXXXXX)
-# Every process started here carries this tag in its environment (the control plane passes it on
-# to the runners it starts in their own process groups; not AGENTBOX_*, which it filters), so
-# cleanup finds them all.
+# Every process started here carries this tag in its environment, and every sandbox's runner
+# (which gets none of the control plane's environment, and outlives it by design) names its
+# workspace under $work on its command line, so cleanup finds them all.
 tag="${work##*/}"
 pids=()
 # shellcheck disable=SC2317  # called from the EXIT trap
 tagged() {
-  grep -lsz "^ST_TAG=$tag\$" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 || true
+  {
+    grep -lsz "^ST_TAG=$tag\$" /proc/[0-9]*/environ 2>/dev/null || true
+    # A regular expression, so that grep's own command line (which holds "st\.") is no match.
+    grep -lsE "agentbox-st\.${tag#agentbox-st.}/" /proc/[0-9]*/cmdline 2>/dev/null || true
+  } | cut -d/ -f3 | grep -vx "$$" | sort -u
 }
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
