@@ -9,7 +9,10 @@
 //! 3. 10,000 clients held open through one control plane, each following the events of one of
 //!    four long-running invokes: the control plane's memory per stream; goal: ≤ 32 KiB.
 //! 5. A 1 GiB download from a server in the sandbox through the preview proxy, beside the same
-//!    download straight from 127.0.0.1:PORT (the sandbox unisolated); goal: ≥ 0.8× direct.
+//!    download straight from 127.0.0.1:PORT, for an isolated sandbox (the runner hands the
+//!    port's socket to the control plane; the direct download runs in the sandbox's network
+//!    namespace, so it needs root) and an unisolated one (a tunnel through the runner's TCP
+//!    listener); goal: ≥ 0.8× direct.
 //! 4. Local sandboxes isolated (namespaces) beside unisolated: create → Running (goal p50 ≤
 //!    50 ms) and an invoke of `/bin/true` (goal p50 ≤ 1.1× unisolated).
 //!
@@ -495,10 +498,11 @@ fn get_once(http: &mut Http, path: &str) -> (u64, Duration) {
     (bytes, t0.elapsed())
 }
 
-/// A download of `BENCH_BYTES` (1 GiB) from a server in an unisolated sandbox, through the
-/// preview proxy (control plane → runner tunnel → 127.0.0.1:PORT) beside straight from the
-/// same server on the host's loopback (`--isolation none`: the sandbox shares it).
-fn bench_preview(cp: &ControlPlane, rows: &mut Vec<[String; 5]>) {
+/// A download of `BENCH_BYTES` (1 GiB) from a server in sandbox `bench` of `cp`, whose
+/// sandboxes run with `isolation`, through the preview proxy, beside the same download straight
+/// from 127.0.0.1:PORT in the sandbox's network: the host's for `none`, the sandbox's own
+/// namespace (entered by a thread of this bench, as root) for `namespaces`.
+fn bench_preview(cp: &ControlPlane, isolation: &str, rows: &mut Vec<[String; 5]>) {
     let total: u64 = env_or("BENCH_BYTES", 1u64 << 30);
     let command = format!(
         "mkdir -p site && truncate -s {total} site/big && cat > srv.py <<'EOF'\n{FILE_SERVER}\nEOF\n"
@@ -512,8 +516,11 @@ fn bench_preview(cp: &ControlPlane, rows: &mut Vec<[String; 5]>) {
         body.as_bytes(),
     );
     assert_eq!(status, 200, "exec: {}", String::from_utf8_lossy(&out));
-    // A server is a process of the sandbox (an exec's leftovers end with the exec).
-    let body = serde_json::json!({ "argv": ["python3", "srv.py", "site", "port"] }).to_string();
+    // A server is a process of the sandbox (an exec's leftovers end with the exec). The last
+    // argument marks it, for finding its network namespace.
+    let marker = format!("bench-preview-{}", std::process::id());
+    let body =
+        serde_json::json!({ "argv": ["python3", "srv.py", "site", "port", marker] }).to_string();
     let (status, out) = http_json(
         &mut http,
         "POST",
@@ -547,44 +554,188 @@ fn bench_preview(cp: &ControlPlane, rows: &mut Vec<[String; 5]>) {
         format!(r#"{{"port":{port}}}"#).as_bytes(),
     );
     assert_eq!(status, 201, "forward: {}", String::from_utf8_lossy(&out));
+    let netns = (isolation != "none").then(|| {
+        let pid = pid_with_arg(&marker).expect("the file server's process");
+        std::fs::File::open(format!("/proc/{pid}/ns/net")).expect("its network namespace")
+    });
     let direct_addr = SocketAddr::from(([127, 0, 0, 1], port));
     let via_path = format!("/api/v1/sandboxes/bench/preview/{port}/big");
-    let mut best_direct = Duration::MAX;
-    let mut best_via = Duration::MAX;
-    for round in 0..4 {
-        let mut direct = Http::connect(direct_addr, "X-Bench: direct");
-        let (bytes_d, d) = get_once(&mut direct, "/big");
-        let mut via = cp.http();
-        let (bytes_v, v) = get_once(&mut via, &via_path);
-        assert!(bytes_d == total && bytes_v == total, "short download");
-        println!(
-            "  round {round}{}: direct {:.0} MB/s, through the preview proxy {:.0} MB/s",
-            if round == 0 { " (warm-up)" } else { "" },
-            total as f64 / d.as_secs_f64() / 1e6,
-            total as f64 / v.as_secs_f64() / 1e6
-        );
-        if round == 0 {
-            continue;
+    let in_sandbox = |f: Box<dyn FnOnce() -> std::net::TcpStream + Send>| match &netns {
+        None => f(),
+        Some(ns) => {
+            let ns = ns.try_clone().expect("dup");
+            // A thread of its own enters the namespace, and ends there; the socket it
+            // connects stays in that namespace, usable from any thread.
+            std::thread::spawn(move || {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("setns (the isolated row needs root)");
+                f()
+            })
+            .join()
+            .expect("a connection in the sandbox's network")
         }
-        best_direct = best_direct.min(d);
-        best_via = best_via.min(v);
+    };
+    let connect = move || std::net::TcpStream::connect(direct_addr).expect("connect");
+    let mut best = [Duration::MAX; 4];
+    for round in 0..4 {
+        let mut took = [Duration::ZERO; 4];
+        for (i, how) in ["direct", "copy", "splice", "via"].into_iter().enumerate() {
+            let (bytes, d) = match how {
+                "via" => get_once(&mut cp.http(), &via_path),
+                "direct" => {
+                    let stream = in_sandbox(Box::new(connect));
+                    get_once(&mut Http::over(stream, "X-Bench: direct"), "/big")
+                }
+                bare => {
+                    let upstream = in_sandbox(Box::new(connect));
+                    let proxy = BareProxy::start(upstream, bare == "splice");
+                    let got = get_once(&mut Http::connect(proxy.addr, "X-Bench: bare"), "/big");
+                    proxy.join();
+                    got
+                }
+            };
+            assert_eq!(bytes, total, "short download ({how})");
+            took[i] = d;
+        }
+        let mbps = |d: Duration| total as f64 / d.as_secs_f64() / 1e6;
+        println!(
+            "  {isolation}, round {round}{}: direct {:.0} MB/s, a bare copy proxy {:.0}, a bare splice proxy {:.0}, through the preview proxy {:.0}",
+            if round == 0 { " (warm-up)" } else { "" },
+            mbps(took[0]),
+            mbps(took[1]),
+            mbps(took[2]),
+            mbps(took[3])
+        );
+        if round > 0 {
+            for (b, t) in best.iter_mut().zip(took) {
+                *b = (*b).min(t);
+            }
+        }
     }
     let mbps = |d: Duration| total as f64 / d.as_secs_f64() / 1e6;
-    let ratio = mbps(best_via) / mbps(best_direct);
+    let [direct, copy, splice, via] = best.map(mbps);
+    let ratio = via / direct;
+    let (how, place) = if isolation == "none" {
+        (
+            "not isolated: a tunnel through the runner",
+            "on the host (the sandbox shares its network)",
+        )
+    } else {
+        (
+            "isolated: the runner hands the port's socket over",
+            "in the sandbox's network namespace",
+        )
+    };
     rows.push([
         format!(
-            "{} MiB download through the preview proxy ({})",
+            "{} MiB download through the preview proxy, {how} ({})",
             total >> 20,
             build()
         ),
-        format!("{:.0} MB/s", mbps(best_via)),
+        format!("{via:.0} MB/s"),
         format!(
-            "direct to 127.0.0.1:PORT (`--isolation none`) {:.0} MB/s",
-            mbps(best_direct)
+            "direct to 127.0.0.1:PORT {place} {direct:.0} MB/s; a bare user-space copy proxy \
+             (one thread, read/write of 496 KiB) {copy:.0} MB/s ({:.2}×); a bare `splice(2)` \
+             proxy {splice:.0} MB/s ({:.2}×)",
+            copy / direct,
+            splice / direct
         ),
-        format!("{ratio:.2}× direct (goal ≥ 0.8×)"),
+        format!(
+            "{ratio:.2}× direct, {:.2}× the bare copy proxy (goal ≥ 0.8× direct)",
+            via / copy
+        ),
         verdict(ratio >= 0.8).into(),
     ]);
+}
+
+/// A proxy of one connection with nothing on top, the floor of a user-space proxy and of a
+/// zero-copy one: the client's request bytes go up with `std::io::copy`, the response comes
+/// down by `read`/`write` of 496 KiB (hyper's read size) or by `splice(2)` through a 1 MiB
+/// pipe.
+struct BareProxy {
+    addr: SocketAddr,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl BareProxy {
+    fn start(upstream: std::net::TcpStream, zero_copy: bool) -> BareProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let thread = std::thread::spawn(move || {
+            let (client, _) = listener.accept().expect("accept");
+            let _ = client.set_nodelay(true);
+            let _ = upstream.set_nodelay(true);
+            let (mut up_w, mut client_r) = (
+                upstream.try_clone().expect("dup"),
+                client.try_clone().expect("dup"),
+            );
+            // The request goes up until the client closes its side.
+            let up = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut client_r, &mut up_w);
+                let _ = up_w.shutdown(std::net::Shutdown::Write);
+            });
+            if zero_copy {
+                splice_all(&upstream, &client);
+            } else {
+                copy_all(&upstream, &client);
+            }
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            let _ = up.join();
+        });
+        BareProxy { addr, thread }
+    }
+
+    fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+fn copy_all(from: &std::net::TcpStream, to: &std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 496 << 10];
+    let (mut from, mut to) = (from, to);
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn splice_all(from: &std::net::TcpStream, to: &std::net::TcpStream) {
+    use rustix::pipe::{fcntl_setpipe_size, pipe, splice, SpliceFlags};
+    let (r, w) = pipe().expect("pipe");
+    let size = fcntl_setpipe_size(&w, 1 << 20).unwrap_or(64 << 10);
+    let flags = SpliceFlags::MOVE | SpliceFlags::MORE;
+    loop {
+        let n = match splice(from, None, &w, None, size, flags) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut left = n;
+        while left > 0 {
+            match splice(&r, None, to, None, left, flags) {
+                Ok(0) | Err(_) => return,
+                Ok(k) => left -= k,
+            }
+        }
+    }
+}
+
+/// The process whose command line has `arg` as an argument.
+fn pid_with_arg(arg: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        cmdline
+            .split(|b| *b == 0)
+            .any(|a| a == arg.as_bytes())
+            .then_some(pid)
+    })
 }
 
 fn raise_fd_limit(want: u64) -> u64 {
@@ -1062,9 +1213,13 @@ fn main() {
         bench_streams(&cp, &mut rows);
     }
     if only.is_empty() || only == "preview" {
-        bench_preview(&cp, &mut rows);
+        bench_preview(&cp, "none", &mut rows);
     }
     drop(cp);
+    if only.is_empty() || only == "preview" {
+        let isolated = start_bench("namespaces");
+        bench_preview(&isolated, "namespaces", &mut rows);
+    }
     if only.is_empty() {
         bench_ready("namespaces", &mut rows);
         bench_ready("none", &mut rows);

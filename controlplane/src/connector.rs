@@ -68,6 +68,16 @@ impl fmt::Display for RunnerAddr {
 #[derive(Debug)]
 pub struct RunnerIo(TokioIo<Either<TcpStream, UnixStream>>);
 
+impl RunnerIo {
+    /// The unix socket under it, if it is one.
+    pub fn into_unix(self) -> Option<UnixStream> {
+        match self.0.into_inner() {
+            Either::Left(_) => None,
+            Either::Right(unix) => Some(unix),
+        }
+    }
+}
+
 impl Connection for RunnerIo {
     fn connected(&self) -> Connected {
         Connected::new()

@@ -76,6 +76,10 @@ pub enum Error {
         "the sandbox's runner refused the control plane's credentials (its runner token changed?)"
     )]
     RunnerUnauthorized,
+    /// The sandbox's port connections held by this control plane are at their cap (503
+    /// `too_many_tunnels`).
+    #[error("{0}")]
+    TooManyTunnels(String),
     /// Connecting to the runner timed out (504 `runner_timeout`).
     #[error("connecting to the sandbox's runner timed out")]
     RunnerTimeout,
@@ -120,6 +124,7 @@ impl Error {
             | Error::NotCloneable(_) => StatusCode::CONFLICT,
             Error::RunnerUnreachable(_) | Error::RunnerUnauthorized => StatusCode::BAD_GATEWAY,
             Error::RunnerTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Error::TooManyTunnels(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Backend(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -146,6 +151,7 @@ impl Error {
             Error::RunnerUnreachable(_) => "runner_unreachable",
             Error::RunnerUnauthorized => "runner_unauthorized",
             Error::RunnerTimeout => "runner_timeout",
+            Error::TooManyTunnels(_) => "too_many_tunnels",
             Error::Backend(_) => "backend_error",
             Error::AuditUnavailable(_) => "audit_unavailable",
             Error::Internal(_) => "internal",

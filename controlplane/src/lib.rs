@@ -57,6 +57,8 @@ pub struct AppState {
     pub governance: Arc<governance::Governance>,
     /// Named credentials.
     pub credentials: credentials::Credentials,
+    /// Port connections runners handed over, counted per sandbox.
+    pub held_ports: ports::HeldPorts,
 }
 
 impl AppState {
@@ -144,6 +146,7 @@ impl AppState {
                 format!("cannot create {}/governance: {e}", cfg.state_dir.display())
             })?),
             credentials: credentials::Credentials::new(&cfg.state_dir),
+            held_ports: ports::HeldPorts::default(),
             cfg,
         }))
     }

@@ -669,7 +669,9 @@ fn ports_remove() {}
 /// An HTTP/1.1 upgrade: send `Connection: upgrade` and `Upgrade: agentbox-tcp`. The answer is
 /// 101 once the sandbox's runner is connected to the port (127.0.0.1, then ::1); then the
 /// connection carries the port's bytes both ways. `agentbox port-forward` opens one per local
-/// connection. At most 256 tunnels and preview requests are open per sandbox.
+/// connection. At most 256 tunnels and preview requests are open per sandbox. Where the runner
+/// listens on a unix socket on this host (an isolated local sandbox, a Docker sandbox without
+/// a network), it hands the connection itself to the control plane, and the bytes skip it.
 #[utoipa::path(get, path = "/api/v1/sandboxes/{id}/ports/{port}/tunnel", tag = "ports",
     params(("id" = String, Path, description = "The sandbox id."),
         ("port" = u16, Path, description = "The port, 1-65535.")),
@@ -679,7 +681,7 @@ fn ports_remove() {}
         (status = 404, description = "`sandbox_not_found`, `port_not_forwarded`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
         (status = 502, description = "`port_unreachable`: nothing listens on the port; `runner_unreachable`; `runner_unauthorized`.", body = ErrorBody),
-        (status = 503, description = "`too_many_tunnels`.", body = ErrorBody),
+        (status = 503, description = "`too_many_tunnels`: 256 connections to the sandbox's ports are open (in its runner, or handed over to this control plane).", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn ports_tunnel() {}
@@ -703,7 +705,7 @@ fn ports_tunnel() {}
         (status = 404, description = "`sandbox_not_found`, `port_not_forwarded`.", body = ErrorBody),
         (status = 409, description = "`sandbox_not_running`.", body = ErrorBody),
         (status = 502, description = "`port_unreachable`: nothing listens; `runner_unreachable`: the server did not answer.", body = ErrorBody),
-        (status = 503, description = "`too_many_tunnels`.", body = ErrorBody),
+        (status = 503, description = "`too_many_tunnels`: 256 connections to the sandbox's ports are open (in its runner, or handed over to this control plane).", body = ErrorBody),
         (status = 504, description = "`runner_timeout`.", body = ErrorBody)))]
 #[allow(dead_code)]
 fn preview() {}

@@ -10,7 +10,8 @@
 //! answers 101. The caller's credentials never reach the sandbox's server. No Kubernetes
 //! Service or Ingress is created: the control plane reaches the pod's runner by pod IP.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use agentbox_proto::{ForwardedPort, PortList, PortRequest};
 use axum::body::Body;
@@ -19,16 +20,20 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode,
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use hyper_util::rt::TokioIo;
+use tokio_util::either::Either;
 
 use crate::api::Located;
 use crate::auth::Identity;
 use crate::backend::Target;
+use crate::connector::RunnerAddr;
 use crate::error::{Error, Result};
 use crate::upgrade::{self, Upgrade};
 use crate::{audit, metrics, AppState};
 
 /// The protocol of a raw tunnel's upgrade (the runner's as well).
 pub const TUNNEL_PROTOCOL: &str = "agentbox-tcp";
+/// The runner's upgrade that hands the port's socket over instead (unix socket runners).
+const HANDOFF_PROTOCOL: &str = "agentbox-tcp-fd";
 /// Each direction's copy buffer in a spliced upgrade.
 const BUF: usize = 64 << 10;
 /// The largest runner answer read for the port routes (64 ports of JSON fit many times).
@@ -215,10 +220,11 @@ async fn serve_checked(
                 Err(response) => Ok(response),
             }
         }
-        Route::Tunnel(_) => tunnel(app, &target, port.unwrap_or_default(), request).await,
+        Route::Tunnel(_) => tunnel(app, &key, &target, port.unwrap_or_default(), request).await,
         Route::Preview { path, .. } => {
             preview(
                 app,
+                &key,
                 &target,
                 &id_in_urls,
                 port.unwrap_or_default(),
@@ -293,6 +299,7 @@ fn add_urls(port: &mut ForwardedPort, base: &str) {
 /// The raw tunnel: the caller's HTTP/1.1 upgrade spliced with the runner's tunnel.
 async fn tunnel(
     app: &AppState,
+    key: &str,
     target: &Target,
     port: u16,
     mut request: Request,
@@ -310,7 +317,7 @@ async fn tunnel(
             "a tunnel is an HTTP/1.1 upgrade: send Connection: upgrade and Upgrade: {TUNNEL_PROTOCOL}"
         )));
     };
-    let runner = match open_port(app, target, port).await? {
+    let runner = match open_port(app, key, target, port).await? {
         Ok(io) => io,
         Err(response) => return Ok(response),
     };
@@ -323,19 +330,153 @@ async fn tunnel(
     Ok(response)
 }
 
-/// A tunnel to `port` through the runner, or the runner's refusal (404 `port_not_forwarded`,
-/// 502 `port_unreachable`, 503 `too_many_tunnels`) to pass on.
+/// A connection to a forwarded port: the sandbox's own socket, handed over by the runner, or
+/// a tunnel through the runner.
+type PortIo = Either<HeldSocket, TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Port connections a sandbox may have handed over to this control plane at once: the
+/// runner's own cap on tunnels, which a handed-over connection no longer counts against once
+/// the runner has sent it.
+pub const MAX_HELD_PER_SANDBOX: usize = 256;
+
+/// The port connections this control plane holds (handed over by runners), per sandbox key.
+#[derive(Debug, Default)]
+pub struct HeldPorts(Arc<Mutex<HashMap<String, usize>>>);
+
+impl HeldPorts {
+    /// A slot for one more of `key`'s connections, or `None` at [`MAX_HELD_PER_SANDBOX`].
+    fn take(&self, key: &str) -> Option<HeldSlot> {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(key.to_owned()).or_default();
+        if *count >= MAX_HELD_PER_SANDBOX {
+            return None;
+        }
+        *count += 1;
+        Some(HeldSlot {
+            held: Arc::clone(&self.0),
+            key: key.to_owned(),
+        })
+    }
+
+    /// How many of `key`'s connections are held.
+    #[cfg(test)]
+    fn count(&self, key: &str) -> usize {
+        let held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        held.get(key).copied().unwrap_or_default()
+    }
+}
+
+/// One held connection's place in [`HeldPorts`], given back when dropped.
+#[derive(Debug)]
+struct HeldSlot {
+    held: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for HeldSlot {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A handed-over socket with its slot: the slot is given back when the socket closes.
+#[derive(Debug)]
+pub struct HeldSocket {
+    stream: tokio::net::TcpStream,
+    _slot: HeldSlot,
+}
+
+impl tokio::io::AsyncRead for HeldSocket {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for HeldSocket {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A connection to `port`, or the runner's refusal (404 `port_not_forwarded`, 502
+/// `port_unreachable`, 503 `too_many_tunnels`) to pass on. A runner on a unix socket (an
+/// isolated local sandbox, a Docker container without a network) shares this host, so it
+/// hands the connected socket over (`agentbox-tcp-fd`) and the bytes skip the runner; a runner
+/// reached by TCP, or one from before handoffs (which answers 400), carries them in a tunnel.
 async fn open_port(
     app: &AppState,
+    key: &str,
     target: &Target,
     port: u16,
-) -> Result<std::result::Result<TokioIo<hyper::upgrade::Upgraded>, Response>> {
+) -> Result<std::result::Result<PortIo, Response>> {
+    let path = format!("/v1/ports/{port}/tunnel");
+    if matches!(target.addr, RunnerAddr::Unix { .. }) {
+        let slot = app.held_ports.take(key).ok_or_else(|| {
+            Error::TooManyTunnels(format!(
+                "{MAX_HELD_PER_SANDBOX} connections to this sandbox's ports are open"
+            ))
+        })?;
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static(HANDOFF_PROTOCOL));
+        match upgrade::open(app.proxy.connector(), target, &path, headers).await? {
+            Upgrade::Switched(_, io) => {
+                let stream = upgrade::receive_socket(io).await?;
+                return Ok(Ok(Either::Left(HeldSocket {
+                    stream,
+                    _slot: slot,
+                })));
+            }
+            Upgrade::Refused(response) if response.status() != StatusCode::BAD_REQUEST => {
+                return Ok(Err(response))
+            }
+            Upgrade::Refused(_) => {}
+        }
+    }
     let mut headers = HeaderMap::new();
     headers.insert(header::UPGRADE, HeaderValue::from_static(TUNNEL_PROTOCOL));
-    let path = format!("/v1/ports/{port}/tunnel");
     Ok(
         match upgrade::open(app.proxy.connector(), target, &path, headers).await? {
-            Upgrade::Switched(_, io) => Ok(io),
+            Upgrade::Switched(_, io) => Ok(Either::Right(io)),
             Upgrade::Refused(response) => Err(response),
         },
     )
@@ -344,7 +485,7 @@ async fn open_port(
 /// Copies bytes both ways between the caller's upgraded connection (once it is) and `runner`.
 fn splice(
     client: hyper::upgrade::OnUpgrade,
-    mut runner: TokioIo<hyper::upgrade::Upgraded>,
+    mut runner: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     port: u16,
 ) {
     tokio::spawn(async move {
@@ -382,6 +523,7 @@ const DROPPED: &[&str] = &[
 /// The preview proxy: one HTTP/1.1 exchange with the sandbox's server over a runner tunnel.
 async fn preview(
     app: &AppState,
+    key: &str,
     target: &Target,
     name: &str,
     port: u16,
@@ -394,11 +536,11 @@ async fn preview(
             .extensions_mut()
             .remove::<hyper::upgrade::OnUpgrade>()
     });
-    let io = match open_port(app, target, port).await? {
+    let io = match open_port(app, key, target, port).await? {
         Ok(io) => io,
         Err(response) => return Ok(response),
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io.into_inner())
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| Error::RunnerUnreachable(format!("the sandbox's server: {e}")))?;
     tokio::spawn(async move {
@@ -540,6 +682,28 @@ mod tests {
         assert_eq!(
             preview_base(&HeaderMap::new(), "a"),
             "/api/v1/sandboxes/a/preview/"
+        );
+    }
+
+    #[test]
+    fn held_connections_are_capped_per_sandbox_and_given_back() {
+        let held = HeldPorts::default();
+        let mut slots: Vec<HeldSlot> = (0..MAX_HELD_PER_SANDBOX)
+            .map(|_| held.take("a").expect("under the cap"))
+            .collect();
+        assert!(held.take("a").is_none(), "past the cap");
+        // Another sandbox has its own.
+        let b = held.take("b").expect("b");
+        drop(slots.pop());
+        assert_eq!(held.count("a"), MAX_HELD_PER_SANDBOX - 1);
+        slots.push(held.take("a").expect("a slot was given back"));
+        assert!(held.take("a").is_none(), "at the cap again");
+        drop(b);
+        assert_eq!(held.count("b"), 0);
+        drop(slots);
+        assert!(
+            held.0.lock().expect("lock").is_empty(),
+            "entries at 0 are removed"
         );
     }
 }

@@ -1237,3 +1237,75 @@ async fn one_name_in_two_namespaces_is_two_sandboxes() {
     assert_eq!(status, 400, "{body}");
     cp.delete("foo.team-a").await;
 }
+
+/// A server in a container reached through the preview proxy, in both networks: without one
+/// (the default: the runner listens on a unix socket in a host directory and hands the port's
+/// connection over, `SCM_RIGHTS` across the container's boundary, so a download goes on with
+/// the runner stopped) and on the bridge (`--isolation none`: the runner is reached by TCP and
+/// carries the bytes in a tunnel, so the same download stalls). Every byte arrives, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn preview_reaches_a_server_in_a_container_with_and_without_a_network() {
+    if !docker_ready() {
+        return;
+    }
+    let scope = Scope::new(json!([]));
+    let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    for name in ["nonet", "bridged"] {
+        let cp = if name == "nonet" {
+            scope.start()
+        } else {
+            scope.start_bridge()
+        };
+        cp.create(name, "default").await;
+        // A directory no other process has on its command line (the runner is found by it).
+        let site = format!("/workspace/site-{name}-{}", std::process::id());
+        let made = exec(
+            &cp,
+            name,
+            json!({"command": format!("mkdir -p {site} && truncate -s 64M {site}/zeros && python3 -c \"open('{site}/f', 'wb').write(bytes(i * 7 % 251 for i in range(1 << 20)))\"")}),
+        )
+        .await;
+        assert_eq!(made["exitCode"], 0, "{made}");
+        let (status, body) = send(cp.sb(Method::POST, name, "/processes").json(&json!({
+            "argv": ["python3", "-m", "http.server", "8002", "--bind", "127.0.0.1",
+                     "--directory", site]
+        })))
+        .await;
+        assert_eq!(status, 201, "{body}");
+        let (status, body) = send(
+            cp.sb(Method::POST, name, "/ports")
+                .json(&json!({"port": 8002})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        let got = common::eventually(Duration::from_secs(30), || async {
+            let resp = cp
+                .sb(Method::GET, name, "/preview/8002/f")
+                .send()
+                .await
+                .ok()?;
+            if resp.status() != 200 {
+                return None;
+            }
+            resp.bytes().await.ok()
+        })
+        .await
+        .unwrap_or_else(|| panic!("{name}: the server was never reached"));
+        assert!(
+            got[..] == pattern[..],
+            "{name}: {} bytes, not the file",
+            got.len()
+        );
+        common::download_with_the_runner_stopped(
+            &cp,
+            name,
+            8002,
+            "zeros",
+            &site,
+            64 << 20,
+            name == "nonet",
+        )
+        .await;
+        cp.delete(name).await;
+    }
+}

@@ -392,3 +392,41 @@ async fn port_forward_tunnels_raw_tcp_through_the_control_plane() {
     assert!(tokio::net::TcpStream::connect(local).await.is_err());
     cp.delete("tcp").await;
 }
+
+/// Where the control plane shares the host with the runner and reaches it on a unix socket
+/// (an isolated sandbox), the runner hands the port's connection itself to the control plane
+/// (`SCM_RIGHTS`), and a preview's bytes never pass through the runner: a download goes on to
+/// its end with the runner stopped (`SIGSTOP`). An unisolated sandbox's runner listens on TCP
+/// and carries the bytes in a tunnel: there, the same download stalls until the runner
+/// continues (which shows that the test can tell the two apart).
+#[tokio::test]
+async fn preview_bytes_skip_a_runner_on_the_same_host() {
+    const SIZE: usize = 64 << 20;
+    for isolation in ["namespaces", "none"] {
+        let env = Env::new();
+        let cp = env.start_with(isolation, &[]);
+        cp.create("big", "code").await;
+        // A directory of a name no other process has on its command line.
+        let dir = format!("skip-{}-{isolation}", std::process::id());
+        let (status, body) =
+            send(cp.sb(Method::POST, "big", "/exec").json(
+                &json!({"command": format!("mkdir -p {dir} && truncate -s {SIZE} {dir}/big")}),
+            ))
+            .await;
+        assert_eq!((status, &body["exitCode"]), (200, &json!(0)), "{body}");
+        let (status, body) = send(cp.sb(Method::POST, "big", "/processes").json(&json!({
+            "argv": ["python3", "-m", "http.server", "8001", "--bind", "127.0.0.1",
+                     "--directory", dir]
+        })))
+        .await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(forward(&cp, "big", 8001).await.0, 201);
+        let resp = get_when_up(&cp, "/api/v1/sandboxes/big/preview/8001/").await;
+        assert_eq!(resp.status(), 200, "{isolation}");
+
+        let handed_over = isolation == "namespaces";
+        common::download_with_the_runner_stopped(&cp, "big", 8001, "big", &dir, SIZE, handed_over)
+            .await;
+        cp.delete("big").await;
+    }
+}

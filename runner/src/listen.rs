@@ -3,15 +3,20 @@
 //! bound on the host's side before the sandbox's root is set up, so no path to it exists inside).
 //! Also the token read from an inherited pipe.
 //!
-//! Adopting an inherited descriptor needs `from_raw_fd`, which is `unsafe`: this module and
-//! `runner::spawn` are the only ones allowed it (`.ci/run` checks), and the one function that
-//! does it checks that the number is open and is the kind of descriptor asked for first.
+//! Also [`send_fd`]: a port's connection handed to the control plane over the runner's own
+//! unix socket connection (`SCM_RIGHTS`).
+//!
+//! Adopting an inherited descriptor needs `from_raw_fd`, and borrowing a connection's
+//! descriptor by number `borrow_raw`, which are `unsafe`: this module and `runner::spawn` are
+//! the only ones allowed it (`.ci/run` checks). The function that adopts checks that the
+//! number is open and is the kind of descriptor asked for first; [`send_fd`] borrows the
+//! number only while the connection's owner is borrowed too.
 #![allow(unsafe_code)]
 
 use std::fmt;
 use std::io::Read;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -149,6 +154,49 @@ impl agentbox_serve::Listener for Listener {
 
     async fn accept(&mut self) -> std::io::Result<Conn> {
         Listener::accept(self).await
+    }
+
+    fn unix_fd(io: &Conn) -> Option<RawFd> {
+        match io {
+            Either::Left(_) => None,
+            Either::Right(unix) => Some(unix.as_raw_fd()),
+        }
+    }
+}
+
+/// How long [`send_fd`] retries a full socket buffer (it holds one byte: never, in practice).
+const SEND_FD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Sends `fd` over the unix socket connection `conn` (one byte, `x`, with `SCM_RIGHTS`).
+/// `upgraded` is the connection's upgraded stream, which owns the descriptor `conn` names: it
+/// is borrowed (exclusively) for the call, so the descriptor is open throughout.
+pub async fn send_fd(
+    conn: agentbox_serve::UnixConnFd,
+    upgraded: &mut hyper::upgrade::Upgraded,
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let _owner = upgraded;
+    // SAFETY: `conn` is the descriptor of the connection that `upgraded` owns (the accept loop
+    // put it in the request that was upgraded), and `upgraded` is borrowed until this returns,
+    // so the number stays open and names that socket for the borrow's lifetime.
+    let socket = unsafe { BorrowedFd::borrow_raw(conn.0) };
+    let deadline = std::time::Instant::now() + SEND_FD_PATIENCE;
+    loop {
+        let fds = [fd];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        control.push(SendAncillaryMessage::ScmRights(&fds));
+        let iov = [std::io::IoSlice::new(b"x")];
+        match sendmsg(socket, &iov, &mut control, SendFlags::NOSIGNAL) {
+            Ok(1) => return Ok(()),
+            Ok(_) => return Err(std::io::Error::other("the descriptor was not sent")),
+            Err(rustix::io::Errno::AGAIN) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

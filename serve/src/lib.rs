@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -84,7 +85,19 @@ pub trait Listener: Send + 'static {
     fn accept(&mut self) -> impl Future<Output = io::Result<Self::Io>> + Send;
     /// Sets the backlog of the already listening socket to [`BACKLOG`] (best effort).
     fn widen_backlog(&self) {}
+    /// The descriptor of `io` when it is a unix socket connection (put in each of its
+    /// requests as [`UnixConnFd`]); `None` otherwise.
+    fn unix_fd(_io: &Self::Io) -> Option<RawFd> {
+        None
+    }
 }
+
+/// A request extension on a unix socket connection: its descriptor, for a handler that passes
+/// descriptors over the connection (`SCM_RIGHTS`) once it is upgraded. It names an open
+/// descriptor only while the connection is: a handler may use it while it holds the upgraded
+/// stream (which owns the connection), never after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixConnFd(pub RawFd);
 
 impl Listener for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
@@ -106,6 +119,9 @@ impl Listener for tokio::net::UnixListener {
     }
     async fn accept(&mut self) -> io::Result<Self::Io> {
         Ok(tokio::net::UnixListener::accept(self).await?.0)
+    }
+    fn unix_fd(io: &Self::Io) -> Option<RawFd> {
+        Some(io.as_raw_fd())
     }
 }
 
@@ -321,6 +337,7 @@ pub async fn serve<L: Listener>(
         let service = RequestService {
             router: router.clone(),
             conn: Arc::clone(&conn),
+            unix_fd: L::unix_fd(&io).map(UnixConnFd),
         };
         let io = TokioIo::new(Tracked {
             io,
@@ -417,6 +434,8 @@ enum Closing {
 struct RequestService {
     router: Router,
     conn: Arc<Conn>,
+    /// Put in every request of a unix socket connection.
+    unix_fd: Option<UnixConnFd>,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for RequestService {
@@ -424,7 +443,10 @@ impl hyper::service::Service<hyper::Request<Incoming>> for RequestService {
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
-    fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
+    fn call(&self, mut request: hyper::Request<Incoming>) -> Self::Future {
+        if let Some(fd) = self.unix_fd {
+            request.extensions_mut().insert(fd);
+        }
         self.conn.begin();
         let busy = Busy(Arc::clone(&self.conn));
         let mut router = self.router.clone();

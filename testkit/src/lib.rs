@@ -27,10 +27,19 @@ pub struct Http {
 impl Http {
     pub fn connect(addr: SocketAddr, auth: &str) -> Http {
         let stream = TcpStream::connect(addr).expect("connect to the runner");
+        Http::over(stream, auth)
+    }
+
+    /// Over a connection made elsewhere (in another network namespace, say).
+    pub fn over(stream: TcpStream, auth: &str) -> Http {
         stream.set_nodelay(true).expect("TCP_NODELAY");
+        let host = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "localhost".into());
         Http {
             conn: BufReader::with_capacity(READ_SIZE, stream),
-            host: addr.to_string(),
+            host,
             auth: auth.to_owned(),
             line: Vec::with_capacity(256),
         }

@@ -552,3 +552,108 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The parent of the process whose command line has `arg` as an argument, and that parent's
+/// name.
+pub fn parent_of_process_with_arg(arg: &str) -> Option<(i32, String)> {
+    let pid = std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        cmdline
+            .split(|b| *b == 0)
+            .any(|a| a == arg.as_bytes())
+            .then_some(pid)
+    })?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: the name may hold spaces, so split after its `)`.
+    let ppid: i32 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).ok()?;
+    Some((ppid, comm.trim().to_owned()))
+}
+
+/// Continues a stopped process when dropped (a failed assertion included).
+pub struct Stopped(nix::unistd::Pid);
+
+impl Stopped {
+    pub fn stop(pid: i32) -> Stopped {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// Downloads `file` (`size` zero bytes) from the server on `port` of sandbox `name` through
+/// the preview proxy, stopping the runner (`SIGSTOP`; the server's parent, found by `marker`,
+/// an argument on the server's command line) once the first MiB has arrived. Where the runner
+/// handed the connection over (`handed_over`), the download goes on to its end without it;
+/// through a tunnel it stalls until the runner continues (3 s show that). Every byte is counted.
+pub async fn download_with_the_runner_stopped(
+    cp: &Cp,
+    name: &str,
+    port: u16,
+    file: &str,
+    marker: &str,
+    size: usize,
+    handed_over: bool,
+) {
+    let mut resp = cp
+        .sb(Method::GET, name, &format!("/preview/{port}/{file}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{name}");
+    let mut got = 0usize;
+    let mut nonzero = 0usize;
+    while got < 1 << 20 {
+        let chunk = resp.chunk().await.unwrap().expect("more bytes");
+        got += chunk.len();
+        nonzero += chunk.iter().filter(|b| **b != 0).count();
+    }
+    let (runner, comm) = parent_of_process_with_arg(marker).expect("the server's parent");
+    // An isolated runner runs as `/.agentbox/runner` inside.
+    assert!(
+        comm == "agentbox-runner" || comm == "runner",
+        "{name}: the server's parent is {comm}"
+    );
+    let stopped = Stopped::stop(runner);
+    let rest = async {
+        while let Some(chunk) = resp.chunk().await.unwrap() {
+            got += chunk.len();
+            nonzero += chunk.iter().filter(|b| **b != 0).count();
+        }
+    };
+    // Through a tunnel, 3 s are ample to show a stall; a handoff gets longer to finish on a
+    // loaded machine.
+    let wait = Duration::from_secs(if handed_over { 30 } else { 3 });
+    let finished = tokio::time::timeout(wait, rest).await.is_ok();
+    if handed_over {
+        assert!(
+            finished,
+            "{name}: with the runner stopped, {got} of {size} bytes arrived in {wait:?}"
+        );
+        drop(stopped);
+    } else {
+        assert!(
+            !finished && got < size,
+            "{name}: through the runner's tunnel, {got} bytes arrived with the runner stopped"
+        );
+        drop(stopped);
+        while let Some(chunk) = resp.chunk().await.unwrap() {
+            got += chunk.len();
+            nonzero += chunk.iter().filter(|b| **b != 0).count();
+        }
+    }
+    assert_eq!((got, nonzero), (size, 0), "{name}");
+}
