@@ -86,14 +86,15 @@ pub trait Listener: Send + 'static {
     /// Sets the backlog of the already listening socket to [`BACKLOG`] (best effort).
     fn widen_backlog(&self) {}
     /// The descriptor of `io` when it is a unix socket connection (put in each of its
-    /// requests as [`UnixConnFd`]); `None` otherwise.
+    /// upgrade requests as [`UnixConnFd`]); `None` otherwise.
     fn unix_fd(_io: &Self::Io) -> Option<RawFd> {
         None
     }
 }
 
-/// A request extension on a unix socket connection: its descriptor, for a handler that passes
-/// descriptors over the connection (`SCM_RIGHTS`) once it is upgraded. It names an open
+/// A request extension on a unix socket connection's upgrade requests (those with an `Upgrade`
+/// header): the connection's descriptor, for a handler that passes descriptors over the
+/// connection (`SCM_RIGHTS`) once it is upgraded. It names an open
 /// descriptor only while the connection is: a handler may use it while it holds the upgraded
 /// stream (which owns the connection), never after.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -434,7 +435,7 @@ enum Closing {
 struct RequestService {
     router: Router,
     conn: Arc<Conn>,
-    /// Put in every request of a unix socket connection.
+    /// Put in the upgrade requests of a unix socket connection.
     unix_fd: Option<UnixConnFd>,
 }
 
@@ -444,8 +445,11 @@ impl hyper::service::Service<hyper::Request<Incoming>> for RequestService {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, mut request: hyper::Request<Incoming>) -> Self::Future {
+        // Only an upgrade can use it (no allocation on the other requests).
         if let Some(fd) = self.unix_fd {
-            request.extensions_mut().insert(fd);
+            if request.headers().contains_key(hyper::header::UPGRADE) {
+                request.extensions_mut().insert(fd);
+            }
         }
         self.conn.begin();
         let busy = Busy(Arc::clone(&self.conn));
