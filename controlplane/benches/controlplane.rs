@@ -40,7 +40,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentbox_testkit::{env_or, loadavg, summarize, verdict, Http, Summary};
+use agentbox_testkit::{env_or, loadavg, pid_with_arg, summarize, verdict, Http, Summary};
 use serde_json::Value;
 
 const KEY: &str = "bench-key-0123456789abcdef";
@@ -724,18 +724,6 @@ fn splice_all(from: &std::net::TcpStream, to: &std::net::TcpStream) {
             }
         }
     }
-}
-
-/// The process whose command line has `arg` as an argument.
-fn pid_with_arg(arg: &str) -> Option<i32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        cmdline
-            .split(|b| *b == 0)
-            .any(|a| a == arg.as_bytes())
-            .then_some(pid)
-    })
 }
 
 fn raise_fd_limit(want: u64) -> u64 {

@@ -186,6 +186,18 @@ pub fn command_line(program: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// The process whose command line has `arg` as one of its arguments (from `/proc`).
+pub fn pid_with_arg(arg: &str) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        cmdline
+            .split(|b| *b == 0)
+            .any(|a| a == arg.as_bytes())
+            .then_some(pid)
+    })
+}
+
 /// The 1-minute load average: other work on the machine skews every figure.
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")

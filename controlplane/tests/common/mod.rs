@@ -556,14 +556,7 @@ where
 /// The parent of the process whose command line has `arg` as an argument, and that parent's
 /// name.
 pub fn parent_of_process_with_arg(arg: &str) -> Option<(i32, String)> {
-    let pid = std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-        cmdline
-            .split(|b| *b == 0)
-            .any(|a| a == arg.as_bytes())
-            .then_some(pid)
-    })?;
+    let pid = agentbox_testkit::pid_with_arg(arg)?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // `pid (comm) state ppid ...`: the name may hold spaces, so split after its `)`.
     let ppid: i32 = stat
