@@ -129,6 +129,13 @@ fn cp_command(kubeconfig: &str, dir: &Path, extra: &[&str]) -> Command {
     cmd
 }
 
+/// Writes `templates` (a JSON array) as `dir/templates.json`; its path, for `--templates-file`.
+fn write_templates(dir: &Path, templates: Value) -> String {
+    let path = dir.join("templates.json");
+    std::fs::write(&path, json!({ "templates": templates }).to_string()).unwrap();
+    path.display().to_string()
+}
+
 async fn start_cp(fixture: &Fixture, dir: &Path, extra: &[&str]) -> Cp {
     start_cp_with(&fixture.kubeconfig(NS), dir, extra).await
 }
@@ -522,16 +529,13 @@ fn secret_bytes(secret: &Value, key: &str) -> Vec<u8> {
 async fn lifecycle_through_the_api() {
     let tmp = tempfile::tempdir().unwrap();
     let fixture = Fixture::start().await;
-    let templates = tmp.path().join("templates.json");
-    std::fs::write(
-        &templates,
-        json!({"templates": [{
+    let templates = write_templates(
+        tmp.path(),
+        json!([{
             "name": "big", "mode": "code", "env": {"FOO": "bar"},
             "maxConcurrentInvokes": 3, "runnerArgs": ["--default-timeout", "5m"],
-        }]})
-        .to_string(),
-    )
-    .unwrap();
+        }]),
+    );
     fixture.put(
         "configmaps",
         NS,
@@ -564,7 +568,7 @@ async fn lifecycle_through_the_api() {
             "--kube-runner-image",
             RUNNER_IMAGE,
             "--templates-file",
-            templates.to_str().unwrap(),
+            &templates,
         ],
     )
     .await;
@@ -1430,17 +1434,14 @@ async fn idle_stop_resume_on_demand_and_lifetimes() {
     let tmp = tempfile::tempdir().unwrap();
     let fixture = Fixture::start().await;
     let (_runner, runner_addr) = start_runner(tmp.path()).await;
-    let templates = tmp.path().join("templates.json");
-    std::fs::write(
-        &templates,
-        json!({"templates": [
+    let templates = write_templates(
+        tmp.path(),
+        json!([
             {"name": "sleepy", "mode": "agent", "idleTimeout": "2s"},
             {"name": "ttl", "mode": "agent", "timeout": "3s"},
             {"name": "ttl-delete", "mode": "agent", "timeout": "3s", "onTimeout": "delete"},
-        ]})
-        .to_string(),
-    )
-    .unwrap();
+        ]),
+    );
     put_pvc_template(&fixture, "sleepy", "1Gi", None);
     let cp = start_cp(
         &fixture,
@@ -1449,7 +1450,7 @@ async fn idle_stop_resume_on_demand_and_lifetimes() {
             "--kube-runner-image",
             RUNNER_IMAGE,
             "--templates-file",
-            templates.to_str().unwrap(),
+            &templates,
             "--lifecycle-interval",
             "200ms",
         ],
@@ -1652,18 +1653,15 @@ async fn warm_pool_claims_across_replicas_never_share_a_pod() {
     let tmp2 = tempfile::tempdir().unwrap();
     let fixture = Fixture::start().await;
     let (_runner, runner_addr) = start_runner(tmp1.path()).await;
-    let templates = tmp1.path().join("templates.json");
-    std::fs::write(
-        &templates,
-        json!({"templates": [{"name": "pooled", "mode": "agent", "warmPool": {"size": 3}}]})
-            .to_string(),
-    )
-    .unwrap();
+    let templates = write_templates(
+        tmp1.path(),
+        json!([{"name": "pooled", "mode": "agent", "warmPool": {"size": 3}}]),
+    );
     let args = [
         "--kube-runner-image",
         RUNNER_IMAGE,
         "--templates-file",
-        templates.to_str().unwrap(),
+        &templates,
     ];
     let cp1 = start_cp(&fixture, tmp1.path(), &args).await;
     let cp2 = start_cp(&fixture, tmp2.path(), &args).await;
@@ -1839,13 +1837,10 @@ async fn clone_is_a_volume_snapshot_and_a_claim_from_it() {
     let tmp = tempfile::tempdir().unwrap();
     let fixture = Fixture::start().await;
     let (_runner, runner_addr) = start_runner(tmp.path()).await;
-    let templates = tmp.path().join("templates.json");
-    std::fs::write(
-        &templates,
-        json!({"templates": [{"name": "persist", "mode": "agent", "idleTimeout": "1h"}]})
-            .to_string(),
-    )
-    .unwrap();
+    let templates = write_templates(
+        tmp.path(),
+        json!([{"name": "persist", "mode": "agent", "idleTimeout": "1h"}]),
+    );
     put_pvc_template(&fixture, "persist", "2Gi", Some("csi-snapshots"));
     let cp = start_cp(
         &fixture,
@@ -1854,7 +1849,7 @@ async fn clone_is_a_volume_snapshot_and_a_claim_from_it() {
             "--kube-runner-image",
             RUNNER_IMAGE,
             "--templates-file",
-            templates.to_str().unwrap(),
+            &templates,
         ],
     )
     .await;
@@ -2153,13 +2148,10 @@ async fn warm_pool_with_a_workspace_claim() {
     let tmp = tempfile::tempdir().unwrap();
     let fixture = Fixture::start().await;
     let (_runner, runner_addr) = start_runner(tmp.path()).await;
-    let templates = tmp.path().join("templates.json");
-    std::fs::write(
-        &templates,
-        json!({"templates": [{"name": "disk", "mode": "agent", "warmPool": {"size": 1}}]})
-            .to_string(),
-    )
-    .unwrap();
+    let templates = write_templates(
+        tmp.path(),
+        json!([{"name": "disk", "mode": "agent", "warmPool": {"size": 1}}]),
+    );
     put_pvc_template(&fixture, "disk", "3Gi", None);
     let cp = start_cp(
         &fixture,
@@ -2168,7 +2160,7 @@ async fn warm_pool_with_a_workspace_claim() {
             "--kube-runner-image",
             RUNNER_IMAGE,
             "--templates-file",
-            templates.to_str().unwrap(),
+            &templates,
         ],
     )
     .await;

@@ -1336,6 +1336,42 @@ impl KubernetesBackend {
         })
     }
 
+    /// Creates sandbox `name`'s workspace claim `claim` from `spec`, labelled with `names` and
+    /// owned by `owner` (the sandbox's Secret). A 409, most likely the claim of a deleted
+    /// sandbox of the same name still going, is `AlreadyExists`.
+    async fn create_claim(
+        &self,
+        name: &str,
+        claim: &str,
+        names: &Names<'_>,
+        owner: OwnerReference,
+        spec: PersistentVolumeClaimSpec,
+    ) -> Result<()> {
+        let pvc = PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some(claim.to_owned()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(labels(names)),
+                owner_references: Some(vec![owner]),
+                ..ObjectMeta::default()
+            },
+            spec: Some(spec),
+            ..PersistentVolumeClaim::default()
+        };
+        match self
+            .api::<PersistentVolumeClaim>()
+            .create(&PostParams::default(), &pvc)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_status(&e, 409) => Err(Error::AlreadyExists(name.to_owned())),
+            Err(e) => Err(api_error(
+                format_args!("create PersistentVolumeClaim {claim}"),
+                &e,
+            )),
+        }
+    }
+
     /// Creates the Pod stored in `secret`, owned by it. `Ok(false)` when it already exists.
     async fn create_pod(&self, secret: &Secret) -> Result<bool> {
         let stored = secret_data(secret, POD_KEY).ok_or_else(|| {
@@ -1885,34 +1921,8 @@ impl Backend for KubernetesBackend {
         };
         let rest = async {
             if let (Some(claim), Some(claim_spec)) = (&claim, parts.pvc) {
-                let pvc = PersistentVolumeClaim {
-                    metadata: ObjectMeta {
-                        name: Some(claim.clone()),
-                        namespace: Some(self.namespace.clone()),
-                        labels: Some(labels(&names)),
-                        owner_references: Some(vec![Self::owner(&secret)?]),
-                        ..ObjectMeta::default()
-                    },
-                    spec: Some(claim_spec),
-                    ..PersistentVolumeClaim::default()
-                };
-                match self
-                    .api::<PersistentVolumeClaim>()
-                    .create(&PostParams::default(), &pvc)
-                    .await
-                {
-                    Ok(_) => {}
-                    // Most likely the claim of a deleted sandbox of the same name, still going.
-                    Err(e) if is_status(&e, 409) => {
-                        return Err(Error::AlreadyExists(name.to_owned()))
-                    }
-                    Err(e) => {
-                        return Err(api_error(
-                            format_args!("create PersistentVolumeClaim {claim}"),
-                            &e,
-                        ))
-                    }
-                }
+                self.create_claim(name, claim, &names, Self::owner(&secret)?, claim_spec)
+                    .await?;
             }
             if !self.create_pod(&secret).await? {
                 // The pod of a deleted sandbox of the same name, still terminating.
@@ -2359,31 +2369,8 @@ impl Backend for KubernetesBackend {
                 kind: "VolumeSnapshot".into(),
                 name: snapshot.clone(),
             });
-            let pvc = PersistentVolumeClaim {
-                metadata: ObjectMeta {
-                    name: Some(claim.clone()),
-                    namespace: Some(self.namespace.clone()),
-                    labels: Some(labels(&names)),
-                    owner_references: Some(vec![owner]),
-                    ..ObjectMeta::default()
-                },
-                spec: Some(claim_spec),
-                ..PersistentVolumeClaim::default()
-            };
-            match self
-                .api::<PersistentVolumeClaim>()
-                .create(&PostParams::default(), &pvc)
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if is_status(&e, 409) => return Err(Error::AlreadyExists(name.into())),
-                Err(e) => {
-                    return Err(api_error(
-                        format_args!("create PersistentVolumeClaim {claim}"),
-                        &e,
-                    ))
-                }
-            }
+            self.create_claim(name, &claim, &names, owner, claim_spec)
+                .await?;
             if !self.create_pod(&secret).await? {
                 return Err(Error::AlreadyExists(name.into()));
             }
