@@ -1465,11 +1465,22 @@ impl KubernetesBackend {
         if spec.template.on_timeout == Some(crate::templates::OnTimeout::Delete) {
             annotations.insert(ON_TIMEOUT.to_owned(), "delete".to_owned());
         }
-        Ok(Secret {
+        Ok(self.record_of(&names, annotations, token, pod_json))
+    }
+
+    /// A sandbox's record Secret: `annotations`, the runner `token` and `pod.json`.
+    fn record_of(
+        &self,
+        names: &Names<'_>,
+        annotations: BTreeMap<String, String>,
+        token: Vec<u8>,
+        pod_json: Vec<u8>,
+    ) -> Secret {
+        Secret {
             metadata: ObjectMeta {
                 name: Some(names.object.clone()),
                 namespace: Some(self.namespace.clone()),
-                labels: Some(labels(&names)),
+                labels: Some(labels(names)),
                 annotations: Some(annotations),
                 ..ObjectMeta::default()
             },
@@ -1479,7 +1490,7 @@ impl KubernetesBackend {
                 (POD_KEY.to_owned(), ByteString(pod_json)),
             ])),
             ..Secret::default()
-        })
+        }
     }
 
     fn count_pool(&self, template: &str, hit: bool) {
@@ -2303,24 +2314,7 @@ impl Backend for KubernetesBackend {
                 annotations.insert(key.to_owned(), v.to_owned());
             }
         }
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(names.object.clone()),
-                namespace: Some(self.namespace.clone()),
-                labels: Some(labels(&names)),
-                annotations: Some(annotations),
-                ..ObjectMeta::default()
-            },
-            type_: Some("Opaque".into()),
-            data: Some(BTreeMap::from([
-                (
-                    TOKEN_KEY.to_owned(),
-                    ByteString(random_hex(32).into_bytes()),
-                ),
-                (POD_KEY.to_owned(), ByteString(pod_json)),
-            ])),
-            ..Secret::default()
-        };
+        let secret = self.record_of(&names, annotations, random_hex(32).into_bytes(), pod_json);
         let secret = match self
             .api::<Secret>()
             .create(&PostParams::default(), &secret)
